@@ -1,0 +1,3 @@
+from nsd.client.cli import main
+
+main()

@@ -1,0 +1,636 @@
+"""The broker: one asyncio loop around three ZeroMQ sockets and an SQLite store.
+
+ROUTER for clients (request/reply), ROUTER for workers (credit-based job flow, heartbeats), XPUB for
+task events. Every decision is delegated to `tuner` and `scheduler`; this module only moves data
+between sockets, memory and the store. It never imports torch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from nsd import __version__
+from nsd.broker import scheduler, tuner
+from nsd.broker.store import Store
+from nsd.net import OncePerPeer, configure, is_loopback
+from nsd.protocol import (CLIENT_TO_BROKER, PROTOCOL_VERSION, WORKER_TO_BROKER, Cmd, ProtocolError, event_frames,
+                          pack, unpack)
+from nsd.spec import SpecError, validate
+from nsd.states import TaskState, TrialState
+
+log = logging.getLogger("nsd.broker")
+
+PLAN = "plan"  # the job index of a task's planning job (baseline + config expansion)
+
+
+def trial_id(task_id: str, index: int | str) -> str:
+    return f"{task_id}/{index}"
+
+
+@dataclass
+class Trial:
+    index: int
+    config: dict
+    label: str
+    state: TrialState = TrialState.PENDING
+    attempt: int = 1
+    metric: float | None = None
+    worker: str | None = None
+    started: float | None = None
+    finished: float | None = None
+    seconds: float | None = None
+    error: str | None = None
+
+    def view(self) -> tuner.TrialView:
+        return tuner.TrialView(self.index, self.state, self.metric)
+
+    def public(self) -> dict[str, Any]:
+        return {"index": self.index, "config": self.config, "label": self.label, "state": self.state.value,
+                "metric": self.metric, "attempt": self.attempt, "worker": self.worker, "seconds": self.seconds,
+                "error": self.error}
+
+
+@dataclass
+class Task:
+    id: str
+    spec: dict
+    state: TaskState
+    created: float
+    started: float | None = None
+    finished: float | None = None
+    baseline: float | None = None
+    winner: int | None = None
+    met_goal: bool | None = None
+    error: str | None = None
+    seq: int = 0
+    plan_attempt: int = 1
+    plan_worker: str | None = None
+    plan_s: float | None = None
+    trials: list[Trial] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.spec["name"]
+
+    @property
+    def tuning(self) -> dict:
+        return self.spec["tuning"]
+
+    def views(self) -> list[tuner.TrialView]:
+        return [t.view() for t in self.trials]
+
+    def goal(self) -> tuner.Goal:
+        t = self.tuning
+        return tuner.Goal(self.baseline, t["tolerable_loss"], t["criterion"], t["higher_is_better"])
+
+    def summary(self) -> dict[str, Any]:
+        done = sum(t.state.finished for t in self.trials)
+        return {"task_id": self.id, "name": self.name, "state": self.state.value, "created": self.created,
+                "trials_done": done, "trials_total": len(self.trials), "met_goal": self.met_goal,
+                "winner": self.winner, "error": self.error}
+
+    def public(self) -> dict[str, Any]:
+        """The task as clients see it (STATUS, RESULT): stable, documented in the README."""
+        winner = self.trials[self.winner] if self.winner is not None else None
+        t = self.tuning
+        now = time.time()
+        return {
+            "task_id": self.id, "name": self.name, "state": self.state.value, "seq": self.seq,
+            "met_goal": self.met_goal, "baseline": self.baseline, "error": self.error,
+            "goal": {"tolerable_loss": t["tolerable_loss"], "criterion": t["criterion"],
+                     "higher_is_better": t["higher_is_better"], "max_trials": t["max_trials"]},
+            "winner": None if winner is None else {"index": winner.index, "config": winner.config,
+                                                   "label": winner.label, "metric": winner.metric},
+            "trials": [tr.public() for tr in self.trials],
+            "timings": {"created": self.created, "started": self.started, "finished": self.finished,
+                        "elapsed_s": ((self.finished or now) - self.started) if self.started else None,
+                        "plan_s": self.plan_s,
+                        "trial_s_total": sum(tr.seconds or 0.0 for tr in self.trials)},
+            "spec": self.spec,
+        }
+
+
+@dataclass
+class Worker:
+    id: str
+    identity: bytes
+    boot_id: str
+    host: str
+    cores: int
+    slots: int
+    version: str
+    registered: float
+    last_seen: float
+    last_sent: float = 0.0
+    running: dict[str, int] = field(default_factory=dict)  # trial_id -> attempt: the leases it holds
+
+    def public(self, now: float) -> dict[str, Any]:
+        return {"worker_id": self.id, "host": self.host, "cores": self.cores, "slots": self.slots,
+                "busy": len(self.running), "running": sorted(self.running), "version": self.version,
+                "last_seen_s": round(now - self.last_seen, 3)}
+
+
+class Broker:
+    def __init__(self, state_dir: Path, clients: str = "tcp://127.0.0.1:5550",
+                 workers: str = "tcp://127.0.0.1:5551", events: str = "tcp://127.0.0.1:5552",
+                 heartbeat_s: float = 1.0, liveness: int = 5, insecure: bool = False):
+        for endpoint in (clients, workers, events):
+            if not is_loopback(endpoint) and not insecure:
+                raise ValueError(f"refusing to bind {endpoint}: it is reachable from other hosts and CURVE "
+                                 f"encryption is not set up; bind 127.0.0.1, or pass --insecure on a trusted "
+                                 f"network")
+        self.state_dir = Path(state_dir)
+        self.addresses = {"clients": clients, "workers": workers, "events": events}
+        self.heartbeat_s, self.liveness = heartbeat_s, liveness
+        self.tasks: dict[str, Task] = {}
+        self.workers: dict[str, Worker] = {}
+        self.endpoints: dict[str, str] = {}
+        self.started_at = time.time()
+        self._bad = OncePerPeer(log)
+        self._loops: list[asyncio.Task] = []
+        self.ctx: zmq.asyncio.Context | None = None
+        self.store: Store | None = None
+
+    # ---- lifecycle -------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.store = Store(self.state_dir / "nsd.sqlite3")
+        self._load()
+        self.ctx = zmq.asyncio.Context()
+        self.clients = configure(self.ctx.socket(zmq.ROUTER))
+        self.clients.setsockopt(zmq.ROUTER_MANDATORY, 1)  # an unroutable reply raises instead of vanishing
+        self.workers_sock = configure(self.ctx.socket(zmq.ROUTER))
+        self.workers_sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.workers_sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted worker takes over its identity
+        self.events = configure(self.ctx.socket(zmq.XPUB))
+        for name, sock in (("clients", self.clients), ("workers", self.workers_sock), ("events", self.events)):
+            sock.bind(self.addresses[name])
+            self.endpoints[name] = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._loops = [asyncio.create_task(coro) for coro in
+                       (self._serve_clients(), self._serve_workers(), self._drain_subscriptions(), self._tick())]
+        log.info("broker %s serving clients %s, workers %s, events %s (state in %s)", __version__,
+                 self.endpoints["clients"], self.endpoints["workers"], self.endpoints["events"], self.state_dir)
+
+    async def stop(self) -> None:
+        for loop in self._loops:
+            loop.cancel()
+        await asyncio.gather(*self._loops, return_exceptions=True)
+        self._loops = []
+        if self.ctx is not None:
+            for sock in (self.clients, self.workers_sock, self.events):
+                sock.close(linger=0)
+            self.ctx.term()
+            self.ctx = None
+        if self.store is not None:
+            self.store.close()
+            self.store = None
+
+    async def serve_forever(self) -> None:
+        await self.start()
+        try:
+            await asyncio.gather(*self._loops)
+        finally:
+            await self.stop()
+
+    def _load(self) -> None:
+        """Reload state after a restart. Running leases stay until their grace window ends (`_tick`)."""
+        for row in self.store.tasks():
+            task = Task(id=row["id"], spec=json.loads(row["spec"]), state=TaskState(row["state"]),
+                        created=row["created"], started=row["started"], finished=row["finished"],
+                        baseline=row["baseline"], winner=row["winner"],
+                        met_goal=None if row["met_goal"] is None else bool(row["met_goal"]), error=row["error"],
+                        seq=row["seq"], plan_attempt=row["plan_attempt"], plan_worker=row["plan_worker"],
+                        plan_s=row["plan_s"])
+            task.trials = [Trial(index=r["idx"], config=json.loads(r["config"]), label=r["label"],
+                                 state=TrialState(r["state"]), attempt=r["attempt"], metric=r["metric"],
+                                 worker=r["worker"], started=r["started"], finished=r["finished"],
+                                 seconds=r["seconds"], error=r["error"]) for r in self.store.trials(task.id)]
+            self.tasks[task.id] = task
+        if self.tasks:
+            log.info("reloaded %d tasks from %s", len(self.tasks), self.state_dir)
+
+    # ---- sockets ---------------------------------------------------------------------------------
+
+    async def _serve_clients(self) -> None:
+        while True:
+            frames = await self.clients.recv_multipart()
+            identity, body = frames[0], frames[1:]
+            try:
+                msg = unpack(body, CLIENT_TO_BROKER)
+            except ProtocolError as exc:
+                self._bad(identity, str(exc))
+                continue
+            req = msg.body["req"]
+            try:
+                answer = self._client_request(msg)
+            except (SpecError, LookupError, ValueError) as exc:
+                self._reply(identity, Cmd.ERROR, {"req": req, "error": str(exc).strip("'\"")})
+            except Exception:  # a bug of ours must not take the broker down with it
+                log.exception("request %s failed", msg.cmd.name)
+                self._reply(identity, Cmd.ERROR, {"req": req, "error": "internal broker error (see its log)"})
+            else:
+                self._reply(identity, Cmd.REPLY, {"req": req, **answer})
+            self._schedule()
+
+    async def _serve_workers(self) -> None:
+        while True:
+            frames = await self.workers_sock.recv_multipart()
+            identity, body = frames[0], frames[1:]
+            try:
+                msg = unpack(body, WORKER_TO_BROKER)
+            except ProtocolError as exc:
+                self._bad(identity, str(exc))
+                continue
+            try:
+                self._worker_message(identity, msg)
+            except Exception:
+                log.exception("worker message %s failed", msg.cmd.name)
+            self._schedule()
+
+    async def _drain_subscriptions(self) -> None:
+        while True:  # XPUB hands us (un)subscriptions; nothing to do with them but read them
+            await self.events.recv_multipart()
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(self.heartbeat_s / 2)
+            try:
+                self._check_liveness(time.time())
+                self._check_timeouts(time.time())
+                self._schedule()
+            except Exception:
+                log.exception("tick failed")
+
+    def _reply(self, identity: bytes, cmd: Cmd, body: dict) -> None:
+        try:
+            self.clients.send_multipart([identity, *pack(cmd, body)], flags=zmq.NOBLOCK)
+        except zmq.ZMQError as exc:  # client gone or not reading: its problem, not ours
+            log.debug("reply to client dropped: %s", exc)
+
+    def _send_worker(self, worker: Worker, cmd: Cmd, body: dict | None = None) -> bool:
+        return self._send_identity(worker.identity, cmd, body, worker)
+
+    def _send_identity(self, identity: bytes, cmd: Cmd, body: dict | None, worker: Worker | None = None) -> bool:
+        try:
+            self.workers_sock.send_multipart([identity, *pack(cmd, body)], flags=zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            log.debug("send %s to worker failed: %s", cmd.name, exc)
+            return False
+        if worker is not None:
+            worker.last_sent = time.time()
+        return True
+
+    def _emit(self, task: Task, kind: str, **data: Any) -> None:
+        task.seq += 1
+        body = {"task_id": task.id, "seq": task.seq, "ts": time.time(), "kind": kind, **data}
+        self.store.append_event(task.id, task.seq, body)
+        try:
+            self.events.send_multipart(event_frames(task.id, body), flags=zmq.NOBLOCK)
+        except zmq.ZMQError:  # no subscriber keeping up: clients re-snapshot on a gap
+            pass
+
+    # ---- clients ---------------------------------------------------------------------------------
+
+    def _client_request(self, msg) -> dict[str, Any]:
+        body = msg.body
+        if msg.cmd is Cmd.HELLO:
+            return {"protocol": PROTOCOL_VERSION, "version": __version__, "events": self.endpoints["events"]}
+        if msg.cmd is Cmd.SUBMIT:
+            return {"task_id": self._submit(validate(body["spec"]).to_dict())}
+        if msg.cmd is Cmd.LIST:
+            return {"tasks": [t.summary() for t in self.tasks.values()]}
+        if msg.cmd is Cmd.CLUSTER:
+            now = time.time()
+            return {"workers": [w.public(now) for w in self.workers.values()]}
+        task = self._task(body["task_id"])
+        if msg.cmd in (Cmd.STATUS, Cmd.RESULT_GET):
+            return {"task": task.public()}
+        if msg.cmd is Cmd.CANCEL_TASK:
+            if not task.state.terminal:
+                with self.store.tx():
+                    self._finish(task, TaskState.CANCELLED, error="cancelled by user")
+            return {"task": task.summary()}
+        raise ValueError(f"unhandled request {msg.cmd.name}")  # pragma: no cover - CLIENT_TO_BROKER is exhaustive
+
+    def _task(self, task_id: str) -> Task:
+        task = self.tasks.get(task_id)
+        if task is None:
+            matches = [t for t in self.tasks if t.startswith(task_id)] if len(task_id) >= 4 else []
+            if len(matches) != 1:
+                raise LookupError(f"no task {task_id!r}" if not matches else f"task id {task_id!r} is ambiguous")
+            task = self.tasks[matches[0]]
+        return task
+
+    def _submit(self, spec: dict) -> str:
+        task = Task(id=uuid.uuid4().hex[:12], spec=spec, state=TaskState.QUEUED, created=time.time())
+        with self.store.tx():
+            self.store.insert_task(task.id, task.name, spec, task.state.value, task.created)
+            self.tasks[task.id] = task
+            self._emit(task, "state", state=task.state.value)
+        log.info("task %s (%s) queued", task.id, task.name)
+        return task.id
+
+    # ---- workers ---------------------------------------------------------------------------------
+
+    def _worker_message(self, identity: bytes, msg) -> None:
+        now = time.time()
+        wid = identity.decode(errors="replace")
+        worker = self.workers.get(wid)
+        if worker is not None:
+            worker.last_seen = now  # any traffic counts as a heartbeat
+        if msg.cmd is Cmd.READY:
+            self._register(identity, msg.body, now)
+        elif msg.cmd is Cmd.RESULT:
+            with self.store.tx():
+                self._result(worker, msg.body)
+            self._send_identity(identity, Cmd.RESULT_ACK,
+                                {"trial_id": msg.body["trial_id"], "attempt": msg.body["attempt"]}, worker)
+        elif worker is None:
+            # A heartbeat or goodbye from a worker we do not know (we restarted, or declared it dead).
+            if msg.cmd is not Cmd.BYE:
+                self._send_identity(identity, Cmd.DISCONNECT, {"reason": "unknown worker: register again"})
+        elif msg.cmd is Cmd.BYE:
+            log.info("worker %s said goodbye", wid)
+            self._drop_worker(worker, "worker left")
+
+    def _register(self, identity: bytes, body: dict, now: float) -> None:
+        wid = identity.decode(errors="replace")
+        if body["version"] != PROTOCOL_VERSION:
+            self._send_identity(identity, Cmd.DISCONNECT, {
+                "reason": f"protocol version {body['version']} not supported (broker speaks {PROTOCOL_VERSION})",
+                "fatal": True})
+            return
+        if body["worker_id"] != wid or body["slots"] < 0 or body["cores"] < 1:
+            self._send_identity(identity, Cmd.DISCONNECT, {"reason": "READY fields are inconsistent", "fatal": True})
+            return
+        still_running = {(str(r[0]), int(r[1])) for r in body["running"]
+                         if isinstance(r, (list, tuple)) and len(r) == 2 and isinstance(r[1], int)}
+        old = self.workers.pop(wid, None)
+        worker = Worker(id=wid, identity=identity, boot_id=body["boot_id"], host=body["host"][:255],
+                        cores=body["cores"], slots=body["slots"], version=str(body.get("nsd_version", "?"))[:64],
+                        registered=now, last_seen=now)
+        self.workers[wid] = worker
+        with self.store.tx():
+            # Leases this worker (or its previous incarnation) held: keep those it still runs, requeue the rest.
+            for task in self.tasks.values():
+                if task.state.terminal:
+                    continue
+                if task.plan_worker == wid and task.state is TaskState.PLANNING:
+                    if (trial_id(task.id, PLAN), task.plan_attempt) in still_running:
+                        worker.running[trial_id(task.id, PLAN)] = task.plan_attempt
+                    else:
+                        self._lost_lease(task, PLAN)
+                for tr in task.trials:
+                    if tr.worker == wid and tr.state is TrialState.RUNNING:
+                        if (trial_id(task.id, tr.index), tr.attempt) in still_running:
+                            worker.running[trial_id(task.id, tr.index)] = tr.attempt
+                        else:
+                            self._lost_lease(task, tr.index)
+        log.info("worker %s registered from %s: %d cores, %d slots%s", wid, worker.host, worker.cores,
+                 worker.slots, " (again)" if old else "")
+        self._send_worker(worker, Cmd.READY_ACK, {"heartbeat_s": self.heartbeat_s, "liveness": self.liveness})
+        for result in body["outbox"]:  # results it finished while it could not reach us
+            if isinstance(result, dict) and isinstance(result.get("trial_id"), str) \
+                    and isinstance(result.get("attempt"), int) and not isinstance(result.get("attempt"), bool):
+                with self.store.tx():
+                    self._result(worker, result)
+                self._send_worker(worker, Cmd.RESULT_ACK, {"trial_id": result["trial_id"],
+                                                           "attempt": result["attempt"]})
+        # Anything it runs that we no longer want (task cancelled or decided meanwhile): stop it.
+        for tid, attempt in still_running:
+            if worker.running.get(tid) != attempt:
+                self._send_worker(worker, Cmd.CANCEL, {"trial_id": tid, "attempt": attempt})
+
+    def _drop_worker(self, worker: Worker, why: str) -> None:
+        self.workers.pop(worker.id, None)
+        with self.store.tx():
+            for tid in list(worker.running):
+                task_id, _, index = tid.partition("/")
+                task = self.tasks.get(task_id)
+                if task is not None and not task.state.terminal:
+                    self._lost_lease(task, PLAN if index == PLAN else int(index), why)
+        worker.running.clear()
+
+    def _lost_lease(self, task: Task, index: int | str, why: str = "worker lost") -> None:
+        """A job's worker died or forgot it: run it again (attempt + 1), or give up after max_attempts."""
+        max_attempts = task.tuning["max_attempts"]
+        if index == PLAN:
+            state, attempt = tuner.after_lost_lease(task.plan_attempt, max_attempts)
+            if state is TrialState.ERROR:
+                self._finish(task, TaskState.FAILED, error=f"planning failed {attempt} times: {why}")
+                return
+            task.plan_attempt, task.plan_worker, task.state = attempt, None, TaskState.QUEUED
+            self.store.update_task(task.id, plan_attempt=attempt, plan_worker=None, state=task.state.value)
+            self._emit(task, "state", state=task.state.value, reason=why)
+            return
+        tr = task.trials[index]
+        state, attempt = tuner.after_lost_lease(tr.attempt, max_attempts)
+        tr.state, tr.attempt, tr.worker = state, attempt, None
+        if state is TrialState.ERROR:
+            tr.error, tr.finished = f"{why} on each of {attempt} attempts", time.time()
+        self.store.update_trial(task.id, index, state=state.value, attempt=attempt, worker=None, error=tr.error,
+                                finished=tr.finished)
+        self._emit(task, "trial", **self._trial_event(tr))
+        self._settle(task)
+
+    def _result(self, worker: Worker | None, body: dict) -> None:
+        """Apply a job result at most once: only the lease holder's current attempt counts."""
+        task_id, _, index = str(body["trial_id"]).partition("/")
+        task = self.tasks.get(task_id)
+        if worker is not None and worker.running.get(body["trial_id"]) == body["attempt"]:
+            del worker.running[body["trial_id"]]
+        if task is None or task.state.terminal:
+            return
+        wid = worker.id if worker else None
+        if index == PLAN:
+            if task.state is TaskState.PLANNING and task.plan_attempt == body["attempt"] and task.plan_worker == wid:
+                self._plan_result(task, body)
+            return
+        try:
+            tr = task.trials[int(index)]
+        except (ValueError, IndexError):
+            return
+        if tr.state is not TrialState.RUNNING or tr.attempt != body["attempt"] or tr.worker != wid:
+            return  # a duplicate, or a late answer to a lease that was requeued or cancelled
+        tr.finished = time.time()
+        tr.seconds = _number(body.get("seconds"))
+        metric = _number(body.get("metric"))
+        if body.get("ok") is True and metric is not None:
+            tr.metric = metric
+            tr.state = TrialState.PASSED if tuner.meets_goal(metric, task.goal()) else TrialState.FAILED_GOAL
+        else:
+            tr.state = TrialState.ERROR
+            tr.error = str(body.get("error") or "the runner returned no metric")[:4000]
+        self.store.update_trial(task.id, tr.index, state=tr.state.value, metric=tr.metric, seconds=tr.seconds,
+                                finished=tr.finished, error=tr.error)
+        self._emit(task, "trial", **self._trial_event(tr))
+        self._settle(task)
+
+    def _plan_result(self, task: Task, body: dict) -> None:
+        task.plan_worker = None
+        task.plan_s = _number(body.get("seconds"))
+        baseline = _number(body.get("baseline"))
+        configs = body.get("configs")
+        if body.get("ok") is not True:
+            self._finish(task, TaskState.FAILED, error=f"planning failed: {body.get('error') or 'unknown error'}")
+            return
+        if baseline is None or not isinstance(configs, list) or not all(
+                isinstance(c, dict) and isinstance(c.get("config"), dict) for c in configs):
+            self._finish(task, TaskState.FAILED, error="planning returned a malformed plan")
+            return
+        if not configs:
+            self._finish(task, TaskState.FAILED, error="the config set expanded to no configs")
+            return
+        configs = configs[: task.tuning["max_trials"]]
+        task.baseline = baseline
+        task.trials = [Trial(index=i, config=c["config"], label=str(c.get("label", ""))[:500])
+                       for i, c in enumerate(configs)]
+        task.state = TaskState.TUNING
+        self.store.insert_trials(task.id, [(t.index, t.config, t.label, t.state.value) for t in task.trials])
+        self.store.update_task(task.id, baseline=baseline, state=task.state.value, plan_worker=None,
+                               plan_s=task.plan_s)
+        self._emit(task, "plan", baseline=baseline, trials=[{"index": t.index, "config": t.config,
+                                                            "label": t.label} for t in task.trials])
+        self._emit(task, "state", state=task.state.value)
+        log.info("task %s: baseline %.6g, %d trials", task.id, baseline, len(task.trials))
+
+    def _settle(self, task: Task) -> None:
+        """After any trial change: cancel what can no longer win, and end the task once decided."""
+        for index in tuner.to_cancel(task.views()):
+            self._cancel_trial(task, task.trials[index], "a lower-index trial met the goal")
+        decision = tuner.decide(task.views(), task.tuning["higher_is_better"])
+        if decision is not None:
+            self._conclude(task, decision)
+
+    def _conclude(self, task: Task, decision: tuner.Decision, note: str | None = None) -> None:
+        if decision.winner is None:
+            self._finish(task, TaskState.FAILED, error=note or "no trial produced a metric (every trial errored)")
+        else:
+            self._finish(task, TaskState.DONE, winner=decision.winner, met_goal=decision.met_goal, error=note)
+
+    def _cancel_trial(self, task: Task, tr: Trial, why: str) -> None:
+        tid = trial_id(task.id, tr.index)
+        if tr.state is TrialState.RUNNING:
+            worker = self.workers.get(tr.worker or "")
+            if worker is not None and worker.running.pop(tid, None) is not None:
+                self._send_worker(worker, Cmd.CANCEL, {"trial_id": tid, "attempt": tr.attempt})
+        tr.state, tr.error, tr.finished = TrialState.CANCELLED, why, time.time()
+        self.store.update_trial(task.id, tr.index, state=tr.state.value, error=why, finished=tr.finished)
+        self._emit(task, "trial", **self._trial_event(tr))
+
+    def _finish(self, task: Task, state: TaskState, winner: int | None = None, met_goal: bool | None = None,
+                error: str | None = None) -> None:
+        for tr in task.trials:
+            if not tr.state.finished:
+                self._cancel_trial(task, tr, "task ended")
+        if task.plan_worker:
+            worker = self.workers.get(task.plan_worker)
+            tid = trial_id(task.id, PLAN)
+            if worker is not None and worker.running.pop(tid, None) is not None:
+                self._send_worker(worker, Cmd.CANCEL, {"trial_id": tid, "attempt": task.plan_attempt})
+            task.plan_worker = None
+        task.state, task.winner, task.met_goal, task.error = state, winner, met_goal, error
+        task.finished = time.time()
+        self.store.update_task(task.id, state=state.value, winner=winner, met_goal=met_goal, error=error,
+                               finished=task.finished, plan_worker=None)
+        self._emit(task, "state", state=state.value, winner=winner, met_goal=met_goal, error=error)
+        log.info("task %s %s%s", task.id, state.value,
+                 f": winner trial {winner} (met goal: {met_goal})" if winner is not None else
+                 f": {error}" if error else "")
+
+    @staticmethod
+    def _trial_event(tr: Trial) -> dict[str, Any]:
+        return {"index": tr.index, "state": tr.state.value, "metric": tr.metric, "attempt": tr.attempt,
+                "worker": tr.worker, "seconds": tr.seconds, "error": tr.error}
+
+    # ---- scheduling and time -----------------------------------------------------------------
+
+    def _schedule(self) -> None:
+        demands = []
+        for task in self.tasks.values():
+            if task.state is TaskState.QUEUED:
+                demands.append(scheduler.Demand(task.id, 1))
+            elif task.state is TaskState.TUNING:
+                wants = len(tuner.to_dispatch(task.views(), task.spec["resources"]["workers"]))
+                if wants:
+                    demands.append(scheduler.Demand(task.id, wants))
+        if not demands:
+            return
+        free = {w.id: w.slots - len(w.running) for w in self.workers.values()}
+        placements = scheduler.place(free, demands)
+        if not placements:
+            return
+        with self.store.tx():
+            for task_id, worker_id in placements:
+                self._assign(self.tasks[task_id], self.workers[worker_id])
+
+    def _assign(self, task: Task, worker: Worker) -> None:
+        now = time.time()
+        if task.state is TaskState.QUEUED:
+            task.state, task.plan_worker = TaskState.PLANNING, worker.id
+            task.started = task.started or now
+            tid, attempt = trial_id(task.id, PLAN), task.plan_attempt
+            job = {"kind": "plan", "task_id": task.id, "spec": task.spec}
+            self.store.update_task(task.id, state=task.state.value, plan_worker=worker.id, started=task.started)
+            self._emit(task, "state", state=task.state.value, worker=worker.id)
+        else:
+            index = tuner.to_dispatch(task.views(), task.spec["resources"]["workers"])[0]
+            tr = task.trials[index]
+            tr.state, tr.worker, tr.started = TrialState.RUNNING, worker.id, now
+            tid, attempt = trial_id(task.id, index), tr.attempt
+            job = {"kind": "trial", "task_id": task.id, "spec": task.spec, "index": index, "config": tr.config}
+            self.store.update_trial(task.id, index, state=tr.state.value, worker=worker.id, started=now)
+            self._emit(task, "trial", **self._trial_event(tr))
+        worker.running[tid] = attempt
+        if not self._send_worker(worker, Cmd.ASSIGN, {"trial_id": tid, "attempt": attempt, "job": job}):
+            self._drop_worker(worker, "worker unreachable")
+
+    def _check_liveness(self, now: float) -> None:
+        deadline = self.heartbeat_s * self.liveness
+        for worker in list(self.workers.values()):
+            if now - worker.last_seen > deadline:
+                log.warning("worker %s silent for %.1fs: declared dead", worker.id, now - worker.last_seen)
+                self._drop_worker(worker, "worker stopped answering")
+            elif now - worker.last_sent >= self.heartbeat_s:
+                self._send_worker(worker, Cmd.HEARTBEAT)
+        # Leases reloaded from disk whose worker has not come back within one grace window.
+        if now - self.started_at > deadline:
+            with self.store.tx():
+                for task in [t for t in self.tasks.values() if not t.state.terminal]:
+                    if task.state is TaskState.PLANNING and task.plan_worker not in self.workers:
+                        self._lost_lease(task, PLAN, "worker did not come back after a broker restart")
+                    for tr in task.trials:
+                        if tr.state is TrialState.RUNNING and tr.worker not in self.workers:
+                            self._lost_lease(task, tr.index, "worker did not come back after a broker restart")
+
+    def _check_timeouts(self, now: float) -> None:
+        for task in self.tasks.values():
+            budget = task.tuning["timeout_s"]
+            if task.state is TaskState.TUNING and budget and task.started and now - task.started > budget:
+                with self.store.tx():
+                    decision = tuner.decide(task.views(), task.tuning["higher_is_better"], exhausted=True)
+                    self._conclude(task, decision, note=f"wall-clock budget of {budget:g}s ran out")
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def default_state_dir() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return Path(base) / "nsd" / "broker"

@@ -1,0 +1,255 @@
+"""Client API: requests to the broker's client socket and the task event stream.
+
+Requests are Lazy Pirate style: one DEALER, a request id per call, a timeout after which the socket is
+dropped and `BrokerUnavailable` raised. Events follow the zguide's Clone pattern: subscribe first, then
+take a snapshot with its `seq`, drop older events, and take a new snapshot on a gap or a quiet spell —
+so an `events()` stream never misses a change, however the subscription and snapshot race.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, AsyncIterator, Iterator
+
+import zmq
+import zmq.asyncio
+
+from nsd.net import configure, connectable
+from nsd.protocol import BROKER_TO_CLIENT, Cmd, ProtocolError, pack, unpack
+from nsd.spec import TaskSpec, validate
+from nsd.states import TaskState
+
+DEFAULT_BROKER = "tcp://127.0.0.1:5550"
+
+
+class BrokerUnavailable(ConnectionError):
+    """No answer from the broker in time."""
+
+
+class BrokerError(RuntimeError):
+    """The broker answered with an error (bad spec, unknown task, ...)."""
+
+
+def broker_address(address: str | None = None) -> str:
+    return address or os.environ.get("NSD_BROKER") or DEFAULT_BROKER
+
+
+def read_spec(path: str | os.PathLike) -> dict[str, Any]:
+    """Parse a TOML or JSON spec file; relative paths in it are taken from the spec's folder."""
+    file = Path(path)
+    try:
+        text = file.read_text()
+    except OSError as exc:
+        raise FileNotFoundError(f"cannot read spec {path}: {exc.strerror or exc}") from None
+    try:
+        raw = json.loads(text) if file.suffix == ".json" else tomllib.loads(text)
+    except (ValueError, tomllib.TOMLDecodeError) as exc:
+        raise ValueError(f"{path} is not valid {'JSON' if file.suffix == '.json' else 'TOML'}: {exc}") from None
+    raw.setdefault("name", file.stem)
+    base = file.resolve().parent
+    for section, key in (("model", "path"), ("recipe", "file"), ("recipe", "data")):
+        value = raw.get(section, {}).get(key) if isinstance(raw.get(section), dict) else None
+        if isinstance(value, str) and value and not os.path.isabs(value):
+            raw[section][key] = str((base / value).resolve())
+    return raw
+
+
+def prepare_spec(spec: dict | TaskSpec | str | os.PathLike) -> dict[str, Any]:
+    """Validate here, before anything is sent, and check that the files it names exist."""
+    if isinstance(spec, (str, os.PathLike)):
+        spec = read_spec(spec)
+    task = spec if isinstance(spec, TaskSpec) else validate(spec)
+    missing = [f"{where}: {path} does not exist" for where, path in (
+        ("recipe.file", task.recipe.file), ("recipe.data", task.recipe.data), ("model.path", task.model.path))
+        if path and not os.path.exists(path)]
+    if missing:
+        raise FileNotFoundError("invalid task spec:\n" + "\n".join(f"  - {m}" for m in missing))
+    return task.to_dict()
+
+
+class AsyncClient:
+    def __init__(self, broker: str | None = None, timeout_s: float = 10.0, idle_resnapshot_s: float = 2.0):
+        self.broker = broker_address(broker)
+        self.timeout_s = timeout_s
+        self.idle_resnapshot_s = idle_resnapshot_s
+        self.ctx = zmq.asyncio.Context()
+        self._sock: zmq.asyncio.Socket | None = None
+        self._req = itertools.count(1)
+        self._lock = asyncio.Lock()
+        self._events_endpoint: str | None = None
+
+    async def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close(linger=0)
+            self._sock = None
+        self.ctx.term()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def request(self, cmd: Cmd, **body: Any) -> dict[str, Any]:
+        async with self._lock:
+            if self._sock is None:
+                self._sock = configure(self.ctx.socket(zmq.DEALER))
+                self._sock.connect(self.broker)
+            req = next(self._req)
+            await self._sock.send_multipart(pack(cmd, {"req": req, **body}))
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + self.timeout_s
+            while True:
+                remaining = deadline - loop.time()
+                if remaining <= 0 or not await self._sock.poll(timeout=int(remaining * 1000)):
+                    self._sock.close(linger=0)  # Lazy Pirate: a stale request must not answer the next one
+                    self._sock = None
+                    raise BrokerUnavailable(f"no answer from the nsd broker at {self.broker} within "
+                                            f"{self.timeout_s:g}s (is `nsd broker` running? set --broker or "
+                                            f"NSD_BROKER)")
+                try:
+                    msg = unpack(await self._sock.recv_multipart(), BROKER_TO_CLIENT)
+                except ProtocolError:
+                    continue
+                if msg.body["req"] != req:
+                    continue  # a late answer to an earlier request
+                if msg.cmd is Cmd.ERROR:
+                    raise BrokerError(msg.body["error"])
+                return msg.body
+
+    async def hello(self) -> dict[str, Any]:
+        return await self.request(Cmd.HELLO)
+
+    async def submit(self, spec: dict | TaskSpec | str | os.PathLike) -> str:
+        return (await self.request(Cmd.SUBMIT, spec=prepare_spec(spec)))["task_id"]
+
+    async def status(self, task_id: str) -> dict[str, Any]:
+        return (await self.request(Cmd.STATUS, task_id=task_id))["task"]
+
+    async def list(self) -> list[dict[str, Any]]:
+        return (await self.request(Cmd.LIST))["tasks"]
+
+    async def cancel(self, task_id: str) -> dict[str, Any]:
+        return (await self.request(Cmd.CANCEL_TASK, task_id=task_id))["task"]
+
+    async def cluster(self) -> list[dict[str, Any]]:
+        return (await self.request(Cmd.CLUSTER))["workers"]
+
+    async def result(self, task_id: str, wait: bool = False) -> dict[str, Any]:
+        """The task's full result; with wait=True, once the task has ended."""
+        if wait:
+            async for _ in self.events(task_id):
+                pass
+        return (await self.request(Cmd.RESULT_GET, task_id=task_id))["task"]
+
+    async def events(self, task_id: str) -> AsyncIterator[dict[str, Any]]:
+        """A snapshot event (`kind == "snapshot"`, with the whole task), then every later event in seq
+        order; a new snapshot whenever events were missed. Ends after the task's final state."""
+        if self._events_endpoint is None:
+            self._events_endpoint = connectable((await self.hello())["events"], _host(self.broker))
+        task_id = (await self.status(task_id))["task_id"]  # a unique prefix becomes the full id
+        sub = configure(self.ctx.socket(zmq.SUB))
+        try:
+            sub.connect(self._events_endpoint)
+            sub.subscribe(task_id.encode())
+            snapshot = await self.status(task_id)
+            seq = snapshot["seq"]
+            yield {"kind": "snapshot", "task_id": task_id, "seq": seq, "task": snapshot}
+            if TaskState(snapshot["state"]).terminal:
+                return
+            while True:
+                if await sub.poll(timeout=int(self.idle_resnapshot_s * 1000)):
+                    frames = await sub.recv_multipart()
+                    try:
+                        event = unpack(frames[1:], frozenset({Cmd.EVENT})).body
+                    except ProtocolError:
+                        continue
+                    if frames[0] != task_id.encode() or event["seq"] <= seq:
+                        continue
+                    if event["seq"] == seq + 1:
+                        seq = event["seq"]
+                        yield event
+                        if event["kind"] == "state" and TaskState(event["state"]).terminal:
+                            return
+                        continue
+                # A gap, or a quiet spell that may hide a missed final event: take a new snapshot.
+                snapshot = await self.status(task_id)
+                if snapshot["seq"] > seq:
+                    seq = snapshot["seq"]
+                    yield {"kind": "snapshot", "task_id": task_id, "seq": seq, "task": snapshot}
+                if TaskState(snapshot["state"]).terminal:
+                    return
+        finally:
+            sub.close(linger=0)
+
+
+def _host(address: str) -> str | None:
+    from urllib.parse import urlsplit
+
+    return urlsplit(address).hostname if address.startswith("tcp://") else None
+
+
+class Client:
+    """The blocking client: the same calls as AsyncClient, on a private event loop.
+
+    Not for use inside a running event loop (use AsyncClient there)."""
+
+    def __init__(self, broker: str | None = None, timeout_s: float = 10.0):
+        self._loop = asyncio.new_event_loop()
+        self._async = self._loop.run_until_complete(self._make(broker, timeout_s))
+
+    @staticmethod
+    async def _make(broker: str | None, timeout_s: float) -> AsyncClient:
+        return AsyncClient(broker, timeout_s)
+
+    @property
+    def broker(self) -> str:
+        return self._async.broker
+
+    def _run(self, coro):
+        return self._loop.run_until_complete(coro)
+
+    def close(self) -> None:
+        if not self._loop.is_closed():
+            self._run(self._async.close())
+            self._loop.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def submit(self, spec: dict | TaskSpec | str | os.PathLike) -> str:
+        return self._run(self._async.submit(spec))
+
+    def status(self, task_id: str) -> dict[str, Any]:
+        return self._run(self._async.status(task_id))
+
+    def list(self) -> list[dict[str, Any]]:
+        return self._run(self._async.list())
+
+    def cancel(self, task_id: str) -> dict[str, Any]:
+        return self._run(self._async.cancel(task_id))
+
+    def cluster(self) -> list[dict[str, Any]]:
+        return self._run(self._async.cluster())
+
+    def result(self, task_id: str, wait: bool = False) -> dict[str, Any]:
+        return self._run(self._async.result(task_id, wait=wait))
+
+    def events(self, task_id: str) -> Iterator[dict[str, Any]]:
+        stream = self._async.events(task_id)
+        try:
+            while True:
+                try:
+                    yield self._run(stream.__anext__())
+                except StopAsyncIteration:
+                    return
+        finally:
+            self._run(stream.aclose())

@@ -1,0 +1,281 @@
+"""The `nsd` command line. `--json` output is the broker's task view as is (README: "JSON output")."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from nsd import __version__
+
+broker_option = click.option("--broker", envvar="NSD_BROKER", default="tcp://127.0.0.1:5550", show_default=True,
+                             help="The broker's client endpoint (env NSD_BROKER).")
+json_option = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+
+
+def _setup_logging(level: str) -> None:
+    # Under systemd (JOURNAL_STREAM set) the journal stamps the time already.
+    fmt = "%(levelname)s %(name)s: %(message)s" if os.environ.get("JOURNAL_STREAM") else \
+        "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), format=fmt, stream=sys.stderr)
+
+
+def _print_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=True))
+
+
+def _client(broker: str):
+    from nsd.client.api import Client
+
+    return Client(broker)
+
+
+def _fail(exc: Exception) -> None:
+    raise click.ClickException(str(exc))
+
+
+class _Errors:
+    """Turn the errors a person can fix into one clear line and exit code 1, not a traceback."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        from nsd.client.api import BrokerError, BrokerUnavailable
+        from nsd.spec import SpecError
+
+        if exc is not None and isinstance(exc, (BrokerError, BrokerUnavailable, SpecError, FileNotFoundError,
+                                                ValueError)):
+            _fail(exc)
+        return False
+
+
+@click.group()
+@click.version_option(__version__, prog_name="nsd")
+def main() -> None:
+    """nsd: INC accuracy-aware quantization tuning across a cluster of CPU nodes."""
+
+
+@main.command()
+@click.option("--state-dir", type=click.Path(path_type=Path), default=None,
+              help="Where SQLite state lives (default: $XDG_STATE_HOME/nsd/broker).")
+@click.option("--clients", default="tcp://127.0.0.1:5550", show_default=True, help="Client endpoint to bind.")
+@click.option("--workers", default="tcp://127.0.0.1:5551", show_default=True, help="Worker endpoint to bind.")
+@click.option("--events", default="tcp://127.0.0.1:5552", show_default=True, help="Event (XPUB) endpoint to bind.")
+@click.option("--heartbeat", default=1.0, show_default=True, help="Heartbeat interval, seconds.")
+@click.option("--liveness", default=5, show_default=True, help="Missed heartbeats before a worker is dead.")
+@click.option("--insecure", is_flag=True, help="Allow binding a non-loopback address without CURVE.")
+@click.option("--log-level", default="info", show_default=True)
+def broker(state_dir, clients, workers, events, heartbeat, liveness, insecure, log_level) -> None:
+    """Run the broker daemon."""
+    from nsd.broker.daemon import Broker, default_state_dir
+    from nsd.net import install_uvloop
+
+    _setup_logging(log_level)
+    install_uvloop()
+    try:
+        daemon = Broker(state_dir or default_state_dir(), clients, workers, events, heartbeat_s=heartbeat,
+                        liveness=liveness, insecure=insecure)
+    except ValueError as exc:
+        _fail(exc)
+
+    async def serve() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await daemon.start()
+        await stop.wait()
+        await daemon.stop()
+
+    asyncio.run(serve())
+
+
+@main.command()
+@click.option("--broker", "broker_addr", envvar="NSD_WORKER_BROKER", default="tcp://127.0.0.1:5551",
+              show_default=True, help="The broker's worker endpoint (env NSD_WORKER_BROKER).")
+@click.option("--cores", type=int, default=None, help="Cores to use (default: all this process may run on).")
+@click.option("--cores-per-trial", type=int, default=1, show_default=True, help="Cores per slot (trial).")
+@click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
+              help="Scratch, logs and outbox (default: ~/.cache/nsd/worker).")
+@click.option("--id", "worker_id", default=None, help="Worker id (default: host name + a persisted suffix).")
+@click.option("--heartbeat", default=1.0, show_default=True, help="Heartbeat interval, seconds.")
+@click.option("--log-level", default="info", show_default=True)
+def worker(broker_addr, cores, cores_per_trial, cache_dir, worker_id, heartbeat, log_level) -> None:
+    """Run a worker daemon on this node."""
+    from nsd.net import install_uvloop
+    from nsd.worker.daemon import WorkerConfig, WorkerDaemon
+
+    _setup_logging(log_level)
+    install_uvloop()
+    cpus = sorted(os.sched_getaffinity(0))
+    if cores is not None:
+        if not 1 <= cores <= len(cpus):
+            _fail(ValueError(f"--cores must be between 1 and {len(cpus)} here"))
+        cpus = cpus[:cores]
+    if not 1 <= cores_per_trial <= len(cpus):
+        _fail(ValueError(f"--cores-per-trial must be between 1 and {len(cpus)}"))
+    config = WorkerConfig(broker=broker_addr, cpus=cpus, cores_per_trial=cores_per_trial,
+                          worker_id=worker_id, heartbeat_s=heartbeat)
+    if cache_dir is not None:
+        config.cache_dir = cache_dir
+
+    async def serve() -> None:
+        daemon = WorkerDaemon(config)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, daemon.stop)
+        await daemon.run()
+
+    asyncio.run(serve())
+
+
+@main.command()
+@click.argument("spec", type=click.Path(dir_okay=False))
+@click.option("--wait", is_flag=True, help="Wait for the task to end and print its result.")
+@json_option
+@broker_option
+def submit(spec, wait, as_json, broker) -> None:
+    """Submit a task spec (TOML or JSON); print its id."""
+    from nsd.client.view import exit_code, result_text
+
+    with _Errors(), _client(broker) as client:
+        task_id = client.submit(spec)
+        if not wait:
+            _print_json({"task_id": task_id}) if as_json else click.echo(task_id)
+            return
+        if not as_json:
+            click.echo(f"submitted {task_id}", err=True)
+        result = client.result(task_id, wait=True)
+    _print_json(result) if as_json else click.echo(result_text(result))
+    sys.exit(exit_code(result))
+
+
+@main.command()
+@click.argument("task_id")
+@json_option
+@broker_option
+def status(task_id, as_json, broker) -> None:
+    """Show one task's state and progress."""
+    from nsd.client.view import progress_line
+
+    with _Errors(), _client(broker) as client:
+        task = client.status(task_id)
+    _print_json(task) if as_json else click.echo(progress_line(task))
+
+
+@main.command("list")
+@json_option
+@broker_option
+def list_tasks(as_json, broker) -> None:
+    """List all tasks."""
+    with _Errors(), _client(broker) as client:
+        tasks = client.list()
+    if as_json:
+        _print_json({"tasks": tasks})
+        return
+    click.echo(f"{'task':<12}  {'state':<10} {'trials':>9}  {'met':<5} name")
+    for t in tasks:
+        met = "-" if t["met_goal"] is None else str(t["met_goal"]).lower()
+        click.echo(f"{t['task_id']:<12}  {t['state']:<10} {t['trials_done']:>4}/{t['trials_total']:<4}  "
+                   f"{met:<5} {t['name']}")
+
+
+@main.command()
+@click.argument("task_id")
+@broker_option
+def watch(task_id, broker) -> None:
+    """Follow a task live until it ends."""
+    from nsd.client.view import apply_event, exit_code, progress_line, result_text
+
+    task = None
+    with _Errors(), _client(broker) as client:
+        for event in client.events(task_id):
+            task = apply_event(task, event)
+            if event["kind"] == "trial" and event["state"] not in ("running", "pending"):
+                metric = "-" if event["metric"] is None else f"{event['metric']:.6g}"
+                click.echo(f"  trial {event['index']:>3} {event['state']:<11} metric {metric}")
+            click.echo(progress_line(task))
+        task = client.result(task["task_id"])
+    click.echo(result_text(task))
+    sys.exit(exit_code(task))
+
+
+@main.command()
+@click.argument("task_id")
+@broker_option
+def cancel(task_id, broker) -> None:
+    """Cancel a task (running trials are stopped)."""
+    with _Errors(), _client(broker) as client:
+        task = client.cancel(task_id)
+    click.echo(f"{task['task_id']} {task['state']}")
+
+
+@main.command()
+@click.argument("task_id")
+@click.option("--wait", is_flag=True, help="Wait for the task to end first.")
+@json_option
+@broker_option
+def result(task_id, wait, as_json, broker) -> None:
+    """Print a task's result: winner, baseline, every trial, timings."""
+    from nsd.client.view import exit_code, result_text
+
+    with _Errors(), _client(broker) as client:
+        task = client.result(task_id, wait=wait)
+    _print_json(task) if as_json else click.echo(result_text(task))
+    if task["state"] in ("done", "failed", "cancelled"):
+        sys.exit(exit_code(task))
+
+
+@main.command()
+@json_option
+@broker_option
+def cluster(as_json, broker) -> None:
+    """Show the workers: host, cores, slots, busy slots."""
+    with _Errors(), _client(broker) as client:
+        workers = client.cluster()
+    if as_json:
+        _print_json({"workers": workers})
+        return
+    click.echo(f"{'worker':<28} {'host':<20} {'cores':>5} {'slots':>5} {'busy':>4} {'seen':>6}")
+    for w in workers:
+        click.echo(f"{w['worker_id']:<28} {w['host'][:20]:<20} {w['cores']:>5} {w['slots']:>5} {w['busy']:>4} "
+                   f"{w['last_seen_s']:>5.1f}s")
+    click.echo(f"{len(workers)} workers, {sum(w['slots'] for w in workers)} slots, "
+               f"{sum(w['busy'] for w in workers)} busy")
+
+
+@main.command()
+@click.argument("spec", type=click.Path(dir_okay=False))
+@click.option("--workers", "n_workers", default=2, show_default=True, help="Local workers to start.")
+@json_option
+@click.option("--log-level", default="warning", show_default=True)
+def run(spec, n_workers, as_json, log_level) -> None:
+    """Run one task on a private local broker and N workers, print its result, exit."""
+    from nsd.client.view import apply_event, exit_code, progress_line, result_text
+    from nsd.local import run_local
+    from nsd.net import install_uvloop
+
+    _setup_logging(log_level)
+    install_uvloop()
+    if n_workers < 1:
+        _fail(ValueError("--workers must be at least 1"))
+    view: dict[str, Any] = {}
+
+    def show(event: dict) -> None:
+        view["task"] = apply_event(view.get("task"), event)
+        if not as_json and event["kind"] in ("trial", "state", "snapshot") and view["task"]["trials"] is not None:
+            if event["kind"] != "trial" or event["state"] not in ("running", "pending"):
+                click.echo(progress_line(view["task"]), err=True)
+
+    with _Errors():
+        task = asyncio.run(run_local(spec, workers=n_workers, on_event=show))
+    _print_json(task) if as_json else click.echo(result_text(task))
+    sys.exit(exit_code(task))

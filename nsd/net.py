@@ -1,0 +1,66 @@
+"""Small socket helpers shared by the daemons and the client (pyzmq only, no torch)."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import socket
+from urllib.parse import urlsplit
+
+import zmq
+
+from nsd.protocol import MAX_MESSAGE_BYTES
+
+
+def configure(sock: zmq.Socket, *, linger_ms: int = 0, sndtimeo_ms: int = 1000) -> zmq.Socket:
+    """The options every nsd socket carries (DESIGN.md: explicit LINGER, SNDTIMEO, MAXMSGSIZE)."""
+    sock.setsockopt(zmq.LINGER, linger_ms)
+    sock.setsockopt(zmq.SNDTIMEO, sndtimeo_ms)
+    sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES + 1024)
+    return sock
+
+
+def is_loopback(endpoint: str) -> bool:
+    """True for ipc:// and inproc:// endpoints and tcp:// on a loopback address."""
+    if not endpoint.startswith("tcp://"):
+        return True
+    host = urlsplit(endpoint).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # '*', an interface name or a host name: reachable from outside
+
+
+def connectable(bound: str, peer_host: str | None = None) -> str:
+    """An endpoint a peer can connect to for one this side bound (a wildcard host becomes the peer's)."""
+    if bound.startswith("tcp://"):
+        parts = urlsplit(bound)
+        if parts.hostname in ("0.0.0.0", "::", "*"):
+            return f"tcp://{peer_host or socket.gethostname()}:{parts.port}"
+    return bound
+
+
+def install_uvloop() -> None:
+    """Use uvloop where it is installed; asyncio's own loop otherwise."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a declared dependency on Linux
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+class OncePerPeer:
+    """Logs a peer's first bad message and counts the rest, so a flood cannot fill the log."""
+
+    def __init__(self, log: logging.Logger, limit: int = 10_000):
+        self.log, self.limit, self.count, self._seen = log, limit, 0, set()
+
+    def __call__(self, peer: bytes, what: str) -> None:
+        self.count += 1
+        if peer not in self._seen and len(self._seen) < self.limit:
+            self._seen.add(peer)
+            self.log.warning("dropped a bad message from peer %s: %s (later ones are only counted)",
+                             peer.hex()[:16] or "?", what)

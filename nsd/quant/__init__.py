@@ -1,0 +1,1 @@
+"""INC integration (imported by runners only: it pulls in torch and neural-compressor)."""

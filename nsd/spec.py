@@ -1,0 +1,213 @@
+"""Task specs: the schema, defaults and validation. Pure: reading the file is the caller's job.
+
+A spec is a TOML or JSON document (see README "Task spec"). `validate` turns the parsed document into
+a `TaskSpec` or raises `SpecError` naming every field that is wrong, so that `nsd submit` can refuse a
+bad task before anything is queued.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+# INC 3.10's torch config names (config_registry.get_cls_configs()["torch"]). Kept here as data so that
+# the broker can refuse a typo at submit without importing INC; a worker checks parameters for real.
+INC_CONFIG_NAMES = (
+    "autoround", "awq", "fp8_quant", "gptq", "hqq", "hybrid_gptq", "mixed_precision", "mx_quant",
+    "pt2e_dynamic_quant", "rtn", "smooth_quant", "static_quant", "teq",
+)
+RECIPE_KINDS = ("python",)
+CRITERIA = ("relative", "absolute")
+
+
+class SpecError(ValueError):
+    """An invalid spec; `problems` holds one 'field: what is wrong' line each."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid task spec:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    path: str | None = None  # a model folder or file, for recipes that take one
+    shared: bool = True  # the path is valid as is on every worker (shared filesystem)
+
+
+@dataclass(frozen=True)
+class RecipeSpec:
+    kind: str = "python"
+    file: str | None = None  # python recipe: defines load_model, example_inputs, calibrate, evaluate
+    data: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TuningSpec:
+    config_set: list[dict[str, dict[str, Any]]] = field(default_factory=list)
+    tolerable_loss: float = 0.01
+    criterion: str = "relative"
+    higher_is_better: bool = True
+    max_trials: int = 100  # INC's TuningConfig default
+    timeout_s: float = 0.0  # 0: no wall-clock budget
+    max_attempts: int = 3  # a trial whose runner dies this often is marked error
+
+
+@dataclass(frozen=True)
+class ResourcesSpec:
+    workers: int = 0  # trials at once; 0: as many as there are free slots
+    cores_per_trial: int = 1
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str
+    model: ModelSpec
+    recipe: RecipeSpec
+    tuning: TuningSpec
+    resources: ResourcesSpec
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+_SECTIONS = {"model": ModelSpec, "recipe": RecipeSpec, "tuning": TuningSpec, "resources": ResourcesSpec}
+
+
+def validate(raw: Any) -> TaskSpec:
+    """A TaskSpec from a parsed document, or SpecError listing every problem found."""
+    problems: list[str] = []
+    if not isinstance(raw, dict):
+        raise SpecError(["spec: must be a table/object"])
+    _unknown(raw, {"name", *_SECTIONS}, "", problems)
+    name = raw.get("name", "task")
+    if not isinstance(name, str) or not name.strip() or len(name) > 200:
+        problems.append("name: must be a non-empty string of at most 200 characters")
+    parts = {}
+    for key, cls in _SECTIONS.items():
+        section = raw.get(key, {})
+        if not isinstance(section, dict):
+            problems.append(f"{key}: must be a table/object")
+            section = {}
+        _unknown(section, set(cls.__dataclass_fields__), f"{key}.", problems)
+        parts[key] = section
+    model = ModelSpec(
+        path=_opt_str(parts["model"], "path", "model.", problems),
+        shared=_bool(parts["model"], "shared", True, "model.", problems),
+    )
+    recipe = RecipeSpec(
+        kind=_choice(parts["recipe"], "kind", RECIPE_KINDS, "python", "recipe.", problems),
+        file=_opt_str(parts["recipe"], "file", "recipe.", problems),
+        data=_opt_str(parts["recipe"], "data", "recipe.", problems),
+        options=_dict(parts["recipe"], "options", "recipe.", problems),
+    )
+    if recipe.kind == "python" and not recipe.file:
+        problems.append("recipe.file: required for a python recipe (a .py file defining load_model, "
+                        "example_inputs, calibrate and evaluate)")
+    t = parts["tuning"]
+    tuning = TuningSpec(
+        config_set=_config_set(t.get("config_set"), problems),
+        tolerable_loss=_number(t, "tolerable_loss", 0.01, 0.0, None, "tuning.", problems),
+        criterion=_choice(t, "criterion", CRITERIA, "relative", "tuning.", problems),
+        higher_is_better=_bool(t, "higher_is_better", True, "tuning.", problems),
+        max_trials=int(_number(t, "max_trials", 100, 1, 100_000, "tuning.", problems, integer=True)),
+        timeout_s=_number(t, "timeout_s", 0.0, 0.0, None, "tuning.", problems),
+        max_attempts=int(_number(t, "max_attempts", 3, 1, 100, "tuning.", problems, integer=True)),
+    )
+    r = parts["resources"]
+    resources = ResourcesSpec(
+        workers=int(_number(r, "workers", 0, 0, 100_000, "resources.", problems, integer=True)),
+        cores_per_trial=int(_number(r, "cores_per_trial", 1, 1, 4096, "resources.", problems, integer=True)),
+    )
+    if problems:
+        raise SpecError(problems)
+    return TaskSpec(name=name.strip(), model=model, recipe=recipe, tuning=tuning, resources=resources)
+
+
+def _unknown(section: dict, known: set[str], prefix: str, problems: list[str]) -> None:
+    for key in section:
+        if key not in known:
+            hint = difflib.get_close_matches(str(key), sorted(known), n=1)
+            problems.append(f"{prefix}{key}: unknown field" + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+
+
+def _opt_str(section: dict, key: str, prefix: str, problems: list[str]) -> str | None:
+    value = section.get(key)
+    if value is not None and (not isinstance(value, str) or not value):
+        problems.append(f"{prefix}{key}: must be a non-empty string")
+        return None
+    return value
+
+
+def _bool(section: dict, key: str, default: bool, prefix: str, problems: list[str]) -> bool:
+    value = section.get(key, default)
+    if not isinstance(value, bool):
+        problems.append(f"{prefix}{key}: must be true or false, got {value!r}")
+        return default
+    return value
+
+
+def _dict(section: dict, key: str, prefix: str, problems: list[str]) -> dict:
+    value = section.get(key, {})
+    if not isinstance(value, dict):
+        problems.append(f"{prefix}{key}: must be a table/object")
+        return {}
+    return value
+
+
+def _choice(section: dict, key: str, choices: tuple[str, ...], default: str, prefix: str,
+            problems: list[str]) -> str:
+    value = section.get(key, default)
+    if value not in choices:
+        problems.append(f"{prefix}{key}: must be one of {', '.join(choices)}; got {value!r}")
+        return default
+    return value
+
+
+def _number(section: dict, key: str, default: float, low: float | None, high: float | None, prefix: str,
+            problems: list[str], integer: bool = False) -> float:
+    value = section.get(key, default)
+    kind = "a whole number" if integer else "a number"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
+        problems.append(f"{prefix}{key}: must be {kind}, got {value!r}")
+        return default
+    if not math.isfinite(value) or (low is not None and value < low) or (high is not None and value > high):
+        bounds = f"at least {low}" if high is None else f"between {low} and {high}"
+        problems.append(f"{prefix}{key}: must be {bounds}, got {value!r}")
+        return default
+    return value
+
+
+def _config_set(value: Any, problems: list[str]) -> list[dict[str, dict[str, Any]]]:
+    where = "tuning.config_set"
+    if value is None:
+        problems.append(f"{where}: required: a list of {{config_name = {{param = value or [values]}}}}")
+        return []
+    if isinstance(value, dict):
+        value = [value]  # one config is a set of one, as in INC
+    if not isinstance(value, list) or not value:
+        problems.append(f"{where}: must be a non-empty list of configs")
+        return []
+    out = []
+    for i, entry in enumerate(value):
+        at = f"{where}[{i}]"
+        if not isinstance(entry, dict) or len(entry) != 1:
+            problems.append(f"{at}: must map exactly one INC config name to its parameters, "
+                            f"e.g. {{rtn = {{bits = [4, 8]}}}}")
+            continue
+        (name, params), = entry.items()
+        if name not in INC_CONFIG_NAMES:
+            hint = difflib.get_close_matches(str(name), INC_CONFIG_NAMES, n=1)
+            problems.append(f"{at}: unknown INC config {name!r}" + (f" (did you mean {hint[0]!r}?)" if hint else
+                            f"; known: {', '.join(INC_CONFIG_NAMES)}"))
+            continue
+        if not isinstance(params, dict):
+            problems.append(f"{at}.{name}: parameters must be a table/object")
+            continue
+        for param, v in params.items():
+            if isinstance(v, list) and not v:
+                problems.append(f"{at}.{name}.{param}: an empty list gives no configs to try")
+        out.append({name: params})
+    return out

@@ -1,0 +1,137 @@
+"""A runner: one persistent process per slot that runs INC quantize + evaluate, torch side.
+
+Started by the worker daemon as `python -m nsd.worker.runner --cpus 0,1 --workdir DIR`; jobs arrive on
+stdin and answers leave on the original stdout (framed msgpack, see `pipe`). Everything else the
+process prints — INC's logs, a recipe's prints, a C library's — goes to stderr, the runner's log.
+
+The expensive state of a task (imported recipe, loaded FP32 model, example inputs) is cached between
+trials, because a fresh process costs 7–11 s of imports before any work (INC-NOTES.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+import traceback
+from typing import Any
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--cpus", required=True, help="comma-separated CPU ids this runner is pinned to")
+    parser.add_argument("--workdir", required=True, help="scratch folder (INC writes nc_workspace/ here)")
+    args = parser.parse_args()
+    cpus = [int(c) for c in args.cpus.split(",")]
+
+    # Keep the protocol stream to ourselves: fd 1 becomes the log, the old stdout the answer pipe.
+    answers = os.fdopen(os.dup(1), "wb", buffering=0)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    jobs = sys.stdin.buffer
+
+    os.makedirs(args.workdir, exist_ok=True)
+    os.chdir(args.workdir)
+    os.sched_setaffinity(0, cpus)
+    os.environ.setdefault("LOGLEVEL", "WARNING")  # INC logs at INFO otherwise; read when INC is imported
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no model hub on these machines
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+    import torch
+
+    torch.set_num_threads(len(cpus))
+    from nsd.worker import pipe
+    import neural_compressor.torch.quantization  # noqa: F401 - pay INC's import cost before the first job
+
+    answers.write(pipe.encode({"ready": True, "pid": os.getpid()}))
+    cache = TaskCache()
+    while True:
+        job = pipe.read_blocking(jobs)
+        if job is None:
+            return  # the worker closed our stdin: it is done with us
+        answers.write(pipe.encode(run_job(job, cache)))
+
+
+class TaskCache:
+    """The last task's recipe, FP32 model and example inputs (one task: models can be large)."""
+
+    def __init__(self) -> None:
+        self.task_id: str | None = None
+        self.recipe = self.model = self.example_inputs = None
+
+    def get(self, task_id: str, spec: dict):
+        if self.task_id != task_id:
+            from nsd.quant.recipes import load_recipe
+
+            self.task_id = None
+            self.recipe = self.model = self.example_inputs = None
+            recipe = load_recipe(spec)
+            self.model = recipe.load_model()
+            self.example_inputs = recipe.example_inputs()
+            self.recipe, self.task_id = recipe, task_id
+        return self.recipe, self.model, self.example_inputs
+
+
+def run_job(job: dict, cache: TaskCache) -> dict[str, Any]:
+    start = time.perf_counter()
+    try:
+        if job["kind"] == "plan":
+            answer = plan(job, cache)
+        elif job["kind"] == "trial":
+            answer = trial(job, cache)
+        else:
+            raise ValueError(f"unknown job kind {job['kind']!r}")
+        answer["ok"] = True
+    except Exception as exc:
+        lines = traceback.format_exc().strip().splitlines()
+        print("".join(traceback.format_exception(exc)), file=sys.stderr, flush=True)
+        answer = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:2000], "traceback": lines[-20:]}
+    answer["seconds"] = time.perf_counter() - start
+    return answer
+
+
+def plan(job: dict, cache: TaskCache) -> dict[str, Any]:
+    """Evaluate FP32 once and expand the config set in INC's order."""
+    from neural_compressor.torch.quantization.autotune import _deepcopy_warp
+
+    from nsd.quant.inc import expand
+
+    spec = job["spec"]
+    recipe, model, _ = cache.get(job["task_id"], spec)
+    configs = expand(spec["tuning"]["config_set"], spec["tuning"]["max_trials"])
+    # INC's autotune evaluates the baseline on a copy, exactly like this.
+    baseline = _metric(recipe.evaluate(_deepcopy_warp(model)))
+    return {"baseline": baseline, "configs": configs}
+
+
+def trial(job: dict, cache: TaskCache) -> dict[str, Any]:
+    """One trial as INC's autotune runs it: quantize a copy of the FP32 model in place, then evaluate."""
+    from neural_compressor.torch.quantization import quantize
+    from neural_compressor.torch.quantization.autotune import _deepcopy_warp
+
+    from nsd.quant.inc import config_from_dict
+
+    recipe, model, example_inputs = cache.get(job["task_id"], job["spec"])
+    config = config_from_dict(job["config"])
+    t0 = time.perf_counter()
+    q_model = quantize(_deepcopy_warp(model), quant_config=config, run_fn=recipe.calibrate, inplace=True,
+                       example_inputs=example_inputs)
+    t1 = time.perf_counter()
+    metric = _metric(recipe.evaluate(q_model))
+    return {"metric": metric, "quantize_s": t1 - t0, "eval_s": time.perf_counter() - t1}
+
+
+def _metric(value: Any) -> float:
+    try:
+        metric = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"evaluate() must return a number, got {type(value).__name__}") from None
+    if not math.isfinite(metric):
+        raise ValueError(f"evaluate() returned {metric}, not a finite number")
+    return metric
+
+
+if __name__ == "__main__":
+    main()
