@@ -237,7 +237,7 @@ class Broker:
             try:
                 answer = self._client_request(msg)
             except (SpecError, LookupError, ValueError) as exc:
-                self._reply(identity, Cmd.ERROR, {"req": req, "error": str(exc).strip("'\"")})
+                self._reply(identity, Cmd.ERROR, {"req": req, "error": str(exc)})
             except Exception:  # a bug of ours must not take the broker down with it
                 log.exception("request %s failed", msg.cmd.name)
                 self._reply(identity, Cmd.ERROR, {"req": req, "error": "internal broker error (see its log)"})

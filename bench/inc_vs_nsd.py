@@ -1,0 +1,315 @@
+"""INC's own sequential `autotune` against the same task run through nsd, in one process, one command.
+
+    python bench/inc_vs_nsd.py [--spec bench/minilm/task.toml] [--workers 2] [--repeat 1] [--order inc-first]
+
+(a) INC: `neural_compressor.torch.quantization.autotune` in this process with torch threads = 1 (one
+    core, like one nsd worker slot here), on the spec's recipe and config set. Timed from the recipe's
+    import through model load, baseline evaluation and every trial up to INC's stop (INC's imports are
+    timed separately: they are paid once, before either side runs).
+(b) nsd: `asyncio.run(nsd.local.run_local(spec, workers=N))`: a private broker and N in-process worker
+    daemons, one CPU each on this machine, each with a persistent runner process. Timed end to end,
+    runner start-up (torch + INC imports) included.
+
+Then both wall times, their ratio (INC / nsd), the trials each evaluated, and whether both picked the
+same trial with the same config. Exit status 0 when every repetition's winners agree, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Before anything imports INC (it reads LOGLEVEL at import) or transformers (no model hub here).
+os.environ.setdefault("LOGLEVEL", "WARNING")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import argparse
+import asyncio
+import importlib.util
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # `python bench/inc_vs_nsd.py` from a checkout without an install
+
+from nsd.client.api import prepare_spec, read_spec  # noqa: E402
+from nsd.quant.inc import config_from_dict  # noqa: E402
+
+
+def plain(value: Any) -> Any:
+    """A config dict as JSON sees it (INC's to_dict may hold tuples), for comparing the two sides."""
+    return json.loads(json.dumps(value))
+
+
+def short(config: dict) -> str:
+    (name, params), = config.items()
+    keys = ("bits", "use_sym", "group_size", "dtype")
+    return f"{name}(" + ", ".join(f"{k}={params[k]}" for k in keys if k in params) + ")"
+
+
+# ---- (a) INC's own autotune ------------------------------------------------------------------------------
+
+def import_recipe(path: str):
+    """A fresh module each time: a recipe's module-level caches (the FP32 reference) start empty."""
+    name = f"bench_recipe_{uuid.uuid4().hex[:8]}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_inc(spec: dict) -> dict[str, Any]:
+    import torch
+    from neural_compressor.common.base_tuning import TuningConfig
+    from neural_compressor.torch.quantization import autotune as autotune_fn
+
+    # The module, not the function of the same name that the package exports over it.
+    autotune_module = sys.modules["neural_compressor.torch.quantization.autotune"]
+
+    torch.set_num_threads(1)
+    tuning = spec["tuning"]
+    quantize_calls: list[dict[str, Any]] = []  # every quantize() INC made: trials, then a re-quantize
+    evals: list[dict[str, Any]] = []  # eval_fn calls: [0] the baseline, [i] trial i (INC counts from 1)
+    real_quantize = autotune_module.quantize
+
+    def recording_quantize(model, quant_config, *args, **kwargs):
+        # quantize() mutates its config (INC-NOTES.md): record it as INC chose it, before the call.
+        entry = {"config": {quant_config.name: plain(quant_config.to_dict())}}
+        t0 = time.perf_counter()
+        entry["model"] = real_quantize(model, quant_config, *args, **kwargs)
+        entry["quantize_s"] = time.perf_counter() - t0
+        quantize_calls.append(entry)
+        return entry["model"]
+
+    start = time.perf_counter()
+    recipe = import_recipe(spec["recipe"]["file"])
+    model = recipe.load_model()
+    example_inputs = recipe.example_inputs()
+    load_s = time.perf_counter() - start
+
+    def eval_fn(q_model) -> float:
+        t0 = time.perf_counter()
+        metric = float(recipe.evaluate(q_model))
+        evals.append({"metric": metric, "eval_s": time.perf_counter() - t0})
+        return metric
+
+    tune_config = TuningConfig(config_set=[config_from_dict(e) for e in tuning["config_set"]],
+                               tolerable_loss=tuning["tolerable_loss"], max_trials=tuning["max_trials"])
+    autotune_module.quantize = recording_quantize
+    try:
+        best = autotune_fn(model, tune_config=tune_config, eval_fn=eval_fn, run_fn=recipe.calibrate,
+                           example_inputs=example_inputs)
+    finally:
+        autotune_module.quantize = real_quantize
+    wall_s = time.perf_counter() - start
+
+    trials = []
+    for i, (q, e) in enumerate(zip(quantize_calls, evals[1:])):
+        trials.append({"index": i, "config": q["config"], "metric": e["metric"],
+                       "seconds": q["quantize_s"] + e["eval_s"]})
+    # Which trial INC returned: the model object itself, or, after a re-quantize (max_trials reached
+    # with no pass), the first trial with that config, as INC's stable sort would pick.
+    chosen = None
+    if best is not None:
+        hit = next((i for i, q in enumerate(quantize_calls) if q["model"] is best), None)
+        if hit is not None and hit < len(trials):
+            chosen = hit
+        elif hit is not None:
+            chosen = next((t["index"] for t in trials if t["config"] == quantize_calls[hit]["config"]), None)
+    baseline = evals[0]["metric"] if evals else None
+    goal = None if baseline is None else baseline * (1 - tuning["tolerable_loss"])
+    del best, model, quantize_calls
+    return {"wall_s": wall_s, "load_s": load_s, "baseline": baseline, "trials": trials, "chosen": chosen,
+            "met_goal": chosen is not None and goal is not None and trials[chosen]["metric"] >= goal,
+            "baseline_eval_s": evals[0]["eval_s"] if evals else None}
+
+
+# ---- (b) the same spec through nsd ------------------------------------------------------------------------
+
+def run_nsd(spec_path: str, workers: int, verbose: bool) -> dict[str, Any]:
+    from nsd.local import run_local
+
+    t_start = time.perf_counter()
+
+    def on_event(event: dict) -> None:
+        if not verbose:
+            return
+        at = time.perf_counter() - t_start
+        if event.get("kind") == "trial":
+            metric = event.get("metric")
+            print(f"    nsd {at:6.2f}s  trial {event.get('index')}: {event.get('state')}"
+                  + (f"  metric {metric:.6f}" if isinstance(metric, float) else ""), flush=True)
+        elif event.get("kind") in ("state", "plan"):
+            print(f"    nsd {at:6.2f}s  {event.get('kind')}: {event.get('state', '')}"
+                  f"{' baseline %.6f' % event['baseline'] if event.get('baseline') is not None else ''}",
+                  flush=True)
+
+    result = asyncio.run(run_local(spec_path, workers=workers, on_event=on_event))
+    wall_s = time.perf_counter() - t_start
+    return {"wall_s": wall_s, "result": result}
+
+
+# ---- report ---------------------------------------------------------------------------------------------
+
+def compare(inc: dict, nsd: dict) -> dict[str, Any]:
+    result = nsd["result"]
+    winner = result.get("winner")
+    nsd_index = winner["index"] if winner else None
+    inc_index = inc["chosen"]
+    inc_config = inc["trials"][inc_index]["config"] if inc_index is not None else None
+    nsd_config = plain(winner["config"]) if winner else None
+    scored = [t for t in result.get("trials", []) if t.get("metric") is not None]
+    by_index = {t["index"]: t["metric"] for t in scored}
+    deltas = [abs(t["metric"] - by_index[t["index"]]) for t in inc["trials"] if t["index"] in by_index]
+    return {
+        "inc_index": inc_index, "nsd_index": nsd_index, "inc_config": inc_config, "nsd_config": nsd_config,
+        "index_agree": inc_index is not None and inc_index == nsd_index,
+        "config_agree": inc_config is not None and inc_config == nsd_config,
+        "nsd_state": result.get("state"), "nsd_met_goal": result.get("met_goal"), "nsd_error": result.get("error"),
+        "nsd_scored": len(scored),
+        "nsd_cancelled": sum(t.get("state") == "cancelled" for t in result.get("trials", [])),
+        "nsd_errors": sum(t.get("state") == "error" for t in result.get("trials", [])),
+        "nsd_trial_s": (result.get("timings") or {}).get("trial_s_total"),
+        "nsd_plan_s": (result.get("timings") or {}).get("plan_s"),
+        "nsd_elapsed_s": (result.get("timings") or {}).get("elapsed_s"),
+        "metric_max_delta": max(deltas) if deltas else None,
+        "baseline_delta": (None if result.get("baseline") is None or inc["baseline"] is None
+                           else abs(result["baseline"] - inc["baseline"])),
+        "nsd_winner_metric": winner["metric"] if winner else None,
+    }
+
+
+def print_run(rep: int, order: list[str], inc: dict, nsd: dict, cmp: dict) -> None:
+    print(f"\n=== repetition {rep + 1} (ran {' then '.join(order)}) ===")
+    print(f"  INC autotune : {inc['wall_s']:7.2f} s  (recipe import + model load {inc['load_s']:.2f} s, "
+          f"baseline eval {inc['baseline_eval_s']:.2f} s, {len(inc['trials'])} trials)")
+    for t in inc["trials"]:
+        print(f"      trial {t['index']:2d}  {short(t['config']):40s} metric {t['metric']:.6f}  {t['seconds']:.2f} s")
+    print(f"  nsd run_local: {nsd['wall_s']:7.2f} s  (state {cmp['nsd_state']}, task elapsed "
+          f"{_f(cmp['nsd_elapsed_s'])} s, plan {_f(cmp['nsd_plan_s'])} s, per-trial seconds sum "
+          f"{_f(cmp['nsd_trial_s'])} s)")
+    for t in nsd["result"].get("trials", []):
+        metric = f"metric {t['metric']:.6f}" if t.get("metric") is not None else " " * 15
+        secs = f"{t['seconds']:.2f} s" if t.get("seconds") is not None else ""
+        print(f"      trial {t['index']:2d}  {short(t['config']):40s} {metric}  {t['state']:11s} "
+              f"{t.get('worker') or '':8s} {secs}")
+    if cmp["nsd_error"]:
+        print(f"  nsd error: {cmp['nsd_error']}")
+
+
+def _f(value: float | None, fmt: str = ".2f") -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--spec", default=str(HERE / "minilm" / "task.toml"), help="nsd task spec (TOML/JSON)")
+    parser.add_argument("--workers", type=int, default=2, help="nsd local workers (default 2)")
+    parser.add_argument("--repeat", type=int, default=1, help="repetitions; the order alternates (default 1)")
+    parser.add_argument("--order", choices=("inc-first", "nsd-first"), default="inc-first",
+                        help="which side runs first in the first repetition (default inc-first)")
+    parser.add_argument("--json", metavar="FILE", help="also write every figure to FILE as JSON")
+    parser.add_argument("-v", "--verbose", action="store_true", help="print nsd's trial events as they come")
+    args = parser.parse_args(argv)
+
+    spec_path = str(Path(args.spec).resolve())
+    spec = prepare_spec(read_spec(spec_path))  # validated, defaults filled in, recipe path absolute
+    tuning = spec["tuning"]
+    if tuning["criterion"] != "relative" or not tuning["higher_is_better"]:
+        print("INC's autotune knows only a relative, higher-is-better goal; this spec asks for "
+              f"criterion={tuning['criterion']!r}, higher_is_better={tuning['higher_is_better']}", file=sys.stderr)
+        return 2
+    ncpu = len(os.sched_getaffinity(0))
+    print(f"spec {spec_path}: {spec['name']}, tolerable_loss {tuning['tolerable_loss']}, "
+          f"max_trials {tuning['max_trials']}; {ncpu} CPUs here, nsd workers {args.workers}, INC torch threads 1")
+
+    scratch = Path(tempfile.mkdtemp(prefix="inc-vs-nsd-"))
+    old_cwd = os.getcwd()
+    os.chdir(scratch)  # INC writes ./nc_workspace/ wherever it runs
+    try:
+        t0 = time.perf_counter()
+        import torch  # noqa: F401
+        import neural_compressor.torch.quantization  # noqa: F401
+        import_s = time.perf_counter() - t0
+        print(f"INC + torch import in this process: {import_s:.2f} s (paid once; in neither time below)")
+
+        runs = []
+        for rep in range(args.repeat):
+            first = args.order.split("-")[0]
+            order = ["inc", "nsd"] if (first == "inc") == (rep % 2 == 0) else ["nsd", "inc"]
+            got: dict[str, dict] = {}
+            for side in order:
+                print(f"[{rep + 1}/{args.repeat}] running {side} ...", flush=True)
+                if side == "inc":
+                    got["inc"] = run_inc(spec)
+                else:
+                    got["nsd"] = run_nsd(spec_path, args.workers, args.verbose)
+                print(f"[{rep + 1}/{args.repeat}] {side}: {got[side]['wall_s']:.2f} s", flush=True)
+            cmp = compare(got["inc"], got["nsd"])
+            print_run(rep, order, got["inc"], got["nsd"], cmp)
+            runs.append({"order": order, "inc": got["inc"], "nsd": got["nsd"], "cmp": cmp})
+    finally:
+        os.chdir(old_cwd)
+        shutil.rmtree(scratch, ignore_errors=True)
+
+    # ---- summary table ----
+    print("\n" + "=" * 100)
+    print(f"SUMMARY  {spec['name']}  ({ncpu}-CPU machine; INC: 1 torch thread; nsd: {args.workers} workers)")
+    head = (f"{'rep':>3} {'order':>9} {'INC s':>7} {'nsd s':>7} {'INC/nsd':>7} {'INC trials':>10} "
+            f"{'nsd scored':>10} {'nsd trial-s':>11} {'INC pick':>8} {'nsd pick':>8} {'agree':>5}")
+    print(head)
+    print("-" * len(head))
+    all_agree = True
+    for rep, run in enumerate(runs):
+        inc, nsd, cmp = run["inc"], run["nsd"], run["cmp"]
+        agree = cmp["index_agree"] and cmp["config_agree"]
+        all_agree &= agree
+        print(f"{rep + 1:>3} {'>'.join(run['order']):>9} {inc['wall_s']:7.2f} {nsd['wall_s']:7.2f} "
+              f"{inc['wall_s'] / nsd['wall_s']:7.2f} {len(inc['trials']):>10} {cmp['nsd_scored']:>10} "
+              f"{_f(cmp['nsd_trial_s']):>11} {_f(cmp['inc_index'], 'd'):>8} {_f(cmp['nsd_index'], 'd'):>8} "
+              f"{'yes' if agree else 'NO':>5}")
+    if len(runs) > 1:
+        inc_med = statistics.median(r["inc"]["wall_s"] for r in runs)
+        nsd_med = statistics.median(r["nsd"]["wall_s"] for r in runs)
+        print(f"{'med':>3} {'':>9} {inc_med:7.2f} {nsd_med:7.2f} {inc_med / nsd_med:7.2f}")
+    last = runs[-1]["cmp"]
+    print("-" * len(head))
+    print(f"winner: INC trial {_f(last['inc_index'], 'd')} (INC numbers it {_f(None if last['inc_index'] is None else last['inc_index'] + 1, 'd')}) "
+          f"{short(last['inc_config']) if last['inc_config'] else '(none: INC returned no model)'}; "
+          f"nsd trial {_f(last['nsd_index'], 'd')} {short(last['nsd_config']) if last['nsd_config'] else '(none)'}"
+          f", met goal: INC {runs[-1]['inc']['met_goal']}, nsd {last['nsd_met_goal']}")
+    print(f"config dicts identical: {'yes' if last['config_agree'] else 'NO'}; "
+          f"winner metric nsd {_f(last['nsd_winner_metric'], '.6f')}; max |metric difference| over trials both "
+          f"evaluated: {_f(last['metric_max_delta'], '.3g')}; baseline difference {_f(last['baseline_delta'], '.3g')}")
+    for rep, run in enumerate(runs):
+        cmp = run["cmp"]
+        if not (cmp["index_agree"] and cmp["config_agree"]):
+            print(f"rep {rep + 1}: winners DIFFER: INC {cmp['inc_index']} {cmp['inc_config']} vs nsd "
+                  f"{cmp['nsd_index']} {cmp['nsd_config']}")
+    print(f"nsd trials: {last['nsd_scored']} scored, {last['nsd_cancelled']} cancelled, {last['nsd_errors']} errors; "
+          f"INC: {len(runs[-1]['inc']['trials'])} evaluated")
+    print("RESULT: winners agree" if all_agree else "RESULT: winners DISAGREE")
+
+    if args.json:
+        out = [{"order": r["order"],
+                "inc": {k: v for k, v in r["inc"].items()},
+                "nsd": {"wall_s": r["nsd"]["wall_s"],
+                        "result": {k: v for k, v in r["nsd"]["result"].items() if k != "spec"}},
+                "cmp": r["cmp"]} for r in runs]
+        Path(old_cwd, args.json).write_text(json.dumps({"import_s": import_s, "cpus": ncpu, "workers": args.workers,
+                                                        "spec": spec_path, "runs": out}, indent=2, default=str))
+    return 0 if all_agree else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

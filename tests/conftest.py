@@ -1,0 +1,109 @@
+"""Shared fixtures: a real broker on random loopback ports, real worker daemons, real clients.
+
+Every fixture stops what it started: sockets are closed (their contexts terminated, which the
+teardown checks) and runner processes are killed by PID.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from nsd.broker.daemon import Broker
+from nsd.client.api import AsyncClient
+from nsd.worker.daemon import WorkerConfig, WorkerDaemon
+
+ROOT = Path(__file__).resolve().parent.parent
+DIGITS = ROOT / "examples" / "digits"
+RECIPES = Path(__file__).resolve().parent / "recipes"
+
+
+@pytest.fixture
+async def broker(tmp_path):
+    b = Broker(tmp_path / "state", clients="tcp://127.0.0.1:*", workers="tcp://127.0.0.1:*",
+               events="tcp://127.0.0.1:*", heartbeat_s=0.5, liveness=6)
+    await b.start()
+    yield b
+    await b.stop()
+    assert b.ctx is None
+
+
+@pytest.fixture
+async def client(broker):
+    c = AsyncClient(broker.endpoints["clients"], timeout_s=10, idle_resnapshot_s=0.5)
+    yield c
+    await c.close()
+    assert c.ctx.closed
+
+
+@pytest.fixture
+async def start_workers(broker, tmp_path):
+    """start_workers(n): n real worker daemons (1 core each, round-robin), runners warm, registered."""
+    started: list[tuple[WorkerDaemon, asyncio.Task]] = []
+
+    async def start(n: int, **overrides) -> list[WorkerDaemon]:
+        cpus = sorted(os.sched_getaffinity(0))
+        new = []
+        for i in range(len(started), len(started) + n):
+            config = WorkerConfig(broker=broker.endpoints["workers"], cpus=[cpus[i % len(cpus)]],
+                                  cache_dir=tmp_path / f"worker{i}", worker_id=f"w{i}", heartbeat_s=0.5,
+                                  **overrides)
+            daemon = WorkerDaemon(config)
+            started.append((daemon, asyncio.create_task(daemon.run())))
+            new.append(daemon)
+        await asyncio.wait_for(asyncio.gather(*(d.registered.wait() for d in new)), 60)
+        return new
+
+    yield start
+    pids = [s.runner.proc.pid for d, _ in started for s in d.slots if s.runner.proc is not None]
+    for daemon, _ in started:
+        daemon.stop()
+    await asyncio.wait_for(asyncio.gather(*(t for _, t in started), return_exceptions=True), 30)
+    for daemon, _ in started:
+        assert daemon.ctx.closed
+    for pid in pids:  # every runner this fixture caused must be gone
+        assert not _alive(pid), f"runner {pid} survived its worker"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie not yet reaped counts as gone
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def digits_spec(**tuning) -> dict:
+    """The digits example's spec with absolute paths and overrides in [tuning]."""
+    from nsd.client.api import read_spec
+
+    spec = read_spec(DIGITS / "task.toml")
+    spec["tuning"].update(tuning)
+    return spec
+
+
+async def wait_for(predicate, timeout: float = 60, interval: float = 0.05):
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        value = await predicate()
+        if value:
+            return value
+        if loop.time() > deadline:
+            raise TimeoutError("condition not met in time")
+        await asyncio.sleep(interval)
+
+
+def kill_pid(pid: int, sig: int = signal.SIGKILL) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass

@@ -1,0 +1,104 @@
+"""A scripted worker peer: a real DEALER speaking the real protocol, answering jobs from a table.
+
+It lets broker tests drive dispatch, cancellation, requeue and decisions over real sockets in
+milliseconds, without INC; the end-to-end tests use real workers and real INC.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Callable
+
+import zmq
+import zmq.asyncio
+
+from nsd.net import configure
+from nsd.protocol import BROKER_TO_WORKER, PROTOCOL_VERSION, Cmd, pack, unpack
+
+
+def plan_answer(baseline: float, n: int) -> dict:
+    return {"ok": True, "baseline": baseline,
+            "configs": [{"config": {"rtn": {"bits": i}}, "label": f"rtn(bits={i})"} for i in range(n)]}
+
+
+class ScriptedWorker:
+    def __init__(self, endpoint: str, worker_id: str, slots: int = 1,
+                 answer: Callable[[dict], dict | None] | None = None, delay_s: float = 0.0,
+                 version: int = PROTOCOL_VERSION):
+        self.endpoint, self.worker_id, self.slots = endpoint, worker_id, slots
+        self.answer, self.delay_s, self.version = answer, delay_s, version
+        self.assigned: list[tuple[str, int, dict]] = []
+        self.cancelled: list[tuple[str, int]] = []
+        self.disconnects: list[dict] = []
+        self.acked: list[tuple[str, int]] = []
+        self.running: set[tuple[str, int]] = set()
+        self.max_running = 0
+        self.silent = False  # stop heartbeating and answering: look dead
+        self.ctx = zmq.asyncio.Context()
+        self.sock = configure(self.ctx.socket(zmq.DEALER))
+        self.sock.setsockopt(zmq.IDENTITY, worker_id.encode())
+        self._tasks: list[asyncio.Task] = []
+        self.registered = asyncio.Event()
+
+    async def start(self, wait: bool = True) -> "ScriptedWorker":
+        self.sock.connect(self.endpoint)
+        self.send(Cmd.READY, {"worker_id": self.worker_id, "boot_id": "b1", "host": "scripted", "cores": self.slots,
+                              "slots": self.slots, "version": self.version, "running": [], "outbox": []})
+        self._tasks = [asyncio.create_task(self._serve()), asyncio.create_task(self._heartbeat())]
+        if wait:
+            await asyncio.wait_for(self.registered.wait(), 5)
+        return self
+
+    def send(self, cmd: Cmd, body: dict) -> None:
+        self.sock.send_multipart(pack(cmd, body))
+
+    async def _serve(self) -> None:
+        while True:
+            msg = unpack(await self.sock.recv_multipart(), BROKER_TO_WORKER)
+            if self.silent:
+                continue
+            b = msg.body
+            if msg.cmd is Cmd.READY_ACK:
+                self.registered.set()
+            elif msg.cmd is Cmd.ASSIGN:
+                key = (b["trial_id"], b["attempt"])
+                self.assigned.append((*key, b["job"]))
+                self.running.add(key)
+                self.max_running = max(self.max_running, len(self.running))
+                if self.answer is not None:
+                    asyncio.get_running_loop().call_later(self.delay_s, self._finish, key, b["job"])
+            elif msg.cmd is Cmd.CANCEL:
+                self.cancelled.append((b["trial_id"], b["attempt"]))
+                self.running.discard((b["trial_id"], b["attempt"]))
+            elif msg.cmd is Cmd.RESULT_ACK:
+                self.acked.append((b["trial_id"], b["attempt"]))
+            elif msg.cmd is Cmd.DISCONNECT:
+                self.disconnects.append(b)
+
+    def _finish(self, key: tuple[str, int], job: dict) -> None:
+        if key not in self.running or self.silent:
+            return
+        body = self.answer(job)
+        if body is None:
+            return  # hold this one: the test finishes it
+        self.result(key, body)
+
+    def result(self, key: tuple[str, int], body: dict) -> None:
+        self.running.discard(key)
+        self.send(Cmd.RESULT, {"trial_id": key[0], "attempt": key[1], "seconds": 0.01, **body})
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await asyncio.sleep(0.1)
+            if not self.silent:
+                self.send(Cmd.HEARTBEAT, {"running": [list(k) for k in self.running]})
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        self.sock.close(linger=0)
+        self.ctx.term()

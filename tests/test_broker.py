@@ -1,0 +1,284 @@
+"""The broker over real loopback sockets, with scripted worker peers (no INC: fast)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import msgpack
+import pytest
+import zmq
+import zmq.asyncio
+
+from nsd.broker.daemon import Broker
+from nsd.client.api import AsyncClient, BrokerError
+from nsd.client.view import apply_event
+from nsd.protocol import MAGIC, Cmd, pack
+from tests.conftest import wait_for
+from tests.peers import ScriptedWorker, plan_answer
+
+SPEC = {"name": "scripted", "recipe": {"kind": "python", "file": os.path.abspath(__file__)},
+        "tuning": {"config_set": [{"rtn": {"bits": [1, 2, 3, 4, 5, 6]}}], "tolerable_loss": 0.1}}
+
+
+def spec(**tuning) -> dict:
+    return {**SPEC, "tuning": {**SPEC["tuning"], **tuning}}
+
+
+def metrics_answer(metrics: dict[int, float | str], baseline: float = 1.0, n: int = 6):
+    """Answer a plan with n configs; trial i with metrics[i] (a string: that error)."""
+    def answer(job: dict) -> dict:
+        if job["kind"] == "plan":
+            return plan_answer(baseline, n)
+        value = metrics[job["index"]]
+        return {"ok": False, "error": value} if isinstance(value, str) else {"ok": True, "metric": value}
+    return answer
+
+
+async def done(client: AsyncClient, task_id: str) -> dict:
+    async def ended():
+        task = await client.status(task_id)
+        return task if task["state"] in ("done", "failed", "cancelled") else None
+    return await wait_for(ended, 20)
+
+
+async def test_lowest_passing_trial_wins_and_later_ones_are_cancelled(broker, client):
+    # Trial 1 passes slowly-but-first in index order; 3 passes too; 0 and 2 fail.
+    w = await ScriptedWorker(broker.endpoints["workers"], "s1", slots=3,
+                             answer=metrics_answer({0: 0.5, 1: 0.95, 2: 0.2, 3: 0.99, 4: 0.99, 5: 0.99})).start()
+    try:
+        task_id = await client.submit(spec())
+        task = await done(client, task_id)
+        assert task["state"] == "done" and task["met_goal"] is True
+        assert task["winner"]["index"] == 1 and task["baseline"] == 1.0
+        states = [t["state"] for t in task["trials"]]
+        assert states[:2] == ["failed_goal", "passed"]
+        assert all(s in ("cancelled", "failed_goal", "passed") for s in states[2:])
+        assert w.max_running <= 3  # credits: never more jobs than slots
+        assert [a[2]["kind"] for a in w.assigned][0] == "plan"
+        indexes = [a[2]["index"] for a in w.assigned if a[2]["kind"] == "trial"]
+        assert indexes == sorted(indexes)  # dispatched in INC's order
+    finally:
+        await w.stop()
+
+
+async def test_best_metric_wins_when_none_passes(broker, client):
+    w = await ScriptedWorker(broker.endpoints["workers"], "s1", slots=2,
+                             answer=metrics_answer({0: 0.1, 1: 0.7, 2: "boom", 3: 0.7, 4: 0.3, 5: 0.2})).start()
+    try:
+        task = await done(client, await client.submit(spec()))
+        assert task["state"] == "done" and task["met_goal"] is False
+        assert task["winner"]["index"] == 1  # earliest of the tied best
+        assert task["trials"][2]["state"] == "error" and task["trials"][2]["error"] == "boom"
+    finally:
+        await w.stop()
+
+
+async def test_lower_is_better_and_absolute_goal(broker, client):
+    w = await ScriptedWorker(broker.endpoints["workers"], "s1", slots=1,
+                             answer=metrics_answer({0: 12.0, 1: 10.4, 2: 10.0}, baseline=10.0, n=3)).start()
+    try:
+        task = await done(client, await client.submit(spec(higher_is_better=False, criterion="absolute",
+                                                           tolerable_loss=0.5)))
+        assert task["winner"]["index"] == 1 and task["met_goal"] is True
+    finally:
+        await w.stop()
+
+
+async def test_errors_do_not_stop_the_task_and_all_errors_fail_it(broker, client):
+    w = await ScriptedWorker(broker.endpoints["workers"], "s1", slots=2,
+                             answer=metrics_answer({i: "ValueError: no" for i in range(6)})).start()
+    try:
+        task = await done(client, await client.submit(spec()))
+        assert task["state"] == "failed" and "every trial errored" in task["error"]
+        assert all(t["state"] == "error" for t in task["trials"])
+    finally:
+        await w.stop()
+
+
+async def test_plan_failure_fails_the_task_with_its_message(broker, client):
+    w = await ScriptedWorker(broker.endpoints["workers"], "s1",
+                             answer=lambda job: {"ok": False, "error": "FileNotFoundError: model.pt"}).start()
+    try:
+        task = await done(client, await client.submit(spec()))
+        assert task["state"] == "failed" and "FileNotFoundError: model.pt" in task["error"]
+    finally:
+        await w.stop()
+
+
+async def test_workers_limit_caps_trials_at_once(broker, client):
+    w = await ScriptedWorker(broker.endpoints["workers"], "s1", slots=4, delay_s=0.05,
+                             answer=metrics_answer({i: 0.1 for i in range(6)})).start()
+    try:
+        s = spec()
+        s["resources"] = {"workers": 2}
+        task = await done(client, await client.submit(s))
+        assert task["state"] == "done" and w.max_running == 2
+    finally:
+        await w.stop()
+
+
+async def test_cancel_mid_run_stops_running_trials(broker, client):
+    w = await ScriptedWorker(broker.endpoints["workers"], "s1", slots=2,
+                             answer=lambda job: plan_answer(1.0, 6) if job["kind"] == "plan" else None).start()
+    try:
+        task_id = await client.submit(spec())
+        await wait_for(lambda: _count(w, "trial", 2))
+        summary = await client.cancel(task_id)
+        assert summary["state"] == "cancelled"
+        task = await client.status(task_id)
+        assert {t["state"] for t in task["trials"]} == {"cancelled"}
+        await wait_for(lambda: _true(len(w.cancelled) == 2))
+        assert sorted(w.cancelled) == sorted((a[0], a[1]) for a in w.assigned if a[2]["kind"] == "trial")
+        assert (await client.cluster())[0]["busy"] == 0
+    finally:
+        await w.stop()
+
+
+async def test_dead_worker_trials_requeue_with_next_attempt(broker, client):
+    answer = metrics_answer({i: 0.1 for i in range(6)})
+    dying = await ScriptedWorker(broker.endpoints["workers"], "dying", slots=1,
+                                 answer=lambda job: answer(job) if job["kind"] == "plan" else None).start()
+    healthy = None
+    try:
+        task_id = await client.submit(spec(max_trials=2))
+        await wait_for(lambda: _count(dying, "trial", 1))
+        dying.silent = True  # no heartbeats: declared dead after heartbeat_s * liveness
+        healthy = await ScriptedWorker(broker.endpoints["workers"], "healthy", slots=1, answer=answer).start()
+        task = await done(client, task_id)
+        assert task["state"] == "done"
+        assert task["trials"][0]["attempt"] == 2 and task["trials"][0]["worker"] == "healthy"
+        assert task["trials"][1]["attempt"] == 1
+    finally:
+        await dying.stop()
+        if healthy:
+            await healthy.stop()
+
+
+async def test_results_are_idempotent(broker, client):
+    w = await ScriptedWorker(broker.endpoints["workers"], "s1", slots=1,
+                             answer=lambda job: plan_answer(1.0, 2) if job["kind"] == "plan" else None).start()
+    try:
+        task_id = await client.submit(spec())
+        await wait_for(lambda: _count(w, "trial", 1))
+        trial_id, attempt, _ = [a for a in w.assigned if a[2]["kind"] == "trial"][0]
+        w.result((trial_id, attempt), {"ok": True, "metric": 0.2})
+        w.result((trial_id, attempt), {"ok": True, "metric": 0.99})  # a duplicate must not change the outcome
+        w.result((trial_id, attempt + 5), {"ok": True, "metric": 0.99})  # nor a stale attempt
+        await wait_for(lambda: _true(w.acked.count((trial_id, attempt)) == 2))
+        task = await client.status(task_id)
+        assert task["trials"][0]["metric"] == 0.2 and task["trials"][0]["state"] == "failed_goal"
+    finally:
+        await w.stop()
+
+
+async def test_events_fold_into_the_final_result(broker, client):
+    w = await ScriptedWorker(broker.endpoints["workers"], "s1", slots=2, delay_s=0.01,
+                             answer=metrics_answer({0: 0.5, 1: 0.95, 2: 0.2, 3: 0.99, 4: 0.99, 5: 0.99})).start()
+    try:
+        task_id = await client.submit(spec())
+        view, seqs = None, []
+        async for event in client.events(task_id):
+            view = apply_event(view, event)
+            seqs.append(event["seq"])
+        final = await client.result(task_id)
+        assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+        for key in ("state", "met_goal", "winner", "baseline", "seq"):
+            assert view[key] == final[key], key
+        assert [(t["state"], t["metric"]) for t in view["trials"]] == \
+            [(t["state"], t["metric"]) for t in final["trials"]]
+    finally:
+        await w.stop()
+
+
+async def test_invalid_spec_and_unknown_task_get_clear_errors(broker, client):
+    with pytest.raises(BrokerError, match="tuning.tolerable_loss: must be at least"):
+        await client.request(Cmd.SUBMIT, spec={**SPEC, "tuning": {**SPEC["tuning"], "tolerable_loss": -2}})
+    with pytest.raises(BrokerError, match="no task 'nope'"):
+        await client.status("nope")
+    assert await client.list() == []
+
+
+async def test_wrong_protocol_version_is_refused(broker):
+    w = await ScriptedWorker(broker.endpoints["workers"], "old", version=99).start(wait=False)
+    try:
+        await wait_for(lambda: _true(w.disconnects))
+        assert w.disconnects[0]["fatal"] and "protocol version 99" in w.disconnects[0]["reason"]
+    finally:
+        await w.stop()
+
+
+GARBAGE = [[b""], [b"x" * 10], [MAGIC], [MAGIC, b"\x22", b"\xc1"], [b"NSD2", b"\x01", b"\x80"],
+           [MAGIC, b"\x99", msgpack.packb({})], [MAGIC, bytes([Cmd.SUBMIT]), msgpack.packb({"req": "x"})],
+           [MAGIC, bytes([Cmd.READY]), msgpack.packb({"worker_id": 1})], [MAGIC, bytes([Cmd.ASSIGN]), b"\x80"],
+           [MAGIC, bytes([Cmd.RESULT]), msgpack.packb({"trial_id": "a/b", "attempt": 1, "ok": True})],
+           [MAGIC, bytes([Cmd.RESULT]), msgpack.packb({"trial_id": "zz/plan", "attempt": 1, "ok": True})],
+           [MAGIC, bytes([Cmd.SUBMIT]), msgpack.packb({"req": 1, "spec": {"tuning": [1]}})],
+           [MAGIC, bytes([Cmd.STATUS]), msgpack.packb({"req": 1, "task_id": "\x00" * 300})]]
+
+
+async def test_malformed_frames_on_every_socket_leave_the_broker_serving(broker, client):
+    ctx = zmq.asyncio.Context()
+    try:
+        for name in ("clients", "workers"):
+            sock = ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(broker.endpoints[name])
+            for frames in GARBAGE:
+                await sock.send_multipart(frames)
+            sock.close()
+        xsub = ctx.socket(zmq.XSUB)
+        xsub.setsockopt(zmq.LINGER, 0)
+        xsub.connect(broker.endpoints["events"])
+        for frames in GARBAGE:
+            await xsub.send_multipart(frames)
+        xsub.close()
+        await asyncio.sleep(0.3)
+        assert broker._bad.count >= 2 * len(GARBAGE) - 4  # some garbage is a well-formed request that errs
+        # Still serving: a task submitted afterwards completes.
+        w = await ScriptedWorker(broker.endpoints["workers"], "s1", slots=2,
+                                 answer=metrics_answer({i: 0.99 for i in range(6)})).start()
+        try:
+            task = await done(client, await client.submit(spec()))
+            assert task["state"] == "done" and task["winner"]["index"] == 0
+        finally:
+            await w.stop()
+    finally:
+        ctx.term()
+
+
+async def test_state_survives_a_broker_restart(tmp_path):
+    state = tmp_path / "state"
+    b = Broker(state, clients="tcp://127.0.0.1:*", workers="tcp://127.0.0.1:*", events="tcp://127.0.0.1:*")
+    await b.start()
+    c = AsyncClient(b.endpoints["clients"])
+    w = await ScriptedWorker(b.endpoints["workers"], "s1", slots=2,
+                             answer=metrics_answer({0: 0.5, 1: 0.95, 2: 0.2, 3: 0.99, 4: 0.99, 5: 0.99})).start()
+    task_id = await c.submit(spec())
+    before = await done(c, task_id)
+    await w.stop()
+    await c.close()
+    await b.stop()
+    b2 = Broker(state, clients="tcp://127.0.0.1:*", workers="tcp://127.0.0.1:*", events="tcp://127.0.0.1:*")
+    await b2.start()
+    c2 = AsyncClient(b2.endpoints["clients"])
+    try:
+        after = await c2.result(task_id)
+        assert after["trials"] == before["trials"] and after["winner"] == before["winner"]
+        assert after["seq"] == before["seq"]
+    finally:
+        await c2.close()
+        await b2.stop()
+
+
+def test_refuses_non_loopback_bind_without_insecure(tmp_path):
+    with pytest.raises(ValueError, match="CURVE"):
+        Broker(tmp_path, clients="tcp://0.0.0.0:5550")
+
+
+async def _count(w: ScriptedWorker, kind: str, n: int) -> bool:
+    return sum(a[2]["kind"] == kind for a in w.assigned) >= n
+
+
+async def _true(value) -> bool:
+    return bool(value)

@@ -1,0 +1,123 @@
+"""The `nsd` command line as a user runs it: real daemons in real processes, stopped by PID."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import DIGITS, ROOT, kill_pid
+
+pytestmark = pytest.mark.slow
+NSD = [sys.executable, "-m", "nsd"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def nsd(*args: str, env: dict, check: bool = True, timeout: float = 180) -> subprocess.CompletedProcess:
+    proc = subprocess.run([*NSD, *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"nsd {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    ports = [free_port() for _ in range(3)]
+    addr = [f"tcp://127.0.0.1:{p}" for p in ports]
+    env = {**os.environ, "NSD_BROKER": addr[0], "LOGLEVEL": "WARNING"}
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    procs = []
+
+    def start(name: str, *args: str) -> subprocess.Popen:
+        with open(logs / f"{name}.log", "w") as log:  # the child keeps its own copy of the descriptor
+            procs.append(subprocess.Popen([*NSD, name, *args], env=env, stdout=log, stderr=subprocess.STDOUT))
+        return procs[-1]
+
+    broker = start("broker", "--state-dir", str(tmp_path / "state"), "--clients", addr[0], "--workers", addr[1],
+                   "--events", addr[2], "--heartbeat", "0.5")
+    worker = start("worker", "--broker", addr[1], "--cores", "1", "--cache-dir", str(tmp_path / "cache"),
+                   "--heartbeat", "0.5")
+    try:
+        deadline = time.time() + 60
+        while json.loads(nsd("cluster", "--json", env=env).stdout)["workers"] == []:
+            assert time.time() < deadline, (logs / "worker.log").read_text()
+            time.sleep(0.3)
+        yield env, broker, worker, logs
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                kill_pid(p.pid, signal.SIGKILL)
+                p.wait(10)
+
+
+def test_submit_watch_status_result_list_cluster_and_clean_stop(cluster):
+    env, broker, worker, logs = cluster
+    task_id = nsd("submit", str(DIGITS / "task.toml"), env=env).stdout.strip()
+    assert len(task_id) == 12
+    watched = nsd("watch", task_id, env=env)
+    assert "done" in watched.stdout and "winner    trial 2" in watched.stdout
+    status = json.loads(nsd("status", task_id, "--json", env=env).stdout)
+    assert status["state"] == "done" and status["winner"]["index"] == 2
+    result = json.loads(nsd("result", task_id, "--json", env=env).stdout)
+    assert result["met_goal"] is True and result["baseline"] > 0.9
+    assert {"index", "config", "state", "metric", "attempt", "worker", "seconds"} <= set(result["trials"][0])
+    listed = json.loads(nsd("list", "--json", env=env).stdout)["tasks"]
+    assert [t["task_id"] for t in listed] == [task_id]
+    workers = json.loads(nsd("cluster", "--json", env=env).stdout)["workers"]
+    assert workers[0]["cores"] == 1 and workers[0]["slots"] == 1 and workers[0]["busy"] == 0
+    text = nsd("result", task_id[:6], env=env).stdout  # a unique prefix is enough
+    assert "passed" in text and "failed_goal" in text
+    # A clean stop on SIGTERM: exit 0, and the worker's runner goes with it.
+    runner_pids = subprocess.run(["pgrep", "-f", "nsd.worker.runner", "-P", str(worker.pid)], capture_output=True,
+                                 text=True).stdout.split()
+    assert runner_pids  # the worker runs its slot's runner as a child
+    for p in (worker, broker):
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(30) == 0
+    for pid in runner_pids:
+        assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+
+
+def test_submit_wait_json_and_errors_a_person_can_read(cluster, tmp_path):
+    env, *_ = cluster
+    out = nsd("submit", str(DIGITS / "task.toml"), "--wait", "--json", env=env)
+    assert json.loads(out.stdout)["winner"]["index"] == 2
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[recipe]\nfile = "missing.py"\n[tuning]\nconfig_set = [{rnt = {}}]\ntolerable_loss = -1\n')
+    proc = nsd("submit", str(bad), env=env, check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "unknown INC config 'rnt'" in proc.stderr and "tuning.tolerable_loss" in proc.stderr
+    proc = nsd("status", "doesnotexist", env=env, check=False)
+    assert proc.returncode == 1 and "no task 'doesnotexist'" in proc.stderr
+    dead = {**env, "NSD_BROKER": f"tcp://127.0.0.1:{free_port()}"}
+    proc = subprocess.run([*NSD, "list"], env=dead, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and "no answer from the nsd broker" in proc.stderr
+
+
+def test_nsd_run_leaves_no_process_behind(tmp_path):
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    proc = subprocess.Popen([*NSD, "run", str(DIGITS / "task.toml"), "--workers", "2", "--json"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err
+    result = json.loads(out)
+    assert result["state"] == "done" and result["winner"]["index"] == 2
+    assert {t["worker"] for t in result["trials"] if t["worker"]} <= {"local-0", "local-1"}
+    left = subprocess.run(["pgrep", "-s", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert left == []  # nothing left in its session
+    left = subprocess.run(["pgrep", "-f", f"nsd.worker.runner.*{tmp_path}"], capture_output=True,
+                          text=True).stdout.split()
+    assert left == []  # and no runner (they run in sessions of their own)
+    assert not list(tmp_path.glob("nsd-run-*"))  # its private folder is removed

@@ -1,0 +1,75 @@
+import json
+
+import pytest
+
+from nsd.client.api import prepare_spec, read_spec
+from nsd.spec import SpecError, validate
+
+GOOD = {"name": "t", "recipe": {"kind": "python", "file": "/r.py"},
+        "tuning": {"config_set": [{"rtn": {"bits": [4, 8]}}], "tolerable_loss": 0.01}}
+
+
+def problems(raw) -> str:
+    with pytest.raises(SpecError) as info:
+        validate(raw)
+    return "\n".join(info.value.problems)
+
+
+def test_defaults():
+    spec = validate(GOOD)
+    assert spec.tuning.criterion == "relative" and spec.tuning.higher_is_better
+    assert spec.tuning.max_trials == 100 and spec.resources.workers == 0
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda s: s["tuning"].pop("config_set"), "tuning.config_set: required"),
+    (lambda s: s["tuning"].update(config_set=[]), "tuning.config_set: must be a non-empty list"),
+    (lambda s: s["tuning"].update(config_set=[{"rnt": {}}]), "unknown INC config 'rnt' (did you mean 'rtn'?)"),
+    (lambda s: s["tuning"].update(config_set=[{"rtn": {"bits": []}}]), "rtn.bits: an empty list"),
+    (lambda s: s["tuning"].update(config_set=[{"rtn": {}, "gptq": {}}]), "exactly one INC config name"),
+    (lambda s: s["tuning"].update(tolerable_loss=-1), "tuning.tolerable_loss: must be at least 0.0"),
+    (lambda s: s["tuning"].update(tolerable_loss="1%"), "tuning.tolerable_loss: must be a number"),
+    (lambda s: s["tuning"].update(criterion="relatve"), "tuning.criterion: must be one of relative, absolute"),
+    (lambda s: s["tuning"].update(max_trials=0), "tuning.max_trials: must be between 1"),
+    (lambda s: s["tuning"].update(max_trials=2.5), "tuning.max_trials: must be a whole number"),
+    (lambda s: s["tuning"].update(tolerable_los=0.1), "tuning.tolerable_los: unknown field (did you mean "
+                                                      "'tolerable_loss'?)"),
+    (lambda s: s["recipe"].pop("file"), "recipe.file: required for a python recipe"),
+    (lambda s: s["recipe"].update(kind="magic"), "recipe.kind: must be one of python"),
+    (lambda s: s.update(resources={"workers": -1}), "resources.workers: must be between 0"),
+    (lambda s: s.update(name=""), "name: must be a non-empty string"),
+    (lambda s: s.update(extra=1), "extra: unknown field"),
+    (lambda s: s.update(tuning=[1]), "tuning: must be a table"),
+])
+def test_invalid_specs_name_the_field(change, message):
+    raw = json.loads(json.dumps(GOOD))
+    change(raw)
+    assert message in problems(raw)
+
+
+def test_every_problem_is_reported_at_once():
+    text = problems({"tuning": {"tolerable_loss": -1, "criterion": "x"}, "recipe": {}})
+    assert "tolerable_loss" in text and "criterion" in text and "recipe.file" in text and "config_set" in text
+
+
+def test_not_a_table():
+    assert "must be a table" in problems([1, 2])
+
+
+def test_spec_file_paths_are_relative_to_the_spec(tmp_path):
+    (tmp_path / "r.py").write_text("")
+    (tmp_path / "t.toml").write_text('[recipe]\nfile = "r.py"\n[tuning]\nconfig_set = [{rtn = {bits = 4}}]\n')
+    raw = read_spec(tmp_path / "t.toml")
+    assert raw["recipe"]["file"] == str(tmp_path / "r.py") and raw["name"] == "t"
+    assert prepare_spec(tmp_path / "t.toml")["recipe"]["file"] == str(tmp_path / "r.py")
+
+
+def test_missing_files_and_bad_syntax_are_clear(tmp_path):
+    (tmp_path / "t.toml").write_text('[recipe]\nfile = "nope.py"\n[tuning]\nconfig_set = [{rtn = {}}]\n')
+    with pytest.raises(FileNotFoundError, match="recipe.file: .*nope.py does not exist"):
+        prepare_spec(tmp_path / "t.toml")
+    (tmp_path / "bad.toml").write_text("[recipe\n")
+    with pytest.raises(ValueError, match="not valid TOML"):
+        read_spec(tmp_path / "bad.toml")
+    with pytest.raises(FileNotFoundError, match="cannot read spec"):
+        read_spec(tmp_path / "absent.toml")
