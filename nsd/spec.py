@@ -12,13 +12,22 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from nsd.presets import PRESETS
+from nsd.presets import config_set as preset_config_set
+
 # INC 3.10's torch config names (config_registry.get_cls_configs()["torch"]). Kept here as data so that
 # the broker can refuse a typo at submit without importing INC; a worker checks parameters for real.
 INC_CONFIG_NAMES = (
     "autoround", "awq", "fp8_quant", "gptq", "hqq", "hybrid_gptq", "mixed_precision", "mx_quant",
     "pt2e_dynamic_quant", "rtn", "smooth_quant", "static_quant", "teq",
 )
-RECIPE_KINDS = ("python",)
+BUILTIN_RECIPES = {  # kind -> (metrics it offers, the default first)
+    "text-classification": ("accuracy", "f1"),
+    "feature-extraction": ("cosine", "spearman"),
+    "causal-lm": ("perplexity",),
+}
+RECIPE_KINDS = ("python", *BUILTIN_RECIPES)
+LOWER_IS_BETTER_METRICS = frozenset({"perplexity"})
 CRITERIA = ("relative", "absolute")
 
 
@@ -32,20 +41,28 @@ class SpecError(ValueError):
 
 @dataclass(frozen=True)
 class ModelSpec:
-    path: str | None = None  # a model folder or file, for recipes that take one
-    shared: bool = True  # the path is valid as is on every worker (shared filesystem)
+    path: str | None = None  # a local model folder or file (a Hugging Face folder for built-in recipes)
+    shared: bool = False  # true: every path is valid as is on every worker (shared filesystem), nothing uploaded
 
 
 @dataclass(frozen=True)
 class RecipeSpec:
-    kind: str = "python"
+    kind: str = "python"  # python, or a built-in: text-classification, feature-extraction, causal-lm
     file: str | None = None  # python recipe: defines load_model, example_inputs, calibrate, evaluate
-    data: str | None = None
-    options: dict[str, Any] = field(default_factory=dict)
+    data: str | None = None  # built-in recipes: CSV/JSONL (classification, pairs) or a text file
+    metric: str | None = None  # built-in recipes: None picks the kind's default
+    text_column: str = "text"
+    text_pair_column: str | None = None
+    label_column: str = "label"
+    calibration_samples: int = 32
+    eval_samples: int = 256
+    seq_len: int = 128
+    batch_size: int = 16
 
 
 @dataclass(frozen=True)
 class TuningSpec:
+    preset: str | None = None  # static, dynamic, woq or auto (nsd/presets.py); expands into config_set
     config_set: list[dict[str, dict[str, Any]]] = field(default_factory=list)
     tolerable_loss: float = 0.01
     criterion: str = "relative"
@@ -97,21 +114,56 @@ def validate(raw: Any) -> TaskSpec:
         path=_opt_str(parts["model"], "path", "model.", problems),
         shared=_bool(parts["model"], "shared", True, "model.", problems),
     )
+    rp = parts["recipe"]
+    kind = _choice(rp, "kind", RECIPE_KINDS, "python", "recipe.", problems)
+    metrics = BUILTIN_RECIPES.get(kind, ())
     recipe = RecipeSpec(
-        kind=_choice(parts["recipe"], "kind", RECIPE_KINDS, "python", "recipe.", problems),
-        file=_opt_str(parts["recipe"], "file", "recipe.", problems),
-        data=_opt_str(parts["recipe"], "data", "recipe.", problems),
-        options=_dict(parts["recipe"], "options", "recipe.", problems),
+        kind=kind,
+        file=_opt_str(rp, "file", "recipe.", problems),
+        data=_opt_str(rp, "data", "recipe.", problems),
+        metric=_choice(rp, "metric", metrics, metrics[0], "recipe.", problems) if metrics else None,
+        text_column=_opt_str(rp, "text_column", "recipe.", problems) or "text",
+        text_pair_column=_opt_str(rp, "text_pair_column", "recipe.", problems),
+        label_column=_opt_str(rp, "label_column", "recipe.", problems) or "label",
+        calibration_samples=int(_number(rp, "calibration_samples", 32, 1, 100_000, "recipe.", problems, True)),
+        eval_samples=int(_number(rp, "eval_samples", 256, 1, 10_000_000, "recipe.", problems, True)),
+        seq_len=int(_number(rp, "seq_len", 128, 1, 1_000_000, "recipe.", problems, True)),
+        batch_size=int(_number(rp, "batch_size", 16, 1, 100_000, "recipe.", problems, True)),
     )
-    if recipe.kind == "python" and not recipe.file:
+    if kind == "python" and not recipe.file:
         problems.append("recipe.file: required for a python recipe (a .py file defining load_model, "
                         "example_inputs, calibrate and evaluate)")
+    if kind == "python" and rp.get("metric") is not None:
+        problems.append("recipe.metric: a python recipe's evaluate() is its metric; set higher_is_better instead")
+    if kind in BUILTIN_RECIPES:
+        if not model.path:
+            problems.append(f"model.path: required for the {kind} recipe (a local Hugging Face model folder)")
+        if not recipe.data:
+            problems.append(f"recipe.data: required for the {kind} recipe")
+        if recipe.file:
+            problems.append(f"recipe.file: only python recipes take a file (this one is {kind})")
     t = parts["tuning"]
+    lower = recipe.metric in LOWER_IS_BETTER_METRICS
+    higher_is_better = _bool(t, "higher_is_better", not lower, "tuning.", problems)
+    if lower and higher_is_better:
+        problems.append(f"tuning.higher_is_better: {recipe.metric} is lower-is-better; leave it out or set false")
+    preset = t.get("preset")
+    if preset is not None and preset not in PRESETS:
+        problems.append(f"tuning.preset: must be one of {', '.join(PRESETS)}; got {preset!r}")
+        preset = None
+    if preset is not None and t.get("config_set") not in (None, [], preset_config_set(preset)):
+        problems.append("tuning: give either preset or config_set, not both")
+        config_set = []
+    elif preset is not None:
+        config_set = preset_config_set(preset)
+    else:
+        config_set = _config_set(t.get("config_set"), problems)
     tuning = TuningSpec(
-        config_set=_config_set(t.get("config_set"), problems),
+        preset=preset,
+        config_set=config_set,
         tolerable_loss=_number(t, "tolerable_loss", 0.01, 0.0, None, "tuning.", problems),
         criterion=_choice(t, "criterion", CRITERIA, "relative", "tuning.", problems),
-        higher_is_better=_bool(t, "higher_is_better", True, "tuning.", problems),
+        higher_is_better=higher_is_better,
         max_trials=int(_number(t, "max_trials", 100, 1, 100_000, "tuning.", problems, integer=True)),
         timeout_s=_number(t, "timeout_s", 0.0, 0.0, None, "tuning.", problems),
         max_attempts=int(_number(t, "max_attempts", 3, 1, 100, "tuning.", problems, integer=True)),
@@ -149,14 +201,6 @@ def _bool(section: dict, key: str, default: bool, prefix: str, problems: list[st
     return value
 
 
-def _dict(section: dict, key: str, prefix: str, problems: list[str]) -> dict:
-    value = section.get(key, {})
-    if not isinstance(value, dict):
-        problems.append(f"{prefix}{key}: must be a table/object")
-        return {}
-    return value
-
-
 def _choice(section: dict, key: str, choices: tuple[str, ...], default: str, prefix: str,
             problems: list[str]) -> str:
     value = section.get(key, default)
@@ -183,7 +227,8 @@ def _number(section: dict, key: str, default: float, low: float | None, high: fl
 def _config_set(value: Any, problems: list[str]) -> list[dict[str, dict[str, Any]]]:
     where = "tuning.config_set"
     if value is None:
-        problems.append(f"{where}: required: a list of {{config_name = {{param = value or [values]}}}}")
+        problems.append(f"{where}: required (or a preset: {', '.join(PRESETS)}): a list of "
+                        f"{{config_name = {{param = value or [values]}}}}")
         return []
     if isinstance(value, dict):
         value = [value]  # one config is a set of one, as in INC

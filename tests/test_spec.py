@@ -73,3 +73,26 @@ def test_missing_files_and_bad_syntax_are_clear(tmp_path):
         read_spec(tmp_path / "bad.toml")
     with pytest.raises(FileNotFoundError, match="cannot read spec"):
         read_spec(tmp_path / "absent.toml")
+
+
+def test_a_validated_spec_validates_again_unchanged():
+    for raw in (GOOD, {"model": {"path": "/m"}, "recipe": {"kind": "causal-lm", "data": "/d.txt"},
+                       "tuning": {"preset": "auto"}}):
+        spec = validate(raw).to_dict()
+        assert validate(spec).to_dict() == spec
+
+
+def test_presets_builtin_recipes_and_metric_direction():
+    spec = validate({"model": {"path": "/m"}, "recipe": {"kind": "causal-lm", "data": "/d.txt"},
+                     "tuning": {"preset": "woq"}})
+    assert spec.recipe.metric == "perplexity" and spec.tuning.higher_is_better is False
+    assert spec.tuning.config_set[0] == {"rtn": {"bits": 8, "group_size": -1, "use_sym": True,
+                                                 "use_layer_wise": False}}
+    assert "perplexity is lower-is-better" in problems({"model": {"path": "/m"}, "recipe": {
+        "kind": "causal-lm", "data": "/d"}, "tuning": {"preset": "woq", "higher_is_better": True}})
+    assert "preset: must be one of static, dynamic, woq, auto" in problems({**GOOD, "tuning": {"preset": "x"}})
+    assert "either preset or config_set" in problems({**GOOD, "tuning": {"preset": "static",
+                                                                         "config_set": [{"rtn": {}}]}})
+    text = problems({"recipe": {"kind": "text-classification", "metric": "bleu"}, "tuning": {"preset": "static"}})
+    assert "model.path: required" in text and "recipe.data: required" in text
+    assert "recipe.metric: must be one of accuracy, f1" in text

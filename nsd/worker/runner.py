@@ -67,6 +67,12 @@ class TaskCache:
 
             self.task_id = None
             self.recipe = self.model = self.example_inputs = None
+            # Where this worker holds the task's files (fetched blobs, or shared paths), for python recipes.
+            for var, path in (("NSD_MODEL_PATH", spec["model"]["path"]), ("NSD_DATA_PATH", spec["recipe"]["data"])):
+                if path:
+                    os.environ[var] = path
+                else:
+                    os.environ.pop(var, None)
             recipe = load_recipe(spec)
             self.model = recipe.load_model()
             self.example_inputs = recipe.example_inputs()
