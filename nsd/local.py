@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import shutil
 import tempfile
@@ -18,6 +19,8 @@ from nsd.broker.daemon import Broker
 from nsd.client.api import AsyncClient, prepare_spec
 from nsd.worker.daemon import WorkerConfig, WorkerDaemon
 
+log = logging.getLogger("nsd.run")
+
 
 def split_cpus(cpus: list[int], n: int) -> list[list[int]]:
     """Disjoint CPU sets for n workers (shared round-robin when there are more workers than CPUs)."""
@@ -27,8 +30,14 @@ def split_cpus(cpus: list[int], n: int) -> list[list[int]]:
     return [[cpus[i % len(cpus)]] for i in range(n)]
 
 
+def _report_crash(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("a local worker stopped: %r", task.exception(), exc_info=task.exception())
+
+
 async def run_local(spec: Any, workers: int = 2, on_event: Callable[[dict], None] | None = None,
-                    keep_dir: str | None = None) -> dict[str, Any]:
+                    keep_dir: str | None = None, output: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Run one task; with `output`, also fetch its quantized model there (as `nsd fetch` does)."""
     spec_dict = prepare_spec(spec)
     tmp = Path(keep_dir or tempfile.mkdtemp(prefix="nsd-run-"))
     broker = Broker(tmp / "state", clients=f"ipc://{tmp}/clients", workers=f"ipc://{tmp}/workers",
@@ -44,11 +53,15 @@ async def run_local(spec: Any, workers: int = 2, on_event: Callable[[dict], None
                                                worker_id=f"local-{i}"))
             daemons.append(daemon)
             running.append(asyncio.create_task(daemon.run()))
+            running[-1].add_done_callback(_report_crash)
         task_id = await client.submit(spec_dict)
         async for event in client.events(task_id):
             if on_event is not None:
                 on_event(event)
-        return await client.result(task_id)
+        result = await client.result(task_id)
+        if output is not None and result.get("artifact"):
+            await client.fetch(task_id, output)
+        return result
     finally:
         for daemon in daemons:
             daemon.stop()

@@ -24,12 +24,16 @@ class Cmd(enum.IntEnum):
     HEARTBEAT = 0x02  # both ways: I am alive (and, from a worker, what I run)
     RESULT = 0x03  # a job finished (plan or trial), keyed by (trial_id, attempt)
     BYE = 0x04  # I am leaving; requeue what I hold
+    FETCH = 0x05  # send me this range of a blob (a worker keeps a few in flight: its credit window)
+    STORE = 0x06  # one chunk of a blob I upload (an artifact), in order
     # broker -> worker
     READY_ACK = 0x11  # registration accepted
     ASSIGN = 0x12  # run this job on one of your free slots (uses one credit)
     RESULT_ACK = 0x13  # result committed: drop it from your outbox
     CANCEL = 0x14  # stop this job: its result is no longer wanted
     DISCONNECT = 0x15  # I do not know you or you spoke out of turn: re-register (or stop, if fatal)
+    CHUNK = 0x16  # a blob range you asked for (or an error)
+    STORE_ACK = 0x17  # chunk stored: next offset, and whether the blob is complete (or an error)
     # client -> broker
     HELLO = 0x21  # versions and the events endpoint
     SUBMIT = 0x22  # a task spec; answered with the task id after commit
@@ -38,6 +42,9 @@ class Cmd(enum.IntEnum):
     CANCEL_TASK = 0x25  # cancel a task
     RESULT_GET = 0x26  # a task's full result
     CLUSTER = 0x27  # workers and their slots
+    BLOB_HAVE = 0x28  # which of these blobs are missing?
+    BLOB_PUT = 0x29  # one chunk of an upload, in order; the last one is checked against its hash
+    BLOB_GET = 0x2A  # a range of a stored blob
     # broker -> client
     REPLY = 0x31  # success; body carries `req` and the answer
     ERROR = 0x32  # failure; body carries `req` and a message for a person
@@ -53,11 +60,15 @@ SHAPES: dict[Cmd, dict[str, type | tuple[type, ...]]] = {
     Cmd.HEARTBEAT: {},
     Cmd.RESULT: {"trial_id": str, "attempt": int, "ok": bool},
     Cmd.BYE: {},
+    Cmd.FETCH: {"sha256": str, "offset": int, "length": int},
+    Cmd.STORE: {"sha256": str, "offset": int, "size": int, "data": bytes},
     Cmd.READY_ACK: {"heartbeat_s": _Num},
     Cmd.ASSIGN: {"trial_id": str, "attempt": int, "job": dict},
     Cmd.RESULT_ACK: {"trial_id": str, "attempt": int},
     Cmd.CANCEL: {"trial_id": str, "attempt": int},
     Cmd.DISCONNECT: {"reason": str},
+    Cmd.CHUNK: {"sha256": str, "offset": int},
+    Cmd.STORE_ACK: {"sha256": str, "offset": int},
     Cmd.HELLO: {"req": int},
     Cmd.SUBMIT: {"req": int, "spec": dict},
     Cmd.STATUS: {"req": int, "task_id": str},
@@ -65,16 +76,19 @@ SHAPES: dict[Cmd, dict[str, type | tuple[type, ...]]] = {
     Cmd.CANCEL_TASK: {"req": int, "task_id": str},
     Cmd.RESULT_GET: {"req": int, "task_id": str},
     Cmd.CLUSTER: {"req": int},
+    Cmd.BLOB_HAVE: {"req": int, "sha256": list},
+    Cmd.BLOB_PUT: {"req": int, "sha256": str, "offset": int, "size": int, "data": bytes},
+    Cmd.BLOB_GET: {"req": int, "sha256": str, "offset": int, "length": int},
     Cmd.REPLY: {"req": int},
     Cmd.ERROR: {"req": int, "error": str},
     Cmd.EVENT: {"task_id": str, "seq": int, "kind": str},
 }
 
-WORKER_TO_BROKER = frozenset({Cmd.READY, Cmd.HEARTBEAT, Cmd.RESULT, Cmd.BYE})
+WORKER_TO_BROKER = frozenset({Cmd.READY, Cmd.HEARTBEAT, Cmd.RESULT, Cmd.BYE, Cmd.FETCH, Cmd.STORE})
 BROKER_TO_WORKER = frozenset({Cmd.READY_ACK, Cmd.ASSIGN, Cmd.RESULT_ACK, Cmd.CANCEL,
-                              Cmd.HEARTBEAT, Cmd.DISCONNECT})
+                              Cmd.HEARTBEAT, Cmd.DISCONNECT, Cmd.CHUNK, Cmd.STORE_ACK})
 CLIENT_TO_BROKER = frozenset({Cmd.HELLO, Cmd.SUBMIT, Cmd.STATUS, Cmd.LIST, Cmd.CANCEL_TASK,
-                              Cmd.RESULT_GET, Cmd.CLUSTER})
+                              Cmd.RESULT_GET, Cmd.CLUSTER, Cmd.BLOB_HAVE, Cmd.BLOB_PUT, Cmd.BLOB_GET})
 BROKER_TO_CLIENT = frozenset({Cmd.REPLY, Cmd.ERROR})
 
 

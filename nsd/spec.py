@@ -12,6 +12,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from nsd.blobs import parse_ref
 from nsd.presets import PRESETS
 from nsd.presets import config_set as preset_config_set
 
@@ -90,6 +91,14 @@ class TaskSpec:
         return asdict(self)
 
 
+PATH_FIELDS = (("model", "path"), ("recipe", "file"), ("recipe", "data"))  # uploaded unless model.shared
+
+
+def spec_blob_refs(spec: dict) -> list[str]:
+    """The blob references among a validated spec's path fields."""
+    return [spec[a][b] for a, b in PATH_FIELDS if parse_ref(spec[a][b])]
+
+
 _SECTIONS = {"model": ModelSpec, "recipe": RecipeSpec, "tuning": TuningSpec, "resources": ResourcesSpec}
 
 
@@ -112,7 +121,7 @@ def validate(raw: Any) -> TaskSpec:
         parts[key] = section
     model = ModelSpec(
         path=_opt_str(parts["model"], "path", "model.", problems),
-        shared=_bool(parts["model"], "shared", True, "model.", problems),
+        shared=_bool(parts["model"], "shared", False, "model.", problems),
     )
     rp = parts["recipe"]
     kind = _choice(rp, "kind", RECIPE_KINDS, "python", "recipe.", problems)

@@ -10,6 +10,7 @@ import pytest
 import zmq
 import zmq.asyncio
 
+from nsd.blobs import parse_ref
 from nsd.broker.daemon import Broker
 from nsd.client.api import AsyncClient, BrokerError
 from nsd.client.view import apply_event
@@ -55,6 +56,8 @@ async def test_lowest_passing_trial_wins_and_later_ones_are_cancelled(broker, cl
         assert states[:2] == ["failed_goal", "passed"]
         assert all(s in ("cancelled", "failed_goal", "passed") for s in states[2:])
         assert w.max_running <= 3  # credits: never more jobs than slots
+        sha, name = parse_ref(task["artifact"])  # the winner was saved by a worker and stored as a blob
+        assert broker.blobs.path(sha).read_bytes() == b"artifact of trial 1"
         assert [a[2]["kind"] for a in w.assigned][0] == "plan"
         indexes = [a[2]["index"] for a in w.assigned if a[2]["kind"] == "trial"]
         assert indexes == sorted(indexes)  # dispatched in INC's order

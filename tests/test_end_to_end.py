@@ -66,6 +66,22 @@ async def test_winner_equals_inc_autotune(client, start_workers, n_workers):
     assert len(workers_used) <= n_workers
 
 
+async def test_fetched_model_loads_and_reproduces_the_winners_metric(client, start_workers, tmp_path):
+    from neural_compressor.torch.quantization import load
+
+    from nsd.quant.recipes import load_recipe
+
+    spec = digits_spec()
+    (worker,) = await start_workers(1)
+    result = await client.result(await client.submit(spec), wait=True)
+    assert worker.blobs.fetched == 2  # model.pt and recipe.py came through the broker, not a shared path
+    path = await client.fetch(result["task_id"], tmp_path / "out")
+    assert (tmp_path / "out" / "result.json").is_file() and "load(" in (tmp_path / "out" / "README.md").read_text()
+    recipe = load_recipe(spec)
+    model = load(str(path), original_model=recipe.load_model())
+    assert recipe.evaluate(model) == result["winner"]["metric"]
+
+
 async def test_no_pass_returns_best_like_inc_at_max_trials(client, start_workers):
     spec = digits_spec(config_set=[{"rtn": {"bits": 2, "group_size": -1, "use_sym": [True, False],
                                             "use_layer_wise": False}}], max_trials=2)
@@ -79,6 +95,7 @@ async def test_no_pass_returns_best_like_inc_at_max_trials(client, start_workers
 async def test_trials_whose_evaluate_raises_end_in_error_and_the_task_finishes(client, start_workers):
     spec = digits_spec()
     spec["recipe"]["file"] = str(RECIPES / "flaky.py")
+    spec["model"]["shared"] = True  # these recipes import a module beside them: use the paths as they are
     await start_workers(2)
     result = await client.result(await client.submit(spec), wait=True)
     assert result["state"] == "done" and result["winner"]["index"] == 2
@@ -90,6 +107,7 @@ async def test_trials_whose_evaluate_raises_end_in_error_and_the_task_finishes(c
 async def test_a_runner_killed_by_a_signal_is_an_error_and_the_worker_goes_on(client, start_workers):
     spec = digits_spec()
     spec["recipe"]["file"] = str(RECIPES / "crashy.py")
+    spec["model"]["shared"] = True
     (worker,) = await start_workers(1)
     first_pid = worker.slots[0].runner.proc.pid
     result = await client.result(await client.submit(spec), wait=True)
@@ -105,6 +123,7 @@ async def test_cancel_mid_run_kills_the_trial_and_the_worker_serves_the_next_tas
     monkeypatch.setenv("NSD_TEST_SLOW_S", "30")  # read by the runners this test starts
     spec = digits_spec(config_set=[{"rtn": {"bits": [3, 4], "use_layer_wise": False}}])
     spec["recipe"]["file"] = str(RECIPES / "crashy.py")
+    spec["model"]["shared"] = True
     (worker,) = await start_workers(1)
     task_id = await client.submit(spec)
 

@@ -23,16 +23,20 @@ import zmq.asyncio
 
 from nsd import __version__
 from nsd.broker import scheduler, tuner
+from nsd.blobs import make_ref, parse_ref
+from nsd.broker.blobs import BlobError, BlobStore
 from nsd.broker.store import Store
 from nsd.net import OncePerPeer, configure, is_loopback
 from nsd.protocol import (CLIENT_TO_BROKER, PROTOCOL_VERSION, WORKER_TO_BROKER, Cmd, ProtocolError, event_frames,
                           pack, unpack)
-from nsd.spec import SpecError, validate
+from nsd.spec import SpecError, spec_blob_refs, validate
 from nsd.states import TaskState, TrialState
 
 log = logging.getLogger("nsd.broker")
 
-PLAN = "plan"  # the job index of a task's planning job (baseline + config expansion)
+PLAN = "plan"  # the job of a `planning` task: load, evaluate FP32 once, expand the config set
+SAVE = "save"  # the job of a `finalizing` task: quantize the winner again, save it, upload the artifact
+STAGE_JOBS = {TaskState.PLANNING: PLAN, TaskState.FINALIZING: SAVE}
 
 
 def trial_id(task_id: str, index: int | str) -> str:
@@ -75,9 +79,10 @@ class Task:
     met_goal: bool | None = None
     error: str | None = None
     seq: int = 0
-    plan_attempt: int = 1
-    plan_worker: str | None = None
+    stage_attempt: int = 1  # attempt of the task-level job (plan or save) of the current state
+    stage_worker: str | None = None  # who runs it
     plan_s: float | None = None
+    artifact: str | None = None  # blob reference of the saved winner
     trials: list[Trial] = field(default_factory=list)
 
     @property
@@ -118,6 +123,7 @@ class Task:
                         "elapsed_s": ((self.finished or now) - self.started) if self.started else None,
                         "plan_s": self.plan_s,
                         "trial_s_total": sum(tr.seconds or 0.0 for tr in self.trials)},
+            "artifact": self.artifact,
             "spec": self.spec,
         }
 
@@ -168,6 +174,7 @@ class Broker:
     async def start(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.store = Store(self.state_dir / "nsd.sqlite3")
+        self.blobs = BlobStore(self.state_dir / "blobs")
         self._load()
         self.ctx = zmq.asyncio.Context()
         self.clients = configure(self.ctx.socket(zmq.ROUTER))
@@ -212,8 +219,8 @@ class Broker:
                         created=row["created"], started=row["started"], finished=row["finished"],
                         baseline=row["baseline"], winner=row["winner"],
                         met_goal=None if row["met_goal"] is None else bool(row["met_goal"]), error=row["error"],
-                        seq=row["seq"], plan_attempt=row["plan_attempt"], plan_worker=row["plan_worker"],
-                        plan_s=row["plan_s"])
+                        seq=row["seq"], stage_attempt=row["stage_attempt"], stage_worker=row["stage_worker"],
+                        plan_s=row["plan_s"], artifact=row["artifact"])
             task.trials = [Trial(index=r["idx"], config=json.loads(r["config"]), label=r["label"],
                                  state=TrialState(r["state"]), attempt=r["attempt"], metric=r["metric"],
                                  worker=r["worker"], started=r["started"], finished=r["finished"],
@@ -235,7 +242,7 @@ class Broker:
                 continue
             req = msg.body["req"]
             try:
-                answer = self._client_request(msg)
+                answer = self._client_request(identity, msg)
             except (SpecError, LookupError, ValueError) as exc:
                 self._reply(identity, Cmd.ERROR, {"req": req, "error": str(exc)})
             except Exception:  # a bug of ours must not take the broker down with it
@@ -304,12 +311,25 @@ class Broker:
 
     # ---- clients ---------------------------------------------------------------------------------
 
-    def _client_request(self, msg) -> dict[str, Any]:
+    def _client_request(self, identity: bytes, msg) -> dict[str, Any]:
         body = msg.body
         if msg.cmd is Cmd.HELLO:
             return {"protocol": PROTOCOL_VERSION, "version": __version__, "events": self.endpoints["events"]}
         if msg.cmd is Cmd.SUBMIT:
-            return {"task_id": self._submit(validate(body["spec"]).to_dict())}
+            spec = validate(body["spec"]).to_dict()
+            missing = [ref for ref in spec_blob_refs(spec) if not self.blobs.has(parse_ref(ref)[0])]
+            if missing:
+                raise ValueError(f"blob(s) not uploaded: {', '.join(missing)}; upload them first (BLOB_PUT)")
+            return {"task_id": self._submit(spec)}
+        if msg.cmd is Cmd.BLOB_HAVE:
+            hashes = [h for h in body["sha256"] if isinstance(h, str)][:1000]
+            return {"missing": [h for h in hashes if not self.blobs.has(h)]}
+        if msg.cmd is Cmd.BLOB_PUT:
+            offset, complete = self.blobs.write(identity, body["sha256"], body["offset"], body["size"], body["data"])
+            return {"offset": offset, "complete": complete}
+        if msg.cmd is Cmd.BLOB_GET:
+            data, size = self.blobs.read(body["sha256"], body["offset"], body["length"])
+            return {"data": data, "size": size}
         if msg.cmd is Cmd.LIST:
             return {"tasks": [t.summary() for t in self.tasks.values()]}
         if msg.cmd is Cmd.CLUSTER:
@@ -351,7 +371,17 @@ class Broker:
         worker = self.workers.get(wid)
         if worker is not None:
             worker.last_seen = now  # any traffic counts as a heartbeat
-        if msg.cmd is Cmd.READY:
+        if msg.cmd is Cmd.FETCH:
+            self._send_identity(identity, Cmd.CHUNK, self._chunk(msg.body), worker)
+        elif msg.cmd is Cmd.STORE:
+            b = msg.body
+            try:
+                offset, complete = self.blobs.write(identity, b["sha256"], b["offset"], b["size"], b["data"])
+                ack = {"sha256": b["sha256"], "offset": offset, "complete": complete}
+            except BlobError as exc:
+                ack = {"sha256": b["sha256"], "offset": b["offset"], "error": str(exc)}
+            self._send_identity(identity, Cmd.STORE_ACK, ack, worker)
+        elif msg.cmd is Cmd.READY:
             self._register(identity, msg.body, now)
         elif msg.cmd is Cmd.RESULT:
             with self.store.tx():
@@ -365,6 +395,13 @@ class Broker:
         elif msg.cmd is Cmd.BYE:
             log.info("worker %s said goodbye", wid)
             self._drop_worker(worker, "worker left")
+
+    def _chunk(self, body: dict) -> dict:
+        try:
+            data, size = self.blobs.read(body["sha256"], body["offset"], body["length"])
+            return {"sha256": body["sha256"], "offset": body["offset"], "size": size, "data": data}
+        except BlobError as exc:
+            return {"sha256": body["sha256"], "offset": body["offset"], "error": str(exc)}
 
     def _register(self, identity: bytes, body: dict, now: float) -> None:
         wid = identity.decode(errors="replace")
@@ -388,11 +425,12 @@ class Broker:
             for task in self.tasks.values():
                 if task.state.terminal:
                     continue
-                if task.plan_worker == wid and task.state is TaskState.PLANNING:
-                    if (trial_id(task.id, PLAN), task.plan_attempt) in still_running:
-                        worker.running[trial_id(task.id, PLAN)] = task.plan_attempt
+                stage = STAGE_JOBS.get(task.state)
+                if stage and task.stage_worker == wid:
+                    if (trial_id(task.id, stage), task.stage_attempt) in still_running:
+                        worker.running[trial_id(task.id, stage)] = task.stage_attempt
                     else:
-                        self._lost_lease(task, PLAN)
+                        self._lost_lease(task, stage)
                 for tr in task.trials:
                     if tr.worker == wid and tr.state is TrialState.RUNNING:
                         if (trial_id(task.id, tr.index), tr.attempt) in still_running:
@@ -421,20 +459,23 @@ class Broker:
                 task_id, _, index = tid.partition("/")
                 task = self.tasks.get(task_id)
                 if task is not None and not task.state.terminal:
-                    self._lost_lease(task, PLAN if index == PLAN else int(index), why)
+                    self._lost_lease(task, index if index in (PLAN, SAVE) else int(index), why)
         worker.running.clear()
 
     def _lost_lease(self, task: Task, index: int | str, why: str = "worker lost") -> None:
         """A job's worker died or forgot it: run it again (attempt + 1), or give up after max_attempts."""
         max_attempts = task.tuning["max_attempts"]
-        if index == PLAN:
-            state, attempt = tuner.after_lost_lease(task.plan_attempt, max_attempts)
-            if state is TrialState.ERROR:
+        if index in (PLAN, SAVE):
+            state, attempt = tuner.after_lost_lease(task.stage_attempt, max_attempts)
+            if state is TrialState.ERROR and index == PLAN:
                 self._finish(task, TaskState.FAILED, error=f"planning failed {attempt} times: {why}")
-                return
-            task.plan_attempt, task.plan_worker, task.state = attempt, None, TaskState.QUEUED
-            self.store.update_task(task.id, plan_attempt=attempt, plan_worker=None, state=task.state.value)
-            self._emit(task, "state", state=task.state.value, reason=why)
+            elif state is TrialState.ERROR:
+                self._finish(task, TaskState.DONE, winner=task.winner, met_goal=task.met_goal,
+                             error=f"the winner's artifact could not be saved ({attempt} attempts): {why}")
+            else:
+                task.stage_attempt, task.stage_worker = attempt, None
+                self.store.update_task(task.id, stage_attempt=attempt, stage_worker=None)
+                self._emit(task, "state", state=task.state.value, reason=why)
             return
         tr = task.trials[index]
         state, attempt = tuner.after_lost_lease(tr.attempt, max_attempts)
@@ -455,9 +496,16 @@ class Broker:
         if task is None or task.state.terminal:
             return
         wid = worker.id if worker else None
-        if index == PLAN:
-            if task.state is TaskState.PLANNING and task.plan_attempt == body["attempt"] and task.plan_worker == wid:
-                self._plan_result(task, body)
+        if index in (PLAN, SAVE):
+            if STAGE_JOBS.get(task.state) == index and task.stage_attempt == body["attempt"] \
+                    and task.stage_worker == wid:
+                task.stage_worker = None
+                if body.get("requeue") is True:  # the worker could not get the task's files: not the job's fault
+                    self._lost_lease(task, index, str(body.get("error") or "worker could not start the job"))
+                elif index == PLAN:
+                    self._plan_result(task, body)
+                else:
+                    self._save_result(task, body)
             return
         try:
             tr = task.trials[int(index)]
@@ -465,6 +513,9 @@ class Broker:
             return
         if tr.state is not TrialState.RUNNING or tr.attempt != body["attempt"] or tr.worker != wid:
             return  # a duplicate, or a late answer to a lease that was requeued or cancelled
+        if body.get("requeue") is True:
+            self._lost_lease(task, tr.index, str(body.get("error") or "worker could not start the job"))
+            return
         tr.finished = time.time()
         tr.seconds = _number(body.get("seconds"))
         metric = _number(body.get("metric"))
@@ -480,7 +531,6 @@ class Broker:
         self._settle(task)
 
     def _plan_result(self, task: Task, body: dict) -> None:
-        task.plan_worker = None
         task.plan_s = _number(body.get("seconds"))
         baseline = _number(body.get("baseline"))
         configs = body.get("configs")
@@ -498,14 +548,25 @@ class Broker:
         task.baseline = baseline
         task.trials = [Trial(index=i, config=c["config"], label=str(c.get("label", ""))[:500])
                        for i, c in enumerate(configs)]
-        task.state = TaskState.TUNING
+        task.state, task.stage_attempt = TaskState.TUNING, 1
         self.store.insert_trials(task.id, [(t.index, t.config, t.label, t.state.value) for t in task.trials])
-        self.store.update_task(task.id, baseline=baseline, state=task.state.value, plan_worker=None,
-                               plan_s=task.plan_s)
+        self.store.update_task(task.id, baseline=baseline, state=task.state.value, stage_worker=None,
+                               stage_attempt=1, plan_s=task.plan_s)
         self._emit(task, "plan", baseline=baseline, trials=[{"index": t.index, "config": t.config,
                                                             "label": t.label} for t in task.trials])
         self._emit(task, "state", state=task.state.value)
         log.info("task %s: baseline %.6g, %d trials", task.id, baseline, len(task.trials))
+
+    def _save_result(self, task: Task, body: dict) -> None:
+        sha = body.get("artifact")
+        if body.get("ok") is True and isinstance(sha, str) and self.blobs.has(sha):
+            task.artifact = make_ref(sha, "model")
+            self.store.update_task(task.id, artifact=task.artifact)
+            self._finish(task, TaskState.DONE, winner=task.winner, met_goal=task.met_goal, error=task.error)
+        else:
+            why = body.get("error") or "the worker returned no artifact"
+            self._finish(task, TaskState.DONE, winner=task.winner, met_goal=task.met_goal,
+                         error=f"the winner's artifact could not be saved: {why}")
 
     def _settle(self, task: Task) -> None:
         """After any trial change: cancel what can no longer win, and end the task once decided."""
@@ -516,10 +577,19 @@ class Broker:
             self._conclude(task, decision)
 
     def _conclude(self, task: Task, decision: tuner.Decision, note: str | None = None) -> None:
+        """The winner is known: stop the other trials, then save its artifact (`finalizing`)."""
         if decision.winner is None:
             self._finish(task, TaskState.FAILED, error=note or "no trial produced a metric (every trial errored)")
-        else:
-            self._finish(task, TaskState.DONE, winner=decision.winner, met_goal=decision.met_goal, error=note)
+            return
+        for tr in task.trials:
+            if not tr.state.finished:
+                self._cancel_trial(task, tr, "the task is decided")
+        task.state, task.winner, task.met_goal, task.error = TaskState.FINALIZING, decision.winner, \
+            decision.met_goal, note
+        task.stage_attempt, task.stage_worker = 1, None
+        self.store.update_task(task.id, state=task.state.value, winner=task.winner, met_goal=task.met_goal,
+                               error=note, stage_attempt=1, stage_worker=None)
+        self._emit(task, "state", state=task.state.value, winner=task.winner, met_goal=task.met_goal, error=note)
 
     def _cancel_trial(self, task: Task, tr: Trial, why: str) -> None:
         tid = trial_id(task.id, tr.index)
@@ -536,16 +606,17 @@ class Broker:
         for tr in task.trials:
             if not tr.state.finished:
                 self._cancel_trial(task, tr, "task ended")
-        if task.plan_worker:
-            worker = self.workers.get(task.plan_worker)
-            tid = trial_id(task.id, PLAN)
+        stage = STAGE_JOBS.get(task.state)
+        if stage and task.stage_worker:
+            worker = self.workers.get(task.stage_worker)
+            tid = trial_id(task.id, stage)
             if worker is not None and worker.running.pop(tid, None) is not None:
-                self._send_worker(worker, Cmd.CANCEL, {"trial_id": tid, "attempt": task.plan_attempt})
-            task.plan_worker = None
+                self._send_worker(worker, Cmd.CANCEL, {"trial_id": tid, "attempt": task.stage_attempt})
+        task.stage_worker = None
         task.state, task.winner, task.met_goal, task.error = state, winner, met_goal, error
         task.finished = time.time()
         self.store.update_task(task.id, state=state.value, winner=winner, met_goal=met_goal, error=error,
-                               finished=task.finished, plan_worker=None)
+                               finished=task.finished, stage_worker=None)
         self._emit(task, "state", state=state.value, winner=winner, met_goal=met_goal, error=error)
         log.info("task %s %s%s", task.id, state.value,
                  f": winner trial {winner} (met goal: {met_goal})" if winner is not None else
@@ -561,7 +632,7 @@ class Broker:
     def _schedule(self) -> None:
         demands = []
         for task in self.tasks.values():
-            if task.state is TaskState.QUEUED:
+            if task.state is TaskState.QUEUED or (task.state in STAGE_JOBS and task.stage_worker is None):
                 demands.append(scheduler.Demand(task.id, 1))
             elif task.state is TaskState.TUNING:
                 wants = len(tuner.to_dispatch(task.views(), task.spec["resources"]["workers"]))
@@ -579,13 +650,20 @@ class Broker:
 
     def _assign(self, task: Task, worker: Worker) -> None:
         now = time.time()
-        if task.state is TaskState.QUEUED:
-            task.state, task.plan_worker = TaskState.PLANNING, worker.id
+        if task.state in (TaskState.QUEUED, TaskState.PLANNING):
+            task.state, task.stage_worker = TaskState.PLANNING, worker.id
             task.started = task.started or now
-            tid, attempt = trial_id(task.id, PLAN), task.plan_attempt
+            tid, attempt = trial_id(task.id, PLAN), task.stage_attempt
             job = {"kind": "plan", "task_id": task.id, "spec": task.spec}
-            self.store.update_task(task.id, state=task.state.value, plan_worker=worker.id, started=task.started)
+            self.store.update_task(task.id, state=task.state.value, stage_worker=worker.id, started=task.started)
             self._emit(task, "state", state=task.state.value, worker=worker.id)
+        elif task.state is TaskState.FINALIZING:
+            task.stage_worker = worker.id
+            tid, attempt = trial_id(task.id, SAVE), task.stage_attempt
+            winner = task.trials[task.winner]
+            job = {"kind": "save", "task_id": task.id, "spec": task.spec, "index": winner.index,
+                   "config": winner.config}
+            self.store.update_task(task.id, stage_worker=worker.id)
         else:
             index = tuner.to_dispatch(task.views(), task.spec["resources"]["workers"])[0]
             tr = task.trials[index]
@@ -610,8 +688,9 @@ class Broker:
         if now - self.started_at > deadline:
             with self.store.tx():
                 for task in [t for t in self.tasks.values() if not t.state.terminal]:
-                    if task.state is TaskState.PLANNING and task.plan_worker not in self.workers:
-                        self._lost_lease(task, PLAN, "worker did not come back after a broker restart")
+                    stage = STAGE_JOBS.get(task.state)
+                    if stage and task.stage_worker is not None and task.stage_worker not in self.workers:
+                        self._lost_lease(task, stage, "worker did not come back after a broker restart")
                     for tr in task.trials:
                         if tr.state is TrialState.RUNNING and tr.worker not in self.workers:
                             self._lost_lease(task, tr.index, "worker did not come back after a broker restart")

@@ -26,9 +26,10 @@ CREATE TABLE IF NOT EXISTS tasks (
     met_goal INTEGER,
     error TEXT,
     seq INTEGER NOT NULL DEFAULT 0,
-    plan_attempt INTEGER NOT NULL DEFAULT 1,
-    plan_worker TEXT,
-    plan_s REAL
+    stage_attempt INTEGER NOT NULL DEFAULT 1,
+    stage_worker TEXT,
+    plan_s REAL,
+    artifact TEXT
 );
 CREATE TABLE IF NOT EXISTS trials (
     task_id TEXT NOT NULL REFERENCES tasks(id),
@@ -54,7 +55,7 @@ CREATE TABLE IF NOT EXISTS events (
 """
 
 TASK_COLUMNS = frozenset({"state", "started", "finished", "baseline", "winner", "met_goal", "error", "seq",
-                          "plan_attempt", "plan_worker", "plan_s"})
+                          "stage_attempt", "stage_worker", "plan_s", "artifact"})
 TRIAL_COLUMNS = frozenset({"state", "attempt", "metric", "worker", "started", "finished", "seconds", "error"})
 
 

@@ -9,9 +9,11 @@ so an `events()` stream never misses a change, however the subscription and snap
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 import json
 import os
+import tempfile
 import tomllib
 from pathlib import Path
 from typing import Any, AsyncIterator, Iterator
@@ -19,9 +21,10 @@ from typing import Any, AsyncIterator, Iterator
 import zmq
 import zmq.asyncio
 
+from nsd.blobs import CHUNK_BYTES, make_ref, pack_tree, parse_ref, unpack_tree
 from nsd.net import configure, connectable
 from nsd.protocol import BROKER_TO_CLIENT, Cmd, ProtocolError, pack, unpack
-from nsd.spec import TaskSpec, validate
+from nsd.spec import PATH_FIELDS, TaskSpec, validate
 from nsd.states import TaskState
 
 DEFAULT_BROKER = "tcp://127.0.0.1:5550"
@@ -64,9 +67,13 @@ def prepare_spec(spec: dict | TaskSpec | str | os.PathLike) -> dict[str, Any]:
     if isinstance(spec, (str, os.PathLike)):
         spec = read_spec(spec)
     task = spec if isinstance(spec, TaskSpec) else validate(spec)
-    missing = [f"{where}: {path} does not exist" for where, path in (
-        ("recipe.file", task.recipe.file), ("recipe.data", task.recipe.data), ("model.path", task.model.path))
-        if path and not os.path.exists(path)]
+    missing = []
+    for where, path in (("recipe.file", task.recipe.file), ("recipe.data", task.recipe.data),
+                        ("model.path", task.model.path)):
+        if path and not parse_ref(path) and not os.path.exists(path):
+            hub = where == "model.path" and not os.path.isabs(path) and path.count("/") <= 1
+            missing.append(f"{where}: {path} does not exist" + (
+                " (nsd loads models from local folders only; it never downloads from a model hub)" if hub else ""))
     if missing:
         raise FileNotFoundError("invalid task spec:\n" + "\n".join(f"  - {m}" for m in missing))
     return task.to_dict()
@@ -82,6 +89,7 @@ class AsyncClient:
         self._req = itertools.count(1)
         self._lock = asyncio.Lock()
         self._events_endpoint: str | None = None
+        self.uploaded_bytes = 0  # blob bytes this client actually sent (dedup shows as 0)
 
     async def close(self) -> None:
         if self._sock is not None:
@@ -126,7 +134,71 @@ class AsyncClient:
         return await self.request(Cmd.HELLO)
 
     async def submit(self, spec: dict | TaskSpec | str | os.PathLike) -> str:
-        return (await self.request(Cmd.SUBMIT, spec=prepare_spec(spec)))["task_id"]
+        """Validate, upload the files it names (unless model.shared), submit; returns the task id."""
+        raw = prepare_spec(spec)
+        if not raw["model"]["shared"]:
+            for section, key in PATH_FIELDS:
+                if raw[section][key] and not parse_ref(raw[section][key]):
+                    raw[section][key] = await self.upload(raw[section][key])
+        return (await self.request(Cmd.SUBMIT, spec=raw))["task_id"]
+
+    async def upload(self, path: str | os.PathLike) -> str:
+        """Pack a file or folder into a blob and upload what the broker lacks; returns its reference."""
+        path = Path(path)
+        with tempfile.TemporaryFile() as tar:
+            pack_tree(path, tar)
+            size = tar.tell()
+            tar.seek(0)
+            digest = hashlib.sha256()
+            for chunk in iter(lambda: tar.read(CHUNK_BYTES), b""):
+                digest.update(chunk)
+            sha = digest.hexdigest()
+            if (await self.request(Cmd.BLOB_HAVE, sha256=[sha]))["missing"]:
+                offset = 0
+                while True:
+                    tar.seek(offset)
+                    data = tar.read(CHUNK_BYTES)
+                    reply = await self.request(Cmd.BLOB_PUT, sha256=sha, offset=offset, size=size, data=data)
+                    self.uploaded_bytes += len(data)
+                    offset = reply["offset"]
+                    if reply["complete"]:
+                        break
+        return make_ref(sha, path.name)
+
+    async def download(self, sha: str, dest: Path) -> None:
+        """A stored blob, chunk by chunk, into a file; its hash is checked."""
+        digest, offset, size = hashlib.sha256(), 0, None
+        with open(dest, "wb") as out:
+            while size is None or offset < size:
+                reply = await self.request(Cmd.BLOB_GET, sha256=sha, offset=offset, length=CHUNK_BYTES)
+                data, size = reply["data"], reply["size"]
+                if not data and offset < size:
+                    raise BrokerError(f"blob {sha[:12]}… ended early at {offset} of {size} bytes")
+                out.write(data)
+                digest.update(data)
+                offset += len(data)
+        if digest.hexdigest() != sha:
+            raise BrokerError(f"blob {sha[:12]}… failed its hash check")
+
+    async def fetch(self, task_id: str, out_dir: str | os.PathLike) -> Path:
+        """Write the task's quantized model to out_dir/model, with result.json and a README on loading it."""
+        task = await self.result(task_id)
+        ref = parse_ref(task.get("artifact"))
+        if ref is None:
+            why = task["error"] or f"the task is {task['state']}"
+            raise BrokerError(f"task {task['task_id']} has no quantized model to fetch ({why})")
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        target = out / ref[1]
+        if target.exists():
+            raise FileExistsError(f"{target} already exists; choose another --output folder")
+        with tempfile.TemporaryDirectory(dir=out) as tmp:
+            await self.download(ref[0], Path(tmp) / "blob.tar")
+            unpack_tree(Path(tmp) / "blob.tar", Path(tmp) / "tree")
+            os.replace(Path(tmp) / "tree" / ref[1], target)
+        (out / "result.json").write_text(json.dumps(task, indent=2, sort_keys=True))
+        (out / "README.md").write_text(loading_readme(task, ref[1]))
+        return target
 
     async def status(self, task_id: str) -> dict[str, Any]:
         return (await self.request(Cmd.STATUS, task_id=task_id))["task"]
@@ -194,6 +266,26 @@ def _host(address: str) -> str | None:
     return urlsplit(address).hostname if address.startswith("tcp://") else None
 
 
+def loading_readme(task: dict, name: str) -> str:
+    winner = task["winner"]
+    (config_name, _), = winner["config"].items()
+    weight_only = config_name not in ("static_quant", "pt2e_dynamic_quant")
+    load = ("from neural_compressor.torch.quantization import load\n"
+            "fp32_model = ...  # the same FP32 model the task tuned (your recipe's load_model())\n"
+            f"model = load('{name}', original_model=fp32_model)" if weight_only else
+            "from neural_compressor.torch.quantization import load\n"
+            f"model = load('{name}')  # a PT2E graph; for int8 speed, torch.compile it with "
+            "torch._inductor.config.freezing = True")
+    return (f"# {task['name']}: quantized by nsd\n\n"
+            f"Task `{task['task_id']}` tuned {len(task['trials'])} INC configs; trial {winner['index']} won "
+            f"(`{winner['label']}`, metric {winner['metric']:.6g} against an FP32 baseline of "
+            f"{task['baseline']:.6g}; goal met: {str(task['met_goal']).lower()}).\n\n"
+            f"`{name}/` was written by INC's `save` (with `nsd.json` describing the trial); "
+            f"`result.json` is the whole task result.\n\n"
+            f"Load it (needs `pip install neural-compressor-pt==3.10 torch==2.13.0`):\n\n"
+            f"```python\n{load}\n```\n")
+
+
 class Client:
     """The blocking client: the same calls as AsyncClient, on a private event loop.
 
@@ -242,6 +334,12 @@ class Client:
 
     def result(self, task_id: str, wait: bool = False) -> dict[str, Any]:
         return self._run(self._async.result(task_id, wait=wait))
+
+    def upload(self, path: str | os.PathLike) -> str:
+        return self._run(self._async.upload(path))
+
+    def fetch(self, task_id: str, out_dir: str | os.PathLike) -> Path:
+        return self._run(self._async.fetch(task_id, out_dir))
 
     def events(self, task_id: str) -> Iterator[dict[str, Any]]:
         stream = self._async.events(task_id)

@@ -52,7 +52,7 @@ class _Errors:
         from nsd.spec import SpecError
 
         if exc is not None and isinstance(exc, (BrokerError, BrokerUnavailable, SpecError, FileNotFoundError,
-                                                ValueError)):
+                                                FileExistsError, ValueError)):
             _fail(exc)
         return False
 
@@ -235,6 +235,18 @@ def result(task_id, wait, as_json, broker) -> None:
 
 
 @main.command()
+@click.argument("task_id")
+@click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Folder to write model/, result.json and README.md into.")
+@broker_option
+def fetch(task_id, output, broker) -> None:
+    """Download a finished task's quantized model."""
+    with _Errors(), _client(broker) as client:
+        path = client.fetch(task_id, output)
+    click.echo(f"wrote {path} (load it as {output / 'README.md'} shows)")
+
+
+@main.command()
 @json_option
 @broker_option
 def cluster(as_json, broker) -> None:
@@ -255,9 +267,11 @@ def cluster(as_json, broker) -> None:
 @main.command()
 @click.argument("spec", type=click.Path(dir_okay=False))
 @click.option("--workers", "n_workers", default=2, show_default=True, help="Local workers to start.")
+@click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Also write the quantized model, result.json and README.md into this folder.")
 @json_option
 @click.option("--log-level", default="warning", show_default=True)
-def run(spec, n_workers, as_json, log_level) -> None:
+def run(spec, n_workers, output, as_json, log_level) -> None:
     """Run one task on a private local broker and N workers, print its result, exit."""
     from nsd.client.view import apply_event, exit_code, progress_line, result_text
     from nsd.local import run_local
@@ -276,6 +290,41 @@ def run(spec, n_workers, as_json, log_level) -> None:
                 click.echo(progress_line(view["task"]), err=True)
 
     with _Errors():
-        task = asyncio.run(run_local(spec, workers=n_workers, on_event=show))
+        task = asyncio.run(run_local(spec, workers=n_workers, on_event=show, output=output))
     _print_json(task) if as_json else click.echo(result_text(task))
     sys.exit(exit_code(task))
+
+
+@main.command()
+@json_option
+def presets(as_json) -> None:
+    """The named config sets a spec can use (tuning.preset = NAME), with their INC configs."""
+    from nsd.presets import PRESETS, config_set
+
+    if as_json:
+        _print_json({"presets": [{"name": name, "about": preset["about"], "config_set": config_set(name),
+                                  "configs": _preset_size(config_set(name))} for name, preset in PRESETS.items()]})
+        return
+    for name, preset in PRESETS.items():
+        configs = config_set(name)
+        click.echo(f"{name}: {preset['about']} ({_preset_size(configs)} configs)")
+        for entry in configs:  # TOML, ready to paste into a spec's config_set
+            click.echo(f"    {_toml_inline(entry)}")
+
+
+def _preset_size(configs: list[dict[str, dict[str, Any]]]) -> int:
+    """How many configs a set expands into: each entry is the product of its list-valued parameters."""
+    import math
+
+    return sum(math.prod(len(v) if isinstance(v, list) else 1 for v in params.values())
+               for entry in configs for params in entry.values())
+
+
+def _toml_inline(value: Any) -> str:
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_toml_inline(v)}" for k, v in value.items()) + " }"
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_inline(v) for v in value) + "]"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return json.dumps(value)

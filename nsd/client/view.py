@@ -68,9 +68,12 @@ def result_text(task: dict[str, Any]) -> str:
         lines.append(f"config    {json.dumps(w['config'], sort_keys=True)}")
     if task["error"]:
         lines.append(f"note      {task['error']}")
+    if task.get("artifact"):
+        lines.append(f"artifact  {task['artifact']}  (nsd fetch {task['task_id']} -o DIR)")
     t = task["timings"]
     if t["elapsed_s"] is not None:
-        lines.append(f"elapsed   {t['elapsed_s']:.2f}s (plan {_fmt(t['plan_s'])}s, "
+        plan = "-" if t["plan_s"] is None else f"{t['plan_s']:.2f}"
+        lines.append(f"elapsed   {t['elapsed_s']:.2f}s (plan {plan}s, "
                      f"trials {t['trial_s_total']:.2f}s of work)")
     if task["trials"]:
         lines.append("")

@@ -1,7 +1,10 @@
 """Recipes: how a runner gets a model, calibrates it and scores it.
 
 A python recipe is a user file with INC 3.x's own run_fn/eval_fn contract:
-`load_model()`, `example_inputs()`, `calibrate(model)`, `evaluate(model) -> float`.
+`load_model()`, `example_inputs()`, `calibrate(model)`, `evaluate(model) -> float`. Its load_model() result
+is quantized as is by every config, as INC's autotune does (a recipe wanting PT2E configs exports itself).
+The built-in recipes (`nsd.quant.builtin`) add `export`: configs that need a PT2E graph get the exported
+model, weight-only configs the plain module.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 REQUIRED = ("load_model", "example_inputs", "calibrate", "evaluate")
+# INC configs whose algorithm works on a PT2E-exported graph, not an nn.Module (without IPEX).
+EXPORTED_CONFIGS = frozenset({"static_quant", "pt2e_dynamic_quant"})
 
 
 @dataclass
@@ -22,6 +27,13 @@ class Recipe:
     example_inputs: Callable[[], Any]
     calibrate: Callable[[Any], None]
     evaluate: Callable[[Any], float]
+    # Optional (built-in recipes): export(model, example_inputs) -> the graph that the configs in
+    # EXPORTED_CONFIGS quantize. None: load_model()'s result serves every config (INC's semantics).
+    export: Callable[[Any, Any], Any] | None = None
+
+    def needs_export(self, config: dict[str, Any]) -> bool:
+        """Whether a trial of `config` ({name: params}) quantizes the exported graph rather than the model."""
+        return self.export is not None and any(name in EXPORTED_CONFIGS for name in config)
 
 
 def load_python_recipe(path: str) -> Recipe:
@@ -51,4 +63,8 @@ def load_recipe(spec: dict) -> Recipe:
     recipe = spec["recipe"]
     if recipe["kind"] == "python":
         return load_python_recipe(recipe["file"])
+    from nsd.quant import builtin
+
+    if recipe["kind"] in builtin.RECIPES:
+        return builtin.build(spec)
     raise ValueError(f"recipe kind {recipe['kind']!r} is not supported by this worker")

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -27,7 +29,10 @@ import zmq.asyncio
 from nsd import __version__
 from nsd.net import configure
 from nsd.protocol import BROKER_TO_WORKER, PROTOCOL_VERSION, Cmd, ProtocolError, pack, unpack
+from nsd.blobs import CHUNK_BYTES, pack_tree, parse_ref, sha256_file
+from nsd.spec import PATH_FIELDS
 from nsd.worker import pipe
+from nsd.worker.cache import BlobCache
 
 log = logging.getLogger("nsd.worker")
 
@@ -129,6 +134,9 @@ class WorkerConfig:
     heartbeat_s: float = 1.0
     liveness: int = 5
     backoff_max_s: float = 32.0
+    cache_max_bytes: int = 20 * 1024**3  # fetched models and data kept for later tasks
+    fetch_window: int = 4  # blob chunks in flight at once (credit-based flow control)
+    chunk_timeout_s: float = 60.0
 
 
 class WorkerDaemon:
@@ -143,6 +151,9 @@ class WorkerDaemon:
         self.slots = [Slot(Runner(i, _slot_cpus(config.cpus, i, k), self.cache_dir / "scratch" / f"slot{i}",
                                   self.cache_dir / "logs" / f"{self.worker_id}-slot{i}.log"))
                       for i in range(n_slots)]
+        self.blobs = BlobCache(self.cache_dir / "blobs", config.cache_max_bytes)
+        self.blobs.clear_partial()
+        self._replies: dict[tuple, asyncio.Future] = {}  # ("chunk", sha, offset) / ("store", sha) -> reply
         self.outbox_path = self.cache_dir / f"outbox-{self.worker_id}.json"
         self.outbox: dict[str, dict] = self._load_outbox()  # "trial_id#attempt" -> RESULT body
         self.backlog: list[tuple[str, int, dict]] = []  # jobs assigned while every slot was busy
@@ -264,6 +275,11 @@ class WorkerDaemon:
                 self._save_outbox()
         elif msg.cmd is Cmd.CANCEL:
             await self._cancel(body["trial_id"], body["attempt"])
+        elif msg.cmd in (Cmd.CHUNK, Cmd.STORE_ACK):
+            key = ("chunk", body["sha256"], body["offset"]) if msg.cmd is Cmd.CHUNK else ("store", body["sha256"])
+            waiter = self._replies.pop(key, None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(body)
         elif msg.cmd is Cmd.DISCONNECT:
             if body.get("fatal"):
                 self.fatal = f"the broker refused this worker: {body['reason']}"
@@ -286,22 +302,109 @@ class WorkerDaemon:
         slot.task = asyncio.create_task(self._execute(slot, trial_id, attempt, job))
 
     async def _execute(self, slot: Slot, trial_id: str, attempt: int, job: dict) -> None:
+        pins: list[str] = []
         try:
             try:
-                answer = await slot.runner.run(job)
-            except RunnerDied as exc:
-                answer = {"ok": False, "error": f"{exc} while running {job['kind']} {trial_id}",
-                          "log_tail": slot.runner.log_tail()}
-            except (OSError, ValueError) as exc:  # the pipe broke under us
-                answer = {"ok": False, "error": f"runner pipe failed: {exc}", "log_tail": slot.runner.log_tail()}
+                job = await self._materialize(job, pins)
+            except Exception as exc:  # not the job's fault: the broker runs it again (attempt + 1)
+                log.warning("could not fetch the files of %s: %s", trial_id, exc)
+                answer = {"ok": False, "requeue": True, "error": f"worker could not fetch the task's files: {exc}"}
+            else:
+                answer = await self._run(slot, trial_id, job)
             result = {**answer, "trial_id": trial_id, "attempt": attempt, "worker_id": self.worker_id}
             self.outbox[f"{trial_id}#{attempt}"] = result
             self._save_outbox()
             self._send(Cmd.RESULT, result)
         finally:
             slot.job, slot.task = None, None
+            for sha in pins:
+                self.blobs.unpin(sha)
+            self.blobs.evict()
             if self.backlog and not self._stopping.is_set():
                 self._accept(*self.backlog.pop(0))
+
+    async def _run(self, slot: Slot, trial_id: str, job: dict) -> dict:
+        try:
+            answer = await slot.runner.run(job)
+            if job["kind"] == "save" and answer.get("ok"):
+                answer["artifact"] = await self._upload(Path(answer.pop("artifact_dir")))
+            return answer
+        except RunnerDied as exc:
+            return {"ok": False, "error": f"{exc} while running {job['kind']} {trial_id}",
+                    "log_tail": slot.runner.log_tail()}
+        except (OSError, ValueError, asyncio.TimeoutError) as exc:  # the pipe or an upload broke under us
+            return {"ok": False, "error": f"{type(exc).__name__}: {exc}", "log_tail": slot.runner.log_tail()}
+
+    # ---- blobs -----------------------------------------------------------------------------------
+
+    async def _materialize(self, job: dict, pins: list[str]) -> dict:
+        """The job with every blob reference in its spec replaced by a path in the local cache."""
+        spec = job["spec"]
+        refs = [(a, b, parse_ref(spec[a][b])) for a, b in PATH_FIELDS if parse_ref(spec[a][b])]
+        if not refs:
+            return job
+        spec = {key: dict(value) if isinstance(value, dict) else value for key, value in spec.items()}
+        for section, key, (sha, name) in refs:
+            self.blobs.pin(sha)
+            pins.append(sha)
+            spec[section][key] = str(await self.blobs.path(sha, name, self._download))
+        return {**job, "spec": spec}
+
+    async def _download(self, sha256: str, dest: Path) -> None:
+        """Fetch a blob in chunks, a window of them in flight, verifying its hash; never all in memory."""
+        loop = asyncio.get_running_loop()
+        digest, size, offset, next_request = hashlib.sha256(), None, 0, 0
+        pending: dict[int, asyncio.Future] = {}
+        with open(dest, "wb") as out:
+            while size is None or offset < size:
+                while len(pending) < (1 if size is None else self.config.fetch_window) and \
+                        (size is None and not pending or size is not None and next_request < size):
+                    fut = loop.create_future()
+                    pending[next_request] = self._replies[("chunk", sha256, next_request)] = fut
+                    self._send(Cmd.FETCH, {"sha256": sha256, "offset": next_request, "length": CHUNK_BYTES})
+                    next_request += CHUNK_BYTES
+                try:
+                    body = await asyncio.wait_for(pending.pop(offset), self.config.chunk_timeout_s)
+                except asyncio.TimeoutError:
+                    for key in [k for k in self._replies if k[:2] == ("chunk", sha256)]:
+                        self._replies.pop(key)
+                    raise TimeoutError(f"blob {sha256[:12]}…: no chunk at offset {offset}") from None
+                if "error" in body:
+                    raise ValueError(body["error"])
+                data, size = body.get("data", b""), body.get("size")
+                if not isinstance(data, bytes) or not isinstance(size, int) or (not data and offset < size):
+                    raise ValueError(f"blob {sha256[:12]}…: malformed chunk at offset {offset}")
+                out.write(data)
+                digest.update(data)
+                offset += len(data)
+        if digest.hexdigest() != sha256:
+            raise ValueError(f"blob {sha256[:12]}… failed its hash check (got {digest.hexdigest()[:12]}…)")
+
+    async def _upload(self, path: Path) -> str:
+        """Pack a folder into a blob and store it on the broker, chunk by chunk; returns its sha256."""
+        loop = asyncio.get_running_loop()
+        tar = path.with_name(path.name + ".tar")
+        with open(tar, "wb") as out:
+            pack_tree(path, out)
+        try:
+            sha = sha256_file(tar)
+            size = tar.stat().st_size
+            offset = 0
+            with open(tar, "rb") as f:
+                while True:
+                    f.seek(offset)
+                    data = f.read(CHUNK_BYTES)
+                    fut = self._replies[("store", sha)] = loop.create_future()
+                    self._send(Cmd.STORE, {"sha256": sha, "offset": offset, "size": size, "data": data})
+                    ack = await asyncio.wait_for(fut, self.config.chunk_timeout_s)
+                    if "error" in ack:
+                        raise ValueError(f"broker refused the artifact: {ack['error']}")
+                    offset = ack["offset"]
+                    if ack.get("complete"):
+                        return sha
+        finally:
+            tar.unlink(missing_ok=True)
+            shutil.rmtree(path, ignore_errors=True)
 
     async def _cancel(self, trial_id: str, attempt: int) -> None:
         self.backlog = [b for b in self.backlog if (b[0], b[1]) != (trial_id, attempt)]

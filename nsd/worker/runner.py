@@ -55,11 +55,13 @@ def main() -> None:
 
 
 class TaskCache:
-    """The last task's recipe, FP32 model and example inputs (one task: models can be large)."""
+    """The last task's recipe, FP32 model, example inputs and, for recipes that export (built-in ones), the
+    PT2E graph (one task: models can be large)."""
 
     def __init__(self) -> None:
         self.task_id: str | None = None
         self.recipe = self.model = self.example_inputs = None
+        self.exported = self.export_error = None
 
     def get(self, task_id: str, spec: dict):
         if self.task_id != task_id:
@@ -67,6 +69,7 @@ class TaskCache:
 
             self.task_id = None
             self.recipe = self.model = self.example_inputs = None
+            self.exported = self.export_error = None
             # Where this worker holds the task's files (fetched blobs, or shared paths), for python recipes.
             for var, path in (("NSD_MODEL_PATH", spec["model"]["path"]), ("NSD_DATA_PATH", spec["recipe"]["data"])):
                 if path:
@@ -79,6 +82,21 @@ class TaskCache:
             self.recipe, self.task_id = recipe, task_id
         return self.recipe, self.model, self.example_inputs
 
+    def model_for(self, config: dict):
+        """The FP32 model a trial of `config` quantizes: the recipe's PT2E export for the configs that need
+        one (exported once per task, its failure remembered), else the loaded model as is."""
+        if not self.recipe.needs_export(config):
+            return self.model
+        if self.export_error is not None:
+            raise self.export_error
+        if self.exported is None:
+            try:
+                self.exported = self.recipe.export(self.model, self.example_inputs)
+            except Exception as exc:
+                self.export_error = exc
+                raise
+        return self.exported
+
 
 def run_job(job: dict, cache: TaskCache) -> dict[str, Any]:
     start = time.perf_counter()
@@ -87,6 +105,8 @@ def run_job(job: dict, cache: TaskCache) -> dict[str, Any]:
             answer = plan(job, cache)
         elif job["kind"] == "trial":
             answer = trial(job, cache)
+        elif job["kind"] == "save":
+            answer = save(job, cache)
         else:
             raise ValueError(f"unknown job kind {job['kind']!r}")
         answer["ok"] = True
@@ -119,14 +139,41 @@ def trial(job: dict, cache: TaskCache) -> dict[str, Any]:
 
     from nsd.quant.inc import config_from_dict
 
-    recipe, model, example_inputs = cache.get(job["task_id"], job["spec"])
+    recipe, _, example_inputs = cache.get(job["task_id"], job["spec"])
+    model = cache.model_for(job["config"])  # built-in recipes: the PT2E graph for static/dynamic configs
     config = config_from_dict(job["config"])
     t0 = time.perf_counter()
     q_model = quantize(_deepcopy_warp(model), quant_config=config, run_fn=recipe.calibrate, inplace=True,
                        example_inputs=example_inputs)
     t1 = time.perf_counter()
     metric = _metric(recipe.evaluate(q_model))
-    return {"metric": metric, "quantize_s": t1 - t0, "eval_s": time.perf_counter() - t1}
+    answer = {"metric": metric, "quantize_s": t1 - t0, "eval_s": time.perf_counter() - t1}
+    if job["kind"] == "save":
+        answer["model"] = q_model
+    return answer
+
+
+def save(job: dict, cache: TaskCache) -> dict[str, Any]:
+    """Quantize the winner again, save it with INC's `save` beside a description, and hand back the folder
+    (the worker uploads it). Its metric is measured again: a reader can check it matches the trial's."""
+    import json
+    import tempfile
+
+    from neural_compressor.torch.quantization import save as inc_save
+
+    answer = trial(job, cache)
+    q_model = answer.pop("model")
+    folder = os.path.join(tempfile.mkdtemp(prefix="artifact-", dir=os.getcwd()), "model")
+    inc_save(q_model, folder)
+    (name, _), = job["config"].items()
+    with open(os.path.join(folder, "nsd.json"), "w") as f:
+        json.dump({"task_id": job["task_id"], "trial": job["index"], "config": job["config"],
+                   "metric": answer["metric"], "weight_only": name not in PT2E_CONFIGS,
+                   "recipe": job["spec"]["recipe"]["kind"]}, f, indent=2)
+    return {"artifact_dir": folder, "metric": answer["metric"]}
+
+
+PT2E_CONFIGS = frozenset({"static_quant", "pt2e_dynamic_quant"})  # saved as PT2E graphs; the rest as weights
 
 
 def _metric(value: Any) -> float:

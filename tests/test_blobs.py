@@ -1,0 +1,124 @@
+"""Blobs: deterministic packing, safe unpacking, chunked upload with dedup and hash checks, the worker
+cache's LRU eviction — over real sockets where a broker is involved."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tarfile
+
+import pytest
+
+from nsd.blobs import make_ref, pack_tree, parse_ref, unpack_tree
+from nsd.client.api import BrokerError
+from nsd.protocol import Cmd
+from nsd.worker.cache import BlobCache
+
+
+def make_tree(root, big: int = 0):
+    (root / "sub").mkdir(parents=True)
+    (root / "a.txt").write_text("alpha")
+    (root / "sub" / "b.bin").write_bytes(os.urandom(big) if big else b"beta")
+    return root
+
+
+def test_packing_is_deterministic_and_round_trips(tmp_path):
+    tree = make_tree(tmp_path / "model")
+    first, second = io.BytesIO(), io.BytesIO()
+    pack_tree(tree, first)
+    os.utime(tree / "a.txt", (1, 1))  # times do not change the blob
+    pack_tree(tree, second)
+    assert first.getvalue() == second.getvalue()
+    (tmp_path / "blob.tar").write_bytes(first.getvalue())
+    unpack_tree(tmp_path / "blob.tar", tmp_path / "out")
+    assert (tmp_path / "out" / "model" / "sub" / "b.bin").read_bytes() == b"beta"
+
+
+def test_unpack_refuses_members_escaping_their_folder(tmp_path):
+    evil = tmp_path / "evil.tar"
+    with tarfile.open(evil, "w") as tar:
+        info = tarfile.TarInfo("../escaped.txt")
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"bad"))
+    with pytest.raises(Exception):
+        unpack_tree(evil, tmp_path / "dest" / "x")
+    assert not (tmp_path / "dest" / "escaped.txt").exists() and not (tmp_path / "escaped.txt").exists()
+    link = tmp_path / "link.tar"
+    with tarfile.open(link, "w") as tar:
+        info = tarfile.TarInfo("m")
+        info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tar.addfile(info)
+    with pytest.raises(ValueError, match="not a file or folder"):
+        unpack_tree(link, tmp_path / "dest2")
+
+
+def test_references():
+    sha = "a" * 64
+    assert parse_ref(make_ref(sha, "model")) == (sha, "model")
+    for bad in ("/abs/path", f"nsd-blob:{sha}/..", f"nsd-blob:{sha[:-1]}/m", f"nsd-blob:{sha}/a/b", 5):
+        assert parse_ref(bad) is None
+
+
+async def test_upload_is_chunked_and_deduplicated(broker, client, tmp_path):
+    tree = make_tree(tmp_path / "model", big=3 * 1024 * 1024 + 123)  # several 1 MiB chunks
+    ref = await client.upload(tree)
+    sent = client.uploaded_bytes
+    assert sent > 3 * 1024 * 1024
+    assert await client.upload(tree) == ref and client.uploaded_bytes == sent  # nothing sent the second time
+    sha, name = parse_ref(ref)
+    assert broker.blobs.has(sha) and name == "model"
+    await client.download(sha, tmp_path / "back.tar")
+    unpack_tree(tmp_path / "back.tar", tmp_path / "back")
+    assert (tmp_path / "back" / "model" / "sub" / "b.bin").read_bytes() == (tree / "sub" / "b.bin").read_bytes()
+
+
+async def test_hash_mismatch_and_out_of_order_chunks_are_refused(broker, client):
+    data = b"some model bytes"
+    wrong = hashlib.sha256(b"other").hexdigest()
+    with pytest.raises(BrokerError, match="hash mismatch"):
+        await client.request(Cmd.BLOB_PUT, sha256=wrong, offset=0, size=len(data), data=data)
+    assert (await client.request(Cmd.BLOB_HAVE, sha256=[wrong]))["missing"] == [wrong]
+    sha = hashlib.sha256(data).hexdigest()
+    with pytest.raises(BrokerError, match="out of order"):
+        await client.request(Cmd.BLOB_PUT, sha256=sha, offset=5, size=len(data), data=data[5:])
+    with pytest.raises(BrokerError, match="not a sha256"):
+        await client.request(Cmd.BLOB_GET, sha256="../../etc/passwd", offset=0, length=10)
+    with pytest.raises(BrokerError, match="no blob"):
+        await client.request(Cmd.BLOB_GET, sha256=sha, offset=0, length=10)
+
+
+async def test_a_spec_naming_a_blob_that_was_never_uploaded_is_refused(broker, client, tmp_path):
+    spec = {"recipe": {"file": make_ref("b" * 64, "recipe.py")}, "tuning": {"config_set": [{"rtn": {}}]}}
+    with pytest.raises(BrokerError, match="not uploaded"):
+        await client.request(Cmd.SUBMIT, spec=spec)
+
+
+async def test_cache_evicts_least_recently_used_but_never_a_pinned_blob(tmp_path):
+    blobs = {}
+    for name in ("one", "two", "three"):
+        tree = tmp_path / "src" / name
+        tree.mkdir(parents=True)
+        (tree / "w.bin").write_bytes(os.urandom(1000))
+        with open(tmp_path / f"{name}.tar", "wb") as f:
+            pack_tree(tree, f)
+        blobs[name] = hashlib.sha256((tmp_path / f"{name}.tar").read_bytes()).hexdigest()
+
+    async def download(sha, dest):
+        name = next(n for n, s in blobs.items() if s == sha)
+        dest.write_bytes((tmp_path / f"{name}.tar").read_bytes())
+
+    cache = BlobCache(tmp_path / "cache", max_bytes=2500)
+    for used_at, name in enumerate(("one", "two", "three"), 1):
+        path = await cache.path(blobs[name], name, download)
+        assert (path / "w.bin").stat().st_size == 1000
+        os.utime(cache.entry(blobs[name]) / "size", (used_at, used_at))  # one, then two, then three
+    cache.pin(blobs["one"])  # least recently used, but in use
+    assert cache.evict() == [blobs["two"]]
+    assert cache.entry(blobs["one"]).exists()
+    cache.unpin(blobs["one"])
+    assert cache.fetched == 3
+    await cache.path(blobs["three"], "three", download)
+    assert cache.fetched == 3  # served from the cache
+    await cache.path(blobs["two"], "two", download)
+    assert cache.fetched == 4  # evicted, so fetched again
