@@ -64,7 +64,7 @@ async def run_local(spec: Any, workers: int = 2, on_event: Callable[[dict], None
         return result
     finally:
         for daemon in daemons:
-            daemon.stop()
+            daemon.stop(grace_s=0)
         with contextlib.suppress(Exception):
             await asyncio.gather(*running, return_exceptions=True)
         await client.close()

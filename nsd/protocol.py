@@ -45,6 +45,7 @@ class Cmd(enum.IntEnum):
     BLOB_HAVE = 0x28  # which of these blobs are missing?
     BLOB_PUT = 0x29  # one chunk of an upload, in order; the last one is checked against its hash
     BLOB_GET = 0x2A  # a range of a stored blob
+    LOGS = 0x2B  # the logs of a task's jobs (all, or one trial's)
     # broker -> client
     REPLY = 0x31  # success; body carries `req` and the answer
     ERROR = 0x32  # failure; body carries `req` and a message for a person
@@ -79,6 +80,7 @@ SHAPES: dict[Cmd, dict[str, type | tuple[type, ...]]] = {
     Cmd.BLOB_HAVE: {"req": int, "sha256": list},
     Cmd.BLOB_PUT: {"req": int, "sha256": str, "offset": int, "size": int, "data": bytes},
     Cmd.BLOB_GET: {"req": int, "sha256": str, "offset": int, "length": int},
+    Cmd.LOGS: {"req": int, "task_id": str},
     Cmd.REPLY: {"req": int},
     Cmd.ERROR: {"req": int, "error": str},
     Cmd.EVENT: {"task_id": str, "seq": int, "kind": str},
@@ -88,7 +90,8 @@ WORKER_TO_BROKER = frozenset({Cmd.READY, Cmd.HEARTBEAT, Cmd.RESULT, Cmd.BYE, Cmd
 BROKER_TO_WORKER = frozenset({Cmd.READY_ACK, Cmd.ASSIGN, Cmd.RESULT_ACK, Cmd.CANCEL,
                               Cmd.HEARTBEAT, Cmd.DISCONNECT, Cmd.CHUNK, Cmd.STORE_ACK})
 CLIENT_TO_BROKER = frozenset({Cmd.HELLO, Cmd.SUBMIT, Cmd.STATUS, Cmd.LIST, Cmd.CANCEL_TASK,
-                              Cmd.RESULT_GET, Cmd.CLUSTER, Cmd.BLOB_HAVE, Cmd.BLOB_PUT, Cmd.BLOB_GET})
+                              Cmd.RESULT_GET, Cmd.CLUSTER, Cmd.BLOB_HAVE, Cmd.BLOB_PUT, Cmd.BLOB_GET,
+                              Cmd.LOGS})
 BROKER_TO_CLIENT = frozenset({Cmd.REPLY, Cmd.ERROR})
 
 

@@ -70,6 +70,7 @@ class TuningSpec:
     higher_is_better: bool = True
     max_trials: int = 100  # INC's TuningConfig default
     timeout_s: float = 0.0  # 0: no wall-clock budget
+    trial_timeout_s: float = 0.0  # 0: none; a trial running longer has its runner killed and ends in error
     max_attempts: int = 3  # a trial whose runner dies this often is marked error
 
 
@@ -175,6 +176,7 @@ def validate(raw: Any) -> TaskSpec:
         higher_is_better=higher_is_better,
         max_trials=int(_number(t, "max_trials", 100, 1, 100_000, "tuning.", problems, integer=True)),
         timeout_s=_number(t, "timeout_s", 0.0, 0.0, None, "tuning.", problems),
+        trial_timeout_s=_number(t, "trial_timeout_s", 0.0, 0.0, None, "tuning.", problems),
         max_attempts=int(_number(t, "max_attempts", 3, 1, 100, "tuning.", problems, integer=True)),
     )
     r = parts["resources"]

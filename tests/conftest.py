@@ -61,7 +61,7 @@ async def start_workers(broker, tmp_path):
     yield start
     pids = [s.runner.proc.pid for d, _ in started for s in d.slots if s.runner.proc is not None]
     for daemon, _ in started:
-        daemon.stop()
+        daemon.stop(grace_s=5)
     await asyncio.wait_for(asyncio.gather(*(t for _, t in started), return_exceptions=True), 30)
     for daemon, _ in started:
         assert daemon.ctx.closed

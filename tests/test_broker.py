@@ -36,11 +36,11 @@ def metrics_answer(metrics: dict[int, float | str], baseline: float = 1.0, n: in
     return answer
 
 
-async def done(client: AsyncClient, task_id: str) -> dict:
+async def done(client: AsyncClient, task_id: str, timeout: float = 20) -> dict:
     async def ended():
         task = await client.status(task_id)
         return task if task["state"] in ("done", "failed", "cancelled") else None
-    return await wait_for(ended, 20)
+    return await wait_for(ended, timeout)
 
 
 async def test_lowest_passing_trial_wins_and_later_ones_are_cancelled(broker, client):

@@ -28,12 +28,13 @@ class _Upload:
 
 
 class BlobStore:
-    def __init__(self, root: Path, max_upload_bytes: int = 1 << 40):
+    def __init__(self, root: Path, max_upload_bytes: int = 1 << 40, max_open_uploads: int = 64):
         self.root = Path(root)
         (self.root / "partial").mkdir(parents=True, exist_ok=True)
         for stale in (self.root / "partial").iterdir():  # uploads cut short by a restart start over
             stale.unlink()
         self.max_upload_bytes = max_upload_bytes
+        self.max_open_uploads = max_open_uploads
         self._uploads: dict[tuple[bytes, str], _Upload] = {}
 
     def path(self, sha256: str) -> Path:
@@ -61,6 +62,8 @@ class BlobStore:
         if offset == 0:
             if upload is not None:
                 upload.path.unlink(missing_ok=True)
+            while len(self._uploads) >= self.max_open_uploads:  # a flood of abandoned uploads: drop the oldest
+                self._abort(next(iter(self._uploads)))
             upload = _Upload(size, self.root / "partial" / f"{sha256}.{uploader.hex()[:32]}")
             upload.path.write_bytes(b"")
             self._uploads[key] = upload

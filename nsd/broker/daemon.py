@@ -36,6 +36,7 @@ log = logging.getLogger("nsd.broker")
 
 PLAN = "plan"  # the job of a `planning` task: load, evaluate FP32 once, expand the config set
 SAVE = "save"  # the job of a `finalizing` task: quantize the winner again, save it, upload the artifact
+LOG_LIMIT = 64 * 1024  # characters of each job's log kept by the broker (the worker keeps the whole file)
 STAGE_JOBS = {TaskState.PLANNING: PLAN, TaskState.FINALIZING: SAVE}
 
 
@@ -338,6 +339,9 @@ class Broker:
         task = self._task(body["task_id"])
         if msg.cmd in (Cmd.STATUS, Cmd.RESULT_GET):
             return {"task": task.public()}
+        if msg.cmd is Cmd.LOGS:
+            job = body.get("job")
+            return {"logs": self.store.logs(task.id, None if job is None else str(job))}
         if msg.cmd is Cmd.CANCEL_TASK:
             if not task.state.terminal:
                 with self.store.tx():
@@ -500,6 +504,7 @@ class Broker:
             if STAGE_JOBS.get(task.state) == index and task.stage_attempt == body["attempt"] \
                     and task.stage_worker == wid:
                 task.stage_worker = None
+                self._keep_log(task, index, body, wid)
                 if body.get("requeue") is True:  # the worker could not get the task's files: not the job's fault
                     self._lost_lease(task, index, str(body.get("error") or "worker could not start the job"))
                 elif index == PLAN:
@@ -513,6 +518,7 @@ class Broker:
             return
         if tr.state is not TrialState.RUNNING or tr.attempt != body["attempt"] or tr.worker != wid:
             return  # a duplicate, or a late answer to a lease that was requeued or cancelled
+        self._keep_log(task, index, body, wid)
         if body.get("requeue") is True:
             self._lost_lease(task, tr.index, str(body.get("error") or "worker could not start the job"))
             return
@@ -529,6 +535,11 @@ class Broker:
                                 finished=tr.finished, error=tr.error)
         self._emit(task, "trial", **self._trial_event(tr))
         self._settle(task)
+
+    def _keep_log(self, task: Task, job: str, body: dict, worker: str | None) -> None:
+        text = body.get("log")
+        if isinstance(text, str) and text:
+            self.store.put_log(task.id, job, body["attempt"], worker, text[-LOG_LIMIT:])
 
     def _plan_result(self, task: Task, body: dict) -> None:
         task.plan_s = _number(body.get("seconds"))

@@ -46,6 +46,14 @@ CREATE TABLE IF NOT EXISTS trials (
     error TEXT,
     PRIMARY KEY (task_id, idx)
 );
+CREATE TABLE IF NOT EXISTS logs (
+    task_id TEXT NOT NULL,
+    job TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    worker TEXT,
+    text TEXT NOT NULL,
+    PRIMARY KEY (task_id, job, attempt)
+);
 CREATE TABLE IF NOT EXISTS events (
     task_id TEXT NOT NULL,
     seq INTEGER NOT NULL,
@@ -115,6 +123,16 @@ class Store:
             self.db.execute("INSERT INTO events (task_id, seq, body) VALUES (?, ?, ?)",
                             (task_id, seq, json.dumps(body)))
             self.db.execute("UPDATE tasks SET seq = ? WHERE id = ?", (seq, task_id))
+
+    def put_log(self, task_id: str, job: str, attempt: int, worker: str | None, text: str) -> None:
+        with self.tx():
+            self.db.execute("INSERT OR REPLACE INTO logs (task_id, job, attempt, worker, text) VALUES (?, ?, ?, ?, ?)",
+                            (task_id, job, attempt, worker, text))
+
+    def logs(self, task_id: str, job: str | None = None) -> list[dict]:
+        rows = self.db.execute("SELECT job, attempt, worker, text FROM logs WHERE task_id = ? AND (? IS NULL OR job = ?)"
+                               " ORDER BY rowid", (task_id, job, job))
+        return [dict(r) for r in rows]
 
     def tasks(self) -> list[sqlite3.Row]:
         return self.db.execute("SELECT * FROM tasks ORDER BY created, id").fetchall()

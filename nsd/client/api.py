@@ -80,9 +80,11 @@ def prepare_spec(spec: dict | TaskSpec | str | os.PathLike) -> dict[str, Any]:
 
 
 class AsyncClient:
-    def __init__(self, broker: str | None = None, timeout_s: float = 10.0, idle_resnapshot_s: float = 2.0):
+    def __init__(self, broker: str | None = None, timeout_s: float = 10.0, idle_resnapshot_s: float = 2.0,
+                 reconnect_s: float = 300.0):
         self.broker = broker_address(broker)
         self.timeout_s = timeout_s
+        self.reconnect_s = reconnect_s  # how long an event stream waits out a broker that went away
         self.idle_resnapshot_s = idle_resnapshot_s
         self.ctx = zmq.asyncio.Context()
         self._sock: zmq.asyncio.Socket | None = None
@@ -212,6 +214,11 @@ class AsyncClient:
     async def cluster(self) -> list[dict[str, Any]]:
         return (await self.request(Cmd.CLUSTER))["workers"]
 
+    async def logs(self, task_id: str, job: int | str | None = None) -> list[dict[str, Any]]:
+        """Each job's log (last 64 KiB): [{job, attempt, worker, text}]; job = a trial index, "plan" or "save"."""
+        extra = {} if job is None else {"job": str(job)}
+        return (await self.request(Cmd.LOGS, task_id=task_id, **extra))["logs"]
+
     async def result(self, task_id: str, wait: bool = False) -> dict[str, Any]:
         """The task's full result; with wait=True, once the task has ended."""
         if wait:
@@ -250,7 +257,7 @@ class AsyncClient:
                             return
                         continue
                 # A gap, or a quiet spell that may hide a missed final event: take a new snapshot.
-                snapshot = await self.status(task_id)
+                snapshot = await self._status_patiently(task_id)
                 if snapshot["seq"] > seq:
                     seq = snapshot["seq"]
                     yield {"kind": "snapshot", "task_id": task_id, "seq": seq, "task": snapshot}
@@ -258,6 +265,19 @@ class AsyncClient:
                     return
         finally:
             sub.close(linger=0)
+
+
+    async def _status_patiently(self, task_id: str) -> dict[str, Any]:
+        """STATUS, riding out a broker restart for up to `reconnect_s` (the SUB socket reconnects by itself)."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + self.reconnect_s
+        while True:
+            try:
+                return await self.status(task_id)
+            except BrokerUnavailable:
+                if loop.time() > give_up:
+                    raise
+                await asyncio.sleep(min(1.0, self.idle_resnapshot_s))
 
 
 def _host(address: str) -> str | None:
@@ -331,6 +351,9 @@ class Client:
 
     def cluster(self) -> list[dict[str, Any]]:
         return self._run(self._async.cluster())
+
+    def logs(self, task_id: str, job: int | str | None = None) -> list[dict[str, Any]]:
+        return self._run(self._async.logs(task_id, job))
 
     def result(self, task_id: str, wait: bool = False) -> dict[str, Any]:
         return self._run(self._async.result(task_id, wait=wait))

@@ -107,8 +107,10 @@ def broker(state_dir, clients, workers, events, heartbeat, liveness, insecure, l
               help="Scratch, logs and outbox (default: ~/.cache/nsd/worker).")
 @click.option("--id", "worker_id", default=None, help="Worker id (default: host name + a persisted suffix).")
 @click.option("--heartbeat", default=1.0, show_default=True, help="Heartbeat interval, seconds.")
+@click.option("--grace", default=30.0, show_default=True,
+              help="On SIGTERM, seconds running trials may take to finish before they are handed back.")
 @click.option("--log-level", default="info", show_default=True)
-def worker(broker_addr, cores, cores_per_trial, cache_dir, worker_id, heartbeat, log_level) -> None:
+def worker(broker_addr, cores, cores_per_trial, cache_dir, worker_id, heartbeat, grace, log_level) -> None:
     """Run a worker daemon on this node."""
     from nsd.net import install_uvloop
     from nsd.worker.daemon import WorkerConfig, WorkerDaemon
@@ -123,7 +125,7 @@ def worker(broker_addr, cores, cores_per_trial, cache_dir, worker_id, heartbeat,
     if not 1 <= cores_per_trial <= len(cpus):
         _fail(ValueError(f"--cores-per-trial must be between 1 and {len(cpus)}"))
     config = WorkerConfig(broker=broker_addr, cpus=cpus, cores_per_trial=cores_per_trial,
-                          worker_id=worker_id, heartbeat_s=heartbeat)
+                          worker_id=worker_id, heartbeat_s=heartbeat, grace_s=grace)
     if cache_dir is not None:
         config.cache_dir = cache_dir
 
@@ -244,6 +246,25 @@ def fetch(task_id, output, broker) -> None:
     with _Errors(), _client(broker) as client:
         path = client.fetch(task_id, output)
     click.echo(f"wrote {path} (load it as {output / 'README.md'} shows)")
+
+
+@main.command()
+@click.argument("task_id")
+@click.option("--trial", "trial", default=None, help="One trial's log (an index), or 'plan' / 'save'.")
+@json_option
+@broker_option
+def logs(task_id, trial, as_json, broker) -> None:
+    """Print the logs of a task's jobs (what each runner printed while running them)."""
+    with _Errors(), _client(broker) as client:
+        entries = client.logs(task_id, trial)
+    if as_json:
+        _print_json({"logs": entries})
+        return
+    if not entries:
+        click.echo("no logs yet (a job's log arrives with its result)", err=True)
+    for e in entries:
+        click.echo(f"===== {e['job']} (attempt {e['attempt']}, worker {e['worker']}) =====")
+        click.echo(e["text"].rstrip("\n"))
 
 
 @main.command()

@@ -61,6 +61,7 @@ class Runner:
         self.slot, self.cpus, self.workdir, self.log_path = slot, cpus, workdir, log_path
         self.proc: asyncio.subprocess.Process | None = None
         self._ready: asyncio.Future | None = None
+        self._lock = asyncio.Lock()
 
     async def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -76,11 +77,16 @@ class Runner:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.returncode is None
 
+    async def ready(self) -> None:
+        """Start the process if it is not running, and wait until it has imported torch and INC."""
+        async with self._lock:
+            if not self.alive:
+                await self.start()
+            if await self._ready is None:
+                raise RunnerDied(await self._death())
+
     async def run(self, job: dict) -> dict:
-        if not self.alive:
-            await self.start()
-        if await self._ready is None:
-            raise RunnerDied(await self._death())
+        await self.ready()
         self.proc.stdin.write(pipe.encode(job))
         await self.proc.stdin.drain()
         answer = await pipe.read_async(self.proc.stdout)
@@ -92,14 +98,6 @@ class Runner:
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self.proc.wait(), 5)
         return describe_exit(self.proc.returncode)
-
-    def log_tail(self, lines: int = 20) -> list[str]:
-        try:
-            with open(self.log_path, "rb") as f:
-                f.seek(max(0, os.path.getsize(self.log_path) - 8192))
-                return f.read().decode(errors="replace").splitlines()[-lines:]
-        except OSError:
-            return []
 
     async def stop(self, kill: bool = False) -> None:
         if not self.alive:
@@ -137,6 +135,7 @@ class WorkerConfig:
     cache_max_bytes: int = 20 * 1024**3  # fetched models and data kept for later tasks
     fetch_window: int = 4  # blob chunks in flight at once (credit-based flow control)
     chunk_timeout_s: float = 60.0
+    grace_s: float = 30.0  # on SIGTERM: how long running trials may take to finish before being handed back
 
 
 class WorkerDaemon:
@@ -160,6 +159,8 @@ class WorkerDaemon:
         self.ctx = zmq.asyncio.Context()
         self.sock: zmq.asyncio.Socket | None = None
         self._stopping = asyncio.Event()
+        self._drain_deadline: float | None = None  # set by stop(): finishing what runs, taking nothing new
+        self._restarts: set[asyncio.Task] = set()
         self.registered = asyncio.Event()
         self.fatal: str | None = None
 
@@ -200,6 +201,8 @@ class WorkerDaemon:
                     break
                 backoff = self.config.heartbeat_s if healthy else min(backoff * 2, self.config.backoff_max_s)
                 log.warning("lost the broker at %s; reconnecting in %.0fs", self.config.broker, backoff)
+                if self._drained():
+                    break
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), backoff)
         finally:
@@ -207,8 +210,23 @@ class WorkerDaemon:
         if self.fatal:
             raise SystemExit(f"nsd worker: {self.fatal}")
 
-    def stop(self) -> None:
-        self._stopping.set()
+    def stop(self, grace_s: float | None = None) -> None:
+        """Drain: take no new jobs, give running ones `grace_s` (default config.grace_s) to finish and be
+        acknowledged, hand the rest back to the broker, then exit. A second call stops at once."""
+        grace = self.config.grace_s if grace_s is None else grace_s
+        if self._drain_deadline is not None or grace <= 0:
+            self._stopping.set()
+            return
+        log.info("draining: no new jobs; waiting up to %.0fs for %d running", grace,
+                 sum(s.job is not None for s in self.slots))
+        self._drain_deadline = time.monotonic() + grace
+
+    def _drained(self) -> bool:
+        """While draining: True once nothing runs and every result is acknowledged, or time is up."""
+        if self._drain_deadline is None:
+            return False
+        idle = not any(s.job for s in self.slots) and not self.outbox
+        return idle or time.monotonic() > self._drain_deadline
 
     async def _session(self) -> bool:
         """One connection to the broker. Returns whether it got as far as being registered."""
@@ -221,9 +239,20 @@ class WorkerDaemon:
         last_heard = time.monotonic()
         last_sent = 0.0
         was_registered = False
+        drain_announced = False
         self._send(Cmd.READY, self._ready_body())
         try:
             while not self._stopping.is_set() and self.fatal is None:
+                if self._drain_deadline is not None:
+                    if not drain_announced and self.registered.is_set():
+                        # Registering again with no slots: the broker keeps what runs, assigns nothing
+                        # more, and requeues the backlog we drop here.
+                        self.backlog.clear()
+                        self._send(Cmd.READY, self._ready_body())
+                        drain_announced = True
+                    if self._drained():
+                        self._stopping.set()
+                        break
                 if await self.sock.poll(timeout=int(hb * 500)):
                     frames = await self.sock.recv_multipart()
                     last_heard = time.monotonic()
@@ -249,7 +278,8 @@ class WorkerDaemon:
 
     def _ready_body(self) -> dict:
         return {"worker_id": self.worker_id, "boot_id": self.boot_id, "host": socket.gethostname(),
-                "cores": len(self.config.cpus), "slots": len(self.slots), "version": PROTOCOL_VERSION,
+                "cores": len(self.config.cpus), "slots": 0 if self._drain_deadline is not None else len(self.slots),
+                "version": PROTOCOL_VERSION,
                 "nsd_version": __version__, "running": self._running(), "outbox": list(self.outbox.values())}
 
     def _running(self) -> list[list]:
@@ -291,6 +321,8 @@ class WorkerDaemon:
         # HEARTBEAT: hearing it is all it is for.
 
     def _accept(self, trial_id: str, attempt: int, job: dict) -> None:
+        if self._drain_deadline is not None:
+            return  # crossed our drain notice: the lease goes back to the broker with our BYE
         if any(s.job == (trial_id, attempt) for s in self.slots) or any(
                 (t, a) == (trial_id, attempt) for t, a, _ in self.backlog):
             return  # a duplicate ASSIGN: we already run it
@@ -310,30 +342,47 @@ class WorkerDaemon:
                 log.warning("could not fetch the files of %s: %s", trial_id, exc)
                 answer = {"ok": False, "requeue": True, "error": f"worker could not fetch the task's files: {exc}"}
             else:
-                answer = await self._run(slot, trial_id, job)
+                answer = await self._run(slot, trial_id, attempt, job)
             result = {**answer, "trial_id": trial_id, "attempt": attempt, "worker_id": self.worker_id}
             self.outbox[f"{trial_id}#{attempt}"] = result
             self._save_outbox()
             self._send(Cmd.RESULT, result)
         finally:
             slot.job, slot.task = None, None
+            self._warm_up(slot)
             for sha in pins:
                 self.blobs.unpin(sha)
             self.blobs.evict()
             if self.backlog and not self._stopping.is_set():
                 self._accept(*self.backlog.pop(0))
 
-    async def _run(self, slot: Slot, trial_id: str, job: dict) -> dict:
+    async def _run(self, slot: Slot, trial_id: str, attempt: int, job: dict) -> dict:
+        task_id, _, index = trial_id.partition("/")
+        log_path = self.cache_dir / "logs" / task_id / f"{index}-a{attempt}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        job = {**job, "log": str(log_path)}
+        limit = None
+        if job["kind"] == "trial" and job["spec"]["tuning"].get("trial_timeout_s"):
+            limit = job["spec"]["tuning"]["trial_timeout_s"]
         try:
-            answer = await slot.runner.run(job)
+            await slot.runner.ready()  # a runner's start-up is not the trial's time
+            try:
+                answer = await asyncio.wait_for(slot.runner.run(job), limit)
+            except asyncio.TimeoutError:
+                await slot.runner.stop(kill=True)  # a hung trial cannot be interrupted: end its runner
+                raise RunnerDied(f"trial exceeded trial_timeout_s={limit:g}s; its runner was killed") from None
             if job["kind"] == "save" and answer.get("ok"):
                 answer["artifact"] = await self._upload(Path(answer.pop("artifact_dir")))
-            return answer
         except RunnerDied as exc:
-            return {"ok": False, "error": f"{exc} while running {job['kind']} {trial_id}",
-                    "log_tail": slot.runner.log_tail()}
+            answer = {"ok": False, "error": f"{exc} while running {job['kind']} {trial_id}"}
         except (OSError, ValueError, asyncio.TimeoutError) as exc:  # the pipe or an upload broke under us
-            return {"ok": False, "error": f"{type(exc).__name__}: {exc}", "log_tail": slot.runner.log_tail()}
+            answer = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+        tail = _tail(log_path, LOG_TAIL_BYTES)
+        if not answer.get("ok") and tail:
+            last = "\n".join(tail.splitlines()[-12:])
+            answer["error"] = f"{answer.get('error') or 'failed'}\n--- last lines of its log ---\n{last}"
+        answer["log"] = tail
+        return answer
 
     # ---- blobs -----------------------------------------------------------------------------------
 
@@ -406,6 +455,19 @@ class WorkerDaemon:
             tar.unlink(missing_ok=True)
             shutil.rmtree(path, ignore_errors=True)
 
+    def _warm_up(self, slot: Slot) -> None:
+        """Replace a runner that died (crash, timeout, cancel) now, not when the next job arrives."""
+        if slot.runner.alive or self._stopping.is_set() or self._drain_deadline is not None:
+            return
+
+        async def restart() -> None:
+            with contextlib.suppress(Exception):
+                await slot.runner.ready()
+
+        task = asyncio.create_task(restart())
+        self._restarts.add(task)
+        task.add_done_callback(self._restarts.discard)
+
     async def _cancel(self, trial_id: str, attempt: int) -> None:
         self.backlog = [b for b in self.backlog if (b[0], b[1]) != (trial_id, attempt)]
         for slot in self.slots:
@@ -416,14 +478,30 @@ class WorkerDaemon:
                 await slot.runner.stop(kill=True)
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+                self._warm_up(slot)
                 log.info("cancelled %s (attempt %d)", trial_id, attempt)
 
     async def _shutdown(self) -> None:
+        for task in list(self._restarts):
+            task.cancel()
+        await asyncio.gather(*self._restarts, return_exceptions=True)
         for slot in self.slots:
             if slot.task is not None:
                 slot.task.cancel()
         await asyncio.gather(*(s.runner.stop(kill=s.job is not None) for s in self.slots), return_exceptions=True)
         self.ctx.term()
+
+
+LOG_TAIL_BYTES = 64 * 1024  # of each job's log, sent with its result (the whole log stays on the worker)
+
+
+def _tail(path: Path, size: int) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, os.path.getsize(path) - size))
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""
 
 
 def _slot_cpus(cpus: list[int], slot: int, k: int) -> list[int]:

@@ -11,6 +11,7 @@ trials, because a fresh process costs 7–11 s of imports before any work (INC-N
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import sys
@@ -51,7 +52,9 @@ def main() -> None:
         job = pipe.read_blocking(jobs)
         if job is None:
             return  # the worker closed our stdin: it is done with us
-        answers.write(pipe.encode(run_job(job, cache)))
+        with job_log(job.get("log")):
+            answer = run_job(job, cache)
+        answers.write(pipe.encode(answer))
 
 
 class TaskCache:
@@ -96,6 +99,27 @@ class TaskCache:
                 self.export_error = exc
                 raise
         return self.exported
+
+
+@contextlib.contextmanager
+def job_log(path: str | None):
+    """Send everything this job prints (Python, INC, C libraries) to its own log file."""
+    if not path:
+        yield
+        return
+    sys.stderr.flush()
+    runner_log = os.dup(2)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(runner_log, 1)
+        os.dup2(runner_log, 2)
+        os.close(runner_log)
 
 
 def run_job(job: dict, cache: TaskCache) -> dict[str, Any]:

@@ -1,0 +1,222 @@
+"""Nothing lost: real daemons in real processes, killed with real signals, and the task still ends with
+the answer an undisturbed run gives."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nsd.client.api import AsyncClient
+from nsd.client.view import apply_event
+from tests.conftest import RECIPES, _alive, digits_spec, kill_pid, wait_for
+from tests.test_cli import free_port
+
+pytestmark = pytest.mark.slow
+NSD = [sys.executable, "-m", "nsd"]
+UNDISTURBED_WINNER = (2, 0.9722222089767456)  # digits example: trial 2 (rtn bits=3, per channel)
+
+
+def slow_spec(seconds: float) -> dict:
+    spec = digits_spec()
+    spec["recipe"]["file"] = str(RECIPES / "slow.py")
+    spec["model"]["shared"] = True
+    spec["tuning"]["max_trials"] = 6
+    return spec
+
+
+class Processes:
+    """Daemons started as `nsd` subprocesses; everything they (and their runners) leave is killed by PID."""
+
+    def __init__(self, tmp: Path, env: dict):
+        self.tmp, self.env, self.procs = tmp, env, {}
+        self.ports = {name: free_port() for name in ("clients", "workers", "events")}
+
+    def addr(self, name: str) -> str:
+        return f"tcp://127.0.0.1:{self.ports[name]}"
+
+    def start(self, name: str, *args: str) -> subprocess.Popen:
+        with open(self.tmp / f"{name}.log", "a") as log:
+            proc = subprocess.Popen([*NSD, *args], env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        self.procs[name] = proc
+        return proc
+
+    def broker(self) -> subprocess.Popen:
+        return self.start("broker", "broker", "--state-dir", str(self.tmp / "state"), "--clients",
+                          self.addr("clients"), "--workers", self.addr("workers"), "--events", self.addr("events"),
+                          "--heartbeat", "0.5", "--liveness", "6")
+
+    def worker(self, name: str, *extra: str) -> subprocess.Popen:
+        return self.start(name, "worker", "--broker", self.addr("workers"), "--cores", "1", "--id", name,
+                          "--cache-dir", str(self.tmp / name), "--heartbeat", "0.5", *extra)
+
+    def runners_of(self, name: str) -> list[int]:
+        out = subprocess.run(["pgrep", "-P", str(self.procs[name].pid)], capture_output=True, text=True).stdout
+        return [int(p) for p in out.split()]
+
+    def stop_all(self) -> None:
+        pids = [pid for name in self.procs for pid in self.runners_of(name)] + [p.pid for p in self.procs.values()]
+        pids += self.orphans
+        for pid in pids:
+            kill_pid(pid, signal.SIGKILL)
+        for proc in self.procs.values():
+            proc.wait(10)
+
+    orphans: list[int] = []
+
+
+@pytest.fixture
+def daemons(tmp_path):
+    env = {**os.environ, "NSD_TEST_SLOW_S": "1.5", "LOGLEVEL": "WARNING"}
+    procs = Processes(tmp_path, env)
+    procs.orphans = []
+    yield procs
+    procs.stop_all()
+
+
+async def connect(procs: Processes) -> AsyncClient:
+    client = AsyncClient(procs.addr("clients"), timeout_s=5, idle_resnapshot_s=0.5)
+
+    async def workers_up():
+        try:
+            return len(await client.cluster()) == sum(n.startswith("w") for n in procs.procs)
+        except Exception:
+            return False
+
+    await wait_for(workers_up, 90, 0.3)
+    return client
+
+
+def trial_finishes(events: list[dict]) -> dict[int, int]:
+    """How many times each trial was reported finished (cancelled excluded) in the event stream."""
+    counts: dict[int, int] = {}
+    for e in events:
+        if e["kind"] == "trial" and e["state"] in ("passed", "failed_goal", "error"):
+            counts[e["index"]] = counts.get(e["index"], 0) + 1
+    return counts
+
+
+async def test_sigkill_a_worker_mid_trial_the_trial_completes_elsewhere(daemons):
+    daemons.broker()
+    daemons.worker("wa")
+    daemons.worker("wb")
+    client = await connect(daemons)
+    try:
+        task_id = await client.submit(slow_spec(1.5))
+        events: list[dict] = []
+
+        async def follow():
+            async for e in client.events(task_id):
+                events.append(e)
+
+        follower = asyncio.create_task(follow())
+
+        async def wa_runs_a_trial():
+            task = await client.status(task_id)
+            return [t for t in task["trials"] if t["state"] == "running" and t["worker"] == "wa"]
+
+        (victim,) = (await wait_for(wa_runs_a_trial, 90, 0.1))[:1]
+        daemons.orphans += daemons.runners_of("wa")
+        daemons.procs["wa"].send_signal(signal.SIGKILL)
+        await asyncio.wait_for(follower, 120)
+        result = await client.result(task_id)
+        assert result["state"] == "done"
+        assert (result["winner"]["index"], result["winner"]["metric"]) == UNDISTURBED_WINNER
+        moved = result["trials"][victim["index"]]
+        if moved["state"] != "cancelled":  # it may have become moot when a lower trial won
+            assert moved["attempt"] == 2 and moved["worker"] == "wb"
+        assert all(n == 1 for n in trial_finishes(events).values())  # no trial counted twice
+    finally:
+        await client.close()
+
+
+async def test_sigkill_the_broker_mid_task_and_restart_it(daemons):
+    daemons.broker()
+    daemons.worker("wa")
+    client = await connect(daemons)
+    try:
+        task_id = await client.submit(slow_spec(1.5))
+        view, seqs = None, []
+
+        async def follow():
+            nonlocal view
+            async for e in client.events(task_id):  # rides out the restart by itself
+                view = apply_event(view, e)
+                seqs.append(e["seq"])
+
+        follower = asyncio.create_task(follow())
+
+        async def two_finished():
+            task = await client.status(task_id)
+            return [t for t in task["trials"] if t["state"] in ("failed_goal", "passed")][:2] \
+                if sum(t["state"] in ("failed_goal", "passed") for t in task["trials"]) >= 2 else None
+
+        finished_before = await wait_for(two_finished, 120, 0.1)
+        daemons.procs["broker"].send_signal(signal.SIGKILL)
+        daemons.procs["broker"].wait(10)
+        await asyncio.sleep(1.0)
+        daemons.broker()
+        await asyncio.wait_for(follower, 180)
+        result = await client.result(task_id)
+        assert result["state"] == "done"
+        assert (result["winner"]["index"], result["winner"]["metric"]) == UNDISTURBED_WINNER
+        for before in finished_before:  # kept exactly as they were: not redone
+            after = result["trials"][before["index"]]
+            assert (after["metric"], after["attempt"], after["state"]) == \
+                (before["metric"], before["attempt"], before["state"])
+        logs = sorted(p.name for p in (daemons.tmp / "wa" / "logs" / result["task_id"]).iterdir())
+        for before in finished_before:
+            assert [n for n in logs if n.startswith(f"{before['index']}-")] == [f"{before['index']}-a1.log"]
+        assert seqs == sorted(set(seqs))  # the stream resumed without repeating or reordering
+        assert view["state"] == "done" and view["winner"] == result["winner"]
+    finally:
+        await client.close()
+
+
+async def test_sigterm_a_busy_worker_finishes_its_trial_and_loses_nothing(daemons):
+    daemons.broker()
+    daemons.worker("wa", "--grace", "60")
+    daemons.worker("wb")
+    client = await connect(daemons)
+    try:
+        task_id = await client.submit(slow_spec(1.5))
+
+        async def wa_runs_a_trial():
+            task = await client.status(task_id)
+            return [t for t in task["trials"] if t["state"] == "running" and t["worker"] == "wa"]
+
+        (victim,) = (await wait_for(wa_runs_a_trial, 90, 0.1))[:1]
+        daemons.procs["wa"].send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(daemons.procs["wa"].wait, 60) == 0
+        result = await client.result(task_id, wait=True)
+        assert result["state"] == "done"
+        assert (result["winner"]["index"], result["winner"]["metric"]) == UNDISTURBED_WINNER
+        finished = result["trials"][victim["index"]]
+        assert finished["worker"] == "wa" and finished["attempt"] == 1  # finished there, not redone
+        assert finished["state"] in ("failed_goal", "passed", "cancelled")
+        assert all(t["worker"] == "wb" for t in result["trials"] if t["index"] > victim["index"] + 1
+                   and t["state"] in ("failed_goal", "passed"))
+    finally:
+        await client.close()
+
+
+async def test_a_hanging_trial_times_out_with_its_log_and_the_worker_goes_on(client, start_workers, monkeypatch):
+    monkeypatch.setenv("NSD_TEST_HANG", "1")
+    monkeypatch.setenv("NSD_TEST_SLOW_S", "0")
+    spec = slow_spec(0)
+    spec["tuning"]["trial_timeout_s"] = 6
+    (worker,) = await start_workers(1)
+    result = await client.result(await client.submit(spec), wait=True)
+    assert result["state"] == "done" and result["winner"]["index"] == 2, [(t["state"], t["error"]) for t in result["trials"]]
+    hung = result["trials"][0]
+    assert hung["state"] == "error" and "exceeded trial_timeout_s=6s" in hung["error"]
+    assert "about to hang" in hung["error"]  # the last lines of its log come with the reason
+    logs = await client.logs(result["task_id"], 0)
+    assert "about to hang" in logs[0]["text"] and logs[0]["worker"] == worker.worker_id
+    assert (await client.cluster())[0]["worker_id"] == worker.worker_id
