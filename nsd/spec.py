@@ -78,6 +78,7 @@ class TuningSpec:
 class ResourcesSpec:
     workers: int = 0  # trials at once; 0: as many as there are free slots
     cores_per_trial: int = 1
+    priority: int = 0  # higher is served first; equal priorities share free slots in turns
 
 
 @dataclass(frozen=True)
@@ -183,6 +184,7 @@ def validate(raw: Any) -> TaskSpec:
     resources = ResourcesSpec(
         workers=int(_number(r, "workers", 0, 0, 100_000, "resources.", problems, integer=True)),
         cores_per_trial=int(_number(r, "cores_per_trial", 1, 1, 4096, "resources.", problems, integer=True)),
+        priority=int(_number(r, "priority", 0, -1000, 1000, "resources.", problems, integer=True)),
     )
     if problems:
         raise SpecError(problems)

@@ -121,6 +121,24 @@ async def test_workers_limit_caps_trials_at_once(broker, client):
         await w.stop()
 
 
+async def test_a_late_small_task_finishes_before_a_long_early_one(broker, client):
+    w = await ScriptedWorker(broker.endpoints["workers"], "s1", slots=2, delay_s=0.05,
+                             answer=lambda job: plan_answer(1.0, 40 if job["spec"]["name"] == "big" else 2)
+                             if job["kind"] == "plan" else {"ok": True, "metric": 0.1}).start()
+    try:
+        big = await client.submit({**spec(), "name": "big"})
+        await wait_for(lambda: _count(w, "trial", 2))
+        small = await client.submit({**spec(), "name": "small"})
+        small_done = await done(client, small)
+        big_now = await client.status(big)
+        assert small_done["state"] == "done" and big_now["state"] == "tuning"
+        assert sum(t["state"] == "pending" for t in big_now["trials"]) > 20  # it went ahead, not behind
+        big_done = await done(client, big)
+        assert big_done["timings"]["finished"] > small_done["timings"]["finished"]
+    finally:
+        await w.stop()
+
+
 async def test_cancel_mid_run_stops_running_trials(broker, client):
     w = await ScriptedWorker(broker.endpoints["workers"], "s1", slots=2,
                              answer=lambda job: plan_answer(1.0, 6) if job["kind"] == "plan" else None).start()

@@ -162,6 +162,7 @@ class Broker:
         self.addresses = {"clients": clients, "workers": workers, "events": events}
         self.heartbeat_s, self.liveness = heartbeat_s, liveness
         self.tasks: dict[str, Task] = {}
+        self.active: dict[str, Task] = {}  # tasks not yet ended, oldest first: what scheduling looks at
         self.workers: dict[str, Worker] = {}
         self.endpoints: dict[str, str] = {}
         self.started_at = time.time()
@@ -227,6 +228,8 @@ class Broker:
                                  worker=r["worker"], started=r["started"], finished=r["finished"],
                                  seconds=r["seconds"], error=r["error"]) for r in self.store.trials(task.id)]
             self.tasks[task.id] = task
+            if not task.state.terminal:
+                self.active[task.id] = task
         if self.tasks:
             log.info("reloaded %d tasks from %s", len(self.tasks), self.state_dir)
 
@@ -362,7 +365,7 @@ class Broker:
         task = Task(id=uuid.uuid4().hex[:12], spec=spec, state=TaskState.QUEUED, created=time.time())
         with self.store.tx():
             self.store.insert_task(task.id, task.name, spec, task.state.value, task.created)
-            self.tasks[task.id] = task
+            self.tasks[task.id] = self.active[task.id] = task
             self._emit(task, "state", state=task.state.value)
         log.info("task %s (%s) queued", task.id, task.name)
         return task.id
@@ -426,9 +429,7 @@ class Broker:
         self.workers[wid] = worker
         with self.store.tx():
             # Leases this worker (or its previous incarnation) held: keep those it still runs, requeue the rest.
-            for task in self.tasks.values():
-                if task.state.terminal:
-                    continue
+            for task in list(self.active.values()):
                 stage = STAGE_JOBS.get(task.state)
                 if stage and task.stage_worker == wid:
                     if (trial_id(task.id, stage), task.stage_attempt) in still_running:
@@ -626,6 +627,7 @@ class Broker:
         task.stage_worker = None
         task.state, task.winner, task.met_goal, task.error = state, winner, met_goal, error
         task.finished = time.time()
+        self.active.pop(task.id, None)
         self.store.update_task(task.id, state=state.value, winner=winner, met_goal=met_goal, error=error,
                                finished=task.finished, stage_worker=None)
         self._emit(task, "state", state=state.value, winner=winner, met_goal=met_goal, error=error)
@@ -642,13 +644,16 @@ class Broker:
 
     def _schedule(self) -> None:
         demands = []
-        for task in self.tasks.values():
+        for task in self.active.values():
+            priority = task.spec["resources"].get("priority", 0)
             if task.state is TaskState.QUEUED or (task.state in STAGE_JOBS and task.stage_worker is None):
-                demands.append(scheduler.Demand(task.id, 1))
+                demands.append(scheduler.Demand(task.id, 1, priority))
             elif task.state is TaskState.TUNING:
-                wants = len(tuner.to_dispatch(task.views(), task.spec["resources"]["workers"]))
+                views = task.views()
+                wants = len(tuner.to_dispatch(views, task.spec["resources"]["workers"]))
                 if wants:
-                    demands.append(scheduler.Demand(task.id, wants))
+                    running = sum(v.state is TrialState.RUNNING for v in views)
+                    demands.append(scheduler.Demand(task.id, wants, priority, running))
         if not demands:
             return
         free = {w.id: w.slots - len(w.running) for w in self.workers.values()}
@@ -698,7 +703,7 @@ class Broker:
         # Leases reloaded from disk whose worker has not come back within one grace window.
         if now - self.started_at > deadline:
             with self.store.tx():
-                for task in [t for t in self.tasks.values() if not t.state.terminal]:
+                for task in list(self.active.values()):
                     stage = STAGE_JOBS.get(task.state)
                     if stage and task.stage_worker is not None and task.stage_worker not in self.workers:
                         self._lost_lease(task, stage, "worker did not come back after a broker restart")
@@ -707,7 +712,7 @@ class Broker:
                             self._lost_lease(task, tr.index, "worker did not come back after a broker restart")
 
     def _check_timeouts(self, now: float) -> None:
-        for task in self.tasks.values():
+        for task in list(self.active.values()):
             budget = task.tuning["timeout_s"]
             if task.state is TaskState.TUNING and budget and task.started and now - task.started > budget:
                 with self.store.tx():
