@@ -25,12 +25,15 @@ from nsd import __version__
 from nsd.broker import scheduler, tuner
 from nsd.blobs import make_ref, parse_ref
 from nsd.broker.blobs import BlobError, BlobStore
+from nsd.broker import metrics as metrics_http
+from nsd.broker.metrics import Metrics
 from nsd.broker.store import Store
 from nsd.net import OncePerPeer, configure, is_loopback
 from nsd.protocol import (CLIENT_TO_BROKER, PROTOCOL_VERSION, WORKER_TO_BROKER, Cmd, ProtocolError, event_frames,
                           pack, unpack)
 from nsd.spec import SpecError, spec_blob_refs, validate
 from nsd.states import TaskState, TrialState
+from nsd.systemd import notify, watchdog_interval
 
 log = logging.getLogger("nsd.broker")
 
@@ -142,6 +145,7 @@ class Worker:
     last_seen: float
     last_sent: float = 0.0
     running: dict[str, int] = field(default_factory=dict)  # trial_id -> attempt: the leases it holds
+    freed_at: float | None = None  # when a slot last came free (for the dispatch latency metric)
 
     def public(self, now: float) -> dict[str, Any]:
         return {"worker_id": self.id, "host": self.host, "cores": self.cores, "slots": self.slots,
@@ -152,7 +156,7 @@ class Worker:
 class Broker:
     def __init__(self, state_dir: Path, clients: str = "tcp://127.0.0.1:5550",
                  workers: str = "tcp://127.0.0.1:5551", events: str = "tcp://127.0.0.1:5552",
-                 heartbeat_s: float = 1.0, liveness: int = 5, insecure: bool = False):
+                 heartbeat_s: float = 1.0, liveness: int = 5, insecure: bool = False, metrics: str | None = None):
         for endpoint in (clients, workers, events):
             if not is_loopback(endpoint) and not insecure:
                 raise ValueError(f"refusing to bind {endpoint}: it is reachable from other hosts and CURVE "
@@ -161,12 +165,18 @@ class Broker:
         self.state_dir = Path(state_dir)
         self.addresses = {"clients": clients, "workers": workers, "events": events}
         self.heartbeat_s, self.liveness = heartbeat_s, liveness
+        self.metrics_address = metrics  # "host:port" for Prometheus, or None
+        self.metrics = Metrics()
+        self._metrics_server: asyncio.AbstractServer | None = None
+        self._watchdog_s = watchdog_interval()
+        self._last_watchdog = 0.0
         self.tasks: dict[str, Task] = {}
         self.active: dict[str, Task] = {}  # tasks not yet ended, oldest first: what scheduling looks at
         self.workers: dict[str, Worker] = {}
         self.endpoints: dict[str, str] = {}
         self.started_at = time.time()
         self._bad = OncePerPeer(log)
+        self.metrics.bad_messages = lambda: self._bad.count
         self._loops: list[asyncio.Task] = []
         self.ctx: zmq.asyncio.Context | None = None
         self.store: Store | None = None
@@ -190,10 +200,20 @@ class Broker:
             self.endpoints[name] = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self._loops = [asyncio.create_task(coro) for coro in
                        (self._serve_clients(), self._serve_workers(), self._drain_subscriptions(), self._tick())]
+        if self.metrics_address:
+            host, _, port = self.metrics_address.rpartition(":")
+            self._metrics_server = await metrics_http.serve(host or "127.0.0.1", int(port), self.metrics_page)
+            self.endpoints["metrics"] = "http://{}:{}/metrics".format(*self._metrics_server.sockets[0].getsockname()[:2])
         log.info("broker %s serving clients %s, workers %s, events %s (state in %s)", __version__,
                  self.endpoints["clients"], self.endpoints["workers"], self.endpoints["events"], self.state_dir)
+        notify("READY=1", f"STATUS=serving clients on {self.endpoints['clients']}")
 
     async def stop(self) -> None:
+        notify("STOPPING=1")
+        if self._metrics_server is not None:
+            self._metrics_server.close()
+            await self._metrics_server.wait_closed()
+            self._metrics_server = None
         for loop in self._loops:
             loop.cancel()
         await asyncio.gather(*self._loops, return_exceptions=True)
@@ -282,8 +302,28 @@ class Broker:
                 self._check_liveness(time.time())
                 self._check_timeouts(time.time())
                 self._schedule()
+                self._ping_systemd()
             except Exception:
                 log.exception("tick failed")
+
+    def _ping_systemd(self) -> None:
+        """WATCHDOG=1 from the loop itself: if the loop wedges, systemd restarts us."""
+        now = time.monotonic()
+        if self._watchdog_s is not None and now - self._last_watchdog >= self._watchdog_s:
+            self._last_watchdog = now
+            busy = sum(len(w.running) for w in self.workers.values())
+            notify("WATCHDOG=1", f"STATUS={len(self.active)} active tasks, {len(self.workers)} workers, "
+                                 f"{busy}/{sum(w.slots for w in self.workers.values())} slots busy")
+
+    def metrics_page(self) -> str:
+        by_state: dict[str, int] = {s.value: 0 for s in TaskState}
+        for task in self.tasks.values():
+            by_state[task.state.value] += 1
+        queue = sum(1 for t in self.active.values() if t.state is TaskState.QUEUED) + sum(
+            t.state is TrialState.PENDING for task in self.active.values() for t in task.trials)
+        return metrics_http.render(self.metrics, by_state, len(self.workers),
+                                   sum(w.slots for w in self.workers.values()),
+                                   sum(len(w.running) for w in self.workers.values()), queue)
 
     def _reply(self, identity: bytes, cmd: Cmd, body: dict) -> None:
         try:
@@ -484,6 +524,7 @@ class Broker:
             return
         tr = task.trials[index]
         state, attempt = tuner.after_lost_lease(tr.attempt, max_attempts)
+        self.metrics.trials_requeued += state is TrialState.PENDING
         tr.state, tr.attempt, tr.worker = state, attempt, None
         if state is TrialState.ERROR:
             tr.error, tr.finished = f"{why} on each of {attempt} attempts", time.time()
@@ -498,6 +539,7 @@ class Broker:
         task = self.tasks.get(task_id)
         if worker is not None and worker.running.get(body["trial_id"]) == body["attempt"]:
             del worker.running[body["trial_id"]]
+            worker.freed_at = time.monotonic()
         if task is None or task.state.terminal:
             return
         wid = worker.id if worker else None
@@ -534,6 +576,7 @@ class Broker:
             tr.error = str(body.get("error") or "the runner returned no metric")[:4000]
         self.store.update_trial(task.id, tr.index, state=tr.state.value, metric=tr.metric, seconds=tr.seconds,
                                 finished=tr.finished, error=tr.error)
+        self.metrics.trial_finished(tr.state.value)
         self._emit(task, "trial", **self._trial_event(tr))
         self._settle(task)
 
@@ -654,15 +697,16 @@ class Broker:
                 if wants:
                     running = sum(v.state is TrialState.RUNNING for v in views)
                     demands.append(scheduler.Demand(task.id, wants, priority, running))
-        if not demands:
-            return
-        free = {w.id: w.slots - len(w.running) for w in self.workers.values()}
-        placements = scheduler.place(free, demands)
-        if not placements:
-            return
-        with self.store.tx():
-            for task_id, worker_id in placements:
-                self._assign(self.tasks[task_id], self.workers[worker_id])
+        if demands:
+            free = {w.id: w.slots - len(w.running) for w in self.workers.values()}
+            placements = scheduler.place(free, demands)
+            if placements:
+                with self.store.tx():
+                    for task_id, worker_id in placements:
+                        self._assign(self.tasks[task_id], self.workers[worker_id])
+        for worker in self.workers.values():  # a slot that stays free had no work waiting: not latency
+            if worker.freed_at is not None and len(worker.running) < worker.slots:
+                worker.freed_at = None
 
     def _assign(self, task: Task, worker: Worker) -> None:
         now = time.time()
@@ -689,6 +733,10 @@ class Broker:
             self.store.update_trial(task.id, index, state=tr.state.value, worker=worker.id, started=now)
             self._emit(task, "trial", **self._trial_event(tr))
         worker.running[tid] = attempt
+        self.metrics.jobs_dispatched += 1
+        if worker.freed_at is not None:
+            self.metrics.dispatch_latency.observe(time.monotonic() - worker.freed_at)
+            worker.freed_at = None
         if not self._send_worker(worker, Cmd.ASSIGN, {"trial_id": tid, "attempt": attempt, "job": job}):
             self._drop_worker(worker, "worker unreachable")
 

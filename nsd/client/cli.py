@@ -14,6 +14,7 @@ from typing import Any
 import click
 
 from nsd import __version__
+from nsd.config import config_option
 
 broker_option = click.option("--broker", envvar="NSD_BROKER", default="tcp://127.0.0.1:5550", show_default=True,
                              help="The broker's client endpoint (env NSD_BROKER).")
@@ -64,6 +65,7 @@ def main() -> None:
 
 
 @main.command()
+@config_option("broker")
 @click.option("--state-dir", type=click.Path(path_type=Path), default=None,
               help="Where SQLite state lives (default: $XDG_STATE_HOME/nsd/broker).")
 @click.option("--clients", default="tcp://127.0.0.1:5550", show_default=True, help="Client endpoint to bind.")
@@ -72,8 +74,9 @@ def main() -> None:
 @click.option("--heartbeat", default=1.0, show_default=True, help="Heartbeat interval, seconds.")
 @click.option("--liveness", default=5, show_default=True, help="Missed heartbeats before a worker is dead.")
 @click.option("--insecure", is_flag=True, help="Allow binding a non-loopback address without CURVE.")
+@click.option("--metrics", default=None, help="Serve Prometheus metrics at HOST:PORT (GET /metrics).")
 @click.option("--log-level", default="info", show_default=True)
-def broker(state_dir, clients, workers, events, heartbeat, liveness, insecure, log_level) -> None:
+def broker(state_dir, clients, workers, events, heartbeat, liveness, insecure, metrics, log_level) -> None:
     """Run the broker daemon."""
     from nsd.broker.daemon import Broker, default_state_dir
     from nsd.net import install_uvloop
@@ -81,8 +84,8 @@ def broker(state_dir, clients, workers, events, heartbeat, liveness, insecure, l
     _setup_logging(log_level)
     install_uvloop()
     try:
-        daemon = Broker(state_dir or default_state_dir(), clients, workers, events, heartbeat_s=heartbeat,
-                        liveness=liveness, insecure=insecure)
+        daemon = Broker(Path(state_dir) if state_dir else default_state_dir(), clients, workers, events,
+                        heartbeat_s=heartbeat, liveness=liveness, insecure=insecure, metrics=metrics)
     except ValueError as exc:
         _fail(exc)
 
@@ -99,6 +102,7 @@ def broker(state_dir, clients, workers, events, heartbeat, liveness, insecure, l
 
 
 @main.command()
+@config_option("worker")
 @click.option("--broker", "broker_addr", envvar="NSD_WORKER_BROKER", default="tcp://127.0.0.1:5551",
               show_default=True, help="The broker's worker endpoint (env NSD_WORKER_BROKER).")
 @click.option("--cores", type=int, default=None, help="Cores to use (default: all this process may run on).")
@@ -127,7 +131,7 @@ def worker(broker_addr, cores, cores_per_trial, cache_dir, worker_id, heartbeat,
     config = WorkerConfig(broker=broker_addr, cpus=cpus, cores_per_trial=cores_per_trial,
                           worker_id=worker_id, heartbeat_s=heartbeat, grace_s=grace)
     if cache_dir is not None:
-        config.cache_dir = cache_dir
+        config.cache_dir = Path(cache_dir)
 
     async def serve() -> None:
         daemon = WorkerDaemon(config)

@@ -31,6 +31,7 @@ from nsd.net import configure
 from nsd.protocol import BROKER_TO_WORKER, PROTOCOL_VERSION, Cmd, ProtocolError, pack, unpack
 from nsd.blobs import CHUNK_BYTES, pack_tree, parse_ref, sha256_file
 from nsd.spec import PATH_FIELDS
+from nsd.systemd import notify, watchdog_interval
 from nsd.worker import pipe
 from nsd.worker.cache import BlobCache
 
@@ -161,6 +162,8 @@ class WorkerDaemon:
         self._stopping = asyncio.Event()
         self._drain_deadline: float | None = None  # set by stop(): finishing what runs, taking nothing new
         self._restarts: set[asyncio.Task] = set()
+        self._watchdog_s = watchdog_interval()
+        self._last_watchdog = 0.0
         self.registered = asyncio.Event()
         self.fatal: str | None = None
 
@@ -193,6 +196,7 @@ class WorkerDaemon:
     async def run(self) -> None:
         """Serve until stop(); reconnect with backoff whenever the broker goes quiet."""
         await asyncio.gather(*(s.runner.start() for s in self.slots))  # warm: imports paid before work arrives
+        notify("READY=1", f"STATUS=connecting to {self.config.broker}")
         backoff = self.config.heartbeat_s
         try:
             while not self._stopping.is_set() and self.fatal is None:
@@ -201,6 +205,7 @@ class WorkerDaemon:
                     break
                 backoff = self.config.heartbeat_s if healthy else min(backoff * 2, self.config.backoff_max_s)
                 log.warning("lost the broker at %s; reconnecting in %.0fs", self.config.broker, backoff)
+                notify(f"STATUS=lost the broker at {self.config.broker}; reconnecting")
                 if self._drained():
                     break
                 with contextlib.suppress(asyncio.TimeoutError):
@@ -269,6 +274,11 @@ class WorkerDaemon:
                 if self.registered.is_set() and now - last_sent >= hb:
                     self._send(Cmd.HEARTBEAT, {"running": self._running()})
                     last_sent = now
+                if self._watchdog_s is not None and now - self._last_watchdog >= self._watchdog_s:
+                    self._last_watchdog = now  # from this loop: a wedged loop gets the daemon restarted
+                    busy = sum(s.job is not None for s in self.slots)
+                    notify("WATCHDOG=1", f"STATUS={'registered with' if self.registered.is_set() else 'connecting to'} "
+                                         f"{self.config.broker}; {busy}/{len(self.slots)} slots busy")
             if self._stopping.is_set() and self.registered.is_set():
                 self._send(Cmd.BYE, {})
             return was_registered
@@ -298,6 +308,7 @@ class WorkerDaemon:
         if msg.cmd is Cmd.READY_ACK:
             self.registered.set()
             log.info("registered with %s as %s (%d slots)", self.config.broker, self.worker_id, len(self.slots))
+            notify(f"STATUS=registered with {self.config.broker}; {len(self.slots)} slots")
         elif msg.cmd is Cmd.ASSIGN:
             self._accept(body["trial_id"], body["attempt"], body["job"])
         elif msg.cmd is Cmd.RESULT_ACK:
@@ -482,6 +493,7 @@ class WorkerDaemon:
                 log.info("cancelled %s (attempt %d)", trial_id, attempt)
 
     async def _shutdown(self) -> None:
+        notify("STOPPING=1")
         for task in list(self._restarts):
             task.cancel()
         await asyncio.gather(*self._restarts, return_exceptions=True)
