@@ -77,7 +77,7 @@ class TuningSpec:
 @dataclass(frozen=True)
 class ResourcesSpec:
     workers: int = 0  # trials at once; 0: as many as there are free slots
-    cores_per_trial: int = 1
+    cores_per_trial: int = 0  # cores each trial runs on (one runner pinned to them); 0: the worker's slot size
     priority: int = 0  # higher is served first; equal priorities share free slots in turns
 
 
@@ -183,7 +183,7 @@ def validate(raw: Any) -> TaskSpec:
     r = parts["resources"]
     resources = ResourcesSpec(
         workers=int(_number(r, "workers", 0, 0, 100_000, "resources.", problems, integer=True)),
-        cores_per_trial=int(_number(r, "cores_per_trial", 1, 1, 4096, "resources.", problems, integer=True)),
+        cores_per_trial=int(_number(r, "cores_per_trial", 0, 0, 4096, "resources.", problems, integer=True)),
         priority=int(_number(r, "priority", 0, -1000, 1000, "resources.", problems, integer=True)),
     )
     if problems:

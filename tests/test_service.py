@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import signal
@@ -183,3 +184,36 @@ async def test_runners_are_pinned_to_their_slots_cores(tmp_path, broker):
 
 async def _true(value) -> bool:
     return bool(value)
+
+
+@pytest.mark.slow
+async def test_each_task_runs_trials_on_its_own_number_of_cores(client, broker, tmp_path):
+    from nsd.worker.daemon import WorkerConfig, WorkerDaemon
+    from tests.conftest import RECIPES, digits_spec
+
+    cpus = sorted(os.sched_getaffinity(0))[:2]
+    if len(cpus) < 2:
+        pytest.skip("needs 2 cores")
+    daemon = WorkerDaemon(WorkerConfig(broker=broker.endpoints["workers"], cpus=cpus, cores_per_trial=1,
+                                       cache_dir=tmp_path / "w", worker_id="shapes", heartbeat_s=0.5))
+    task = asyncio.create_task(daemon.run())
+    try:
+        await asyncio.wait_for(daemon.registered.wait(), 60)
+        for k in (2, 1):
+            spec = digits_spec(max_trials=3)
+            spec["recipe"]["file"] = str(RECIPES / "slow.py")
+            spec["model"]["shared"] = True
+            spec["resources"] = {"cores_per_trial": k}
+            result = await client.result(await client.submit(spec), wait=True)
+            assert result["state"] == "done"
+            for entry in await client.logs(result["task_id"]):
+                if entry["job"] not in ("plan", "save"):
+                    used = [line for line in entry["text"].splitlines() if line.startswith("cores ")]
+                    assert used, entry["text"]
+                    cores = json.loads(used[-1].split(" threads ")[0][len("cores "):])
+                    threads = int(used[-1].split(" threads ")[1])
+                    assert len(cores) == k and set(cores) <= set(cpus) and threads == k
+        assert sorted(len(s.cpus) for s in daemon.slots) == [1, 1]  # back to the worker's own shape
+    finally:
+        daemon.stop(grace_s=0)
+        await task

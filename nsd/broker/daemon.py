@@ -144,13 +144,32 @@ class Worker:
     registered: float
     last_seen: float
     last_sent: float = 0.0
+    cores_per_trial: int = 1  # the shape of its slots, for tasks that leave cores_per_trial to the worker
     running: dict[str, int] = field(default_factory=dict)  # trial_id -> attempt: the leases it holds
+    cores_of: dict[str, int] = field(default_factory=dict)  # trial_id -> cores that job occupies
     freed_at: float | None = None  # when a slot last came free (for the dispatch latency metric)
 
+    draining: bool = False  # finishing what it runs before it leaves; takes nothing new
+
+    @property
+    def free_cores(self) -> int:
+        if self.draining or self.slots <= 0:
+            return 0
+        return max(0, self.cores - sum(self.cores_of.values()))
+
+    def take(self, tid: str, attempt: int, cores: int) -> None:
+        self.running[tid], self.cores_of[tid] = attempt, cores
+
+    def release(self, tid: str) -> int | None:
+        """Drop a lease; returns its attempt, or None if it held none."""
+        self.cores_of.pop(tid, None)
+        return self.running.pop(tid, None)
+
     def public(self, now: float) -> dict[str, Any]:
+        state = "draining" if self.draining else "busy" if self.running else "idle"
         return {"worker_id": self.id, "host": self.host, "cores": self.cores, "slots": self.slots,
                 "busy": len(self.running), "running": sorted(self.running), "version": self.version,
-                "last_seen_s": round(now - self.last_seen, 3)}
+                "state": state, "registered": self.registered, "last_seen_s": round(now - self.last_seen, 3)}
 
 
 class Broker:
@@ -465,7 +484,10 @@ class Broker:
         old = self.workers.pop(wid, None)
         worker = Worker(id=wid, identity=identity, boot_id=body["boot_id"], host=body["host"][:255],
                         cores=body["cores"], slots=body["slots"], version=str(body.get("nsd_version", "?"))[:64],
-                        registered=now, last_seen=now)
+                        registered=now, last_seen=now, draining=body.get("draining") is True)
+        shape = body.get("cores_per_trial")
+        worker.cores_per_trial = shape if isinstance(shape, int) and not isinstance(shape, bool) and \
+            0 < shape <= worker.cores else max(1, worker.cores // max(1, worker.slots))
         self.workers[wid] = worker
         with self.store.tx():
             # Leases this worker (or its previous incarnation) held: keep those it still runs, requeue the rest.
@@ -473,13 +495,13 @@ class Broker:
                 stage = STAGE_JOBS.get(task.state)
                 if stage and task.stage_worker == wid:
                     if (trial_id(task.id, stage), task.stage_attempt) in still_running:
-                        worker.running[trial_id(task.id, stage)] = task.stage_attempt
+                        worker.take(trial_id(task.id, stage), task.stage_attempt, self._job_cores(task, worker))
                     else:
                         self._lost_lease(task, stage)
                 for tr in task.trials:
                     if tr.worker == wid and tr.state is TrialState.RUNNING:
                         if (trial_id(task.id, tr.index), tr.attempt) in still_running:
-                            worker.running[trial_id(task.id, tr.index)] = tr.attempt
+                            worker.take(trial_id(task.id, tr.index), tr.attempt, self._job_cores(task, worker))
                         else:
                             self._lost_lease(task, tr.index)
         log.info("worker %s registered from %s: %d cores, %d slots%s", wid, worker.host, worker.cores,
@@ -506,6 +528,7 @@ class Broker:
                 if task is not None and not task.state.terminal:
                     self._lost_lease(task, index if index in (PLAN, SAVE) else int(index), why)
         worker.running.clear()
+        worker.cores_of.clear()
 
     def _lost_lease(self, task: Task, index: int | str, why: str = "worker lost") -> None:
         """A job's worker died or forgot it: run it again (attempt + 1), or give up after max_attempts."""
@@ -538,7 +561,7 @@ class Broker:
         task_id, _, index = str(body["trial_id"]).partition("/")
         task = self.tasks.get(task_id)
         if worker is not None and worker.running.get(body["trial_id"]) == body["attempt"]:
-            del worker.running[body["trial_id"]]
+            worker.release(body["trial_id"])
             worker.freed_at = time.monotonic()
         if task is None or task.state.terminal:
             return
@@ -650,7 +673,7 @@ class Broker:
         tid = trial_id(task.id, tr.index)
         if tr.state is TrialState.RUNNING:
             worker = self.workers.get(tr.worker or "")
-            if worker is not None and worker.running.pop(tid, None) is not None:
+            if worker is not None and worker.release(tid) is not None:
                 self._send_worker(worker, Cmd.CANCEL, {"trial_id": tid, "attempt": tr.attempt})
         tr.state, tr.error, tr.finished = TrialState.CANCELLED, why, time.time()
         self.store.update_trial(task.id, tr.index, state=tr.state.value, error=why, finished=tr.finished)
@@ -665,7 +688,7 @@ class Broker:
         if stage and task.stage_worker:
             worker = self.workers.get(task.stage_worker)
             tid = trial_id(task.id, stage)
-            if worker is not None and worker.running.pop(tid, None) is not None:
+            if worker is not None and worker.release(tid) is not None:
                 self._send_worker(worker, Cmd.CANCEL, {"trial_id": tid, "attempt": task.stage_attempt})
         task.stage_worker = None
         task.state, task.winner, task.met_goal, task.error = state, winner, met_goal, error
@@ -689,23 +712,24 @@ class Broker:
         demands = []
         for task in self.active.values():
             priority = task.spec["resources"].get("priority", 0)
+            cores = task.spec["resources"].get("cores_per_trial", 0)
             if task.state is TaskState.QUEUED or (task.state in STAGE_JOBS and task.stage_worker is None):
-                demands.append(scheduler.Demand(task.id, 1, priority))
+                demands.append(scheduler.Demand(task.id, 1, priority, cores=cores))
             elif task.state is TaskState.TUNING:
                 views = task.views()
                 wants = len(tuner.to_dispatch(views, task.spec["resources"]["workers"]))
                 if wants:
                     running = sum(v.state is TrialState.RUNNING for v in views)
-                    demands.append(scheduler.Demand(task.id, wants, priority, running))
+                    demands.append(scheduler.Demand(task.id, wants, priority, running, cores))
         if demands:
-            free = {w.id: w.slots - len(w.running) for w in self.workers.values()}
-            placements = scheduler.place(free, demands)
+            free = {w.id: w.free_cores for w in self.workers.values()}
+            placements = scheduler.place(free, demands, {w.id: w.cores_per_trial for w in self.workers.values()})
             if placements:
                 with self.store.tx():
                     for task_id, worker_id in placements:
                         self._assign(self.tasks[task_id], self.workers[worker_id])
         for worker in self.workers.values():  # a slot that stays free had no work waiting: not latency
-            if worker.freed_at is not None and len(worker.running) < worker.slots:
+            if worker.freed_at is not None and worker.free_cores >= worker.cores_per_trial:
                 worker.freed_at = None
 
     def _assign(self, task: Task, worker: Worker) -> None:
@@ -732,13 +756,19 @@ class Broker:
             job = {"kind": "trial", "task_id": task.id, "spec": task.spec, "index": index, "config": tr.config}
             self.store.update_trial(task.id, index, state=tr.state.value, worker=worker.id, started=now)
             self._emit(task, "trial", **self._trial_event(tr))
-        worker.running[tid] = attempt
+        cores = self._job_cores(task, worker)
+        job["cores"] = cores
+        worker.take(tid, attempt, cores)
         self.metrics.jobs_dispatched += 1
         if worker.freed_at is not None:
             self.metrics.dispatch_latency.observe(time.monotonic() - worker.freed_at)
             worker.freed_at = None
         if not self._send_worker(worker, Cmd.ASSIGN, {"trial_id": tid, "attempt": attempt, "job": job}):
             self._drop_worker(worker, "worker unreachable")
+
+    @staticmethod
+    def _job_cores(task: Task, worker: Worker) -> int:
+        return task.spec["resources"].get("cores_per_trial") or worker.cores_per_trial
 
     def _check_liveness(self, now: float) -> None:
         deadline = self.heartbeat_s * self.liveness

@@ -281,10 +281,11 @@ def cluster(as_json, broker) -> None:
     if as_json:
         _print_json({"workers": workers})
         return
-    click.echo(f"{'worker':<28} {'host':<20} {'cores':>5} {'slots':>5} {'busy':>4} {'seen':>6}")
+    click.echo(f"{'worker':<24} {'host':<16} {'state':<8} {'cores':>5} {'slots':>5} {'busy':>4} {'seen':>6} "
+               f"{'version':<8} running")
     for w in workers:
-        click.echo(f"{w['worker_id']:<28} {w['host'][:20]:<20} {w['cores']:>5} {w['slots']:>5} {w['busy']:>4} "
-                   f"{w['last_seen_s']:>5.1f}s")
+        click.echo(f"{w['worker_id'][:24]:<24} {w['host'][:16]:<16} {w['state']:<8} {w['cores']:>5} {w['slots']:>5} "
+                   f"{w['busy']:>4} {w['last_seen_s']:>5.1f}s {w['version'][:8]:<8} {' '.join(w['running']) or '-'}")
     click.echo(f"{len(workers)} workers, {sum(w['slots'] for w in workers)} slots, "
                f"{sum(w['busy'] for w in workers)} busy")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -34,6 +35,7 @@ from nsd.spec import PATH_FIELDS
 from nsd.systemd import notify, watchdog_interval
 from nsd.worker import pipe
 from nsd.worker.cache import BlobCache
+from nsd.worker.cores import allocate, numa_nodes
 
 log = logging.getLogger("nsd.worker")
 
@@ -118,9 +120,17 @@ class Runner:
 
 @dataclass
 class Slot:
+    """A runner pinned to a set of cores, and the job it runs (if any). Slots come and go with the
+    shapes of the trials this worker is given: a 4-core trial gets a runner on 4 cores of one node."""
     runner: Runner
     job: tuple[str, int] | None = None  # (trial_id, attempt) it runs
     task: asyncio.Task | None = None
+    last_task_id: str | None = None  # whose model its runner has cached
+    last_used: float = 0.0
+
+    @property
+    def cpus(self) -> tuple[int, ...]:
+        return tuple(self.runner.cpus)
 
 
 @dataclass
@@ -146,11 +156,15 @@ class WorkerDaemon:
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         self.worker_id = config.worker_id or self._persistent_id()
         self.boot_id = uuid.uuid4().hex
-        k = max(1, config.cores_per_trial)
-        n_slots = max(1, len(config.cpus) // k)
-        self.slots = [Slot(Runner(i, _slot_cpus(config.cpus, i, k), self.cache_dir / "scratch" / f"slot{i}",
-                                  self.cache_dir / "logs" / f"{self.worker_id}-slot{i}.log"))
-                      for i in range(n_slots)]
+        self.cpus = list(config.cpus)
+        self.nodes = numa_nodes(self.cpus)
+        self.default_k = max(1, min(config.cores_per_trial, len(self.cpus)))
+        self._runner_ids = itertools.count()
+        self.slots: list[Slot] = []
+        free = set(self.cpus)
+        while (cores := allocate(free, self.nodes, self.default_k)) is not None:  # the default shape, warm
+            self.slots.append(self._new_slot(cores))
+            free -= set(cores)
         self.blobs = BlobCache(self.cache_dir / "blobs", config.cache_max_bytes)
         self.blobs.clear_partial()
         self._replies: dict[tuple, asyncio.Future] = {}  # ("chunk", sha, offset) / ("store", sha) -> reply
@@ -161,11 +175,22 @@ class WorkerDaemon:
         self.sock: zmq.asyncio.Socket | None = None
         self._stopping = asyncio.Event()
         self._drain_deadline: float | None = None  # set by stop(): finishing what runs, taking nothing new
-        self._restarts: set[asyncio.Task] = set()
+        self._restarts: set[asyncio.Task] = set()  # background runner starts and stops
+        self._retired: list[Runner] = []  # runners whose cores went to trials of another shape
         self._watchdog_s = watchdog_interval()
         self._last_watchdog = 0.0
         self.registered = asyncio.Event()
         self.fatal: str | None = None
+
+    def _new_slot(self, cores: tuple[int, ...]) -> Slot:
+        i = next(self._runner_ids)
+        return Slot(Runner(i, list(cores), self.cache_dir / "scratch" / f"runner{i}",
+                           self.cache_dir / "logs" / f"{self.worker_id}-runner{i}.log"))
+
+    @property
+    def capacity(self) -> int:
+        """Trials of the default shape this worker can run at once (its advertised slots)."""
+        return max(1, len(self.cpus) // self.default_k)
 
     def _persistent_id(self) -> str:
         """Stable across restarts, so that the broker's ROUTER_HANDOVER hands the old identity over."""
@@ -278,7 +303,7 @@ class WorkerDaemon:
                     self._last_watchdog = now  # from this loop: a wedged loop gets the daemon restarted
                     busy = sum(s.job is not None for s in self.slots)
                     notify("WATCHDOG=1", f"STATUS={'registered with' if self.registered.is_set() else 'connecting to'} "
-                                         f"{self.config.broker}; {busy}/{len(self.slots)} slots busy")
+                                         f"{self.config.broker}; {busy} trials running on {len(self.cpus)} cores")
             if self._stopping.is_set() and self.registered.is_set():
                 self._send(Cmd.BYE, {})
             return was_registered
@@ -288,9 +313,11 @@ class WorkerDaemon:
 
     def _ready_body(self) -> dict:
         return {"worker_id": self.worker_id, "boot_id": self.boot_id, "host": socket.gethostname(),
-                "cores": len(self.config.cpus), "slots": 0 if self._drain_deadline is not None else len(self.slots),
+                "cores": len(self.cpus), "slots": 0 if self._drain_deadline is not None else self.capacity,
+                "cores_per_trial": self.default_k,
                 "version": PROTOCOL_VERSION,
-                "nsd_version": __version__, "running": self._running(), "outbox": list(self.outbox.values())}
+                "nsd_version": __version__, "running": self._running(), "outbox": list(self.outbox.values()),
+                "draining": self._drain_deadline is not None}
 
     def _running(self) -> list[list]:
         return [list(s.job) for s in self.slots if s.job] + [[t, a] for t, a, _ in self.backlog]
@@ -307,8 +334,9 @@ class WorkerDaemon:
         body = msg.body
         if msg.cmd is Cmd.READY_ACK:
             self.registered.set()
-            log.info("registered with %s as %s (%d slots)", self.config.broker, self.worker_id, len(self.slots))
-            notify(f"STATUS=registered with {self.config.broker}; {len(self.slots)} slots")
+            log.info("registered with %s as %s (%d cores, %d slots of %d)", self.config.broker, self.worker_id,
+                     len(self.cpus), self.capacity, self.default_k)
+            notify(f"STATUS=registered with {self.config.broker}; {self.capacity} slots")
         elif msg.cmd is Cmd.ASSIGN:
             self._accept(body["trial_id"], body["attempt"], body["job"])
         elif msg.cmd is Cmd.RESULT_ACK:
@@ -337,12 +365,42 @@ class WorkerDaemon:
         if any(s.job == (trial_id, attempt) for s in self.slots) or any(
                 (t, a) == (trial_id, attempt) for t, a, _ in self.backlog):
             return  # a duplicate ASSIGN: we already run it
-        slot = next((s for s in self.slots if s.job is None), None)
+        slot = self._slot_for(job)
         if slot is None:
             self.backlog.append((trial_id, attempt, job))
             return
-        slot.job = (trial_id, attempt)
+        slot.job, slot.last_task_id, slot.last_used = (trial_id, attempt), job["task_id"], time.monotonic()
         slot.task = asyncio.create_task(self._execute(slot, trial_id, attempt, job))
+
+    def _slot_for(self, job: dict) -> Slot | None:
+        """A runner on `job["cores"]` free cores: an idle one of that shape (one that has this task's model
+        cached first), else a new one on freshly allocated cores, retiring idle runners in its way."""
+        k = max(1, min(int(job.get("cores") or self.default_k), len(self.cpus)))
+        free = set(self.cpus) - {c for s in self.slots if s.job for c in s.cpus}
+        idle = sorted((s for s in self.slots if s.job is None and len(s.cpus) == k),
+                      key=lambda s: (s.last_task_id != job["task_id"], -s.last_used))
+        cores = allocate(free, self.nodes, k, [s.cpus for s in idle])
+        if cores is None:
+            return None
+        reuse = next((s for s in idle if s.cpus == cores), None)
+        if reuse is not None:
+            return reuse
+        for old in [s for s in self.slots if s.job is None and set(s.cpus) & set(cores)]:
+            self._retire(old)  # its cores are needed by a trial of another shape
+        slot = self._new_slot(cores)
+        self.slots.append(slot)
+        for old in sorted((s for s in self.slots if s.job is None and s is not slot), key=lambda s: s.last_used):
+            if len(self.slots) <= len(self.cpus):
+                break
+            self._retire(old)  # at most one runner process per core
+        return slot
+
+    def _retire(self, slot: Slot) -> None:
+        self.slots.remove(slot)
+        self._retired.append(slot.runner)
+        task = asyncio.create_task(slot.runner.stop())
+        self._restarts.add(task)
+        task.add_done_callback(self._restarts.discard)
 
     async def _execute(self, slot: Slot, trial_id: str, attempt: int, job: dict) -> None:
         pins: list[str] = []
@@ -365,7 +423,9 @@ class WorkerDaemon:
                 self.blobs.unpin(sha)
             self.blobs.evict()
             if self.backlog and not self._stopping.is_set():
-                self._accept(*self.backlog.pop(0))
+                waiting, self.backlog = self.backlog, []
+                for item in waiting:  # in order; what still does not fit waits again
+                    self._accept(*item)
 
     async def _run(self, slot: Slot, trial_id: str, attempt: int, job: dict) -> dict:
         task_id, _, index = trial_id.partition("/")
@@ -468,7 +528,7 @@ class WorkerDaemon:
 
     def _warm_up(self, slot: Slot) -> None:
         """Replace a runner that died (crash, timeout, cancel) now, not when the next job arrives."""
-        if slot.runner.alive or self._stopping.is_set() or self._drain_deadline is not None:
+        if slot.runner.alive or slot not in self.slots or self._stopping.is_set() or self._drain_deadline is not None:
             return
 
         async def restart() -> None:
@@ -500,7 +560,8 @@ class WorkerDaemon:
         for slot in self.slots:
             if slot.task is not None:
                 slot.task.cancel()
-        await asyncio.gather(*(s.runner.stop(kill=s.job is not None) for s in self.slots), return_exceptions=True)
+        await asyncio.gather(*(s.runner.stop(kill=s.job is not None) for s in self.slots),
+                             *(r.stop(kill=True) for r in self._retired), return_exceptions=True)
         self.ctx.term()
 
 
@@ -516,5 +577,3 @@ def _tail(path: Path, size: int) -> str:
         return ""
 
 
-def _slot_cpus(cpus: list[int], slot: int, k: int) -> list[int]:
-    return cpus[slot * k:(slot + 1) * k] or cpus[:k]

@@ -13,6 +13,9 @@ load_model, example_inputs, calibrate = digits.load_model, digits.example_inputs
 
 
 def evaluate(model) -> float:
+    import torch
+
+    print(f"cores {sorted(os.sched_getaffinity(0))} threads {torch.get_num_threads()}", flush=True)
     accuracy = digits.evaluate(model)
     if os.environ.get("NSD_TEST_HANG") == "1" and accuracy < 0.9:
         print("about to hang", flush=True)
