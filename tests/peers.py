@@ -26,7 +26,7 @@ def plan_answer(baseline: float, n: int) -> dict:
 class ScriptedWorker:
     def __init__(self, endpoint: str, worker_id: str, slots: int = 1,
                  answer: Callable[[dict], dict | None] | None = None, delay_s: float = 0.0,
-                 version: int = PROTOCOL_VERSION):
+                 version: int = PROTOCOL_VERSION, curve=None):
         self.endpoint, self.worker_id, self.slots = endpoint, worker_id, slots
         self.answer, self.delay_s, self.version = answer, delay_s, version
         self.assigned: list[tuple[str, int, dict]] = []
@@ -40,6 +40,8 @@ class ScriptedWorker:
         self.ctx = zmq.asyncio.Context()
         self.sock = configure(self.ctx.socket(zmq.DEALER))
         self.sock.setsockopt(zmq.IDENTITY, worker_id.encode())
+        if curve is not None:  # nsd.security.ClientKeys
+            curve.apply(self.sock)
         self._tasks: list[asyncio.Task] = []
         self.registered = asyncio.Event()
 

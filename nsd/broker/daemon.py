@@ -32,6 +32,7 @@ from nsd.net import OncePerPeer, configure, is_loopback
 from nsd.protocol import (CLIENT_TO_BROKER, PROTOCOL_VERSION, WORKER_TO_BROKER, Cmd, ProtocolError, event_frames,
                           pack, unpack)
 from nsd.spec import SpecError, spec_blob_refs, validate
+from nsd.security import SOCKET_DOMAINS, CurveServer
 from nsd.states import TaskState, TrialState
 from nsd.systemd import notify, watchdog_interval
 
@@ -175,13 +176,17 @@ class Worker:
 class Broker:
     def __init__(self, state_dir: Path, clients: str = "tcp://127.0.0.1:5550",
                  workers: str = "tcp://127.0.0.1:5551", events: str = "tcp://127.0.0.1:5552",
-                 heartbeat_s: float = 1.0, liveness: int = 5, insecure: bool = False, metrics: str | None = None):
-        for endpoint in (clients, workers, events):
-            if not is_loopback(endpoint) and not insecure:
-                raise ValueError(f"refusing to bind {endpoint}: it is reachable from other hosts and CURVE "
-                                 f"encryption is not set up; bind 127.0.0.1, or pass --insecure on a trusted "
-                                 f"network")
+                 heartbeat_s: float = 1.0, liveness: int = 5, insecure: bool = False, metrics: str | None = None,
+                 curve_secret: Path | None = None, keys_dir: Path | None = None):
         self.state_dir = Path(state_dir)
+        # CURVE: every socket encrypted and authenticated, workers and clients from separate allowlists.
+        self.curve = CurveServer(Path(curve_secret), Path(keys_dir) if keys_dir else self.state_dir / "keys") \
+            if curve_secret else None
+        for endpoint in (clients, workers, events):
+            if not is_loopback(endpoint) and not insecure and self.curve is None:
+                raise ValueError(f"refusing to bind {endpoint}: it is reachable from other hosts and CURVE is not "
+                                 f"set up; give --curve-secret (see `nsd keys`), bind 127.0.0.1, or pass "
+                                 f"--insecure on a trusted network")
         self.addresses = {"clients": clients, "workers": workers, "events": events}
         self.heartbeat_s, self.liveness = heartbeat_s, liveness
         self.metrics_address = metrics  # "host:port" for Prometheus, or None
@@ -208,6 +213,8 @@ class Broker:
         self.blobs = BlobStore(self.state_dir / "blobs")
         self._load()
         self.ctx = zmq.asyncio.Context()
+        if self.curve is not None:
+            self.curve.start(self.ctx)
         self.clients = configure(self.ctx.socket(zmq.ROUTER))
         self.clients.setsockopt(zmq.ROUTER_MANDATORY, 1)  # an unroutable reply raises instead of vanishing
         self.workers_sock = configure(self.ctx.socket(zmq.ROUTER))
@@ -215,6 +222,8 @@ class Broker:
         self.workers_sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted worker takes over its identity
         self.events = configure(self.ctx.socket(zmq.XPUB))
         for name, sock in (("clients", self.clients), ("workers", self.workers_sock), ("events", self.events)):
+            if self.curve is not None:
+                self.curve.apply(sock, SOCKET_DOMAINS[name])
             sock.bind(self.addresses[name])
             self.endpoints[name] = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self._loops = [asyncio.create_task(coro) for coro in
@@ -240,11 +249,19 @@ class Broker:
         if self.ctx is not None:
             for sock in (self.clients, self.workers_sock, self.events):
                 sock.close(linger=0)
+            if self.curve is not None:
+                await self.curve.stop()
             self.ctx.term()
             self.ctx = None
         if self.store is not None:
             self.store.close()
             self.store = None
+
+    def reload(self) -> None:
+        """Re-read what can change while running: the CURVE key allowlists (new connections only)."""
+        if self.curve is not None:
+            counts = self.curve.reload()
+            log.info("reloaded key allowlists: %s", counts)
 
     async def serve_forever(self) -> None:
         await self.start()

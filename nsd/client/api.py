@@ -24,6 +24,7 @@ import zmq.asyncio
 from nsd.blobs import CHUNK_BYTES, make_ref, pack_tree, parse_ref, unpack_tree
 from nsd.net import configure, connectable
 from nsd.protocol import BROKER_TO_CLIENT, Cmd, ProtocolError, pack, unpack
+from nsd.security import ClientKeys, KeyFileError
 from nsd.spec import PATH_FIELDS, TaskSpec, validate
 from nsd.states import TaskState
 
@@ -81,8 +82,13 @@ def prepare_spec(spec: dict | TaskSpec | str | os.PathLike) -> dict[str, Any]:
 
 class AsyncClient:
     def __init__(self, broker: str | None = None, timeout_s: float = 10.0, idle_resnapshot_s: float = 2.0,
-                 reconnect_s: float = 300.0):
+                 reconnect_s: float = 300.0, curve_key: str | os.PathLike | None = None,
+                 server_key: str | os.PathLike | None = None):
         self.broker = broker_address(broker)
+        if bool(curve_key) != bool(server_key):
+            raise KeyFileError("CURVE needs both your key (--curve-key / NSD_CURVE_KEY) and the broker's public "
+                               "key (--server-key / NSD_SERVER_KEY)")
+        self._curve = ClientKeys.load(Path(curve_key), Path(server_key)) if curve_key else None
         self.timeout_s = timeout_s
         self.reconnect_s = reconnect_s  # how long an event stream waits out a broker that went away
         self.idle_resnapshot_s = idle_resnapshot_s
@@ -109,6 +115,8 @@ class AsyncClient:
         async with self._lock:
             if self._sock is None:
                 self._sock = configure(self.ctx.socket(zmq.DEALER))
+                if self._curve is not None:
+                    self._curve.apply(self._sock)
                 self._sock.connect(self.broker)
             req = next(self._req)
             await self._sock.send_multipart(pack(cmd, {"req": req, **body}))
@@ -234,6 +242,8 @@ class AsyncClient:
         task_id = (await self.status(task_id))["task_id"]  # a unique prefix becomes the full id
         sub = configure(self.ctx.socket(zmq.SUB))
         try:
+            if self._curve is not None:
+                self._curve.apply(sub)
             sub.connect(self._events_endpoint)
             sub.subscribe(task_id.encode())
             snapshot = await self.status(task_id)
@@ -311,13 +321,18 @@ class Client:
 
     Not for use inside a running event loop (use AsyncClient there)."""
 
-    def __init__(self, broker: str | None = None, timeout_s: float = 10.0):
+    def __init__(self, broker: str | None = None, timeout_s: float = 10.0,
+                 curve_key: str | os.PathLike | None = None, server_key: str | os.PathLike | None = None):
         self._loop = asyncio.new_event_loop()
-        self._async = self._loop.run_until_complete(self._make(broker, timeout_s))
+        try:
+            self._async = self._loop.run_until_complete(self._make(broker, timeout_s, curve_key, server_key))
+        except BaseException:
+            self._loop.close()
+            raise
 
     @staticmethod
-    async def _make(broker: str | None, timeout_s: float) -> AsyncClient:
-        return AsyncClient(broker, timeout_s)
+    async def _make(broker: str | None, timeout_s: float, curve_key, server_key) -> AsyncClient:
+        return AsyncClient(broker, timeout_s, curve_key=curve_key, server_key=server_key)
 
     @property
     def broker(self) -> str:

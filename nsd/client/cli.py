@@ -14,10 +14,27 @@ from typing import Any
 import click
 
 from nsd import __version__
+from nsd.client.keys_cli import keys as keys_group
 from nsd.config import config_option
 
-broker_option = click.option("--broker", envvar="NSD_BROKER", default="tcp://127.0.0.1:5550", show_default=True,
-                             help="The broker's client endpoint (env NSD_BROKER).")
+def _remember(ctx: click.Context, param: click.Parameter, value):
+    ctx.meta[f"nsd.{param.name}"] = value
+    return value
+
+
+def broker_option(command):
+    """--broker, and the CURVE keys a client needs when the broker requires them."""
+    for decorator in (
+            click.option("--server-key", envvar="NSD_SERVER_KEY", default=None, expose_value=False,
+                         callback=_remember, type=click.Path(dir_okay=False),
+                         help="The broker's public key, for a CURVE broker (env NSD_SERVER_KEY)."),
+            click.option("--curve-key", envvar="NSD_CURVE_KEY", default=None, expose_value=False,
+                         callback=_remember, type=click.Path(dir_okay=False),
+                         help="Your key pair (nsd keys generate), allowed as a client (env NSD_CURVE_KEY)."),
+            click.option("--broker", envvar="NSD_BROKER", default="tcp://127.0.0.1:5550", show_default=True,
+                         help="The broker's client endpoint (env NSD_BROKER).")):
+        command = decorator(command)
+    return command
 json_option = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 
 
@@ -35,7 +52,8 @@ def _print_json(data: Any) -> None:
 def _client(broker: str):
     from nsd.client.api import Client
 
-    return Client(broker)
+    meta = click.get_current_context().meta
+    return Client(broker, curve_key=meta.get("nsd.curve_key"), server_key=meta.get("nsd.server_key"))
 
 
 def _fail(exc: Exception) -> None:
@@ -75,8 +93,13 @@ def main() -> None:
 @click.option("--liveness", default=5, show_default=True, help="Missed heartbeats before a worker is dead.")
 @click.option("--insecure", is_flag=True, help="Allow binding a non-loopback address without CURVE.")
 @click.option("--metrics", default=None, help="Serve Prometheus metrics at HOST:PORT (GET /metrics).")
+@click.option("--curve-secret", envvar="NSD_CURVE_SECRET", default=None, type=click.Path(dir_okay=False),
+              help="The broker's key pair: turns on CURVE on every socket (env NSD_CURVE_SECRET).")
+@click.option("--keys-dir", envvar="NSD_KEYS_DIR", default=None, type=click.Path(file_okay=False),
+              help="Allowlists: KEYS_DIR/workers/*.key and KEYS_DIR/clients/*.key (default STATE_DIR/keys).")
 @click.option("--log-level", default="info", show_default=True)
-def broker(state_dir, clients, workers, events, heartbeat, liveness, insecure, metrics, log_level) -> None:
+def broker(state_dir, clients, workers, events, heartbeat, liveness, insecure, metrics, curve_secret, keys_dir,
+           log_level) -> None:
     """Run the broker daemon."""
     from nsd.broker.daemon import Broker, default_state_dir
     from nsd.net import install_uvloop
@@ -85,7 +108,8 @@ def broker(state_dir, clients, workers, events, heartbeat, liveness, insecure, m
     install_uvloop()
     try:
         daemon = Broker(Path(state_dir) if state_dir else default_state_dir(), clients, workers, events,
-                        heartbeat_s=heartbeat, liveness=liveness, insecure=insecure, metrics=metrics)
+                        heartbeat_s=heartbeat, liveness=liveness, insecure=insecure, metrics=metrics,
+                        curve_secret=curve_secret, keys_dir=keys_dir)
     except ValueError as exc:
         _fail(exc)
 
@@ -94,6 +118,7 @@ def broker(state_dir, clients, workers, events, heartbeat, liveness, insecure, m
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, daemon.reload)  # systemctl reload: re-read key allowlists
         await daemon.start()
         await stop.wait()
         await daemon.stop()
@@ -113,8 +138,13 @@ def broker(state_dir, clients, workers, events, heartbeat, liveness, insecure, m
 @click.option("--heartbeat", default=1.0, show_default=True, help="Heartbeat interval, seconds.")
 @click.option("--grace", default=30.0, show_default=True,
               help="On SIGTERM, seconds running trials may take to finish before they are handed back.")
+@click.option("--curve-key", envvar="NSD_WORKER_CURVE_KEY", default=None, type=click.Path(dir_okay=False),
+              help="This worker's key pair, allowed on the broker as a worker (env NSD_WORKER_CURVE_KEY).")
+@click.option("--server-key", envvar="NSD_WORKER_SERVER_KEY", default=None, type=click.Path(dir_okay=False),
+              help="The broker's public key (env NSD_WORKER_SERVER_KEY).")
 @click.option("--log-level", default="info", show_default=True)
-def worker(broker_addr, cores, cores_per_trial, cache_dir, worker_id, heartbeat, grace, log_level) -> None:
+def worker(broker_addr, cores, cores_per_trial, cache_dir, worker_id, heartbeat, grace, curve_key, server_key,
+           log_level) -> None:
     """Run a worker daemon on this node."""
     from nsd.net import install_uvloop
     from nsd.worker.daemon import WorkerConfig, WorkerDaemon
@@ -129,12 +159,17 @@ def worker(broker_addr, cores, cores_per_trial, cache_dir, worker_id, heartbeat,
     if not 1 <= cores_per_trial <= len(cpus):
         _fail(ValueError(f"--cores-per-trial must be between 1 and {len(cpus)}"))
     config = WorkerConfig(broker=broker_addr, cpus=cpus, cores_per_trial=cores_per_trial,
-                          worker_id=worker_id, heartbeat_s=heartbeat, grace_s=grace)
+                          worker_id=worker_id, heartbeat_s=heartbeat, grace_s=grace, curve_key=curve_key,
+                          server_key=server_key)
     if cache_dir is not None:
         config.cache_dir = Path(cache_dir)
 
-    async def serve() -> None:
+    try:
         daemon = WorkerDaemon(config)
+    except ValueError as exc:
+        _fail(exc)
+
+    async def serve() -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, daemon.stop)
@@ -354,3 +389,6 @@ def _toml_inline(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     return json.dumps(value)
+
+
+main.add_command(keys_group)  # nsd keys generate | allow | revoke | list

@@ -31,6 +31,7 @@ from nsd import __version__
 from nsd.net import configure
 from nsd.protocol import BROKER_TO_WORKER, PROTOCOL_VERSION, Cmd, ProtocolError, pack, unpack
 from nsd.blobs import CHUNK_BYTES, pack_tree, parse_ref, sha256_file
+from nsd.security import ClientKeys, KeyFileError
 from nsd.spec import PATH_FIELDS
 from nsd.systemd import notify, watchdog_interval
 from nsd.worker import pipe
@@ -147,6 +148,8 @@ class WorkerConfig:
     fetch_window: int = 4  # blob chunks in flight at once (credit-based flow control)
     chunk_timeout_s: float = 60.0
     grace_s: float = 30.0  # on SIGTERM: how long running trials may take to finish before being handed back
+    curve_key: Path | None = None  # this worker's key pair (nsd keys generate), allowed on the broker as a worker
+    server_key: Path | None = None  # the broker's public key
 
 
 class WorkerDaemon:
@@ -156,6 +159,10 @@ class WorkerDaemon:
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         self.worker_id = config.worker_id or self._persistent_id()
         self.boot_id = uuid.uuid4().hex
+        if bool(config.curve_key) != bool(config.server_key):
+            raise KeyFileError("CURVE needs both this worker's key (--curve-key) and the broker's public key "
+                               "(--server-key)")
+        self.curve = ClientKeys.load(Path(config.curve_key), Path(config.server_key)) if config.curve_key else None
         self.cpus = list(config.cpus)
         self.nodes = numa_nodes(self.cpus)
         self.default_k = max(1, min(config.cores_per_trial, len(self.cpus)))
@@ -263,6 +270,8 @@ class WorkerDaemon:
         self.registered.clear()
         self.sock = configure(self.ctx.socket(zmq.DEALER))
         self.sock.setsockopt(zmq.IDENTITY, self.worker_id.encode())
+        if self.curve is not None:
+            self.curve.apply(self.sock)
         self.sock.connect(self.config.broker)
         hb = self.config.heartbeat_s
         deadline = hb * self.config.liveness
