@@ -21,6 +21,21 @@ def configure(sock: zmq.Socket, *, linger_ms: int = 0, sndtimeo_ms: int = 1000) 
     return sock
 
 
+def send_now(sock: zmq.Socket, frames: list[bytes]) -> bool:
+    """Send without waiting; False if it cannot go now (peer gone, queue full). An asyncio socket reports
+    such errors on the future it returns, not by raising: read them there, so none goes unretrieved."""
+    try:
+        sent = sock.send_multipart(frames, flags=zmq.NOBLOCK)
+    except zmq.ZMQError:
+        return False
+    if isinstance(sent, asyncio.Future):
+        if not sent.done():
+            sent.add_done_callback(lambda f: f.cancelled() or f.exception())
+            return True
+        return not sent.cancelled() and sent.exception() is None
+    return True
+
+
 def is_loopback(endpoint: str) -> bool:
     """True for ipc:// and inproc:// endpoints and tcp:// on a loopback address."""
     if not endpoint.startswith("tcp://"):

@@ -18,7 +18,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     "dynamic": {
         "about": "int8 dynamic quantization via PT2E (weights int8, activations quantized at run time)",
-        "config_set": [{"pt2e_dynamic_quant": {"act_sym": False, "w_granularity": ["per_tensor", "per_channel"]}}],
+        "config_set": [{"pt2e_dynamic_quant": {"act_sym": False, "w_granularity": ["per_channel", "per_tensor"]}}],
     },
     "woq": {
         "about": "weight-only RTN: 8-bit symmetric, then 4-bit with group sizes 32 and 128",

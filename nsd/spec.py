@@ -27,6 +27,8 @@ BUILTIN_RECIPES = {  # kind -> (metrics it offers, the default first)
     "feature-extraction": ("cosine", "spearman"),
     "causal-lm": ("perplexity",),
 }
+# INC configs whose algorithm quantizes a PT2E-exported graph (without IPEX), and saves one.
+PT2E_CONFIGS = frozenset({"static_quant", "pt2e_dynamic_quant"})
 RECIPE_KINDS = ("python", *BUILTIN_RECIPES)
 LOWER_IS_BETTER_METRICS = frozenset({"perplexity"})
 CRITERIA = ("relative", "absolute")

@@ -28,7 +28,7 @@ from nsd.broker.blobs import BlobError, BlobStore
 from nsd.broker import metrics as metrics_http
 from nsd.broker.metrics import Metrics
 from nsd.broker.store import Store
-from nsd.net import OncePerPeer, configure, is_loopback
+from nsd.net import OncePerPeer, configure, is_loopback, send_now
 from nsd.protocol import (CLIENT_TO_BROKER, PROTOCOL_VERSION, WORKER_TO_BROKER, Cmd, ProtocolError, event_frames,
                           pack, unpack)
 from nsd.spec import SpecError, spec_blob_refs, validate
@@ -362,19 +362,15 @@ class Broker:
                                    sum(len(w.running) for w in self.workers.values()), queue)
 
     def _reply(self, identity: bytes, cmd: Cmd, body: dict) -> None:
-        try:
-            self.clients.send_multipart([identity, *pack(cmd, body)], flags=zmq.NOBLOCK)
-        except zmq.ZMQError as exc:  # client gone or not reading: its problem, not ours
-            log.debug("reply to client dropped: %s", exc)
+        if not send_now(self.clients, [identity, *pack(cmd, body)]):  # client gone or not reading
+            log.debug("reply %s to a client dropped", cmd.name)
 
     def _send_worker(self, worker: Worker, cmd: Cmd, body: dict | None = None) -> bool:
         return self._send_identity(worker.identity, cmd, body, worker)
 
     def _send_identity(self, identity: bytes, cmd: Cmd, body: dict | None, worker: Worker | None = None) -> bool:
-        try:
-            self.workers_sock.send_multipart([identity, *pack(cmd, body)], flags=zmq.NOBLOCK)
-        except zmq.ZMQError as exc:
-            log.debug("send %s to worker failed: %s", cmd.name, exc)
+        if not send_now(self.workers_sock, [identity, *pack(cmd, body)]):
+            log.debug("send %s to a worker failed", cmd.name)
             return False
         if worker is not None:
             worker.last_sent = time.time()
@@ -384,10 +380,7 @@ class Broker:
         task.seq += 1
         body = {"task_id": task.id, "seq": task.seq, "ts": time.time(), "kind": kind, **data}
         self.store.append_event(task.id, task.seq, body)
-        try:
-            self.events.send_multipart(event_frames(task.id, body), flags=zmq.NOBLOCK)
-        except zmq.ZMQError:  # no subscriber keeping up: clients re-snapshot on a gap
-            pass
+        send_now(self.events, event_frames(task.id, body))  # a lagging subscriber re-snapshots on the gap
 
     # ---- clients ---------------------------------------------------------------------------------
 

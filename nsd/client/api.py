@@ -25,7 +25,7 @@ from nsd.blobs import CHUNK_BYTES, make_ref, pack_tree, parse_ref, unpack_tree
 from nsd.net import configure, connectable
 from nsd.protocol import BROKER_TO_CLIENT, Cmd, ProtocolError, pack, unpack
 from nsd.security import ClientKeys, KeyFileError
-from nsd.spec import PATH_FIELDS, TaskSpec, validate
+from nsd.spec import PATH_FIELDS, PT2E_CONFIGS, TaskSpec, validate
 from nsd.states import TaskState
 
 DEFAULT_BROKER = "tcp://127.0.0.1:5550"
@@ -299,7 +299,7 @@ def _host(address: str) -> str | None:
 def loading_readme(task: dict, name: str) -> str:
     winner = task["winner"]
     (config_name, _), = winner["config"].items()
-    weight_only = config_name not in ("static_quant", "pt2e_dynamic_quant")
+    weight_only = config_name not in PT2E_CONFIGS
     load = ("from neural_compressor.torch.quantization import load\n"
             "fp32_model = ...  # the same FP32 model the task tuned (your recipe's load_model())\n"
             f"model = load('{name}', original_model=fp32_model)" if weight_only else

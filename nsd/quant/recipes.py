@@ -17,8 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 REQUIRED = ("load_model", "example_inputs", "calibrate", "evaluate")
-# INC configs whose algorithm works on a PT2E-exported graph, not an nn.Module (without IPEX).
-EXPORTED_CONFIGS = frozenset({"static_quant", "pt2e_dynamic_quant"})
+from nsd.spec import PT2E_CONFIGS as EXPORTED_CONFIGS  # configs that quantize a PT2E graph, not a module
 
 
 @dataclass

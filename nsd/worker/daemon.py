@@ -28,7 +28,7 @@ import zmq
 import zmq.asyncio
 
 from nsd import __version__
-from nsd.net import configure
+from nsd.net import configure, send_now
 from nsd.protocol import BROKER_TO_WORKER, PROTOCOL_VERSION, Cmd, ProtocolError, pack, unpack
 from nsd.blobs import CHUNK_BYTES, pack_tree, parse_ref, sha256_file
 from nsd.security import ClientKeys, KeyFileError
@@ -334,10 +334,8 @@ class WorkerDaemon:
     def _send(self, cmd: Cmd, body: dict) -> None:
         if self.sock is None:
             return
-        try:
-            self.sock.send_multipart(pack(cmd, body), flags=zmq.NOBLOCK)
-        except zmq.ZMQError as exc:
-            log.debug("send %s failed: %s", cmd.name, exc)
+        if not send_now(self.sock, pack(cmd, body)):
+            log.debug("send %s failed", cmd.name)
 
     async def _handle(self, msg) -> None:
         body = msg.body

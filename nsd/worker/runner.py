@@ -185,19 +185,21 @@ def save(job: dict, cache: TaskCache) -> dict[str, Any]:
 
     from neural_compressor.torch.quantization import save as inc_save
 
+    from nsd.spec import PT2E_CONFIGS
+
     answer = trial(job, cache)
     q_model = answer.pop("model")
     folder = os.path.join(tempfile.mkdtemp(prefix="artifact-", dir=os.getcwd()), "model")
-    inc_save(q_model, folder)
     (name, _), = job["config"].items()
+    if name in PT2E_CONFIGS:  # INC's save() passes the folder where PT2E's save wants example inputs
+        q_model.save(example_inputs=cache.example_inputs, output_dir=folder)
+    else:
+        inc_save(q_model, folder)
     with open(os.path.join(folder, "nsd.json"), "w") as f:
         json.dump({"task_id": job["task_id"], "trial": job["index"], "config": job["config"],
                    "metric": answer["metric"], "weight_only": name not in PT2E_CONFIGS,
                    "recipe": job["spec"]["recipe"]["kind"]}, f, indent=2)
     return {"artifact_dir": folder, "metric": answer["metric"]}
-
-
-PT2E_CONFIGS = frozenset({"static_quant", "pt2e_dynamic_quant"})  # saved as PT2E graphs; the rest as weights
 
 
 def _metric(value: Any) -> float:
