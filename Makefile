@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: setup
-	$(BIN)/nsd run examples/digits/task.toml --workers 2
+	$(BIN)/python examples/minilm/demo.py
 
 test: setup
 	$(BIN)/python -m pytest -ra
