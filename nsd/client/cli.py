@@ -134,6 +134,8 @@ def broker(state_dir, clients, workers, events, heartbeat, liveness, insecure, m
 @click.option("--cores-per-trial", type=int, default=1, show_default=True, help="Cores per slot (trial).")
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
               help="Scratch, logs and outbox (default: ~/.cache/nsd/worker).")
+@click.option("--cache-size", default=20.0, show_default=True,
+              help="GiB of fetched models and data to keep; least recently used are evicted first.")
 @click.option("--id", "worker_id", default=None, help="Worker id (default: host name + a persisted suffix).")
 @click.option("--heartbeat", default=1.0, show_default=True, help="Heartbeat interval, seconds.")
 @click.option("--grace", default=30.0, show_default=True,
@@ -143,8 +145,8 @@ def broker(state_dir, clients, workers, events, heartbeat, liveness, insecure, m
 @click.option("--server-key", envvar="NSD_WORKER_SERVER_KEY", default=None, type=click.Path(dir_okay=False),
               help="The broker's public key (env NSD_WORKER_SERVER_KEY).")
 @click.option("--log-level", default="info", show_default=True)
-def worker(broker_addr, cores, cores_per_trial, cache_dir, worker_id, heartbeat, grace, curve_key, server_key,
-           log_level) -> None:
+def worker(broker_addr, cores, cores_per_trial, cache_dir, cache_size, worker_id, heartbeat, grace, curve_key,
+           server_key, log_level) -> None:
     """Run a worker daemon on this node."""
     from nsd.net import install_uvloop
     from nsd.worker.daemon import WorkerConfig, WorkerDaemon
@@ -160,7 +162,7 @@ def worker(broker_addr, cores, cores_per_trial, cache_dir, worker_id, heartbeat,
         _fail(ValueError(f"--cores-per-trial must be between 1 and {len(cpus)}"))
     config = WorkerConfig(broker=broker_addr, cpus=cpus, cores_per_trial=cores_per_trial,
                           worker_id=worker_id, heartbeat_s=heartbeat, grace_s=grace, curve_key=curve_key,
-                          server_key=server_key)
+                          server_key=server_key, cache_max_bytes=int(cache_size * 1024**3))
     if cache_dir is not None:
         config.cache_dir = Path(cache_dir)
 
