@@ -22,6 +22,15 @@ DIGITS = ROOT / "examples" / "digits"
 RECIPES = Path(__file__).resolve().parent / "recipes"
 
 
+@pytest.fixture(autouse=True)
+def _recipe_paths_do_not_leak(monkeypatch):
+    """A test that runs a runner's TaskCache in this process sets NSD_MODEL_PATH / NSD_DATA_PATH here;
+    undo that after every test so that recipes loaded later find their own files."""
+    for var in ("NSD_MODEL_PATH", "NSD_DATA_PATH"):
+        monkeypatch.setenv(var, "")  # records the original state, restored at teardown
+        monkeypatch.delenv(var)
+
+
 @pytest.fixture
 async def broker(tmp_path):
     b = Broker(tmp_path / "state", clients="tcp://127.0.0.1:*", workers="tcp://127.0.0.1:*",
