@@ -226,8 +226,10 @@ class Broker:
                 self.curve.apply(sock, SOCKET_DOMAINS[name])
             sock.bind(self.addresses[name])
             self.endpoints[name] = sock.getsockopt_string(zmq.LAST_ENDPOINT)
-        self._loops = [asyncio.create_task(coro) for coro in
-                       (self._serve_clients(), self._serve_workers(), self._drain_subscriptions(), self._tick())]
+        self._loops = [asyncio.create_task(coro) for coro in (
+            self._serve(self.clients, CLIENT_TO_BROKER, self._client_message),
+            self._serve(self.workers_sock, WORKER_TO_BROKER, self._worker_message),
+            self._drain_subscriptions(), self._tick())]
         if self.metrics_address:
             host, _, port = self.metrics_address.rpartition(":")
             self._metrics_server = await metrics_http.serve(host or "127.0.0.1", int(port), self.metrics_page)
@@ -291,41 +293,34 @@ class Broker:
 
     # ---- sockets ---------------------------------------------------------------------------------
 
-    async def _serve_clients(self) -> None:
+    async def _serve(self, sock: zmq.asyncio.Socket, allowed: frozenset[Cmd], handle) -> None:
+        """Receive, check, dispatch. A malformed message is counted and dropped, a handler that fails is
+        logged: this loop never dies of its input."""
         while True:
-            frames = await self.clients.recv_multipart()
+            frames = await sock.recv_multipart()
             identity, body = frames[0], frames[1:]
             try:
-                msg = unpack(body, CLIENT_TO_BROKER)
+                msg = unpack(body, allowed)
             except ProtocolError as exc:
                 self._bad(identity, str(exc))
                 continue
-            req = msg.body["req"]
             try:
-                answer = self._client_request(identity, msg)
-            except (SpecError, LookupError, ValueError) as exc:
-                self._reply(identity, Cmd.ERROR, {"req": req, "error": str(exc)})
+                handle(identity, msg)
             except Exception:  # a bug of ours must not take the broker down with it
-                log.exception("request %s failed", msg.cmd.name)
-                self._reply(identity, Cmd.ERROR, {"req": req, "error": "internal broker error (see its log)"})
-            else:
-                self._reply(identity, Cmd.REPLY, {"req": req, **answer})
+                log.exception("%s failed", msg.cmd.name)
             self._schedule()
 
-    async def _serve_workers(self) -> None:
-        while True:
-            frames = await self.workers_sock.recv_multipart()
-            identity, body = frames[0], frames[1:]
-            try:
-                msg = unpack(body, WORKER_TO_BROKER)
-            except ProtocolError as exc:
-                self._bad(identity, str(exc))
-                continue
-            try:
-                self._worker_message(identity, msg)
-            except Exception:
-                log.exception("worker message %s failed", msg.cmd.name)
-            self._schedule()
+    def _client_message(self, identity: bytes, msg) -> None:
+        req = msg.body["req"]
+        try:
+            answer = self._client_request(identity, msg)
+        except (SpecError, LookupError, ValueError) as exc:
+            self._reply(identity, Cmd.ERROR, {"req": req, "error": str(exc)})
+        except Exception:
+            log.exception("request %s failed", msg.cmd.name)
+            self._reply(identity, Cmd.ERROR, {"req": req, "error": "internal broker error (see its log)"})
+        else:
+            self._reply(identity, Cmd.REPLY, {"req": req, **answer})
 
     async def _drain_subscriptions(self) -> None:
         while True:  # XPUB hands us (un)subscriptions; nothing to do with them but read them
