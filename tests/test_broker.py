@@ -304,3 +304,41 @@ async def _count(w: ScriptedWorker, kind: str, n: int) -> bool:
 
 async def _true(value) -> bool:
     return bool(value)
+
+
+def test_the_brokers_running_tally_agrees_with_the_pure_decision_functions():
+    """Task.set_state keeps counts so the broker never rescans trials; tuner's functions are the reference.
+    Random lease histories, settled the way Broker._settle does, must agree with them at every step."""
+    import random
+
+    from nsd.broker import tuner
+    from nsd.broker.daemon import Task, Trial
+    from nsd.states import TaskState, TrialState
+
+    rng = random.Random(7)
+    for _ in range(300):
+        task = Task(id="t", spec={}, state=TaskState.TUNING, created=0.0)
+        task.trials = [Trial(index=i, config={}, label="") for i in range(rng.randint(1, 12))]
+        task.index_trials()
+        for _ in range(40):
+            views = task.views()
+            for limit in (0, 1, 2, 3):
+                assert task.dispatchable(limit) == len(tuner.to_dispatch(views, limit))
+            assert task.n_unfinished == sum(not v.state.finished for v in views)
+            assert task.lowest_passed == tuner.first_passed(views)
+            # The broker concludes exactly when nothing is unfinished; tuner agrees on that moment.
+            assert (tuner.decide(views, True) is not None) == (task.n_unfinished == 0)
+            if task.n_unfinished == 0:
+                break
+            pending = [t for t in task.trials if t.state is TrialState.PENDING]
+            if pending and rng.random() < 0.5:
+                tr = task.next_pending()
+                assert tr.index == min(t.index for t in pending)  # INC's order
+                task.set_state(tr, TrialState.RUNNING)
+                continue
+            running = [t for t in task.trials if t.state is TrialState.RUNNING]
+            if running:
+                task.set_state(rng.choice(running), rng.choice([
+                    TrialState.PASSED, TrialState.FAILED_GOAL, TrialState.ERROR, TrialState.PENDING]))
+            for index in tuner.to_cancel(task.views()):  # what _settle does after each change
+                task.set_state(task.trials[index], TrialState.CANCELLED)

@@ -8,6 +8,7 @@ between sockets, memory and the store. It never imports torch.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import json
 import logging
 import math
@@ -40,6 +41,7 @@ log = logging.getLogger("nsd.broker")
 
 PLAN = "plan"  # the job of a `planning` task: load, evaluate FP32 once, expand the config set
 SAVE = "save"  # the job of a `finalizing` task: quantize the winner again, save it, upload the artifact
+NO_NEW_WORK = frozenset({Cmd.HEARTBEAT, Cmd.FETCH, Cmd.STORE})  # change neither free cores nor demand
 LOG_LIMIT = 64 * 1024  # characters of each job's log kept by the broker (the worker keeps the whole file)
 STAGE_JOBS = {TaskState.PLANNING: PLAN, TaskState.FINALIZING: SAVE}
 
@@ -89,6 +91,46 @@ class Task:
     plan_s: float | None = None
     artifact: str | None = None  # blob reference of the saved winner
     trials: list[Trial] = field(default_factory=list)
+    # A running tally of the trials, kept by set_state(), so that the hot path (every result, every
+    # scheduling pass) never rescans thousands of trials. tuner's pure functions remain the reference:
+    # tests/test_broker.py checks this tally against them.
+    pending: list[int] = field(default_factory=list)  # heap of PENDING indexes (stale entries are skipped)
+    n_pending: int = 0
+    n_running: int = 0
+    n_unfinished: int = 0
+    lowest_passed: int | None = None
+    cancelled_above: int | None = None  # the lowest pass whose higher trials were already cancelled
+
+    def index_trials(self) -> None:
+        """Rebuild the tally from the trials (after loading them or creating them)."""
+        self.pending = sorted(t.index for t in self.trials if t.state is TrialState.PENDING)
+        self.n_pending = len(self.pending)
+        self.n_running = sum(t.state is TrialState.RUNNING for t in self.trials)
+        self.n_unfinished = sum(not t.state.finished for t in self.trials)
+        self.lowest_passed = tuner.first_passed(self.views())
+
+    def set_state(self, tr: Trial, state: TrialState) -> None:
+        old, tr.state = tr.state, state
+        if old is state:
+            return
+        self.n_pending += (state is TrialState.PENDING) - (old is TrialState.PENDING)
+        self.n_running += (state is TrialState.RUNNING) - (old is TrialState.RUNNING)
+        self.n_unfinished += (not state.finished) - (not old.finished)
+        if state is TrialState.PENDING:
+            heapq.heappush(self.pending, tr.index)
+        if state is TrialState.PASSED and (self.lowest_passed is None or tr.index < self.lowest_passed):
+            self.lowest_passed = tr.index
+
+    def dispatchable(self, limit: int) -> int:
+        """How many pending trials may start now under the task's `workers` limit (0: none)."""
+        return self.n_pending if limit <= 0 else max(0, min(self.n_pending, limit - self.n_running))
+
+    def next_pending(self) -> Trial:
+        """The lowest-index pending trial (INC's order)."""
+        while True:
+            tr = self.trials[heapq.heappop(self.pending)]
+            if tr.state is TrialState.PENDING:
+                return tr
 
     @property
     def name(self) -> str:
@@ -148,6 +190,7 @@ class Worker:
     cores_per_trial: int = 1  # the shape of its slots, for tasks that leave cores_per_trial to the worker
     running: dict[str, int] = field(default_factory=dict)  # trial_id -> attempt: the leases it holds
     cores_of: dict[str, int] = field(default_factory=dict)  # trial_id -> cores that job occupies
+    cores_used: int = 0  # sum of cores_of
     freed_at: float | None = None  # when a slot last came free (for the dispatch latency metric)
 
     draining: bool = False  # finishing what it runs before it leaves; takes nothing new
@@ -156,14 +199,16 @@ class Worker:
     def free_cores(self) -> int:
         if self.draining or self.slots <= 0:
             return 0
-        return max(0, self.cores - sum(self.cores_of.values()))
+        return max(0, self.cores - self.cores_used)
 
     def take(self, tid: str, attempt: int, cores: int) -> None:
+        self.release(tid)
         self.running[tid], self.cores_of[tid] = attempt, cores
+        self.cores_used += cores
 
     def release(self, tid: str) -> int | None:
         """Drop a lease; returns its attempt, or None if it held none."""
-        self.cores_of.pop(tid, None)
+        self.cores_used -= self.cores_of.pop(tid, 0)
         return self.running.pop(tid, None)
 
     def public(self, now: float) -> dict[str, Any]:
@@ -199,6 +244,7 @@ class Broker:
         self.workers: dict[str, Worker] = {}
         self.endpoints: dict[str, str] = {}
         self.started_at = time.time()
+        self._grace_over = False
         self._bad = OncePerPeer(log)
         self.metrics.bad_messages = lambda: self._bad.count
         self._loops: list[asyncio.Task] = []
@@ -285,6 +331,7 @@ class Broker:
                                  state=TrialState(r["state"]), attempt=r["attempt"], metric=r["metric"],
                                  worker=r["worker"], started=r["started"], finished=r["finished"],
                                  seconds=r["seconds"], error=r["error"]) for r in self.store.trials(task.id)]
+            task.index_trials()
             self.tasks[task.id] = task
             if not task.state.terminal:
                 self.active[task.id] = task
@@ -308,7 +355,11 @@ class Broker:
                 handle(identity, msg)
             except Exception:  # a bug of ours must not take the broker down with it
                 log.exception("%s failed", msg.cmd.name)
-            self._schedule()
+            if msg.cmd not in NO_NEW_WORK:
+                self._schedule()
+            # A queued message is returned without yielding: let the other socket, the heartbeats and the
+            # watchdog run between messages, or a flood on one socket starves everything else.
+            await asyncio.sleep(0)
 
     def _client_message(self, identity: bytes, msg) -> None:
         req = msg.body["req"]
@@ -534,6 +585,7 @@ class Broker:
                     self._lost_lease(task, index if index in (PLAN, SAVE) else int(index), why)
         worker.running.clear()
         worker.cores_of.clear()
+        worker.cores_used = 0
 
     def _lost_lease(self, task: Task, index: int | str, why: str = "worker lost") -> None:
         """A job's worker died or forgot it: run it again (attempt + 1), or give up after max_attempts."""
@@ -553,7 +605,8 @@ class Broker:
         tr = task.trials[index]
         state, attempt = tuner.after_lost_lease(tr.attempt, max_attempts)
         self.metrics.trials_requeued += state is TrialState.PENDING
-        tr.state, tr.attempt, tr.worker = state, attempt, None
+        task.set_state(tr, state)
+        tr.attempt, tr.worker = attempt, None
         if state is TrialState.ERROR:
             tr.error, tr.finished = f"{why} on each of {attempt} attempts", time.time()
         self.store.update_trial(task.id, index, state=state.value, attempt=attempt, worker=None, error=tr.error,
@@ -598,9 +651,9 @@ class Broker:
         metric = _number(body.get("metric"))
         if body.get("ok") is True and metric is not None:
             tr.metric = metric
-            tr.state = TrialState.PASSED if tuner.meets_goal(metric, task.goal()) else TrialState.FAILED_GOAL
+            task.set_state(tr, TrialState.PASSED if tuner.meets_goal(metric, task.goal()) else TrialState.FAILED_GOAL)
         else:
-            tr.state = TrialState.ERROR
+            task.set_state(tr, TrialState.ERROR)
             tr.error = str(body.get("error") or "the runner returned no metric")[:4000]
         self.store.update_trial(task.id, tr.index, state=tr.state.value, metric=tr.metric, seconds=tr.seconds,
                                 finished=tr.finished, error=tr.error)
@@ -631,6 +684,7 @@ class Broker:
         task.baseline = baseline
         task.trials = [Trial(index=i, config=c["config"], label=str(c.get("label", ""))[:500])
                        for i, c in enumerate(configs)]
+        task.index_trials()
         task.state, task.stage_attempt = TaskState.TUNING, 1
         self.store.insert_trials(task.id, [(t.index, t.config, t.label, t.state.value) for t in task.trials])
         self.store.update_task(task.id, baseline=baseline, state=task.state.value, stage_worker=None,
@@ -652,12 +706,16 @@ class Broker:
                          error=f"the winner's artifact could not be saved: {why}")
 
     def _settle(self, task: Task) -> None:
-        """After any trial change: cancel what can no longer win, and end the task once decided."""
-        for index in tuner.to_cancel(task.views()):
-            self._cancel_trial(task, task.trials[index], "a lower-index trial met the goal")
-        decision = tuner.decide(task.views(), task.tuning["higher_is_better"])
-        if decision is not None:
-            self._conclude(task, decision)
+        """After any trial change: cancel what can no longer win (tuner.to_cancel), and end the task once
+        decided (tuner.decide) — which, with those cancelled, is when no trial is left unfinished."""
+        passed = task.lowest_passed
+        if passed is not None and passed != task.cancelled_above:
+            for tr in task.trials[passed + 1:]:
+                if not tr.state.finished:
+                    self._cancel_trial(task, tr, "a lower-index trial met the goal")
+            task.cancelled_above = passed
+        if task.n_unfinished == 0:
+            self._conclude(task, tuner.decide(task.views(), task.tuning["higher_is_better"]))
 
     def _conclude(self, task: Task, decision: tuner.Decision, note: str | None = None) -> None:
         """The winner is known: stop the other trials, then save its artifact (`finalizing`)."""
@@ -680,7 +738,8 @@ class Broker:
             worker = self.workers.get(tr.worker or "")
             if worker is not None and worker.release(tid) is not None:
                 self._send_worker(worker, Cmd.CANCEL, {"trial_id": tid, "attempt": tr.attempt})
-        tr.state, tr.error, tr.finished = TrialState.CANCELLED, why, time.time()
+        task.set_state(tr, TrialState.CANCELLED)
+        tr.error, tr.finished = why, time.time()
         self.store.update_trial(task.id, tr.index, state=tr.state.value, error=why, finished=tr.finished)
         self._emit(task, "trial", **self._trial_event(tr))
 
@@ -721,11 +780,9 @@ class Broker:
             if task.state is TaskState.QUEUED or (task.state in STAGE_JOBS and task.stage_worker is None):
                 demands.append(scheduler.Demand(task.id, 1, priority, cores=cores))
             elif task.state is TaskState.TUNING:
-                views = task.views()
-                wants = len(tuner.to_dispatch(views, task.spec["resources"]["workers"]))
+                wants = task.dispatchable(task.spec["resources"]["workers"])
                 if wants:
-                    running = sum(v.state is TrialState.RUNNING for v in views)
-                    demands.append(scheduler.Demand(task.id, wants, priority, running, cores))
+                    demands.append(scheduler.Demand(task.id, wants, priority, task.n_running, cores))
         if demands:
             free = {w.id: w.free_cores for w in self.workers.values()}
             placements = scheduler.place(free, demands, {w.id: w.cores_per_trial for w in self.workers.values()})
@@ -754,9 +811,10 @@ class Broker:
                    "config": winner.config}
             self.store.update_task(task.id, stage_worker=worker.id)
         else:
-            index = tuner.to_dispatch(task.views(), task.spec["resources"]["workers"])[0]
-            tr = task.trials[index]
-            tr.state, tr.worker, tr.started = TrialState.RUNNING, worker.id, now
+            tr = task.next_pending()
+            index = tr.index
+            task.set_state(tr, TrialState.RUNNING)
+            tr.worker, tr.started = worker.id, now
             tid, attempt = trial_id(task.id, index), tr.attempt
             job = {"kind": "trial", "task_id": task.id, "spec": task.spec, "index": index, "config": tr.config}
             self.store.update_trial(task.id, index, state=tr.state.value, worker=worker.id, started=now)
@@ -783,8 +841,10 @@ class Broker:
                 self._drop_worker(worker, "worker stopped answering")
             elif now - worker.last_sent >= self.heartbeat_s:
                 self._send_worker(worker, Cmd.HEARTBEAT)
-        # Leases reloaded from disk whose worker has not come back within one grace window.
-        if now - self.started_at > deadline:
+        # Leases reloaded from disk whose worker has not come back within one grace window. (Later, a
+        # worker that goes away is dropped with its leases at once, so this runs only once.)
+        if not self._grace_over and now - self.started_at > deadline:
+            self._grace_over = True
             with self.store.tx():
                 for task in list(self.active.values()):
                     stage = STAGE_JOBS.get(task.state)
