@@ -40,8 +40,12 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # `python bench/inc_vs_nsd.py` from a checkout without an install
+# nsd's runner processes (`python -m nsd.worker.runner`) must import the same nsd as this process.
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
 
+# All of nsd now, at once (not lazily, minutes later), so that the broker, workers and client are one version.
 from nsd.client.api import prepare_spec, read_spec  # noqa: E402
+from nsd.local import run_local  # noqa: E402
 from nsd.quant.inc import config_from_dict  # noqa: E402
 
 
@@ -54,6 +58,33 @@ def short(config: dict) -> str:
     (name, params), = config.items()
     keys = ("bits", "use_sym", "group_size", "dtype")
     return f"{name}(" + ", ".join(f"{k}={params[k]}" for k in keys if k in params) + ")"
+
+
+class CpuMeter:
+    """How busy the machine was during a phase, and how much of that was not us (a noise indicator:
+    other people's jobs on a shared 2-core machine distort every figure here)."""
+
+    def __enter__(self) -> CpuMeter:
+        self.t0, self.stat0, self.own0 = time.perf_counter(), self._stat(), self._own()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        wall = time.perf_counter() - self.t0
+        total, idle = (b - a for a, b in zip(self.stat0, self._stat()))
+        busy = len(os.sched_getaffinity(0)) * (total - idle) / total if total else 0.0
+        own = (self._own() - self.own0) / wall if wall > 0 else 0.0
+        self.figures = {"busy_cores": busy, "own_cores": own, "others_cores": max(0.0, busy - own)}
+
+    @staticmethod
+    def _stat() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+        return sum(fields), fields[3] + fields[4]  # all jiffies, idle + iowait
+
+    @staticmethod
+    def _own() -> float:
+        t = os.times()  # this process, and its children once reaped (run_local reaps its runners)
+        return t.user + t.system + t.children_user + t.children_system
 
 
 # ---- (a) INC's own autotune ------------------------------------------------------------------------------
@@ -84,7 +115,7 @@ def run_inc(spec: dict) -> dict[str, Any]:
 
     def recording_quantize(model, quant_config, *args, **kwargs):
         # quantize() mutates its config (INC-NOTES.md): record it as INC chose it, before the call.
-        entry = {"config": {quant_config.name: plain(quant_config.to_dict())}}
+        entry = {"config": {quant_config.name: plain(quant_config.to_dict())}, "object": quant_config}
         t0 = time.perf_counter()
         entry["model"] = real_quantize(model, quant_config, *args, **kwargs)
         entry["quantize_s"] = time.perf_counter() - t0
@@ -118,17 +149,19 @@ def run_inc(spec: dict) -> dict[str, Any]:
         trials.append({"index": i, "config": q["config"], "metric": e["metric"],
                        "seconds": q["quantize_s"] + e["eval_s"]})
     # Which trial INC returned: the model object itself, or, after a re-quantize (max_trials reached
-    # with no pass), the first trial with that config, as INC's stable sort would pick.
+    # with no pass), the trial whose config object INC re-quantized with (its best trial record's).
     chosen = None
     if best is not None:
         hit = next((i for i, q in enumerate(quantize_calls) if q["model"] is best), None)
         if hit is not None and hit < len(trials):
             chosen = hit
         elif hit is not None:
-            chosen = next((t["index"] for t in trials if t["config"] == quantize_calls[hit]["config"]), None)
+            chosen = next((i for i, q in enumerate(quantize_calls[:len(trials)])
+                           if q["object"] is quantize_calls[hit]["object"]), None)
     baseline = evals[0]["metric"] if evals else None
     goal = None if baseline is None else baseline * (1 - tuning["tolerable_loss"])
-    del best, model, quantize_calls
+    quantize_calls.clear()  # the quantized models: free them before the other side runs
+    del best, model
     return {"wall_s": wall_s, "load_s": load_s, "baseline": baseline, "trials": trials, "chosen": chosen,
             "met_goal": chosen is not None and goal is not None and trials[chosen]["metric"] >= goal,
             "baseline_eval_s": evals[0]["eval_s"] if evals else None}
@@ -137,8 +170,6 @@ def run_inc(spec: dict) -> dict[str, Any]:
 # ---- (b) the same spec through nsd ------------------------------------------------------------------------
 
 def run_nsd(spec_path: str, workers: int, verbose: bool) -> dict[str, Any]:
-    from nsd.local import run_local
-
     t_start = time.perf_counter()
 
     def on_event(event: dict) -> None:
@@ -191,7 +222,7 @@ def compare(inc: dict, nsd: dict) -> dict[str, Any]:
 
 def print_run(rep: int, order: list[str], inc: dict, nsd: dict, cmp: dict) -> None:
     print(f"\n=== repetition {rep + 1} (ran {' then '.join(order)}) ===")
-    print(f"  INC autotune : {inc['wall_s']:7.2f} s  (recipe import + model load {inc['load_s']:.2f} s, "
+    print(f"  INC autotune : {inc['wall_s']:7.2f} s  (recipe module + model load {inc['load_s']:.2f} s, "
           f"baseline eval {inc['baseline_eval_s']:.2f} s, {len(inc['trials'])} trials)")
     for t in inc["trials"]:
         print(f"      trial {t['index']:2d}  {short(t['config']):40s} metric {t['metric']:.6f}  {t['seconds']:.2f} s")
@@ -237,11 +268,17 @@ def main(argv: list[str] | None = None) -> int:
     old_cwd = os.getcwd()
     os.chdir(scratch)  # INC writes ./nc_workspace/ wherever it runs
     try:
+        # Imports are paid once per process, before either side runs, so that every repetition's INC
+        # time is alike: torch, INC, and the recipe's own (transformers). nsd's runners pay theirs inside
+        # the nsd time (runner start, plan), as a fresh `nsd run` would.
         t0 = time.perf_counter()
         import torch  # noqa: F401
         import neural_compressor.torch.quantization  # noqa: F401
+        t1 = time.perf_counter()
+        import_recipe(spec["recipe"]["file"])
         import_s = time.perf_counter() - t0
-        print(f"INC + torch import in this process: {import_s:.2f} s (paid once; in neither time below)")
+        print(f"imports in this process, paid once and in neither time below: torch + INC {t1 - t0:.2f} s, "
+              f"recipe module (its own imports: transformers, ...) {import_s - (t1 - t0):.2f} s", flush=True)
 
         runs = []
         for rep in range(args.repeat):
@@ -250,11 +287,15 @@ def main(argv: list[str] | None = None) -> int:
             got: dict[str, dict] = {}
             for side in order:
                 print(f"[{rep + 1}/{args.repeat}] running {side} ...", flush=True)
-                if side == "inc":
-                    got["inc"] = run_inc(spec)
-                else:
-                    got["nsd"] = run_nsd(spec_path, args.workers, args.verbose)
-                print(f"[{rep + 1}/{args.repeat}] {side}: {got[side]['wall_s']:.2f} s", flush=True)
+                with CpuMeter() as meter:
+                    if side == "inc":
+                        got["inc"] = run_inc(spec)
+                    else:
+                        got["nsd"] = run_nsd(spec_path, args.workers, args.verbose)
+                got[side]["cpu"] = meter.figures
+                print(f"[{rep + 1}/{args.repeat}] {side}: {got[side]['wall_s']:.2f} s; cores busy on average: "
+                      f"{meter.figures['busy_cores']:.2f}, of which not this benchmark: "
+                      f"{meter.figures['others_cores']:.2f}", flush=True)
             cmp = compare(got["inc"], got["nsd"])
             print_run(rep, order, got["inc"], got["nsd"], cmp)
             runs.append({"order": order, "inc": got["inc"], "nsd": got["nsd"], "cmp": cmp})
@@ -266,7 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     print("\n" + "=" * 100)
     print(f"SUMMARY  {spec['name']}  ({ncpu}-CPU machine; INC: 1 torch thread; nsd: {args.workers} workers)")
     head = (f"{'rep':>3} {'order':>9} {'INC s':>7} {'nsd s':>7} {'INC/nsd':>7} {'INC trials':>10} "
-            f"{'nsd scored':>10} {'nsd trial-s':>11} {'INC pick':>8} {'nsd pick':>8} {'agree':>5}")
+            f"{'nsd scored':>10} {'nsd trial-s':>11} {'INC pick':>8} {'nsd pick':>8} {'agree':>5} "
+            f"{'(INC+imp)/nsd':>13} {'others':>11}")
     print(head)
     print("-" * len(head))
     all_agree = True
@@ -277,14 +319,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{rep + 1:>3} {'>'.join(run['order']):>9} {inc['wall_s']:7.2f} {nsd['wall_s']:7.2f} "
               f"{inc['wall_s'] / nsd['wall_s']:7.2f} {len(inc['trials']):>10} {cmp['nsd_scored']:>10} "
               f"{_f(cmp['nsd_trial_s']):>11} {_f(cmp['inc_index'], 'd'):>8} {_f(cmp['nsd_index'], 'd'):>8} "
-              f"{'yes' if agree else 'NO':>5}")
+              f"{'yes' if agree else 'NO':>5} {(inc['wall_s'] + import_s) / nsd['wall_s']:13.2f} "
+              f"{inc['cpu']['others_cores']:5.2f}/{nsd['cpu']['others_cores']:<5.2f}")
     if len(runs) > 1:
         inc_med = statistics.median(r["inc"]["wall_s"] for r in runs)
         nsd_med = statistics.median(r["nsd"]["wall_s"] for r in runs)
         print(f"{'med':>3} {'':>9} {inc_med:7.2f} {nsd_med:7.2f} {inc_med / nsd_med:7.2f}")
     last = runs[-1]["cmp"]
     print("-" * len(head))
-    print(f"winner: INC trial {_f(last['inc_index'], 'd')} (INC numbers it {_f(None if last['inc_index'] is None else last['inc_index'] + 1, 'd')}) "
+    print(f"INC s: INC's autotune in this process, warm: torch, INC and the recipe's imports ({import_s:.2f} s) were "
+          f"paid before; (INC+imp)/nsd counts them, as a cold `python` run of INC would. nsd s: run_local end to "
+          f"end, its runner processes' start and imports included. others: cores that other processes kept busy, on "
+          f"average, during the INC/nsd phase (anything above ~0.1 means the timings are disturbed).")
+    inc_number = None if last["inc_index"] is None else last["inc_index"] + 1
+    print(f"winner: INC trial {_f(last['inc_index'], 'd')} (INC numbers it {_f(inc_number, 'd')}) "
           f"{short(last['inc_config']) if last['inc_config'] else '(none: INC returned no model)'}; "
           f"nsd trial {_f(last['nsd_index'], 'd')} {short(last['nsd_config']) if last['nsd_config'] else '(none)'}"
           f", met goal: INC {runs[-1]['inc']['met_goal']}, nsd {last['nsd_met_goal']}")
@@ -303,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         out = [{"order": r["order"],
                 "inc": {k: v for k, v in r["inc"].items()},
-                "nsd": {"wall_s": r["nsd"]["wall_s"],
+                "nsd": {"wall_s": r["nsd"]["wall_s"], "cpu": r["nsd"]["cpu"],
                         "result": {k: v for k, v in r["nsd"]["result"].items() if k != "spec"}},
                 "cmp": r["cmp"]} for r in runs]
         Path(old_cwd, args.json).write_text(json.dumps({"import_s": import_s, "cpus": ncpu, "workers": args.workers,

@@ -3,6 +3,7 @@ evicted first, never one that a running job uses."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 from pathlib import Path
@@ -22,6 +23,7 @@ class BlobCache:
         self.max_bytes = max_bytes
         self.pins: dict[str, int] = {}  # sha256 -> jobs using it
         self.fetched = 0  # blobs fetched from the broker (the rest came from the cache)
+        self._locks: dict[str, asyncio.Lock] = {}  # one fetch per blob, however many slots want it at once
 
     def entry(self, sha256: str) -> Path:
         return self.root / sha256
@@ -30,6 +32,10 @@ class BlobCache:
         """The local path of a blob's top-level entry, fetching and unpacking it first if needed.
         `download(sha, file)` writes the verified tar to `file`."""
         entry = self.entry(sha256)
+        async with self._locks.setdefault(sha256, asyncio.Lock()):
+            return await self._path(entry, sha256, name, download)
+
+    async def _path(self, entry: Path, sha256: str, name: str, download) -> Path:
         if not (entry / "tree" / name).exists():
             tar = self.root / f"{sha256}.tar.partial"
             try:

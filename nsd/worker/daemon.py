@@ -66,6 +66,7 @@ class Runner:
         self.proc: asyncio.subprocess.Process | None = None
         self._ready: asyncio.Future | None = None
         self._lock = asyncio.Lock()
+        self._one_job = asyncio.Lock()  # the pipe carries one job at a time (a warm-up, then a trial)
 
     async def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -90,6 +91,10 @@ class Runner:
                 raise RunnerDied(await self._death())
 
     async def run(self, job: dict) -> dict:
+        async with self._one_job:
+            return await self._run(job)
+
+    async def _run(self, job: dict) -> dict:
         await self.ready()
         self.proc.stdin.write(pipe.encode(job))
         await self.proc.stdin.drain()
@@ -418,6 +423,8 @@ class WorkerDaemon:
                 log.warning("could not fetch the files of %s: %s", trial_id, exc)
                 answer = {"ok": False, "requeue": True, "error": f"worker could not fetch the task's files: {exc}"}
             else:
+                if job["kind"] == "plan":
+                    self._warm_others(slot, job)
                 answer = await self._run(slot, trial_id, attempt, job)
             result = {**answer, "trial_id": trial_id, "attempt": attempt, "worker_id": self.worker_id}
             self.outbox[f"{trial_id}#{attempt}"] = result
@@ -532,6 +539,22 @@ class WorkerDaemon:
         finally:
             tar.unlink(missing_ok=True)
             shutil.rmtree(path, ignore_errors=True)
+
+    def _warm_others(self, planning: Slot, job: dict) -> None:
+        """While one runner plans a task, the idle ones load its model too: its trials come next, and
+        loading it then would hold every first trial up by the model's load time."""
+        for slot in self.slots:
+            if slot is planning or slot.job is not None or slot.last_task_id == job["task_id"]:
+                continue
+            slot.last_task_id = job["task_id"]
+
+            async def warm(slot: Slot = slot) -> None:
+                with contextlib.suppress(Exception):
+                    await slot.runner.run({**job, "kind": "warm"})
+
+            task = asyncio.create_task(warm())
+            self._restarts.add(task)
+            task.add_done_callback(self._restarts.discard)
 
     def _warm_up(self, slot: Slot) -> None:
         """Replace a runner that died (crash, timeout, cancel) now, not when the next job arrives."""

@@ -131,6 +131,9 @@ def run_job(job: dict, cache: TaskCache) -> dict[str, Any]:
             answer = trial(job, cache)
         elif job["kind"] == "save":
             answer = save(job, cache)
+        elif job["kind"] == "warm":  # load the task's recipe and model now, before its first trial
+            cache.get(job["task_id"], job["spec"])
+            answer = {}
         else:
             raise ValueError(f"unknown job kind {job['kind']!r}")
         answer["ok"] = True
