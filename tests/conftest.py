@@ -85,7 +85,7 @@ def _alive(pid: int) -> bool:
         return False
     try:  # a zombie not yet reaped counts as gone
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().split()[2] != "Z"
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # the name in (...) may hold spaces
     except OSError:
         return False
 

@@ -41,7 +41,7 @@ def test_unpack_refuses_members_escaping_their_folder(tmp_path):
         info = tarfile.TarInfo("../escaped.txt")
         info.size = 3
         tar.addfile(info, io.BytesIO(b"bad"))
-    with pytest.raises(Exception):
+    with pytest.raises(tarfile.FilterError, match="outside the destination"):
         unpack_tree(evil, tmp_path / "dest" / "x")
     assert not (tmp_path / "dest" / "escaped.txt").exists() and not (tmp_path / "escaped.txt").exists()
     link = tmp_path / "link.tar"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 
 import msgpack
@@ -14,7 +13,7 @@ from nsd.blobs import parse_ref
 from nsd.broker.daemon import Broker
 from nsd.client.api import AsyncClient, BrokerError
 from nsd.client.view import apply_event
-from nsd.protocol import MAGIC, Cmd, pack
+from nsd.protocol import MAGIC, Cmd
 from tests.conftest import wait_for
 from tests.peers import ScriptedWorker, plan_answer
 

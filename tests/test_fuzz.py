@@ -11,7 +11,7 @@ import msgpack
 import zmq
 import zmq.asyncio
 
-from nsd.protocol import MAGIC, Cmd, pack
+from nsd.protocol import Cmd, pack
 from tests.conftest import wait_for
 from tests.test_broker import done, metrics_answer, spec
 from tests.peers import ScriptedWorker

@@ -4,7 +4,6 @@ the answer an undisturbed run gives."""
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import subprocess
@@ -15,7 +14,7 @@ import pytest
 
 from nsd.client.api import AsyncClient
 from nsd.client.view import apply_event
-from tests.conftest import RECIPES, _alive, digits_spec, kill_pid, wait_for
+from tests.conftest import RECIPES, digits_spec, kill_pid, wait_for
 from tests.test_cli import free_port
 
 pytestmark = pytest.mark.slow
