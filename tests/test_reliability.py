@@ -219,3 +219,25 @@ async def test_a_hanging_trial_times_out_with_its_log_and_the_worker_goes_on(cli
     logs = await client.logs(result["task_id"], 0)
     assert "about to hang" in logs[0]["text"] and logs[0]["worker"] == worker.worker_id
     assert (await client.cluster())[0]["worker_id"] == worker.worker_id
+
+
+async def test_a_runner_killed_mid_trial_is_an_error_with_the_reason(client, start_workers, monkeypatch):
+    monkeypatch.setenv("NSD_TEST_SLOW_S", "30")  # long enough to be caught running
+    spec = slow_spec(30)
+    spec["tuning"]["max_trials"] = 1
+    (worker,) = await start_workers(1)
+    task_id = await client.submit(spec)
+
+    async def running():
+        task = await client.status(task_id)
+        return task["trials"] and task["trials"][0]["state"] == "running" and worker.slots[0].job
+
+    await wait_for(running, 60)
+    await asyncio.sleep(1.0)  # inside evaluate(), not merely assigned
+    victim = next(s for s in worker.slots if s.job).runner.proc.pid
+    kill_pid(victim, signal.SIGKILL)  # what the kernel's OOM killer does
+    result = await client.result(task_id, wait=True)
+    trial = result["trials"][0]
+    assert trial["state"] == "error" and "runner killed by SIGKILL (out of memory?)" in trial["error"]
+    assert "--- last lines of its log ---" in trial["error"] and "cores [" in trial["error"]
+    assert result["state"] == "failed" and (await client.cluster())[0]["worker_id"] == worker.worker_id

@@ -186,7 +186,7 @@ class WorkerDaemon:
         self.sock: zmq.asyncio.Socket | None = None
         self._stopping = asyncio.Event()
         self._drain_deadline: float | None = None  # set by stop(): finishing what runs, taking nothing new
-        self._restarts: set[asyncio.Task] = set()  # background runner starts and stops
+        self._background: set[asyncio.Task] = set()  # background runner starts and stops
         self._retired: list[Runner] = []  # runners whose cores went to trials of another shape
         self._watchdog_s = watchdog_interval()
         self._last_watchdog = 0.0
@@ -410,8 +410,8 @@ class WorkerDaemon:
         self.slots.remove(slot)
         self._retired.append(slot.runner)
         task = asyncio.create_task(slot.runner.stop())
-        self._restarts.add(task)
-        task.add_done_callback(self._restarts.discard)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _execute(self, slot: Slot, trial_id: str, attempt: int, job: dict) -> None:
         pins: list[str] = []
@@ -552,8 +552,8 @@ class WorkerDaemon:
                     await slot.runner.run({**job, "kind": "warm"})
 
             task = asyncio.create_task(warm())
-            self._restarts.add(task)
-            task.add_done_callback(self._restarts.discard)
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
 
     def _warm_up(self, slot: Slot) -> None:
         """Replace a runner that died (crash, timeout, cancel) now, not when the next job arrives."""
@@ -565,8 +565,8 @@ class WorkerDaemon:
                 await slot.runner.ready()
 
         task = asyncio.create_task(restart())
-        self._restarts.add(task)
-        task.add_done_callback(self._restarts.discard)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _cancel(self, trial_id: str, attempt: int) -> None:
         self.backlog = [b for b in self.backlog if (b[0], b[1]) != (trial_id, attempt)]
@@ -583,9 +583,9 @@ class WorkerDaemon:
 
     async def _shutdown(self) -> None:
         notify("STOPPING=1")
-        for task in list(self._restarts):
+        for task in list(self._background):
             task.cancel()
-        await asyncio.gather(*self._restarts, return_exceptions=True)
+        await asyncio.gather(*self._background, return_exceptions=True)
         for slot in self.slots:
             if slot.task is not None:
                 slot.task.cancel()
