@@ -311,13 +311,6 @@ class Broker:
             counts = self.curve.reload()
             log.info("reloaded key allowlists: %s", counts)
 
-    async def serve_forever(self) -> None:
-        await self.start()
-        try:
-            await asyncio.gather(*self._loops)
-        finally:
-            await self.stop()
-
     def _load(self) -> None:
         """Reload state after a restart. Running leases stay until their grace window ends (`_tick`)."""
         for row in self.store.tasks():
