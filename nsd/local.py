@@ -55,9 +55,21 @@ async def run_local(spec: Any, workers: int = 2, on_event: Callable[[dict], None
             running.append(asyncio.create_task(daemon.run()))
             running[-1].add_done_callback(_report_crash)
         task_id = await client.submit(spec_dict)
-        async for event in client.events(task_id):
-            if on_event is not None:
-                on_event(event)
+
+        async def follow() -> None:
+            async for event in client.events(task_id):
+                if on_event is not None:
+                    on_event(event)
+
+        following = asyncio.create_task(follow())
+        while not following.done():  # if every worker has died, nothing will ever finish the task: say so
+            await asyncio.wait([following, *running], return_when=asyncio.FIRST_COMPLETED)
+            if not following.done() and all(t.done() for t in running):
+                following.cancel()
+                errors = [t.exception() for t in running if not t.cancelled() and t.exception()]
+                raise RuntimeError(f"every local worker stopped before the task ended: {errors[0]!r}"
+                                   if errors else "every local worker stopped before the task ended")
+        following.result()
         result = await client.result(task_id)
         if output is not None and result.get("artifact"):
             await client.fetch(task_id, output)

@@ -149,7 +149,7 @@ def worker(broker_addr, cores, cores_per_trial, cache_dir, cache_size, worker_id
            server_key, log_level) -> None:
     """Run a worker daemon on this node."""
     from nsd.net import install_uvloop
-    from nsd.worker.daemon import WorkerConfig, WorkerDaemon
+    from nsd.worker.daemon import WorkerConfig, WorkerDaemon, WorkerRefused
 
     _setup_logging(log_level)
     install_uvloop()
@@ -177,7 +177,10 @@ def worker(broker_addr, cores, cores_per_trial, cache_dir, cache_size, worker_id
             loop.add_signal_handler(sig, daemon.stop)
         await daemon.run()
 
-    asyncio.run(serve())
+    try:
+        asyncio.run(serve())
+    except WorkerRefused as exc:
+        _fail(exc)
 
 
 @main.command()
@@ -353,7 +356,10 @@ def run(spec, n_workers, output, as_json, log_level) -> None:
                 click.echo(progress_line(view["task"]), err=True)
 
     with _Errors():
-        task = asyncio.run(run_local(spec, workers=n_workers, on_event=show, output=output))
+        try:
+            task = asyncio.run(run_local(spec, workers=n_workers, on_event=show, output=output))
+        except RuntimeError as exc:  # every local worker stopped (its reason is in the log above)
+            _fail(exc)
     _print_json(task) if as_json else click.echo(result_text(task))
     sys.exit(exit_code(task))
 

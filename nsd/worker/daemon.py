@@ -40,6 +40,10 @@ from nsd.worker.cores import allocate, numa_nodes
 log = logging.getLogger("nsd.worker")
 
 
+class WorkerRefused(RuntimeError):
+    """The broker refused this worker for good (wrong protocol version, inconsistent registration)."""
+
+
 class RunnerDied(RuntimeError):
     """The runner process ended while it held a job."""
 
@@ -249,7 +253,7 @@ class WorkerDaemon:
         finally:
             await self._shutdown()
         if self.fatal:
-            raise SystemExit(f"nsd worker: {self.fatal}")
+            raise WorkerRefused(self.fatal)
 
     def stop(self, grace_s: float | None = None) -> None:
         """Drain: take no new jobs, give running ones `grace_s` (default config.grace_s) to finish and be
