@@ -341,3 +341,22 @@ def test_the_brokers_running_tally_agrees_with_the_pure_decision_functions():
                     TrialState.PASSED, TrialState.FAILED_GOAL, TrialState.ERROR, TrialState.PENDING]))
             for index in tuner.to_cancel(task.views()):  # what _settle does after each change
                 task.set_state(task.trials[index], TrialState.CANCELLED)
+
+
+async def test_a_result_kept_in_the_outbox_counts_when_its_worker_registers_again(broker, client):
+    """A worker that finished a trial while it could not reach the broker re-registers with that result in
+    its outbox and the trial no longer in its running list: the result is taken, the trial is not redone."""
+    w = await ScriptedWorker(broker.endpoints["workers"], "s1", slots=1,
+                             answer=lambda job: plan_answer(1.0, 2) if job["kind"] == "plan" else None).start()
+    try:
+        task_id = await client.submit(spec())
+        await wait_for(lambda: _count(w, "trial", 1))
+        trial_id_, attempt, _ = [a for a in w.assigned if a[2]["kind"] == "trial"][0]
+        w.send(Cmd.READY, {"worker_id": "s1", "boot_id": "b2", "host": "scripted", "cores": 1, "slots": 1,
+                           "version": 1, "running": [],
+                           "outbox": [{"trial_id": trial_id_, "attempt": attempt, "ok": True, "metric": 0.3}]})
+        await wait_for(lambda: _true((trial_id_, attempt) in w.acked))
+        trial = (await client.status(task_id))["trials"][0]
+        assert (trial["state"], trial["metric"], trial["attempt"]) == ("failed_goal", 0.3, 1)
+    finally:
+        await w.stop()

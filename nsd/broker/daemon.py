@@ -538,6 +538,13 @@ class Broker:
         worker.cores_per_trial = shape if isinstance(shape, int) and not isinstance(shape, bool) and \
             0 < shape <= worker.cores else max(1, worker.cores // max(1, worker.slots))
         self.workers[wid] = worker
+        acks = []
+        for result in body["outbox"]:  # results it finished while it could not reach us: before any requeue
+            if isinstance(result, dict) and isinstance(result.get("trial_id"), str) \
+                    and isinstance(result.get("attempt"), int) and not isinstance(result.get("attempt"), bool):
+                with self.store.tx():
+                    self._result(worker, result)
+                acks.append({"trial_id": result["trial_id"], "attempt": result["attempt"]})
         with self.store.tx():
             # Leases this worker (or its previous incarnation) held: keep those it still runs, requeue the rest.
             for task in list(self.active.values()):
@@ -556,13 +563,8 @@ class Broker:
         log.info("worker %s registered from %s: %d cores, %d slots%s", wid, worker.host, worker.cores,
                  worker.slots, " (again)" if old else "")
         self._send_worker(worker, Cmd.READY_ACK, {"heartbeat_s": self.heartbeat_s, "liveness": self.liveness})
-        for result in body["outbox"]:  # results it finished while it could not reach us
-            if isinstance(result, dict) and isinstance(result.get("trial_id"), str) \
-                    and isinstance(result.get("attempt"), int) and not isinstance(result.get("attempt"), bool):
-                with self.store.tx():
-                    self._result(worker, result)
-                self._send_worker(worker, Cmd.RESULT_ACK, {"trial_id": result["trial_id"],
-                                                           "attempt": result["attempt"]})
+        for ack in acks:
+            self._send_worker(worker, Cmd.RESULT_ACK, ack)
         # Anything it runs that we no longer want (task cancelled or decided meanwhile): stop it.
         for tid, attempt in still_running:
             if worker.running.get(tid) != attempt:
