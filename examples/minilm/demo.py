@@ -60,7 +60,14 @@ def main() -> int:
 
 def compare(folder: Path, result: dict) -> int:
     """Embeddings of sentences the tuning never saw, from the fetched int8 model and from FP32."""
+    import logging
+
+    os.environ["LOGLEVEL"] = "ERROR"  # this process only (the runners are gone): INC's start-up notices
+    logging.getLogger("torch").setLevel(logging.ERROR)
     import torch
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
     from neural_compressor.torch.quantization import load
     from transformers import AutoModel, AutoTokenizer
 
