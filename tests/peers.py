@@ -23,6 +23,11 @@ def plan_answer(baseline: float, n: int) -> dict:
             "configs": [{"config": {"rtn": {"bits": i}}, "label": f"rtn(bits={i})"} for i in range(n)]}
 
 
+def plan_then_hold(n: int, baseline: float = 1.0):
+    """An `answer` that plans n trials, then holds every trial it gets (the test answers or cancels them)."""
+    return lambda job: plan_answer(baseline, n) if job["kind"] == "plan" else None
+
+
 class ScriptedWorker:
     def __init__(self, endpoint: str, worker_id: str, slots: int = 1,
                  answer: Callable[[dict], dict | None] | None = None, delay_s: float = 0.0,

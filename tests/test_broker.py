@@ -15,7 +15,7 @@ from nsd.client.api import AsyncClient, BrokerError
 from nsd.client.view import apply_event
 from nsd.protocol import MAGIC, Cmd
 from tests.conftest import wait_for
-from tests.peers import ScriptedWorker, plan_answer
+from tests.peers import ScriptedWorker, plan_answer, plan_then_hold
 
 SPEC = {"name": "scripted", "recipe": {"kind": "python", "file": os.path.abspath(__file__)},
         "tuning": {"config_set": [{"rtn": {"bits": [1, 2, 3, 4, 5, 6]}}], "tolerable_loss": 0.1}}
@@ -140,7 +140,7 @@ async def test_a_late_small_task_finishes_before_a_long_early_one(broker, client
 
 async def test_cancel_mid_run_stops_running_trials(broker, client):
     w = await ScriptedWorker(broker.endpoints["workers"], "s1", slots=2,
-                             answer=lambda job: plan_answer(1.0, 6) if job["kind"] == "plan" else None).start()
+                             answer=plan_then_hold(6)).start()
     try:
         task_id = await client.submit(spec())
         await wait_for(lambda: _count(w, "trial", 2))
@@ -177,7 +177,7 @@ async def test_dead_worker_trials_requeue_with_next_attempt(broker, client):
 
 async def test_results_are_idempotent(broker, client):
     w = await ScriptedWorker(broker.endpoints["workers"], "s1", slots=1,
-                             answer=lambda job: plan_answer(1.0, 2) if job["kind"] == "plan" else None).start()
+                             answer=plan_then_hold(2)).start()
     try:
         task_id = await client.submit(spec())
         await wait_for(lambda: _count(w, "trial", 1))
@@ -347,7 +347,7 @@ async def test_a_result_kept_in_the_outbox_counts_when_its_worker_registers_agai
     """A worker that finished a trial while it could not reach the broker re-registers with that result in
     its outbox and the trial no longer in its running list: the result is taken, the trial is not redone."""
     w = await ScriptedWorker(broker.endpoints["workers"], "s1", slots=1,
-                             answer=lambda job: plan_answer(1.0, 2) if job["kind"] == "plan" else None).start()
+                             answer=plan_then_hold(2)).start()
     try:
         task_id = await client.submit(spec())
         await wait_for(lambda: _count(w, "trial", 1))

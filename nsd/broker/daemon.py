@@ -148,7 +148,7 @@ class Task:
         return tuner.Goal(self.baseline, t["tolerable_loss"], t["criterion"], t["higher_is_better"])
 
     def summary(self) -> dict[str, Any]:
-        done = sum(t.state.finished for t in self.trials)
+        done = len(self.trials) - self.n_unfinished
         return {"task_id": self.id, "name": self.name, "state": self.state.value, "created": self.created,
                 "trials_done": done, "trials_total": len(self.trials), "met_goal": self.met_goal,
                 "winner": self.winner, "error": self.error}
@@ -394,8 +394,7 @@ class Broker:
         by_state: dict[str, int] = {s.value: 0 for s in TaskState}
         for task in self.tasks.values():
             by_state[task.state.value] += 1
-        queue = sum(1 for t in self.active.values() if t.state is TaskState.QUEUED) + sum(
-            t.state is TrialState.PENDING for task in self.active.values() for t in task.trials)
+        queue = sum((t.state is TaskState.QUEUED) + t.n_pending for t in self.active.values())
         return metrics_http.render(self.metrics, by_state, len(self.workers),
                                    sum(w.slots for w in self.workers.values()),
                                    sum(len(w.running) for w in self.workers.values()), queue)

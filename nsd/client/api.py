@@ -21,7 +21,7 @@ from typing import Any, AsyncIterator, Iterator
 import zmq
 import zmq.asyncio
 
-from nsd.blobs import CHUNK_BYTES, make_ref, pack_tree, parse_ref, unpack_tree
+from nsd.blobs import CHUNK_BYTES, ChunkWriter, make_ref, pack_tree, parse_ref, unpack_tree
 from nsd.net import configure, connectable
 from nsd.protocol import BROKER_TO_CLIENT, Cmd, ProtocolError, pack, unpack
 from nsd.security import ClientKeys, KeyFileError
@@ -177,18 +177,17 @@ class AsyncClient:
 
     async def download(self, sha: str, dest: Path) -> None:
         """A stored blob, chunk by chunk, into a file; its hash is checked."""
-        digest, offset, size = hashlib.sha256(), 0, None
+        size = None
         with open(dest, "wb") as out:
-            while size is None or offset < size:
-                reply = await self.request(Cmd.BLOB_GET, sha256=sha, offset=offset, length=CHUNK_BYTES)
-                data, size = reply["data"], reply["size"]
-                if not data and offset < size:
-                    raise BrokerError(f"blob {sha[:12]}… ended early at {offset} of {size} bytes")
-                out.write(data)
-                digest.update(data)
-                offset += len(data)
-        if digest.hexdigest() != sha:
-            raise BrokerError(f"blob {sha[:12]}… failed its hash check")
+            blob = ChunkWriter(out, sha)
+            try:
+                while size is None or blob.offset < size:
+                    reply = await self.request(Cmd.BLOB_GET, sha256=sha, offset=blob.offset, length=CHUNK_BYTES)
+                    size = reply["size"]
+                    blob.add(reply["data"], size)
+                blob.check()
+            except ValueError as exc:
+                raise BrokerError(str(exc)) from None
 
     async def fetch(self, task_id: str, out_dir: str | os.PathLike) -> Path:
         """Write the task's quantized model to out_dir/model, with result.json and a README on loading it."""

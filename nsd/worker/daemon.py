@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import itertools
 import json
 import logging
@@ -29,7 +28,7 @@ import zmq.asyncio
 from nsd import __version__
 from nsd.net import configure, send_now
 from nsd.protocol import BROKER_TO_WORKER, PROTOCOL_VERSION, Cmd, ProtocolError, pack, unpack
-from nsd.blobs import CHUNK_BYTES, pack_tree, parse_ref, sha256_file
+from nsd.blobs import CHUNK_BYTES, ChunkWriter, pack_tree, parse_ref, sha256_file
 from nsd.security import ClientKeys, KeyFileError
 from nsd.spec import PATH_FIELDS
 from nsd.systemd import notify, watchdog_interval
@@ -490,10 +489,12 @@ class WorkerDaemon:
     async def _download(self, sha256: str, dest: Path) -> None:
         """Fetch a blob in chunks, a window of them in flight, verifying its hash; never all in memory."""
         loop = asyncio.get_running_loop()
-        digest, size, offset, next_request = hashlib.sha256(), None, 0, 0
+        size, next_request = None, 0
         pending: dict[int, asyncio.Future] = {}
         with open(dest, "wb") as out:
-            while size is None or offset < size:
+            blob = ChunkWriter(out, sha256)
+            while size is None or blob.offset < size:
+                offset = blob.offset
                 while len(pending) < (1 if size is None else self.config.fetch_window) and \
                         (size is None and not pending or size is not None and next_request < size):
                     fut = loop.create_future()
@@ -509,13 +510,10 @@ class WorkerDaemon:
                 if "error" in body:
                     raise ValueError(body["error"])
                 data, size = body.get("data", b""), body.get("size")
-                if not isinstance(data, bytes) or not isinstance(size, int) or (not data and offset < size):
+                if not isinstance(data, bytes) or not isinstance(size, int):
                     raise ValueError(f"blob {sha256[:12]}…: malformed chunk at offset {offset}")
-                out.write(data)
-                digest.update(data)
-                offset += len(data)
-        if digest.hexdigest() != sha256:
-            raise ValueError(f"blob {sha256[:12]}… failed its hash check (got {digest.hexdigest()[:12]}…)")
+                blob.add(data, size)
+            blob.check()
 
     async def _upload(self, path: Path) -> str:
         """Pack a folder into a blob and store it on the broker, chunk by chunk; returns its sha256."""
