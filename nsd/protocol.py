@@ -8,14 +8,16 @@ checked on every decode; extra fields are allowed so that a newer peer can add s
 from __future__ import annotations
 
 import enum
+import math
+import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import msgpack
 
 MAGIC = b"NSD1"
 PROTOCOL_VERSION = 1
-MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # also set as the sockets' MAXMSGSIZE
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # the sockets' MAXMSGSIZE: libzmq disconnects a peer that sends more
 
 
 class Cmd(enum.IntEnum):
@@ -53,38 +55,173 @@ class Cmd(enum.IntEnum):
     EVENT = 0x41  # something happened to a task; carries (task_id, seq)
 
 
-# Required fields and their types for each body. `list` fields hold plain msgpack values.
-_Num = (int, float)
-SHAPES: dict[Cmd, dict[str, type | tuple[type, ...]]] = {
-    Cmd.READY: {"worker_id": str, "boot_id": str, "host": str, "cores": int, "slots": int,
-                "version": int, "running": list, "outbox": list},
-    Cmd.HEARTBEAT: {},
-    Cmd.RESULT: {"trial_id": str, "attempt": int, "ok": bool},
-    Cmd.BYE: {},
-    Cmd.FETCH: {"sha256": str, "offset": int, "length": int},
-    Cmd.STORE: {"sha256": str, "offset": int, "size": int, "data": bytes},
-    Cmd.READY_ACK: {"heartbeat_s": _Num},
-    Cmd.ASSIGN: {"trial_id": str, "attempt": int, "job": dict},
-    Cmd.RESULT_ACK: {"trial_id": str, "attempt": int},
-    Cmd.CANCEL: {"trial_id": str, "attempt": int},
-    Cmd.DISCONNECT: {"reason": str},
-    Cmd.CHUNK: {"sha256": str, "offset": int},
-    Cmd.STORE_ACK: {"sha256": str, "offset": int},
-    Cmd.HELLO: {"req": int},
-    Cmd.SUBMIT: {"req": int, "spec": dict},
-    Cmd.STATUS: {"req": int, "task_id": str},
-    Cmd.LIST: {"req": int},
-    Cmd.CANCEL_TASK: {"req": int, "task_id": str},
-    Cmd.RESULT_GET: {"req": int, "task_id": str},
-    Cmd.CLUSTER: {"req": int},
-    Cmd.BLOB_HAVE: {"req": int, "sha256": list},
-    Cmd.BLOB_PUT: {"req": int, "sha256": str, "offset": int, "size": int, "data": bytes},
-    Cmd.BLOB_GET: {"req": int, "sha256": str, "offset": int, "length": int},
-    Cmd.LOGS: {"req": int, "task_id": str},
-    Cmd.REPLY: {"req": int},
-    Cmd.ERROR: {"req": int, "error": str},
-    Cmd.EVENT: {"task_id": str, "seq": int, "kind": str},
+# ---- field checks ---------------------------------------------------------------------------------
+# Every field a peer sends is checked here, before any handler sees it: type, range, pattern, size.
+# A check is a predicate with a name a person can read in the error.
+
+MAX_BLOB_OFFSET = 1 << 46  # 64 TiB: larger than any blob a broker accepts (its own limit is lower)
+MAX_CHUNK_BYTES = 4 * 1024 * 1024  # one BLOB_PUT/STORE chunk, one BLOB_GET/FETCH range
+MAX_CORES = 4096  # cores or slots a worker may declare (larger machines do not exist yet)
+MAX_ATTEMPT = 1000
+MAX_LEASES = 4096  # `running` entries in READY/HEARTBEAT
+MAX_OUTBOX = 1024  # unacknowledged results carried by READY
+MAX_TEXT = 256 * 1024  # a log tail, an error message
+MAX_CONFIGS = 100_000  # trials in one plan
+TASK_ID = re.compile(r"[0-9a-f]{12}")
+JOB_ID = re.compile(r"([0-9a-f]{12})/(plan|save|0|[1-9][0-9]{0,6})")  # task/plan, task/save, task/<index>
+SHA256 = re.compile(r"[0-9a-f]{64}")  # blob names: nothing a peer sends becomes a path otherwise
+PEER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")  # worker ids (they are ZeroMQ identities)
+
+
+@dataclass(frozen=True)
+class Check:
+    what: str  # for the error message: "an int in [1, 4096]"
+    ok: Callable[[Any], bool]
+
+
+def integer(lo: int, hi: int) -> Check:
+    return Check(f"an integer in [{lo}, {hi}]",
+                 lambda v: isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi)
+
+
+def text(max_len: int, pattern: re.Pattern | None = None) -> Check:
+    if pattern is SHA256:
+        return Check("a sha256 (64 lowercase hex characters)",
+                     lambda v: isinstance(v, str) and SHA256.fullmatch(v) is not None)
+    if pattern is None:
+        return Check(f"a string of at most {max_len} characters", lambda v: isinstance(v, str) and len(v) <= max_len)
+    return Check(f"a string matching {pattern.pattern}",
+                 lambda v: isinstance(v, str) and len(v) <= max_len and pattern.fullmatch(v) is not None)
+
+
+def listof(max_len: int, item: Check) -> Check:
+    return Check(f"a list of at most {max_len} of {item.what}",
+                 lambda v: isinstance(v, list) and len(v) <= max_len and all(item.ok(x) for x in v))
+
+
+def of_type(kind: type | tuple[type, ...], what: str) -> Check:
+    return Check(what, lambda v: isinstance(v, kind) and not (isinstance(v, bool) and kind is not bool))
+
+
+def is_json(value: Any, depth: int = 0) -> bool:
+    """Plain JSON data (what SQLite's JSON columns and the clients' JSON output hold): maps with string
+    keys, lists, strings, finite numbers, booleans, null; nested at most 32 deep; no raw bytes."""
+    if depth > 32:
+        return False
+    if value is None or isinstance(value, (bool, str, int)):
+        return True
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, list):
+        return all(is_json(v, depth + 1) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and is_json(v, depth + 1) for k, v in value.items())
+    return False
+
+
+NUMBER = Check("a finite number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+               and math.isfinite(v))
+OPT_NUMBER = Check("a finite number or null", lambda v: v is None or NUMBER.ok(v))
+BOOL = of_type(bool, "a boolean")
+MAP = of_type(dict, "a map")
+JSON_MAP = Check("a map of plain JSON data", lambda v: isinstance(v, dict) and is_json(v))
+ATTEMPT = integer(1, MAX_ATTEMPT)
+LEASE = Check("a [job id, attempt] pair", lambda v: isinstance(v, (list, tuple)) and len(v) == 2
+              and text(32, JOB_ID).ok(v[0]) and ATTEMPT.ok(v[1]))
+PLANNED = Check("a {config: map, label: string} entry", lambda v: isinstance(v, dict) and JSON_MAP.ok(v.get("config"))
+                and isinstance(v.get("label", ""), str) and len(v.get("label", "")) <= 500)
+RESULT_FIELDS: dict[str, Check] = {  # a RESULT body, also each entry of READY's outbox
+    "trial_id": text(32, JOB_ID), "attempt": ATTEMPT, "ok": BOOL,
 }
+RESULT_OPTIONAL: dict[str, Check] = {
+    "metric": OPT_NUMBER, "baseline": OPT_NUMBER, "seconds": OPT_NUMBER, "quantize_s": OPT_NUMBER,
+    "eval_s": OPT_NUMBER, "error": text(MAX_TEXT), "log": text(MAX_TEXT), "requeue": BOOL,
+    "handback": BOOL,
+    "artifact": text(64, SHA256), "configs": listof(MAX_CONFIGS, PLANNED),
+    "traceback": listof(100, text(4096)),
+}
+
+
+def _result_ok(v: Any) -> bool:
+    return isinstance(v, dict) and _problem(v, RESULT_FIELDS, RESULT_OPTIONAL) is None
+
+
+OUTBOX_ENTRY = Check("a result map", _result_ok)
+
+# Required fields (and optional ones, checked when present) for each body. Extra fields are allowed,
+# so that a newer peer can add some; handlers read only checked fields.
+SHAPES: dict[Cmd, dict[str, Check]] = {
+    Cmd.READY: {"worker_id": text(128, PEER_NAME), "boot_id": text(64), "host": text(255),
+                "cores": integer(1, MAX_CORES), "slots": integer(0, MAX_CORES), "version": integer(0, 1 << 31),
+                "running": listof(MAX_LEASES, LEASE), "outbox": listof(MAX_OUTBOX, OUTBOX_ENTRY)},
+    Cmd.HEARTBEAT: {},
+    Cmd.RESULT: RESULT_FIELDS,
+    Cmd.BYE: {},
+    Cmd.FETCH: {"sha256": text(64, SHA256), "offset": integer(0, MAX_BLOB_OFFSET),
+                "length": integer(0, MAX_CHUNK_BYTES)},
+    Cmd.STORE: {"sha256": text(64, SHA256), "offset": integer(0, MAX_BLOB_OFFSET),
+                "size": integer(0, MAX_BLOB_OFFSET), "data": of_type(bytes, "bytes")},
+    Cmd.READY_ACK: {"heartbeat_s": NUMBER},
+    Cmd.ASSIGN: {"trial_id": text(32, JOB_ID), "attempt": ATTEMPT, "job": MAP},
+    Cmd.RESULT_ACK: {"trial_id": text(32, JOB_ID), "attempt": ATTEMPT},
+    Cmd.CANCEL: {"trial_id": text(32, JOB_ID), "attempt": ATTEMPT},
+    Cmd.DISCONNECT: {"reason": text(MAX_TEXT)},
+    Cmd.CHUNK: {"sha256": text(64, SHA256), "offset": integer(0, MAX_BLOB_OFFSET)},
+    Cmd.STORE_ACK: {"sha256": text(64, SHA256), "offset": integer(0, MAX_BLOB_OFFSET)},
+    Cmd.HELLO: {"req": integer(0, 1 << 62)},
+    Cmd.SUBMIT: {"req": integer(0, 1 << 62), "spec": JSON_MAP},
+    Cmd.STATUS: {"req": integer(0, 1 << 62), "task_id": text(64)},
+    Cmd.LIST: {"req": integer(0, 1 << 62)},
+    Cmd.CANCEL_TASK: {"req": integer(0, 1 << 62), "task_id": text(64)},
+    Cmd.RESULT_GET: {"req": integer(0, 1 << 62), "task_id": text(64)},
+    Cmd.CLUSTER: {"req": integer(0, 1 << 62)},
+    Cmd.BLOB_HAVE: {"req": integer(0, 1 << 62), "sha256": listof(1000, text(64, SHA256))},
+    Cmd.BLOB_PUT: {"req": integer(0, 1 << 62), "sha256": text(64, SHA256), "offset": integer(0, MAX_BLOB_OFFSET),
+                   "size": integer(0, MAX_BLOB_OFFSET), "data": of_type(bytes, "bytes")},
+    Cmd.BLOB_GET: {"req": integer(0, 1 << 62), "sha256": text(64, SHA256), "offset": integer(0, MAX_BLOB_OFFSET),
+                   "length": integer(0, MAX_CHUNK_BYTES)},
+    Cmd.LOGS: {"req": integer(0, 1 << 62), "task_id": text(64)},
+    Cmd.REPLY: {"req": integer(0, 1 << 62)},
+    Cmd.ERROR: {"req": integer(0, 1 << 62), "error": of_type(str, "a string")},
+    Cmd.EVENT: {"task_id": of_type(str, "a string"), "seq": integer(0, 1 << 62), "kind": of_type(str, "a string")},
+}
+OPTIONAL: dict[Cmd, dict[str, Check]] = {
+    Cmd.READY: {"draining": BOOL, "cores_per_trial": integer(1, MAX_CORES), "nsd_version": text(64)},
+    Cmd.HEARTBEAT: {"running": listof(MAX_LEASES, LEASE)},
+    Cmd.RESULT: RESULT_OPTIONAL,
+    Cmd.LOGS: {"job": Check("null or a job name", lambda v: v is None or text(16, re.compile(r"plan|save|[0-9]{1,7}")).ok(v))},
+}
+# The largest body each message may have (the sockets' MAXMSGSIZE is the bound for a whole message).
+_SMALL = 64 * 1024
+MAX_BODY: dict[Cmd, int] = {cmd: _SMALL for cmd in Cmd}
+MAX_BODY.update({Cmd.SUBMIT: 256 * 1024, Cmd.BLOB_PUT: MAX_CHUNK_BYTES + 1024, Cmd.STORE: MAX_CHUNK_BYTES + 1024,
+                 Cmd.RESULT: 8 * 1024 * 1024, Cmd.READY: MAX_MESSAGE_BYTES, Cmd.BLOB_HAVE: 128 * 1024,
+                 # broker -> peers: a chunk, a job with its spec, a task with all its trials
+                 Cmd.CHUNK: MAX_CHUNK_BYTES + 1024, Cmd.ASSIGN: 1024 * 1024, Cmd.REPLY: MAX_MESSAGE_BYTES,
+                 Cmd.EVENT: MAX_MESSAGE_BYTES})
+MAX_SPEC_BYTES = MAX_BODY[Cmd.SUBMIT] - 1024  # a task spec, packed (the client checks before sending)
+
+
+def _problem(body: dict, required: dict[str, Check], optional: dict[str, Check]) -> str | None:
+    for name, check in required.items():
+        if name not in body:
+            return f"missing field {name!r}"
+        if not check.ok(body[name]):
+            return f"field {name!r} has the wrong type or value: not {check.what}"
+    for name, check in optional.items():
+        if name in body and not check.ok(body[name]):
+            return f"field {name!r} has the wrong type or value: not {check.what}"
+    return None
+
+
+def parse_job_id(value: str) -> tuple[str, str | int]:
+    """(task id, "plan" | "save" | trial index) of a checked job id; ValueError for anything else."""
+    match = JOB_ID.fullmatch(value) if isinstance(value, str) else None
+    if match is None:
+        raise ValueError(f"not a job id: {str(value)[:40]!r}")
+    task_id, job = match.groups()
+    return task_id, job if job in ("plan", "save") else int(job)
+
 
 WORKER_TO_BROKER = frozenset({Cmd.READY, Cmd.HEARTBEAT, Cmd.RESULT, Cmd.BYE, Cmd.FETCH, Cmd.STORE})
 BROKER_TO_WORKER = frozenset({Cmd.READY_ACK, Cmd.ASSIGN, Cmd.RESULT_ACK, Cmd.CANCEL,
@@ -96,7 +233,12 @@ BROKER_TO_CLIENT = frozenset({Cmd.REPLY, Cmd.ERROR})
 
 
 class ProtocolError(ValueError):
-    """A message that is not nsd's, or not the shape its type requires."""
+    """A message that is not nsd's, or not the shape its type requires. `req`: the request id, when the
+    body was a map with one (so that a client can be told what was wrong)."""
+
+    def __init__(self, message: str, req: int | None = None):
+        super().__init__(message)
+        self.req = req
 
 
 @dataclass(frozen=True)
@@ -127,21 +269,18 @@ def unpack(frames: list[bytes], allowed: frozenset[Cmd]) -> Message:
         raise ProtocolError(f"unknown message type 0x{kind[0]:02x}") from None
     if cmd not in allowed:
         raise ProtocolError(f"{cmd.name} is not valid on this socket")
-    if len(raw) > MAX_MESSAGE_BYTES:
-        raise ProtocolError("message too large")
+    if len(raw) > MAX_BODY[cmd]:
+        raise ProtocolError(f"{cmd.name}: body of {len(raw)} bytes is over its limit of {MAX_BODY[cmd]}")
     try:
         body = msgpack.unpackb(raw, raw=False, strict_map_key=True)
     except Exception as exc:  # msgpack raises several unrelated types for bad input
         raise ProtocolError(f"body is not valid msgpack: {type(exc).__name__}") from None
     if not isinstance(body, dict):
         raise ProtocolError("body must be a map")
-    for field, kind_ in SHAPES[cmd].items():
-        if field not in body:
-            raise ProtocolError(f"{cmd.name}: missing field {field!r}")
-        value = body[field]
-        # bool is an int in Python; an int field must not accept True.
-        if not isinstance(value, kind_) or (isinstance(value, bool) and kind_ is not bool):
-            raise ProtocolError(f"{cmd.name}: field {field!r} has the wrong type")
+    problem = _problem(body, SHAPES[cmd], OPTIONAL.get(cmd, {}))
+    if problem is not None:
+        req = body.get("req")
+        raise ProtocolError(f"{cmd.name}: {problem}", req if integer(0, 1 << 62).ok(req) else None)
     return Message(cmd, body)
 
 

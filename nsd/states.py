@@ -28,3 +28,32 @@ class TrialState(str, enum.Enum):
     @property
     def finished(self) -> bool:
         return self not in (TrialState.PENDING, TrialState.RUNNING)
+
+
+# Every state change goes through `nsd.broker.model` and is checked against these tables: a change not
+# listed here is a bug, refused before anything is written.
+TASK_TRANSITIONS: dict[TaskState, frozenset[TaskState]] = {
+    TaskState.QUEUED: frozenset({TaskState.PLANNING, TaskState.CANCELLED}),
+    TaskState.PLANNING: frozenset({TaskState.TUNING, TaskState.FAILED, TaskState.CANCELLED}),
+    TaskState.TUNING: frozenset({TaskState.FINALIZING, TaskState.FAILED, TaskState.CANCELLED}),
+    TaskState.FINALIZING: frozenset({TaskState.DONE, TaskState.CANCELLED}),
+    TaskState.DONE: frozenset(), TaskState.FAILED: frozenset(), TaskState.CANCELLED: frozenset(),
+}
+TRIAL_TRANSITIONS: dict[TrialState, frozenset[TrialState]] = {
+    # PASSED/FAILED_GOAL straight from PENDING: a metric already known (answered without running it).
+    TrialState.PENDING: frozenset({TrialState.RUNNING, TrialState.CANCELLED, TrialState.PASSED,
+                                   TrialState.FAILED_GOAL}),
+    TrialState.RUNNING: frozenset({TrialState.PENDING, TrialState.PASSED, TrialState.FAILED_GOAL, TrialState.ERROR,
+                                   TrialState.CANCELLED}),
+    TrialState.PASSED: frozenset(), TrialState.FAILED_GOAL: frozenset(), TrialState.ERROR: frozenset(),
+    TrialState.CANCELLED: frozenset(),
+}
+
+
+class TransitionError(RuntimeError):
+    """A state change the tables above do not allow (a bug of ours, never a peer's doing)."""
+
+
+def check_transition(table: dict, old, new) -> None:
+    if new is not old and new not in table[old]:
+        raise TransitionError(f"{old.value} -> {new.value} is not an allowed transition")

@@ -305,42 +305,72 @@ async def _true(value) -> bool:
     return bool(value)
 
 
-def test_the_brokers_running_tally_agrees_with_the_pure_decision_functions():
+def test_the_brokers_running_tally_agrees_with_the_pure_decision_functions(tmp_path):
     """Task.set_state keeps counts so the broker never rescans trials; tuner's functions are the reference.
-    Random lease histories, settled the way Broker._settle does, must agree with them at every step."""
+    Random histories driven through the broker's real core (results, lost leases, its own settle and
+    schedule, a real SQLite store) must agree with them at every step, and what SQLite holds must equal
+    what memory holds."""
     import random
 
     from nsd.broker import tuner
-    from nsd.broker.daemon import Task, Trial
+    from nsd.broker.blobs import BlobStore
+    from nsd.broker.core import Core
+    from nsd.broker.metrics import Metrics
+    from nsd.broker.model import Worker
+    from nsd.broker.store import Store
+    from nsd.spec import validate
     from nsd.states import TaskState, TrialState
 
     rng = random.Random(7)
-    for _ in range(300):
-        task = Task(id="t", spec={}, state=TaskState.TUNING, created=0.0)
-        task.trials = [Trial(index=i, config={}, label="") for i in range(rng.randint(1, 12))]
-        task.index_trials()
-        for _ in range(40):
-            views = task.views()
-            for limit in (0, 1, 2, 3):
-                assert task.dispatchable(limit) == len(tuner.to_dispatch(views, limit))
-            assert task.n_unfinished == sum(not v.state.finished for v in views)
-            assert task.lowest_passed == tuner.first_passed(views)
-            # The broker concludes exactly when nothing is unfinished; tuner agrees on that moment.
-            assert (tuner.decide(views, True) is not None) == (task.n_unfinished == 0)
-            if task.n_unfinished == 0:
-                break
-            pending = [t for t in task.trials if t.state is TrialState.PENDING]
-            if pending and rng.random() < 0.5:
-                tr = task.next_pending()
-                assert tr.index == min(t.index for t in pending)  # INC's order
-                task.set_state(tr, TrialState.RUNNING)
-                continue
-            running = [t for t in task.trials if t.state is TrialState.RUNNING]
-            if running:
-                task.set_state(rng.choice(running), rng.choice([
-                    TrialState.PASSED, TrialState.FAILED_GOAL, TrialState.ERROR, TrialState.PENDING]))
-            for index in tuner.to_cancel(task.views()):  # what _settle does after each change
-                task.set_state(task.trials[index], TrialState.CANCELLED)
+    store = Store(tmp_path / "db.sqlite3")
+    core = Core(store, Metrics(), 1.0, 5, BlobStore(tmp_path / "blobs"))
+    worker = Worker(id="w", identity=b"w", host="h", cores=4, slots=4, version="t", registered=0.0, last_seen=0.0)
+    core.workers["w"] = worker
+    core._index_free(worker)
+    decided = 0
+    try:
+        for round_ in range(120):
+            n = rng.randint(1, 10)
+            body = {**spec(max_attempts=rng.randint(1, 3)), "resources": {"workers": rng.choice([0, 1, 2, 3])}}
+            task_id = core.submit(validate(body).to_dict())
+            with core.tx():
+                core.schedule()  # the plan job
+            task = core.tasks[task_id]
+            core.result(worker, {"trial_id": f"{task_id}/plan", "attempt": task.stage_attempt, "ok": True,
+                                 "baseline": 1.0, "configs": [{"config": {"rtn": {"bits": i}}} for i in range(n)]})
+            for _ in range(60):
+                if task.state is not TaskState.TUNING:
+                    break
+                views = task.views()
+                for limit in (0, 1, 2, 3):
+                    assert task.dispatchable(limit) == len(tuner.to_dispatch(views, limit))
+                assert task.n_unfinished == sum(not v.state.finished for v in views)
+                assert task.lowest_passed == tuner.first_passed(views)
+                assert tuner.to_cancel(views) == []  # the core's settle cancelled them already
+                running = [t for t in task.trials if t.state is TrialState.RUNNING]
+                if rng.random() < 0.4 or not running:
+                    with core.tx():
+                        core.schedule()  # lowest pending first, within the task's `workers` limit
+                    continue
+                tr = rng.choice(running)
+                with core.tx():
+                    if rng.random() < 0.2:
+                        core.lost_lease(task, tr.index, "test")
+                    else:
+                        core.result(worker, {"trial_id": f"{task_id}/{tr.index}", "attempt": tr.attempt,
+                                             "ok": rng.random() < 0.9, "metric": rng.choice([0.5, 0.99, 1.0])})
+            if task.state is TaskState.FINALIZING:  # it ended exactly when tuner says it is decided
+                decision = tuner.decide(task.views(), True)
+                assert decision is not None and (task.winner, task.met_goal) == (decision.winner, decision.met_goal)
+                decided += 1
+            rows = {r["idx"]: (r["state"], r["attempt"], r["metric"]) for r in store.trials(task_id)}
+            assert rows == {t.index: (t.state.value, t.attempt, t.metric) for t in task.trials}
+            assert store.task(task_id)["state"] == task.state.value
+            with core.tx():
+                core.cancel(task)
+        assert decided > 60  # most histories ran to a decision
+    finally:
+        store.close()
 
 
 async def test_a_result_kept_in_the_outbox_counts_when_its_worker_registers_again(broker, client):

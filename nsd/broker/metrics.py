@@ -37,6 +37,10 @@ class Metrics:
     trials_finished: dict[str, int] = field(default_factory=dict)  # by final state
     trials_requeued: int = 0
     jobs_dispatched: int = 0
+    ignored_results: int = 0  # results not from the lease holder (duplicates, late, forged)
+    refused_workers: int = 0  # registrations refused (a worker id bound to another key)
+    storage_errors: int = 0  # transactions SQLite could not commit
+    dropped_sends: int = 0  # messages not queued for a peer that does not read (its queue is full)
     bad_messages: Callable[[], int] = lambda: 0
     dispatch_latency: Histogram = field(default_factory=Histogram)  # slot freed -> its next job assigned
 
@@ -55,6 +59,13 @@ def render(metrics: Metrics, tasks_by_state: dict[str, int], workers: int, slots
             ("nsd_trials_requeued_total", "counter", metrics.trials_requeued, "Trials run again after losing a worker."),
             ("nsd_jobs_dispatched_total", "counter", metrics.jobs_dispatched, "Jobs assigned to workers."),
             ("nsd_bad_messages_total", "counter", metrics.bad_messages(), "Malformed messages dropped."),
+            ("nsd_ignored_results_total", "counter", metrics.ignored_results,
+             "Results not from the worker holding the lease (duplicate, late or forged)."),
+            ("nsd_refused_workers_total", "counter", metrics.refused_workers,
+             "Registrations refused: worker id bound to another key."),
+            ("nsd_storage_errors_total", "counter", metrics.storage_errors, "Transactions SQLite could not commit."),
+            ("nsd_dropped_sends_total", "counter", metrics.dropped_sends,
+             "Messages dropped because the peer's send queue was full."),
             ("nsd_workers_alive", "gauge", workers, "Registered, heartbeating workers."),
             ("nsd_slots", "gauge", slots, "Slots across the cluster."),
             ("nsd_slots_busy", "gauge", busy, "Slots running a job."),

@@ -1,4 +1,4 @@
-"""SQLite persistence for the broker: tasks, trials and events, write-through, WAL.
+"""SQLite persistence for the broker: tasks, trials, logs, events and worker keys, write-through, WAL.
 
 Column names come from this module's own constants, never from a peer; values are always bound
 parameters. JSON columns hold plain data (spec, config, error details).
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import sqlite3
 from pathlib import Path
 from typing import Any, Iterator
@@ -29,7 +30,8 @@ CREATE TABLE IF NOT EXISTS tasks (
     stage_attempt INTEGER NOT NULL DEFAULT 1,
     stage_worker TEXT,
     plan_s REAL,
-    artifact TEXT
+    artifact TEXT,
+    owner TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS trials (
     task_id TEXT NOT NULL REFERENCES tasks(id),
@@ -54,6 +56,10 @@ CREATE TABLE IF NOT EXISTS logs (
     text TEXT NOT NULL,
     PRIMARY KEY (task_id, job, attempt)
 );
+CREATE TABLE IF NOT EXISTS worker_keys (
+    worker_id TEXT PRIMARY KEY,
+    key TEXT NOT NULL  -- the CURVE public key (z85) that first registered this worker id
+);
 CREATE TABLE IF NOT EXISTS events (
     task_id TEXT NOT NULL,
     seq INTEGER NOT NULL,
@@ -62,6 +68,10 @@ CREATE TABLE IF NOT EXISTS events (
 );
 """
 
+MIGRATIONS = (  # columns added after the first release: (table, column, definition)
+    ("tasks", "owner", "TEXT NOT NULL DEFAULT ''"),
+)
+EVENTS_KEPT = 1000  # per task: the events table keeps the newest ones (clients re-snapshot; see README)
 TASK_COLUMNS = frozenset({"state", "started", "finished", "baseline", "winner", "met_goal", "error", "seq",
                           "stage_attempt", "stage_worker", "plan_s", "artifact"})
 TRIAL_COLUMNS = frozenset({"state", "attempt", "metric", "worker", "started", "finished", "seconds", "error"})
@@ -74,6 +84,9 @@ class Store:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across process crashes
         self.db.executescript(SCHEMA)
+        for table, column, definition in MIGRATIONS:
+            if column not in {r["name"] for r in self.db.execute(f"PRAGMA table_info({table})")}:
+                self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
         self._depth = 0
 
     def close(self) -> None:
@@ -81,11 +94,20 @@ class Store:
 
     @contextlib.contextmanager
     def tx(self) -> Iterator[None]:
-        """One transaction; nested uses join the outer one."""
+        """One transaction; a nested use is a savepoint inside it, rolled back alone if its block raises.
+        sqlite3.Error (disk full, read-only, I/O error) propagates after the rollback."""
         if self._depth:
+            name = f"sp{self._depth}"
+            self.db.execute(f"SAVEPOINT {name}")
             self._depth += 1
             try:
                 yield
+            except BaseException:
+                self.db.execute(f"ROLLBACK TO {name}")
+                self.db.execute(f"RELEASE {name}")
+                raise
+            else:
+                self.db.execute(f"RELEASE {name}")
             finally:
                 self._depth -= 1
             return
@@ -93,18 +115,18 @@ class Store:
         self._depth = 1
         try:
             yield
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
-        else:
             self.db.execute("COMMIT")
+        except BaseException:
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
+            raise
         finally:
             self._depth = 0
 
-    def insert_task(self, task_id: str, name: str, spec: dict, state: str, created: float) -> None:
+    def insert_task(self, task_id: str, name: str, spec: dict, state: str, created: float, owner: str = "") -> None:
         with self.tx():
-            self.db.execute("INSERT INTO tasks (id, name, spec, state, created) VALUES (?, ?, ?, ?, ?)",
-                            (task_id, name, json.dumps(spec), state, created))
+            self.db.execute("INSERT INTO tasks (id, name, spec, state, created, owner) VALUES (?, ?, ?, ?, ?, ?)",
+                            (task_id, name, json.dumps(spec), state, created, owner))
 
     def update_task(self, task_id: str, **fields: Any) -> None:
         self._update("tasks", TASK_COLUMNS, "id = ?", (task_id,), fields)
@@ -123,6 +145,8 @@ class Store:
             self.db.execute("INSERT INTO events (task_id, seq, body) VALUES (?, ?, ?)",
                             (task_id, seq, json.dumps(body)))
             self.db.execute("UPDATE tasks SET seq = ? WHERE id = ?", (seq, task_id))
+            if seq % 100 == 0 and seq > EVENTS_KEPT:  # retention: the newest EVENTS_KEPT of each task
+                self.db.execute("DELETE FROM events WHERE task_id = ? AND seq <= ?", (task_id, seq - EVENTS_KEPT))
 
     def put_log(self, task_id: str, job: str, attempt: int, worker: str | None, text: str) -> None:
         with self.tx():
@@ -137,13 +161,32 @@ class Store:
     def tasks(self) -> list[sqlite3.Row]:
         return self.db.execute("SELECT * FROM tasks ORDER BY created, id").fetchall()
 
+    def task(self, task_id: str) -> sqlite3.Row | None:
+        return self.db.execute("SELECT * FROM tasks WHERE id = ?", (task_id,)).fetchone()
+
+    def worker_key(self, worker_id: str) -> str | None:
+        row = self.db.execute("SELECT key FROM worker_keys WHERE worker_id = ?", (worker_id,)).fetchone()
+        return None if row is None else row["key"]
+
+    def bind_worker_key(self, worker_id: str, key: str) -> None:
+        with self.tx():
+            self.db.execute("INSERT OR IGNORE INTO worker_keys (worker_id, key) VALUES (?, ?)", (worker_id, key))
+
+    def referenced_blobs(self) -> set[str]:
+        """Blob hashes any task names (its spec's files, its artifact): what the blob store must keep."""
+        refs = set()
+        for row in self.db.execute("SELECT spec, artifact FROM tasks"):
+            refs.update(re.findall(r"nsd-blob:([0-9a-f]{64})/", row["spec"]))
+            if row["artifact"]:
+                refs.update(re.findall(r"nsd-blob:([0-9a-f]{64})/", row["artifact"]))
+        return refs
+
+    def check(self) -> None:
+        """Raise sqlite3.Error if the database cannot be read (a cheap health check for the watchdog)."""
+        self.db.execute("SELECT 1 FROM tasks LIMIT 1").fetchall()
+
     def trials(self, task_id: str) -> list[sqlite3.Row]:
         return self.db.execute("SELECT * FROM trials WHERE task_id = ? ORDER BY idx", (task_id,)).fetchall()
-
-    def events(self, task_id: str, after_seq: int = 0) -> list[dict]:
-        rows = self.db.execute("SELECT body FROM events WHERE task_id = ? AND seq > ? ORDER BY seq",
-                               (task_id, after_seq))
-        return [json.loads(r["body"]) for r in rows]
 
     def _update(self, table: str, allowed: frozenset[str], where: str, key: tuple, fields: dict) -> None:
         bad = set(fields) - allowed

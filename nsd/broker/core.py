@@ -1,0 +1,656 @@
+"""The broker's state machine: tasks, workers and leases, applied to SQLite, with no sockets.
+
+`Core` takes checked messages (from `nsd.broker.daemon`) and turns them into state changes and *effects*:
+messages to workers and events for subscribers. Effects wait in `Core.effects` until the transaction that
+caused them commits; the daemon sends them then. A transaction that fails (a bug in a handler, or a full,
+read-only or broken disk) is rolled back in SQLite and in memory alike: the tasks it touched are reloaded
+from the database and the leases rebuilt from them, and its effects are dropped. So memory never holds a
+state SQLite does not, no event announces what was not committed, and no result is acknowledged before
+its commit.
+
+Decisions are delegated to `tuner` (who won, what to cancel, requeue or give up) and `scheduler` (which
+job goes where); this module applies them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import logging
+import math
+import sqlite3
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+from nsd.blobs import make_ref
+from nsd.broker import scheduler, tuner
+from nsd.broker.limits import BrokerLimits
+from nsd.broker.metrics import Metrics
+from nsd.broker.model import PLAN, SAVE, STAGE_JOBS, Task, Trial, Worker, job_id
+from nsd.broker.store import Store
+from nsd.protocol import PROTOCOL_VERSION, Cmd, parse_job_id
+from nsd.states import TaskState, TrialState
+
+log = logging.getLogger("nsd.broker")
+
+LOG_LIMIT = 64 * 1024  # characters of each job's log kept by the broker (the worker keeps the whole file)
+
+
+class StorageError(RuntimeError):
+    """SQLite could not commit (disk full, read-only, I/O error): nothing of the transaction was kept."""
+
+
+@dataclass(frozen=True)
+class ToWorker:
+    identity: bytes
+    cmd: Cmd
+    body: dict
+
+
+@dataclass(frozen=True)
+class Event:
+    task_id: str
+    body: dict
+
+
+class Core:
+    def __init__(self, store: Store, metrics: Metrics, heartbeat_s: float, liveness: int, blobs,
+                 limits: BrokerLimits | None = None, curve: bool = False):
+        self.store, self.metrics, self.blobs = store, metrics, blobs
+        self.heartbeat_s, self.liveness = heartbeat_s, liveness
+        self.limits = limits or BrokerLimits()
+        self.curve = curve
+        self.tasks: dict[str, Task] = {}
+        self.queued: dict[int, dict[str, Task]] = {}  # priority -> queued tasks, oldest first
+        self.started: dict[str, Task] = {}  # planning, tuning, finalizing: what scheduling walks
+        self.owners: Counter[str] = Counter()  # unfinished tasks per client key
+        self.workers: dict[str, Worker] = {}
+        self.free: dict[str, Worker] = {}  # workers with free cores (the placement index)
+        self.orphans: dict[str, float] = {}  # job id -> since when its lease's worker is not registered
+        self.effects: list[ToWorker | Event] = []
+        self.ignored_results = 0  # results not from the lease holder: counted, acknowledged, dropped
+        self._touched: set[str] | None = None  # task ids written in the open transaction
+
+    # ---- transactions ----------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def tx(self) -> Iterator[None]:
+        """One unit of change. Nested: a savepoint whose failure undoes only its own block. A failure
+        rolls back SQLite, reloads what it touched into memory and drops its effects; a storage failure
+        is raised as StorageError."""
+        outer = self._touched is None
+        if outer:
+            self._touched = set()
+        mark = len(self.effects)
+        try:
+            with self.store.tx():
+                yield
+        except BaseException as exc:
+            del self.effects[mark:]
+            self._restore(self._touched)
+            if outer:
+                self._touched = None
+            if isinstance(exc, sqlite3.Error):
+                raise StorageError(_storage_message(exc)) from exc
+            raise
+        if outer:
+            self._touched = None
+
+    def _restore(self, task_ids: set[str]) -> None:
+        """Memory back to what SQLite holds for these tasks, and every lease rebuilt from the tasks."""
+        for task_id in task_ids:
+            old = self.tasks.get(task_id)
+            row = self.store.task(task_id)
+            if old is not None:
+                self._unindex(old)
+            if row is None:
+                self.tasks.pop(task_id, None)
+            else:
+                self._adopt(self._task_from_row(row))
+        for worker in self.workers.values():
+            worker.running.clear(), worker.cores_of.clear()
+            worker.cores_used = 0
+        now = time.time()
+        for task in self.started.values():
+            for jid, attempt, wid in task.leases():
+                worker = self.workers.get(wid)
+                if worker is not None:
+                    worker.take(jid, attempt, self.job_cores(task, worker))
+                else:
+                    self.orphans.setdefault(jid, now)
+        self.free = {w.id: w for w in self.workers.values() if w.free_cores > 0}
+
+    def _touch(self, task: Task) -> None:
+        if self._touched is not None:
+            self._touched.add(task.id)
+
+    # ---- loading -----------------------------------------------------------------------------------
+
+    def load(self) -> None:
+        """State after a restart. Leases reloaded from disk wait one grace window for their workers."""
+        now = time.time()
+        for row in self.store.tasks():
+            task = self._task_from_row(row)
+            self._adopt(task)
+            for jid, _, _ in task.leases():
+                self.orphans[jid] = now
+        if self.tasks:
+            log.info("reloaded %d tasks", len(self.tasks))
+
+    def _task_from_row(self, row) -> Task:
+        task = Task(id=row["id"], spec=json.loads(row["spec"]), state=TaskState(row["state"]), owner=row["owner"],
+                    created=row["created"], started=row["started"], finished=row["finished"],
+                    baseline=row["baseline"], winner=row["winner"],
+                    met_goal=None if row["met_goal"] is None else bool(row["met_goal"]), error=row["error"],
+                    seq=row["seq"], stage_attempt=row["stage_attempt"], stage_worker=row["stage_worker"],
+                    plan_s=row["plan_s"], artifact=row["artifact"])
+        task.trials = [Trial(index=r["idx"], config=json.loads(r["config"]), label=r["label"],
+                             state=TrialState(r["state"]), attempt=r["attempt"], metric=r["metric"],
+                             worker=r["worker"], started=r["started"], finished=r["finished"],
+                             seconds=r["seconds"], error=r["error"]) for r in self.store.trials(task.id)]
+        task.index_trials()
+        return task
+
+    def _adopt(self, task: Task) -> None:
+        self.tasks[task.id] = task
+        self._index(task)
+
+    def _index(self, task: Task) -> None:
+        if task.state is TaskState.QUEUED:
+            self.queued.setdefault(self.priority(task), {})[task.id] = task
+        elif not task.state.terminal:
+            self.started[task.id] = task
+        if not task.state.terminal:
+            self.owners[task.owner] += 1
+
+    def _unindex(self, task: Task) -> None:
+        """Undo `_index` (call with the state the task was indexed in)."""
+        self.queued.get(self.priority(task), {}).pop(task.id, None)
+        self.started.pop(task.id, None)
+        if not task.state.terminal:
+            self.owners[task.owner] -= 1
+
+    @staticmethod
+    def priority(task: Task) -> int:
+        return task.resources.get("priority", 0)
+
+    def active(self) -> Iterator[Task]:
+        for tier in self.queued.values():
+            yield from tier.values()
+        yield from self.started.values()
+
+    def n_active(self) -> int:
+        return sum(len(t) for t in self.queued.values()) + len(self.started)
+
+    # ---- writes (every persisted change of a task goes through these) ----------------------------------
+
+    def _write_task(self, task: Task, **fields: Any) -> None:
+        self._touch(task)
+        self.store.update_task(task.id, **fields)
+
+    def _write_trial(self, task: Task, tr: Trial, **fields: Any) -> None:
+        self._touch(task)
+        self.store.update_trial(task.id, tr.index, **fields)
+
+    def _move(self, task: Task, state: TaskState) -> None:
+        self._touch(task)
+        self._unindex(task)
+        task.move(state)
+        self._index(task)
+
+    def emit(self, task: Task, kind: str, **data: Any) -> None:
+        self._touch(task)
+        task.seq += 1
+        body = {"task_id": task.id, "seq": task.seq, "ts": time.time(), "kind": kind, **data}
+        self.store.append_event(task.id, task.seq, body)
+        self.effects.append(Event(task.id, body))
+
+    def send(self, worker: Worker | bytes, cmd: Cmd, body: dict | None = None) -> None:
+        identity = worker.identity if isinstance(worker, Worker) else worker
+        self.effects.append(ToWorker(identity, cmd, body or {}))
+
+    # ---- clients -----------------------------------------------------------------------------------
+
+    def submit(self, spec: dict, owner: str = "") -> str:
+        if self.owners[owner] >= self.limits.queued_per_client:
+            raise ValueError(f"this client already has {self.owners[owner]} unfinished tasks (the broker's "
+                             f"limit is {self.limits.queued_per_client}); wait for some to finish")
+        task = Task(id=uuid.uuid4().hex[:12], spec=spec, state=TaskState.QUEUED, created=time.time(), owner=owner)
+        with self.tx():
+            self._touch(task)
+            self.store.insert_task(task.id, task.name, spec, task.state.value, task.created, owner)
+            self._adopt(task)
+            self.emit(task, "state", state=task.state.value)
+        log.info("task %s (%s) queued", task.id, task.name)
+        return task.id
+
+    def cancel(self, task: Task) -> None:
+        if not task.state.terminal:
+            with self.tx():
+                self.finish(task, TaskState.CANCELLED, error="cancelled by user")
+
+    def find(self, task_id: str) -> Task:
+        task = self.tasks.get(task_id)
+        if task is None:
+            matches = [t for t in self.tasks if t.startswith(task_id)] if len(task_id) >= 4 else []
+            if len(matches) != 1:
+                raise LookupError(f"no task {task_id[:64]!r}" if not matches else f"task id {task_id!r} is ambiguous")
+            task = self.tasks[matches[0]]
+        return task
+
+    # ---- workers -------------------------------------------------------------------------------------
+
+    def worker_for(self, identity: bytes, key: str | None) -> Worker | None:
+        """The registered worker this message comes from: same identity and (under CURVE) same key."""
+        worker = self.workers.get(identity.decode("ascii", "replace"))
+        if worker is None or worker.identity != identity or worker.key != key:
+            return None
+        return worker
+
+    def register(self, identity: bytes, body: dict, key: str | None, now: float) -> None:
+        wid = identity.decode("ascii", "replace")
+        if body["version"] != PROTOCOL_VERSION:
+            return self._refuse(identity, f"protocol version {body['version']} not supported (broker speaks "
+                                          f"{PROTOCOL_VERSION})")
+        if body["worker_id"] != wid:
+            return self._refuse(identity, "READY's worker_id differs from the connection's identity")
+        if self.curve:
+            owner = self.store.worker_key(wid)
+            if owner is not None and owner != key:
+                self.metrics.refused_workers += 1
+                log.warning("refused worker id %s from key %s: it belongs to key %s", wid, key, owner)
+                return self._refuse(identity, f"worker id {wid!r} is bound to another key")
+            if owner is None:
+                self.store.bind_worker_key(wid, key)
+        still_running = {(r[0], r[1]) for r in body["running"]}
+        old = self.workers.get(wid)
+        if old is not None:
+            self._forget_worker(old)
+        shape = body.get("cores_per_trial")
+        worker = Worker(id=wid, identity=identity, host=body["host"], cores=body["cores"], slots=body["slots"],
+                        version=str(body.get("nsd_version", "?")), registered=now, last_seen=now, key=key,
+                        draining=body.get("draining") is True)
+        worker.cores_per_trial = shape if shape is not None and shape <= worker.cores else \
+            max(1, worker.cores // max(1, worker.slots))
+        self.workers[wid] = worker
+        acks = []
+        for result in body["outbox"]:  # results it finished while it could not reach us: before any requeue
+            self._result_in_savepoint(worker, result)
+            acks.append({"trial_id": result["trial_id"], "attempt": result["attempt"]})
+        # Leases this worker (or its previous incarnation) held: keep those it still runs, requeue the rest.
+        for task in list(self.started.values()):
+            for jid, attempt, holder in task.leases():
+                if holder != wid:
+                    continue
+                if (jid, attempt) in still_running:
+                    self._take(worker, jid, attempt, self.job_cores(task, worker))
+                else:
+                    self.lost_lease(task, parse_job_id(jid)[1], "worker restarted without it")
+        self._index_free(worker)
+        log.info("worker %s registered from %s: %d cores, %d slots%s", wid, worker.host, worker.cores,
+                 worker.slots, " (again)" if old else "")
+        self.send(worker, Cmd.READY_ACK, {"heartbeat_s": self.heartbeat_s, "liveness": self.liveness})
+        for ack in acks:
+            self.send(worker, Cmd.RESULT_ACK, ack)
+        for jid, attempt in still_running:  # anything it runs that we no longer want: stop it
+            if worker.running.get(jid) != attempt:
+                self.send(worker, Cmd.CANCEL, {"trial_id": jid, "attempt": attempt})
+
+    def _refuse(self, identity: bytes, reason: str) -> None:
+        self.send(identity, Cmd.DISCONNECT, {"reason": reason, "fatal": True})
+
+    def _forget_worker(self, worker: Worker) -> None:
+        self.workers.pop(worker.id, None)
+        self.free.pop(worker.id, None)
+        now = time.time()
+        for jid in worker.running:
+            self.orphans.setdefault(jid, now)
+        worker.running.clear(), worker.cores_of.clear()
+        worker.cores_used = 0
+
+    def drop_worker(self, worker: Worker, why: str) -> None:
+        """The worker left or died: every lease it holds is lost (requeued, attempt + 1)."""
+        held = list(worker.running)
+        self._forget_worker(worker)
+        with self.tx():
+            for jid in held:
+                self.orphans.pop(jid, None)
+                task_id, job = parse_job_id(jid)
+                task = self.tasks.get(task_id)
+                if task is not None and not task.state.terminal and task.lease(job) is not None:
+                    self.lost_lease(task, job, why)
+
+    def _take(self, worker: Worker, jid: str, attempt: int, cores: int) -> None:
+        worker.take(jid, attempt, cores)
+        self.orphans.pop(jid, None)
+        self._index_free(worker)
+
+    def _release(self, worker: Worker, jid: str) -> int | None:
+        attempt = worker.release(jid)
+        self._index_free(worker)
+        return attempt
+
+    def _index_free(self, worker: Worker) -> None:
+        if worker.free_cores > 0 and self.workers.get(worker.id) is worker:
+            self.free[worker.id] = worker
+        else:
+            self.free.pop(worker.id, None)
+
+    def holds(self, worker: Worker | None, jid: str, attempt: int) -> bool:
+        """The lease rule: a result counts only from the registered worker holding (job, attempt) now."""
+        if worker is None or self.workers.get(worker.id) is not worker:
+            return False
+        task_id, job = parse_job_id(jid)
+        task = self.tasks.get(task_id)
+        return task is not None and task.lease(job) == (attempt, worker.id)
+
+    # ---- results -------------------------------------------------------------------------------------
+
+    def _result_in_savepoint(self, worker: Worker, body: dict) -> None:
+        try:
+            with self.tx():
+                self.result(worker, body)
+        except StorageError:
+            raise
+        except Exception:  # a bug of ours: this result is dropped, the others still count
+            log.exception("applying a result of %s failed", worker.id)
+
+    def result(self, worker: Worker | None, body: dict) -> None:
+        """Apply a job result at most once, and only from the lease holder (see `holds`)."""
+        jid, attempt = body["trial_id"], body["attempt"]
+        if not self.holds(worker, jid, attempt):
+            self.ignored_results += 1
+            self.metrics.ignored_results += 1
+            return  # a duplicate, a late answer to a lease requeued or cancelled, or not this peer's to give
+        task_id, job = parse_job_id(jid)
+        task = self.tasks[task_id]
+        self._release(worker, jid)
+        worker.freed_at = time.monotonic()
+        self._keep_log(task, str(job), body, worker.id)
+        if body.get("handback") is True:  # a draining worker returns a job it did not run to the end
+            self.lost_lease(task, job, "handed back by a draining worker", handback=True)
+        elif body.get("requeue") is True:  # the worker could not get the task's files
+            self.lost_lease(task, job, body.get("error") or "worker could not start the job")
+        elif job == PLAN:
+            task.stage_worker = None
+            self._plan_result(task, body)
+        elif job == SAVE:
+            task.stage_worker = None
+            self._save_result(task, body)
+        else:
+            self._trial_result(task, task.trials[job], body)
+
+    def _trial_result(self, task: Task, tr: Trial, body: dict) -> None:
+        tr.finished = time.time()
+        tr.seconds = body.get("seconds")
+        metric = body.get("metric")
+        if body["ok"] and metric is not None:
+            tr.metric = float(metric)
+            task.set_state(tr, TrialState.PASSED if tuner.meets_goal(tr.metric, task.goal()) else TrialState.FAILED_GOAL)
+        else:
+            task.set_state(tr, TrialState.ERROR)
+            tr.error = (body.get("error") or "the runner returned no metric")[:4000]
+        self._write_trial(task, tr, state=tr.state.value, metric=tr.metric, seconds=tr.seconds,
+                          finished=tr.finished, error=tr.error)
+        self.metrics.trial_finished(tr.state.value)
+        self.emit(task, "trial", **tr.event())
+        self.settle(task)
+
+    def _keep_log(self, task: Task, job: str, body: dict, worker: str) -> None:
+        text = body.get("log")
+        if text:
+            self.store.put_log(task.id, job, body["attempt"], worker, text[-LOG_LIMIT:])
+
+    def _plan_result(self, task: Task, body: dict) -> None:
+        task.plan_s = body.get("seconds")
+        baseline, configs = body.get("baseline"), body.get("configs")
+        if not body["ok"]:
+            return self.finish(task, TaskState.FAILED, error=f"planning failed: {body.get('error') or 'unknown error'}")
+        if baseline is None or configs is None:
+            return self.finish(task, TaskState.FAILED, error="planning returned a malformed plan")
+        if not configs:
+            return self.finish(task, TaskState.FAILED, error="the config set expanded to no configs")
+        configs = configs[: task.tuning["max_trials"]]
+        task.baseline = float(baseline)
+        task.trials = [Trial(index=i, config=c["config"], label=c.get("label", "")) for i, c in enumerate(configs)]
+        task.index_trials()
+        self._move(task, TaskState.TUNING)
+        task.stage_attempt = 1
+        self.store.insert_trials(task.id, [(t.index, t.config, t.label, t.state.value) for t in task.trials])
+        self._write_task(task, baseline=task.baseline, state=task.state.value, stage_worker=None, stage_attempt=1,
+                         plan_s=task.plan_s)
+        self.emit(task, "plan", baseline=task.baseline, trials=[{"index": t.index, "config": t.config,
+                                                                 "label": t.label} for t in task.trials])
+        self.emit(task, "state", state=task.state.value)
+        log.info("task %s: baseline %.6g, %d trials", task.id, task.baseline, len(task.trials))
+
+    def _save_result(self, task: Task, body: dict) -> None:
+        sha = body.get("artifact")
+        if body["ok"] and sha is not None and self.blobs.has(sha):
+            task.artifact = make_ref(sha, "model")
+            self._write_task(task, artifact=task.artifact)
+            self.finish(task, TaskState.DONE, winner=task.winner, met_goal=task.met_goal, error=task.error)
+        else:
+            why = body.get("error") or "the worker returned no artifact"
+            self.finish(task, TaskState.DONE, winner=task.winner, met_goal=task.met_goal,
+                        error=f"the winner's artifact could not be saved: {why}")
+
+    # ---- decisions -------------------------------------------------------------------------------
+
+    def settle(self, task: Task) -> None:
+        """After any trial change: cancel what can no longer win (tuner.to_cancel), and end the task once
+        decided (tuner.decide) — which, with those cancelled, is when no trial is left unfinished."""
+        passed = task.lowest_passed
+        if passed is not None and passed != task.cancelled_above:
+            for tr in task.trials[passed + 1:]:
+                if not tr.state.finished:
+                    self._cancel_trial(task, tr, "a lower-index trial met the goal")
+            task.cancelled_above = passed
+        if task.n_unfinished == 0 and task.state is TaskState.TUNING:
+            self.conclude(task, tuner.decide(task.views(), task.tuning["higher_is_better"]))
+
+    def conclude(self, task: Task, decision: tuner.Decision, note: str | None = None) -> None:
+        """The winner is known: stop the other trials, then save its artifact (`finalizing`)."""
+        if decision.winner is None:
+            return self.finish(task, TaskState.FAILED, error=note or "no trial produced a metric (every trial errored)")
+        for tr in task.trials:
+            if not tr.state.finished:
+                self._cancel_trial(task, tr, "the task is decided")
+        self._move(task, TaskState.FINALIZING)
+        task.winner, task.met_goal, task.error = decision.winner, decision.met_goal, note
+        task.stage_attempt, task.stage_worker = 1, None
+        self._write_task(task, state=task.state.value, winner=task.winner, met_goal=task.met_goal, error=note,
+                         stage_attempt=1, stage_worker=None)
+        self.emit(task, "state", state=task.state.value, winner=task.winner, met_goal=task.met_goal, error=note)
+
+    def _cancel_trial(self, task: Task, tr: Trial, why: str) -> None:
+        jid = job_id(task.id, tr.index)
+        if tr.state is TrialState.RUNNING:
+            self._stop_job(task, jid, tr.attempt, tr.worker)
+        task.set_state(tr, TrialState.CANCELLED)
+        tr.error, tr.finished = why, time.time()
+        self._write_trial(task, tr, state=tr.state.value, error=why, finished=tr.finished)
+        self.emit(task, "trial", **tr.event())
+
+    def _stop_job(self, task: Task, jid: str, attempt: int, wid: str | None) -> None:
+        self.orphans.pop(jid, None)
+        worker = self.workers.get(wid or "")
+        if worker is not None and self._release(worker, jid) is not None:
+            self.send(worker, Cmd.CANCEL, {"trial_id": jid, "attempt": attempt})
+
+    def finish(self, task: Task, state: TaskState, winner: int | None = None, met_goal: bool | None = None,
+               error: str | None = None) -> None:
+        for tr in task.trials:
+            if not tr.state.finished:
+                self._cancel_trial(task, tr, "task ended")
+        stage = STAGE_JOBS.get(task.state)
+        if stage:
+            self._stop_job(task, job_id(task.id, stage), task.stage_attempt, task.stage_worker)
+        task.stage_worker = None
+        self._move(task, state)
+        task.winner, task.met_goal, task.error = winner, met_goal, error
+        task.finished = time.time()
+        self._write_task(task, state=state.value, winner=winner, met_goal=met_goal, error=error,
+                         finished=task.finished, stage_worker=None)
+        self.emit(task, "state", state=state.value, winner=winner, met_goal=met_goal, error=error)
+        log.info("task %s %s%s", task.id, state.value,
+                 f": winner trial {winner} (met goal: {met_goal})" if winner is not None else
+                 f": {error}" if error else "")
+
+    def lost_lease(self, task: Task, job: int | str, why: str = "worker lost", handback: bool = False) -> None:
+        """A job's worker died, forgot it or handed it back: run it again (attempt + 1), or give up after
+        max_attempts. A hand-back (`handback`: a draining worker returning work it never finished) runs
+        it again without using up an attempt: it was not the job's fault."""
+        lease = task.lease(job)
+        if lease is None:
+            return
+        self.orphans.pop(job_id(task.id, job), None)
+        holder = self.workers.get(lease[1] or "")
+        if holder is not None:
+            self._release(holder, job_id(task.id, job))
+        if handback:  # same attempt, any worker: the lease rule still refuses the old holder's answers
+            state, attempt = TrialState.PENDING, lease[0]
+        else:
+            state, attempt = tuner.after_lost_lease(lease[0], task.tuning["max_attempts"])
+        if job in (PLAN, SAVE):
+            if state is TrialState.ERROR and job == PLAN:
+                self.finish(task, TaskState.FAILED, error=f"planning failed {attempt} times: {why}")
+            elif state is TrialState.ERROR:
+                self.finish(task, TaskState.DONE, winner=task.winner, met_goal=task.met_goal,
+                            error=f"the winner's artifact could not be saved ({attempt} attempts): {why}")
+            else:
+                task.stage_attempt, task.stage_worker = attempt, None
+                self._write_task(task, stage_attempt=attempt, stage_worker=None)
+                self.emit(task, "state", state=task.state.value, reason=why)
+            return
+        tr = task.trials[job]
+        self.metrics.trials_requeued += state is TrialState.PENDING
+        task.set_state(tr, state)
+        tr.attempt, tr.worker = attempt, None
+        if state is TrialState.ERROR:
+            tr.error, tr.finished = f"{why} on each of {attempt} attempts", time.time()
+        self._write_trial(task, tr, state=state.value, attempt=attempt, worker=None, error=tr.error,
+                          finished=tr.finished)
+        self.emit(task, "trial", **tr.event())
+        self.settle(task)
+
+    # ---- scheduling ----------------------------------------------------------------------------------
+
+    def schedule(self) -> None:
+        """Place waiting jobs on free cores. Costs nothing without free cores; otherwise it looks at the
+        started tasks (bounded by the cluster's slots) and, per priority tier, only as many queued tasks as
+        could start now: work proportional to what can change, not to the length of the queue."""
+        if not self.free:
+            return
+        room = sum(w.free_cores for w in self.free.values())
+        demands = []
+        for tier in sorted(self.queued, reverse=True):
+            for task in itertools.islice(self.queued[tier].values(), room):
+                demands.append(scheduler.Demand(task.id, 1, tier, cores=task.resources.get("cores_per_trial", 0)))
+        for task in self.started.values():
+            if not task.wants_worker():
+                continue
+            cores = task.resources.get("cores_per_trial", 0)
+            if task.state in STAGE_JOBS:
+                demands.append(scheduler.Demand(task.id, 1, self.priority(task), cores=cores))
+            elif task.dispatchable(task.resources["workers"]):
+                demands.append(scheduler.Demand(task.id, task.dispatchable(task.resources["workers"]),
+                                                self.priority(task), task.n_running, cores))
+        demands.sort(key=lambda d: self.tasks[d.task_id].created)  # the scheduler's "age" is list order
+        if demands:
+            free = {w.id: w.free_cores for w in self.free.values()}
+            placements = scheduler.place(free, demands, {w.id: w.cores_per_trial for w in self.free.values()})
+            with self.tx():
+                for task_id, worker_id in placements:
+                    self._assign(self.tasks[task_id], self.workers[worker_id])
+        for worker in self.free.values():  # a slot that stays free had no work waiting: not latency
+            if worker.freed_at is not None and worker.free_cores >= worker.cores_per_trial:
+                worker.freed_at = None
+
+    def _assign(self, task: Task, worker: Worker) -> None:
+        now = time.time()
+        if task.state is TaskState.QUEUED:
+            self._move(task, TaskState.PLANNING)
+        if task.state is TaskState.PLANNING:
+            task.stage_worker = worker.id
+            task.started = task.started or now
+            jid, attempt = job_id(task.id, PLAN), task.stage_attempt
+            job = {"kind": "plan", "task_id": task.id, "spec": task.spec}
+            self._write_task(task, state=task.state.value, stage_worker=worker.id, started=task.started)
+            self.emit(task, "state", state=task.state.value, worker=worker.id)
+        elif task.state is TaskState.FINALIZING:
+            task.stage_worker = worker.id
+            jid, attempt = job_id(task.id, SAVE), task.stage_attempt
+            winner = task.trials[task.winner]
+            job = {"kind": "save", "task_id": task.id, "spec": task.spec, "index": winner.index,
+                   "config": winner.config}
+            self._write_task(task, stage_worker=worker.id)
+        else:
+            tr = task.next_pending()
+            task.set_state(tr, TrialState.RUNNING)
+            tr.worker, tr.started = worker.id, now
+            jid, attempt = job_id(task.id, tr.index), tr.attempt
+            job = {"kind": "trial", "task_id": task.id, "spec": task.spec, "index": tr.index, "config": tr.config}
+            self._write_trial(task, tr, state=tr.state.value, worker=worker.id, started=now)
+            self.emit(task, "trial", **tr.event())
+        job["cores"] = self.job_cores(task, worker)
+        self._take(worker, jid, attempt, job["cores"])
+        self.metrics.jobs_dispatched += 1
+        if worker.freed_at is not None:
+            self.metrics.dispatch_latency.observe(time.monotonic() - worker.freed_at)
+            worker.freed_at = None
+        self.send(worker, Cmd.ASSIGN, {"trial_id": jid, "attempt": attempt, "job": job})
+
+    @staticmethod
+    def job_cores(task: Task, worker: Worker) -> int:
+        return task.resources.get("cores_per_trial") or worker.cores_per_trial
+
+    # ---- time ----------------------------------------------------------------------------------------
+
+    def check_liveness(self, now: float) -> None:
+        deadline = self.heartbeat_s * self.liveness
+        for worker in list(self.workers.values()):
+            if now - worker.last_seen > deadline:
+                log.warning("worker %s silent for %.1fs: declared dead", worker.id, now - worker.last_seen)
+                self.drop_worker(worker, "worker stopped answering")
+            elif now - worker.last_sent >= self.heartbeat_s:  # only to workers we have not spoken to lately
+                self.send(worker, Cmd.HEARTBEAT)
+        # Leases whose worker is not registered (reloaded after a restart, or held by a worker we forgot)
+        # wait one window for it to come back with them, then are lost.
+        expired = [jid for jid, since in self.orphans.items() if now - since > deadline]
+        if expired:
+            with self.tx():
+                for jid in expired:
+                    self.orphans.pop(jid, None)
+                    task_id, job = parse_job_id(jid)
+                    task = self.tasks.get(task_id)
+                    lease = task.lease(job) if task is not None and not task.state.terminal else None
+                    if lease is not None and lease[1] not in self.workers:
+                        self.lost_lease(task, job, "worker did not come back")
+
+    def check_timeouts(self, now: float) -> None:
+        for task in list(self.started.values()):
+            budget = task.tuning["timeout_s"]
+            if task.state is TaskState.TUNING and budget and task.started and now - task.started > budget:
+                with self.tx():
+                    decision = tuner.decide(task.views(), task.tuning["higher_is_better"], exhausted=True)
+                    self.conclude(task, decision, note=f"wall-clock budget of {budget:g}s ran out")
+
+
+def _storage_message(exc: sqlite3.Error) -> str:
+    text = str(exc)
+    if "full" in text:
+        return f"broker storage is full: {text}"
+    if "readonly" in text or "read-only" in text:
+        return f"broker storage is read-only: {text}"
+    return f"broker storage failed: {text}"
+
+
+def finite(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)

@@ -1,0 +1,245 @@
+"""The broker's model: tasks, their trials, workers, and the one lease rule — plain data, no I/O.
+
+A *job* is what a worker runs for a task: its plan (`<task>/plan`), a trial (`<task>/<index>`) or the save of
+the winner (`<task>/save`). Each job has at most one *lease* at a time, `(attempt, worker id)`, and
+`Task.lease()` is the only place that says who holds it. A result counts only from the registered worker
+that holds that lease now (`nsd.broker.core.Core.holds`).
+
+Every task and trial state change goes through `Task.move` / `Task.set_state`, checked against the
+transition tables in `nsd.states`; `Task` keeps a running tally of its trials so that the hot path (every
+result, every scheduling pass) never rescans thousands of them. `tuner`'s pure functions are the reference
+(`tests/test_broker.py` drives the real settle path against them).
+"""
+
+from __future__ import annotations
+
+import heapq
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from nsd.broker import tuner
+from nsd.states import TASK_TRANSITIONS, TRIAL_TRANSITIONS, TaskState, TrialState, check_transition
+
+PLAN = "plan"  # the job of a `planning` task: load, evaluate FP32 once, expand the config set
+SAVE = "save"  # the job of a `finalizing` task: quantize the winner again, save it, upload the artifact
+STAGE_JOBS = {TaskState.PLANNING: PLAN, TaskState.FINALIZING: SAVE}
+
+
+def job_id(task_id: str, job: int | str) -> str:
+    return f"{task_id}/{job}"
+
+
+@dataclass
+class Trial:
+    index: int
+    config: dict
+    label: str
+    state: TrialState = TrialState.PENDING
+    attempt: int = 1
+    metric: float | None = None
+    worker: str | None = None
+    started: float | None = None
+    finished: float | None = None
+    seconds: float | None = None
+    error: str | None = None
+
+    def view(self) -> tuner.TrialView:
+        return tuner.TrialView(self.index, self.state, self.metric)
+
+    def public(self) -> dict[str, Any]:
+        return {"index": self.index, "config": self.config, "label": self.label, "state": self.state.value,
+                "metric": self.metric, "attempt": self.attempt, "worker": self.worker, "seconds": self.seconds,
+                "error": self.error}
+
+    def event(self) -> dict[str, Any]:
+        return {"index": self.index, "state": self.state.value, "metric": self.metric, "attempt": self.attempt,
+                "worker": self.worker, "seconds": self.seconds, "error": self.error}
+
+
+@dataclass
+class Task:
+    id: str
+    spec: dict
+    state: TaskState
+    created: float
+    owner: str = ""  # the client key that submitted it ("" without CURVE): per-key queue limits
+    started: float | None = None
+    finished: float | None = None
+    baseline: float | None = None
+    winner: int | None = None
+    met_goal: bool | None = None
+    error: str | None = None
+    seq: int = 0
+    stage_attempt: int = 1  # attempt of the task-level job (plan or save) of the current state
+    stage_worker: str | None = None  # who holds its lease
+    plan_s: float | None = None
+    artifact: str | None = None  # blob reference of the saved winner
+    trials: list[Trial] = field(default_factory=list)
+    # The running tally (see the module docstring).
+    pending: list[int] = field(default_factory=list)  # heap of PENDING indexes (stale entries are skipped)
+    n_pending: int = 0
+    n_running: int = 0
+    n_unfinished: int = 0
+    lowest_passed: int | None = None
+    cancelled_above: int | None = None  # the lowest pass whose higher trials were already cancelled
+
+    # ---- leases ------------------------------------------------------------------------------
+
+    def lease(self, job: int | str) -> tuple[int, str | None] | None:
+        """(attempt, worker id or None while it waits for one) of the job's current lease; None when the
+        job is not running or not wanted (a finished trial, a plan of a task already tuning, ...)."""
+        if job in (PLAN, SAVE):
+            if STAGE_JOBS.get(self.state) != job:
+                return None
+            return self.stage_attempt, self.stage_worker
+        if not isinstance(job, int) or not 0 <= job < len(self.trials):
+            return None
+        tr = self.trials[job]
+        return (tr.attempt, tr.worker) if tr.state is TrialState.RUNNING else None
+
+    def leases(self) -> list[tuple[str, int, str]]:
+        """(job id, attempt, worker id) of every job of this task held by a worker now."""
+        out = []
+        stage = STAGE_JOBS.get(self.state)
+        if stage and self.stage_worker:
+            out.append((job_id(self.id, stage), self.stage_attempt, self.stage_worker))
+        if self.n_running:
+            out.extend((job_id(self.id, t.index), t.attempt, t.worker) for t in self.trials
+                       if t.state is TrialState.RUNNING and t.worker)
+        return out
+
+    # ---- state changes -------------------------------------------------------------------------
+
+    def move(self, state: TaskState) -> None:
+        check_transition(TASK_TRANSITIONS, self.state, state)
+        self.state = state
+
+    def index_trials(self) -> None:
+        """Rebuild the tally from the trials (after loading them or creating them)."""
+        self.pending = sorted(t.index for t in self.trials if t.state is TrialState.PENDING)
+        self.n_pending = len(self.pending)
+        self.n_running = sum(t.state is TrialState.RUNNING for t in self.trials)
+        self.n_unfinished = sum(not t.state.finished for t in self.trials)
+        self.lowest_passed = tuner.first_passed(self.views())
+
+    def set_state(self, tr: Trial, state: TrialState) -> None:
+        old = tr.state
+        check_transition(TRIAL_TRANSITIONS, old, state)
+        tr.state = state
+        if old is state:
+            return
+        self.n_pending += (state is TrialState.PENDING) - (old is TrialState.PENDING)
+        self.n_running += (state is TrialState.RUNNING) - (old is TrialState.RUNNING)
+        self.n_unfinished += (not state.finished) - (not old.finished)
+        if state is TrialState.PENDING:
+            heapq.heappush(self.pending, tr.index)
+        if state is TrialState.PASSED and (self.lowest_passed is None or tr.index < self.lowest_passed):
+            self.lowest_passed = tr.index
+
+    def dispatchable(self, limit: int) -> int:
+        """How many pending trials may start now under the task's `workers` limit (0: none)."""
+        return self.n_pending if limit <= 0 else max(0, min(self.n_pending, limit - self.n_running))
+
+    def next_pending(self) -> Trial:
+        """The lowest-index pending trial (INC's order)."""
+        while True:
+            tr = self.trials[heapq.heappop(self.pending)]
+            if tr.state is TrialState.PENDING:
+                return tr
+
+    def wants_worker(self) -> bool:
+        """Whether a job of this task waits for a slot now."""
+        if self.state is TaskState.QUEUED or (self.state in STAGE_JOBS and self.stage_worker is None):
+            return True
+        return self.state is TaskState.TUNING and self.n_pending > 0
+
+    # ---- views -----------------------------------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        return self.spec["name"]
+
+    @property
+    def tuning(self) -> dict:
+        return self.spec["tuning"]
+
+    @property
+    def resources(self) -> dict:
+        return self.spec["resources"]
+
+    def views(self) -> list[tuner.TrialView]:
+        return [t.view() for t in self.trials]
+
+    def goal(self) -> tuner.Goal:
+        t = self.tuning
+        return tuner.Goal(self.baseline, t["tolerable_loss"], t["criterion"], t["higher_is_better"])
+
+    def summary(self) -> dict[str, Any]:
+        done = len(self.trials) - self.n_unfinished
+        return {"task_id": self.id, "name": self.name, "state": self.state.value, "created": self.created,
+                "trials_done": done, "trials_total": len(self.trials), "met_goal": self.met_goal,
+                "winner": self.winner, "error": self.error}
+
+    def public(self) -> dict[str, Any]:
+        """The task as clients see it (STATUS, RESULT): stable, documented in the README."""
+        winner = self.trials[self.winner] if self.winner is not None else None
+        t = self.tuning
+        now = time.time()
+        return {
+            "task_id": self.id, "name": self.name, "state": self.state.value, "seq": self.seq,
+            "met_goal": self.met_goal, "baseline": self.baseline, "error": self.error,
+            "goal": {"tolerable_loss": t["tolerable_loss"], "criterion": t["criterion"],
+                     "higher_is_better": t["higher_is_better"], "max_trials": t["max_trials"]},
+            "winner": None if winner is None else {"index": winner.index, "config": winner.config,
+                                                   "label": winner.label, "metric": winner.metric},
+            "trials": [tr.public() for tr in self.trials],
+            "timings": {"created": self.created, "started": self.started, "finished": self.finished,
+                        "elapsed_s": ((self.finished or now) - self.started) if self.started else None,
+                        "plan_s": self.plan_s,
+                        "trial_s_total": sum(tr.seconds or 0.0 for tr in self.trials)},
+            "artifact": self.artifact,
+            "spec": self.spec,
+        }
+
+
+@dataclass
+class Worker:
+    id: str
+    identity: bytes
+    host: str
+    cores: int
+    slots: int
+    version: str
+    registered: float
+    last_seen: float
+    key: str | None = None  # its CURVE public key (z85), under CURVE
+    last_sent: float = 0.0
+    cores_per_trial: int = 1  # the shape of its slots, for tasks that leave cores_per_trial to the worker
+    running: dict[str, int] = field(default_factory=dict)  # job id -> attempt: the leases it holds
+    cores_of: dict[str, int] = field(default_factory=dict)  # job id -> cores that job occupies
+    cores_used: int = 0  # sum of cores_of
+    freed_at: float | None = None  # when a slot last came free (for the dispatch latency metric)
+    draining: bool = False  # finishing what it runs before it leaves; takes nothing new
+
+    @property
+    def free_cores(self) -> int:
+        if self.draining or self.slots <= 0:
+            return 0
+        return max(0, self.cores - self.cores_used)
+
+    def take(self, job: str, attempt: int, cores: int) -> None:
+        self.release(job)
+        self.running[job], self.cores_of[job] = attempt, cores
+        self.cores_used += cores
+
+    def release(self, job: str) -> int | None:
+        """Drop a lease; returns its attempt, or None if it held none."""
+        self.cores_used -= self.cores_of.pop(job, 0)
+        return self.running.pop(job, None)
+
+    def public(self, now: float) -> dict[str, Any]:
+        state = "draining" if self.draining else "busy" if self.running else "idle"
+        return {"worker_id": self.id, "host": self.host, "cores": self.cores, "slots": self.slots,
+                "busy": len(self.running), "running": sorted(self.running), "version": self.version,
+                "state": state, "registered": self.registered, "last_seen_s": round(now - self.last_seen, 3)}
