@@ -270,7 +270,8 @@ def unpack(frames: list[bytes], allowed: frozenset[Cmd]) -> Message:
     if cmd not in allowed:
         raise ProtocolError(f"{cmd.name} is not valid on this socket")
     if len(raw) > MAX_BODY[cmd]:
-        raise ProtocolError(f"{cmd.name}: body of {len(raw)} bytes is over its limit of {MAX_BODY[cmd]}")
+        raise ProtocolError(f"{cmd.name}: body of {len(raw)} bytes is over its limit of {MAX_BODY[cmd]}",
+                            _peek_req(raw))
     try:
         body = msgpack.unpackb(raw, raw=False, strict_map_key=True)
     except Exception as exc:  # msgpack raises several unrelated types for bad input
@@ -282,6 +283,20 @@ def unpack(frames: list[bytes], allowed: frozenset[Cmd]) -> Message:
         req = body.get("req")
         raise ProtocolError(f"{cmd.name}: {problem}", req if integer(0, 1 << 62).ok(req) else None)
     return Message(cmd, body)
+
+
+def _peek_req(raw: bytes) -> int | None:
+    """The `req` of a request too large to decode, read from its first bytes (clients put it first)."""
+    try:
+        unpacker = msgpack.Unpacker(raw=False)
+        unpacker.feed(raw[:64])
+        unpacker.read_map_header()
+        if unpacker.unpack() == "req":
+            req = unpacker.unpack()
+            return req if integer(0, 1 << 62).ok(req) else None
+    except Exception:  # not a map, or not starting with req: nobody to tell
+        pass
+    return None
 
 
 def event_frames(task_id: str, body: dict[str, Any]) -> list[bytes]:

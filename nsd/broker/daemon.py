@@ -194,8 +194,7 @@ class Broker:
         except ProtocolError as exc:
             self._bad(identity, str(exc))
             if name == "clients" and exc.req is not None:  # a client is told what was wrong
-                if not send_now(self.clients, [identity, *pack(Cmd.ERROR, {"req": exc.req, "error": str(exc)})]):
-                    self.metrics.dropped_sends += 1
+                self._to_client(identity, Cmd.ERROR, {"req": exc.req, "error": str(exc)})
             return None
         key = None
         if self.curve is not None:
@@ -212,7 +211,9 @@ class Broker:
         try:
             with core.tx():
                 for i, (name, identity, key, msg) in enumerate(batch):
-                    if name == "clients":
+                    if name == "clients" and msg.cmd is Cmd.BLOB_GET:  # a chunk: sent at once, never held
+                        self._to_client(*self._client_message(identity, key, msg))
+                    elif name == "clients":
                         replies[i] = self._client_message(identity, key, msg)
                     else:
                         self._worker_message(identity, key, msg)
@@ -221,6 +222,8 @@ class Broker:
             self.metrics.storage_errors += 1
             log.error("%s: %d messages of this turn were not applied", exc, len(batch))
             for i, (name, identity, key, msg) in enumerate(batch):
+                if name == "clients" and msg.cmd is Cmd.BLOB_GET:
+                    continue  # answered already
                 if name == "clients" and msg.cmd in READS:  # answered again from the restored state
                     replies[i] = self._client_message(identity, key, msg)
                 elif name == "clients" and msg.cmd not in BLOB_WRITES:  # (a chunk on disk stays written)
@@ -230,10 +233,13 @@ class Broker:
                     if worker is not None:
                         core._forget_worker(worker)
                     core.send(identity, Cmd.DISCONNECT, {"reason": str(exc)})
-        for identity, cmd, body in replies.values():
-            if not send_now(self.clients, [identity, *pack(cmd, body)]):
-                self.metrics.dropped_sends += 1  # client gone or not reading
+        for reply in replies.values():
+            self._to_client(*reply)
         self._flush()
+
+    def _to_client(self, identity: bytes, cmd: Cmd, body: dict) -> None:
+        if not send_now(self.clients, [identity, *pack(cmd, body)]):
+            self.metrics.dropped_sends += 1  # client gone or not reading: its queue is full
 
     def _flush(self) -> None:
         effects, self.core.effects = self.core.effects, []
@@ -299,7 +305,7 @@ class Broker:
         raise ValueError(f"unhandled request {msg.cmd.name}")  # pragma: no cover - CLIENT_TO_BROKER is exhaustive
 
     def _logs(self, task_id: str, job: str | None) -> list[dict]:
-        """A task's job logs, newest cut first so that the reply fits one message (ask per job for more)."""
+        """A task's job logs; the oldest are cut so that the reply fits one message (ask per job for those)."""
         logs, budget = self.store.logs(task_id, job), MAX_CHUNK_BYTES * 3
         for entry in reversed(logs):
             budget -= len(entry["text"].encode()) + 256

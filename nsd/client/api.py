@@ -23,7 +23,7 @@ import zmq.asyncio
 
 from nsd.blobs import CHUNK_BYTES, ChunkWriter, make_ref, pack_tree, parse_ref, unpack_tree
 from nsd.net import configure, connectable
-from nsd.protocol import BROKER_TO_CLIENT, Cmd, ProtocolError, pack, unpack
+from nsd.protocol import BROKER_TO_CLIENT, MAX_BODY, Cmd, ProtocolError, pack, unpack
 from nsd.security import ClientKeys, KeyFileError
 from nsd.spec import PATH_FIELDS, PT2E_CONFIGS, TaskSpec, validate
 from nsd.states import TaskState
@@ -119,7 +119,12 @@ class AsyncClient:
                     self._curve.apply(self._sock)
                 self._sock.connect(self.broker)
             req = next(self._req)
-            await self._sock.send_multipart(pack(cmd, {"req": req, **body}))
+            frames = pack(cmd, {"req": req, **body})
+            if len(frames[-1]) > MAX_BODY[cmd]:  # the broker would refuse it at the door: say why here
+                what = "task spec" if cmd is Cmd.SUBMIT else f"{cmd.name} request"
+                raise BrokerError(f"the {what} is too large: {len(frames[-1])} bytes packed, the broker accepts "
+                                  f"at most {MAX_BODY[cmd]}")
+            await self._sock.send_multipart(frames)
             loop = asyncio.get_running_loop()
             deadline = loop.time() + self.timeout_s
             while True:
