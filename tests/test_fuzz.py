@@ -19,12 +19,30 @@ from tests.peers import ScriptedWorker
 N_PER_SOCKET = 3000
 
 
-def valid_messages() -> list[list[bytes]]:
+HOSTILE_VALUES = [-1, -2**63, 2**63 - 1, 10**9, 0, 1.5, float("nan"), float("inf"), True, None, "", "x" * 5000,
+                  "../../etc/passwd", "/abs/path", "0123456789ab/-6", "0123456789ab/ +1 ", "0123456789ab/plan",
+                  "C" * 64, b"raw bytes", [b"raw"], {"bits": b"\x00"}, [["0123456789ab/1", -1]] * 3,
+                  [{"config": {"rtn": {"bits": b"raw"}}, "label": "x"}], [{"trial_id": "x/1", "attempt": 1}]]
+
+
+def hostile(rng: random.Random, cmd: Cmd, body: dict) -> list[bytes]:
+    """A well-formed message whose fields hold values no handler should ever see."""
+    body = dict(body)
+    for key in rng.sample(sorted(body), k=min(len(body), rng.randint(1, 2))):
+        body[key] = rng.choice(HOSTILE_VALUES)
+    if rng.random() < 0.3:  # and optional fields the handlers read
+        body[rng.choice(["metric", "baseline", "configs", "artifact", "log", "error", "requeue", "handback",
+                         "cores_per_trial", "draining", "job", "running"])] = rng.choice(HOSTILE_VALUES)
+    return pack(cmd, body)
+
+
+def valid_bodies() -> dict[Cmd, dict]:
     sha = "c" * 64
-    bodies = {
+    return {
         Cmd.READY: {"worker_id": "fuzz", "boot_id": "x", "host": "h", "cores": 1, "slots": 1, "version": 1,
-                    "running": [["t/0", 1]], "outbox": [{"trial_id": "t/0", "attempt": 1, "ok": True}]},
-        Cmd.HEARTBEAT: {"running": []}, Cmd.RESULT: {"trial_id": "t/plan", "attempt": 1, "ok": True},
+                    "running": [["0123456789ab/0", 1]],
+                    "outbox": [{"trial_id": "0123456789ab/0", "attempt": 1, "ok": True}]},
+        Cmd.HEARTBEAT: {"running": []}, Cmd.RESULT: {"trial_id": "0123456789ab/plan", "attempt": 1, "ok": True},
         Cmd.BYE: {}, Cmd.FETCH: {"sha256": sha, "offset": 0, "length": 10},
         Cmd.STORE: {"sha256": sha, "offset": 0, "size": 4, "data": b"abcd"},
         Cmd.HELLO: {"req": 1}, Cmd.SUBMIT: {"req": 2, "spec": {"tuning": {"config_set": [{"rtn": {}}]}}},
@@ -34,7 +52,10 @@ def valid_messages() -> list[list[bytes]]:
         Cmd.BLOB_PUT: {"req": 9, "sha256": sha, "offset": 0, "size": 8, "data": b"abcd"},
         Cmd.BLOB_GET: {"req": 10, "sha256": sha, "offset": 0, "length": 4}, Cmd.LOGS: {"req": 11, "task_id": "z"},
     }
-    return [pack(cmd, body) for cmd, body in bodies.items()]
+
+
+def valid_messages() -> list[list[bytes]]:
+    return [pack(cmd, body) for cmd, body in valid_bodies().items()]
 
 
 def mutate(rng: random.Random, frames: list[bytes]) -> list[bytes]:
@@ -80,12 +101,19 @@ async def test_fuzzing_every_socket_leaves_the_broker_serving(broker, client, ca
                 sock.setsockopt(zmq.LINGER, 0)
                 sock.connect(broker.endpoints[name])
                 socks.append(sock)
+            bodies = list(valid_bodies().items())
             for n in range(N_PER_SOCKET):
-                frames = rng.choice(valid) if n % 10 == 0 else mutate(rng, rng.choice(valid))
+                if n % 10 == 0:
+                    frames = rng.choice(valid)
+                elif n % 3 == 0:  # valid-looking frames, hostile field values
+                    frames = hostile(rng, *rng.choice(bodies))
+                else:
+                    frames = mutate(rng, rng.choice(valid))
                 await socks[-1 - n % 3].send_multipart(frames)
                 if n % 200 == 0:
                     await asyncio.sleep(0)  # let the broker keep up, as a real flood would be paced by TCP
         await wait_for(lambda: _true(broker._bad.count > N_PER_SOCKET), 30)
+        assert broker.tasks == {} and broker.workers == {}  # nothing hostile got in
         await asyncio.sleep(0.5)
         for sock in socks:
             sock.close(linger=0)

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import signal
+import sqlite3
 import sys
 from pathlib import Path
 from typing import Any
@@ -82,6 +83,17 @@ def main() -> None:
     """nsd: INC accuracy-aware quantization tuning across a cluster of CPU nodes."""
 
 
+def _limit_options(command):
+    """One --option per field of BrokerLimits (README "Security" says what each bounds)."""
+    from nsd.broker.limits import LIMIT_HELP, BrokerLimits
+
+    defaults = BrokerLimits()
+    for name in reversed(BrokerLimits.names()):
+        command = click.option(f"--{name.replace('_', '-')}", name, type=click.IntRange(min=1),
+                               default=getattr(defaults, name), show_default=True, help=LIMIT_HELP[name])(command)
+    return command
+
+
 @main.command()
 @config_option("broker")
 @click.option("--state-dir", type=click.Path(path_type=Path), default=None,
@@ -98,10 +110,12 @@ def main() -> None:
 @click.option("--keys-dir", envvar="NSD_KEYS_DIR", default=None, type=click.Path(file_okay=False),
               help="Allowlists: KEYS_DIR/workers/*.key and KEYS_DIR/clients/*.key (default STATE_DIR/keys).")
 @click.option("--log-level", default="info", show_default=True)
+@_limit_options
 def broker(state_dir, clients, workers, events, heartbeat, liveness, insecure, metrics, curve_secret, keys_dir,
-           log_level) -> None:
+           log_level, **limits) -> None:
     """Run the broker daemon."""
     from nsd.broker.daemon import Broker, default_state_dir
+    from nsd.broker.limits import BrokerLimits
     from nsd.net import install_uvloop
 
     _setup_logging(log_level)
@@ -109,7 +123,7 @@ def broker(state_dir, clients, workers, events, heartbeat, liveness, insecure, m
     try:
         daemon = Broker(Path(state_dir) if state_dir else default_state_dir(), clients, workers, events,
                         heartbeat_s=heartbeat, liveness=liveness, insecure=insecure, metrics=metrics,
-                        curve_secret=curve_secret, keys_dir=keys_dir)
+                        curve_secret=curve_secret, keys_dir=keys_dir, limits=BrokerLimits(**limits))
     except ValueError as exc:
         _fail(exc)
 
@@ -119,7 +133,11 @@ def broker(state_dir, clients, workers, events, heartbeat, liveness, insecure, m
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         loop.add_signal_handler(signal.SIGHUP, daemon.reload)  # systemctl reload: re-read key allowlists
-        await daemon.start()
+        try:
+            await daemon.start()
+        except (OSError, sqlite3.Error) as exc:  # a missing, read-only or broken state dir: one line, exit 1
+            await daemon.stop()
+            raise click.ClickException(f"cannot use the state dir {daemon.state_dir}: {exc}") from None
         await stop.wait()
         await daemon.stop()
 
