@@ -192,40 +192,68 @@ async def test_a_second_peer_cannot_take_a_live_workers_id(broker, client):
 
 
 async def test_curve_worker_ids_are_bound_to_the_key_that_first_registered_them(tmp_path):
-    """Under CURVE, worker key node1 cannot register as node2 (whose id node2's key registered first),
-    even after node2 disconnects, and its RESULTs for node2's leases are ignored."""
+    """Under CURVE: worker key node1 cannot act as node2 — its RESULTs for node2's leases are ignored, it
+    cannot register as node2 (an id belongs to the key that first registered it, even once node2 is gone),
+    and the task ends with node2's true answer."""
     from nsd.broker.daemon import Broker
     from nsd.security import ClientKeys, allow, generate_keypair
 
-    keys = tmp_path / "keys"
-    made = {name: generate_keypair(keys, name) for name in ("broker", "node1", "node2")}
+    made = {name: generate_keypair(tmp_path / "made", name) for name in ("broker", "alice", "node1", "node2")}
+    keys = tmp_path / "state" / "keys"
+    allow(keys, "client", made["alice"][0])
     for name in ("node1", "node2"):
-        allow(tmp_path / "state" / "keys", "worker", made[name][0])
+        allow(keys, "worker", made[name][0])
     broker = Broker(tmp_path / "state", clients="tcp://127.0.0.1:*", workers="tcp://127.0.0.1:*",
                     events="tcp://127.0.0.1:*", heartbeat_s=0.5, liveness=6, curve_secret=made["broker"][1])
     await broker.start()
-    node2_keys = ClientKeys.load(made["node2"][1], made["broker"][0])
-    node1_keys = ClientKeys.load(made["node1"][1], made["broker"][0])
-    node2 = await ScriptedWorker(broker.endpoints["workers"], "node2", curve=node2_keys).start()
-    await node2.stop()  # gone without a goodbye: still registered until its heartbeats are missed
-    registered = broker.workers["node2"]
+    server = made["broker"][0]
+    client = AsyncClient(broker.endpoints["clients"], timeout_s=10, curve_key=made["alice"][1], server_key=server)
+    node2_keys, node1_keys = (ClientKeys.load(made[n][1], server) for n in ("node2", "node1"))
+    node2 = await ScriptedWorker(broker.endpoints["workers"], "node2", slots=2, curve=node2_keys,
+                                 answer=lambda job: plan_answer(1.0, 3) if job["kind"] == "plan" else None).start()
+    node1 = Peer(broker.endpoints["workers"], identity=b"node1", curve=node1_keys)
     impostor = Peer(broker.endpoints["workers"], identity=b"node2", curve=node1_keys)
     try:
-        for _ in range(50):  # node2's old connection may take a moment to close
-            await impostor.send(Cmd.READY, ready("node2"))
+        await node1.send(Cmd.READY, ready("node1", slots=0))
+        assert (await node1.recv()).cmd is Cmd.READY_ACK
+        task_id = await client.submit(spec())
+        await wait_for(lambda: _true(len([a for a in node2.assigned if a[2]["kind"] == "trial"]) == 2), 20)
+        ignored = broker.core.ignored_results
+        for job, attempt, _ in node2.assigned[1:]:
+            await node1.send(Cmd.RESULT, {"trial_id": job, "attempt": attempt, "ok": True, "metric": 1.0})
+            await impostor.send(Cmd.RESULT, {"trial_id": job, "attempt": attempt, "ok": True, "metric": 1.0})
+        await wait_for(lambda: _true(broker.core.ignored_results >= ignored + 2), 10)
+        assert all(t.state.value == "running" for t in broker.tasks[task_id].trials[:2])
+        for key in [a[:2] for a in node2.assigned[1:]]:  # node2's own answers: trial 1 passes
+            node2.result(key, {"ok": True, "metric": 0.2 if key[0].endswith("/0") else 0.99})
+        task = await done(client, task_id, timeout=30)
+        assert task["winner"]["index"] == 1 and task["trials"][0]["metric"] == 0.2
+        await node2.stop()  # gone without a goodbye
+        registered = broker.workers.get("node2")
+        reply = None
+        for _ in range(20):  # a new connection once node2's has closed (till then, the id is taken)
+            late = Peer(broker.endpoints["workers"], identity=b"node2", curve=node1_keys)
             try:
-                reply = await impostor.recv(timeout=0.5)
+                await late.send(Cmd.READY, ready("node2"))
+                reply = await late.recv(timeout=0.5)
                 break
             except asyncio.TimeoutError:
                 continue
-        assert reply.cmd is Cmd.DISCONNECT and reply.body["fatal"] and "bound to another key" in reply.body["reason"]
+            finally:
+                late.close()
+        assert reply is not None and reply.cmd is Cmd.DISCONNECT and reply.body["fatal"] and "bound to another key" in reply.body["reason"]
         assert broker.workers.get("node2") in (None, registered) and broker.metrics.refused_workers >= 1
-        # node2's own key still works, also after a broker restart (the binding lives in the state dir).
-        again = await ScriptedWorker(broker.endpoints["workers"], "node2b", curve=node2_keys).start()
-        await again.stop()
     finally:
-        impostor.close()
+        for peer in (node1, impostor):
+            peer.close()
+        await client.close()
         await broker.stop()
+    # The binding lives in the state dir: after a restart node1's key is still not node2.
+    from nsd.broker.store import Store
+
+    store = Store(tmp_path / "state" / "nsd.sqlite3")
+    assert store.worker_key("node2") == node2_keys.public.decode() and store.worker_key("node1") == node1_keys.public.decode()
+    store.close()
 
 
 # ---- resources --------------------------------------------------------------------------------------
