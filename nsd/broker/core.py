@@ -74,6 +74,7 @@ class Core:
         self.effects: list[ToWorker | Event] = []
         self.ignored_results = 0  # results not from the lease holder: counted, acknowledged, dropped
         self._touched: set[str] | None = None  # task ids written in the open transaction
+        self._dirty = True  # demand or free cores changed since the last scheduling pass
 
     # ---- transactions ----------------------------------------------------------------------------
 
@@ -160,6 +161,7 @@ class Core:
         self._index(task)
 
     def _index(self, task: Task) -> None:
+        self._dirty = True
         if task.state is TaskState.QUEUED:
             self.queued.setdefault(self.priority(task), {})[task.id] = task
         elif not task.state.terminal:
@@ -198,6 +200,7 @@ class Core:
 
     def _move(self, task: Task, state: TaskState) -> None:
         self._touch(task)
+        self._dirty = True
         self._unindex(task)
         task.move(state)
         self._index(task)
@@ -335,6 +338,7 @@ class Core:
         return attempt
 
     def _index_free(self, worker: Worker) -> None:
+        self._dirty = True
         if worker.free_cores > 0 and self.workers.get(worker.id) is worker:
             self.free[worker.id] = worker
         else:
@@ -418,7 +422,7 @@ class Core:
         task.baseline = float(baseline)
         task.trials = [Trial(index=i, config=c["config"], label=c.get("label", "")) for i, c in enumerate(configs)]
         task.index_trials()
-        self._move(task, TaskState.TUNING)
+        self._move(task, TaskState.TUNING)  # (marks scheduling dirty: new trials wait)
         task.stage_attempt = 1
         self.store.insert_trials(task.id, [(t.index, t.config, t.label, t.state.value) for t in task.trials])
         self._write_task(task, baseline=task.baseline, state=task.state.value, stage_worker=None, stage_attempt=1,
@@ -508,6 +512,7 @@ class Core:
         lease = task.lease(job)
         if lease is None:
             return
+        self._dirty = True
         self.orphans.pop(job_id(task.id, job), None)
         holder = self.workers.get(lease[1] or "")
         if holder is not None:
@@ -541,12 +546,16 @@ class Core:
     # ---- scheduling ----------------------------------------------------------------------------------
 
     def schedule(self) -> None:
-        """Place waiting jobs on free cores. Costs nothing without free cores; otherwise it looks at the
-        started tasks (bounded by the cluster's slots) and, per priority tier, only as many queued tasks as
-        could start now: work proportional to what can change, not to the length of the queue."""
+        """Place waiting jobs on free cores. Costs nothing unless demand or free cores changed since the last
+        pass, or without free cores; otherwise it looks at the started tasks (bounded by the cluster's slots)
+        and, per priority tier, only as many queued tasks as could start now: work proportional to what can
+        change, not to the length of the queue."""
+        if not self._dirty:
+            return  # nothing that could place a job changed (heartbeats, reads, ignored results)
+        self._dirty = False
         if not self.free:
             return
-        room = sum(w.free_cores for w in self.free.values())
+        room = sum(w.free_cores for w in self.free.values()) if any(self.queued.values()) else 0
         demands = []
         for tier in sorted(self.queued, reverse=True):
             for task in itertools.islice(self.queued[tier].values(), room):

@@ -1,7 +1,7 @@
 """The broker daemon: sockets around `nsd.broker.core.Core`.
 
 ROUTER for clients (request/reply), ROUTER for workers (credit-based job flow, heartbeats), XPUB for task
-events. One loop turn takes what is waiting on both ROUTERs (at most `limits.batch` each), checks every
+events. One loop turn takes what is waiting on a ROUTER (at most `limits.batch` messages), checks every
 message against `nsd.protocol`'s schemas, applies the batch in one SQLite transaction (each message in a
 savepoint of its own, so one bad message cannot undo the others), schedules once, commits, and only then
 sends what the batch produced: replies, acknowledgements, assignments, events. A failed commit answers the
@@ -67,7 +67,6 @@ class Broker:
         self._metrics_server: asyncio.AbstractServer | None = None
         self._watchdog_s = watchdog_interval()
         self._last_watchdog = 0.0
-        self._last_turn = time.monotonic()  # when the message loop last finished a turn
         self.endpoints: dict[str, str] = {}
         self._bad = OncePerPeer(log)
         self.metrics.bad_messages = lambda: self._bad.count
@@ -113,7 +112,8 @@ class Broker:
         self._shadows = {name: zmq.Socket.shadow(sock.underlying)
                          for name, sock in (("clients", self.clients), ("workers", self.workers_sock))}
         self._loops = [asyncio.create_task(coro) for coro in (
-            self._serve(), self._drain_subscriptions(), self._tick())]
+            self._serve("clients", self.clients, CLIENT_TO_BROKER), self._serve("workers", self.workers_sock, WORKER_TO_BROKER),
+            self._drain_subscriptions(), self._tick())]
         if self.metrics_address:
             host, _, port = self.metrics_address.rpartition(":")
             self._metrics_server = await metrics_http.serve(host or "127.0.0.1", int(port), self.metrics_page)
@@ -163,34 +163,30 @@ class Broker:
 
     # ---- the message loop --------------------------------------------------------------------------
 
-    async def _serve(self) -> None:
-        poller = zmq.asyncio.Poller()
-        poller.register(self.clients, zmq.POLLIN)
-        poller.register(self.workers_sock, zmq.POLLIN)
+    async def _serve(self, name: str, sock: zmq.asyncio.Socket, allowed: frozenset[Cmd]) -> None:
+        """One socket's loop: wait for a message, take what else is already waiting (at most `batch`), and
+        handle them as one turn. Frames are copied to bytes, unless CURVE needs each frame's User-Id."""
+        shadow, copy = self._shadows[name], self.curve is None
         while True:
-            if not any(s.getsockopt(zmq.EVENTS) & zmq.POLLIN for s in self._shadows.values()):
-                await poller.poll()
-            batch = []
-            for name, allowed in (("clients", CLIENT_TO_BROKER), ("workers", WORKER_TO_BROKER)):
-                for _ in range(self.limits.batch):  # at most `batch` per socket: neither starves the other
-                    try:
-                        frames = self._shadows[name].recv_multipart(zmq.NOBLOCK, copy=False)
-                    except zmq.Again:
-                        break
-                    item = self._check(name, frames, allowed)
-                    if item is not None:
-                        batch.append(item)
+            batch = [self._check(name, await sock.recv_multipart(copy=copy), allowed)]
+            for _ in range(self.limits.batch - 1):
+                try:
+                    batch.append(self._check(name, shadow.recv_multipart(zmq.NOBLOCK, copy=copy), allowed))
+                except zmq.Again:
+                    break
             try:
-                self._handle(batch)
+                self._handle([item for item in batch if item is not None])
             except Exception:  # a bug of ours must not end the loop: log it and serve the next turn
                 log.exception("a loop turn failed")
-            self._last_turn = time.monotonic()
-            await asyncio.sleep(0)  # let heartbeats, the watchdog and the event socket run between turns
+            # Let the other socket, the heartbeats and the watchdog run between turns, or a flood on one
+            # socket starves everything else.
+            await asyncio.sleep(0)
 
-    def _check(self, name: str, frames: list[zmq.Frame], allowed: frozenset[Cmd]):
-        identity = frames[0].bytes
+    def _check(self, name: str, frames: list, allowed: frozenset[Cmd]):
+        parts = frames if self.curve is None else [f.bytes for f in frames]
+        identity = parts[0]
         try:
-            msg = unpack([f.bytes for f in frames[1:]], allowed)
+            msg = unpack(parts[1:], allowed)
         except ProtocolError as exc:
             self._bad(identity, str(exc))
             if name == "clients" and exc.req is not None:  # a client is told what was wrong
