@@ -39,6 +39,7 @@ from nsd.states import TaskState
 from nsd.systemd import notify, watchdog_interval
 
 log = logging.getLogger("nsd.broker")
+_HEARTBEAT = pack(Cmd.HEARTBEAT)  # the same frames for every worker
 
 READS = frozenset({Cmd.HELLO, Cmd.STATUS, Cmd.LIST, Cmd.RESULT_GET, Cmd.CLUSTER, Cmd.BLOB_HAVE, Cmd.BLOB_GET,
                    Cmd.LOGS})  # client requests that change nothing: answered again after a failed commit
@@ -109,6 +110,7 @@ class Broker:
                 self.curve.apply(sock, SOCKET_DOMAINS[name])
             sock.bind(self.addresses[name])
             self.endpoints[name] = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        # Synchronous views of the ROUTERs: non-blocking receives and sends without asyncio futures.
         self._shadows = {name: zmq.Socket.shadow(sock.underlying)
                          for name, sock in (("clients", self.clients), ("workers", self.workers_sock))}
         self._loops = [asyncio.create_task(coro) for coro in (
@@ -174,8 +176,11 @@ class Broker:
                     batch.append(self._check(name, shadow.recv_multipart(zmq.NOBLOCK, copy=copy), allowed))
                 except zmq.Again:
                     break
+            batch = [item for item in batch if item is not None and not self._heartbeat(*item)]
+            if not batch:
+                continue
             try:
-                self._handle([item for item in batch if item is not None])
+                self._handle(batch)
             except Exception:  # a bug of ours must not end the loop: log it and serve the next turn
                 log.exception("a loop turn failed")
             # Let the other socket, the heartbeats and the watchdog run between turns, or a flood on one
@@ -199,6 +204,18 @@ class Broker:
             except zmq.ZMQError:
                 key = None
         return name, identity, key, msg
+
+    def _heartbeat(self, name: str, identity: bytes, key: str | None, msg: Message) -> bool:
+        """A worker's heartbeat: it changes nothing but when we last heard from it, so it skips the turn's
+        transaction and scheduling (1,000 idle workers send 1,000 a second)."""
+        if msg.cmd is not Cmd.HEARTBEAT:
+            return False
+        worker = self.core.worker_for(identity, key)
+        if worker is not None:
+            worker.last_seen = time.time()
+        else:  # we restarted, or declared it dead: it must register again
+            self._to_worker(identity, Cmd.DISCONNECT, {"reason": "unknown worker: register again"})
+        return True
 
     def _handle(self, batch: list[tuple[str, bytes, str | None, Message]]) -> None:
         """One loop turn: the batch in one transaction, then its effects (see the module docstring)."""
@@ -234,7 +251,7 @@ class Broker:
         self._flush()
 
     def _to_client(self, identity: bytes, cmd: Cmd, body: dict) -> None:
-        if not send_now(self.clients, [identity, *pack(cmd, body)]):
+        if not send_now(self._shadows["clients"], [identity, *pack(cmd, body)]):
             self.metrics.dropped_sends += 1  # client gone or not reading: its queue is full
 
     def _flush(self) -> None:
@@ -242,7 +259,8 @@ class Broker:
         now = time.time()
         for effect in effects:
             if isinstance(effect, ToWorker):
-                if send_now(self.workers_sock, [effect.identity, *pack(effect.cmd, effect.body)]):
+                frames = _HEARTBEAT if effect.cmd is Cmd.HEARTBEAT else pack(effect.cmd, effect.body)
+                if send_now(self._shadows["workers"], [effect.identity, *frames]):
                     worker = self.core.workers.get(effect.identity.decode("ascii", "replace"))
                     if worker is not None:
                         worker.last_sent = now
@@ -349,7 +367,7 @@ class Broker:
             core.drop_worker(worker, "worker left")
 
     def _to_worker(self, identity: bytes, cmd: Cmd, body: dict) -> None:
-        if not send_now(self.workers_sock, [identity, *pack(cmd, body)]):
+        if not send_now(self._shadows["workers"], [identity, *pack(cmd, body)]):
             self.metrics.dropped_sends += 1  # a peer that does not read: its queue is full
 
     def _chunk(self, body: dict) -> dict:
