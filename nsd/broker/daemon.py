@@ -508,7 +508,7 @@ class Broker:
                 self._send_identity(identity, Cmd.DISCONNECT, {"reason": "unknown worker: register again"})
         elif msg.cmd is Cmd.BYE:
             log.info("worker %s said goodbye", wid)
-            self._drop_worker(worker, "worker left")
+            self._drop_worker(worker, "worker left", handback=msg.body.get("handback") is True)
 
     def _chunk(self, body: dict) -> dict:
         try:
@@ -530,6 +530,8 @@ class Broker:
         still_running = {(str(r[0]), int(r[1])) for r in body["running"]
                          if isinstance(r, (list, tuple)) and len(r) == 2 and isinstance(r[1], int)}
         old = self.workers.pop(wid, None)
+        # The same live process registering again to drain: what it no longer lists it gave back unstarted.
+        handback = body.get("draining") is True and old is not None and old.boot_id == body["boot_id"]
         worker = Worker(id=wid, identity=identity, boot_id=body["boot_id"], host=body["host"][:255],
                         cores=body["cores"], slots=body["slots"], version=str(body.get("nsd_version", "?"))[:64],
                         registered=now, last_seen=now, draining=body.get("draining") is True)
@@ -552,13 +554,13 @@ class Broker:
                     if (trial_id(task.id, stage), task.stage_attempt) in still_running:
                         worker.take(trial_id(task.id, stage), task.stage_attempt, self._job_cores(task, worker))
                     else:
-                        self._lost_lease(task, stage)
+                        self._lost_lease(task, stage, handback=handback)
                 for tr in task.trials:
                     if tr.worker == wid and tr.state is TrialState.RUNNING:
                         if (trial_id(task.id, tr.index), tr.attempt) in still_running:
                             worker.take(trial_id(task.id, tr.index), tr.attempt, self._job_cores(task, worker))
                         else:
-                            self._lost_lease(task, tr.index)
+                            self._lost_lease(task, tr.index, handback=handback)
         log.info("worker %s registered from %s: %d cores, %d slots%s", wid, worker.host, worker.cores,
                  worker.slots, " (again)" if old else "")
         self._send_worker(worker, Cmd.READY_ACK, {"heartbeat_s": self.heartbeat_s, "liveness": self.liveness})
@@ -569,20 +571,24 @@ class Broker:
             if worker.running.get(tid) != attempt:
                 self._send_worker(worker, Cmd.CANCEL, {"trial_id": tid, "attempt": attempt})
 
-    def _drop_worker(self, worker: Worker, why: str) -> None:
+    def _drop_worker(self, worker: Worker, why: str, handback: bool = False) -> None:
         self.workers.pop(worker.id, None)
         with self.store.tx():
             for tid in list(worker.running):
                 task_id, _, index = tid.partition("/")
                 task = self.tasks.get(task_id)
                 if task is not None and not task.state.terminal:
-                    self._lost_lease(task, index if index in (PLAN, SAVE) else int(index), why)
+                    self._lost_lease(task, index if index in (PLAN, SAVE) else int(index), why, handback)
         worker.running.clear()
         worker.cores_of.clear()
         worker.cores_used = 0
 
-    def _lost_lease(self, task: Task, index: int | str, why: str = "worker lost") -> None:
-        """A job's worker died or forgot it: run it again (attempt + 1), or give up after max_attempts."""
+    def _lost_lease(self, task: Task, index: int | str, why: str = "worker lost", handback: bool = False) -> None:
+        """A job's worker died or forgot it: run it again (attempt + 1), or give up after max_attempts.
+        `handback`: its worker gave it back on purpose (drain): see _handed_back."""
+        if handback:
+            self._handed_back(task, index, why)
+            return
         max_attempts = task.tuning["max_attempts"]
         if index in (PLAN, SAVE):
             state, attempt = tuner.after_lost_lease(task.stage_attempt, max_attempts)
@@ -605,6 +611,25 @@ class Broker:
             tr.error, tr.finished = f"{why} on each of {attempt} attempts", time.time()
         self.store.update_trial(task.id, index, state=state.value, attempt=attempt, worker=None, error=tr.error,
                                 finished=tr.finished)
+        self._emit(task, "trial", **self._trial_event(tr))
+        self._settle(task)
+
+    def _handed_back(self, task: Task, index: int | str, why: str) -> None:
+        """A job its worker gave back unfinished on purpose (a drain whose grace ran out): it did not fail,
+        so it is requeued under the same attempt number, using up none of max_attempts. The lease stays
+        distinct: a result is accepted only from the worker that holds it (tr.worker / stage_worker)."""
+        if index in (PLAN, SAVE):
+            task.stage_worker = None
+            self.store.update_task(task.id, stage_worker=None)
+            self._emit(task, "state", state=task.state.value, reason=f"{why} (handed back)")
+            return
+        tr = task.trials[index]
+        if tr.state is not TrialState.RUNNING:
+            return
+        self.metrics.trials_requeued += 1
+        task.set_state(tr, TrialState.PENDING)
+        tr.worker = None
+        self.store.update_trial(task.id, index, state=tr.state.value, worker=None)
         self._emit(task, "trial", **self._trial_event(tr))
         self._settle(task)
 
