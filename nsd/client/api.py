@@ -67,7 +67,7 @@ def prepare_spec(spec: dict | TaskSpec | str | os.PathLike) -> dict[str, Any]:
     """Validate here, before anything is sent, and check that the files it names exist."""
     if isinstance(spec, (str, os.PathLike)):
         spec = read_spec(spec)
-    task = spec if isinstance(spec, TaskSpec) else validate(spec)
+    task = spec if isinstance(spec, TaskSpec) else validate(spec, local_paths=True)  # uploaded after this
     missing = []
     for where, path in (("recipe.file", task.recipe.file), ("recipe.data", task.recipe.data),
                         ("model.path", task.model.path)):
