@@ -303,7 +303,8 @@ class WorkerDaemon:
                         break
                 # Read each turn: READY_ACK may have changed them to the broker's.
                 hb, deadline = self.heartbeat_s, self.heartbeat_s * self.liveness
-                if await self.sock.poll(timeout=int(hb * 500)):
+                # At most a second: the systemd watchdog is fed from this loop, whatever the interval.
+                if await self.sock.poll(timeout=int(min(hb / 2, 1.0) * 1000)):
                     frames = await self.sock.recv_multipart()
                     last_heard = time.monotonic()
                     try:
@@ -377,7 +378,7 @@ class WorkerDaemon:
                      len(self.cpus), self.capacity, self.default_k)
             notify(f"STATUS=registered with {self.config.broker}; {self.capacity} slots")
         elif msg.cmd is Cmd.ASSIGN:
-            if (why := checks.job(body["trial_id"], body["job"], len(self.cpus))) is not None:
+            if (why := checks.job(body["trial_id"], body["job"])) is not None:
                 self._ignore(msg, f"{body['trial_id']}: {why}")
                 # Answered, not dropped: else the broker would wait on this lease for as long as we live.
                 self._send(Cmd.RESULT, {"trial_id": body["trial_id"], "attempt": body["attempt"], "ok": False,
