@@ -218,5 +218,51 @@ async def test_a_chunk_that_does_not_fit_its_blob_fails_the_fetch_at_once(fake_a
         server.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await server
-    assert daemon.blobs.root.exists() and sum(f.stat().st_size for f in daemon.blobs.root.rglob("*") if f.is_file()) == 0
+    assert sum(f.stat().st_size for f in daemon.blobs.root.rglob("*") if f.is_file()) == 0  # nothing kept
     assert not run.done()
+
+
+HOSTILE_VALUES = [None, -1, 0, 2**63, 2**64 - 1, "", "../../x", "abc123/plan", "x" * 5000, b"\0" * 10, [], [1, [2]],
+                  {}, {"a": {"b": None}}, 1e308, float("nan"), float("-inf"), False, 3.5]
+
+
+async def test_random_hostile_field_values_never_reach_past_the_checks(fake_and_worker, caplog):
+    """Valid-looking frames with one field (or one job/spec field) replaced by a hostile value, two
+    thousand times: every one is handled by a check (no 'could not act on' from the last-resort guard),
+    and the worker is still registered and heartbeating afterwards."""
+    import random
+
+    fake, daemon, run = fake_and_worker
+    rng = random.Random(8)
+    base = {
+        Cmd.READY_ACK: {"heartbeat_s": 1.0, "liveness": 100},
+        Cmd.ASSIGN: {"trial_id": "abc123/plan", "attempt": 1, "job": {**trial_job(), "kind": "plan"}},
+        Cmd.RESULT_ACK: {"trial_id": "abc123/0", "attempt": 1},
+        Cmd.CANCEL: {"trial_id": "abc123/9", "attempt": 1},
+        Cmd.CHUNK: {"sha256": SHA, "offset": 0, "size": 4, "data": b"abcd"},
+        Cmd.STORE_ACK: {"sha256": SHA, "offset": 4, "complete": True},
+        Cmd.DISCONNECT: {"reason": "re-register", "fatal": False},
+        Cmd.HEARTBEAT: {},
+    }
+    for _ in range(2000):
+        cmd = rng.choice(list(base))
+        body = {k: (dict(v) if isinstance(v, dict) else v) for k, v in base[cmd].items()}
+        target = body
+        if cmd is Cmd.ASSIGN and rng.random() < 0.5:  # inside the job, or inside its spec
+            target = body["job"] = dict(body["job"])
+            if rng.random() < 0.5:
+                target = body["job"]["spec"] = {k: dict(v) if isinstance(v, dict) else v
+                                                for k, v in body["job"]["spec"].items()}
+                if rng.random() < 0.5:
+                    target = target[rng.choice(["model", "recipe", "tuning", "resources"])]
+        keys = [k for k in target if not (cmd is Cmd.DISCONNECT and k == "fatal")] or ["extra"]
+        target[rng.choice(keys)] = rng.choice(HOSTILE_VALUES)
+        fake.send(cmd, body)
+        if rng.random() < 0.05:
+            await asyncio.sleep(0)
+    fake.send(Cmd.READY_ACK, base[Cmd.READY_ACK])  # answers the READY a valid DISCONNECT asked for
+    beats = len(fake.of(Cmd.HEARTBEAT))
+    await wait_for(lambda: _now(len(fake.of(Cmd.HEARTBEAT)) > beats + 2), 30)
+    assert not run.done() and daemon.fatal is None and daemon.registered.is_set()
+    assert daemon.ignored > 100
+    assert not [r for r in caplog.records if "could not act on" in r.getMessage()]

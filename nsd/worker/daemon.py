@@ -405,7 +405,7 @@ class WorkerDaemon:
             if (why := checks.disconnect(body)) is not None:
                 return self._ignore(msg, why)
             if body.get("fatal"):
-                self.fatal = f"the broker refused this worker: {body['reason']}"
+                self.fatal = f"the broker refused this worker: {body['reason'][:500]}"
                 log.error(self.fatal)
             else:
                 log.info("broker asked us to register again: %s", body["reason"][:500])
