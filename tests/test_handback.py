@@ -44,6 +44,25 @@ async def test_a_bye_without_handback_still_uses_up_the_attempt(broker, client):
     await leaver.stop()
 
 
+async def test_a_lease_a_draining_worker_no_longer_lists_is_handed_back(broker, client):
+    """Draining, a worker registers again with no slots and only what it runs: an assignment still
+    waiting in its backlog was given back unstarted, and uses up no attempt either."""
+    leaver = await ScriptedWorker(broker.endpoints["workers"], "leaver", slots=2, answer=plan_then_hold(2)).start()
+    task_id = await client.submit(spec(max_attempts=1))
+    await wait_for(lambda: _async(len(leaver.assigned) == 3), 10)  # the plan, then trials 0 and 1
+    leaver.send(Cmd.READY, {"worker_id": "leaver", "boot_id": "b1", "host": "scripted", "cores": 2, "slots": 0,
+                            "version": 1, "running": [[f"{task_id}/0", 1]], "outbox": [], "draining": True})
+
+    async def requeued():
+        trials = (await client.status(task_id))["trials"]
+        return trials[1]["state"] == "pending" and trials[0]["state"] == "running"
+
+    await wait_for(requeued, 10)
+    assert [(t["attempt"], t["state"]) for t in (await client.status(task_id))["trials"]] == \
+        [(1, "running"), (1, "pending")]
+    await leaver.stop()
+
+
 async def _async(value):
     return value
 
