@@ -357,7 +357,8 @@ class WorkerDaemon:
 
     def _ignore(self, msg, why: str) -> None:
         self.ignored += 1
-        log.warning("ignored %s from the broker: %s", msg.cmd.name, why)
+        if self.ignored <= 20 or self.ignored % 1000 == 0:  # a flood of bad messages must not fill the log
+            log.warning("ignored %s from the broker: %s (%d ignored so far)", msg.cmd.name, why[:500], self.ignored)
 
     async def _handle(self, msg) -> None:
         """Act on one broker message, each field's value checked first (nsd.worker.checks)."""
