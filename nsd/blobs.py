@@ -86,8 +86,41 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+class BlobMemberError(ValueError):
+    """A blob's tar holds a member nsd never packs (and will not unpack)."""
+
+
+# Member types pack_tree writes (CONTTYPE is a regular file to tarfile and to us).
+_FILE_TYPES = frozenset({tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE})
+
+
+def check_member(member: tarfile.TarInfo) -> None:
+    """Only regular files and folders. A sparse member (GNU 'S', or PAX GNU.sparse headers) unpacks to
+    its declared size, not its stored one: a 2 KiB blob became a 15.6 GB file. Links, devices and fifos
+    can point outside the cache or block a reader."""
+    kind = {tarfile.SYMTYPE: "a symbolic link", tarfile.LNKTYPE: "a hard link", tarfile.CHRTYPE: "a device",
+            tarfile.BLKTYPE: "a device", tarfile.FIFOTYPE: "a fifo", tarfile.GNUTYPE_SPARSE: "a sparse file"}
+    if member.sparse is not None or member.type == tarfile.GNUTYPE_SPARSE:
+        raise BlobMemberError(f"blob member {member.name[:200]!r} is a sparse file; only regular files and "
+                              f"folders are accepted")
+    if member.type not in _FILE_TYPES and member.type != tarfile.DIRTYPE:
+        what = kind.get(member.type, f"of tar type {member.type!r}")
+        raise BlobMemberError(f"blob member {member.name[:200]!r} is {what}, not a file or folder; only "
+                              f"regular files and folders are accepted")
+
+
+def disk_bytes(path: Path) -> int:
+    """Bytes a tree takes on disk (allocated blocks, links not followed): what a cache must count."""
+    total = os.lstat(path).st_blocks * 512
+    for root, dirs, files in os.walk(path):
+        for name in dirs + files:
+            total += os.lstat(os.path.join(root, name)).st_blocks * 512
+    return total
+
+
 def unpack_tree(tar_path: Path, dest: Path) -> None:
-    """Extract a blob's tar into dest, refusing any member that would land outside it."""
+    """Extract a blob's tar into dest, refusing any member that would land outside it, and any member
+    other than a regular file or a folder (check_member) before anything is written."""
     dest = Path(dest)
     tmp = dest.with_name(dest.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -95,8 +128,7 @@ def unpack_tree(tar_path: Path, dest: Path) -> None:
     try:
         with tarfile.open(tar_path, mode="r:") as tar:
             for member in tar.getmembers():
-                if not (member.isfile() or member.isdir()):
-                    raise ValueError(f"blob member {member.name!r} is not a file or folder")
+                check_member(member)
             tar.extractall(tmp, filter="data")  # 'data' refuses absolute paths, '..' and device files
         os.replace(tmp, dest)
     except BaseException:

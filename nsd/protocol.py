@@ -188,6 +188,7 @@ SHAPES: dict[Cmd, dict[str, Check]] = {
 OPTIONAL: dict[Cmd, dict[str, Check]] = {
     Cmd.READY: {"draining": BOOL, "cores_per_trial": integer(1, MAX_CORES), "nsd_version": text(64)},
     Cmd.HEARTBEAT: {"running": listof(MAX_LEASES, LEASE)},
+    Cmd.BYE: {"handback": BOOL},
     Cmd.RESULT: RESULT_OPTIONAL,
     Cmd.LOGS: {"job": Check("null or a job name", lambda v: v is None or text(16, re.compile(r"plan|save|[0-9]{1,7}")).ok(v))},
 }

@@ -106,8 +106,12 @@ def spec_blob_refs(spec: dict) -> list[str]:
 _SECTIONS = {"model": ModelSpec, "recipe": RecipeSpec, "tuning": TuningSpec, "resources": ResourcesSpec}
 
 
-def validate(raw: Any) -> TaskSpec:
-    """A TaskSpec from a parsed document, or SpecError listing every problem found."""
+def validate(raw: Any, *, local_paths: bool = False) -> TaskSpec:
+    """A TaskSpec from a parsed document, or SpecError listing every problem found.
+
+    What the broker accepts and a worker runs (the default): with model.shared = false, every path field
+    is a blob reference (`nsd-blob:<sha256>/<name>`), so that no plain path on the submitter's machine
+    reaches a worker as is. `local_paths=True` is the client's check before it uploads those paths."""
     problems: list[str] = []
     if not isinstance(raw, dict):
         raise SpecError(["spec: must be a table/object"])
@@ -155,6 +159,12 @@ def validate(raw: Any) -> TaskSpec:
             problems.append(f"recipe.data: required for the {kind} recipe")
         if recipe.file:
             problems.append(f"recipe.file: only python recipes take a file (this one is {kind})")
+    if not model.shared and not local_paths:
+        for (section, key), value in zip(PATH_FIELDS, (model.path, recipe.file, recipe.data)):
+            if value is not None and parse_ref(value) is None:
+                problems.append(f"{section}.{key}: with model.shared = false this must be a blob reference "
+                                f"(nsd-blob:<sha256>/<name>), which `nsd submit` makes by uploading the path; "
+                                f"got {value[:200]!r} (set model.shared = true for paths every worker can read)")
     t = parts["tuning"]
     lower = recipe.metric in LOWER_IS_BETTER_METRICS
     higher_is_better = _bool(t, "higher_is_better", not lower, "tuning.", problems)

@@ -113,6 +113,8 @@ async def test_cache_evicts_least_recently_used_but_never_a_pinned_blob(tmp_path
         path = await cache.path(blobs[name], name, download)
         assert (path / "w.bin").stat().st_size == 1000
         os.utime(cache.entry(blobs[name]) / "size", (used_at, used_at))  # one, then two, then three
+    # Room for two and a half entries, counted as the cache counts them: blocks on disk.
+    cache.max_bytes = int(2.5 * max(int((cache.entry(s) / "size").read_text()) for s in blobs.values()))
     cache.pin(blobs["one"])  # least recently used, but in use
     assert cache.evict() == [blobs["two"]]
     assert cache.entry(blobs["one"]).exists()
@@ -122,3 +124,86 @@ async def test_cache_evicts_least_recently_used_but_never_a_pinned_blob(tmp_path
     assert cache.fetched == 3  # served from the cache
     await cache.path(blobs["two"], "two", download)
     assert cache.fetched == 4  # evicted, so fetched again
+
+
+def _sparse_blob(tmp_path, fmt: str, claimed: int = 15 * 10**9):
+    """A blob whose one file is a GNU sparse member claiming `claimed` bytes (a few KiB stored)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("tar") is None or "GNU tar" not in subprocess.run(["tar", "--version"], capture_output=True,
+                                                                       text=True).stdout:
+        pytest.skip("GNU tar is needed to write sparse members")
+    src = tmp_path / f"src-{fmt}" / "model"
+    src.mkdir(parents=True)
+    with open(src / "weights.bin", "wb") as f:
+        f.write(b"head")
+        f.truncate(claimed)  # a hole: takes no disk space here
+    blob = tmp_path / f"sparse-{fmt}.tar"
+    subprocess.run(["tar", "-C", str(src.parent), "--sparse", f"--format={fmt}", "-cf", str(blob), "model"],
+                   check=True)
+    shutil.rmtree(src.parent)
+    return blob
+
+
+@pytest.mark.parametrize("fmt", ["gnu", "posix"])  # GNU 'S' members; PAX GNU.sparse 1.0 headers
+async def test_a_sparse_member_claiming_15_gb_is_refused_and_nothing_big_is_written(tmp_path, fmt):
+    from nsd.blobs import disk_bytes
+
+    blob = _sparse_blob(tmp_path, fmt)
+    assert blob.stat().st_size < 64 * 1024
+    with tarfile.open(blob) as tar:  # what it claims
+        assert tar.getmembers()[-1].sparse is not None or tar.getmembers()[-1].type == tarfile.GNUTYPE_SPARSE
+    with pytest.raises(ValueError, match="'model/weights.bin' is a sparse file; only regular files and folders"):
+        unpack_tree(blob, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+    cache = BlobCache(tmp_path / "cache", max_bytes=10**9)
+
+    async def download(sha, dest):
+        dest.write_bytes(blob.read_bytes())
+
+    with pytest.raises(ValueError, match="sparse file"):
+        await cache.path("e" * 64, "model", download)
+    assert disk_bytes(tmp_path / "cache") < 64 * 1024
+    assert max((f.stat().st_size for f in (tmp_path / "cache").rglob("*") if f.is_file()), default=0) == 0
+
+
+@pytest.mark.parametrize("kind, what", [(tarfile.SYMTYPE, "a symbolic link"), (tarfile.LNKTYPE, "a hard link"),
+                                        (tarfile.CHRTYPE, "a device"), (tarfile.BLKTYPE, "a device"),
+                                        (tarfile.FIFOTYPE, "a fifo")])
+def test_links_devices_and_fifos_are_refused(tmp_path, kind, what):
+    blob = tmp_path / "blob.tar"
+    with tarfile.open(blob, "w") as tar:
+        folder = tarfile.TarInfo("model")
+        folder.type = tarfile.DIRTYPE
+        tar.addfile(folder)
+        data = tarfile.TarInfo("model/a.txt")
+        data.size = 1
+        tar.addfile(data, io.BytesIO(b"a"))
+        odd = tarfile.TarInfo("model/odd")
+        odd.type, odd.linkname = kind, "model/a.txt" if kind == tarfile.LNKTYPE else "/etc/passwd"
+        tar.addfile(odd)
+    with pytest.raises(ValueError, match=f"'model/odd' is {what}, not a file or folder"):
+        unpack_tree(blob, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+async def test_cache_counts_the_bytes_its_entries_take_on_disk(tmp_path):
+    """Many small files take a block each: the cache counts allocated blocks, not the blob's size."""
+    from nsd.blobs import disk_bytes
+
+    src = tmp_path / "src" / "model"
+    src.mkdir(parents=True)
+    for i in range(50):
+        (src / f"f{i}.txt").write_bytes(b"x")
+    tar = io.BytesIO()
+    pack_tree(src, tar)
+    cache = BlobCache(tmp_path / "cache", max_bytes=10**9)
+
+    async def download(sha, dest):
+        dest.write_bytes(tar.getvalue())
+
+    path = await cache.path("f" * 64, "model", download)
+    recorded = int((cache.entry("f" * 64) / "size").read_text())
+    assert recorded == disk_bytes(cache.entry("f" * 64) / "tree") > 0
+    assert recorded == sum(os.lstat(p).st_blocks * 512 for p in [path.parent, *path.parent.rglob("*")])

@@ -324,7 +324,7 @@ def test_the_brokers_running_tally_agrees_with_the_pure_decision_functions(tmp_p
     rng = random.Random(7)
     store = Store(tmp_path / "db.sqlite3")
     core = Core(store, Metrics(), 1.0, 5, BlobStore(tmp_path / "blobs"))
-    worker = Worker(id="w", identity=b"w", host="h", cores=4, slots=4, version="t", registered=0.0, last_seen=0.0)
+    worker = Worker(id="w", identity=b"w", boot_id="b", host="h", cores=4, slots=4, version="t", registered=0.0, last_seen=0.0)
     core.workers["w"] = worker
     core._index_free(worker)
     decided = 0
@@ -332,7 +332,7 @@ def test_the_brokers_running_tally_agrees_with_the_pure_decision_functions(tmp_p
         for round_ in range(120):
             n = rng.randint(1, 10)
             body = {**spec(max_attempts=rng.randint(1, 3)), "resources": {"workers": rng.choice([0, 1, 2, 3])}}
-            task_id = core.submit(validate(body).to_dict())
+            task_id = core.submit(validate(body, local_paths=True).to_dict())
             with core.tx():
                 core.schedule()  # the plan job
             task = core.tasks[task_id]

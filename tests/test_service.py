@@ -33,6 +33,7 @@ def test_units_pass_systemd_analyze_verify(tmp_path):
         text = (UNITS / name).read_text()
         assert "Type=notify" in text and "WatchdogSec=" in text and "Restart=on-failure" in text
         assert "NoNewPrivileges=yes" in text and "ProtectSystem=strict" in text and "User=nsd" in text
+        assert "\nLimitNOFILE=65536\n" in text  # the daemon raises its soft limit to this (nsd.limits)
         # verify checks that ExecStart exists: point it at this checkout's nsd.
         (tmp_path / name).write_text(text.replace("/opt/nsd/bin/nsd", shutil.which("nsd") or sys.executable))
         units.append(str(tmp_path / name))

@@ -5,7 +5,7 @@ import pytest
 from nsd.client.api import prepare_spec, read_spec
 from nsd.spec import SpecError, validate
 
-GOOD = {"name": "t", "recipe": {"kind": "python", "file": "/r.py"},
+GOOD = {"name": "t", "model": {"shared": True}, "recipe": {"kind": "python", "file": "/r.py"},
         "tuning": {"config_set": [{"rtn": {"bits": [4, 8]}}], "tolerable_loss": 0.01}}
 
 
@@ -76,14 +76,14 @@ def test_missing_files_and_bad_syntax_are_clear(tmp_path):
 
 
 def test_a_validated_spec_validates_again_unchanged():
-    for raw in (GOOD, {"model": {"path": "/m"}, "recipe": {"kind": "causal-lm", "data": "/d.txt"},
+    for raw in (GOOD, {"model": {"path": "/m", "shared": True}, "recipe": {"kind": "causal-lm", "data": "/d.txt"},
                        "tuning": {"preset": "auto"}}):
         spec = validate(raw).to_dict()
         assert validate(spec).to_dict() == spec
 
 
 def test_presets_builtin_recipes_and_metric_direction():
-    spec = validate({"model": {"path": "/m"}, "recipe": {"kind": "causal-lm", "data": "/d.txt"},
+    spec = validate({"model": {"path": "/m", "shared": True}, "recipe": {"kind": "causal-lm", "data": "/d.txt"},
                      "tuning": {"preset": "woq"}})
     assert spec.recipe.metric == "perplexity" and spec.tuning.higher_is_better is False
     assert spec.tuning.config_set[0] == {"rtn": {"bits": 8, "group_size": -1, "use_sym": True,
@@ -96,3 +96,27 @@ def test_presets_builtin_recipes_and_metric_direction():
     text = problems({"recipe": {"kind": "text-classification", "metric": "bleu"}, "tuning": {"preset": "static"}})
     assert "model.path: required" in text and "recipe.data: required" in text
     assert "recipe.metric: must be one of accuracy, f1" in text
+
+
+def test_unshared_specs_reach_the_broker_with_blob_references_only(tmp_path):
+    """model.shared = false: a plain path would reach workers as is (a file of the submitter's machine,
+    or any file on the worker). The broker's validation refuses it; the client validates the same
+    document with local paths allowed, then uploads them and sends references."""
+    from nsd.blobs import make_ref
+
+    ref = make_ref("a" * 64, "r.py")
+    unshared = {**GOOD, "model": {"shared": False}}
+    for field, change in [("recipe.file", {"recipe": {"kind": "python", "file": "/etc/passwd"}}),
+                          ("model.path", {"model": {"path": "../../model.pt"}, "recipe": {"kind": "python",
+                                                                                          "file": ref}}),
+                          ("recipe.data", {"model": {"path": make_ref("b" * 64, "m")},
+                                           "recipe": {"kind": "causal-lm", "data": "/d.txt"},
+                                           "tuning": {"preset": "woq"}})]:
+        text = problems({**unshared, **change})
+        assert f"{field}: with model.shared = false this must be a blob reference" in text, text
+        assert validate({**unshared, **change}, local_paths=True)  # the client's check, before uploading
+    assert validate({**unshared, "recipe": {"kind": "python", "file": ref}}).recipe.file == ref
+    assert validate({**GOOD, "recipe": {"kind": "python", "file": "/etc/r.py"}}).model.shared  # shared: as is
+    (tmp_path / "r.py").write_text("")
+    (tmp_path / "t.toml").write_text('[recipe]\nfile = "r.py"\n[tuning]\nconfig_set = [{rtn = {bits = 4}}]\n')
+    assert prepare_spec(tmp_path / "t.toml")["recipe"]["file"] == str(tmp_path / "r.py")  # uploaded next

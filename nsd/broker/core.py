@@ -271,10 +271,12 @@ class Core:
                 self.store.bind_worker_key(wid, key)
         still_running = {(r[0], r[1]) for r in body["running"]}
         old = self.workers.get(wid)
+        # The same live process registering again to drain gives back what it never started: not a failure.
+        handback = body.get("draining") is True and old is not None and old.boot_id == body["boot_id"]
         if old is not None:
             self._forget_worker(old)
         shape = body.get("cores_per_trial")
-        worker = Worker(id=wid, identity=identity, host=body["host"], cores=body["cores"], slots=body["slots"],
+        worker = Worker(id=wid, identity=identity, boot_id=body["boot_id"], host=body["host"], cores=body["cores"], slots=body["slots"],
                         version=str(body.get("nsd_version", "?")), registered=now, last_seen=now, key=key,
                         draining=body.get("draining") is True)
         worker.cores_per_trial = shape if shape is not None and shape <= worker.cores else \
@@ -292,7 +294,7 @@ class Core:
                 if (jid, attempt) in still_running:
                     self._take(worker, jid, attempt, self.job_cores(task, worker))
                 else:
-                    self.lost_lease(task, parse_job_id(jid)[1], "worker restarted without it")
+                    self.lost_lease(task, parse_job_id(jid)[1], "worker restarted without it", handback=handback)
         self._index_free(worker)
         log.info("worker %s registered from %s: %d cores, %d slots%s", wid, worker.host, worker.cores,
                  worker.slots, " (again)" if old else "")
@@ -315,8 +317,9 @@ class Core:
         worker.running.clear(), worker.cores_of.clear()
         worker.cores_used = 0
 
-    def drop_worker(self, worker: Worker, why: str) -> None:
-        """The worker left or died: every lease it holds is lost (requeued, attempt + 1)."""
+    def drop_worker(self, worker: Worker, why: str, handback: bool = False) -> None:
+        """The worker left or died: every lease it holds is lost (requeued, attempt + 1) — or, when it
+        said goodbye handing its jobs back (a drain that ran out of time), requeued as they are."""
         held = list(worker.running)
         self._forget_worker(worker)
         with self.tx():
@@ -325,7 +328,7 @@ class Core:
                 task_id, job = parse_job_id(jid)
                 task = self.tasks.get(task_id)
                 if task is not None and not task.state.terminal and task.lease(job) is not None:
-                    self.lost_lease(task, job, why)
+                    self.lost_lease(task, job, why, handback=handback)
 
     def _take(self, worker: Worker, jid: str, attempt: int, cores: int) -> None:
         worker.take(jid, attempt, cores)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import resource
 import time
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from nsd.broker.core import Core, Event, StorageError, ToWorker
 from nsd.broker.limits import BrokerLimits
 from nsd.broker.metrics import Metrics
 from nsd.broker.store import Store
+from nsd.limits import raise_open_files_limit
 from nsd.net import OncePerPeer, configure, is_loopback, send_now
 from nsd.protocol import (CLIENT_TO_BROKER, MAX_CHUNK_BYTES, PROTOCOL_VERSION, WORKER_TO_BROKER, Cmd, Message,
                           ProtocolError, event_frames, pack, unpack)
@@ -324,7 +324,7 @@ class Broker:
         for entry in reversed(logs):
             budget -= len(entry["text"].encode()) + 256
             if budget < 0:
-                entry["text"] = "[cut: this reply holds at most 12 MiB of logs; ask for this job alone]"
+                entry["text"], entry["cut"] = "[cut: this reply holds at most 12 MiB of logs; ask for this job alone]", True
         return logs
 
     # ---- workers ---------------------------------------------------------------------------------
@@ -364,7 +364,7 @@ class Broker:
                 core.send(identity, Cmd.DISCONNECT, {"reason": "unknown worker: register again"})
         elif msg.cmd is Cmd.BYE:
             log.info("worker %s said goodbye", worker.id)
-            core.drop_worker(worker, "worker left")
+            core.drop_worker(worker, "worker left", handback=b.get("handback") is True)
 
     def _to_worker(self, identity: bytes, cmd: Cmd, body: dict) -> None:
         if not send_now(self._shadows["workers"], [identity, *pack(cmd, body)]):
@@ -429,18 +429,6 @@ class Broker:
         return metrics_http.render(self.metrics, by_state, len(self.core.workers),
                                    sum(w.slots for w in self.core.workers.values()),
                                    sum(len(w.running) for w in self.core.workers.values()), queue)
-
-
-def raise_open_files_limit() -> int:
-    """Raise the soft RLIMIT_NOFILE to the hard limit (every connection is a file descriptor); returns it."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
-        except (ValueError, OSError):
-            pass
-    return soft
 
 
 def default_state_dir() -> Path:

@@ -207,6 +207,7 @@ class Task:
 class Worker:
     id: str
     identity: bytes
+    boot_id: str  # one per worker process: tells a re-registration of the same process from a restart
     host: str
     cores: int
     slots: int

@@ -23,12 +23,16 @@ import zmq.asyncio
 
 from nsd.blobs import CHUNK_BYTES, ChunkWriter, make_ref, pack_tree, parse_ref, unpack_tree
 from nsd.net import configure, connectable
-from nsd.protocol import BROKER_TO_CLIENT, MAX_BODY, Cmd, ProtocolError, pack, unpack
+from nsd.protocol import BROKER_TO_CLIENT, MAX_BODY, MAX_MESSAGE_BYTES, Cmd, ProtocolError, pack, unpack
 from nsd.security import ClientKeys, KeyFileError
 from nsd.spec import PATH_FIELDS, PT2E_CONFIGS, TaskSpec, validate
 from nsd.states import TaskState
 
 DEFAULT_BROKER = "tcp://127.0.0.1:5550"
+
+
+class _Disconnected(Exception):
+    """The request socket's connection closed while a reply was awaited."""
 
 
 class BrokerUnavailable(ConnectionError):
@@ -37,6 +41,11 @@ class BrokerUnavailable(ConnectionError):
 
 class BrokerError(RuntimeError):
     """The broker answered with an error (bad spec, unknown task, ...)."""
+
+
+class ReplyTooLarge(BrokerError):
+    """The broker answered, but with a message over this client's MAXMSGSIZE: ZeroMQ drops such a
+    message and closes the connection, so without this the request would end as BrokerUnavailable."""
 
 
 def broker_address(address: str | None = None) -> str:
@@ -67,7 +76,7 @@ def prepare_spec(spec: dict | TaskSpec | str | os.PathLike) -> dict[str, Any]:
     """Validate here, before anything is sent, and check that the files it names exist."""
     if isinstance(spec, (str, os.PathLike)):
         spec = read_spec(spec)
-    task = spec if isinstance(spec, TaskSpec) else validate(spec)
+    task = spec if isinstance(spec, TaskSpec) else validate(spec, local_paths=True)  # uploaded after this
     missing = []
     for where, path in (("recipe.file", task.recipe.file), ("recipe.data", task.recipe.data),
                         ("model.path", task.model.path)):
@@ -94,16 +103,39 @@ class AsyncClient:
         self.idle_resnapshot_s = idle_resnapshot_s
         self.ctx = zmq.asyncio.Context()
         self._sock: zmq.asyncio.Socket | None = None
+        self._monitor: zmq.asyncio.Socket | None = None  # the request socket's disconnect events
         self._req = itertools.count(1)
         self._lock = asyncio.Lock()
         self._events_endpoint: str | None = None
         self.uploaded_bytes = 0  # blob bytes this client actually sent (dedup shows as 0)
 
     async def close(self) -> None:
-        if self._sock is not None:
-            self._sock.close(linger=0)
-            self._sock = None
+        self._drop_socket()
         self.ctx.term()
+
+    def _open_socket(self) -> None:
+        self._sock = configure(self.ctx.socket(zmq.DEALER))
+        if self._curve is not None:
+            self._curve.apply(self._sock)
+        self._monitor = self._sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self._sock.connect(self.broker)
+
+    def _drop_socket(self) -> None:
+        if self._sock is not None:
+            self._sock.disable_monitor()
+            self._monitor.close(linger=0)
+            self._sock.close(linger=0)
+            self._sock = self._monitor = None
+
+    def _disconnects(self) -> int:
+        """Disconnect events seen since the last call."""
+        events, count = zmq.Socket.shadow(self._monitor.underlying), 0  # plain, non-blocking reads
+        while True:
+            try:
+                events.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return count
+            count += 1
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -114,36 +146,63 @@ class AsyncClient:
     async def request(self, cmd: Cmd, **body: Any) -> dict[str, Any]:
         async with self._lock:
             if self._sock is None:
-                self._sock = configure(self.ctx.socket(zmq.DEALER))
-                if self._curve is not None:
-                    self._curve.apply(self._sock)
-                self._sock.connect(self.broker)
-            req = next(self._req)
-            frames = pack(cmd, {"req": req, **body})
-            if len(frames[-1]) > MAX_BODY[cmd]:  # the broker would refuse it at the door: say why here
-                what = "task spec" if cmd is Cmd.SUBMIT else f"{cmd.name} request"
-                raise BrokerError(f"the {what} is too large: {len(frames[-1])} bytes packed, the broker accepts "
-                                  f"at most {MAX_BODY[cmd]}")
-            await self._sock.send_multipart(frames)
+                self._open_socket()
+            self._disconnects()  # earlier ones (a broker restart between requests) are not this request's
             loop = asyncio.get_running_loop()
             deadline = loop.time() + self.timeout_s
-            while True:
-                remaining = deadline - loop.time()
-                if remaining <= 0 or not await self._sock.poll(timeout=int(remaining * 1000)):
-                    self._sock.close(linger=0)  # Lazy Pirate: a stale request must not answer the next one
-                    self._sock = None
-                    raise BrokerUnavailable(f"no answer from the nsd broker at {self.broker} within "
-                                            f"{self.timeout_s:g}s (is `nsd broker` running? set --broker or "
-                                            f"NSD_BROKER)")
+            try:
+                return await self._exchange(cmd, body, deadline)
+            except _Disconnected:
+                # ZeroMQ closes a connection for good on a message over MAXMSGSIZE (a broker that died
+                # also disconnects). If the broker answers a HELLO on a fresh connection, it was the size.
+                self._drop_socket()
+                self._open_socket()
                 try:
-                    msg = unpack(await self._sock.recv_multipart(), BROKER_TO_CLIENT)
-                except ProtocolError:
-                    continue
-                if msg.body["req"] != req:
-                    continue  # a late answer to an earlier request
-                if msg.cmd is Cmd.ERROR:
-                    raise BrokerError(msg.body["error"])
-                return msg.body
+                    await self._exchange(Cmd.HELLO, {}, deadline)
+                except (_Disconnected, BrokerUnavailable):
+                    pass
+                else:
+                    raise ReplyTooLarge(
+                        f"the broker's answer to {cmd.name} was larger than this client's limit of "
+                        f"{MAX_MESSAGE_BYTES // 2**20} MiB per message, so it was dropped; ask for less") from None
+                self._drop_socket()
+                raise BrokerUnavailable(f"lost the connection to the nsd broker at {self.broker} while waiting "
+                                        f"for its answer to {cmd.name}") from None
+
+    async def _exchange(self, cmd: Cmd, body: dict[str, Any], deadline: float) -> dict[str, Any]:
+        """Send one request and wait for its reply until `deadline` (loop time)."""
+        loop = asyncio.get_running_loop()
+        req = next(self._req)
+        frames = pack(cmd, {"req": req, **body})
+        if len(frames[-1]) > MAX_BODY[cmd]:  # the broker would refuse it at the door: say why here
+            what = "task spec" if cmd is Cmd.SUBMIT else f"{cmd.name} request"
+            raise BrokerError(f"the {what} is too large: {len(frames[-1])} bytes packed, the broker accepts "
+                              f"at most {MAX_BODY[cmd]}")
+        await self._sock.send_multipart(frames)
+        poller = zmq.asyncio.Poller()
+        poller.register(self._sock, zmq.POLLIN)
+        poller.register(self._monitor, zmq.POLLIN)
+        while True:
+            remaining = deadline - loop.time()
+            ready = dict(await poller.poll(timeout=int(remaining * 1000))) if remaining > 0 else {}
+            if not ready:
+                self._drop_socket()  # Lazy Pirate: a stale request must not answer the next one
+                raise BrokerUnavailable(f"no answer from the nsd broker at {self.broker} within "
+                                        f"{self.timeout_s:g}s (is `nsd broker` running? set --broker or "
+                                        f"NSD_BROKER)")
+            if self._sock not in ready:
+                if self._disconnects():
+                    raise _Disconnected()
+                continue
+            try:
+                msg = unpack(await self._sock.recv_multipart(), BROKER_TO_CLIENT)
+            except ProtocolError:
+                continue
+            if msg.body["req"] != req:
+                continue  # a late answer to an earlier request
+            if msg.cmd is Cmd.ERROR:
+                raise BrokerError(msg.body["error"])
+            return msg.body
 
     async def hello(self) -> dict[str, Any]:
         return await self.request(Cmd.HELLO)
@@ -227,9 +286,25 @@ class AsyncClient:
         return (await self.request(Cmd.CLUSTER))["workers"]
 
     async def logs(self, task_id: str, job: int | str | None = None) -> list[dict[str, Any]]:
-        """Each job's log (last 64 KiB): [{job, attempt, worker, text}]; job = a trial index, "plan" or "save"."""
-        extra = {} if job is None else {"job": str(job)}
-        return (await self.request(Cmd.LOGS, task_id=task_id, **extra))["logs"]
+        """Each job's log (last 64 KiB): [{job, attempt, worker, text}]; job = a trial index, "plan" or "save".
+        A whole task's logs can exceed one message: the broker then cuts the oldest (`cut: true`), and
+        those are asked for job by job."""
+        if job is not None:
+            return (await self.request(Cmd.LOGS, task_id=task_id, job=str(job)))["logs"]
+        try:
+            logs = (await self.request(Cmd.LOGS, task_id=task_id))["logs"]
+        except ReplyTooLarge:  # an older broker that does not cut: ask for every job
+            task = await self.status(task_id)
+            logs = [{"job": name, "cut": True} for name in ["plan", *(str(t["index"]) for t in task["trials"]), "save"]]
+            task_id = task["task_id"]
+        out = []
+        for entry in logs:
+            if entry.get("cut"):
+                whole = (await self.request(Cmd.LOGS, task_id=task_id, job=str(entry["job"])))["logs"]
+                out += [e for e in whole if e.get("attempt") == entry.get("attempt", e.get("attempt"))]
+            else:
+                out.append(entry)
+        return out
 
     async def result(self, task_id: str, wait: bool = False) -> dict[str, Any]:
         """The task's full result; with wait=True, once the task has ended."""

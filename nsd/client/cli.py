@@ -116,9 +116,11 @@ def broker(state_dir, clients, workers, events, heartbeat, liveness, insecure, m
     """Run the broker daemon."""
     from nsd.broker.daemon import Broker, default_state_dir
     from nsd.broker.limits import BrokerLimits
+    from nsd.limits import raise_open_files_limit
     from nsd.net import install_uvloop
 
     _setup_logging(log_level)
+    raise_open_files_limit()  # a descriptor per connected peer
     install_uvloop()
     try:
         daemon = Broker(Path(state_dir) if state_dir else default_state_dir(), clients, workers, events,
@@ -166,10 +168,12 @@ def broker(state_dir, clients, workers, events, heartbeat, liveness, insecure, m
 def worker(broker_addr, cores, cores_per_trial, cache_dir, cache_size, worker_id, heartbeat, grace, curve_key,
            server_key, log_level) -> None:
     """Run a worker daemon on this node."""
+    from nsd.limits import raise_open_files_limit
     from nsd.net import install_uvloop
     from nsd.worker.daemon import WorkerConfig, WorkerDaemon, WorkerRefused
 
     _setup_logging(log_level)
+    raise_open_files_limit()
     install_uvloop()
     cpus = sorted(os.sched_getaffinity(0))
     if cores is not None:

@@ -9,11 +9,7 @@ import shutil
 from pathlib import Path
 from typing import Awaitable, Callable
 
-from nsd.blobs import unpack_tree
-
-
-def _tree_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+from nsd.blobs import disk_bytes, unpack_tree
 
 
 class BlobCache:
@@ -43,7 +39,8 @@ class BlobCache:
                 unpack_tree(tar, entry / "tree")
             finally:
                 tar.unlink(missing_ok=True)
-            (entry / "size").write_text(str(_tree_bytes(entry / "tree")))
+            # What the unpacked tree takes on disk, not the blob's size nor the files' declared sizes.
+            (entry / "size").write_text(str(disk_bytes(entry / "tree")))
             self.fetched += 1
         os.utime(entry / "size")  # last use, for LRU
         return entry / "tree" / name

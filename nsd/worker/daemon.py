@@ -32,7 +32,7 @@ from nsd.blobs import CHUNK_BYTES, ChunkWriter, pack_tree, parse_ref, sha256_fil
 from nsd.security import ClientKeys, KeyFileError
 from nsd.spec import PATH_FIELDS
 from nsd.systemd import notify, watchdog_interval
-from nsd.worker import pipe
+from nsd.worker import checks, pipe
 from nsd.worker.cache import BlobCache
 from nsd.worker.cores import allocate, numa_nodes
 
@@ -195,6 +195,9 @@ class WorkerDaemon:
         self._last_watchdog = 0.0
         self.registered = asyncio.Event()
         self.fatal: str | None = None
+        # The broker's heartbeat interval and liveness (READY_ACK); ours until it has told us its own.
+        self.heartbeat_s, self.liveness = config.heartbeat_s, config.liveness
+        self.ignored = 0  # broker messages whose values failed a check (logged, then ignored)
 
     def _new_slot(self, cores: tuple[int, ...]) -> Slot:
         i = next(self._runner_ids)
@@ -280,8 +283,7 @@ class WorkerDaemon:
         if self.curve is not None:
             self.curve.apply(self.sock)
         self.sock.connect(self.config.broker)
-        hb = self.config.heartbeat_s
-        deadline = hb * self.config.liveness
+        self.heartbeat_s, self.liveness = self.config.heartbeat_s, self.config.liveness
         last_heard = time.monotonic()
         last_sent = 0.0
         was_registered = False
@@ -299,15 +301,24 @@ class WorkerDaemon:
                     if self._drained():
                         self._stopping.set()
                         break
-                if await self.sock.poll(timeout=int(hb * 500)):
+                # Read each turn: READY_ACK may have changed them to the broker's.
+                hb, deadline = self.heartbeat_s, self.heartbeat_s * self.liveness
+                # At most a second: the systemd watchdog is fed from this loop, whatever the interval.
+                if await self.sock.poll(timeout=int(min(hb / 2, 1.0) * 1000)):
                     frames = await self.sock.recv_multipart()
                     last_heard = time.monotonic()
                     try:
                         msg = unpack(frames, BROKER_TO_WORKER)
-                    except ProtocolError as exc:
-                        log.warning("dropped a bad message from the broker: %s", exc)
+                    except ProtocolError as exc:  # refused by the protocol's own field checks
+                        self.ignored += 1
+                        if self.ignored <= 20 or self.ignored % 1000 == 0:
+                            log.warning("dropped a bad message from the broker: %s", exc)
                         continue
-                    await self._handle(msg)
+                    try:
+                        await self._handle(msg)
+                    except Exception:  # a value no check foresaw: one message lost, never the daemon
+                        self.ignored += 1
+                        log.exception("could not act on %s from the broker; ignored", msg.cmd.name)
                     was_registered = was_registered or self.registered.is_set()
                 now = time.monotonic()
                 if now - last_heard > deadline:
@@ -321,7 +332,9 @@ class WorkerDaemon:
                     notify("WATCHDOG=1", f"STATUS={'registered with' if self.registered.is_set() else 'connecting to'} "
                                          f"{self.config.broker}; {busy} trials running on {len(self.cpus)} cores")
             if self._stopping.is_set() and self.registered.is_set():
-                self._send(Cmd.BYE, {})
+                # Leaving on purpose (drain over, or a second SIGTERM): what we still hold is handed back,
+                # not failed, so the broker requeues it without using up an attempt.
+                self._send(Cmd.BYE, {"handback": True})
             return was_registered
         finally:
             self.sock.close(linger=200)
@@ -344,14 +357,36 @@ class WorkerDaemon:
         if not send_now(self.sock, pack(cmd, body)):
             log.debug("send %s failed", cmd.name)
 
+    def _ignore(self, msg, why: str) -> None:
+        self.ignored += 1
+        if self.ignored <= 20 or self.ignored % 1000 == 0:  # a flood of bad messages must not fill the log
+            log.warning("ignored %s from the broker: %s (%d ignored so far)", msg.cmd.name, why[:500], self.ignored)
+
     async def _handle(self, msg) -> None:
+        """Act on one broker message, each field's value checked first (nsd.worker.checks)."""
         body = msg.body
+        if msg.cmd in (Cmd.ASSIGN, Cmd.CANCEL, Cmd.RESULT_ACK):
+            if (why := checks.lease(body["trial_id"], body["attempt"])) is not None:
+                return self._ignore(msg, why)
         if msg.cmd is Cmd.READY_ACK:
+            # Adopt the broker's timing: it declares us dead after heartbeat_s * liveness of silence and
+            # pings at heartbeat_s, so our deadline and our own period must be the same numbers.
+            liveness = body.get("liveness", self.liveness)
+            if (why := checks.timing(body["heartbeat_s"], liveness)) is not None:
+                self._ignore(msg, f"{why}; keeping {self.heartbeat_s:g}s x {self.liveness}")
+            else:
+                self.heartbeat_s, self.liveness = float(body["heartbeat_s"]), liveness
             self.registered.set()
             log.info("registered with %s as %s (%d cores, %d slots of %d)", self.config.broker, self.worker_id,
                      len(self.cpus), self.capacity, self.default_k)
             notify(f"STATUS=registered with {self.config.broker}; {self.capacity} slots")
         elif msg.cmd is Cmd.ASSIGN:
+            if (why := checks.job(body["trial_id"], body["job"])) is not None:
+                self._ignore(msg, f"{body['trial_id']}: {why}")
+                # Answered, not dropped: else the broker would wait on this lease for as long as we live.
+                self._send(Cmd.RESULT, {"trial_id": body["trial_id"], "attempt": body["attempt"], "ok": False,
+                                        "worker_id": self.worker_id, "error": f"the worker refused the job: {why}"})
+                return
             self._accept(body["trial_id"], body["attempt"], body["job"])
         elif msg.cmd is Cmd.RESULT_ACK:
             if self.outbox.pop(f"{body['trial_id']}#{body['attempt']}", None) is not None:
@@ -359,16 +394,24 @@ class WorkerDaemon:
         elif msg.cmd is Cmd.CANCEL:
             await self._cancel(body["trial_id"], body["attempt"])
         elif msg.cmd in (Cmd.CHUNK, Cmd.STORE_ACK):
-            key = ("chunk", body["sha256"], body["offset"]) if msg.cmd is Cmd.CHUNK else ("store", body["sha256"])
+            why = checks.chunk(body, self.config.cache_max_bytes) if msg.cmd is Cmd.CHUNK else checks.store_ack(body)
+            if why is not None:
+                self._ignore(msg, why)
+                # A transfer waiting on this reply fails now with the reason, rather than at its timeout.
+                body = {"error": f"bad {msg.cmd.name} from the broker: {why}"}
+            key = ("chunk", msg.body["sha256"], msg.body["offset"]) if msg.cmd is Cmd.CHUNK \
+                else ("store", msg.body["sha256"])
             waiter = self._replies.pop(key, None)
             if waiter is not None and not waiter.done():
                 waiter.set_result(body)
         elif msg.cmd is Cmd.DISCONNECT:
+            if (why := checks.disconnect(body)) is not None:
+                return self._ignore(msg, why)
             if body.get("fatal"):
-                self.fatal = f"the broker refused this worker: {body['reason']}"
+                self.fatal = f"the broker refused this worker: {body['reason'][:500]}"
                 log.error(self.fatal)
             else:
-                log.info("broker asked us to register again: %s", body["reason"])
+                log.info("broker asked us to register again: %s", body["reason"][:500])
                 self.registered.clear()
                 self._send(Cmd.READY, self._ready_body())
         # HEARTBEAT: hearing it is all it is for.
@@ -476,7 +519,7 @@ class WorkerDaemon:
     async def _materialize(self, job: dict, pins: list[str]) -> dict:
         """The job with every blob reference in its spec replaced by a path in the local cache."""
         spec = job["spec"]
-        refs = [(a, b, parse_ref(spec[a][b])) for a, b in PATH_FIELDS if parse_ref(spec[a][b])]
+        refs = [(a, b, parse_ref(spec[a].get(b))) for a, b in PATH_FIELDS if parse_ref(spec[a].get(b))]
         if not refs:
             return job
         spec = {key: dict(value) if isinstance(value, dict) else value for key, value in spec.items()}
@@ -509,9 +552,10 @@ class WorkerDaemon:
                     raise TimeoutError(f"blob {sha256[:12]}…: no chunk at offset {offset}") from None
                 if "error" in body:
                     raise ValueError(body["error"])
-                data, size = body.get("data", b""), body.get("size")
-                if not isinstance(data, bytes) or not isinstance(size, int):
+                data, declared = body.get("data", b""), body.get("size")
+                if not isinstance(data, bytes) or not isinstance(declared, int) or size not in (None, declared):
                     raise ValueError(f"blob {sha256[:12]}…: malformed chunk at offset {offset}")
+                size = declared
                 blob.add(data, size)
             blob.check()
 

@@ -1,0 +1,118 @@
+"""What the worker checks in every broker message before acting on it. Pure: no sockets, no I/O.
+
+`nsd.protocol.unpack` already checks each body's required fields and their msgpack types; these
+functions check their values (an id that could name a path, a negative offset, a chunk that does not
+fit its blob, a job whose spec is not one the broker would have accepted). Each returns None when the
+message is usable, else a reason a person can read: the daemon logs it and ignores the message.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from nsd.blobs import CHUNK_BYTES, is_sha256
+from nsd.protocol import JOB_ID, MAX_ATTEMPT
+from nsd.spec import SpecError, validate
+
+# A lease's job id is protocol.JOB_ID ("<12 hex>/<plan | save | trial index>"): the task id becomes a
+# folder name under the worker's logs, so nothing that could leave that folder is accepted.
+# Negotiated timing (READY_ACK): outside these bounds a value is a mistake or an attack, not a choice.
+HEARTBEAT_BOUNDS_S = (0.05, 60.0)
+LIVENESS_BOUNDS = (1, 100)
+MAX_JOB_CORES = 4096  # the spec's bound on cores_per_trial; the daemon clamps a job to its own cores
+
+
+def _int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def lease(trial_id: Any, attempt: Any) -> str | None:
+    """A (trial_id, attempt) pair as ASSIGN, CANCEL and RESULT_ACK carry it."""
+    if not isinstance(trial_id, str) or not JOB_ID.fullmatch(trial_id):
+        return f"malformed trial id {str(trial_id)[:80]!r}"
+    if not _int(attempt) or not 1 <= attempt <= MAX_ATTEMPT:
+        return f"malformed attempt {str(attempt)[:20]!r}"
+    return None
+
+
+def job(trial_id: str, body: Any) -> str | None:
+    """An ASSIGN's job, for a lease already checked: its kind matches the id, its spec validates as
+    the broker validates a submitted one (so, with model.shared = false, only blob references), its
+    cores are a sane count."""
+    if not isinstance(body, dict):
+        return "job is not a map"
+    task_id, _, index = trial_id.partition("/")
+    kind = {"plan": "plan", "save": "save"}.get(index, "trial")
+    if body.get("kind") != kind:
+        return f"job kind {str(body.get('kind'))[:20]!r} does not match {trial_id}"
+    if body.get("task_id") != task_id:
+        return f"job task id does not match {trial_id}"
+    if kind == "trial" and body.get("index") != int(index):
+        return f"job index does not match {trial_id}"
+    if kind == "save" and not _int(body.get("index")):
+        return "save job without the winner's index"
+    if kind in ("trial", "save") and (not isinstance(body.get("config"), dict) or len(body["config"]) != 1):
+        return "job config must map one INC config name to its parameters"
+    cores = body.get("cores")
+    if cores is not None and (not _int(cores) or not 1 <= cores <= MAX_JOB_CORES):
+        return f"job cores {str(cores)[:20]!r} is not between 1 and {MAX_JOB_CORES}"
+    try:
+        validate(body.get("spec"))
+    except SpecError as exc:
+        return f"job spec: {'; '.join(exc.problems)[:500]}"
+    except Exception as exc:  # a value validate() never expected: refuse it rather than fail here
+        return f"job spec: {type(exc).__name__}"
+    for section in ("model", "recipe", "tuning"):  # validate() fills missing ones in; the worker reads them
+        if not isinstance(body["spec"].get(section), dict):
+            return f"job spec has no {section} section"
+    return None
+
+
+def timing(heartbeat_s: Any, liveness: Any) -> str | None:
+    """READY_ACK's negotiated heartbeat interval and liveness."""
+    low, high = HEARTBEAT_BOUNDS_S
+    if isinstance(heartbeat_s, bool) or not isinstance(heartbeat_s, (int, float)) or \
+            not math.isfinite(heartbeat_s) or not low <= heartbeat_s <= high:
+        return f"heartbeat_s {str(heartbeat_s)[:20]!r} is not between {low} and {high}"
+    if not _int(liveness) or not LIVENESS_BOUNDS[0] <= liveness <= LIVENESS_BOUNDS[1]:
+        return f"liveness {str(liveness)[:20]!r} is not between {LIVENESS_BOUNDS[0]} and {LIVENESS_BOUNDS[1]}"
+    return None
+
+
+def chunk(body: dict, max_size: int) -> str | None:
+    """A CHUNK reply (to a FETCH this worker sent): a blob name, and either an error or data that fits
+    the blob's declared size at its offset. `max_size` bounds the declared size (the cache's size)."""
+    if not is_sha256(body.get("sha256")):
+        return "chunk for a blob name that is not a sha256"
+    offset = body.get("offset")
+    if not _int(offset) or offset < 0:
+        return f"chunk offset {str(offset)[:20]!r} is not a non-negative integer"
+    if "error" in body:
+        return None if isinstance(body["error"], str) else "chunk error is not a string"
+    data, size = body.get("data"), body.get("size")
+    if not isinstance(data, bytes) or not _int(size):
+        return "chunk without bytes data and an integer size"
+    if not 0 <= size <= max_size:
+        return f"blob size {size} is over this worker's cache size ({max_size} bytes)"
+    if len(data) != min(CHUNK_BYTES, max(0, size - offset)):
+        return f"chunk of {len(data)} bytes at offset {offset} does not fit a {size}-byte blob"
+    return None
+
+
+def store_ack(body: dict) -> str | None:
+    if not is_sha256(body.get("sha256")):
+        return "store ack for a blob name that is not a sha256"
+    if not _int(body.get("offset")) or body["offset"] < 0:
+        return "store ack offset is not a non-negative integer"
+    if "error" in body and not isinstance(body["error"], str):
+        return "store ack error is not a string"
+    if "complete" in body and not isinstance(body["complete"], bool):
+        return "store ack 'complete' is not true or false"
+    return None
+
+
+def disconnect(body: dict) -> str | None:
+    if "fatal" in body and not isinstance(body["fatal"], bool):
+        return "disconnect 'fatal' is not true or false"
+    return None

@@ -1,0 +1,268 @@
+"""A hostile broker against a real worker daemon: a fake ROUTER socket sends frames whose fields hold
+values no broker should send (ids that name paths, negative offsets, chunks that do not fit, bad timing,
+jobs that are not jobs). The worker logs and ignores each, never crashes, and keeps serving: it still
+heartbeats, and it still runs a valid job afterwards."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+from pathlib import Path
+
+import msgpack
+import pytest
+import zmq
+import zmq.asyncio
+
+from nsd.blobs import make_ref
+from nsd.net import configure
+from nsd.protocol import MAGIC, WORKER_TO_BROKER, Cmd, ProtocolError, pack, unpack
+from nsd.worker.daemon import WorkerConfig, WorkerDaemon
+from tests.conftest import _alive, wait_for
+
+SHA = "d" * 64
+
+
+class FakeBroker:
+    """A ROUTER that records what the worker sends and sends whatever the test says."""
+
+    def __init__(self):
+        self.ctx = zmq.asyncio.Context()
+        self.sock = configure(self.ctx.socket(zmq.ROUTER))
+        self.sock.bind("tcp://127.0.0.1:*")
+        self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.identity: bytes | None = None
+        self.received: list[tuple[Cmd, dict]] = []
+        self._task = asyncio.create_task(self._serve())
+
+    async def _serve(self) -> None:
+        while True:
+            identity, *frames = await self.sock.recv_multipart()
+            try:
+                msg = unpack(frames, WORKER_TO_BROKER)
+            except ProtocolError:
+                continue
+            self.identity = identity
+            self.received.append((msg.cmd, msg.body))
+
+    def of(self, cmd: Cmd) -> list[dict]:
+        return [body for c, body in self.received if c is cmd]
+
+    def send(self, cmd: Cmd, body: dict) -> None:
+        self.raw(pack(cmd, body))
+
+    def raw(self, frames: list[bytes]) -> None:
+        self.sock.send_multipart([self.identity, *frames])
+
+    async def close(self) -> None:
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        self.sock.close(linger=0)
+        self.ctx.term()
+
+
+def job_spec(**model) -> dict:
+    from nsd.spec import validate
+
+    return validate({"name": "h", "model": {"shared": True, **model},
+                     "recipe": {"kind": "python", "file": "/nonexistent/recipe.py"},
+                     "tuning": {"config_set": [{"rtn": {"bits": 4}}]}}).to_dict()
+
+
+def trial_job(task_id: str = "abc123abc123", index: int = 0, **changes) -> dict:
+    return {"kind": "trial", "task_id": task_id, "spec": job_spec(), "index": index,
+            "config": {"rtn": {"bits": 4}}, "cores": 1, **changes}
+
+
+@pytest.fixture
+async def fake_and_worker(tmp_path):
+    fake = FakeBroker()
+    config = WorkerConfig(broker=fake.endpoint, cpus=[sorted(os.sched_getaffinity(0))[0]],
+                          cache_dir=tmp_path / "worker", worker_id="victim", chunk_timeout_s=30)
+    daemon = WorkerDaemon(config)
+    run = asyncio.create_task(daemon.run())
+    await wait_for(lambda: _now(bool(fake.of(Cmd.READY))), 30)
+    # Long liveness: the fake broker does not ping, and the worker must not reconnect mid-test.
+    fake.send(Cmd.READY_ACK, {"heartbeat_s": 1.0, "liveness": 100})
+    await asyncio.wait_for(daemon.registered.wait(), 10)
+    yield fake, daemon, run
+    pids = [s.runner.proc.pid for s in daemon.slots if s.runner.proc is not None]
+    daemon.stop(grace_s=0)
+    await asyncio.wait_for(run, 30)  # raises if the daemon crashed
+    await fake.close()
+    assert daemon.ctx.closed and not any(_alive(pid) for pid in pids)
+
+
+async def _now(value):
+    return value
+
+
+def tree(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+HOSTILE_LEASES = [
+    ("../../../../tmp/nsd-pwned/0", 1),  # would name a log folder outside the cache
+    ("/etc/0", 1),
+    ("abc123abc123/-6", 1),
+    ("abc123abc123/ +1 ", 1),
+    ("abc123abc123/0", 0),
+    ("abc123abc123/0", -3),
+    ("abc123abc123/0", 2**62),
+    ("x" * 100_000 + "/0", 1),
+]
+
+
+async def test_hostile_values_are_ignored_and_the_worker_keeps_serving(fake_and_worker, tmp_path):
+    fake, daemon, run = fake_and_worker
+    outside_before = tree(tmp_path)
+    for trial_id, attempt in HOSTILE_LEASES:
+        fake.send(Cmd.ASSIGN, {"trial_id": trial_id, "attempt": attempt, "job": trial_job()})
+        fake.send(Cmd.CANCEL, {"trial_id": trial_id, "attempt": attempt})
+        fake.send(Cmd.RESULT_ACK, {"trial_id": trial_id, "attempt": attempt})
+    # Timing no broker would negotiate: kept as it was.
+    for hb, liveness in [(-1, 5), (float("nan"), 5), (1e-9, 5), (1e9, 5), (61.0, 5), (1.0, 0), (1.0, 101), (1.0, "5"),
+                         (1.0, True), (1.0, 2.5)]:
+        fake.send(Cmd.READY_ACK, {"heartbeat_s": hb, "liveness": liveness})
+    fake.send(Cmd.DISCONNECT, {"reason": "x" * 10_000, "fatal": "yes"})  # not a bool: not fatal
+    # Chunks and store acks nobody asked for, with values out of range.
+    for body in [{"sha256": "../../x", "offset": 0}, {"sha256": SHA, "offset": -1, "data": b"", "size": 0},
+                 {"sha256": SHA, "offset": 0, "data": "text", "size": 4}, {"sha256": SHA, "offset": 0, "error": 7},
+                 {"sha256": SHA, "offset": 2**63, "data": b"x", "size": 2**64 - 1}]:
+        fake.send(Cmd.CHUNK, body)
+    fake.send(Cmd.STORE_ACK, {"sha256": SHA, "offset": -5, "complete": "yes"})
+    # Frames that do not decode, or decode to the wrong types.
+    fake.raw([MAGIC, bytes([Cmd.ASSIGN]), msgpack.packb({"trial_id": 1, "attempt": "1", "job": []})])
+    fake.raw([MAGIC, bytes([Cmd.ASSIGN]), b"\xc1"])
+    fake.raw([b"junk"])
+    # A lease that is well formed, with a job that is not: refused with a RESULT, not left hanging.
+    bad_jobs = {
+        "abc123abc123/1": trial_job(index=1, cores=10**9),
+        "abc123abc123/2": trial_job(index=3),  # does not match its id
+        "abc123abc123/3": trial_job(index=3, kind="plan"),
+        "abc123abc123/4": trial_job(index=4, task_id="other"),
+        "abc123abc123/5": trial_job(index=5, spec={"model": []}),
+        "abc123abc123/6": trial_job(index=6, spec={**job_spec(), "tuning": {"max_attempts": "many"}}),
+        "abc123abc123/7": {"kind": "trial"},
+        "abc123abc123/8": trial_job(index=8, config={"rtn": {}, "gptq": {}}),
+        "abc123abc123/9": trial_job(index=9, spec={**job_spec(), "recipe": {"kind": "python", "file": "/r.py"},
+                                            "model": {"shared": False, "path": "/etc/shadow"}}),
+    }
+    for trial_id, job in bad_jobs.items():
+        fake.send(Cmd.ASSIGN, {"trial_id": trial_id, "attempt": 1, "job": job})
+
+    async def all_refused():
+        return {r["trial_id"] for r in fake.of(Cmd.RESULT)} >= set(bad_jobs)
+
+    await wait_for(all_refused, 30)
+    refused = {r["trial_id"]: r for r in fake.of(Cmd.RESULT)}
+    assert all(refused[t]["ok"] is False and "the worker refused the job" in refused[t]["error"] for t in bad_jobs)
+    assert "blob reference" in refused["abc123abc123/9"]["error"]
+    assert not any(r["trial_id"].startswith(("..", "/")) or "-6" in r["trial_id"] for r in fake.of(Cmd.RESULT))
+    assert not run.done() and daemon.fatal is None  # alive, not told to stop
+    assert (daemon.heartbeat_s, daemon.liveness) == (1.0, 100)  # the first, sane timing was kept
+    assert not any(s.job for s in daemon.slots) and not daemon.backlog  # nothing hostile runs
+    assert tree(tmp_path) - outside_before <= {p for p in tree(tmp_path) if p.startswith("worker")}
+    assert not Path("/tmp/nsd-pwned").exists()
+
+    # Still serving: it heartbeats, and a valid job runs on its runner (and fails there, for a real reason).
+    beats = len(fake.of(Cmd.HEARTBEAT))
+    await wait_for(lambda: _now(len(fake.of(Cmd.HEARTBEAT)) > beats + 2), 10)
+    fake.send(Cmd.ASSIGN, {"trial_id": "abc123abc123/0", "attempt": 1, "job": trial_job()})
+
+    async def ran():
+        return [r for r in fake.of(Cmd.RESULT) if r["trial_id"] == "abc123abc123/0"]
+
+    (result,) = await wait_for(ran, 120)
+    assert result["ok"] is False and "refused" not in result["error"]
+    assert "nonexistent/recipe.py" in result["error"]  # the runner tried to load the recipe
+    assert daemon.ignored >= len(HOSTILE_LEASES) * 3
+
+
+async def test_a_chunk_that_does_not_fit_its_blob_fails_the_fetch_at_once(fake_and_worker):
+    """A blob reference the worker must fetch: the fake broker answers with a blob far over the cache
+    size, then with a chunk longer than asked for. Each fetch ends with the reason (the job goes back to
+    the broker, attempt + 1), nothing big is written, and the worker goes on."""
+    fake, daemon, run = fake_and_worker
+    ref = make_ref(hashlib.sha256(b"x").hexdigest(), "recipe.py")
+    spec = {**job_spec(), "model": {"shared": False, "path": None},
+            "recipe": {**job_spec()["recipe"], "file": ref}}
+    answers = iter([lambda b: {"size": 2**50, "data": b"\0" * 1024 * 1024},
+                    lambda b: {"size": 10, "data": b"\0" * 11}])
+
+    async def answer_fetches():
+        seen = 0
+        while True:
+            fetches = fake.of(Cmd.FETCH)
+            for body in fetches[seen:]:
+                fake.send(Cmd.CHUNK, {"sha256": body["sha256"], "offset": body["offset"], **next(answers)(body)})
+            seen = len(fetches)
+            await asyncio.sleep(0.02)
+
+    server = asyncio.create_task(answer_fetches())
+    try:
+        for index in (0, 1):
+            fake.send(Cmd.ASSIGN, {"trial_id": f"abc123abc123/{index}", "attempt": 1,
+                                   "job": trial_job(index=index, spec=spec)})
+
+            async def answered(index=index):
+                return [r for r in fake.of(Cmd.RESULT) if r["trial_id"] == f"abc123abc123/{index}"]
+
+            (result,) = await wait_for(answered, 20)
+            assert result["requeue"] is True and "could not fetch" in result["error"]
+            assert "bad CHUNK" in result["error"]
+    finally:
+        server.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await server
+    assert sum(f.stat().st_size for f in daemon.blobs.root.rglob("*") if f.is_file()) == 0  # nothing kept
+    assert not run.done()
+
+
+HOSTILE_VALUES = [None, -1, 0, 2**63, 2**64 - 1, "", "../../x", "abc123abc123/plan", "x" * 5000, b"\0" * 10, [], [1, [2]],
+                  {}, {"a": {"b": None}}, 1e308, float("nan"), float("-inf"), False, 3.5]
+
+
+async def test_random_hostile_field_values_never_reach_past_the_checks(fake_and_worker, caplog):
+    """Valid-looking frames with one field (or one job/spec field) replaced by a hostile value, two
+    thousand times: every one is handled by a check (no 'could not act on' from the last-resort guard),
+    and the worker is still registered and heartbeating afterwards."""
+    import random
+
+    fake, daemon, run = fake_and_worker
+    rng = random.Random(8)
+    base = {
+        Cmd.READY_ACK: {"heartbeat_s": 1.0, "liveness": 100},
+        Cmd.ASSIGN: {"trial_id": "abc123abc123/plan", "attempt": 1, "job": {**trial_job(), "kind": "plan"}},
+        Cmd.RESULT_ACK: {"trial_id": "abc123abc123/0", "attempt": 1},
+        Cmd.CANCEL: {"trial_id": "abc123abc123/9", "attempt": 1},
+        Cmd.CHUNK: {"sha256": SHA, "offset": 0, "size": 4, "data": b"abcd"},
+        Cmd.STORE_ACK: {"sha256": SHA, "offset": 4, "complete": True},
+        Cmd.DISCONNECT: {"reason": "re-register", "fatal": False},
+        Cmd.HEARTBEAT: {},
+    }
+    for _ in range(2000):
+        cmd = rng.choice(list(base))
+        body = {k: (dict(v) if isinstance(v, dict) else v) for k, v in base[cmd].items()}
+        target = body
+        if cmd is Cmd.ASSIGN and rng.random() < 0.5:  # inside the job, or inside its spec
+            target = body["job"] = dict(body["job"])
+            if rng.random() < 0.5:
+                target = body["job"]["spec"] = {k: dict(v) if isinstance(v, dict) else v
+                                                for k, v in body["job"]["spec"].items()}
+                if rng.random() < 0.5:
+                    target = target[rng.choice(["model", "recipe", "tuning", "resources"])]
+        keys = [k for k in target if not (cmd is Cmd.DISCONNECT and k == "fatal")] or ["extra"]
+        target[rng.choice(keys)] = rng.choice(HOSTILE_VALUES)
+        fake.send(cmd, body)
+        if rng.random() < 0.05:
+            await asyncio.sleep(0)
+    fake.send(Cmd.READY_ACK, base[Cmd.READY_ACK])  # answers the READY a valid DISCONNECT asked for
+    beats = len(fake.of(Cmd.HEARTBEAT))
+    await wait_for(lambda: _now(len(fake.of(Cmd.HEARTBEAT)) > beats + 2), 30)
+    assert not run.done() and daemon.fatal is None and daemon.registered.is_set()
+    assert daemon.ignored > 100
+    assert not [r for r in caplog.records if "could not act on" in r.getMessage()]
