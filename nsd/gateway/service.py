@@ -137,7 +137,7 @@ class Gateway:
             tree = tar.parent / "tree"
             unpack_tree(tar, tree)
             archive = tar.parent / "artifact.zip"
-            with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
+            with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED, strict_timestamps=False) as zf:  # blobs have mtime 0
                 for path in sorted(tree.rglob("*")):
                     zf.write(path, path.relative_to(tree).as_posix())
             yield task, name, archive
