@@ -104,3 +104,32 @@ async def test_old_screen_websocket_streams_progress_lines_to_the_end(gateway, c
             lines.append(line)
     assert all(line.startswith(task_id) for line in lines)
     assert "done" in lines[-1] and len(lines) > 3
+
+
+async def test_grpc_end_to_end_with_watch_resume_matches_the_python_client(gateway, client, start_workers, tmp_path):
+    from nsd.gateway import nsd_pb2 as pb
+    from nsd.gateway import nsd_pb2_grpc
+    from tests.test_gateway_grpc import AUTH, grpc, grpc_upload_digits
+
+    await start_workers(1)
+    reference = await client.result(await client.submit(digits_spec()), wait=True)
+    async with grpc.aio.insecure_channel(gateway.endpoints["grpc"]) as channel:
+        stub = nsd_pb2_grpc.NsdStub(channel)
+        spec = await grpc_upload_digits(stub)
+        task_id = (await stub.Submit(pb.SubmitRequest(spec_json=json.dumps(spec)), metadata=AUTH)).task_id
+        watch = stub.Watch(pb.WatchRequest(task_id=task_id), metadata=AUTH)
+        first = [json.loads((await watch.read()).json) for _ in range(3)]
+        watch.cancel()  # gone mid-task; back with the last seq it saw
+        rest = [json.loads(e.json) async for e in stub.Watch(pb.WatchRequest(task_id=task_id, after_seq=first[-1]["seq"]),
+                                                              metadata=AUTH)]
+        folded = assert_no_gap_no_repeat(first + rest)
+        result = json.loads((await stub.Get(pb.TaskRequest(task_id=task_id), metadata=AUTH)).json)
+        assert folded["state"] == result["state"] == "done"
+        assert answer(result) == answer(reference)
+        name = None
+        with open(tmp_path / "artifact.tar", "wb") as out:
+            async for chunk in stub.Fetch(pb.TaskRequest(task_id=task_id), metadata=AUTH):
+                name = name or chunk.name
+                out.write(chunk.data)
+    unpack_tree(tmp_path / "artifact.tar", tmp_path / "grpc")
+    assert await asyncio.to_thread(load_and_score, digits_spec(), tmp_path / "grpc" / name) == result["winner"]["metric"]
