@@ -51,3 +51,19 @@ def test_checked_in_grpc_code_matches_the_proto(tmp_path):
     for name in ("nsd_pb2.py", "nsd_pb2_grpc.py"):
         assert (tmp_path / "nsd" / "gateway" / name).read_text() == (GATEWAY / name).read_text(), (
             f"{name} is stale: regenerate it (command at the top of nsd.proto)")
+
+
+def test_the_light_install_stays_light_and_the_gateway_extra_is_pinned():
+    import tomllib
+
+    project = tomllib.loads((GATEWAY.parent.parent / "pyproject.toml").read_text())["project"]
+    heavy = ("fastapi", "uvicorn", "grpcio", "protobuf", "starlette", "websockets")
+    assert not [d for d in project["dependencies"] if d.split("=")[0].split(">")[0].strip() in heavy]
+    extra = project["optional-dependencies"]["gateway"]
+    assert {d.split("==")[0] for d in extra} >= {"fastapi", "uvicorn", "grpcio", "protobuf"}
+    assert all("==" in d for d in extra)
+    code = ("import sys, nsd.client.cli, nsd.client.api;"
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('fastapi', 'grpc', 'uvicorn', 'starlette')];"
+            "print(bad); sys.exit(1 if bad else 0)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr  # the CLI loads the gateway only for `nsd gateway`
