@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import AsyncIterator
 
 from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
@@ -19,7 +19,8 @@ from fastapi.staticfiles import StaticFiles
 from nsd import __version__
 from nsd.client.api import BrokerError
 from nsd.gateway.auth import Tokens
-from nsd.gateway.service import Gateway, Invalid, NoArtifact, NotFound, Unavailable, file_chunks
+from nsd.gateway.service import Gateway, Invalid, NoArtifact, NotFound, Unavailable
+from nsd.gateway.streams import sse, stream_archive
 from nsd.gateway.uploads import BadUpload, UploadTooLarge, upload
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -47,11 +48,6 @@ async def read_body(request: Request, limit: int) -> bytes:
         if len(body) > limit:
             raise UploadTooLarge(f"request body is over the limit of {limit} bytes")
     return bytes(body)
-
-
-def sse(event: dict[str, Any]) -> str:
-    """One Server-Sent Event: id is the task's seq (what Last-Event-ID resumes from), event its kind."""
-    return f"id: {event['seq']}\nevent: {event['kind']}\ndata: {json.dumps(event, separators=(',', ':'))}\n\n"
 
 
 def create_app(gateway: Gateway, tokens: Tokens, limits: Limits = Limits()) -> FastAPI:
@@ -108,19 +104,7 @@ def create_app(gateway: Gateway, tokens: Tokens, limits: Limits = Limits()) -> F
     @v1.get("/tasks/{task_id}/artifact", summary="The quantized model folder as a tar",
             response_class=StreamingResponse)
     async def task_artifact(task_id: str):
-        context = gateway.artifact(task_id)
-        task, name, path = await context.__aenter__()  # errors here become JSON answers, not a broken stream
-
-        async def body() -> AsyncIterator[bytes]:
-            try:
-                for chunk in file_chunks(path):
-                    yield chunk
-            finally:
-                await context.__aexit__(None, None, None)
-
-        return StreamingResponse(body(), media_type="application/x-tar", headers={
-            "Content-Disposition": f'attachment; filename="{task["task_id"]}-{name}.tar"',
-            "Content-Length": str(path.stat().st_size)})
+        return await stream_archive(gateway.artifact(task_id), "application/x-tar", "tar")
 
     @v1.get("/tasks/{task_id}/events", summary="Server-Sent Events: a snapshot, then every event",
             response_class=StreamingResponse)

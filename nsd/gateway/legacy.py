@@ -10,7 +10,8 @@ from fastapi.responses import PlainTextResponse, StreamingResponse
 
 from nsd.client.view import apply_event, progress_line
 from nsd.gateway.auth import Tokens
-from nsd.gateway.service import Gateway, NotFound, Unavailable, file_chunks
+from nsd.gateway.service import Gateway, NotFound, Unavailable
+from nsd.gateway.streams import stream_archive
 
 
 def old_status(task: dict[str, Any]) -> dict[str, Any]:
@@ -57,19 +58,7 @@ def legacy_router(gateway: Gateway, authorized, tokens: Tokens) -> APIRouter:
     @legacy.get("/download/{task_id}", dependencies=auth, response_class=StreamingResponse,
                 summary="Old /download: the quantized model folder as a zip")
     async def download(task_id: str):
-        context = gateway.artifact_zip(task_id)
-        task, name, path = await context.__aenter__()
-
-        async def body():
-            try:
-                for chunk in file_chunks(path):
-                    yield chunk
-            finally:
-                await context.__aexit__(None, None, None)
-
-        return StreamingResponse(body(), media_type="application/zip", headers={
-            "Content-Disposition": f'attachment; filename="{task["task_id"]}-{name}.zip"',
-            "Content-Length": str(path.stat().st_size)})
+        return await stream_archive(gateway.artifact_zip(task_id), "application/zip", "zip")
 
     @legacy.websocket("/task/screen/{task_id}")
     async def screen(websocket: WebSocket, task_id: str):
