@@ -8,6 +8,7 @@ from tests.conftest import DIGITS
 
 TOKEN = "alice-token-0123456789abcdef"
 LIMITS = {"max_body": 64 << 10, "max_upload": 4 << 20}
+KEEPALIVE_S = 0.5
 
 
 @pytest.fixture
@@ -19,7 +20,8 @@ async def gateway(broker, tmp_path):
     tokens = tmp_path / "tokens"
     tokens.write_text(f"# name token\nalice {TOKEN}\n")
     server = GatewayServer(GatewayConfig(broker=broker.endpoints["clients"], http="127.0.0.1:0",
-                                         grpc="127.0.0.1:0", tokens=tokens, limits=Limits(**LIMITS)))
+                                         grpc="127.0.0.1:0", tokens=tokens, limits=Limits(**LIMITS),
+                                         keepalive_s=KEEPALIVE_S))
     await server.start()
     yield server
     await server.stop()

@@ -260,9 +260,13 @@ async def read_sse(http, task_id: str, last_event_id: int | None = None, stop_af
         assert answer.headers["content-type"].startswith("text/event-stream")
         fields: dict[str, str] = {}
         async for line in answer.aiter_lines():
+            if line.startswith(":"):
+                continue  # a keep-alive comment
             if line:
                 key, _, value = line.partition(": ")
                 fields[key] = value
+                continue
+            if not fields:
                 continue
             event = json.loads(fields["data"])
             assert int(fields["id"]) == event["seq"] and fields["event"] == event["kind"]
@@ -271,3 +275,17 @@ async def read_sse(http, task_id: str, last_event_id: int | None = None, stop_af
             if stop_after is not None and len(events) >= stop_after:
                 break
     return events
+
+
+async def test_quiet_event_streams_carry_keep_alive_comments(http, client):
+    spec = digits_spec()
+    spec["model"]["shared"] = True
+    task_id = await client.submit(spec)  # no worker: it stays queued, and its stream quiet
+    lines = []
+    async with http.stream("GET", f"/v1/tasks/{task_id}/events") as answer:
+        async for line in answer.aiter_lines():
+            lines.append(line)
+            if lines.count(": keep-alive") == 2:
+                break
+    assert lines[1] == "event: snapshot"
+    assert lines.index(": keep-alive") > lines.index("event: snapshot")

@@ -20,7 +20,7 @@ from nsd import __version__
 from nsd.client.api import BrokerError
 from nsd.gateway.auth import Tokens
 from nsd.gateway.service import Gateway, Invalid, NoArtifact, NotFound, Unavailable
-from nsd.gateway.streams import sse, stream_archive
+from nsd.gateway.streams import sse_stream, stream_archive
 from nsd.gateway.uploads import BadUpload, UploadTooLarge, upload
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -50,7 +50,7 @@ async def read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
-def create_app(gateway: Gateway, tokens: Tokens, limits: Limits = Limits()) -> FastAPI:
+def create_app(gateway: Gateway, tokens: Tokens, limits: Limits = Limits(), keepalive_s: float = 15.0) -> FastAPI:
     app = FastAPI(title="nsd gateway", version=__version__,
                   description="Accuracy-aware INC quantization tuning as a service: REST door to the nsd broker.")
 
@@ -116,16 +116,8 @@ def create_app(gateway: Gateway, tokens: Tokens, limits: Limits = Limits()) -> F
             except ValueError:
                 raise Invalid([f"Last-Event-ID {last_event_id!r} is not a seq"]) from None
         await gateway.get(task_id)  # an unknown id is a 404 now, not an empty stream
-        stream = gateway.events(task_id, after)
-
-        async def body() -> AsyncIterator[str]:
-            try:
-                async for event in stream:
-                    yield sse(event)
-            finally:
-                await stream.aclose()
-
-        return StreamingResponse(body(), media_type="text/event-stream",
+        body = sse_stream(gateway.events(task_id, after), keepalive_s)
+        return StreamingResponse(body, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @v1.get("/cluster", summary="Workers: cores, slots and what runs on them")

@@ -37,6 +37,7 @@ class GatewayConfig:
     curve_key: str | Path | None = None
     server_key: str | Path | None = None
     limits: Limits = Limits()
+    keepalive_s: float = 15.0  # an SSE comment after this long without an event
 
 
 def split_hostport(value: str) -> tuple[str, int]:
@@ -114,7 +115,7 @@ class GatewayServer:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind((host, port))
             sock.set_inheritable(True)
-            app = create_app(gateway, self.tokens, config.limits)
+            app = create_app(gateway, self.tokens, config.limits, config.keepalive_s)
             self._http = _Uvicorn(uvicorn.Config(
                 app, lifespan="off", log_level="warning", access_log=False, ws="websockets-sansio",
                 ssl_certfile=config.tls_cert and str(config.tls_cert),
