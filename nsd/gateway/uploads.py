@@ -7,6 +7,7 @@ nsd's own deterministic packer, so that the same content uploaded through any do
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import re
@@ -73,15 +74,19 @@ def unpack_folder(tar_path: Path, dest: Path, limit: int) -> None:
         raise BadUpload(f"body is not a readable tar: {exc}") from None
 
 
-async def put_blob(client: AsyncClient, tar: BinaryIO) -> str:
-    """Send a packed blob to the broker in chunks, unless it has it already; returns its sha256."""
-    tar.seek(0, os.SEEK_END)
-    size = tar.tell()
+def _size_and_sha(tar: BinaryIO) -> tuple[int, str]:
     tar.seek(0)
     digest = hashlib.sha256()
+    size = 0
     for chunk in iter(lambda: tar.read(CHUNK_BYTES), b""):
         digest.update(chunk)
-    sha = digest.hexdigest()
+        size += len(chunk)
+    return size, digest.hexdigest()
+
+
+async def put_blob(client: AsyncClient, tar: BinaryIO) -> str:
+    """Send a packed blob to the broker in chunks, unless it has it already; returns its sha256."""
+    size, sha = await asyncio.to_thread(_size_and_sha, tar)
     if (await client.request(Cmd.BLOB_HAVE, sha256=[sha]))["missing"]:
         offset = 0
         while True:
@@ -106,11 +111,12 @@ async def upload(client: AsyncClient, chunks: AsyncIterator[bytes], name: str, i
             await spool(chunks, out, limit, sha256)
         tree = Path(tmp) / "tree"
         tree.mkdir()
+        # Unpacking and packing a large folder takes seconds: off the event loop, which serves everyone.
         if is_tar:
-            unpack_folder(body, tree / name, limit)
+            await asyncio.to_thread(unpack_folder, body, tree / name, limit)
         else:
             os.replace(body, tree / name)
         with open(Path(tmp) / "blob.tar", "w+b") as blob:
-            pack_tree(tree / name, blob)
+            await asyncio.to_thread(pack_tree, tree / name, blob)
             sha = await put_blob(client, blob)
     return make_ref(sha, name)
