@@ -142,11 +142,11 @@ async def test_missing_or_wrong_token_is_unauthenticated_on_every_kind_of_rpc(st
         assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
-async def test_oversize_upload_is_resource_exhausted_and_nothing_is_stored(stub, client):
+async def test_oversize_upload_is_resource_exhausted_and_nothing_is_stored(stub, gateway):
     with pytest.raises(grpc.aio.AioRpcError) as refused:
         await stub.Upload(upload_parts("big.bin", b"x" * (LIMITS["max_upload"] + 1), chunk=1 << 20), metadata=AUTH)
     assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert client.uploaded_bytes == 0
+    assert gateway.gateway.uploaded_bytes == 0
 
 
 async def test_upload_not_matching_its_sha256_is_refused_and_nothing_is_stored(stub, client, tmp_path):
@@ -159,7 +159,7 @@ async def test_upload_not_matching_its_sha256_is_refused_and_nothing_is_stored(s
     assert client.uploaded_bytes > 0  # the broker did not have it
 
 
-async def test_hostile_uploads_are_invalid_argument(stub, client):
+async def test_hostile_uploads_are_invalid_argument(stub, gateway):
     body = io.BytesIO()
     with tarfile.open(fileobj=body, mode="w") as tar:
         link = tarfile.TarInfo("link")
@@ -172,4 +172,4 @@ async def test_hostile_uploads_are_invalid_argument(stub, client):
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await stub.Upload(parts, metadata=AUTH)
         assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert client.uploaded_bytes == 0
+    assert gateway.gateway.uploaded_bytes == 0

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import AsyncIterator
 
 from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
@@ -21,7 +20,7 @@ from nsd.client.api import BrokerError
 from nsd.gateway.auth import Tokens
 from nsd.gateway.service import Gateway, Invalid, NoArtifact, NotFound, Unavailable
 from nsd.gateway.streams import sse_stream, stream_archive
-from nsd.gateway.uploads import BadUpload, UploadTooLarge, upload
+from nsd.gateway.uploads import BadUpload, UploadTooLarge
 
 STATIC = Path(__file__).resolve().parent / "static"
 TAR_TYPES = ("application/x-tar", "application/tar")
@@ -71,7 +70,7 @@ def create_app(gateway: Gateway, tokens: Tokens, limits: Limits = Limits(), keep
         if declared is not None and declared.isdigit() and int(declared) > limits.max_upload:
             raise UploadTooLarge(f"upload of {declared} bytes is over the limit of {limits.max_upload}")
         is_tar = request.headers.get("content-type", "").split(";")[0].strip() in TAR_TYPES
-        ref = await upload(gateway.client, request.stream(), name, is_tar, limits.max_upload, sha256)
+        ref = await gateway.upload(request.stream(), name, is_tar, sha256)
         return {"ref": ref}
 
     @v1.post("/tasks", status_code=201, summary="Submit a task spec (JSON; file fields hold upload refs)",

@@ -14,7 +14,7 @@ from nsd.gateway import nsd_pb2 as pb
 from nsd.gateway import nsd_pb2_grpc as pb_grpc
 from nsd.gateway.auth import Tokens
 from nsd.gateway.service import Gateway, Invalid, NoArtifact, NotFound, Unavailable, file_chunks
-from nsd.gateway.uploads import BadUpload, UploadTooLarge, upload
+from nsd.gateway.uploads import BadUpload, UploadTooLarge
 
 CODES = {  # the gateway's errors, as REST answers them with 422 / 404 / 413 / 400 / 409 / 503 / 400
     Invalid: grpc.StatusCode.INVALID_ARGUMENT,
@@ -70,8 +70,8 @@ def _task(view: dict[str, Any]) -> pb.Task:
 
 
 class NsdServicer(pb_grpc.NsdServicer):
-    def __init__(self, gateway: Gateway, tokens: Tokens, max_upload: int):
-        self.gateway, self.tokens, self.max_upload = gateway, tokens, max_upload
+    def __init__(self, gateway: Gateway, tokens: Tokens):
+        self.gateway, self.tokens = gateway, tokens
 
     def _allowed(self, context: grpc.aio.ServicerContext) -> bool:
         metadata = dict(context.invocation_metadata() or ())
@@ -142,8 +142,7 @@ class NsdServicer(pb_grpc.NsdServicer):
                     raise BadUpload("only one header per upload")
                 yield part.data
 
-        ref = await upload(self.gateway.client, chunks(), header.name, header.tar, self.max_upload,
-                           header.sha256 or None)
+        ref = await self.gateway.upload(chunks(), header.name, header.tar, header.sha256 or None)
         return pb.UploadReply(ref=ref)
 
     @rpc
@@ -151,5 +150,5 @@ class NsdServicer(pb_grpc.NsdServicer):
         return pb.ClusterReply(workers_json=json.dumps(await self.gateway.cluster(), sort_keys=True))
 
 
-def add_to_server(server: grpc.aio.Server, gateway: Gateway, tokens: Tokens, max_upload: int) -> None:
-    pb_grpc.add_NsdServicer_to_server(NsdServicer(gateway, tokens, max_upload), server)
+def add_to_server(server: grpc.aio.Server, gateway: Gateway, tokens: Tokens) -> None:
+    pb_grpc.add_NsdServicer_to_server(NsdServicer(gateway, tokens), server)

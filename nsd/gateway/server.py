@@ -82,6 +82,7 @@ class GatewayServer:
         self.config = config
         self.tokens = Tokens(config.tokens)
         self.client: AsyncClient | None = None
+        self.gateway: Gateway | None = None
         self.endpoints: dict[str, str] = {}
         self._http: _Uvicorn | None = None
         self._http_task = None
@@ -95,10 +96,10 @@ class GatewayServer:
 
         config = self.config
         self.client = AsyncClient(config.broker, curve_key=config.curve_key, server_key=config.server_key)
-        gateway = Gateway(self.client)
+        self.gateway = gateway = Gateway(self.client, config.limits.max_upload)
         if config.grpc is not None:
             self._grpc = grpc.aio.server(options=[("grpc.max_receive_message_length", 8 << 20)])
-            add_to_server(self._grpc, gateway, self.tokens, config.limits.max_upload)
+            add_to_server(self._grpc, gateway, self.tokens)
             host, port = split_hostport(config.grpc)
             address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
             if config.tls_cert:

@@ -12,6 +12,7 @@ from typing import Any, AsyncIterator
 from nsd import __version__
 from nsd.blobs import CHUNK_BYTES, parse_ref, unpack_tree
 from nsd.client.api import AsyncClient, BrokerError, BrokerUnavailable
+from nsd.gateway import uploads
 from nsd.presets import PRESETS, config_set
 from nsd.protocol import Cmd
 from nsd.spec import PATH_FIELDS, SpecError, validate
@@ -50,8 +51,15 @@ def broker_errors():
 
 
 class Gateway:
-    def __init__(self, client: AsyncClient):
+    def __init__(self, client: AsyncClient, max_upload: int):
         self.client = client
+        self.max_upload = max_upload
+        self.uploaded_bytes = 0  # blob bytes sent on to the broker (content it had already counts 0)
+
+    async def upload(self, chunks: AsyncIterator[bytes], name: str, is_tar: bool, sha256: str | None = None) -> str:
+        ref, sent = await uploads.upload(self.client, chunks, name, is_tar, self.max_upload, sha256)
+        self.uploaded_bytes += sent
+        return ref
 
     async def ping(self) -> dict[str, Any]:
         with broker_errors():

@@ -84,11 +84,11 @@ def _size_and_sha(tar: BinaryIO) -> tuple[int, str]:
     return size, digest.hexdigest()
 
 
-async def put_blob(client: AsyncClient, tar: BinaryIO) -> str:
-    """Send a packed blob to the broker in chunks, unless it has it already; returns its sha256."""
+async def put_blob(client: AsyncClient, tar: BinaryIO) -> tuple[str, int]:
+    """Send a packed blob to the broker in chunks, unless it has it already: (its sha256, bytes sent)."""
     size, sha = await asyncio.to_thread(_size_and_sha, tar)
+    offset = 0
     if (await client.request(Cmd.BLOB_HAVE, sha256=[sha]))["missing"]:
-        offset = 0
         while True:
             tar.seek(offset)
             data = tar.read(CHUNK_BYTES)
@@ -96,12 +96,12 @@ async def put_blob(client: AsyncClient, tar: BinaryIO) -> str:
             offset = reply["offset"]
             if reply["complete"]:
                 break
-    return sha
+    return sha, offset
 
 
 async def upload(client: AsyncClient, chunks: AsyncIterator[bytes], name: str, is_tar: bool, limit: int,
-                 sha256: str | None = None) -> str:
-    """The whole upload path: body -> temp file -> (unpacked tar) -> nsd blob -> broker. Returns the ref."""
+                 sha256: str | None = None) -> tuple[str, int]:
+    """The whole upload path: body -> temp file -> (unpacked tar) -> nsd blob -> broker: (ref, bytes sent)."""
     name = check_name(name)
     if sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", sha256):
         raise BadUpload("sha256 must be 64 hex digits")
@@ -118,5 +118,5 @@ async def upload(client: AsyncClient, chunks: AsyncIterator[bytes], name: str, i
             os.replace(body, tree / name)
         with open(Path(tmp) / "blob.tar", "w+b") as blob:
             await asyncio.to_thread(pack_tree, tree / name, blob)
-            sha = await put_blob(client, blob)
-    return make_ref(sha, name)
+            sha, sent = await put_blob(client, blob)
+    return make_ref(sha, name), sent
