@@ -142,7 +142,8 @@ class NsdServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Upload(self, request_iterator, context):
-        """A header (name; tar = true for a tar of a folder's contents; optional sha256 of the bytes), then chunks.
+        """A header (name; tar = true for a tar of a folder's contents; optional sha256 of the bytes), then chunks
+        of up to 4 MiB (the gateway takes messages of up to 8 MiB).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
