@@ -59,7 +59,6 @@ def create_app(gateway: Gateway, tokens: Tokens, limits: Limits = Limits(), keep
             raise Unauthorized()
         return who
 
-    app.state.authorized = authorized  # the legacy routes use the same check
     _errors(app)
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorized)])
 

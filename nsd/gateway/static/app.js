@@ -110,7 +110,7 @@ async function showTasks() {
   const draw = async () => {
     const { tasks } = await api("/v1/tasks");
     const rows = [];
-    for (const t of tasks.slice().reverse()) {
+    for (const t of tasks.slice().reverse().slice(0, 100)) {  // the newest hundred
       if (!details.has(t.task_id) || !TERMINAL.has(details.get(t.task_id).state)) {
         try { details.set(t.task_id, await api(`/v1/tasks/${encodeURIComponent(t.task_id)}`)); } catch (e) { /* gone */ }
       }
