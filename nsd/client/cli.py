@@ -206,6 +206,44 @@ def worker(broker_addr, cores, cores_per_trial, cache_dir, cache_size, worker_id
 
 
 @main.command()
+@config_option("gateway")
+@click.option("--broker", envvar="NSD_BROKER", default="tcp://127.0.0.1:5550", show_default=True,
+              help="The broker's client endpoint (env NSD_BROKER).")
+@click.option("--http", default="127.0.0.1:8550", show_default=True, help="REST, events and web view: HOST:PORT.")
+@click.option("--grpc", default="127.0.0.1:8551", show_default=True, help="gRPC: HOST:PORT.")
+@click.option("--tokens", type=click.Path(dir_okay=False), default=None,
+              help="Bearer tokens, one `name token` per line (re-read on SIGHUP); without it nothing is asked.")
+@click.option("--tls-cert", type=click.Path(dir_okay=False), default=None, help="TLS certificate (PEM), both doors.")
+@click.option("--tls-key", type=click.Path(dir_okay=False), default=None, help="TLS private key (PEM).")
+@click.option("--insecure", is_flag=True, help="Allow a non-loopback bind without tokens and TLS.")
+@click.option("--max-upload", default=16.0, show_default=True, help="Largest upload, GiB.")
+@click.option("--curve-key", envvar="NSD_CURVE_KEY", default=None, type=click.Path(dir_okay=False),
+              help="The gateway's own client key pair, for a CURVE broker (env NSD_CURVE_KEY).")
+@click.option("--server-key", envvar="NSD_SERVER_KEY", default=None, type=click.Path(dir_okay=False),
+              help="The broker's public key, for a CURVE broker (env NSD_SERVER_KEY).")
+@click.option("--log-level", default="info", show_default=True)
+def gateway(broker, http, grpc, tokens, tls_cert, tls_key, insecure, max_upload, curve_key, server_key,
+            log_level) -> None:
+    """Run the REST + gRPC gateway and web view (needs `pip install 'nsd[gateway]'`)."""
+    try:
+        from nsd.gateway.app import Limits
+        from nsd.gateway.server import GatewayConfig, serve
+    except ImportError as exc:
+        _fail(ImportError(f"the gateway needs its extra: pip install 'nsd[gateway]' ({exc})"))
+    from nsd.net import install_uvloop
+
+    _setup_logging(log_level)
+    install_uvloop()
+    config = GatewayConfig(broker=broker, http=http or None, grpc=grpc or None, tokens=tokens,
+                           tls_cert=tls_cert, tls_key=tls_key, insecure=insecure, curve_key=curve_key,
+                           server_key=server_key, limits=Limits(max_upload=int(max_upload * 1024**3)))
+    try:
+        asyncio.run(serve(config))
+    except (ValueError, OSError) as exc:
+        _fail(exc)
+
+
+@main.command()
 @click.argument("spec", type=click.Path(dir_okay=False))
 @click.option("--wait", is_flag=True, help="Wait for the task to end and print its result.")
 @json_option

@@ -1,0 +1,81 @@
+"""The old Neural Solution service's paths, for users moving over, where their meaning carries
+(README "REST and gRPC gateway" maps each to nsd's own). Same tokens as /v1."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, WebSocket, WebSocketDisconnect
+from fastapi.responses import PlainTextResponse, StreamingResponse
+
+from nsd.client.view import apply_event, progress_line
+from nsd.gateway.auth import Tokens
+from nsd.gateway.service import Gateway, NotFound, Unavailable
+from nsd.gateway.streams import stream_archive
+
+
+def old_status(task: dict[str, Any]) -> dict[str, Any]:
+    """Neural Solution's /task/status answer: a status word and, once done, the optimized result."""
+    answer: dict[str, Any] = {"status": task["state"], "task_id": task["task_id"]}
+    if task.get("winner"):
+        timings = task.get("timings") or {}
+        seconds = (timings.get("finished") or 0) - (timings.get("started") or 0) if timings.get("started") else None
+        answer["optimized_result"] = {"optimization time (seconds)": seconds, "accuracy": task["winner"]["metric"],
+                                      "baseline": task["baseline"], "config": task["winner"]["label"]}
+        answer["result_path"] = f"/download/{task['task_id']}"
+    if task.get("error"):
+        answer["error"] = task["error"]
+    return answer
+
+
+def legacy_router(gateway: Gateway, authorized, tokens: Tokens) -> APIRouter:
+    legacy = APIRouter(tags=["Neural Solution compatible"])
+    auth = [Depends(authorized)]
+
+    @legacy.get("/ping", dependencies=auth, summary="Old /ping: is the service (and its broker) up")
+    async def ping():
+        try:
+            await gateway.ping()
+            return {"status": "Healthy", "msg": "nsd gateway and broker are up"}
+        except Unavailable as exc:
+            return {"status": "Failed", "msg": str(exc)}
+
+    @legacy.get("/cluster", dependencies=auth, summary="Old /cluster: the workers")
+    async def cluster():
+        return {"Cluster info": await gateway.cluster()}
+
+    @legacy.get("/task/status/{task_id}", dependencies=auth, summary="Old /task/status")
+    async def status(task_id: str):
+        return old_status(await gateway.get(task_id))
+
+    @legacy.get("/task/log/{task_id}", dependencies=auth, response_class=PlainTextResponse,
+                summary="Old /task/log: every job's log as text")
+    async def log(task_id: str):
+        logs = await gateway.logs(task_id)
+        return "".join(f"==> {entry['job']} (attempt {entry['attempt']}, {entry['worker']}) <==\n{entry['text']}\n"
+                       for entry in logs)
+
+    @legacy.get("/download/{task_id}", dependencies=auth, response_class=StreamingResponse,
+                summary="Old /download: the quantized model folder as a zip")
+    async def download(task_id: str):
+        return await stream_archive(gateway.artifact_zip(task_id), "application/zip", "zip")
+
+    @legacy.websocket("/task/screen/{task_id}")
+    async def screen(websocket: WebSocket, task_id: str):
+        """Old /task/screen: one progress line per event until the task ends."""
+        if tokens.who(websocket.headers.get("authorization")) is None:
+            await websocket.close(code=1008, reason="missing or unknown bearer token")
+            return
+        await websocket.accept()
+        try:
+            task = None
+            async for event in gateway.events(task_id):
+                task = apply_event(task, event)
+                await websocket.send_text(progress_line(task))
+            await websocket.close()
+        except NotFound as exc:
+            await websocket.close(code=1008, reason=str(exc)[:120])
+        except WebSocketDisconnect:
+            pass
+
+    return legacy
