@@ -88,7 +88,7 @@ async def test_paths_instead_of_refs_are_refused_unless_shared(http, broker):
     answer = await http.post("/v1/tasks", json=digits_spec())  # local paths of this machine
     assert answer.status_code == 422
     problems = answer.json()["problems"]
-    assert len(problems) == 2 and all("not an upload reference" in p for p in problems)
+    assert len(problems) == 2 and all("must be a blob reference" in p for p in problems)
     shared = digits_spec()
     shared["model"]["shared"] = True
     assert (await http.post("/v1/tasks", json=shared)).status_code == 201

@@ -15,7 +15,7 @@ from nsd.client.api import AsyncClient, BrokerError, BrokerUnavailable
 from nsd.gateway import uploads
 from nsd.presets import PRESETS, config_set
 from nsd.protocol import Cmd
-from nsd.spec import PATH_FIELDS, SpecError, validate
+from nsd.spec import SpecError, validate
 
 
 class NotFound(LookupError):
@@ -68,17 +68,12 @@ class Gateway:
                 "broker_version": hello.get("version")}
 
     async def submit(self, raw: Any) -> str:
-        """Validate as the CLI does; file fields must be upload refs unless the model is shared."""
+        """Validate as the broker does: file fields must be upload refs (POST /v1/uploads, gRPC Upload)
+        unless the model is shared."""
         try:
             spec = validate(raw).to_dict()
         except SpecError as exc:
             raise Invalid(exc.problems) from None
-        if not spec["model"]["shared"]:
-            problems = [f"{a}.{b}: {spec[a][b]!r} is not an upload reference (nsd-blob:...); upload it first "
-                        f"(POST /v1/uploads or gRPC Upload), or set model.shared = true for paths every "
-                        f"worker can read" for a, b in PATH_FIELDS if spec[a][b] and not parse_ref(spec[a][b])]
-            if problems:
-                raise Invalid(problems)
         try:
             with broker_errors():
                 # Not client.submit: that checks paths on this machine, and a shared path need only exist
