@@ -23,13 +23,15 @@ def config_option(daemon: str):
             raise click.BadParameter(f"cannot read {path}: {exc.strerror}") from None
         except tomllib.TOMLDecodeError as exc:
             raise click.BadParameter(f"{path} is not valid TOML: {exc}") from None
-        names = {p.name for p in ctx.command.params if p.name != "config"}
+        # A key is an option's long name (`broker`, `id`), whatever the parameter is called inside.
+        names = {opt.lstrip("-").replace("-", "_"): p.name for p in ctx.command.params if p.name != "config"
+                 for opt in getattr(p, "opts", []) if opt.startswith("--")}
         settings = {}
         for key, val in data.items():
             name = key.replace("-", "_")
             if name not in names:
                 raise click.BadParameter(f"{path}: unknown setting {key!r}; known: {', '.join(sorted(names))}")
-            settings[name] = str(val) if isinstance(val, Path) else val
+            settings[names[name]] = str(val) if isinstance(val, Path) else val
         ctx.default_map = {**(ctx.default_map or {}), **settings}
         return str(path)
 

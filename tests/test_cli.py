@@ -121,3 +121,20 @@ def test_nsd_run_leaves_no_process_behind(tmp_path):
                           text=True).stdout.split()
     assert left == []  # and no runner (they run in sessions of their own)
     assert not list(tmp_path.glob("nsd-run-*"))  # its private folder is removed
+
+
+def test_the_shipped_example_configs_are_accepted(tmp_path):
+    """systemd/*.toml use the options' long names (`broker`, `id`): each daemon accepts its file."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for daemon in ("broker", "worker"):
+        proc = subprocess.run([*NSD, daemon, "--config", str(ROOT / "systemd" / f"{daemon}.toml"), "--help"],
+                              env=env, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+    (tmp_path / "w.toml").write_text('broker = "tcp://127.0.0.1:1"\nid = "node-7"\n')
+    proc = subprocess.run([*NSD, "worker", "--config", str(tmp_path / "w.toml"), "--help"], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    (tmp_path / "bad.toml").write_text('brokr = "x"\n')
+    proc = subprocess.run([*NSD, "worker", "--config", str(tmp_path / "bad.toml"), "--help"], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "unknown setting 'brokr'" in proc.stderr

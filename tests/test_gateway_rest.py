@@ -69,7 +69,9 @@ async def test_cluster_presets_healthz(http, client):
 async def test_openapi_document_and_docs_are_served(http):
     doc = (await http.get("/openapi.json")).json()
     assert {"/v1/uploads", "/v1/tasks", "/v1/tasks/{task_id}/events", "/task/status/{task_id}"} <= set(doc["paths"])
-    assert (await http.get("/docs")).status_code == 200
+    docs = await http.get("/docs")
+    assert docs.status_code == 200 and "/swagger/swagger-ui-bundle.js" in docs.text and "cdn" not in docs.text
+    assert (await http.get("/swagger/swagger-ui-bundle.js")).status_code == 200  # served here: works offline
 
 
 async def test_invalid_spec_is_422_with_every_problem_the_cli_would_list(http):

@@ -186,7 +186,7 @@ def worker(broker_addr, cores, cores_per_trial, cache_dir, cache_size, worker_id
                           worker_id=worker_id, heartbeat_s=heartbeat, grace_s=grace, curve_key=curve_key,
                           server_key=server_key, cache_max_bytes=int(cache_size * 1024**3))
     if cache_dir is not None:
-        config.cache_dir = Path(cache_dir)
+        config.cache_dir = Path(cache_dir).resolve()  # runners work in their own folders
 
     try:
         daemon = WorkerDaemon(config)

@@ -13,7 +13,9 @@ from pathlib import Path
 
 from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.staticfiles import StaticFiles
+from swagger_ui_bundle import swagger_ui_path
 
 from nsd import __version__
 from nsd.client.api import BrokerError
@@ -50,7 +52,9 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 
 def create_app(gateway: Gateway, tokens: Tokens, limits: Limits = Limits(), keepalive_s: float = 15.0) -> FastAPI:
-    app = FastAPI(title="nsd gateway", version=__version__,
+    # docs_url=None: FastAPI's own /docs loads Swagger UI from a CDN; ours serves the swagger-ui-bundle
+    # package's copy, so the docs work on a machine without internet (below).
+    app = FastAPI(title="nsd gateway", version=__version__, docs_url=None,
                   description="Accuracy-aware INC quantization tuning as a service: REST door to the nsd broker.")
 
     def authorized(authorization: str | None = Header(default=None)) -> str:
@@ -139,6 +143,13 @@ def create_app(gateway: Gateway, tokens: Tokens, limits: Limits = Limits(), keep
 
     app.include_router(legacy_router(gateway, authorized, tokens))
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    app.mount("/swagger", StaticFiles(directory=swagger_ui_path), name="swagger")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs():
+        return get_swagger_ui_html(openapi_url=app.openapi_url, title="nsd gateway — API",
+                                   swagger_js_url="/swagger/swagger-ui-bundle.js",
+                                   swagger_css_url="/swagger/swagger-ui.css", swagger_favicon_url="/swagger/favicon-32x32.png")
 
     @app.get("/", include_in_schema=False)
     async def index():
