@@ -4,12 +4,19 @@ then the file (`--config`, else /etc/nsd/<daemon>.toml when it exists), then the
 
 from __future__ import annotations
 
+import os
 import tomllib
 from pathlib import Path
 
 import click
 
 CONFIG_DIR = Path("/etc/nsd")
+
+
+def default_state_dir() -> Path:
+    """The broker's SQLite state, blobs and key allowlists: $XDG_STATE_HOME/nsd/broker."""
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return Path(base) / "nsd" / "broker"
 
 
 def config_option(daemon: str):

@@ -53,6 +53,8 @@ from zmq.auth.base import Authenticator
 from zmq.utils import z85
 from zmq.utils.monitor import recv_monitor_message
 
+from nsd.config import default_state_dir
+
 log = logging.getLogger("nsd.security")
 
 ROLES = ("worker", "client")
@@ -74,12 +76,8 @@ class KeyFileError(ValueError):
 
 
 def default_keys_dir() -> Path:
-    """The broker's allowlists: `nsd.broker.daemon.default_state_dir() / "keys"`.
-
-    Repeated here (not imported) because the broker daemon imports this module.
-    """
-    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
-    return Path(base) / "nsd" / "broker" / "keys"
+    """The broker's allowlists: the default state dir's `keys/`."""
+    return default_state_dir() / "keys"
 
 
 def default_key_dir() -> Path:
@@ -378,8 +376,8 @@ class CurveServer:
                 await auth.handle_zap_message(msg)
             except Exception:  # never leave libzmq waiting for a reply it will not get
                 log.exception("ZAP request failed; refusing it")
-                with contextlib.suppress(Exception):
-                    auth._send_zap_reply(msg[1], b"500", b"internal error")
+                with contextlib.suppress(Exception):  # ZAP (RFC 27) reply frames: version, id, status, text, user, meta
+                    await auth.zap_socket.send_multipart([b"1.0", msg[1], b"500", b"internal error", b"", b""])
 
 
 # ---- worker / client side --------------------------------------------------------------------------

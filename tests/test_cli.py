@@ -138,3 +138,12 @@ def test_the_shipped_example_configs_are_accepted(tmp_path):
     proc = subprocess.run([*NSD, "worker", "--config", str(tmp_path / "bad.toml"), "--help"], env=env,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0 and "unknown setting 'brokr'" in proc.stderr
+
+
+def test_a_json_spec_that_is_not_an_object_is_one_clear_line(tmp_path):
+    spec = tmp_path / "task.json"
+    spec.write_text("[1, 2]")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([*NSD, "submit", str(spec)], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "a task spec is a table (a JSON object), not list" in proc.stderr

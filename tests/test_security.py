@@ -333,7 +333,7 @@ def test_allow_copies_only_the_public_key_and_keeps_roles_apart(keys):
 
 
 def test_default_keys_dir_is_the_brokers_state_dir(monkeypatch, tmp_path):
-    from nsd.broker.daemon import default_state_dir
+    from nsd.config import default_state_dir
 
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))
     assert security.default_keys_dir() == default_state_dir() / "keys" == tmp_path / "nsd" / "broker" / "keys"

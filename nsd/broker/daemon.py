@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -429,8 +428,3 @@ class Broker:
         return metrics_http.render(self.metrics, by_state, len(self.core.workers),
                                    sum(w.slots for w in self.core.workers.values()),
                                    sum(len(w.running) for w in self.core.workers.values()), queue)
-
-
-def default_state_dir() -> Path:
-    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
-    return Path(base) / "nsd" / "broker"

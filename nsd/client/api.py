@@ -63,9 +63,11 @@ def read_spec(path: str | os.PathLike) -> dict[str, Any]:
         raw = json.loads(text) if file.suffix == ".json" else tomllib.loads(text)
     except (ValueError, tomllib.TOMLDecodeError) as exc:
         raise ValueError(f"{path} is not valid {'JSON' if file.suffix == '.json' else 'TOML'}: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: a task spec is a table (a JSON object), not {type(raw).__name__}")
     raw.setdefault("name", file.stem)
     base = file.resolve().parent
-    for section, key in (("model", "path"), ("recipe", "file"), ("recipe", "data")):
+    for section, key in PATH_FIELDS:
         value = raw.get(section, {}).get(key) if isinstance(raw.get(section), dict) else None
         if isinstance(value, str) and value and not os.path.isabs(value):
             raw[section][key] = str((base / value).resolve())
@@ -78,8 +80,8 @@ def prepare_spec(spec: dict | TaskSpec | str | os.PathLike) -> dict[str, Any]:
         spec = read_spec(spec)
     task = spec if isinstance(spec, TaskSpec) else validate(spec, local_paths=True)  # uploaded after this
     missing = []
-    for where, path in (("recipe.file", task.recipe.file), ("recipe.data", task.recipe.data),
-                        ("model.path", task.model.path)):
+    for section, key in PATH_FIELDS:
+        where, path = f"{section}.{key}", getattr(getattr(task, section), key)
         if path and not parse_ref(path) and not os.path.exists(path):
             hub = where == "model.path" and not os.path.isabs(path) and path.count("/") <= 1
             missing.append(f"{where}: {path} does not exist" + (

@@ -114,7 +114,8 @@ def _limit_options(command):
 def broker(state_dir, clients, workers, events, heartbeat, liveness, insecure, metrics, curve_secret, keys_dir,
            log_level, **limits) -> None:
     """Run the broker daemon."""
-    from nsd.broker.daemon import Broker, default_state_dir
+    from nsd.broker.daemon import Broker
+    from nsd.config import default_state_dir
     from nsd.broker.limits import BrokerLimits
     from nsd.limits import raise_open_files_limit
     from nsd.net import install_uvloop
