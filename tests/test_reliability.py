@@ -116,9 +116,11 @@ async def test_sigkill_a_worker_mid_trial_the_trial_completes_elsewhere(daemons)
 
         follower = asyncio.create_task(follow())
 
-        async def wa_runs_a_trial():
+        async def wa_runs_a_trial():  # leased to wa, and wa has started it (its log exists): not in flight
             task = await client.status(task_id)
-            return [t for t in task["trials"] if t["state"] == "running" and t["worker"] == "wa"]
+            logs = daemons.tmp / "wa" / "logs" / task_id
+            return [t for t in task["trials"] if t["state"] == "running" and t["worker"] == "wa"
+                    and (logs / f"{t['index']}-a{t['attempt']}.log").exists()]
 
         (victim,) = (await wait_for(wa_runs_a_trial, 90, 0.1))[:1]
         daemons.orphans += daemons.runners_of("wa")
@@ -186,9 +188,11 @@ async def test_sigterm_a_busy_worker_finishes_its_trial_and_loses_nothing(daemon
     try:
         task_id = await client.submit(slow_spec(1.5))
 
-        async def wa_runs_a_trial():
+        async def wa_runs_a_trial():  # leased to wa, and wa has started it (its log exists): not in flight
             task = await client.status(task_id)
-            return [t for t in task["trials"] if t["state"] == "running" and t["worker"] == "wa"]
+            logs = daemons.tmp / "wa" / "logs" / task_id
+            return [t for t in task["trials"] if t["state"] == "running" and t["worker"] == "wa"
+                    and (logs / f"{t['index']}-a{t['attempt']}.log").exists()]
 
         (victim,) = (await wait_for(wa_runs_a_trial, 90, 0.1))[:1]
         daemons.procs["wa"].send_signal(signal.SIGTERM)
