@@ -194,3 +194,25 @@ def fallback_label(base_label: str, fallback: Sequence[str]) -> str:
         return base_label
     what = fallback[0] if len(fallback) == 1 else f"{len(fallback)} ops"
     return f"{base_label} + {what} in FP32"
+
+
+def parse_oplists(raw: object) -> dict[str, OpList] | None:
+    """A plan's `ops` ({family: {"ops": [...], "blocks": [[...]]}}) checked, or None if malformed."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        return None
+    out = {}
+    for family, entry in raw.items():
+        ops = entry.get("ops") if isinstance(entry, dict) else None
+        blocks = entry.get("blocks", []) if isinstance(entry, dict) else None
+        if not isinstance(family, str) or not isinstance(ops, list) or not isinstance(blocks, list) \
+                or not all(isinstance(o, str) for o in ops) or len(set(ops)) != len(ops) \
+                or not all(isinstance(b, list) and b and set(b) <= set(ops) for b in blocks):
+            return None
+        out[family] = OpList(tuple(ops), tuple(tuple(b) for b in blocks))
+    return out
+
+
+def oplists_to_plain(oplists: Mapping[str, OpList]) -> dict:
+    return {f: {"ops": list(o.ops), "blocks": [list(b) for b in o.blocks]} for f, o in oplists.items()}

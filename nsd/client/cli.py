@@ -308,7 +308,12 @@ def watch(task_id, broker) -> None:
             task = apply_event(task, event)
             if event["kind"] == "trial" and event["state"] not in ("running", "pending"):
                 metric = "-" if event["metric"] is None else f"{event['metric']:.6g}"
-                click.echo(f"  trial {event['index']:>3} {event['state']:<11} metric {metric}")
+                tr = task["trials"][event["index"]]
+                click.echo(f"  trial {event['index']:>3} {event['state']:<11} metric {metric}  "
+                           f"{tr.get('stage', 'config')}: {tr['label']}")
+            elif event["kind"] == "stage":
+                stages = sorted({t["stage"] for t in event["trials"]})
+                click.echo(f"  fallback search: {len(event['trials'])} {'/'.join(stages)} trials added")
             click.echo(progress_line(task))
         task = client.result(task["task_id"])
     click.echo(result_text(task))
