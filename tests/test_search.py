@@ -133,3 +133,23 @@ def test_stages_appear_when_known_and_accumulated_is_speculative():
     # ... but not once something passed: the winner is at or below it
     steps[1] = Step(1, BLOCK_WISE, ("l.0.a", "l.0.b"), 0, S.PASSED, 0.9)
     assert next_stage(layout, steps) == [] and decide(layout, steps) == tuner.Decision(1, True)
+
+
+def test_spec_strategy_defaults_to_basic_and_is_checked():
+    from nsd.spec import SpecError, validate
+
+    raw = {"name": "x", "model": {"path": "/m"}, "recipe": {"kind": "python", "file": "/r.py"},
+           "tuning": {"config_set": [{"rtn": {}}]}}
+    assert validate(raw).tuning.strategy == "basic"
+    assert validate({**raw, "tuning": {**raw["tuning"], "strategy": "list"}}).tuning.strategy == "list"
+    with pytest.raises(SpecError, match="tuning.strategy: must be one of basic, list"):
+        validate({**raw, "tuning": {**raw["tuning"], "strategy": "auto"}})
+
+
+def test_plan_op_lists_are_checked():
+    assert search.parse_oplists(None) == {}
+    assert search.parse_oplists({"rtn": {"ops": ["a", "b"], "blocks": [["a", "b"]]}}) == \
+        {"rtn": OpList(("a", "b"), (("a", "b"),))}
+    for bad in ([], {"rtn": {"ops": "a"}}, {"rtn": {"ops": ["a", "a"]}}, {"rtn": {"ops": ["a"], "blocks": [["b"]]}},
+                {"rtn": {"ops": [1]}}, {"rtn": {"ops": ["a"], "blocks": [[]]}}):
+        assert search.parse_oplists(bad) is None, bad
