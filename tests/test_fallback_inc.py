@@ -17,6 +17,13 @@ RECIPE = RECIPES / "fallback_mlp.py"
 CONFIG_SET = [{"rtn": {"bits": [2, 3], "group_size": -1, "use_layer_wise": False}}]
 
 
+def import_inc() -> None:
+    """INC's RTN module binds `transformers` at its own import only if transformers was imported before it,
+    yet tests it at call time: import transformers first, whichever test of this process runs first."""
+    import transformers  # noqa: F401
+    import neural_compressor.torch.quantization  # noqa: F401
+
+
 def mlp_recipe():
     sys.path.insert(0, str(RECIPES))
     try:
@@ -39,6 +46,7 @@ def weights(tmp_path_factory) -> dict:
 
 def inc_sequential(weights_path, tuning: dict, monkeypatch):
     """The procedure one trial at a time in this process, each trial quantized by INC: (trials, winner, met)."""
+    import_inc()
     from neural_compressor.torch.quantization import quantize
     from neural_compressor.torch.quantization.autotune import _deepcopy_warp
 
@@ -64,6 +72,7 @@ def inc_sequential(weights_path, tuning: dict, monkeypatch):
 
 
 def test_rtn_fallback_keeps_exactly_the_named_ops_float(weights, monkeypatch):
+    import_inc()
     import torch
     from neural_compressor.torch.quantization import quantize
 
