@@ -107,7 +107,7 @@ def _tiny_bert():
 
 # torch's and INC's own deprecation notices while exporting, copying and converting graphs in this process
 @pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning")
-def test_static_pt2e_excluded_op_stays_float_in_the_converted_graph():
+def test_pt2e_excluded_op_stays_float_in_the_converted_graph():
     from neural_compressor.torch.export import export
     from neural_compressor.torch.quantization import quantize
     from neural_compressor.torch.quantization.autotune import _deepcopy_warp
@@ -134,6 +134,13 @@ def test_static_pt2e_excluded_op_stays_float_in_the_converted_graph():
     again = quantize(_deepcopy_warp(graph), config_from_dict({"static_quant": {}}), run_fn=calibrate,
                      inplace=True, example_inputs=inputs)
     assert all(pt2e_quantized(again, listed["ops"]).values())
+    # A python recipe's load_model() may return the graph itself: the same ops, blocks from numbered layers.
+    assert op_list("pt2e_dynamic_quant", graph, graph) == listed
+    # Dynamic PT2E: the same exact-name rule (activations quantized at run time, weights at convert).
+    key = "encoder.layer.0.attention.self.key"
+    config = with_fallback(config_from_dict({"pt2e_dynamic_quant": {"act_sym": False}}), [key])
+    dynamic = quantize(_deepcopy_warp(graph), config, run_fn=calibrate, inplace=True, example_inputs=inputs)
+    assert pt2e_quantized(dynamic, listed["ops"]) == {op: op != key for op in listed["ops"]}
 
 
 # ------------------------------------------------------------------------------- end to end (slow)

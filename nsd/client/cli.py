@@ -417,7 +417,8 @@ def run(spec, n_workers, output, as_json, log_level) -> None:
 
     def show(event: dict) -> None:
         view["task"] = apply_event(view.get("task"), event)
-        if not as_json and event["kind"] in ("trial", "state", "snapshot") and view["task"]["trials"] is not None:
+        shown = ("trial", "stage", "state", "snapshot")
+        if not as_json and event["kind"] in shown and view["task"]["trials"] is not None:
             if event["kind"] != "trial" or event["state"] not in ("running", "pending"):
                 click.echo(progress_line(view["task"]), err=True)
 

@@ -222,7 +222,8 @@ def save(job: dict, cache: TaskCache) -> dict[str, Any]:
         inc_save(q_model, folder)
     with open(os.path.join(folder, "nsd.json"), "w") as f:
         json.dump({"task_id": job["task_id"], "trial": job["index"], "config": job["config"],
-                   "fallback": list(job.get("fallback") or []), "metric": answer["metric"], "weight_only": name not in PT2E_CONFIGS,
+                   "fallback": list(job.get("fallback") or []), "metric": answer["metric"],
+                   "weight_only": name not in PT2E_CONFIGS,
                    "recipe": job["spec"]["recipe"]["kind"]}, f, indent=2)
     return {"artifact_dir": folder, "metric": answer["metric"]}
 
