@@ -114,6 +114,18 @@ async def test_list_strategy_stops_after_the_config_set(broker, client):
         await w.stop()
 
 
+async def test_a_plan_with_malformed_op_lists_fails_the_task(broker, client):
+    def answer(job):
+        return {**answer_from(table)(job), "ops": {"rtn": {"ops": ["a"], "blocks": [["b", {"x": 1}]]}}}
+
+    w = await ScriptedWorker(broker.endpoints["workers"], "s1", slots=1, answer=answer).start()
+    try:
+        task = await done(client, await client.submit(spec()))
+        assert task["state"] == "failed" and "malformed plan" in task["error"]
+    finally:
+        await w.stop()
+
+
 async def test_a_restarted_broker_continues_the_search(tmp_path):
     """Stop the broker while the op-wise stage runs; the new one reloads stages and ops and adds the
     accumulated stage itself."""

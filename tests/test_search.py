@@ -151,5 +151,6 @@ def test_plan_op_lists_are_checked():
     assert search.parse_oplists({"rtn": {"ops": ["a", "b"], "blocks": [["a", "b"]]}}) == \
         {"rtn": OpList(("a", "b"), (("a", "b"),))}
     for bad in ([], {"rtn": {"ops": "a"}}, {"rtn": {"ops": ["a", "a"]}}, {"rtn": {"ops": ["a"], "blocks": [["b"]]}},
-                {"rtn": {"ops": [1]}}, {"rtn": {"ops": ["a"], "blocks": [[]]}}):
+                {"rtn": {"ops": [1]}}, {"rtn": {"ops": ["a"], "blocks": [[]]}}, {"rtn": {"ops": ["a"], "blocks": [[{}]]}},
+                {"rtn": {"ops": [["a"]]}}, {"rtn": None}):
         assert search.parse_oplists(bad) is None, bad

@@ -206,12 +206,15 @@ def parse_oplists(raw: object) -> dict[str, OpList] | None:
     for family, entry in raw.items():
         ops = entry.get("ops") if isinstance(entry, dict) else None
         blocks = entry.get("blocks", []) if isinstance(entry, dict) else None
-        if not isinstance(family, str) or not isinstance(ops, list) or not isinstance(blocks, list) \
-                or not all(isinstance(o, str) for o in ops) or len(set(ops)) != len(ops) \
-                or not all(isinstance(b, list) and b and set(b) <= set(ops) for b in blocks):
+        if not isinstance(family, str) or not _names(ops) or len(set(ops)) != len(ops) \
+                or not isinstance(blocks, list) or not all(_names(b) and b and set(b) <= set(ops) for b in blocks):
             return None
         out[family] = OpList(tuple(ops), tuple(tuple(b) for b in blocks))
     return out
+
+
+def _names(value: object) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
 
 
 def oplists_to_plain(oplists: Mapping[str, OpList]) -> dict:
