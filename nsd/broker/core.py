@@ -481,6 +481,7 @@ class Core:
                                      base=n.base, label=search.fallback_label(base.label, n.fallback)[:500]))
         task.index_trials()
         self._touch(task)
+        self._dirty = True  # new trials wait for slots
         self.store.insert_trials(task.id, [t.row() for t in task.trials[first:]])
         self.emit(task, "stage", trials=[t.described() for t in task.trials[first:]])
         log.info("task %s: %d %s trials added", task.id, len(new), "/".join(sorted({n.stage for n in new})))
