@@ -138,7 +138,7 @@ def test_stages_appear_when_known_and_accumulated_is_speculative():
 def test_spec_strategy_defaults_to_basic_and_is_checked():
     from nsd.spec import SpecError, validate
 
-    raw = {"name": "x", "model": {"path": "/m"}, "recipe": {"kind": "python", "file": "/r.py"},
+    raw = {"name": "x", "model": {"path": "/m", "shared": True}, "recipe": {"kind": "python", "file": "/r.py"},
            "tuning": {"config_set": [{"rtn": {}}]}}
     assert validate(raw).tuning.strategy == "basic"
     assert validate({**raw, "tuning": {**raw["tuning"], "strategy": "list"}}).tuning.strategy == "list"
