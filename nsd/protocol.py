@@ -138,6 +138,7 @@ RESULT_OPTIONAL: dict[str, Check] = {
     "eval_s": OPT_NUMBER, "error": text(MAX_TEXT), "log": text(MAX_TEXT), "requeue": BOOL,
     "handback": BOOL,
     "artifact": text(64, SHA256), "configs": listof(MAX_CONFIGS, PLANNED),
+    "ops": JSON_MAP,  # a plan's op lists per config family (shape checked by nsd.broker.search.parse_oplists)
     "traceback": listof(100, text(4096)),
 }
 

@@ -32,6 +32,7 @@ PT2E_CONFIGS = frozenset({"static_quant", "pt2e_dynamic_quant"})
 RECIPE_KINDS = ("python", *BUILTIN_RECIPES)
 LOWER_IS_BETTER_METRICS = frozenset({"perplexity"})
 CRITERIA = ("relative", "absolute")
+STRATEGIES = ("basic", "list")  # tuning.strategy: see nsd/broker/search.py
 
 
 class SpecError(ValueError):
@@ -70,7 +71,8 @@ class TuningSpec:
     tolerable_loss: float = 0.01
     criterion: str = "relative"
     higher_is_better: bool = True
-    max_trials: int = 100  # INC's TuningConfig default
+    max_trials: int = 100  # INC's TuningConfig default; counts trials over every stage of the search
+    strategy: str = "basic"  # "basic": INC 2.x's fallback search after the config set; "list": the set only
     timeout_s: float = 0.0  # 0: no wall-clock budget
     trial_timeout_s: float = 0.0  # 0: none; a trial running longer has its runner killed and ends in error
     max_attempts: int = 3  # a trial whose runner dies this often is marked error
@@ -188,6 +190,7 @@ def validate(raw: Any, *, local_paths: bool = False) -> TaskSpec:
         criterion=_choice(t, "criterion", CRITERIA, "relative", "tuning.", problems),
         higher_is_better=higher_is_better,
         max_trials=int(_number(t, "max_trials", 100, 1, 100_000, "tuning.", problems, integer=True)),
+        strategy=_choice(t, "strategy", STRATEGIES, "basic", "tuning.", problems),
         timeout_s=_number(t, "timeout_s", 0.0, 0.0, None, "tuning.", problems),
         trial_timeout_s=_number(t, "trial_timeout_s", 0.0, 0.0, None, "tuning.", problems),
         max_attempts=int(_number(t, "max_attempts", 3, 1, 100, "tuning.", problems, integer=True)),

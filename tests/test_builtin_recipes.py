@@ -391,9 +391,11 @@ async def test_text_classification_jsonl_named_columns_f1(client, start_workers,
 @slow
 async def test_feature_extraction_every_preset_config_runs(client, start_workers, assets):
     # tolerable_loss 0 against the FP32 model's own cosine of 1.0: no config can pass, so every config of
-    # the auto preset (static, dynamic, weight-only) runs on the encoder, and the best one is returned.
+    # the auto preset (static, dynamic, weight-only) runs on the encoder, and the best one is returned
+    # (strategy "list": the config set only, no fallback search after it).
     spec = task("feature-extraction", assets["classifier"], assets["sentences"],
-                {"eval_samples": 32, "calibration_samples": 16}, preset="auto", tolerable_loss=0.0)
+                {"eval_samples": 32, "calibration_samples": 16}, preset="auto", tolerable_loss=0.0,
+                strategy="list")
     await start_workers(2)
     result = await client.result(await client.submit(spec), wait=True)
     assert result["state"] == "done" and result["met_goal"] is False, result

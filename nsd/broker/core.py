@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 from nsd.blobs import make_ref
-from nsd.broker import scheduler, tuner
+from nsd.broker import scheduler, search, tuner
 from nsd.broker.limits import BrokerLimits
 from nsd.broker.metrics import Metrics
 from nsd.broker.model import PLAN, SAVE, STAGE_JOBS, Task, Trial, Worker, job_id
@@ -148,11 +148,14 @@ class Core:
                     baseline=row["baseline"], winner=row["winner"],
                     met_goal=None if row["met_goal"] is None else bool(row["met_goal"]), error=row["error"],
                     seq=row["seq"], stage_attempt=row["stage_attempt"], stage_worker=row["stage_worker"],
-                    plan_s=row["plan_s"], artifact=row["artifact"])
+                    plan_s=row["plan_s"], artifact=row["artifact"],
+                    oplists=search.parse_oplists(json.loads(row["oplists"] or "null")) or {})
         task.trials = [Trial(index=r["idx"], config=json.loads(r["config"]), label=r["label"],
                              state=TrialState(r["state"]), attempt=r["attempt"], metric=r["metric"],
                              worker=r["worker"], started=r["started"], finished=r["finished"],
-                             seconds=r["seconds"], error=r["error"]) for r in self.store.trials(task.id)]
+                             seconds=r["seconds"], error=r["error"], stage=r["stage"],
+                             fallback=json.loads(r["fallback"]), base=r["base"])
+                       for r in self.store.trials(task.id)]
         task.index_trials()
         return task
 
@@ -417,21 +420,21 @@ class Core:
         baseline, configs = body.get("baseline"), body.get("configs")
         if not body["ok"]:
             return self.finish(task, TaskState.FAILED, error=f"planning failed: {body.get('error') or 'unknown error'}")
-        if baseline is None or configs is None:
+        oplists = search.parse_oplists(body.get("ops"))
+        if baseline is None or configs is None or oplists is None or any(len(c["config"]) != 1 for c in configs):
             return self.finish(task, TaskState.FAILED, error="planning returned a malformed plan")
         if not configs:
             return self.finish(task, TaskState.FAILED, error="the config set expanded to no configs")
         configs = configs[: task.tuning["max_trials"]]
-        task.baseline = float(baseline)
+        task.baseline, task.oplists = float(baseline), oplists
         task.trials = [Trial(index=i, config=c["config"], label=c.get("label", "")) for i, c in enumerate(configs)]
         task.index_trials()
         self._move(task, TaskState.TUNING)  # (marks scheduling dirty: new trials wait)
         task.stage_attempt = 1
-        self.store.insert_trials(task.id, [(t.index, t.config, t.label, t.state.value) for t in task.trials])
+        self.store.insert_trials(task.id, [t.row() for t in task.trials])
         self._write_task(task, baseline=task.baseline, state=task.state.value, stage_worker=None, stage_attempt=1,
-                         plan_s=task.plan_s)
-        self.emit(task, "plan", baseline=task.baseline, trials=[{"index": t.index, "config": t.config,
-                                                                 "label": t.label} for t in task.trials])
+                         plan_s=task.plan_s, oplists=search.oplists_to_plain(oplists))
+        self.emit(task, "plan", baseline=task.baseline, trials=[t.described() for t in task.trials])
         self.emit(task, "state", state=task.state.value)
         log.info("task %s: baseline %.6g, %d trials", task.id, task.baseline, len(task.trials))
 
@@ -449,16 +452,39 @@ class Core:
     # ---- decisions -------------------------------------------------------------------------------
 
     def settle(self, task: Task) -> None:
-        """After any trial change: cancel what can no longer win (tuner.to_cancel), and end the task once
-        decided (tuner.decide) — which, with those cancelled, is when no trial is left unfinished."""
+        """After any trial change: cancel what can no longer win (tuner.to_cancel), add the fallback search's
+        next stage once it is known (search.next_stage), and end the task once decided (search.decide) —
+        which, with those cancelled, is when no trial is left unfinished and no stage is left to add."""
         passed = task.lowest_passed
         if passed is not None and passed != task.cancelled_above:
             for tr in task.trials[passed + 1:]:
                 if not tr.state.finished:
                     self._cancel_trial(task, tr, "a lower-index trial met the goal")
             task.cancelled_above = passed
-        if task.n_unfinished == 0 and task.state is TaskState.TUNING:
-            self.conclude(task, tuner.decide(task.views(), task.tuning["higher_is_better"]))
+        if task.state is not TaskState.TUNING:
+            return
+        last = task.trials[-1].stage if task.trials else None
+        if passed is None and task.tuning.get("strategy") == "basic" and last != search.ACCUMULATED \
+                and (last != search.CONFIG or task.n_unfinished == 0):  # cheap gates: most results add nothing
+            self._add_stage(task, search.next_stage(task.layout(), task.steps()))
+        if task.n_unfinished == 0:
+            self.conclude(task, search.decide(task.layout(), task.steps()))
+
+    def _add_stage(self, task: Task, new: list[search.NewTrial]) -> None:
+        """Append trials of the fallback search (a trial's index is its place in the global order)."""
+        if not new:
+            return
+        first = len(task.trials)
+        for k, n in enumerate(new):
+            base = task.trials[n.base]
+            task.trials.append(Trial(index=first + k, config=base.config, stage=n.stage, fallback=list(n.fallback),
+                                     base=n.base, label=search.fallback_label(base.label, n.fallback)[:500]))
+        task.index_trials()
+        self._touch(task)
+        self._dirty = True  # new trials wait for slots
+        self.store.insert_trials(task.id, [t.row() for t in task.trials[first:]])
+        self.emit(task, "stage", trials=[t.described() for t in task.trials[first:]])
+        log.info("task %s: %d %s trials added", task.id, len(new), "/".join(sorted({n.stage for n in new})))
 
     def conclude(self, task: Task, decision: tuner.Decision, note: str | None = None) -> None:
         """The winner is known: stop the other trials, then save its artifact (`finalizing`)."""
@@ -599,14 +625,15 @@ class Core:
             jid, attempt = job_id(task.id, SAVE), task.stage_attempt
             winner = task.trials[task.winner]
             job = {"kind": "save", "task_id": task.id, "spec": task.spec, "index": winner.index,
-                   "config": winner.config}
+                   "config": winner.config, "fallback": winner.fallback}
             self._write_task(task, stage_worker=worker.id)
         else:
             tr = task.next_pending()
             task.set_state(tr, TrialState.RUNNING)
             tr.worker, tr.started = worker.id, now
             jid, attempt = job_id(task.id, tr.index), tr.attempt
-            job = {"kind": "trial", "task_id": task.id, "spec": task.spec, "index": tr.index, "config": tr.config}
+            job = {"kind": "trial", "task_id": task.id, "spec": task.spec, "index": tr.index, "config": tr.config,
+                   "fallback": tr.fallback}
             self._write_trial(task, tr, state=tr.state.value, worker=worker.id, started=now)
             self.emit(task, "trial", **tr.event())
         job["cores"] = self.job_cores(task, worker)

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from nsd.broker import tuner
+from nsd.broker import search, tuner
 from nsd.states import TASK_TRANSITIONS, TRIAL_TRANSITIONS, TaskState, TrialState, check_transition
 
 PLAN = "plan"  # the job of a `planning` task: load, evaluate FP32 once, expand the config set
@@ -43,14 +43,29 @@ class Trial:
     finished: float | None = None
     seconds: float | None = None
     error: str | None = None
+    stage: str = search.CONFIG  # the fallback search's stage (nsd/broker/search.py)
+    fallback: list[str] = field(default_factory=list)  # op names kept in FP32 on top of `config`
+    base: int | None = None  # the config trial a fallback trial builds on
 
     def view(self) -> tuner.TrialView:
         return tuner.TrialView(self.index, self.state, self.metric)
 
+    def step(self) -> search.Step:
+        return search.Step(self.index, self.stage, tuple(self.fallback),
+                           self.index if self.base is None else self.base, self.state, self.metric)
+
+    def described(self) -> dict[str, Any]:
+        """What a trial is (in `plan` and `stage` events and in the task view)."""
+        return {"index": self.index, "config": self.config, "label": self.label, "stage": self.stage,
+                "fallback": self.fallback}
+
+    def row(self) -> tuple:
+        """Its row for `Store.insert_trials`."""
+        return self.index, self.config, self.label, self.state.value, self.stage, self.fallback, self.base
+
     def public(self) -> dict[str, Any]:
-        return {"index": self.index, "config": self.config, "label": self.label, "state": self.state.value,
-                "metric": self.metric, "attempt": self.attempt, "worker": self.worker, "seconds": self.seconds,
-                "error": self.error}
+        return {**self.described(), "state": self.state.value, "metric": self.metric, "attempt": self.attempt,
+                "worker": self.worker, "seconds": self.seconds, "error": self.error}
 
     def event(self) -> dict[str, Any]:
         return {"index": self.index, "state": self.state.value, "metric": self.metric, "attempt": self.attempt,
@@ -75,6 +90,7 @@ class Task:
     stage_worker: str | None = None  # who holds its lease
     plan_s: float | None = None
     artifact: str | None = None  # blob reference of the saved winner
+    oplists: dict[str, search.OpList] = field(default_factory=dict)  # the plan's ops per config family
     trials: list[Trial] = field(default_factory=list)
     # The running tally (see the module docstring).
     pending: list[int] = field(default_factory=list)  # heap of PENDING indexes (stale entries are skipped)
@@ -171,6 +187,14 @@ class Task:
     def views(self) -> list[tuner.TrialView]:
         return [t.view() for t in self.trials]
 
+    def layout(self) -> search.Layout:
+        families = tuple(next(iter(t.config)) for t in self.trials if t.stage == search.CONFIG)
+        return search.Layout(families, self.oplists, self.tuning["max_trials"], self.tuning["higher_is_better"],
+                             self.tuning.get("strategy", "list"))  # tasks from before the search: "list"
+
+    def steps(self) -> list[search.Step]:
+        return [t.step() for t in self.trials]
+
     def goal(self) -> tuner.Goal:
         t = self.tuning
         return tuner.Goal(self.baseline, t["tolerable_loss"], t["criterion"], t["higher_is_better"])
@@ -191,8 +215,7 @@ class Task:
             "met_goal": self.met_goal, "baseline": self.baseline, "error": self.error,
             "goal": {"tolerable_loss": t["tolerable_loss"], "criterion": t["criterion"],
                      "higher_is_better": t["higher_is_better"], "max_trials": t["max_trials"]},
-            "winner": None if winner is None else {"index": winner.index, "config": winner.config,
-                                                   "label": winner.label, "metric": winner.metric},
+            "winner": None if winner is None else {**winner.described(), "metric": winner.metric},
             "trials": [tr.public() for tr in self.trials],
             "timings": {"created": self.created, "started": self.started, "finished": self.finished,
                         "elapsed_s": ((self.finished or now) - self.started) if self.started else None,

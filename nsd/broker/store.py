@@ -31,7 +31,8 @@ CREATE TABLE IF NOT EXISTS tasks (
     stage_worker TEXT,
     plan_s REAL,
     artifact TEXT,
-    owner TEXT NOT NULL DEFAULT ''
+    owner TEXT NOT NULL DEFAULT '',
+    oplists TEXT  -- the plan's ops and blocks per config family (JSON), for the fallback search
 );
 CREATE TABLE IF NOT EXISTS trials (
     task_id TEXT NOT NULL REFERENCES tasks(id),
@@ -46,6 +47,9 @@ CREATE TABLE IF NOT EXISTS trials (
     finished REAL,
     seconds REAL,
     error TEXT,
+    stage TEXT NOT NULL DEFAULT 'config',  -- the fallback search's stage (nsd/broker/search.py)
+    fallback TEXT NOT NULL DEFAULT '[]',  -- op names kept in FP32 (JSON list)
+    base INTEGER,  -- the config trial a fallback trial builds on
     PRIMARY KEY (task_id, idx)
 );
 CREATE TABLE IF NOT EXISTS logs (
@@ -70,10 +74,13 @@ CREATE TABLE IF NOT EXISTS events (
 
 MIGRATIONS = (  # columns added after the first release: (table, column, definition)
     ("tasks", "owner", "TEXT NOT NULL DEFAULT ''"),
+    # the fallback search: rows from before it are config-set trials with no fallback
+    ("tasks", "oplists", "TEXT"), ("trials", "stage", "TEXT NOT NULL DEFAULT 'config'"),
+    ("trials", "fallback", "TEXT NOT NULL DEFAULT '[]'"), ("trials", "base", "INTEGER"),
 )
 EVENTS_KEPT = 1000  # per task: the events table keeps the newest ones (clients re-snapshot; see README)
 TASK_COLUMNS = frozenset({"state", "started", "finished", "baseline", "winner", "met_goal", "error", "seq",
-                          "stage_attempt", "stage_worker", "plan_s", "artifact"})
+                          "stage_attempt", "stage_worker", "plan_s", "artifact", "oplists"})
 TRIAL_COLUMNS = frozenset({"state", "attempt", "metric", "worker", "started", "finished", "seconds", "error"})
 
 
@@ -131,11 +138,14 @@ class Store:
     def update_task(self, task_id: str, **fields: Any) -> None:
         self._update("tasks", TASK_COLUMNS, "id = ?", (task_id,), fields)
 
-    def insert_trials(self, task_id: str, trials: list[tuple[int, dict, str, str]]) -> None:
+    def insert_trials(self, task_id: str, trials: list[tuple]) -> None:
+        """Rows of (idx, config, label, state, stage, fallback, base)."""
         with self.tx():
             self.db.executemany(
-                "INSERT INTO trials (task_id, idx, config, label, state) VALUES (?, ?, ?, ?, ?)",
-                [(task_id, idx, json.dumps(config), label, state) for idx, config, label, state in trials])
+                "INSERT INTO trials (task_id, idx, config, label, state, stage, fallback, base) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [(task_id, idx, json.dumps(config), label, state, stage, json.dumps(fallback), base)
+                 for idx, config, label, state, stage, fallback, base in trials])
 
     def update_trial(self, task_id: str, idx: int, **fields: Any) -> None:
         self._update("trials", TRIAL_COLUMNS, "task_id = ? AND idx = ?", (task_id, idx), fields)

@@ -387,11 +387,15 @@ def loading_readme(task: dict, name: str) -> str:
             "from neural_compressor.torch.quantization import load\n"
             f"model = load('{name}')  # a PT2E graph; for int8 speed, torch.compile it with "
             "torch._inductor.config.freezing = True")
+    ops = winner.get("fallback") or []
+    fallback = (f"The fallback search ({winner.get('stage')} stage) kept these {len(ops)} ops in FP32; they are "
+                f"plain float modules in the saved model:\n\n" + "".join(f"- `{op}`\n" for op in ops) + "\n"
+                if ops else "")
     return (f"# {task['name']}: quantized by nsd\n\n"
-            f"Task `{task['task_id']}` tuned {len(task['trials'])} INC configs; trial {winner['index']} won "
+            f"Task `{task['task_id']}` ran {len(task['trials'])} trials; trial {winner['index']} won "
             f"(`{winner['label']}`, metric {winner['metric']:.6g} against an FP32 baseline of "
             f"{task['baseline']:.6g}; goal met: {str(task['met_goal']).lower()}).\n\n"
-            f"`{name}/` was written by INC's `save` (with `nsd.json` describing the trial); "
+            f"{fallback}`{name}/` was written by INC's `save` (with `nsd.json` describing the trial); "
             f"`result.json` is the whole task result.\n\n"
             f"Load it (needs `pip install neural-compressor-pt==3.10 torch==2.13.0`):\n\n"
             f"```python\n{load}\n```\n")

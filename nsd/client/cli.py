@@ -308,7 +308,12 @@ def watch(task_id, broker) -> None:
             task = apply_event(task, event)
             if event["kind"] == "trial" and event["state"] not in ("running", "pending"):
                 metric = "-" if event["metric"] is None else f"{event['metric']:.6g}"
-                click.echo(f"  trial {event['index']:>3} {event['state']:<11} metric {metric}")
+                tr = task["trials"][event["index"]]
+                click.echo(f"  trial {event['index']:>3} {event['state']:<11} metric {metric}  "
+                           f"{tr.get('stage', 'config')}: {tr['label']}")
+            elif event["kind"] == "stage":
+                stages = sorted({t["stage"] for t in event["trials"]})
+                click.echo(f"  fallback search: {len(event['trials'])} {'/'.join(stages)} trials added")
             click.echo(progress_line(task))
         task = client.result(task["task_id"])
     click.echo(result_text(task))
@@ -412,7 +417,8 @@ def run(spec, n_workers, output, as_json, log_level) -> None:
 
     def show(event: dict) -> None:
         view["task"] = apply_event(view.get("task"), event)
-        if not as_json and event["kind"] in ("trial", "state", "snapshot") and view["task"]["trials"] is not None:
+        shown = ("trial", "stage", "state", "snapshot")
+        if not as_json and event["kind"] in shown and view["task"]["trials"] is not None:
             if event["kind"] != "trial" or event["state"] not in ("running", "pending"):
                 click.echo(progress_line(view["task"]), err=True)
 

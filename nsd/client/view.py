@@ -21,15 +21,21 @@ def apply_event(task: dict[str, Any], event: dict[str, Any]) -> dict[str, Any]:
                 task[key] = event[key]
         if event.get("winner") is not None:
             w = task["trials"][event["winner"]]
-            task["winner"] = {k: w[k] for k in ("index", "config", "label", "metric")}
+            task["winner"] = {k: w.get(k) for k in ("index", "config", "label", "stage", "fallback", "metric")}
     elif event["kind"] == "plan":
         task["baseline"] = event["baseline"]
-        task["trials"] = [{**t, "state": "pending", "metric": None, "attempt": 1, "worker": None,
-                           "seconds": None, "error": None} for t in event["trials"]]
+        task["trials"] = [_new_trial(t) for t in event["trials"]]
+    elif event["kind"] == "stage":  # the fallback search added a stage's trials
+        task["trials"] = task["trials"] + [_new_trial(t) for t in event["trials"]]
     elif event["kind"] == "trial":
         trial = task["trials"][event["index"]]
         trial.update({k: event[k] for k in ("state", "metric", "attempt", "worker", "seconds", "error")})
     return task
+
+
+def _new_trial(described: dict[str, Any]) -> dict[str, Any]:
+    return {"stage": "config", "fallback": [], **described, "state": "pending", "metric": None, "attempt": 1,
+            "worker": None, "seconds": None, "error": None}
 
 
 def _fmt(value: float | None) -> str:
@@ -66,6 +72,8 @@ def result_text(task: dict[str, Any]) -> str:
         w = task["winner"]
         lines.append(f"winner    trial {w['index']}: {w['label']}  metric {_fmt(w['metric'])}")
         lines.append(f"config    {json.dumps(w['config'], sort_keys=True)}")
+        if w.get("fallback"):
+            lines.append(f"fp32 ops  {', '.join(w['fallback'])}  (found by the {w.get('stage')} stage)")
     if task["error"]:
         lines.append(f"note      {task['error']}")
     if task.get("artifact"):
@@ -77,11 +85,13 @@ def result_text(task: dict[str, Any]) -> str:
                      f"trials {t['trial_s_total']:.2f}s of work)")
     if task["trials"]:
         lines.append("")
-        lines.append(f"{'#':>4}  {'state':<11} {'metric':>10} {'att':>3} {'secs':>6}  {'worker':<16} config")
+        lines.append(f"{'#':>4}  {'state':<11} {'metric':>10} {'att':>3} {'secs':>6}  {'worker':<16} "
+                     f"{'stage':<11} config")
         for tr in task["trials"]:
             secs = "-" if tr["seconds"] is None else f"{tr['seconds']:.2f}"
             lines.append(f"{tr['index']:>4}  {tr['state']:<11} {_fmt(tr['metric']):>10} {tr['attempt']:>3} "
-                         f"{secs:>6}  {str(tr['worker'] or '-')[:16]:<16} {tr['label']}")
+                         f"{secs:>6}  {str(tr['worker'] or '-')[:16]:<16} {tr.get('stage', 'config'):<11} "
+                         f"{tr['label']}")
             if tr["state"] == "error" and tr["error"]:
                 lines.append(f"{'':>6}error: {tr['error'].splitlines()[0][:160]}")
     return "\n".join(lines)

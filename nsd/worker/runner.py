@@ -146,7 +146,8 @@ def run_job(job: dict, cache: TaskCache) -> dict[str, Any]:
 
 
 def plan(job: dict, cache: TaskCache) -> dict[str, Any]:
-    """Evaluate FP32 once and expand the config set in INC's order."""
+    """Evaluate FP32 once and expand the config set in INC's order; for the fallback search, list each config
+    family's ops and blocks once (every process then agrees on names and order)."""
     from neural_compressor.torch.quantization.autotune import _deepcopy_warp
 
     from nsd.quant.inc import expand
@@ -156,7 +157,26 @@ def plan(job: dict, cache: TaskCache) -> dict[str, Any]:
     configs = expand(spec["tuning"]["config_set"], spec["tuning"]["max_trials"])
     # INC's autotune evaluates the baseline on a copy, exactly like this.
     baseline = _metric(recipe.evaluate(_deepcopy_warp(model)))
-    return {"baseline": baseline, "configs": configs}
+    answer = {"baseline": baseline, "configs": configs}
+    if spec["tuning"].get("strategy", "basic") == "basic":
+        answer["ops"] = op_lists(configs, cache)
+    return answer
+
+
+def op_lists(configs: list[dict], cache: TaskCache) -> dict[str, dict]:
+    """{family: {"ops": [...], "blocks": [[...]]}} for the families of `configs` that can keep ops in FP32.
+    PT2E families list the graph their trials quantize (a built-in recipe's export, or load_model()'s)."""
+    from nsd.quant.fallback import FALLBACK_FAMILIES, op_list
+
+    lists: dict[str, dict] = {}
+    for entry in configs:
+        (family, _), = entry["config"].items()
+        if family in FALLBACK_FAMILIES and family not in lists:
+            try:
+                lists[family] = op_list(family, cache.model, cache.model_for(entry["config"]))
+            except Exception as exc:  # its trials report the export failure; the search just skips fallback
+                print(f"no op list for {family}: {type(exc).__name__}: {exc}", file=sys.stderr)
+    return lists
 
 
 def trial(job: dict, cache: TaskCache) -> dict[str, Any]:
@@ -164,11 +184,13 @@ def trial(job: dict, cache: TaskCache) -> dict[str, Any]:
     from neural_compressor.torch.quantization import quantize
     from neural_compressor.torch.quantization.autotune import _deepcopy_warp
 
+    from nsd.quant.fallback import with_fallback
     from nsd.quant.inc import config_from_dict
 
     recipe, _, example_inputs = cache.get(job["task_id"], job["spec"])
     model = cache.model_for(job["config"])  # built-in recipes: the PT2E graph for static/dynamic configs
-    config = config_from_dict(job["config"])
+    # A fresh config object per trial (quantize() mutates it), with the search's FP32 ops on top.
+    config = with_fallback(config_from_dict(job["config"]), job.get("fallback") or [])
     t0 = time.perf_counter()
     q_model = quantize(_deepcopy_warp(model), quant_config=config, run_fn=recipe.calibrate, inplace=True,
                        example_inputs=example_inputs)
@@ -200,7 +222,8 @@ def save(job: dict, cache: TaskCache) -> dict[str, Any]:
         inc_save(q_model, folder)
     with open(os.path.join(folder, "nsd.json"), "w") as f:
         json.dump({"task_id": job["task_id"], "trial": job["index"], "config": job["config"],
-                   "metric": answer["metric"], "weight_only": name not in PT2E_CONFIGS,
+                   "fallback": list(job.get("fallback") or []), "metric": answer["metric"],
+                   "weight_only": name not in PT2E_CONFIGS,
                    "recipe": job["spec"]["recipe"]["kind"]}, f, indent=2)
     return {"artifact_dir": folder, "metric": answer["metric"]}
 

@@ -53,15 +53,18 @@ function applyEvent(task, ev) {
     for (const k of ["met_goal", "error"]) if (k in ev) task[k] = ev[k];
     if (ev.winner !== null && ev.winner !== undefined) {
       const w = task.trials[ev.winner];
-      task.winner = { index: w.index, config: w.config, label: w.label, metric: w.metric };
+      task.winner = { index: w.index, config: w.config, label: w.label, stage: w.stage, fallback: w.fallback, metric: w.metric };
     }
   } else if (ev.kind === "plan") {
     task.baseline = ev.baseline;
     task.trials = ev.trials.map(t => Object.assign({}, t, { state: "pending", metric: null, attempt: 1, worker: null,
                                                              seconds: null, error: null }));
+  } else if (ev.kind === "stage") {  // the fallback search added a stage's trials (README: the fallback search)
+    task.trials = task.trials.concat(ev.trials.map(t => Object.assign({}, t, { state: "pending", metric: null, attempt: 1,
+                                                                               worker: null, seconds: null, error: null })));
   } else if (ev.kind === "trial") {
     const t = task.trials[ev.index];
-    for (const k of ["state", "metric", "attempt", "worker", "seconds", "error", "stage", "ops"]) if (k in ev) t[k] = ev[k];
+    for (const k of ["state", "metric", "attempt", "worker", "seconds", "error"]) if (k in ev) t[k] = ev[k];
   }
   return task;
 }
@@ -159,7 +162,8 @@ function showTask(taskId) {
       fact("met goal", fmt(task.met_goal)), ...(task.error ? [fact("error", task.error)] : []));
     cancel.disabled = TERMINAL.has(task.state);
     if (task.artifact) download.removeAttribute("disabled"); else download.setAttribute("disabled", "");
-    const extra = ["stage", "ops"].filter(k => task.trials.some(t => t[k] !== undefined && t[k] !== null));
+    const extra = ["stage", "fallback"].filter(k => task.trials.some(t => t[k] !== undefined && t[k] !== null
+                                                                       && !(Array.isArray(t[k]) && !t[k].length) && t[k] !== "config"));
     table.replaceChildren(
       h("thead", {}, h("tr", {}, ["#", "config", ...extra, "state", "metric", "worker", "seconds", "attempt"].map(c => h("th", {}, c)))),
       h("tbody", {}, task.trials.map(t => h("tr", { "data-index": t.index, "data-state": t.state, class: task.winner && task.winner.index === t.index ? "winner" : null },
