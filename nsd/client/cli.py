@@ -17,6 +17,7 @@ import click
 from nsd import __version__
 from nsd.client.keys_cli import keys as keys_group
 from nsd.config import config_option
+from nsd.states import TaskState, TrialState
 
 def _remember(ctx: click.Context, param: click.Parameter, value):
     ctx.meta[f"nsd.{param.name}"] = value
@@ -306,7 +307,7 @@ def watch(task_id, broker) -> None:
     with _Errors(), _client(broker) as client:
         for event in client.events(task_id):
             task = apply_event(task, event)
-            if event["kind"] == "trial" and event["state"] not in ("running", "pending"):
+            if event["kind"] == "trial" and TrialState(event["state"]).finished:
                 metric = "-" if event["metric"] is None else f"{event['metric']:.6g}"
                 tr = task["trials"][event["index"]]
                 click.echo(f"  trial {event['index']:>3} {event['state']:<11} metric {metric}  "
@@ -342,7 +343,7 @@ def result(task_id, wait, as_json, broker) -> None:
     with _Errors(), _client(broker) as client:
         task = client.result(task_id, wait=wait)
     _print_json(task) if as_json else click.echo(result_text(task))
-    if task["state"] in ("done", "failed", "cancelled"):
+    if TaskState(task["state"]).terminal:
         sys.exit(exit_code(task))
 
 
@@ -419,7 +420,7 @@ def run(spec, n_workers, output, as_json, log_level) -> None:
         view["task"] = apply_event(view.get("task"), event)
         shown = ("trial", "stage", "state", "snapshot")
         if not as_json and event["kind"] in shown and view["task"]["trials"] is not None:
-            if event["kind"] != "trial" or event["state"] not in ("running", "pending"):
+            if event["kind"] != "trial" or not TrialState(event["state"]).finished:
                 click.echo(progress_line(view["task"]), err=True)
 
     with _Errors():

@@ -7,6 +7,8 @@ import json
 import time
 from typing import Any
 
+from nsd.states import TaskState, TrialState
+
 
 def apply_event(task: dict[str, Any], event: dict[str, Any]) -> dict[str, Any]:
     """The task view after one event (a new dict; a snapshot event replaces the view)."""
@@ -34,7 +36,7 @@ def apply_event(task: dict[str, Any], event: dict[str, Any]) -> dict[str, Any]:
 
 
 def _new_trial(described: dict[str, Any]) -> dict[str, Any]:
-    return {"stage": "config", "fallback": [], **described, "state": "pending", "metric": None, "attempt": 1,
+    return {"stage": "config", "fallback": [], **described, "state": TrialState.PENDING.value, "metric": None, "attempt": 1,
             "worker": None, "seconds": None, "error": None}
 
 
@@ -51,8 +53,8 @@ def best_so_far(task: dict[str, Any]) -> float | None:
 
 def progress_line(task: dict[str, Any], now: float | None = None) -> str:
     trials = task["trials"]
-    done = sum(t["state"] not in ("pending", "running") for t in trials)
-    running = sum(t["state"] == "running" for t in trials)
+    done = sum(TrialState(t["state"]).finished for t in trials)
+    running = sum(t["state"] == TrialState.RUNNING for t in trials)
     started = task["timings"]["started"]
     end = task["timings"]["finished"] or now or time.time()
     elapsed = f"{end - started:.1f}s" if started else "-"
@@ -92,13 +94,13 @@ def result_text(task: dict[str, Any]) -> str:
             lines.append(f"{tr['index']:>4}  {tr['state']:<11} {_fmt(tr['metric']):>10} {tr['attempt']:>3} "
                          f"{secs:>6}  {str(tr['worker'] or '-')[:16]:<16} {tr.get('stage', 'config'):<11} "
                          f"{tr['label']}")
-            if tr["state"] == "error" and tr["error"]:
+            if tr["state"] == TrialState.ERROR and tr["error"]:
                 lines.append(f"{'':>6}error: {tr['error'].splitlines()[0][:160]}")
     return "\n".join(lines)
 
 
 def exit_code(task: dict[str, Any]) -> int:
     """0: done and the goal met; 2: done, goal not met (best config returned); 1: failed or cancelled."""
-    if task["state"] != "done":
+    if task["state"] != TaskState.DONE:
         return 1
     return 0 if task["met_goal"] else 2
