@@ -9,6 +9,9 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -99,6 +102,12 @@ def digits_spec(**tuning) -> dict:
     return spec
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 async def wait_for(predicate, timeout: float = 60, interval: float = 0.05):
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
@@ -116,3 +125,34 @@ def kill_pid(pid: int, sig: int = signal.SIGKILL) -> None:
         os.kill(pid, sig)
     except ProcessLookupError:
         pass
+
+
+@pytest.fixture
+def broker_process(tmp_path):
+    """A real `nsd broker` process on free loopback ports: (Popen, endpoints); killed by PID at the end."""
+    ports = [free_port() for _ in range(3)]
+    endpoints = {name: f"tcp://127.0.0.1:{port}" for name, port in zip(("clients", "workers", "events"), ports)}
+    log = open(tmp_path / "broker.log", "w")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "nsd", "broker", "--state-dir", str(tmp_path / "state"),
+                             *(f"--{name}={ep}" for name, ep in endpoints.items())], env=env, stdout=log,
+                            stderr=subprocess.STDOUT)
+    yield proc, endpoints
+    kill_pid(proc.pid, signal.SIGKILL)
+    proc.wait(10)
+    log.close()
+
+
+async def hello(endpoint: str, timeout: float = 10) -> dict:
+    client = AsyncClient(endpoint, timeout_s=timeout)
+    try:
+        return await client.hello()
+    finally:
+        await client.close()
+
+
+async def hello_ok(endpoint: str) -> bool:
+    try:
+        return bool(await hello(endpoint, timeout=2))
+    except Exception:
+        return False

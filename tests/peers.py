@@ -1,4 +1,5 @@
-"""A scripted worker peer: a real DEALER speaking the real protocol, answering jobs from a table.
+"""Helpers the tests share. A scripted worker peer: a real DEALER speaking the real protocol, answering
+jobs from a table; the specs and answers tests give it (`spec`, `metrics_answer`, `done`).
 
 It lets broker tests drive dispatch, cancellation, requeue and decisions over real sockets in
 milliseconds, without INC; the end-to-end tests use real workers and real INC.
@@ -9,13 +10,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import os
 from typing import Callable
 
 import zmq
 import zmq.asyncio
 
+from nsd.client.api import AsyncClient
 from nsd.net import configure
 from nsd.protocol import BROKER_TO_WORKER, PROTOCOL_VERSION, Cmd, pack, unpack
+from nsd.states import TaskState
+from tests.conftest import wait_for
 
 
 def plan_answer(baseline: float, n: int) -> dict:
@@ -119,3 +124,35 @@ class ScriptedWorker:
                 await t
         self.sock.close(linger=0)
         self.ctx.term()
+
+
+# ---- specs and answers for the tests that use scripted workers, and small utilities ----------------------
+
+SPEC = {"name": "scripted", "recipe": {"kind": "python", "file": os.path.abspath(__file__)},
+        "tuning": {"config_set": [{"rtn": {"bits": [1, 2, 3, 4, 5, 6]}}], "tolerable_loss": 0.1}}
+
+
+def spec(**tuning) -> dict:
+    return {**SPEC, "tuning": {**SPEC["tuning"], **tuning}}
+
+
+def metrics_answer(metrics: dict[int, float | str], baseline: float = 1.0, n: int = 6):
+    """Answer a plan with n configs; trial i with metrics[i] (a string: that error)."""
+    def answer(job: dict) -> dict:
+        if job["kind"] == "plan":
+            return plan_answer(baseline, n)
+        value = metrics[job["index"]]
+        return {"ok": False, "error": value} if isinstance(value, str) else {"ok": True, "metric": value}
+    return answer
+
+
+async def done(client: AsyncClient, task_id: str, timeout: float = 20) -> dict:
+    async def ended():
+        task = await client.status(task_id)
+        return task if TaskState(task["state"]).terminal else None
+    return await wait_for(ended, timeout)
+
+
+async def count_assigned(w: ScriptedWorker, kind: str, n: int) -> bool:
+    """Whether w has been assigned at least n jobs of this kind (plan, trial, save)."""
+    return sum(a[2]["kind"] == kind for a in w.assigned) >= n

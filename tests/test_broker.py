@@ -15,32 +15,7 @@ from nsd.client.api import AsyncClient, BrokerError
 from nsd.client.view import apply_event
 from nsd.protocol import MAGIC, Cmd
 from tests.conftest import wait_for
-from tests.peers import ScriptedWorker, plan_answer, plan_then_hold
-
-SPEC = {"name": "scripted", "recipe": {"kind": "python", "file": os.path.abspath(__file__)},
-        "tuning": {"config_set": [{"rtn": {"bits": [1, 2, 3, 4, 5, 6]}}], "tolerable_loss": 0.1}}
-
-
-def spec(**tuning) -> dict:
-    return {**SPEC, "tuning": {**SPEC["tuning"], **tuning}}
-
-
-def metrics_answer(metrics: dict[int, float | str], baseline: float = 1.0, n: int = 6):
-    """Answer a plan with n configs; trial i with metrics[i] (a string: that error)."""
-    def answer(job: dict) -> dict:
-        if job["kind"] == "plan":
-            return plan_answer(baseline, n)
-        value = metrics[job["index"]]
-        return {"ok": False, "error": value} if isinstance(value, str) else {"ok": True, "metric": value}
-    return answer
-
-
-async def done(client: AsyncClient, task_id: str, timeout: float = 20) -> dict:
-    async def ended():
-        task = await client.status(task_id)
-        return task if task["state"] in ("done", "failed", "cancelled") else None
-    return await wait_for(ended, timeout)
-
+from tests.peers import SPEC, ScriptedWorker, count_assigned, done, metrics_answer, plan_answer, plan_then_hold, spec
 
 async def test_lowest_passing_trial_wins_and_later_ones_are_cancelled(broker, client):
     # Trial 1 passes slowly-but-first in index order; 3 passes too; 0 and 2 fail.
@@ -126,7 +101,7 @@ async def test_a_late_small_task_finishes_before_a_long_early_one(broker, client
                              if job["kind"] == "plan" else {"ok": True, "metric": 0.1}).start()
     try:
         big = await client.submit({**spec(), "name": "big"})
-        await wait_for(lambda: _count(w, "trial", 2))
+        await wait_for(lambda: count_assigned(w, "trial", 2))
         small = await client.submit({**spec(), "name": "small"})
         small_done = await done(client, small)
         big_now = await client.status(big)
@@ -143,7 +118,7 @@ async def test_cancel_mid_run_stops_running_trials(broker, client):
                              answer=plan_then_hold(6)).start()
     try:
         task_id = await client.submit(spec())
-        await wait_for(lambda: _count(w, "trial", 2))
+        await wait_for(lambda: count_assigned(w, "trial", 2))
         summary = await client.cancel(task_id)
         assert summary["state"] == "cancelled"
         task = await client.status(task_id)
@@ -162,7 +137,7 @@ async def test_dead_worker_trials_requeue_with_next_attempt(broker, client):
     healthy = None
     try:
         task_id = await client.submit(spec(max_trials=2))
-        await wait_for(lambda: _count(dying, "trial", 1))
+        await wait_for(lambda: count_assigned(dying, "trial", 1))
         dying.silent = True  # no heartbeats: declared dead after heartbeat_s * liveness
         healthy = await ScriptedWorker(broker.endpoints["workers"], "healthy", slots=1, answer=answer).start()
         task = await done(client, task_id)
@@ -180,7 +155,7 @@ async def test_results_are_idempotent(broker, client):
                              answer=plan_then_hold(2)).start()
     try:
         task_id = await client.submit(spec())
-        await wait_for(lambda: _count(w, "trial", 1))
+        await wait_for(lambda: count_assigned(w, "trial", 1))
         trial_id, attempt, _ = [a for a in w.assigned if a[2]["kind"] == "trial"][0]
         w.result((trial_id, attempt), {"ok": True, "metric": 0.2})
         w.result((trial_id, attempt), {"ok": True, "metric": 0.99})  # a duplicate must not change the outcome
@@ -297,10 +272,6 @@ def test_refuses_non_loopback_bind_without_insecure(tmp_path):
         Broker(tmp_path, clients="tcp://0.0.0.0:5550")
 
 
-async def _count(w: ScriptedWorker, kind: str, n: int) -> bool:
-    return sum(a[2]["kind"] == kind for a in w.assigned) >= n
-
-
 async def _true(value) -> bool:
     return bool(value)
 
@@ -380,7 +351,7 @@ async def test_a_result_kept_in_the_outbox_counts_when_its_worker_registers_agai
                              answer=plan_then_hold(2)).start()
     try:
         task_id = await client.submit(spec())
-        await wait_for(lambda: _count(w, "trial", 1))
+        await wait_for(lambda: count_assigned(w, "trial", 1))
         trial_id_, attempt, _ = [a for a in w.assigned if a[2]["kind"] == "trial"][0]
         w.send(Cmd.READY, {"worker_id": "s1", "boot_id": "b2", "host": "scripted", "cores": 1, "slots": 1,
                            "version": 1, "running": [],

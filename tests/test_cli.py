@@ -12,16 +12,11 @@ import time
 
 import pytest
 
-from tests.conftest import DIGITS, ROOT, kill_pid
+from tests.conftest import DIGITS, ROOT, free_port, kill_pid
+
 
 pytestmark = pytest.mark.slow
 NSD = [sys.executable, "-m", "nsd"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def nsd(*args: str, env: dict, check: bool = True, timeout: float = 180) -> subprocess.CompletedProcess:

@@ -8,8 +8,7 @@ import pytest
 from nsd.client.api import ReplyTooLarge
 from nsd.protocol import MAX_MESSAGE_BYTES, Cmd
 from tests.conftest import wait_for
-from tests.peers import ScriptedWorker, plan_then_hold
-from tests.test_broker import spec
+from tests.peers import ScriptedWorker, plan_then_hold, spec
 
 N_JOBS = 100
 LOG_TEXT = "\N{GRINNING FACE}" * (64 * 1024)  # a job's log as the broker keeps it: 64 Ki characters, 4 bytes each

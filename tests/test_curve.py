@@ -10,8 +10,7 @@ import pytest
 from nsd.broker.daemon import Broker
 from nsd.client.api import AsyncClient, BrokerUnavailable
 from nsd.security import ClientKeys, allow, generate_keypair
-from tests.peers import ScriptedWorker
-from tests.test_broker import done, metrics_answer, spec
+from tests.peers import ScriptedWorker, done, metrics_answer, spec
 
 
 @pytest.fixture

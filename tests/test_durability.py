@@ -8,15 +8,13 @@ import signal
 import sqlite3
 
 from nsd.client.api import AsyncClient
-from tests.conftest import kill_pid, wait_for
-from tests.peers import ScriptedWorker
-from tests.test_broker import metrics_answer, spec
-from tests.test_hostile import _hello_ok, broker_process  # noqa: F401 - the fixture
+from tests.conftest import hello_ok, kill_pid, wait_for
+from tests.peers import ScriptedWorker, metrics_answer, spec
 
 
 async def test_no_acknowledged_result_is_lost_when_the_broker_is_killed(broker_process, tmp_path):
     proc, endpoints = broker_process
-    await wait_for(lambda: _hello_ok(endpoints["clients"]), 30)
+    await wait_for(lambda: hello_ok(endpoints["clients"]), 30)
     client = AsyncClient(endpoints["clients"], timeout_s=10)
     workers = [await ScriptedWorker(endpoints["workers"], f"w{i}", slots=8,
                                     answer=metrics_answer({i: 0.1 for i in range(400)}, n=400)).start()

@@ -13,8 +13,7 @@ import zmq.asyncio
 
 from nsd.protocol import Cmd, pack
 from tests.conftest import wait_for
-from tests.test_broker import done, metrics_answer, spec
-from tests.peers import ScriptedWorker
+from tests.peers import ScriptedWorker, done, metrics_answer, spec
 
 N_PER_SOCKET = 3000
 

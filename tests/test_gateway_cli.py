@@ -13,8 +13,8 @@ import pytest
 from click.testing import CliRunner
 
 from nsd.client.cli import main
-from tests.conftest import ROOT, kill_pid
-from tests.test_cli import free_port
+from tests.conftest import ROOT, free_port, kill_pid
+
 from tests.test_service import NotifyListener
 
 pytest.importorskip("fastapi")

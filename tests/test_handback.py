@@ -9,8 +9,7 @@ import pytest
 
 from nsd.protocol import Cmd
 from tests.conftest import wait_for
-from tests.peers import ScriptedWorker, plan_then_hold
-from tests.test_broker import spec
+from tests.peers import ScriptedWorker, plan_then_hold, spec
 from tests.test_reliability import UNDISTURBED_WINNER, slow_spec
 
 

@@ -19,9 +19,8 @@ import zmq.asyncio
 
 from nsd.client.api import AsyncClient, BrokerError
 from nsd.protocol import BROKER_TO_WORKER, CLIENT_TO_BROKER, Cmd, ProtocolError, pack, unpack
-from tests.conftest import kill_pid, wait_for
-from tests.peers import ScriptedWorker, plan_answer
-from tests.test_broker import done, metrics_answer, spec
+from tests.conftest import hello, hello_ok, wait_for
+from tests.peers import ScriptedWorker, done, metrics_answer, plan_answer, spec
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -259,14 +258,6 @@ async def test_curve_worker_ids_are_bound_to_the_key_that_first_registered_them(
 # ---- resources --------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _rss_mib(pid: int) -> float:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -275,36 +266,12 @@ def _rss_mib(pid: int) -> float:
     raise AssertionError("no VmRSS")
 
 
-@pytest.fixture
-def broker_process(tmp_path):
-    """A real `nsd broker` process on free loopback ports; killed by PID at the end."""
-    ports = [_free_port() for _ in range(3)]
-    endpoints = {name: f"tcp://127.0.0.1:{port}" for name, port in zip(("clients", "workers", "events"), ports)}
-    log = open(tmp_path / "broker.log", "w")
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "nsd", "broker", "--state-dir", str(tmp_path / "state"),
-                             *(f"--{name}={ep}" for name, ep in endpoints.items())], env=env, stdout=log,
-                            stderr=subprocess.STDOUT)
-    yield proc, endpoints
-    kill_pid(proc.pid, signal.SIGKILL)
-    proc.wait(10)
-    log.close()
-
-
-async def _hello(endpoint: str, timeout: float = 10) -> dict:
-    client = AsyncClient(endpoint, timeout_s=timeout)
-    try:
-        return await client.hello()
-    finally:
-        await client.close()
-
-
 async def test_unread_replies_do_not_grow_the_brokers_memory(broker_process, tmp_path):
     """A peer that never reads asks for hundreds of 4 MiB ranges of a stored blob (and a stranger for
     FETCHes): before, 250 requests took the broker from 43 to 1,039 MiB; now replies past its send queue
     (peer_queue × one 1 MiB chunk) are dropped, and RSS stays within 150 MiB of where it started."""
     proc, endpoints = broker_process
-    await wait_for(lambda: _hello_ok(endpoints["clients"]), 30)
+    await wait_for(lambda: hello_ok(endpoints["clients"]), 30)
     data = os.urandom(3 * 1024 * 1024)
     sha = hashlib.sha256(data).hexdigest()
     client = AsyncClient(endpoints["clients"], timeout_s=10)
@@ -325,20 +292,13 @@ async def test_unread_replies_do_not_grow_the_brokers_memory(broker_process, tmp
             await fetcher.send(Cmd.FETCH, {"sha256": sha, "offset": 0, "length": 4 * 1024 * 1024})
             if i % 50 == 0:
                 await asyncio.sleep(0.05)
-        await wait_for(lambda: _hello_ok(endpoints["clients"]), 30)  # it is still serving...
+        await wait_for(lambda: hello_ok(endpoints["clients"]), 30)  # it is still serving...
         peak = max(_rss_mib(proc.pid) for _ in range(5) if not time.sleep(0.1))
         print(f"broker RSS under the amplification attack: {base:.0f} -> {peak:.0f} MiB")
         assert peak - base < 150, f"broker RSS grew from {base:.0f} to {peak:.0f} MiB"
     finally:
         for peer in (*readers, fetcher):
             peer.close()
-
-
-async def _hello_ok(endpoint: str) -> bool:
-    try:
-        return bool(await _hello(endpoint, timeout=2))
-    except Exception:
-        return False
 
 
 async def test_an_oversized_submit_is_refused_at_once_and_others_are_served(broker, client):
@@ -391,7 +351,7 @@ async def test_many_idle_connections_do_not_stop_a_new_client(broker_process):
     from nsd.limits import raise_open_files_limit
 
     proc, endpoints = broker_process
-    await wait_for(lambda: _hello_ok(endpoints["clients"]), 30)
+    await wait_for(lambda: hello_ok(endpoints["clients"]), 30)
     if raise_open_files_limit()[0] < 3000:  # this test's own side needs two descriptors per connection
         pytest.skip("the hard RLIMIT_NOFILE here is under 3000: cannot open 1,100 connections from the test")
     ctx = zmq.Context()
@@ -407,7 +367,7 @@ async def test_many_idle_connections_do_not_stop_a_new_client(broker_process):
         await asyncio.sleep(2)
         fds = len(os.listdir(f"/proc/{proc.pid}/fd"))
         assert fds > 1000, f"only {fds} descriptors open: the connections did not reach the broker"
-        assert (await _hello(endpoints["clients"], timeout=10))["protocol"] == 1
+        assert (await hello(endpoints["clients"], timeout=10))["protocol"] == 1
         assert proc.poll() is None
     finally:
         for s in socks:

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from tests.test_cli import free_port
+from tests.conftest import free_port
 
 NSD = [sys.executable, "-m", "nsd"]
 

@@ -14,8 +14,8 @@ import pytest
 
 from nsd.client.api import AsyncClient
 from nsd.client.view import apply_event
-from tests.conftest import RECIPES, digits_spec, kill_pid, wait_for
-from tests.test_cli import free_port
+from tests.conftest import RECIPES, digits_spec, free_port, kill_pid, wait_for
+
 
 pytestmark = pytest.mark.slow
 NSD = [sys.executable, "-m", "nsd"]

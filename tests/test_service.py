@@ -17,10 +17,8 @@ import pytest
 from click.testing import CliRunner
 
 from nsd.client.cli import main
-from tests.conftest import ROOT, kill_pid, wait_for
-from tests.peers import ScriptedWorker
-from tests.test_broker import done, metrics_answer, spec
-from tests.test_cli import free_port
+from tests.conftest import ROOT, free_port, kill_pid, wait_for
+from tests.peers import ScriptedWorker, done, metrics_answer, spec
 
 UNITS = ROOT / "systemd"
 NSD = [sys.executable, "-m", "nsd"]

@@ -16,8 +16,7 @@ import pytest
 
 from nsd.broker.daemon import Broker
 from nsd.client.api import AsyncClient, BrokerError
-from tests.peers import ScriptedWorker
-from tests.test_broker import SPEC, done, metrics_answer
+from tests.peers import ScriptedWorker, SPEC, done, metrics_answer
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = {**SPEC, "model": {"shared": True}}  # paths as they are: nothing to upload
