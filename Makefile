@@ -28,7 +28,8 @@ test-fast: setup
 	$(BIN)/python -m pytest -ra -m "not slow"
 
 bench: setup
-	$(BIN)/python bench/inc_vs_nsd.py
+	$(BIN)/python bench/inc_vs_nsd.py --one-thread --repeat 2
+	$(BIN)/python bench/inc_vs_nsd.py --one-thread --repeat 2 --spec bench/digits/task.toml
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -1,17 +1,24 @@
 """INC's own sequential `autotune` against the same task run through nsd, in one process, one command.
 
     python bench/inc_vs_nsd.py [--spec bench/minilm/task.toml] [--workers 2] [--repeat 1] [--order inc-first]
+                               [--one-thread] [--retune-loss X]
 
-(a) INC: `neural_compressor.torch.quantization.autotune` in this process with torch threads = 1 (one
-    core, like one nsd worker slot here), on the spec's recipe and config set. Timed from the recipe's
-    import through model load, baseline evaluation and every trial up to INC's stop (INC's imports are
-    timed separately: they are paid once, before either side runs).
-(b) nsd: `asyncio.run(nsd.local.run_local(spec, workers=N))`: a private broker and N in-process worker
-    daemons, one CPU each on this machine, each with a persistent runner process. Timed end to end,
-    runner start-up (torch + INC imports) included.
+(a) INC: `neural_compressor.torch.quantization.autotune` in this process with torch threads = the cores nsd
+    uses (`--workers` x 1 core, capped by this machine's CPUs: a user compares against INC on the cores
+    they have), on the spec's recipe and config set. Timed from the recipe's import through model load,
+    baseline evaluation and every trial up to INC's stop (INC's imports are timed separately: they are
+    paid once, before either side runs). `--one-thread` also times INC on one thread (labelled "INC-1t").
+(b) nsd: a warm local cluster — a private broker and N in-process worker daemons, one CPU each, each with
+    a persistent runner process whose torch + INC imports are done before timing (the "warm cluster" of
+    issue 11; no model is loaded) — timed from submit to result. `--cold` times a fresh
+    `asyncio.run(nsd.local.run_local(spec, workers=N))` instead, runner start-up included.
+(c) re-tune (`--retune-loss`, default twice the spec's tolerable_loss; 0: skip): the same task again with
+    that tolerance, through nsd with the broker state of (b) kept (its metric cache), and through INC
+    (which has no cache: it tunes again from scratch).
 
-Then both wall times, their ratio (INC / nsd), the trials each evaluated, and whether both picked the
-same trial with the same config. Exit status 0 when every repetition's winners agree, 1 otherwise.
+Then the wall times, their ratios (nsd / INC: below 1, nsd is faster), the trials each evaluated, and
+whether both picked the same trial with the same config. Exit status 0 when every repetition's winners
+agree, 1 otherwise.
 """
 
 from __future__ import annotations
@@ -22,6 +29,16 @@ import os
 os.environ.setdefault("LOGLEVEL", "WARNING")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import sys
+
+# INC packs RTN weights with numba only where TBB loads, and the loader reads LD_LIBRARY_PATH at process
+# start: give this process (INC's side) what nsd's runners get (nsd.worker.daemon.runner_env), so that
+# both sides use numba where it is installed.
+_LIB = os.path.join(sys.prefix, "lib")
+if os.path.exists(os.path.join(_LIB, "libtbb.so.12")) and _LIB not in os.environ.get("LD_LIBRARY_PATH", ""):
+    os.environ["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (_LIB, os.environ.get("LD_LIBRARY_PATH")) if p)
+    os.execv(sys.executable, [sys.executable, *sys.argv])
 
 import argparse
 import asyncio
@@ -99,7 +116,7 @@ def import_recipe(path: str):
     return module
 
 
-def run_inc(spec: dict) -> dict[str, Any]:
+def run_inc(spec: dict, threads: int) -> dict[str, Any]:
     import torch
     from neural_compressor.common.base_tuning import TuningConfig
     from neural_compressor.torch.quantization import autotune as autotune_fn
@@ -107,7 +124,7 @@ def run_inc(spec: dict) -> dict[str, Any]:
     # The module, not the function of the same name that the package exports over it.
     autotune_module = sys.modules["neural_compressor.torch.quantization.autotune"]
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     tuning = spec["tuning"]
     quantize_calls: list[dict[str, Any]] = []  # every quantize() INC made: trials, then a re-quantize
     evals: list[dict[str, Any]] = []  # eval_fn calls: [0] the baseline, [i] trial i (INC counts from 1)
@@ -169,7 +186,70 @@ def run_inc(spec: dict) -> dict[str, Any]:
 
 # ---- (b) the same spec through nsd ------------------------------------------------------------------------
 
-def run_nsd(spec_path: str, workers: int, verbose: bool) -> dict[str, Any]:
+class WarmCluster:
+    """A private broker and N local workers (one CPU each, as run_local splits them), started and warm (runner
+    processes up, torch and INC imported) before anything is timed, kept for a repetition's nsd runs: the
+    "warm cluster" a user submits to. Its event loop runs in a thread, so that INC's side can run in the main
+    thread meanwhile without starving the cluster's heartbeats."""
+
+    def __init__(self, workers: int, state_dir: str):
+        import threading
+
+        self.workers, self.dir = workers, Path(state_dir)
+        # The recipe's own imports, which INC's side has paid before its timing too (`nsd worker --preload`).
+        self.preload = "transformers" if importlib.util.find_spec("transformers") else ""
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="warm-cluster", daemon=True)
+
+    def call(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    def start(self) -> float:
+        t0 = time.perf_counter()
+        self.thread.start()
+        self.call(self._start())
+        return time.perf_counter() - t0
+
+    async def _start(self) -> None:
+        from nsd.broker.daemon import Broker
+        from nsd.client.api import AsyncClient
+        from nsd.local import split_cpus
+        from nsd.worker.daemon import WorkerConfig, WorkerDaemon
+
+        d = self.dir
+        self.broker = Broker(d / "state", clients=f"ipc://{d}/clients", workers=f"ipc://{d}/workers",
+                             events=f"ipc://{d}/events")
+        await self.broker.start()
+        self.daemons = [WorkerDaemon(WorkerConfig(broker=self.broker.endpoints["workers"], cpus=cpus,
+                                                  cores_per_trial=len(cpus), cache_dir=d / f"worker{i}",
+                                                  worker_id=f"local-{i}", preload=self.preload))
+                        for i, cpus in enumerate(split_cpus(sorted(os.sched_getaffinity(0)), self.workers))]
+        self.running = [asyncio.create_task(daemon.run()) for daemon in self.daemons]
+        await asyncio.gather(*(daemon.registered.wait() for daemon in self.daemons))
+        await asyncio.gather(*(s.runner.ready() for daemon in self.daemons for s in daemon.slots))
+        self.client = AsyncClient(self.broker.endpoints["clients"])
+
+    async def _run(self, spec: dict, on_event) -> dict:
+        task_id = await self.client.submit(prepare_spec(spec))
+        async for event in self.client.events(task_id):
+            on_event(event)
+        return await self.client.result(task_id)
+
+    def stop(self) -> None:
+        async def _stop() -> None:
+            for daemon in self.daemons:
+                daemon.stop(grace_s=0)
+            await asyncio.gather(*self.running, return_exceptions=True)
+            await self.client.close()
+            await self.broker.stop()
+
+        self.call(_stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join()
+
+
+def run_nsd(spec: dict, workers: int, verbose: bool, keep_dir: str | None = None,
+            cluster: WarmCluster | None = None) -> dict[str, Any]:
     t_start = time.perf_counter()
 
     def on_event(event: dict) -> None:
@@ -185,7 +265,10 @@ def run_nsd(spec_path: str, workers: int, verbose: bool) -> dict[str, Any]:
                   f"{' baseline %.6f' % event['baseline'] if event.get('baseline') is not None else ''}",
                   flush=True)
 
-    result = asyncio.run(run_local(spec_path, workers=workers, on_event=on_event))
+    if cluster is not None:
+        result = cluster.call(cluster._run(spec, on_event))
+    else:
+        result = asyncio.run(run_local(spec, workers=workers, on_event=on_event, keep_dir=keep_dir))
     wall_s = time.perf_counter() - t_start
     return {"wall_s": wall_s, "result": result}
 
@@ -208,6 +291,8 @@ def compare(inc: dict, nsd: dict) -> dict[str, Any]:
         "config_agree": inc_config is not None and inc_config == nsd_config,
         "nsd_state": result.get("state"), "nsd_met_goal": result.get("met_goal"), "nsd_error": result.get("error"),
         "nsd_scored": len(scored),
+        "nsd_stopped": sum(bool(t.get("stopped_early")) for t in result.get("trials", [])),
+        "nsd_cached": sum(bool(t.get("cached")) for t in result.get("trials", [])),
         "nsd_cancelled": sum(t.get("state") == "cancelled" for t in result.get("trials", [])),
         "nsd_errors": sum(t.get("state") == "error" for t in result.get("trials", [])),
         "nsd_trial_s": (result.get("timings") or {}).get("trial_s_total"),
@@ -242,6 +327,10 @@ def _f(value: float | None, fmt: str = ".2f") -> str:
     return "-" if value is None else format(value, fmt)
 
 
+def with_loss(spec: dict, loss: float) -> dict:
+    return {**spec, "tuning": {**spec["tuning"], "tolerable_loss": loss}}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--spec", default=str(HERE / "minilm" / "task.toml"), help="nsd task spec (TOML/JSON)")
@@ -249,6 +338,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=1, help="repetitions; the order alternates (default 1)")
     parser.add_argument("--order", choices=("inc-first", "nsd-first"), default="inc-first",
                         help="which side runs first in the first repetition (default inc-first)")
+    parser.add_argument("--one-thread", action="store_true", help="also time INC on one torch thread")
+    parser.add_argument("--cold", action="store_true",
+                        help="time nsd as a fresh `nsd run` (run_local: broker, workers and runner start-up "
+                             "included) instead of a warm cluster")
+    parser.add_argument("--retune-loss", type=float, default=None,
+                        help="re-tune with this tolerable_loss (default: twice the spec's; 0: no re-tune)")
     parser.add_argument("--json", metavar="FILE", help="also write every figure to FILE as JSON")
     parser.add_argument("-v", "--verbose", action="store_true", help="print nsd's trial events as they come")
     args = parser.parse_args(argv)
@@ -262,8 +357,11 @@ def main(argv: list[str] | None = None) -> int:
               f"criterion={tuning['criterion']!r}, higher_is_better={tuning['higher_is_better']}", file=sys.stderr)
         return 2
     ncpu = len(os.sched_getaffinity(0))
+    inc_threads = max(1, min(args.workers, ncpu))  # the cores nsd's workers use (one each)
+    retune = 2 * tuning["tolerable_loss"] if args.retune_loss is None else args.retune_loss
     print(f"spec {spec_path}: {spec['name']}, tolerable_loss {tuning['tolerable_loss']}, "
-          f"max_trials {tuning['max_trials']}; {ncpu} CPUs here, nsd workers {args.workers}, INC torch threads 1")
+          f"max_trials {tuning['max_trials']}; {ncpu} CPUs here, nsd workers {args.workers} x 1 core, "
+          f"INC torch threads {inc_threads}" + (f"; re-tune at tolerable_loss {retune}" if retune else ""))
 
     scratch = Path(tempfile.mkdtemp(prefix="inc-vs-nsd-"))
     old_cwd = os.getcwd()
@@ -285,31 +383,55 @@ def main(argv: list[str] | None = None) -> int:
         for rep in range(args.repeat):
             first = args.order.split("-")[0]
             order = ["inc", "nsd"] if (first == "inc") == (rep % 2 == 0) else ["nsd", "inc"]
+            if args.one_thread:
+                order.append("inc1")
+            if retune:
+                order += ["nsd-retune", "inc-retune"] if order[0] == "inc" else ["inc-retune", "nsd-retune"]
+            state_dir = tempfile.mkdtemp(prefix="nsd-state-", dir=scratch)  # (b) and its re-tune share it
+            cluster = None
+            if not args.cold:
+                cluster = WarmCluster(args.workers, state_dir)
+                print(f"[{rep + 1}/{args.repeat}] warm cluster started in {cluster.start():.2f} s (not timed)",
+                      flush=True)
             got: dict[str, dict] = {}
             for side in order:
                 print(f"[{rep + 1}/{args.repeat}] running {side} ...", flush=True)
                 with CpuMeter() as meter:
                     if side == "inc":
-                        got["inc"] = run_inc(spec)
+                        got[side] = run_inc(spec, inc_threads)
+                    elif side == "inc1":
+                        got[side] = run_inc(spec, 1)
+                    elif side == "inc-retune":
+                        got[side] = run_inc(with_loss(spec, retune), inc_threads)
+                    elif side == "nsd":
+                        got[side] = run_nsd(spec, args.workers, args.verbose, state_dir, cluster)
                     else:
-                        got["nsd"] = run_nsd(spec_path, args.workers, args.verbose)
+                        got[side] = run_nsd(with_loss(spec, retune), args.workers, args.verbose, state_dir, cluster)
                 got[side]["cpu"] = meter.figures
                 print(f"[{rep + 1}/{args.repeat}] {side}: {got[side]['wall_s']:.2f} s; cores busy on average: "
                       f"{meter.figures['busy_cores']:.2f}, of which not this benchmark: "
                       f"{meter.figures['others_cores']:.2f}", flush=True)
+            if cluster is not None:
+                cluster.stop()
             cmp = compare(got["inc"], got["nsd"])
             print_run(rep, order, got["inc"], got["nsd"], cmp)
-            runs.append({"order": order, "inc": got["inc"], "nsd": got["nsd"], "cmp": cmp})
+            run = {"order": order, "inc": got["inc"], "nsd": got["nsd"], "cmp": cmp, "inc1": got.get("inc1")}
+            if retune:
+                run["retune"] = {"inc": got["inc-retune"], "nsd": got["nsd-retune"],
+                                 "cmp": compare(got["inc-retune"], got["nsd-retune"])}
+                print_run(rep, ["re-tune"], got["inc-retune"], got["nsd-retune"], run["retune"]["cmp"])
+            runs.append(run)
     finally:
         os.chdir(old_cwd)
         shutil.rmtree(scratch, ignore_errors=True)
 
     # ---- summary table ----
     print("\n" + "=" * 100)
-    print(f"SUMMARY  {spec['name']}  ({ncpu}-CPU machine; INC: 1 torch thread; nsd: {args.workers} workers)")
-    head = (f"{'rep':>3} {'order':>9} {'INC s':>7} {'nsd s':>7} {'INC/nsd':>7} {'INC trials':>10} "
-            f"{'nsd scored':>10} {'nsd trial-s':>11} {'INC pick':>8} {'nsd pick':>8} {'agree':>5} "
-            f"{'(INC+imp)/nsd':>13} {'others':>11}")
+    print(f"SUMMARY  {spec['name']}  ({ncpu}-CPU machine; INC: {inc_threads} torch threads; nsd: {args.workers} "
+          f"workers x 1 core)")
+    head = (f"{'rep':>3} {'order':>24} {'INC s':>7} {'nsd s':>7} {'nsd/INC':>7} {'INC-1t s':>8} {'nsd/INC-1t':>10} "
+            f"{'INC trials':>10} {'nsd scored':>10} {'stopped':>7} {'INC pick':>8} {'nsd pick':>8} {'agree':>5} "
+            f"{'re INC s':>8} {'re nsd s':>8} {'re nsd/INC':>10} {'re agree':>8} {'others':>11}")
     print(head)
     print("-" * len(head))
     all_agree = True
@@ -317,21 +439,31 @@ def main(argv: list[str] | None = None) -> int:
         inc, nsd, cmp = run["inc"], run["nsd"], run["cmp"]
         agree = cmp["index_agree"] and cmp["config_agree"]
         all_agree &= agree
-        print(f"{rep + 1:>3} {'>'.join(run['order']):>9} {inc['wall_s']:7.2f} {nsd['wall_s']:7.2f} "
-              f"{inc['wall_s'] / nsd['wall_s']:7.2f} {len(inc['trials']):>10} {cmp['nsd_scored']:>10} "
-              f"{_f(cmp['nsd_trial_s']):>11} {_f(cmp['inc_index'], 'd'):>8} {_f(cmp['nsd_index'], 'd'):>8} "
-              f"{'yes' if agree else 'NO':>5} {(inc['wall_s'] + import_s) / nsd['wall_s']:13.2f} "
+        one = run.get("inc1")
+        re = run.get("retune")
+        re_agree = re is None or (re["cmp"]["index_agree"] and re["cmp"]["config_agree"])
+        all_agree &= re_agree
+        print(f"{rep + 1:>3} {'>'.join(run['order']):>24} {inc['wall_s']:7.2f} {nsd['wall_s']:7.2f} "
+              f"{nsd['wall_s'] / inc['wall_s']:7.2f} {_f(one and one['wall_s']):>8} "
+              f"{_f(one and nsd['wall_s'] / one['wall_s']):>10} {len(inc['trials']):>10} {cmp['nsd_scored']:>10} "
+              f"{cmp['nsd_stopped']:>7} {_f(cmp['inc_index'], 'd'):>8} {_f(cmp['nsd_index'], 'd'):>8} "
+              f"{'yes' if agree else 'NO':>5} {_f(re and re['inc']['wall_s']):>8} {_f(re and re['nsd']['wall_s']):>8} "
+              f"{_f(re and re['nsd']['wall_s'] / re['inc']['wall_s']):>10} {'yes' if re_agree else 'NO':>8} "
               f"{inc['cpu']['others_cores']:5.2f}/{nsd['cpu']['others_cores']:<5.2f}")
     if len(runs) > 1:
         inc_med = statistics.median(r["inc"]["wall_s"] for r in runs)
         nsd_med = statistics.median(r["nsd"]["wall_s"] for r in runs)
-        print(f"{'med':>3} {'':>9} {inc_med:7.2f} {nsd_med:7.2f} {inc_med / nsd_med:7.2f}")
+        print(f"{'med':>3} {'':>24} {inc_med:7.2f} {nsd_med:7.2f} {nsd_med / inc_med:7.2f}")
     last = runs[-1]["cmp"]
     print("-" * len(head))
-    print(f"INC s: INC's autotune in this process, warm: torch, INC and the recipe's imports ({import_s:.2f} s) were "
-          f"paid before; (INC+imp)/nsd counts them, as a cold `python` run of INC would. nsd s: run_local end to "
-          f"end, its runner processes' start and imports included. others: cores that other processes kept busy, on "
-          f"average, during the INC/nsd phase (anything above ~0.1 means the timings are disturbed).")
+    print(f"INC s: INC's autotune in this process on {inc_threads} torch threads, warm: torch, INC and the recipe's "
+          f"imports ({import_s:.2f} s) were paid before. INC-1t: the same on one thread. nsd s: "
+          + ("run_local end to end, its runner processes' start and imports included" if args.cold else
+             "submit to result on a warm local cluster (broker and workers started, runners' imports done, "
+             "before timing; no model loaded)")
+          + f". re: the re-tune at tolerable_loss {retune} "
+          f"(nsd with the first run's broker state: its metric cache). others: cores that other processes kept "
+          f"busy, on average, during the INC/nsd phase (anything above ~0.1 means the timings are disturbed).")
     inc_number = None if last["inc_index"] is None else last["inc_index"] + 1
     print(f"winner: INC trial {_f(last['inc_index'], 'd')} (INC numbers it {_f(inc_number, 'd')}) "
           f"{short(last['inc_config']) if last['inc_config'] else '(none: INC returned no model)'}; "
@@ -341,21 +473,23 @@ def main(argv: list[str] | None = None) -> int:
           f"winner metric nsd {_f(last['nsd_winner_metric'], '.6f')}; max |metric difference| over trials both "
           f"evaluated: {_f(last['metric_max_delta'], '.3g')}; baseline difference {_f(last['baseline_delta'], '.3g')}")
     for rep, run in enumerate(runs):
-        cmp = run["cmp"]
-        if not (cmp["index_agree"] and cmp["config_agree"]):
-            print(f"rep {rep + 1}: winners DIFFER: INC {cmp['inc_index']} {cmp['inc_config']} vs nsd "
-                  f"{cmp['nsd_index']} {cmp['nsd_config']}")
-    print(f"nsd trials: {last['nsd_scored']} scored, {last['nsd_cancelled']} cancelled, {last['nsd_errors']} errors; "
-          f"INC: {len(runs[-1]['inc']['trials'])} evaluated")
+        for what, cmp in (("tune", run["cmp"]), ("re-tune", (run.get("retune") or {}).get("cmp"))):
+            if cmp and not (cmp["index_agree"] and cmp["config_agree"]):
+                print(f"rep {rep + 1} {what}: winners DIFFER: INC {cmp['inc_index']} {cmp['inc_config']} vs nsd "
+                      f"{cmp['nsd_index']} {cmp['nsd_config']}")
+    print(f"nsd trials: {last['nsd_scored']} scored, {last['nsd_stopped']} stopped early, {last['nsd_cancelled']} "
+          f"cancelled, {last['nsd_errors']} errors; INC: {len(runs[-1]['inc']['trials'])} evaluated")
     print("RESULT: winners agree" if all_agree else "RESULT: winners DISAGREE")
 
     if args.json:
-        out = [{"order": r["order"],
-                "inc": {k: v for k, v in r["inc"].items()},
-                "nsd": {"wall_s": r["nsd"]["wall_s"], "cpu": r["nsd"]["cpu"],
-                        "result": {k: v for k, v in r["nsd"]["result"].items() if k != "spec"}},
-                "cmp": r["cmp"]} for r in runs]
+        def slim(r: dict) -> dict:
+            return {"wall_s": r["wall_s"], "cpu": r["cpu"],
+                    "result": {k: v for k, v in r["result"].items() if k != "spec"}}
+        out = [{"order": r["order"], "inc": r["inc"], "inc1": r.get("inc1"), "nsd": slim(r["nsd"]), "cmp": r["cmp"],
+                "retune": r.get("retune") and {"inc": r["retune"]["inc"], "nsd": slim(r["retune"]["nsd"]),
+                                               "cmp": r["retune"]["cmp"]}} for r in runs]
         Path(old_cwd, args.json).write_text(json.dumps({"import_s": import_s, "cpus": ncpu, "workers": args.workers,
+                                                        "inc_threads": inc_threads, "retune_loss": retune,
                                                         "spec": spec_path, "runs": out}, indent=2, default=str))
     return 0 if all_agree else 1
 

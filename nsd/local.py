@@ -23,10 +23,13 @@ log = logging.getLogger("nsd.run")
 
 
 def split_cpus(cpus: list[int], n: int) -> list[list[int]]:
-    """Disjoint CPU sets for n workers (shared round-robin when there are more workers than CPUs)."""
+    """Disjoint CPU sets for n workers covering every CPU (sizes differ by at most one; each worker's
+    runners are pinned to its own set), or, with more workers than CPUs, one CPU each, shared round-robin."""
+    cpus = sorted(cpus)
     if n <= len(cpus):
-        per = len(cpus) // n
-        return [cpus[i * per:(i + 1) * per] for i in range(n)]
+        per, extra = divmod(len(cpus), n)
+        bounds = [i * per + min(i, extra) for i in range(n + 1)]
+        return [cpus[bounds[i]:bounds[i + 1]] for i in range(n)]
     return [[cpus[i % len(cpus)]] for i in range(n)]
 
 

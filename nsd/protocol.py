@@ -140,6 +140,9 @@ RESULT_OPTIONAL: dict[str, Check] = {
     "artifact": text(64, SHA256), "configs": listof(MAX_CONFIGS, PLANNED),
     "ops": JSON_MAP,  # a plan's op lists per config family (shape checked by nsd.broker.search.parse_oplists)
     "traceback": listof(100, text(4096)),
+    # early stop (nsd.quant.scoring), the winner kept on its worker (runner.keep_model)
+    "bound": OPT_NUMBER, "stopped_early": BOOL, "batches": integer(0, 1 << 31), "kept": text(4096),
+    "requantized": BOOL,
 }
 
 
@@ -187,7 +190,9 @@ SHAPES: dict[Cmd, dict[str, Check]] = {
     Cmd.EVENT: {"task_id": of_type(str, "a string"), "seq": integer(0, 1 << 62), "kind": of_type(str, "a string")},
 }
 OPTIONAL: dict[Cmd, dict[str, Check]] = {
-    Cmd.READY: {"draining": BOOL, "cores_per_trial": integer(1, MAX_CORES), "nsd_version": text(64)},
+    Cmd.READY: {"draining": BOOL, "cores_per_trial": integer(1, MAX_CORES), "nsd_version": text(64),
+                "versions": Check("a map of up to 16 package names to versions", lambda v: isinstance(v, dict)
+                                  and len(v) <= 16 and all(text(64).ok(k) and text(64).ok(x) for k, x in v.items()))},
     Cmd.HEARTBEAT: {"running": listof(MAX_LEASES, LEASE)},
     Cmd.BYE: {"handback": BOOL},
     Cmd.RESULT: RESULT_OPTIONAL,

@@ -76,6 +76,8 @@ class TuningSpec:
     timeout_s: float = 0.0  # 0: no wall-clock budget
     trial_timeout_s: float = 0.0  # 0: none; a trial running longer has its runner killed and ends in error
     max_attempts: int = 3  # a trial whose runner dies this often is marked error
+    early_stop: bool = True  # stop evaluating a trial once it can neither meet the goal nor be the best
+    cache: bool = True  # reuse baselines and trial metrics already measured on the same inputs (blob inputs only)
 
 
 @dataclass(frozen=True)
@@ -194,6 +196,8 @@ def validate(raw: Any, *, local_paths: bool = False) -> TaskSpec:
         timeout_s=_number(t, "timeout_s", 0.0, 0.0, None, "tuning.", problems),
         trial_timeout_s=_number(t, "trial_timeout_s", 0.0, 0.0, None, "tuning.", problems),
         max_attempts=int(_number(t, "max_attempts", 3, 1, 100, "tuning.", problems, integer=True)),
+        early_stop=_bool(t, "early_stop", True, "tuning.", problems),
+        cache=_bool(t, "cache", True, "tuning.", problems),
     )
     r = parts["resources"]
     resources = ResourcesSpec(

@@ -27,3 +27,31 @@ def test_a_trial_stays_within_one_node_best_fit():
 def test_an_idle_runners_cores_are_reused_first():
     assert allocate({0, 1, 2, 3}, TWO_NODES, 2, reusable=[(2, 3)]) == (2, 3)
     assert allocate({0, 1, 2}, TWO_NODES, 2, reusable=[(2, 3)]) == (0, 1)
+
+
+def test_select_cpus_takes_exact_lists_or_the_first_n():
+    import pytest
+
+    from nsd.worker.cores import select_cpus
+
+    allowed = [0, 1, 2, 3, 8, 9]
+    assert select_cpus(allowed, cpus="0-3,8") == [0, 1, 2, 3, 8]
+    assert select_cpus(allowed, cpus="9,1") == [1, 9]
+    assert select_cpus(allowed, cores=2) == [0, 1]  # the first N: two workers with --cores 2 would collide
+    assert select_cpus(allowed) == allowed
+    for bad in ("4", "0,0", "", "a-b"):
+        with pytest.raises(ValueError, match="--cpus"):
+            select_cpus(allowed, cpus=bad)
+    with pytest.raises(ValueError, match="not both"):
+        select_cpus(allowed, cores=1, cpus="0")
+    with pytest.raises(ValueError, match="--cores"):
+        select_cpus(allowed, cores=7)
+
+
+def test_local_workers_get_disjoint_cpu_sets_covering_every_cpu():
+    from nsd.local import split_cpus
+
+    assert split_cpus([0, 1], 2) == [[0], [1]]
+    assert split_cpus([0, 1, 2, 3, 4], 2) == [[0, 1, 2], [3, 4]]
+    assert split_cpus([5, 1, 3], 3) == [[1], [3], [5]]
+    assert split_cpus([0, 1], 3) == [[0], [1], [0]]  # more workers than CPUs: shared, one each

@@ -43,8 +43,13 @@ def assert_same_answer_as_inc(spec: dict, result: dict) -> None:
 
     recipe, inc_model, calls = inc_autotune(spec)
     assert calls[0] == result["baseline"]  # FP32 baseline, bitwise
-    # Each trial INC ran scored the same in nsd (trials are deterministic), in the same order.
-    assert [t["metric"] for t in result["trials"][: len(calls) - 1]] == calls[1:]
+    # Each trial INC ran scored the same in nsd (trials are deterministic), in the same order; one that
+    # stopped early had a best reachable metric at least INC's.
+    for trial, inc_metric in zip(result["trials"], calls[1:]):
+        if trial["stopped_early"]:
+            assert trial["metric"] is None and trial["bound"] >= inc_metric
+        else:
+            assert trial["metric"] == inc_metric
     # The model INC returns is the one nsd's winning config produces.
     ours = quantize(recipe.load_model(), config_from_dict(result["winner"]["config"]), run_fn=recipe.calibrate,
                     example_inputs=recipe.example_inputs())

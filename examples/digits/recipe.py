@@ -1,6 +1,8 @@
 """nsd recipe: a small CNN on scikit-learn's bundled 8x8 digits (real weights, real data, no downloads).
 
 INC 3.x's own contract: load_model(), example_inputs(), calibrate(model), evaluate(model) -> float.
+It also defines score_batches(model) with SCORE_RANGE and SCORE_COUNT, so that nsd can stop evaluating a
+trial once it can no longer matter (evaluate() is the same sum over the same batches, for INC).
 """
 
 import os
@@ -60,6 +62,21 @@ def calibrate(model) -> None:
             model(X_TRAIN[i:i + 64])
 
 
-def evaluate(model) -> float:
+EVAL_BATCH = 40
+SCORE_RANGE = (0, 1)  # per sample: 1 if classified correctly
+SCORE_COUNT = len(Y_TEST)
+
+
+def score_batches(model):
+    """(correct, count) per batch of the test set: accuracy = total correct / SCORE_COUNT."""
     with torch.no_grad():
-        return (model(X_TEST).argmax(1) == Y_TEST).float().mean().item()
+        for i in range(0, len(Y_TEST), EVAL_BATCH):
+            yield int((model(X_TEST[i:i + EVAL_BATCH]).argmax(1) == Y_TEST[i:i + EVAL_BATCH]).sum()), \
+                len(Y_TEST[i:i + EVAL_BATCH])
+
+
+def evaluate(model) -> float:
+    total = count = 0
+    for correct, n in score_batches(model):
+        total, count = total + correct, count + n
+    return total / count

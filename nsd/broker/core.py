@@ -15,6 +15,7 @@ job goes where); this module applies them.
 from __future__ import annotations
 
 import contextlib
+import heapq
 import itertools
 import json
 import logging
@@ -29,10 +30,12 @@ from typing import Any, Iterator
 from nsd.blobs import make_ref
 from nsd.broker import scheduler, search, tuner
 from nsd.broker.limits import BrokerLimits
+from nsd.broker.metric_cache import MetricCache
 from nsd.broker.metrics import Metrics
 from nsd.broker.model import PLAN, SAVE, STAGE_JOBS, Task, Trial, Worker, job_id
 from nsd.broker.store import Store
 from nsd.protocol import PROTOCOL_VERSION, Cmd, parse_job_id
+from nsd.quant.scoring import can_stop
 from nsd.states import TaskState, TrialState
 
 log = logging.getLogger("nsd.broker")
@@ -75,6 +78,9 @@ class Core:
         self.ignored_results = 0  # results not from the lease holder: counted, acknowledged, dropped
         self._touched: set[str] | None = None  # task ids written in the open transaction
         self._dirty = True  # demand or free cores changed since the last scheduling pass
+        self.cache = MetricCache(store, time.time)
+        self._answered_from_cache = False  # set by _assign when the cache answered a job (see schedule)
+        self._cache_rounds = 0
 
     # ---- transactions ----------------------------------------------------------------------------
 
@@ -154,7 +160,8 @@ class Core:
                              state=TrialState(r["state"]), attempt=r["attempt"], metric=r["metric"],
                              worker=r["worker"], started=r["started"], finished=r["finished"],
                              seconds=r["seconds"], error=r["error"], stage=r["stage"],
-                             fallback=json.loads(r["fallback"]), base=r["base"])
+                             fallback=json.loads(r["fallback"]), base=r["base"], bound=r["bound"],
+                             stopped_early=bool(r["stopped_early"]), cached=bool(r["cached"]))
                        for r in self.store.trials(task.id)]
         task.index_trials()
         return task
@@ -281,7 +288,7 @@ class Core:
         shape = body.get("cores_per_trial")
         worker = Worker(id=wid, identity=identity, boot_id=body["boot_id"], host=body["host"], cores=body["cores"], slots=body["slots"],
                         version=str(body.get("nsd_version", "?")), registered=now, last_seen=now, key=key,
-                        draining=body.get("draining") is True)
+                        draining=body.get("draining") is True, versions=body.get("versions"))
         worker.cores_per_trial = shape if shape is not None and shape <= worker.cores else \
             max(1, worker.cores // max(1, worker.slots))
         self.workers[wid] = worker
@@ -387,35 +394,100 @@ class Core:
             self.lost_lease(task, job, body.get("error") or "worker could not start the job")
         elif job == PLAN:
             task.stage_worker = None
-            self._plan_result(task, body)
+            self._plan_result(task, body, worker)
         elif job == SAVE:
             task.stage_worker = None
-            self._save_result(task, body)
+            self._save_result(task, body, worker)
         else:
-            self._trial_result(task, task.trials[job], body)
+            self._trial_result(task, task.trials[job], body, worker)
 
-    def _trial_result(self, task: Task, tr: Trial, body: dict) -> None:
+    def _trial_result(self, task: Task, tr: Trial, body: dict, worker: Worker) -> None:
         tr.finished = time.time()
         tr.seconds = body.get("seconds")
-        metric = body.get("metric")
+        metric, bound = body.get("metric"), body.get("bound")
+        fallback = getattr(tr, "fallback", None)
         if body["ok"] and metric is not None:
             tr.metric = float(metric)
             task.set_state(tr, TrialState.PASSED if tuner.meets_goal(tr.metric, task.goal()) else TrialState.FAILED_GOAL)
+            task.note_metric(tr)
+            if tr.state is TrialState.PASSED and body.get("kept"):
+                tr.kept = (worker.id, body["kept"])
+            self.cache.put_trial(task.spec, worker.versions, tr.config, fallback, tr.metric)
+        elif body["ok"] and body.get("stopped_early") is True and bound is not None \
+                and not tuner.meets_goal(float(bound), task.goal()):
+            # It could neither meet the goal nor beat a finished trial (tuner.stop_rule): no metric needed.
+            tr.bound, tr.stopped_early = float(bound), True
+            task.set_state(tr, TrialState.FAILED_GOAL)
+            self.cache.put_trial(task.spec, worker.versions, tr.config, fallback, None, tr.bound)
         else:
             task.set_state(tr, TrialState.ERROR)
             tr.error = (body.get("error") or "the runner returned no metric")[:4000]
+        self._finish_trial(task, tr)
+
+    def _finish_trial(self, task: Task, tr: Trial) -> None:
         self._write_trial(task, tr, state=tr.state.value, metric=tr.metric, seconds=tr.seconds,
-                          finished=tr.finished, error=tr.error)
+                          finished=tr.finished, error=tr.error, bound=tr.bound, stopped_early=tr.stopped_early,
+                          cached=tr.cached)
         self.metrics.trial_finished(tr.state.value)
         self.emit(task, "trial", **tr.event())
         self.settle(task)
+
+    def _answer_from_cache(self, task: Task, worker: Worker) -> bool:
+        """Answer the job `_assign` would give `worker` from the metric cache (nsd.broker.metric_cache), as
+        far as it can: the plan, then trials in order until one is not known, or the save. True: nothing
+        is left to send now (`schedule` places again: the task has moved on)."""
+        versions = worker.versions
+        if task.state in (TaskState.QUEUED, TaskState.PLANNING):
+            plan = self.cache.get_plan(task.spec, versions)
+            if plan is None:
+                return False
+            if task.state is TaskState.QUEUED:
+                self._move(task, TaskState.PLANNING)
+            task.started = task.started or time.time()
+            self._write_task(task, state=task.state.value, started=task.started)
+            self._plan_result(task, {"ok": True, "baseline": plan["baseline"], "configs": plan["configs"],
+                                     "ops": plan.get("ops"), "seconds": 0.0})
+            return True
+        if task.state is TaskState.FINALIZING:
+            winner = task.trials[task.winner]
+            sha = self.cache.get_artifact(task.spec, versions, winner.config, getattr(winner, "fallback", None))
+            if sha is None or not self.blobs.has(sha):
+                return False
+            self._save_result(task, {"ok": True, "artifact": sha})
+            return True
+        answered = False
+        while task.state is TaskState.TUNING and task.n_pending:
+            tr = task.trials[task.pending[0]]
+            if tr.state is not TrialState.PENDING:
+                heapq.heappop(task.pending)  # a stale entry
+                continue
+            known = self.cache.get_trial(task.spec, versions, tr.config, getattr(tr, "fallback", None))
+            if known is None:
+                return answered
+            metric, bound = finite(known.get("metric")), finite(known.get("bound"))
+            if metric is None and not (bound is not None and can_stop(bound, bound, task.stop_rule(tr.index))):
+                return answered  # it stopped early under a stricter rule than this task's: run it
+            task.next_pending()
+            now = time.time()
+            tr.cached, tr.worker, tr.started, tr.finished, tr.seconds = True, None, now, now, 0.0
+            if metric is not None:
+                tr.metric = metric
+                task.set_state(tr, TrialState.PASSED if tuner.meets_goal(metric, task.goal())
+                               else TrialState.FAILED_GOAL)
+                task.note_metric(tr)
+            else:
+                tr.bound, tr.stopped_early = bound, True
+                task.set_state(tr, TrialState.FAILED_GOAL)
+            self._finish_trial(task, tr)
+            answered = True
+        return True
 
     def _keep_log(self, task: Task, job: str, body: dict, worker: str) -> None:
         text = body.get("log")
         if text:
             self.store.put_log(task.id, job, body["attempt"], worker, text[-LOG_LIMIT:])
 
-    def _plan_result(self, task: Task, body: dict) -> None:
+    def _plan_result(self, task: Task, body: dict, worker: Worker | None = None) -> None:
         task.plan_s = body.get("seconds")
         baseline, configs = body.get("baseline"), body.get("configs")
         if not body["ok"]:
@@ -426,6 +498,8 @@ class Core:
         if not configs:
             return self.finish(task, TaskState.FAILED, error="the config set expanded to no configs")
         configs = configs[: task.tuning["max_trials"]]
+        if worker is not None:  # a plan a worker ran (not one from the cache): remember it
+            self.cache.put_plan(task.spec, worker.versions, float(baseline), configs, body.get("ops"))
         task.baseline, task.oplists = float(baseline), oplists
         task.trials = [Trial(index=i, config=c["config"], label=c.get("label", "")) for i, c in enumerate(configs)]
         task.index_trials()
@@ -438,9 +512,13 @@ class Core:
         self.emit(task, "state", state=task.state.value)
         log.info("task %s: baseline %.6g, %d trials", task.id, task.baseline, len(task.trials))
 
-    def _save_result(self, task: Task, body: dict) -> None:
+    def _save_result(self, task: Task, body: dict, worker: Worker | None = None) -> None:
         sha = body.get("artifact")
         if body["ok"] and sha is not None and self.blobs.has(sha):
+            if worker is not None:
+                winner = task.trials[task.winner]
+                self.cache.put_artifact(task.spec, worker.versions, winner.config, getattr(winner, "fallback", None),
+                                        sha)
             task.artifact = make_ref(sha, "model")
             self._write_task(task, artifact=task.artifact)
             self.finish(task, TaskState.DONE, winner=task.winner, met_goal=task.met_goal, error=task.error)
@@ -602,15 +680,32 @@ class Core:
         if demands:
             free = {w.id: w.free_cores for w in self.free.values()}
             placements = scheduler.place(free, demands, {w.id: w.cores_per_trial for w in self.free.values()})
+            self._answered_from_cache = False
             with self.tx():
                 for task_id, worker_id in placements:
                     self._assign(self.tasks[task_id], self.workers[worker_id])
+            if self._answered_from_cache and self._cache_rounds < 100:
+                # Jobs answered from the cache moved tasks on: place what that made runnable, now.
+                self._cache_rounds += 1
+                self._dirty = True
+                try:
+                    self.schedule()
+                finally:
+                    self._cache_rounds -= 1
         for worker in self.free.values():  # a slot that stays free had no work waiting: not latency
             if worker.freed_at is not None and worker.free_cores >= worker.cores_per_trial:
                 worker.freed_at = None
 
     def _assign(self, task: Task, worker: Worker) -> None:
         now = time.time()
+        if task.tuning.get("cache", True) and self._answer_from_cache(task, worker):
+            self._answered_from_cache = True
+            return
+        if task.state is TaskState.FINALIZING:  # the save job goes where the winner's model was kept, if free
+            kept = task.trials[task.winner].kept
+            holder = self.workers.get(kept[0]) if kept else None
+            if holder is not None and holder is not worker and holder.free_cores >= self.job_cores(task, holder):
+                worker = holder
         if task.state is TaskState.QUEUED:
             self._move(task, TaskState.PLANNING)
         if task.state is TaskState.PLANNING:
@@ -626,6 +721,8 @@ class Core:
             winner = task.trials[task.winner]
             job = {"kind": "save", "task_id": task.id, "spec": task.spec, "index": winner.index,
                    "config": winner.config, "fallback": winner.fallback}
+            if winner.kept and winner.kept[0] == worker.id:
+                job["kept"] = winner.kept[1]  # upload the model its trial kept instead of quantizing again
             self._write_task(task, stage_worker=worker.id)
         else:
             tr = task.next_pending()
@@ -633,7 +730,10 @@ class Core:
             tr.worker, tr.started = worker.id, now
             jid, attempt = job_id(task.id, tr.index), tr.attempt
             job = {"kind": "trial", "task_id": task.id, "spec": task.spec, "index": tr.index, "config": tr.config,
-                   "fallback": tr.fallback}
+                   "fallback": tr.fallback,
+                   # What it must reach to matter (early stop), and whether a pass should keep its model.
+                   "rule": task.stop_rule(tr.index),
+                   "keep": task.lowest_passed is None or task.lowest_passed > tr.index}
             self._write_trial(task, tr, state=tr.state.value, worker=worker.id, started=now)
             self.emit(task, "trial", **tr.event())
         job["cores"] = self.job_cores(task, worker)

@@ -14,6 +14,7 @@ result, every scheduling pass) never rescans thousands of them. `tuner`'s pure f
 from __future__ import annotations
 
 import heapq
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,6 +47,10 @@ class Trial:
     stage: str = search.CONFIG  # the fallback search's stage (nsd/broker/search.py)
     fallback: list[str] = field(default_factory=list)  # op names kept in FP32 on top of `config`
     base: int | None = None  # the config trial a fallback trial builds on
+    bound: float | None = None  # stopped early: the best metric it could still have reached
+    stopped_early: bool = False
+    cached: bool = False  # answered from the metric cache, not run
+    kept: tuple[str, str] | None = None  # (worker, folder) where its passing model was kept (not persisted)
 
     def view(self) -> tuner.TrialView:
         return tuner.TrialView(self.index, self.state, self.metric)
@@ -65,11 +70,13 @@ class Trial:
 
     def public(self) -> dict[str, Any]:
         return {**self.described(), "state": self.state.value, "metric": self.metric, "attempt": self.attempt,
-                "worker": self.worker, "seconds": self.seconds, "error": self.error}
+                "worker": self.worker, "seconds": self.seconds, "error": self.error, "bound": self.bound,
+                "stopped_early": self.stopped_early, "cached": self.cached}
 
     def event(self) -> dict[str, Any]:
         return {"index": self.index, "state": self.state.value, "metric": self.metric, "attempt": self.attempt,
-                "worker": self.worker, "seconds": self.seconds, "error": self.error}
+                "worker": self.worker, "seconds": self.seconds, "error": self.error, "bound": self.bound,
+                "stopped_early": self.stopped_early, "cached": self.cached}
 
 
 @dataclass
@@ -99,6 +106,7 @@ class Task:
     n_unfinished: int = 0
     lowest_passed: int | None = None
     cancelled_above: int | None = None  # the lowest pass whose higher trials were already cancelled
+    best_index: int | None = None  # tuner.best() over the finished trials, kept by note_metric()
 
     # ---- leases ------------------------------------------------------------------------------
 
@@ -138,6 +146,27 @@ class Task:
         self.n_running = sum(t.state is TrialState.RUNNING for t in self.trials)
         self.n_unfinished = sum(not t.state.finished for t in self.trials)
         self.lowest_passed = tuner.first_passed(self.views())
+        self.best_index = tuner.best(self.views(), self._higher_is_better)
+
+    @property
+    def _higher_is_better(self) -> bool:
+        return self.spec.get("tuning", {}).get("higher_is_better", True)
+
+    def note_metric(self, tr: Trial) -> None:
+        """A trial finished with a metric: keep best_index equal to tuner.best() (earliest on ties)."""
+        if tr.metric is None or not math.isfinite(tr.metric):
+            return
+        sign = 1 if self._higher_is_better else -1
+        top = None if self.best_index is None else self.trials[self.best_index]
+        if top is None or sign * tr.metric > sign * top.metric or (tr.metric == top.metric and tr.index < top.index):
+            self.best_index = tr.index
+
+    def stop_rule(self, index: int) -> dict:
+        """The rule trial `index` runs under (tuner.stop_rule): early stopping off leaves nothing to beat, and
+        so does a fallback stage's trial (the search ranks ops by those metrics: they run in full)."""
+        top = [] if self.best_index is None or not self.tuning.get("early_stop", True) \
+            or self.trials[index].stage != search.CONFIG else [self.trials[self.best_index].view()]
+        return tuner.stop_rule(self.goal(), top, index)
 
     def set_state(self, tr: Trial, state: TrialState) -> None:
         old = tr.state
@@ -245,6 +274,7 @@ class Worker:
     cores_used: int = 0  # sum of cores_of
     freed_at: float | None = None  # when a slot last came free (for the dispatch latency metric)
     draining: bool = False  # finishing what it runs before it leaves; takes nothing new
+    versions: dict[str, str] | None = None  # nsd/INC/torch versions it runs (the metric cache's key)
 
     @property
     def free_cores(self) -> int:

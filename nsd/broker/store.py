@@ -64,6 +64,11 @@ CREATE TABLE IF NOT EXISTS worker_keys (
     worker_id TEXT PRIMARY KEY,
     key TEXT NOT NULL  -- the CURVE public key (z85) that first registered this worker id
 );
+CREATE TABLE IF NOT EXISTS cache (
+    key TEXT PRIMARY KEY,  -- nsd.broker.metric_cache: content-addressed plans, trial metrics, artifacts
+    body TEXT NOT NULL,
+    created REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS events (
     task_id TEXT NOT NULL,
     seq INTEGER NOT NULL,
@@ -77,11 +82,15 @@ MIGRATIONS = (  # columns added after the first release: (table, column, definit
     # the fallback search: rows from before it are config-set trials with no fallback
     ("tasks", "oplists", "TEXT"), ("trials", "stage", "TEXT NOT NULL DEFAULT 'config'"),
     ("trials", "fallback", "TEXT NOT NULL DEFAULT '[]'"), ("trials", "base", "INTEGER"),
+    ("trials", "bound", "REAL"),  # early stop: the best metric a stopped trial could still have reached
+    ("trials", "stopped_early", "INTEGER"),
+    ("trials", "cached", "INTEGER"),  # answered from the metric cache
 )
 EVENTS_KEPT = 1000  # per task: the events table keeps the newest ones (clients re-snapshot; see README)
 TASK_COLUMNS = frozenset({"state", "started", "finished", "baseline", "winner", "met_goal", "error", "seq",
                           "stage_attempt", "stage_worker", "plan_s", "artifact", "oplists"})
-TRIAL_COLUMNS = frozenset({"state", "attempt", "metric", "worker", "started", "finished", "seconds", "error"})
+TRIAL_COLUMNS = frozenset({"state", "attempt", "metric", "worker", "started", "finished", "seconds", "error",
+                           "bound", "stopped_early", "cached"})
 
 
 class Store:
@@ -194,6 +203,16 @@ class Store:
     def check(self) -> None:
         """Raise sqlite3.Error if the database cannot be read (a cheap health check for the watchdog)."""
         self.db.execute("SELECT 1 FROM tasks LIMIT 1").fetchall()
+
+    def cache_get(self, key: str) -> dict | None:
+        """A cached answer (nsd.broker.metric_cache), or None."""
+        row = self.db.execute("SELECT body FROM cache WHERE key = ?", (key,)).fetchone()
+        return None if row is None else json.loads(row["body"])
+
+    def cache_put(self, key: str, body: dict, created: float) -> None:
+        with self.tx():
+            self.db.execute("INSERT OR REPLACE INTO cache (key, body, created) VALUES (?, ?, ?)",
+                            (key, json.dumps(body), created))
 
     def trials(self, task_id: str) -> list[sqlite3.Row]:
         return self.db.execute("SELECT * FROM trials WHERE task_id = ? ORDER BY idx", (task_id,)).fetchall()

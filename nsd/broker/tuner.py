@@ -37,14 +37,38 @@ class Decision:
     met_goal: bool
 
 
+def goal_threshold(goal: Goal) -> float:
+    """The goal in signed space: a metric m meets it iff sign * m >= this (sign = -1 for lower-is-better)."""
+    sign = 1 if goal.higher_is_better else -1
+    if goal.criterion == "relative":
+        return sign * goal.baseline * (1 - sign * goal.tolerable_loss)
+    return sign * goal.baseline - goal.tolerable_loss
+
+
 def meets_goal(metric: float, goal: Goal) -> bool:
     """INC's test for relative/higher-is-better (`TuningMonitor.need_stop`), mirrored for the rest."""
     if not math.isfinite(metric):
         return False
     sign = 1 if goal.higher_is_better else -1
-    if goal.criterion == "relative":
-        return sign * metric >= sign * goal.baseline * (1 - sign * goal.tolerable_loss)
-    return sign * metric >= sign * goal.baseline - goal.tolerable_loss
+    return sign * metric >= goal_threshold(goal)
+
+
+def stop_rule(goal: Goal, trials: Sequence[TrialView], index: int) -> dict:
+    """What trial `index` must reach to matter, for the runner's early stop (`nsd.quant.scoring.can_stop`).
+
+    A trial matters if it can meet the goal (then it may win) or become `best` (the winner when none
+    passes). Its evaluation may stop once its best reachable metric can do neither: below the goal and
+    worse than a finished trial's metric — or equal to it where that trial has a lower index, since `best`
+    keeps the earliest on ties. Finished metrics never change and only add up, so a rule made at assign
+    time stays valid however long the trial runs. `best` is None while no trial has a metric: the trial
+    might become the best one, and runs in full. Signed space: larger is better for both directions."""
+    sign = 1 if goal.higher_is_better else -1
+    top = best(trials, goal.higher_is_better)
+    rule = {"sign": sign, "need": goal_threshold(goal), "best": None, "tie_stops": False}
+    if top is not None:
+        metric = next(t.metric for t in trials if t.index == top)
+        rule.update(best=sign * metric, tie_stops=top < index)
+    return rule
 
 
 def first_passed(trials: Iterable[TrialView]) -> int | None:

@@ -152,7 +152,10 @@ def broker(state_dir, clients, workers, events, heartbeat, liveness, insecure, m
 @config_option("worker")
 @click.option("--broker", "broker_addr", envvar="NSD_WORKER_BROKER", default="tcp://127.0.0.1:5551",
               show_default=True, help="The broker's worker endpoint (env NSD_WORKER_BROKER).")
-@click.option("--cores", type=int, default=None, help="Cores to use (default: all this process may run on).")
+@click.option("--cores", type=int, default=None,
+              help="Use the first N cores this process may run on (lowest ids; default: all of them).")
+@click.option("--cpus", default=None,
+              help="Use exactly these CPUs, e.g. 0-3,8 (two workers on one host: give each its own list).")
 @click.option("--cores-per-trial", type=int, default=1, show_default=True, help="Cores per slot (trial).")
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
               help="Scratch, logs and outbox (default: ~/.cache/nsd/worker).")
@@ -162,13 +165,16 @@ def broker(state_dir, clients, workers, events, heartbeat, liveness, insecure, m
 @click.option("--heartbeat", default=1.0, show_default=True, help="Heartbeat interval, seconds.")
 @click.option("--grace", default=30.0, show_default=True,
               help="On SIGTERM, seconds running trials may take to finish before they are handed back.")
+@click.option("--preload", default="",
+              help="Modules each runner imports before its first job, comma-separated (e.g. transformers: the "
+                   "built-in recipes' import, seconds otherwise paid by the first job of each runner).")
 @click.option("--curve-key", envvar="NSD_WORKER_CURVE_KEY", default=None, type=click.Path(dir_okay=False),
               help="This worker's key pair, allowed on the broker as a worker (env NSD_WORKER_CURVE_KEY).")
 @click.option("--server-key", envvar="NSD_WORKER_SERVER_KEY", default=None, type=click.Path(dir_okay=False),
               help="The broker's public key (env NSD_WORKER_SERVER_KEY).")
 @click.option("--log-level", default="info", show_default=True)
-def worker(broker_addr, cores, cores_per_trial, cache_dir, cache_size, worker_id, heartbeat, grace, curve_key,
-           server_key, log_level) -> None:
+def worker(broker_addr, cores, cpus, cores_per_trial, cache_dir, cache_size, worker_id, heartbeat, grace, preload,
+           curve_key, server_key, log_level) -> None:
     """Run a worker daemon on this node."""
     from nsd.limits import raise_open_files_limit
     from nsd.net import install_uvloop
@@ -177,16 +183,17 @@ def worker(broker_addr, cores, cores_per_trial, cache_dir, cache_size, worker_id
     _setup_logging(log_level)
     raise_open_files_limit()
     install_uvloop()
-    cpus = sorted(os.sched_getaffinity(0))
-    if cores is not None:
-        if not 1 <= cores <= len(cpus):
-            _fail(ValueError(f"--cores must be between 1 and {len(cpus)} here"))
-        cpus = cpus[:cores]
+    from nsd.worker.cores import select_cpus
+
+    try:
+        cpus = select_cpus(sorted(os.sched_getaffinity(0)), cores, cpus)
+    except ValueError as exc:
+        _fail(exc)
     if not 1 <= cores_per_trial <= len(cpus):
         _fail(ValueError(f"--cores-per-trial must be between 1 and {len(cpus)}"))
     config = WorkerConfig(broker=broker_addr, cpus=cpus, cores_per_trial=cores_per_trial,
                           worker_id=worker_id, heartbeat_s=heartbeat, grace_s=grace, curve_key=curve_key,
-                          server_key=server_key, cache_max_bytes=int(cache_size * 1024**3))
+                          server_key=server_key, cache_max_bytes=int(cache_size * 1024**3), preload=preload)
     if cache_dir is not None:
         config.cache_dir = Path(cache_dir).resolve()  # runners work in their own folders
 

@@ -183,7 +183,7 @@ def build(spec: dict):
         raise ValueError(f"recipe kind {kind!r} is not a built-in recipe ({', '.join(RECIPES)})")
     recipe = RECIPES[kind](spec)
     return Recipe(load_model=recipe.load_model, example_inputs=recipe.example_inputs, calibrate=recipe.calibrate,
-                  evaluate=recipe.evaluate, export=recipe.export)
+                  evaluate=recipe.evaluate, export=recipe.export, evaluate_steps=recipe.evaluate_steps)
 
 
 class HFRecipe:
@@ -259,6 +259,14 @@ class HFRecipe:
                 model(*self._args(batch))
 
     def evaluate(self, model) -> float:
+        """Every batch: the metric (the same float as draining evaluate_steps)."""
+        from nsd.quant.scoring import drain
+
+        return drain(self.evaluate_steps(model))
+
+    def evaluate_steps(self, model):
+        """A generator over evaluation batches yielding the interval the metric can still reach, returning the
+        metric (nsd.quant.scoring); metrics without an exact bound yield nothing."""
         raise NotImplementedError
 
     def export(self, model, example_inputs):
@@ -423,15 +431,29 @@ class TextClassification(HFRecipe):
     def _calibration_batches(self) -> list[dict]:
         return self._prepared()["calib"]
 
-    def evaluate(self, model) -> float:
+    def _predictions(self, model):
         import torch
 
-        data = self._prepared()
-        predictions = []
         with torch.no_grad():
-            for batch in data["eval"]:
-                predictions += self._forward(model, batch).argmax(-1).tolist()
-        return (accuracy if self.metric == "accuracy" else macro_f1)(predictions, data["labels"])
+            for batch in self._prepared()["eval"]:
+                yield self._forward(model, batch).argmax(-1).tolist()
+
+    def evaluate_steps(self, model):
+        labels = self._prepared()["labels"]
+        if self.metric != "accuracy":  # macro F1: no exact bound from a prefix; runs in full
+            predictions = [p for part in self._predictions(model) for p in part]
+            return macro_f1(predictions, labels)
+
+        def correct():
+            seen = 0
+            for part in self._predictions(model):
+                yield sum(p == t for p, t in zip(part, labels[seen:seen + len(part)])), len(part)
+                seen += len(part)
+            _same_length(range(seen), labels)
+
+        from nsd.quant.scoring import accuracy_steps
+
+        return (yield from accuracy_steps(correct(), len(labels)))
 
 
 class FeatureExtraction(HFRecipe):
@@ -505,15 +527,29 @@ class FeatureExtraction(HFRecipe):
         with torch.no_grad():
             return torch.cat([self.embed(model, b) for b in batches])
 
-    def evaluate(self, model) -> float:
+    def evaluate_steps(self, model):
+        import torch
+
+        from nsd.quant.scoring import SLACK
+
         data = self._prepared()
-        if self.metric == "spearman":
+        if self.metric == "spearman":  # a rank correlation: no exact bound from a prefix; runs in full
             first, second = data["eval"]
             similarity = (self._embed(model, first) * self._embed(model, second)).sum(-1)
             return spearman(similarity.tolist(), data["scores"])
+            yield  # noqa: unreachable - makes this a generator
         if self._reference is None:
             self.load_model()  # computes the FP32 reference once
-        return (self._embed(model, data["eval"]) * self._reference).sum(-1).mean().item()
+        n = self._reference.shape[0]
+        cosines, total, seen = [], 0.0, 0
+        with torch.no_grad():
+            for batch in data["eval"]:
+                part = (self.embed(model, batch) * self._reference[seen:seen + batch["attention_mask"].shape[0]]).sum(-1)
+                cosines.append(part)
+                total, seen = total + part.sum().item(), seen + part.shape[0]
+                # Each cosine of unit vectors lies in [-1, 1] (plus rounding: SLACK).
+                yield (total - (n - seen)) / n - SLACK, (total + (n - seen)) / n + SLACK
+        return torch.cat(cosines).mean().item()
 
 
 class CausalLM(HFRecipe):
@@ -567,17 +603,22 @@ class CausalLM(HFRecipe):
     def _calibration_batches(self) -> list[dict]:
         return self._prepared()["calib"]
 
-    def evaluate(self, model) -> float:
+    def evaluate_steps(self, model):
         import torch
 
+        batches = self._prepared()["eval"]
+        n_tokens = sum(b["input_ids"][:, 1:].numel() for b in batches)
         total, count = 0.0, 0
         with torch.no_grad():
-            for batch in self._prepared()["eval"]:
+            for batch in batches:
                 ids = batch["input_ids"]
                 logits = self._forward(model, batch)[:, :-1].float()
                 total += torch.nn.functional.cross_entropy(
                     logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum").item()
                 count += ids[:, 1:].numel()
+                # The rest at NLL 0: the lowest perplexity still reachable. A running sum of non-negative
+                # terms never shrinks under rounding, so this bound is exact.
+                yield perplexity(total, n_tokens), math.inf
         return perplexity(total, count)
 
 

@@ -5,6 +5,11 @@ A python recipe is a user file with INC 3.x's own run_fn/eval_fn contract:
 is quantized as is by every config, as INC's autotune does (a recipe wanting PT2E configs exports itself).
 The built-in recipes (`nsd.quant.builtin`) add `export`: configs that need a PT2E graph get the exported
 model, weight-only configs the plain module.
+
+`evaluate_steps(model)` (optional) evaluates in batches and bounds the final metric after each one, so that
+a trial that can no longer matter stops early (`nsd.quant.scoring`). Built-in recipes have it for their
+bounded metrics; a python recipe opts in with `score_batches(model)` and `SCORE_RANGE` (and, optionally,
+`SCORE_COUNT`). Where a recipe has it, a trial's metric is what it returns, with early stopping on or off.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ class Recipe:
     # Optional (built-in recipes): export(model, example_inputs) -> the graph that the configs in
     # EXPORTED_CONFIGS quantize. None: load_model()'s result serves every config (INC's semantics).
     export: Callable[[Any, Any], Any] | None = None
+    # Optional: batched evaluation with bounds (nsd.quant.scoring); None: evaluate() in one go.
+    evaluate_steps: Callable[[Any], Any] | None = None
 
     def needs_export(self, config: dict[str, Any]) -> bool:
         """Whether a trial of `config` ({name: params}) quantizes the exported graph rather than the model."""
@@ -55,7 +62,12 @@ def load_python_recipe(path: str) -> Recipe:
     if missing:
         raise AttributeError(f"recipe {path} does not define {', '.join(missing)} (a python recipe defines "
                              f"{', '.join(REQUIRED)})")
-    return Recipe(*(getattr(module, f) for f in REQUIRED))
+    recipe = Recipe(*(getattr(module, f) for f in REQUIRED))
+    if callable(getattr(module, "score_batches", None)):
+        from nsd.quant.scoring import PythonScorer
+
+        recipe.evaluate_steps = PythonScorer(module).steps
+    return recipe
 
 
 def load_recipe(spec: dict) -> Recipe:

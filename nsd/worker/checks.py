@@ -54,6 +54,9 @@ def job(trial_id: str, body: Any) -> str | None:
         return "save job without the winner's index"
     if kind in ("trial", "save") and (not isinstance(body.get("config"), dict) or len(body["config"]) != 1):
         return "job config must map one INC config name to its parameters"
+    problem = _perf_fields(body)
+    if problem:
+        return problem
     cores = body.get("cores")
     if cores is not None and (not _int(cores) or not 1 <= cores <= MAX_JOB_CORES):
         return f"job cores {str(cores)[:20]!r} is not between 1 and {MAX_JOB_CORES}"
@@ -66,6 +69,24 @@ def job(trial_id: str, body: Any) -> str | None:
     for section in ("model", "recipe", "tuning"):  # validate() fills missing ones in; the worker reads them
         if not isinstance(body["spec"].get(section), dict):
             return f"job spec has no {section} section"
+    return None
+
+
+def _number(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _perf_fields(body: dict) -> str | None:
+    """A trial's stop rule and keep flag, a save job's kept folder (issue 11)."""
+    rule = body.get("rule")
+    if rule is not None and not (isinstance(rule, dict) and rule.get("sign") in (1, -1) and _number(rule.get("need"))
+                                 and (rule.get("best") is None or _number(rule.get("best")))
+                                 and isinstance(rule.get("tie_stops"), bool)):
+        return "job rule must be {sign: 1 or -1, need: number, best: number or null, tie_stops: bool}"
+    if body.get("keep") is not None and not isinstance(body.get("keep"), bool):
+        return "job keep must be a boolean"
+    if body.get("kept") is not None and not (isinstance(body["kept"], str) and len(body["kept"]) < 4096):
+        return "job kept must be a path"
     return None
 
 

@@ -54,3 +54,29 @@ def allocate(free: set[int], nodes: list[list[int]], k: int,
     for cores in sorted(free_by_node, key=len, reverse=True):
         chosen += cores[: k - len(chosen)]
     return tuple(sorted(chosen))
+
+
+def select_cpus(allowed: list[int], cores: int | None = None, cpus: str | None = None) -> list[int]:
+    """The CPUs a worker uses: `--cpus LIST` exactly (each must be one this process may run on), or the
+    first `--cores N` of the allowed ones in ascending order, or all of them. Two workers on one host
+    need disjoint `--cpus`: `--cores N` on both would take the same first N."""
+    if cores is not None and cpus is not None:
+        raise ValueError("give --cpus or --cores, not both")
+    allowed = sorted(allowed)
+    if cpus is not None:
+        try:
+            chosen = parse_cpulist(cpus)
+        except ValueError:
+            raise ValueError(f"--cpus {cpus!r}: expected a list like 0-3,8") from None
+        if not chosen or len(set(chosen)) != len(chosen):
+            raise ValueError(f"--cpus {cpus!r}: empty, or a CPU named twice")
+        outside = sorted(set(chosen) - set(allowed))
+        if outside:
+            raise ValueError(f"--cpus {cpus!r}: CPU {','.join(map(str, outside))} is not one this process may run "
+                             f"on ({','.join(map(str, allowed))})")
+        return sorted(chosen)
+    if cores is not None:
+        if not 1 <= cores <= len(allowed):
+            raise ValueError(f"--cores must be between 1 and {len(allowed)} here")
+        return allowed[:cores]
+    return allowed

@@ -34,6 +34,7 @@ from nsd.spec import PATH_FIELDS
 from nsd.systemd import notify, watchdog_interval
 from nsd.worker import checks, pipe
 from nsd.worker.cache import BlobCache
+from nsd.broker.metric_cache import installed_versions
 from nsd.worker.cores import allocate, numa_nodes
 
 log = logging.getLogger("nsd.worker")
@@ -60,11 +61,30 @@ def describe_exit(returncode: int | None) -> str:
     return f"runner exited with code {returncode}"
 
 
+def runner_env(n_cpus: int, cache_dir: Path | None = None, preload: str = "") -> dict[str, str]:
+    """A runner's environment. INC packs RTN weights with numba only where TBB loads (its
+    `can_pack_with_numba`): the `tbb` wheel puts libtbb in <venv>/lib, which the dynamic loader searches
+    only if LD_LIBRARY_PATH names it before the process starts. numba's threads = the runner's cores; its
+    compiled packers are cached under the worker's cache dir (runner.preload); NSD_RUNNER_PRELOAD names
+    modules a runner imports before its first job."""
+    env = dict(os.environ)
+    if cache_dir is not None:
+        env.setdefault("NUMBA_CACHE_DIR", str(cache_dir / "numba"))
+    if preload:
+        env["NSD_RUNNER_PRELOAD"] = preload
+    lib = os.path.join(sys.prefix, "lib")
+    if os.path.exists(os.path.join(lib, "libtbb.so.12")):
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (lib, env.get("LD_LIBRARY_PATH")) if p)
+    env.setdefault("NUMBA_NUM_THREADS", str(n_cpus))
+    return env
+
+
 class Runner:
     """One slot's persistent runner process."""
 
-    def __init__(self, slot: int, cpus: list[int], workdir: Path, log_path: Path):
+    def __init__(self, slot: int, cpus: list[int], workdir: Path, log_path: Path, env: dict[str, str] | None = None):
         self.slot, self.cpus, self.workdir, self.log_path = slot, cpus, workdir, log_path
+        self.env = env if env is not None else runner_env(len(cpus))
         self.proc: asyncio.subprocess.Process | None = None
         self._ready: asyncio.Future | None = None
         self._lock = asyncio.Lock()
@@ -77,7 +97,7 @@ class Runner:
             self.proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "nsd.worker.runner", "--cpus", ",".join(map(str, self.cpus)),
                 "--workdir", str(self.workdir), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-                stderr=log_file, start_new_session=True)
+                stderr=log_file, start_new_session=True, env=self.env)
         self._ready = asyncio.ensure_future(pipe.read_async(self.proc.stdout))
 
     @property
@@ -154,6 +174,7 @@ class WorkerConfig:
     cache_max_bytes: int = 20 * 1024**3  # fetched models and data kept for later tasks
     fetch_window: int = 4  # blob chunks in flight at once (credit-based flow control)
     chunk_timeout_s: float = 60.0
+    preload: str = ""  # modules each runner imports before its first job (comma-separated), e.g. transformers
     grace_s: float = 30.0  # on SIGTERM: how long running trials may take to finish before being handed back
     curve_key: Path | None = None  # this worker's key pair (nsd keys generate), allowed on the broker as a worker
     server_key: Path | None = None  # the broker's public key
@@ -198,11 +219,14 @@ class WorkerDaemon:
         # The broker's heartbeat interval and liveness (READY_ACK); ours until it has told us its own.
         self.heartbeat_s, self.liveness = config.heartbeat_s, config.liveness
         self.ignored = 0  # broker messages whose values failed a check (logged, then ignored)
+        self.versions = installed_versions()
+        self.kept_dir = self.cache_dir / "kept"  # passing trials' models, for their save job (runner.keep_model)
 
     def _new_slot(self, cores: tuple[int, ...]) -> Slot:
         i = next(self._runner_ids)
         return Slot(Runner(i, list(cores), self.cache_dir / "scratch" / f"runner{i}",
-                           self.cache_dir / "logs" / f"{self.worker_id}-runner{i}.log"))
+                           self.cache_dir / "logs" / f"{self.worker_id}-runner{i}.log",
+                           runner_env(len(cores), self.cache_dir, self.config.preload)))
 
     @property
     def capacity(self) -> int:
@@ -346,7 +370,8 @@ class WorkerDaemon:
                 "cores_per_trial": self.default_k,
                 "version": PROTOCOL_VERSION,
                 "nsd_version": __version__, "running": self._running(), "outbox": list(self.outbox.values()),
-                "draining": self._drain_deadline is not None}
+                "draining": self._drain_deadline is not None,
+                "versions": self.versions}  # what its runners import: part of the broker's metric cache key
 
     def _running(self) -> list[list]:
         return [list(s.job) for s in self.slots if s.job] + [[t, a] for t, a, _ in self.backlog]
@@ -491,6 +516,10 @@ class WorkerDaemon:
         log_path = self.cache_dir / "logs" / task_id / f"{index}-a{attempt}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         job = {**job, "log": str(log_path)}
+        if job["kind"] == "trial" and job.get("keep"):
+            job["keep_dir"] = str(self._keep_dir(task_id, index, attempt))
+        if job.get("kept") and not Path(job["kept"]).resolve().is_relative_to((self.kept_dir / task_id).resolve()):
+            job.pop("kept")  # only a folder this worker kept for this task is uploaded as its artifact
         limit = None
         if job["kind"] == "trial" and job["spec"]["tuning"].get("trial_timeout_s"):
             limit = job["spec"]["tuning"]["trial_timeout_s"]
@@ -503,6 +532,8 @@ class WorkerDaemon:
                 raise RunnerDied(f"trial exceeded trial_timeout_s={limit:g}s; its runner was killed") from None
             if job["kind"] == "save" and answer.get("ok"):
                 answer["artifact"] = await self._upload(Path(answer.pop("artifact_dir")))
+            if job["kind"] == "save":  # the task is decided: models its trials kept here are of no more use
+                shutil.rmtree(self.kept_dir / task_id, ignore_errors=True)
         except RunnerDied as exc:
             answer = {"ok": False, "error": f"{exc} while running {job['kind']} {trial_id}"}
         except (OSError, ValueError, asyncio.TimeoutError) as exc:  # the pipe or an upload broke under us
@@ -513,6 +544,16 @@ class WorkerDaemon:
             answer["error"] = f"{answer.get('error') or 'failed'}\n--- last lines of its log ---\n{last}"
         answer["log"] = tail
         return answer
+
+    def _keep_dir(self, task_id: str, index: str, attempt: int) -> Path:
+        """Where a trial that may win keeps its model. The save job of its task removes the task's folder;
+        a task whose save ran elsewhere leaves one here, removed once older than KEPT_MAX_AGE_S."""
+        now = time.time()
+        with contextlib.suppress(OSError):
+            for old in self.kept_dir.iterdir():
+                if old.name != task_id and now - old.stat().st_mtime > KEPT_MAX_AGE_S:
+                    shutil.rmtree(old, ignore_errors=True)
+        return self.kept_dir / task_id / f"{index}-a{attempt}"
 
     # ---- blobs -----------------------------------------------------------------------------------
 
@@ -640,6 +681,7 @@ class WorkerDaemon:
         self.ctx.term()
 
 
+KEPT_MAX_AGE_S = 3600.0  # a kept model whose task's save job never came here
 LOG_TAIL_BYTES = 64 * 1024  # of each job's log, sent with its result (the whole log stays on the worker)
 
 

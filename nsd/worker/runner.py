@@ -46,6 +46,7 @@ def main() -> None:
     from nsd.worker import pipe
     import neural_compressor.torch.quantization  # noqa: F401 - pay INC's import cost before the first job
 
+    preload()
     answers.write(pipe.encode({"ready": True, "pid": os.getpid()}))
     cache = TaskCache()
     while True:
@@ -55,6 +56,39 @@ def main() -> None:
         with job_log(job.get("log")):
             answer = run_job(job, cache)
         answers.write(pipe.encode(answer))
+
+
+def preload() -> None:
+    """Costs a runner pays once, before its first job: the modules the worker names in NSD_RUNNER_PRELOAD
+    (`nsd worker --preload transformers`: a recipe's own imports, seconds on its first job otherwise), and
+    INC's numba packers compiled — from the worker's on-disk cache (NUMBA_CACHE_DIR) after the first runner
+    on this machine compiled them (the same machine code: packing is bit-identical either way)."""
+    import importlib
+
+    for name in filter(None, os.environ.get("NSD_RUNNER_PRELOAD", "").split(",")):
+        try:
+            importlib.import_module(name.strip())
+        except ImportError as exc:
+            print(f"nsd: could not preload {name}: {exc}", file=sys.stderr, flush=True)
+    try:
+        from neural_compressor.torch.utils.environ import can_pack_with_numba
+
+        if not can_pack_with_numba():
+            return
+        import numpy as np
+        from neural_compressor.torch.utils.bit_packer import bit_packers
+    except ImportError:
+        return
+    for (bits, compress_bits), pack in bit_packers.items():
+        if compress_bits != 32:  # INC packs into int32 (WeightOnlyLinear's default compression_dtype)
+            continue
+        n_pack = compress_bits // bits
+        try:
+            if os.environ.get("NUMBA_CACHE_DIR"):
+                pack.enable_caching()
+            pack(np.zeros((1, n_pack), dtype=np.int32), np.zeros((1, 1), dtype=np.int32), n_pack, 1)
+        except Exception as exc:  # a packer that will not compile here: INC compiles (or fails) it itself
+            print(f"nsd: numba warm-up of {bits}-bit packing failed: {exc}", file=sys.stderr, flush=True)
 
 
 class TaskCache:
@@ -124,6 +158,11 @@ def job_log(path: str | None):
 
 def run_job(job: dict, cache: TaskCache) -> dict[str, Any]:
     start = time.perf_counter()
+    if job["kind"] != "warm":  # where it ran, in its log: co-located workers must not share cores
+        import torch
+
+        print(f"nsd: {job['kind']} job on cpus {','.join(map(str, sorted(os.sched_getaffinity(0))))} "
+              f"(pid {os.getpid()}, {torch.get_num_threads()} torch threads)", flush=True)
     try:
         if job["kind"] == "plan":
             answer = plan(job, cache)
@@ -180,7 +219,9 @@ def op_lists(configs: list[dict], cache: TaskCache) -> dict[str, dict]:
 
 
 def trial(job: dict, cache: TaskCache) -> dict[str, Any]:
-    """One trial as INC's autotune runs it: quantize a copy of the FP32 model in place, then evaluate."""
+    """One trial as INC's autotune runs it: quantize a copy of the FP32 model in place, then evaluate —
+    stopping early where the job's `rule` allows (see `evaluate_trial`), and keeping the quantized model
+    where it may win (see `keep_model`)."""
     from neural_compressor.torch.quantization import quantize
     from neural_compressor.torch.quantization.autotune import _deepcopy_warp
 
@@ -195,26 +236,43 @@ def trial(job: dict, cache: TaskCache) -> dict[str, Any]:
     q_model = quantize(_deepcopy_warp(model), quant_config=config, run_fn=recipe.calibrate, inplace=True,
                        example_inputs=example_inputs)
     t1 = time.perf_counter()
-    metric = _metric(recipe.evaluate(q_model))
-    answer = {"metric": metric, "quantize_s": t1 - t0, "eval_s": time.perf_counter() - t1}
+    answer = evaluate_trial(recipe, q_model, job.get("rule") if job["kind"] == "trial" else None)
+    answer.update(quantize_s=t1 - t0, eval_s=time.perf_counter() - t1)
     if job["kind"] == "save":
         answer["model"] = q_model
+    elif job.get("keep_dir") and answer["metric"] is not None and _meets(answer["metric"], job.get("rule")):
+        answer["kept"] = keep_model(q_model, job, cache, answer["metric"])
     return answer
 
 
-def save(job: dict, cache: TaskCache) -> dict[str, Any]:
-    """Quantize the winner again, save it with INC's `save` beside a description, and hand back the folder
-    (the worker uploads it). Its metric is measured again: a reader can check it matches the trial's."""
+def evaluate_trial(recipe, q_model, rule: dict | None) -> dict[str, Any]:
+    """The trial's metric; or, once its best reachable metric can neither meet the goal nor beat a finished
+    trial (`rule`, from `nsd.broker.tuner.stop_rule`), no metric and that bound (`stopped_early`). Recipes
+    with evaluate_steps give the same metric either way (nsd.quant.scoring)."""
+    if recipe.evaluate_steps is None:
+        return {"metric": _metric(recipe.evaluate(q_model))}
+    from nsd.quant.scoring import run_steps
+
+    metric, bound, batches = run_steps(recipe.evaluate_steps(q_model), rule)
+    if metric is None:
+        print(f"nsd: stopped early after {batches} evaluation batches: best reachable metric {bound!r}",
+              flush=True)
+        return {"metric": None, "stopped_early": True, "bound": bound, "batches": batches}
+    return {"metric": _metric(metric), "batches": batches}
+
+
+def _meets(metric: float, rule: dict | None) -> bool:
+    return bool(rule) and rule["sign"] * metric >= rule["need"]
+
+
+def write_model(q_model, folder: str, job: dict, cache: TaskCache, metric: float) -> None:
+    """INC's `save` of a quantized model into `folder`, beside a description (nsd.json)."""
     import json
-    import tempfile
 
     from neural_compressor.torch.quantization import save as inc_save
 
     from nsd.spec import PT2E_CONFIGS
 
-    answer = trial(job, cache)
-    q_model = answer.pop("model")
-    folder = os.path.join(tempfile.mkdtemp(prefix="artifact-", dir=os.getcwd()), "model")
     (name, _), = job["config"].items()
     if name in PT2E_CONFIGS:  # INC's save() passes the folder where PT2E's save wants example inputs
         q_model.save(example_inputs=cache.example_inputs, output_dir=folder)
@@ -222,10 +280,57 @@ def save(job: dict, cache: TaskCache) -> dict[str, Any]:
         inc_save(q_model, folder)
     with open(os.path.join(folder, "nsd.json"), "w") as f:
         json.dump({"task_id": job["task_id"], "trial": job["index"], "config": job["config"],
-                   "fallback": list(job.get("fallback") or []), "metric": answer["metric"],
+                   "fallback": list(job.get("fallback") or []), "metric": metric,
                    "weight_only": name not in PT2E_CONFIGS,
                    "recipe": job["spec"]["recipe"]["kind"]}, f, indent=2)
-    return {"artifact_dir": folder, "metric": answer["metric"]}
+
+
+def keep_model(q_model, job: dict, cache: TaskCache, metric: float) -> str:
+    """Save a passing trial's model where the worker told us (job["keep_dir"]): if it wins, the save job
+    uploads it instead of quantizing (and calibrating) again. The worker discards it otherwise."""
+    import shutil
+
+    folder = os.path.join(job["keep_dir"], "model")
+    shutil.rmtree(job["keep_dir"], ignore_errors=True)
+    os.makedirs(job["keep_dir"])
+    write_model(q_model, folder, job, cache, metric)
+    return folder
+
+
+def kept_model(job: dict) -> tuple[str, float] | None:
+    """The model this trial kept, if the save job names one that is here and describes the same trial."""
+    import json
+
+    folder = job.get("kept")
+    try:
+        with open(os.path.join(folder, "nsd.json")) as f:
+            about = json.load(f)
+    except (TypeError, OSError, ValueError):
+        return None
+    if (about.get("task_id"), about.get("trial"), about.get("config"), about.get("fallback")) != (
+            job["task_id"], job["index"], job["config"], list(job.get("fallback") or [])):
+        return None
+    return folder, about["metric"]
+
+
+def save(job: dict, cache: TaskCache) -> dict[str, Any]:
+    """The winner's model, saved with INC's `save` beside a description, as a folder the worker uploads: the
+    one its trial kept where that is on this worker (no second quantization), else quantized again — and
+    then its metric is measured again, so that a reader can check it matches the trial's."""
+    import shutil
+    import tempfile
+
+    folder = os.path.join(tempfile.mkdtemp(prefix="artifact-", dir=os.getcwd()), "model")
+    kept = kept_model(job)
+    if kept is not None:
+        shutil.copytree(kept[0], folder)
+        print(f"nsd: reused the model kept by trial {job['index']} (not quantized again)", flush=True)
+        return {"artifact_dir": folder, "metric": kept[1], "requantized": False}
+    answer = trial(job, cache)
+    q_model = answer.pop("model")
+    write_model(q_model, folder, job, cache, answer["metric"])
+    print(f"nsd: quantized trial {job['index']} again for the artifact", flush=True)
+    return {"artifact_dir": folder, "metric": answer["metric"], "requantized": True}
 
 
 def _metric(value: Any) -> float:

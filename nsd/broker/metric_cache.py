@@ -1,0 +1,132 @@
+"""Content-addressed keys of what a runner computes, so that nothing is computed twice (pure functions).
+
+A metric depends on: the model, data and recipe files (their blob hashes), the recipe fields that change
+how the model is scored, the config (with any fallback ops), and the software that ran it (nsd, INC,
+torch versions, as the worker reports them). Two jobs with equal keys give equal answers (INC's RTN,
+GPTQ and PT2E are deterministic across processes and thread counts: INC-NOTES.md), so the broker answers
+the second from its `cache` table:
+
+- `plan_key`: the FP32 baseline and the expanded trial list (also depends on config_set and max_trials);
+- `trial_key`: a trial's metric, or, for a trial that stopped early, the bound it stopped at (reusable
+  only where the new task's stop rule lets that bound stop it too);
+- `artifact_key`: the saved winner (a blob), keyed like its trial.
+
+Only tasks whose inputs are all blobs are cached: a `shared = true` path can change under the same name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from nsd.blobs import parse_ref
+from nsd.spec import PATH_FIELDS
+
+# Recipe fields that only say where files are: their content enters the key through the blob hash.
+_LOCATION_FIELDS = {"file", "data"}
+VERSION_KEYS = ("nsd", "neural-compressor-pt", "neural-compressor", "torch", "transformers")
+
+
+def task_basis(spec: dict, versions: dict | None) -> dict | None:
+    """What every key of this task shares, or None where the task must not be cached."""
+    if not spec["tuning"].get("cache", True) or spec["model"].get("shared") or not versions:
+        return None
+    blobs = {}
+    for section, key in PATH_FIELDS:
+        value = spec[section].get(key)
+        if value is None:
+            continue
+        ref = parse_ref(value)
+        if ref is None:  # a plain path: its content is not known to us
+            return None
+        blobs[f"{section}.{key}"] = ref[0]
+    recipe = {k: v for k, v in spec["recipe"].items() if k not in _LOCATION_FIELDS}
+    return {"blobs": blobs, "recipe": recipe, "versions": {k: versions.get(k) for k in VERSION_KEYS}}
+
+
+def _digest(kind: str, basis: dict, **more: Any) -> str:
+    text = json.dumps({"kind": kind, "basis": basis, **more}, sort_keys=True, separators=(",", ":"))
+    return f"{kind}:" + hashlib.sha256(text.encode()).hexdigest()
+
+
+def plan_key(basis: dict, tuning: dict) -> str:
+    return _digest("plan", basis, config_set=tuning["config_set"], max_trials=tuning["max_trials"],
+                   strategy=tuning.get("strategy"))
+
+
+def trial_key(basis: dict, config: dict, fallback: Any = None) -> str:
+    return _digest("trial", basis, config=config, fallback=fallback)
+
+
+def artifact_key(basis: dict, config: dict, fallback: Any = None) -> str:
+    return _digest("artifact", basis, config=config, fallback=fallback)
+
+
+def installed_versions() -> dict[str, str]:
+    """The versions of what a runner would import here (read from package metadata: no torch import)."""
+    from importlib import metadata
+
+    import nsd
+
+    found = {"nsd": nsd.__version__}
+    for name in VERSION_KEYS[1:]:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return found
+
+
+class MetricCache:
+    """The broker's cache table (Store.cache_get/cache_put) in terms of tasks and trials. A task that may
+    not be cached (task_basis None) neither reads nor writes."""
+
+    def __init__(self, store, clock):
+        self.store, self.clock = store, clock
+        self.hits = self.misses = 0
+
+    def _get(self, key: str | None) -> dict | None:
+        if key is None:
+            return None
+        found = self.store.cache_get(key)
+        self.hits += found is not None
+        self.misses += found is None
+        return found
+
+    def _put(self, key: str | None, body: dict) -> None:
+        if key is not None:
+            self.store.cache_put(key, body, self.clock())
+
+    @staticmethod
+    def _plan_key(spec: dict, versions: dict | None) -> str | None:
+        basis = task_basis(spec, versions)
+        return None if basis is None else plan_key(basis, spec["tuning"])
+
+    @staticmethod
+    def _trial_key(spec: dict, versions: dict | None, config: dict, fallback: Any = None,
+                   kind: str = "trial") -> str | None:
+        basis = task_basis(spec, versions)
+        if basis is None:
+            return None
+        return (trial_key if kind == "trial" else artifact_key)(basis, config, fallback)
+
+    def get_plan(self, spec: dict, versions: dict | None) -> dict | None:
+        return self._get(self._plan_key(spec, versions))
+
+    def put_plan(self, spec: dict, versions: dict | None, baseline: float, configs: list, ops=None) -> None:
+        self._put(self._plan_key(spec, versions), {"baseline": baseline, "configs": configs, "ops": ops})
+
+    def get_trial(self, spec: dict, versions: dict | None, config: dict, fallback: Any = None) -> dict | None:
+        return self._get(self._trial_key(spec, versions, config, fallback))
+
+    def put_trial(self, spec: dict, versions: dict | None, config: dict, fallback: Any, metric: float | None,
+                  bound: float | None = None) -> None:
+        self._put(self._trial_key(spec, versions, config, fallback), {"metric": metric, "bound": bound})
+
+    def get_artifact(self, spec: dict, versions: dict | None, config: dict, fallback: Any = None) -> str | None:
+        found = self._get(self._trial_key(spec, versions, config, fallback, "artifact"))
+        return found and found.get("sha256")
+
+    def put_artifact(self, spec: dict, versions: dict | None, config: dict, fallback: Any, sha256: str) -> None:
+        self._put(self._trial_key(spec, versions, config, fallback, "artifact"), {"sha256": sha256})

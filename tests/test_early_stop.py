@@ -1,0 +1,160 @@
+"""Early stopping: a trial stops evaluating once it can neither meet the goal nor become the best trial,
+and the answer (winner, its metric, best) is the one a full evaluation gives."""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+
+import pytest
+
+from nsd.broker import tuner
+from nsd.broker.tuner import Goal, TrialView
+from nsd.quant import scoring
+from nsd.states import TrialState
+from tests.conftest import digits_spec
+from tests.test_builtin_recipes import assets, task  # noqa: F401 - the session fixture of tiny models
+
+os.environ.setdefault("LOGLEVEL", "WARNING")
+
+F, P, R = TrialState.FAILED_GOAL, TrialState.PASSED, TrialState.RUNNING
+
+
+# ------------------------------------------------------------------------------------------------ pure
+
+def test_stop_rule_needs_a_finished_metric_and_keeps_ties_for_the_earlier_trial():
+    goal = Goal(baseline=0.9, tolerable_loss=0.1)  # meets at >= 0.81
+    assert tuner.stop_rule(goal, [TrialView(0, R)], 1)["best"] is None  # nothing to beat: runs in full
+    rule = tuner.stop_rule(goal, [TrialView(0, F, 0.5), TrialView(1, F, 0.7), TrialView(2, R)], 3)
+    assert rule == {"sign": 1, "need": tuner.goal_threshold(goal), "best": 0.7, "tie_stops": True}
+    assert scoring.can_stop(0.0, 0.69, rule) and scoring.can_stop(0.0, 0.7, rule)  # a tie loses to trial 1
+    assert not scoring.can_stop(0.0, 0.71, rule)  # might become the best
+    early = tuner.stop_rule(goal, [TrialView(1, F, 0.7)], 0)  # trial 0 would win a tie (earliest index)
+    assert not scoring.can_stop(0.0, 0.7, early) and scoring.can_stop(0.0, 0.6999, early)
+    high = tuner.stop_rule(goal, [TrialView(0, F, 0.95)], 1)  # a better finished metric, but not a pass
+    assert not scoring.can_stop(0.0, 0.9, high)  # 0.9 >= 0.81 might meet the goal: it may win
+    # lower is better (perplexity): the best reachable is the interval's low end; signed space
+    lower = Goal(baseline=10.0, tolerable_loss=0.01, higher_is_better=False)  # meets at <= 10.1
+    rule = tuner.stop_rule(lower, [TrialView(0, F, 12.0)], 1)
+    assert scoring.can_stop(12.5, math.inf, rule) and not scoring.can_stop(11.0, math.inf, rule)
+    assert not scoring.can_stop(10.05, math.inf, tuner.stop_rule(lower, [TrialView(0, F, 9.0)], 1))
+    for metric in (10.1, 10.2, 9.0):  # the goal test is the same arithmetic as meets_goal
+        assert (-metric >= tuner.goal_threshold(lower)) == tuner.meets_goal(metric, lower)
+
+
+def test_intervals_always_hold_the_final_metric():
+    rng = random.Random(7)
+    for _ in range(200):
+        counts = [rng.randint(1, 9) for _ in range(rng.randint(1, 8))]
+        correct = [rng.randint(0, c) for c in counts]
+        steps = list(_all(scoring.accuracy_steps(zip(correct, counts), sum(counts))))
+        metric = steps.pop()
+        assert metric == sum(correct) / sum(counts)
+        assert all(lo <= metric <= hi for lo, hi in steps)
+        scores = [[rng.uniform(-2, 3) for _ in range(c)] for c in counts]
+        for total in (sum(counts), None):
+            steps = list(_all(scoring.mean_steps(((sum(s), len(s)) for s in scores), -2, 3, total)))
+            metric = steps.pop()
+            assert metric == pytest.approx(sum(map(sum, scores)) / sum(counts))
+            assert all(lo <= metric <= hi for lo, hi in steps) and len(steps) == (len(counts) if total else 0)
+
+
+def _all(steps):
+    """Every interval a steps generator yields, then its metric."""
+    try:
+        while True:
+            yield next(steps)
+    except StopIteration as done:
+        yield done.value
+
+
+def test_run_steps_stops_at_the_first_batch_that_cannot_matter():
+    rule = {"sign": 1, "need": 0.8, "best": 0.6, "tie_stops": False}
+    metric, bound, batches = scoring.run_steps(scoring.accuracy_steps([(1, 10), (1, 10), (1, 10), (9, 10)], 40),
+                                               rule)
+    assert (metric, batches) == (None, 2) and bound == 22 / 40  # (2 + 20) / 40 < 0.6 after two batches
+    metric, bound, batches = scoring.run_steps(scoring.accuracy_steps([(9, 10), (9, 10)], 20), rule)
+    assert (metric, bound, batches) == (18 / 20, None, 2)
+
+
+# ------------------------------------------------------------------------------- built-in recipes, in process
+
+BUILTIN_CASES = {
+    "accuracy": ("text-classification", "classifier", "reviews",
+                 {"text_column": "sentence", "label_column": "sentiment"}),
+    "cosine": ("feature-extraction", "classifier", "sentences", {}),
+    "perplexity": ("causal-lm", "lm", "corpus", {"seq_len": 32, "calibration_samples": 8}),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("metric", list(BUILTIN_CASES))
+def test_builtin_bounds_hold_and_a_hopeless_trial_evaluates_fewer_batches(assets, metric):  # noqa: F811
+    from nsd.quant.recipes import load_recipe
+    from nsd.spec import validate
+    from nsd.worker.runner import evaluate_trial
+
+    kind, model, data, recipe_fields = BUILTIN_CASES[metric]
+    spec = validate(task(kind, assets[model], assets[data], {"eval_samples": 64, "batch_size": 16,
+                                                              **recipe_fields}, preset="woq")).to_dict()
+    recipe = load_recipe(spec)
+    fp32 = recipe.load_model()
+    *intervals, final = _all(recipe.evaluate_steps(fp32))
+    assert len(intervals) >= 3 and all(lo <= final <= hi for lo, hi in intervals)
+    assert final == recipe.evaluate(fp32) == evaluate_trial(recipe, fp32, None)["metric"]
+    # A rule no metric can satisfy (goal and best out of reach): it stops after the first batch.
+    sign = -1 if metric == "perplexity" else 1
+    rule = {"sign": sign, "need": 2.0 if sign > 0 else 0.0, "best": 2.0 if sign > 0 else 0.0, "tie_stops": False}
+    answer = evaluate_trial(recipe, fp32, rule)
+    assert answer["stopped_early"] and answer["metric"] is None and answer["batches"] == 1 < len(intervals)
+    assert (answer["bound"] >= final) if sign > 0 else (answer["bound"] <= final)
+
+
+# ------------------------------------------------------------------------------- end to end, on vs off
+
+async def _tune_twice(client, spec: dict) -> tuple[dict, dict]:
+    results = []
+    for early_stop in (True, False):
+        run = {**spec, "tuning": {**spec["tuning"], "early_stop": early_stop, "cache": False}}
+        results.append(await client.result(await client.submit(run), wait=True))
+    return results[0], results[1]
+
+
+def _assert_same_answer(on: dict, off: dict) -> None:
+    assert on["state"] == off["state"] == "done"
+    assert on["winner"] == off["winner"] and on["met_goal"] == off["met_goal"] and on["baseline"] == off["baseline"]
+    sign = 1 if on["spec"]["tuning"]["higher_is_better"] else -1
+    assert not any(t["stopped_early"] for t in off["trials"])
+    for a, b in zip(on["trials"], off["trials"]):
+        if a["stopped_early"]:  # it could not have mattered: its full metric is within its bound
+            assert a["state"] == "failed_goal" and a["metric"] is None and sign * b["metric"] <= sign * a["bound"]
+        else:
+            assert (a["state"], a["metric"]) == (b["state"], b["metric"])
+
+
+@pytest.mark.slow
+async def test_python_recipe_with_score_batches_stops_early_with_the_same_answer(client, start_workers):
+    # 2-bit only: nothing passes 0.5 %, so the best metric wins (trial 0, 0.872). Trial 1 (0.592) and
+    # trial 2 (0.831) cannot beat it: they stop once 47 of the 360 test digits are missed.
+    spec = digits_spec(config_set=[{"rtn": {"bits": 2, "group_size": [32, -1, 16], "use_layer_wise": False}}])
+    await start_workers(1)  # one at a time: trial 0 has finished when the others start
+    on, off = await _tune_twice(client, spec)
+    _assert_same_answer(on, off)
+    assert on["winner"]["index"] == 0 and on["met_goal"] is False
+    assert [t["stopped_early"] for t in on["trials"]] == [False, True, True]
+    assert all(t["bound"] < on["winner"]["metric"] for t in on["trials"][1:])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("metric", list(BUILTIN_CASES))
+async def test_builtin_recipe_early_stop_on_and_off_give_the_same_answer(client, start_workers, assets,  # noqa: F811
+                                                                         metric):
+    kind, model, data, recipe_fields = BUILTIN_CASES[metric]
+    spec = task(kind, assets[model], assets[data], {"eval_samples": 64, "batch_size": 16, **recipe_fields},
+                config_set=[{"rtn": {"bits": 4, "group_size": 32, "use_layer_wise": False}},
+                            {"rtn": {"bits": 2, "group_size": [32, -1], "use_layer_wise": False}}],
+                tolerable_loss=0.0)
+    await start_workers(1)
+    on, off = await _tune_twice(client, spec)
+    _assert_same_answer(on, off)

@@ -1,0 +1,135 @@
+"""The metric cache (nothing computed twice) and the winner kept from its own trial (no second quantization)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+from nsd.broker import metric_cache as mc
+from nsd.broker.store import Store
+from tests.conftest import DIGITS, digits_spec
+
+os.environ.setdefault("LOGLEVEL", "WARNING")
+
+SHA = {name: digit * 64 for name, digit in (("model", "a"), ("recipe", "b"), ("data", "c"), ("other", "d"))}
+VERSIONS = {"nsd": "0.1.0", "neural-compressor-pt": "3.10", "torch": "2.13.0", "transformers": "4.57.6"}
+
+
+def blob_spec(**changes) -> dict:
+    spec = {"model": {"path": f"nsd-blob:{SHA['model']}/model.pt", "shared": False},
+            "recipe": {"kind": "python", "file": f"nsd-blob:{SHA['recipe']}/recipe.py", "data": None, "metric": None,
+                       "eval_samples": 256},
+            "tuning": {"config_set": [{"rtn": {"bits": [2, 4]}}], "max_trials": 100, "tolerable_loss": 0.01,
+                       "cache": True}}
+    for path, value in changes.items():
+        section, key = path.split(".")
+        spec[section] = {**spec[section], key: value}
+    return spec
+
+
+def keys(spec: dict, versions: dict = VERSIONS, config: dict | None = None, fallback=None) -> tuple:
+    basis = mc.task_basis(spec, versions)
+    return (mc.plan_key(basis, spec["tuning"]), mc.trial_key(basis, config or {"rtn": {"bits": 4}}, fallback))
+
+
+def test_keys_change_with_every_input_and_only_with_them():
+    base = keys(blob_spec())
+    assert keys(blob_spec(**{"tuning.tolerable_loss": 0.5, "tuning.max_attempts": 9})) == base  # not inputs
+    for changed in (keys(blob_spec(**{"model.path": f"nsd-blob:{SHA['other']}/model.pt"})),
+                    keys(blob_spec(**{"recipe.file": f"nsd-blob:{SHA['other']}/recipe.py"})),
+                    keys(blob_spec(**{"recipe.data": f"nsd-blob:{SHA['data']}/data.txt"})),
+                    keys(blob_spec(**{"recipe.eval_samples": 128})),
+                    keys(blob_spec(), {**VERSIONS, "torch": "2.14.0"}),
+                    keys(blob_spec(), {**VERSIONS, "neural-compressor-pt": "3.11"}),
+                    keys(blob_spec(), {**VERSIONS, "nsd": "0.2.0"})):
+        assert changed[0] != base[0] and changed[1] != base[1]
+    assert keys(blob_spec(), config={"rtn": {"bits": 8}})[1] != base[1]
+    assert keys(blob_spec(), fallback=["fc1"])[1] != base[1]  # fallback ops are part of a trial's config
+    assert keys(blob_spec(**{"tuning.config_set": [{"rtn": {"bits": 8}}]}))[0] != base[0]
+    # The file names inside blob references do not matter, their content does.
+    assert keys(blob_spec(**{"model.path": f"nsd-blob:{SHA['model']}/renamed.pt"})) == base
+
+
+def test_only_blob_inputs_with_known_versions_are_cached():
+    assert mc.task_basis(blob_spec(), VERSIONS) is not None
+    assert mc.task_basis(blob_spec(**{"model.shared": True}), VERSIONS) is None
+    assert mc.task_basis(blob_spec(**{"model.path": "/models/m.pt"}), VERSIONS) is None  # a plain path
+    assert mc.task_basis(blob_spec(**{"tuning.cache": False}), VERSIONS) is None
+    assert mc.task_basis(blob_spec(), None) is None
+
+
+def test_the_cache_table_survives_a_restart(tmp_path):
+    store = Store(tmp_path / "db")
+    cache = mc.MetricCache(store, lambda: 1.0)
+    cache.put_trial(blob_spec(), VERSIONS, {"rtn": {"bits": 4}}, None, 0.93)
+    store.close()
+    cache = mc.MetricCache(Store(tmp_path / "db"), lambda: 2.0)
+    assert cache.get_trial(blob_spec(), VERSIONS, {"rtn": {"bits": 4}}) == {"metric": 0.93, "bound": None}
+    assert cache.get_trial(blob_spec(), {**VERSIONS, "torch": "2.14.0"}, {"rtn": {"bits": 4}}) is None
+    cache.store.close()
+
+
+def jobs_run(worker, task_id: str) -> list[str]:
+    """The jobs a worker's runners ran for a task (one log file each: plan, <index>-a<attempt>, save)."""
+    folder = worker.cache_dir / "logs" / task_id
+    return sorted(p.name.rsplit("-a", 1)[0] if p.name[0].isdigit() else p.name.split("-")[0]
+                  for p in folder.glob("*.log")) if folder.is_dir() else []
+
+
+def answer(result: dict) -> tuple:
+    return (result["state"], result["met_goal"], result["baseline"], result["winner"],
+            [(t["index"], t["state"], t["metric"]) for t in result["trials"] if t["state"] != "cancelled"])
+
+
+@pytest.mark.slow
+async def test_a_retune_with_another_tolerance_runs_no_known_trial_and_equals_a_cold_run(client, start_workers):
+    (worker,) = await start_workers(1)
+    first = await client.result(await client.submit(digits_spec()), wait=True)  # tolerance 0.5 %: trial 2 wins
+    assert first["winner"]["index"] == 2 and jobs_run(worker, first["task_id"]) == ["0", "1", "2", "plan", "save"]
+    assert not any(t["cached"] for t in first["trials"])
+    # 15 %: trial 1 (0.83) passes. The plan and trials 0-1 are known: only the new winner's save job runs.
+    retune = await client.result(await client.submit(digits_spec(tolerable_loss=0.15)), wait=True)
+    assert jobs_run(worker, retune["task_id"]) == ["save"]
+    assert [t["cached"] for t in retune["trials"][:2]] == [True, True] and retune["winner"]["index"] == 1
+    cold = await client.result(await client.submit(digits_spec(tolerable_loss=0.15, cache=False)), wait=True)
+    assert jobs_run(worker, cold["task_id"]) == ["0", "1", "plan", "save"]
+    assert answer(retune) == answer(cold)
+    # The same task once more: its artifact is known too: no job at all.
+    again = await client.result(await client.submit(digits_spec(tolerable_loss=0.15)), wait=True)
+    assert jobs_run(worker, again["task_id"]) == [] and answer(again) == answer(cold)
+    assert again["artifact"] == retune["artifact"]
+
+
+@pytest.mark.slow
+async def test_a_changed_recipe_misses_the_cache(client, start_workers, tmp_path):
+    (worker,) = await start_workers(1)
+    first = await client.result(await client.submit(digits_spec()), wait=True)
+    shutil.copy(DIGITS / "model.pt", tmp_path / "model.pt")
+    (tmp_path / "recipe.py").write_text((DIGITS / "recipe.py").read_text() + "\n# another recipe file\n")
+    spec = digits_spec()
+    spec["model"]["path"], spec["recipe"]["file"] = str(tmp_path / "model.pt"), str(tmp_path / "recipe.py")
+    changed = await client.result(await client.submit(spec), wait=True)
+    assert jobs_run(worker, changed["task_id"]) == ["0", "1", "2", "plan", "save"]
+    assert not any(t["cached"] for t in changed["trials"]) and answer(changed) == answer(first)
+
+
+@pytest.mark.slow
+async def test_the_save_job_uploads_the_winners_kept_model_without_quantizing_again(client, start_workers,
+                                                                                   tmp_path):
+    from neural_compressor.torch.quantization import load
+
+    from nsd.quant.recipes import load_recipe
+
+    spec = digits_spec(cache=False)
+    (worker,) = await start_workers(1)
+    result = await client.result(await client.submit(spec), wait=True)
+    assert result["winner"]["index"] == 2 and result["error"] is None
+    (save_log,) = await client.logs(result["task_id"], "save")
+    assert "reused the model kept by trial 2 (not quantized again)" in save_log["text"]
+    assert "quantized trial" not in save_log["text"]
+    assert not (worker.cache_dir / "kept" / result["task_id"]).exists()  # discarded once saved
+    path = await client.fetch(result["task_id"], tmp_path / "out")
+    recipe = load_recipe(spec)
+    assert recipe.evaluate(load(str(path), original_model=recipe.load_model())) == result["winner"]["metric"]
