@@ -137,7 +137,8 @@ def _assert_same_answer(on: dict, off: dict) -> None:
 async def test_python_recipe_with_score_batches_stops_early_with_the_same_answer(client, start_workers):
     # 2-bit only: nothing passes 0.5 %, so the best metric wins (trial 0, 0.872). Trial 1 (0.592) and
     # trial 2 (0.831) cannot beat it: they stop once 47 of the 360 test digits are missed.
-    spec = digits_spec(config_set=[{"rtn": {"bits": 2, "group_size": [32, -1, 16], "use_layer_wise": False}}])
+    spec = digits_spec(config_set=[{"rtn": {"bits": 2, "group_size": [32, -1, 16], "use_layer_wise": False}}],
+                       strategy="list")  # the config set only (no fallback search after it)
     await start_workers(1)  # one at a time: trial 0 has finished when the others start
     on, off = await _tune_twice(client, spec)
     _assert_same_answer(on, off)
