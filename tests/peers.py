@@ -156,3 +156,37 @@ async def done(client: AsyncClient, task_id: str, timeout: float = 20) -> dict:
 async def count_assigned(w: ScriptedWorker, kind: str, n: int) -> bool:
     """Whether w has been assigned at least n jobs of this kind (plan, trial, save)."""
     return sum(a[2]["kind"] == kind for a in w.assigned) >= n
+
+
+# ---- early stop (issue 11): shared by tests/test_early_stop.py and tests/test_builtin_recipes.py ----
+
+def steps_then_metric(steps):
+    """Every interval an evaluate_steps generator yields (nsd.quant.scoring), then its metric."""
+    try:
+        while True:
+            yield next(steps)
+    except StopIteration as finished:
+        yield finished.value
+
+
+async def tune_on_and_off(client: AsyncClient, spec: dict) -> tuple[dict, dict]:
+    """The same task with early stopping on, then off (no cache: both really run)."""
+    results = []
+    for early_stop in (True, False):
+        run = {**spec, "tuning": {**spec["tuning"], "early_stop": early_stop, "cache": False}}
+        results.append(await client.result(await client.submit(run), wait=True))
+    return results[0], results[1]
+
+
+def assert_same_answer_on_off(on: dict, off: dict) -> None:
+    """Winner, its metric, met_goal, baseline and every full metric equal; a stopped trial's full metric
+    lies within its bound."""
+    assert on["state"] == off["state"] == "done"
+    assert on["winner"] == off["winner"] and on["met_goal"] == off["met_goal"] and on["baseline"] == off["baseline"]
+    sign = 1 if on["spec"]["tuning"]["higher_is_better"] else -1
+    assert not any(t["stopped_early"] for t in off["trials"])
+    for a, b in zip(on["trials"], off["trials"]):
+        if a["stopped_early"]:  # it could not have mattered: its full metric is within its bound
+            assert a["state"] == "failed_goal" and a["metric"] is None and sign * b["metric"] <= sign * a["bound"]
+        else:
+            assert (a["state"], a["metric"]) == (b["state"], b["metric"])

@@ -21,6 +21,7 @@ import pytest
 from nsd.quant import builtin
 from nsd.quant.builtin import accuracy, macro_f1, perplexity, ranks, spearman, split
 from nsd.spec import validate
+from tests.peers import assert_same_answer_on_off, steps_then_metric, tune_on_and_off
 
 os.environ.setdefault("LOGLEVEL", "WARNING")  # INC's log level, read when it is imported here
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -473,3 +474,51 @@ async def test_causal_lm_perplexity_lowest_index_within_tolerance_wins(client, s
     assert trials[3]["state"] in ("passed", "cancelled")  # passed or not, a higher index never wins
     if trials[3]["state"] == "passed":
         assert trials[3]["metric"] <= baseline * 1.01
+
+
+# ------------------------------------------------------------------------------- early stop (issue 11)
+# Bounds of each bounded metric, and early stopping on vs off end to end (tests/test_early_stop.py has
+# the pure rules and the python-recipe case).
+
+BUILTIN_CASES = {
+    "accuracy": ("text-classification", "classifier", "reviews",
+                 {"text_column": "sentence", "label_column": "sentiment"}),
+    "cosine": ("feature-extraction", "classifier", "sentences", {}),
+    "perplexity": ("causal-lm", "lm", "corpus", {"seq_len": 32, "calibration_samples": 8}),
+}
+
+
+@slow
+@pytest.mark.parametrize("metric", list(BUILTIN_CASES))
+def test_builtin_bounds_hold_and_a_hopeless_trial_evaluates_fewer_batches(assets, metric):
+    from nsd.quant.recipes import load_recipe
+    from nsd.spec import validate
+    from nsd.worker.runner import evaluate_trial
+
+    kind, model, data, recipe_fields = BUILTIN_CASES[metric]
+    spec = validate(task(kind, assets[model], assets[data], {"eval_samples": 64, "batch_size": 16,
+                                                              **recipe_fields}, preset="woq")).to_dict()
+    recipe = load_recipe(spec)
+    fp32 = recipe.load_model()
+    *intervals, final = steps_then_metric(recipe.evaluate_steps(fp32))
+    assert len(intervals) >= 3 and all(lo <= final <= hi for lo, hi in intervals)
+    assert final == recipe.evaluate(fp32) == evaluate_trial(recipe, fp32, None)["metric"]
+    # A rule no metric can satisfy (goal and best out of reach): it stops after the first batch.
+    sign = -1 if metric == "perplexity" else 1
+    rule = {"sign": sign, "need": 2.0 if sign > 0 else 0.0, "best": 2.0 if sign > 0 else 0.0, "tie_stops": False}
+    answer = evaluate_trial(recipe, fp32, rule)
+    assert answer["stopped_early"] and answer["metric"] is None and answer["batches"] == 1 < len(intervals)
+    assert (answer["bound"] >= final) if sign > 0 else (answer["bound"] <= final)
+
+
+@slow
+@pytest.mark.parametrize("metric", list(BUILTIN_CASES))
+async def test_builtin_recipe_early_stop_on_and_off_give_the_same_answer(client, start_workers, assets, metric):
+    kind, model, data, recipe_fields = BUILTIN_CASES[metric]
+    spec = task(kind, assets[model], assets[data], {"eval_samples": 64, "batch_size": 16, **recipe_fields},
+                config_set=[{"rtn": {"bits": 4, "group_size": 32, "use_layer_wise": False}},
+                            {"rtn": {"bits": 2, "group_size": [32, -1], "use_layer_wise": False}}],
+                tolerable_loss=0.0)
+    await start_workers(1)
+    on, off = await tune_on_and_off(client, spec)
+    assert_same_answer_on_off(on, off)

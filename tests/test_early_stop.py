@@ -14,7 +14,7 @@ from nsd.broker.tuner import Goal, TrialView
 from nsd.quant import scoring
 from nsd.states import TrialState
 from tests.conftest import digits_spec
-from tests.test_builtin_recipes import assets, task  # noqa: F401 - the session fixture of tiny models
+from tests.peers import assert_same_answer_on_off, steps_then_metric, tune_on_and_off
 
 os.environ.setdefault("LOGLEVEL", "WARNING")
 
@@ -48,25 +48,16 @@ def test_intervals_always_hold_the_final_metric():
     for _ in range(200):
         counts = [rng.randint(1, 9) for _ in range(rng.randint(1, 8))]
         correct = [rng.randint(0, c) for c in counts]
-        steps = list(_all(scoring.accuracy_steps(zip(correct, counts), sum(counts))))
+        steps = list(steps_then_metric(scoring.accuracy_steps(zip(correct, counts), sum(counts))))
         metric = steps.pop()
         assert metric == sum(correct) / sum(counts)
         assert all(lo <= metric <= hi for lo, hi in steps)
         scores = [[rng.uniform(-2, 3) for _ in range(c)] for c in counts]
         for total in (sum(counts), None):
-            steps = list(_all(scoring.mean_steps(((sum(s), len(s)) for s in scores), -2, 3, total)))
+            steps = list(steps_then_metric(scoring.mean_steps(((sum(s), len(s)) for s in scores), -2, 3, total)))
             metric = steps.pop()
             assert metric == pytest.approx(sum(map(sum, scores)) / sum(counts))
             assert all(lo <= metric <= hi for lo, hi in steps) and len(steps) == (len(counts) if total else 0)
-
-
-def _all(steps):
-    """Every interval a steps generator yields, then its metric."""
-    try:
-        while True:
-            yield next(steps)
-    except StopIteration as done:
-        yield done.value
 
 
 def test_run_steps_stops_at_the_first_batch_that_cannot_matter():
@@ -78,60 +69,7 @@ def test_run_steps_stops_at_the_first_batch_that_cannot_matter():
     assert (metric, bound, batches) == (18 / 20, None, 2)
 
 
-# ------------------------------------------------------------------------------- built-in recipes, in process
-
-BUILTIN_CASES = {
-    "accuracy": ("text-classification", "classifier", "reviews",
-                 {"text_column": "sentence", "label_column": "sentiment"}),
-    "cosine": ("feature-extraction", "classifier", "sentences", {}),
-    "perplexity": ("causal-lm", "lm", "corpus", {"seq_len": 32, "calibration_samples": 8}),
-}
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("metric", list(BUILTIN_CASES))
-def test_builtin_bounds_hold_and_a_hopeless_trial_evaluates_fewer_batches(assets, metric):  # noqa: F811
-    from nsd.quant.recipes import load_recipe
-    from nsd.spec import validate
-    from nsd.worker.runner import evaluate_trial
-
-    kind, model, data, recipe_fields = BUILTIN_CASES[metric]
-    spec = validate(task(kind, assets[model], assets[data], {"eval_samples": 64, "batch_size": 16,
-                                                              **recipe_fields}, preset="woq")).to_dict()
-    recipe = load_recipe(spec)
-    fp32 = recipe.load_model()
-    *intervals, final = _all(recipe.evaluate_steps(fp32))
-    assert len(intervals) >= 3 and all(lo <= final <= hi for lo, hi in intervals)
-    assert final == recipe.evaluate(fp32) == evaluate_trial(recipe, fp32, None)["metric"]
-    # A rule no metric can satisfy (goal and best out of reach): it stops after the first batch.
-    sign = -1 if metric == "perplexity" else 1
-    rule = {"sign": sign, "need": 2.0 if sign > 0 else 0.0, "best": 2.0 if sign > 0 else 0.0, "tie_stops": False}
-    answer = evaluate_trial(recipe, fp32, rule)
-    assert answer["stopped_early"] and answer["metric"] is None and answer["batches"] == 1 < len(intervals)
-    assert (answer["bound"] >= final) if sign > 0 else (answer["bound"] <= final)
-
-
 # ------------------------------------------------------------------------------- end to end, on vs off
-
-async def _tune_twice(client, spec: dict) -> tuple[dict, dict]:
-    results = []
-    for early_stop in (True, False):
-        run = {**spec, "tuning": {**spec["tuning"], "early_stop": early_stop, "cache": False}}
-        results.append(await client.result(await client.submit(run), wait=True))
-    return results[0], results[1]
-
-
-def _assert_same_answer(on: dict, off: dict) -> None:
-    assert on["state"] == off["state"] == "done"
-    assert on["winner"] == off["winner"] and on["met_goal"] == off["met_goal"] and on["baseline"] == off["baseline"]
-    sign = 1 if on["spec"]["tuning"]["higher_is_better"] else -1
-    assert not any(t["stopped_early"] for t in off["trials"])
-    for a, b in zip(on["trials"], off["trials"]):
-        if a["stopped_early"]:  # it could not have mattered: its full metric is within its bound
-            assert a["state"] == "failed_goal" and a["metric"] is None and sign * b["metric"] <= sign * a["bound"]
-        else:
-            assert (a["state"], a["metric"]) == (b["state"], b["metric"])
-
 
 @pytest.mark.slow
 async def test_python_recipe_with_score_batches_stops_early_with_the_same_answer(client, start_workers):
@@ -140,22 +78,8 @@ async def test_python_recipe_with_score_batches_stops_early_with_the_same_answer
     spec = digits_spec(config_set=[{"rtn": {"bits": 2, "group_size": [32, -1, 16], "use_layer_wise": False}}],
                        strategy="list")  # the config set only (no fallback search after it)
     await start_workers(1)  # one at a time: trial 0 has finished when the others start
-    on, off = await _tune_twice(client, spec)
-    _assert_same_answer(on, off)
+    on, off = await tune_on_and_off(client, spec)
+    assert_same_answer_on_off(on, off)
     assert on["winner"]["index"] == 0 and on["met_goal"] is False
     assert [t["stopped_early"] for t in on["trials"]] == [False, True, True]
     assert all(t["bound"] < on["winner"]["metric"] for t in on["trials"][1:])
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("metric", list(BUILTIN_CASES))
-async def test_builtin_recipe_early_stop_on_and_off_give_the_same_answer(client, start_workers, assets,  # noqa: F811
-                                                                         metric):
-    kind, model, data, recipe_fields = BUILTIN_CASES[metric]
-    spec = task(kind, assets[model], assets[data], {"eval_samples": 64, "batch_size": 16, **recipe_fields},
-                config_set=[{"rtn": {"bits": 4, "group_size": 32, "use_layer_wise": False}},
-                            {"rtn": {"bits": 2, "group_size": [32, -1], "use_layer_wise": False}}],
-                tolerable_loss=0.0)
-    await start_workers(1)
-    on, off = await _tune_twice(client, spec)
-    _assert_same_answer(on, off)
