@@ -24,7 +24,8 @@ from nsd import __version__
 from nsd.blobs import parse_ref
 from nsd.broker import metrics as metrics_http
 from nsd.broker.blobs import BlobError, BlobStore
-from nsd.broker.core import Core, Event, StorageError, ToWorker
+from nsd.broker.core import Core, Event, ToWorker
+from nsd.broker.store import StorageError
 from nsd.broker.limits import BrokerLimits
 from nsd.broker.metrics import Metrics
 from nsd.broker.store import Store

@@ -77,6 +77,19 @@ CREATE TABLE IF NOT EXISTS events (
 );
 """
 
+class StorageError(RuntimeError):
+    """SQLite could not commit (disk full, read-only, I/O error): nothing of the transaction was kept."""
+
+
+def storage_message(exc: sqlite3.Error) -> str:
+    text = str(exc)
+    if "full" in text:
+        return f"broker storage is full: {text}"
+    if "readonly" in text or "read-only" in text:
+        return f"broker storage is read-only: {text}"
+    return f"broker storage failed: {text}"
+
+
 MIGRATIONS = (  # columns added after the first release: (table, column, definition)
     ("tasks", "owner", "TEXT NOT NULL DEFAULT ''"),
     # the fallback search: rows from before it are config-set trials with no fallback

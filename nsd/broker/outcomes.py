@@ -1,0 +1,319 @@
+"""What a job's result does to its task: trial metrics, plans, saved artifacts, the decisions that follow
+(settle, the fallback search's next stage, conclude), cancellations, lost leases and endings.
+
+A mixin of `nsd.broker.core.Core` (it uses Core's transactions, writes, effects and indexes): split out
+so that each file reads in one sitting. Every method here runs inside a `Core.tx()`.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import math
+import time
+from typing import Any
+
+from nsd.blobs import make_ref
+from nsd.broker import search, tuner
+from nsd.broker.model import PLAN, SAVE, STAGE_JOBS, Task, Trial, Worker, job_id
+from nsd.broker.store import StorageError
+from nsd.protocol import Cmd, parse_job_id
+from nsd.quant.scoring import can_stop
+from nsd.states import TaskState, TrialState
+
+log = logging.getLogger("nsd.broker")
+
+LOG_LIMIT = 64 * 1024  # characters of each job's log kept by the broker (the worker keeps the whole file)
+
+
+class Outcomes:
+    # ---- results -------------------------------------------------------------------------------------
+
+    def _result_in_savepoint(self, worker: Worker, body: dict) -> None:
+        try:
+            with self.tx():
+                self.result(worker, body)
+        except StorageError:
+            raise
+        except Exception:  # a bug of ours: this result is dropped, the others still count
+            log.exception("applying a result of %s failed", worker.id)
+
+    def result(self, worker: Worker | None, body: dict) -> None:
+        """Apply a job result at most once, and only from the lease holder (see `holds`)."""
+        jid, attempt = body["trial_id"], body["attempt"]
+        if not self.holds(worker, jid, attempt):
+            self.ignored_results += 1
+            self.metrics.ignored_results += 1
+            return  # a duplicate, a late answer to a lease requeued or cancelled, or not this peer's to give
+        task_id, job = parse_job_id(jid)
+        task = self.tasks[task_id]
+        self._release(worker, jid)
+        worker.freed_at = time.monotonic()
+        self._keep_log(task, str(job), body, worker.id)
+        if body.get("handback") is True:  # a draining worker returns a job it did not run to the end
+            self.lost_lease(task, job, "handed back by a draining worker", handback=True)
+        elif body.get("requeue") is True:  # the worker could not get the task's files
+            self.lost_lease(task, job, body.get("error") or "worker could not start the job")
+        elif job == PLAN:
+            task.stage_worker = None
+            self._plan_result(task, body, worker)
+        elif job == SAVE:
+            task.stage_worker = None
+            self._save_result(task, body, worker)
+        else:
+            self._trial_result(task, task.trials[job], body, worker)
+
+    def _trial_result(self, task: Task, tr: Trial, body: dict, worker: Worker) -> None:
+        tr.finished = time.time()
+        tr.seconds = body.get("seconds")
+        metric, bound = body.get("metric"), body.get("bound")
+        fallback = getattr(tr, "fallback", None)
+        if body["ok"] and metric is not None:
+            tr.metric = float(metric)
+            task.set_state(tr, TrialState.PASSED if tuner.meets_goal(tr.metric, task.goal()) else TrialState.FAILED_GOAL)
+            task.note_metric(tr)
+            if tr.state is TrialState.PASSED and body.get("kept"):
+                tr.kept = (worker.id, body["kept"])
+            self.cache.put_trial(task.spec, worker.versions, tr.config, fallback, tr.metric)
+        elif body["ok"] and body.get("stopped_early") is True and bound is not None \
+                and not tuner.meets_goal(float(bound), task.goal()):
+            # It could neither meet the goal nor beat a finished trial (tuner.stop_rule): no metric needed.
+            tr.bound, tr.stopped_early = float(bound), True
+            task.set_state(tr, TrialState.FAILED_GOAL)
+            self.cache.put_trial(task.spec, worker.versions, tr.config, fallback, None, tr.bound)
+        else:
+            task.set_state(tr, TrialState.ERROR)
+            tr.error = (body.get("error") or "the runner returned no metric")[:4000]
+        self._finish_trial(task, tr)
+
+    def _finish_trial(self, task: Task, tr: Trial) -> None:
+        self._write_trial(task, tr, state=tr.state.value, metric=tr.metric, seconds=tr.seconds,
+                          finished=tr.finished, error=tr.error, bound=tr.bound, stopped_early=tr.stopped_early,
+                          cached=tr.cached)
+        self.metrics.trial_finished(tr.state.value)
+        self.emit(task, "trial", **tr.event())
+        self.settle(task)
+
+    def _answer_from_cache(self, task: Task, worker: Worker) -> bool:
+        """Answer the job `_assign` would give `worker` from the metric cache (nsd.broker.metric_cache), as
+        far as it can: the plan, then trials in order until one is not known, or the save. True: nothing
+        is left to send now (`schedule` places again: the task has moved on)."""
+        versions = worker.versions
+        if task.state in (TaskState.QUEUED, TaskState.PLANNING):
+            plan = self.cache.get_plan(task.spec, versions)
+            if plan is None:
+                return False
+            if task.state is TaskState.QUEUED:
+                self._move(task, TaskState.PLANNING)
+            task.started = task.started or time.time()
+            self._write_task(task, state=task.state.value, started=task.started)
+            self._plan_result(task, {"ok": True, "baseline": plan["baseline"], "configs": plan["configs"],
+                                     "ops": plan.get("ops"), "seconds": 0.0})
+            return True
+        if task.state is TaskState.FINALIZING:
+            winner = task.trials[task.winner]
+            sha = self.cache.get_artifact(task.spec, versions, winner.config, getattr(winner, "fallback", None))
+            if sha is None or not self.blobs.has(sha):
+                return False
+            self._save_result(task, {"ok": True, "artifact": sha})
+            return True
+        answered = False
+        while task.state is TaskState.TUNING and task.n_pending:
+            tr = task.trials[task.pending[0]]
+            if tr.state is not TrialState.PENDING:
+                heapq.heappop(task.pending)  # a stale entry
+                continue
+            known = self.cache.get_trial(task.spec, versions, tr.config, getattr(tr, "fallback", None))
+            if known is None:
+                return answered
+            metric, bound = finite(known.get("metric")), finite(known.get("bound"))
+            if metric is None and not (bound is not None and can_stop(bound, bound, task.stop_rule(tr.index))):
+                return answered  # it stopped early under a stricter rule than this task's: run it
+            task.next_pending()
+            now = time.time()
+            tr.cached, tr.worker, tr.started, tr.finished, tr.seconds = True, None, now, now, 0.0
+            if metric is not None:
+                tr.metric = metric
+                task.set_state(tr, TrialState.PASSED if tuner.meets_goal(metric, task.goal())
+                               else TrialState.FAILED_GOAL)
+                task.note_metric(tr)
+            else:
+                tr.bound, tr.stopped_early = bound, True
+                task.set_state(tr, TrialState.FAILED_GOAL)
+            self._finish_trial(task, tr)
+            answered = True
+        return True
+
+    def _keep_log(self, task: Task, job: str, body: dict, worker: str) -> None:
+        text = body.get("log")
+        if text:
+            self.store.put_log(task.id, job, body["attempt"], worker, text[-LOG_LIMIT:])
+
+    def _plan_result(self, task: Task, body: dict, worker: Worker | None = None) -> None:
+        task.plan_s = body.get("seconds")
+        baseline, configs = body.get("baseline"), body.get("configs")
+        if not body["ok"]:
+            return self.finish(task, TaskState.FAILED, error=f"planning failed: {body.get('error') or 'unknown error'}")
+        oplists = search.parse_oplists(body.get("ops"))
+        if baseline is None or configs is None or oplists is None or any(len(c["config"]) != 1 for c in configs):
+            return self.finish(task, TaskState.FAILED, error="planning returned a malformed plan")
+        if not configs:
+            return self.finish(task, TaskState.FAILED, error="the config set expanded to no configs")
+        configs = configs[: task.tuning["max_trials"]]
+        if worker is not None:  # a plan a worker ran (not one from the cache): remember it
+            self.cache.put_plan(task.spec, worker.versions, float(baseline), configs, body.get("ops"))
+        task.baseline, task.oplists = float(baseline), oplists
+        task.trials = [Trial(index=i, config=c["config"], label=c.get("label", "")) for i, c in enumerate(configs)]
+        task.index_trials()
+        self._move(task, TaskState.TUNING)  # (marks scheduling dirty: new trials wait)
+        task.stage_attempt = 1
+        self.store.insert_trials(task.id, [t.row() for t in task.trials])
+        self._write_task(task, baseline=task.baseline, state=task.state.value, stage_worker=None, stage_attempt=1,
+                         plan_s=task.plan_s, oplists=search.oplists_to_plain(oplists))
+        self.emit(task, "plan", baseline=task.baseline, trials=[t.described() for t in task.trials])
+        self.emit(task, "state", state=task.state.value)
+        log.info("task %s: baseline %.6g, %d trials", task.id, task.baseline, len(task.trials))
+
+    def _save_result(self, task: Task, body: dict, worker: Worker | None = None) -> None:
+        sha = body.get("artifact")
+        if body["ok"] and sha is not None and self.blobs.has(sha):
+            if worker is not None:
+                winner = task.trials[task.winner]
+                self.cache.put_artifact(task.spec, worker.versions, winner.config, getattr(winner, "fallback", None),
+                                        sha)
+            task.artifact = make_ref(sha, "model")
+            self._write_task(task, artifact=task.artifact)
+            self.finish(task, TaskState.DONE, winner=task.winner, met_goal=task.met_goal, error=task.error)
+        else:
+            why = body.get("error") or "the worker returned no artifact"
+            self.finish(task, TaskState.DONE, winner=task.winner, met_goal=task.met_goal,
+                        error=f"the winner's artifact could not be saved: {why}")
+
+    # ---- decisions -------------------------------------------------------------------------------
+
+    def settle(self, task: Task) -> None:
+        """After any trial change: cancel what can no longer win (tuner.to_cancel), add the fallback search's
+        next stage once it is known (search.next_stage), and end the task once decided (search.decide) —
+        which, with those cancelled, is when no trial is left unfinished and no stage is left to add."""
+        passed = task.lowest_passed
+        if passed is not None and passed != task.cancelled_above:
+            for tr in task.trials[passed + 1:]:
+                if not tr.state.finished:
+                    self._cancel_trial(task, tr, "a lower-index trial met the goal")
+            task.cancelled_above = passed
+        if task.state is not TaskState.TUNING:
+            return
+        last = task.trials[-1].stage if task.trials else None
+        if passed is None and task.tuning.get("strategy") == "basic" and last != search.ACCUMULATED \
+                and (last != search.CONFIG or task.n_unfinished == 0):  # cheap gates: most results add nothing
+            self._add_stage(task, search.next_stage(task.layout(), task.steps()))
+        if task.n_unfinished == 0:
+            self.conclude(task, search.decide(task.layout(), task.steps()))
+
+    def _add_stage(self, task: Task, new: list[search.NewTrial]) -> None:
+        """Append trials of the fallback search (a trial's index is its place in the global order)."""
+        if not new:
+            return
+        first = len(task.trials)
+        for k, n in enumerate(new):
+            base = task.trials[n.base]
+            task.trials.append(Trial(index=first + k, config=base.config, stage=n.stage, fallback=list(n.fallback),
+                                     base=n.base, label=search.fallback_label(base.label, n.fallback)[:500]))
+        task.index_trials()
+        self._touch(task)
+        self._dirty = True  # new trials wait for slots
+        self.store.insert_trials(task.id, [t.row() for t in task.trials[first:]])
+        self.emit(task, "stage", trials=[t.described() for t in task.trials[first:]])
+        log.info("task %s: %d %s trials added", task.id, len(new), "/".join(sorted({n.stage for n in new})))
+
+    def conclude(self, task: Task, decision: tuner.Decision, note: str | None = None) -> None:
+        """The winner is known: stop the other trials, then save its artifact (`finalizing`)."""
+        if decision.winner is None:
+            return self.finish(task, TaskState.FAILED, error=note or "no trial produced a metric (every trial errored)")
+        for tr in task.trials:
+            if not tr.state.finished:
+                self._cancel_trial(task, tr, "the task is decided")
+        self._move(task, TaskState.FINALIZING)
+        task.winner, task.met_goal, task.error = decision.winner, decision.met_goal, note
+        task.stage_attempt, task.stage_worker = 1, None
+        self._write_task(task, state=task.state.value, winner=task.winner, met_goal=task.met_goal, error=note,
+                         stage_attempt=1, stage_worker=None)
+        self.emit(task, "state", state=task.state.value, winner=task.winner, met_goal=task.met_goal, error=note)
+
+    def _cancel_trial(self, task: Task, tr: Trial, why: str) -> None:
+        jid = job_id(task.id, tr.index)
+        if tr.state is TrialState.RUNNING:
+            self._stop_job(task, jid, tr.attempt, tr.worker)
+        task.set_state(tr, TrialState.CANCELLED)
+        tr.error, tr.finished = why, time.time()
+        self._write_trial(task, tr, state=tr.state.value, error=why, finished=tr.finished)
+        self.emit(task, "trial", **tr.event())
+
+    def _stop_job(self, task: Task, jid: str, attempt: int, wid: str | None) -> None:
+        self.orphans.pop(jid, None)
+        worker = self.workers.get(wid or "")
+        if worker is not None and self._release(worker, jid) is not None:
+            self.send(worker, Cmd.CANCEL, {"trial_id": jid, "attempt": attempt})
+
+    def finish(self, task: Task, state: TaskState, winner: int | None = None, met_goal: bool | None = None,
+               error: str | None = None) -> None:
+        for tr in task.trials:
+            if not tr.state.finished:
+                self._cancel_trial(task, tr, "task ended")
+        stage = STAGE_JOBS.get(task.state)
+        if stage:
+            self._stop_job(task, job_id(task.id, stage), task.stage_attempt, task.stage_worker)
+        task.stage_worker = None
+        self._move(task, state)
+        task.winner, task.met_goal, task.error = winner, met_goal, error
+        task.finished = time.time()
+        self._write_task(task, state=state.value, winner=winner, met_goal=met_goal, error=error,
+                         finished=task.finished, stage_worker=None)
+        self.emit(task, "state", state=state.value, winner=winner, met_goal=met_goal, error=error)
+        log.info("task %s %s%s", task.id, state.value,
+                 f": winner trial {winner} (met goal: {met_goal})" if winner is not None else
+                 f": {error}" if error else "")
+
+    def lost_lease(self, task: Task, job: int | str, why: str = "worker lost", handback: bool = False) -> None:
+        """A job's worker died, forgot it or handed it back: run it again (attempt + 1), or give up after
+        max_attempts. A hand-back (`handback`: a draining worker returning work it never finished) runs
+        it again without using up an attempt: it was not the job's fault."""
+        lease = task.lease(job)
+        if lease is None:
+            return
+        self._dirty = True
+        self.orphans.pop(job_id(task.id, job), None)
+        holder = self.workers.get(lease[1] or "")
+        if holder is not None:
+            self._release(holder, job_id(task.id, job))
+        if handback:  # same attempt, any worker: the lease rule still refuses the old holder's answers
+            state, attempt = TrialState.PENDING, lease[0]
+        else:
+            state, attempt = tuner.after_lost_lease(lease[0], task.tuning["max_attempts"])
+        if job in (PLAN, SAVE):
+            if state is TrialState.ERROR and job == PLAN:
+                self.finish(task, TaskState.FAILED, error=f"planning failed {attempt} times: {why}")
+            elif state is TrialState.ERROR:
+                self.finish(task, TaskState.DONE, winner=task.winner, met_goal=task.met_goal,
+                            error=f"the winner's artifact could not be saved ({attempt} attempts): {why}")
+            else:
+                task.stage_attempt, task.stage_worker = attempt, None
+                self._write_task(task, stage_attempt=attempt, stage_worker=None)
+                self.emit(task, "state", state=task.state.value, reason=why)
+            return
+        tr = task.trials[job]
+        self.metrics.trials_requeued += state is TrialState.PENDING
+        task.set_state(tr, state)
+        tr.attempt, tr.worker = attempt, None
+        if state is TrialState.ERROR:
+            tr.error, tr.finished = f"{why} on each of {attempt} attempts", time.time()
+        self._write_trial(task, tr, state=state.value, attempt=attempt, worker=None, error=tr.error,
+                          finished=tr.finished)
+        self.emit(task, "trial", **tr.event())
+        self.settle(task)
+
+
+def finite(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
