@@ -25,10 +25,9 @@ from nsd.blobs import parse_ref
 from nsd.broker import metrics as metrics_http
 from nsd.broker.blobs import BlobError, BlobStore
 from nsd.broker.core import Core, Event, ToWorker
-from nsd.broker.store import StorageError
 from nsd.broker.limits import BrokerLimits
 from nsd.broker.metrics import Metrics
-from nsd.broker.store import Store
+from nsd.broker.store import StorageError, Store
 from nsd.limits import raise_open_files_limit
 from nsd.net import OncePerPeer, configure, is_loopback, send_now
 from nsd.protocol import (CLIENT_TO_BROKER, MAX_CHUNK_BYTES, PROTOCOL_VERSION, WORKER_TO_BROKER, Cmd, Message,
