@@ -211,14 +211,15 @@ class WarmCluster:
         return time.perf_counter() - t0
 
     async def _start(self) -> None:
+        from nsd.broker.config import BrokerConfig
         from nsd.broker.daemon import Broker
         from nsd.client.api import AsyncClient
         from nsd.local import split_cpus
         from nsd.worker.daemon import WorkerConfig, WorkerDaemon
 
         d = self.dir
-        self.broker = Broker(d / "state", clients=f"ipc://{d}/clients", workers=f"ipc://{d}/workers",
-                             events=f"ipc://{d}/events")
+        self.broker = Broker(BrokerConfig(state_dir=d / "state", clients=f"ipc://{d}/clients", workers=f"ipc://{d}/workers",
+                             events=f"ipc://{d}/events"))
         await self.broker.start()
         self.daemons = [WorkerDaemon(WorkerConfig(broker=self.broker.endpoints["workers"], cpus=cpus,
                                                   cores_per_trial=len(cpus), cache_dir=d / f"worker{i}",

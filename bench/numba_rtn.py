@@ -8,7 +8,6 @@ compilation; a persistent runner pays it once), timing quantize() and the first 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path

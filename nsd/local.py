@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+from nsd.broker.config import BrokerConfig
 from nsd.broker.daemon import Broker
 from nsd.client.api import AsyncClient, prepare_spec
 from nsd.worker.daemon import WorkerConfig, WorkerDaemon
@@ -43,8 +44,8 @@ async def run_local(spec: Any, workers: int = 2, on_event: Callable[[dict], None
     """Run one task; with `output`, also fetch its quantized model there (as `nsd fetch` does)."""
     spec_dict = prepare_spec(spec)
     tmp = Path(keep_dir or tempfile.mkdtemp(prefix="nsd-run-"))
-    broker = Broker(tmp / "state", clients=f"ipc://{tmp}/clients", workers=f"ipc://{tmp}/workers",
-                    events=f"ipc://{tmp}/events")
+    broker = Broker(BrokerConfig(state_dir=tmp / "state", clients=f"ipc://{tmp}/clients", workers=f"ipc://{tmp}/workers",
+                    events=f"ipc://{tmp}/events"))
     await broker.start()
     daemons: list[WorkerDaemon] = []
     running: list[asyncio.Task] = []

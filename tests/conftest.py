@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from nsd.broker.config import BrokerConfig
 from nsd.broker.daemon import Broker
 from nsd.client.api import AsyncClient
 from nsd.worker.daemon import WorkerConfig, WorkerDaemon
@@ -36,8 +37,8 @@ def _recipe_paths_do_not_leak(monkeypatch):
 
 @pytest.fixture
 async def broker(tmp_path):
-    b = Broker(tmp_path / "state", clients="tcp://127.0.0.1:*", workers="tcp://127.0.0.1:*",
-               events="tcp://127.0.0.1:*", heartbeat_s=0.5, liveness=6)
+    b = Broker(BrokerConfig(state_dir=tmp_path / "state", clients="tcp://127.0.0.1:*", workers="tcp://127.0.0.1:*",
+               events="tcp://127.0.0.1:*", heartbeat_s=0.5, liveness=6))
     await b.start()
     yield b
     await b.stop()

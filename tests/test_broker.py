@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 
 import msgpack
 import pytest
@@ -10,6 +9,7 @@ import zmq
 import zmq.asyncio
 
 from nsd.blobs import parse_ref
+from nsd.broker.config import BrokerConfig
 from nsd.broker.daemon import Broker
 from nsd.client.api import AsyncClient, BrokerError
 from nsd.client.view import apply_event
@@ -245,7 +245,7 @@ async def test_malformed_frames_on_every_socket_leave_the_broker_serving(broker,
 
 async def test_state_survives_a_broker_restart(tmp_path):
     state = tmp_path / "state"
-    b = Broker(state, clients="tcp://127.0.0.1:*", workers="tcp://127.0.0.1:*", events="tcp://127.0.0.1:*")
+    b = Broker(BrokerConfig(state_dir=state, clients="tcp://127.0.0.1:*", workers="tcp://127.0.0.1:*", events="tcp://127.0.0.1:*"))
     await b.start()
     c = AsyncClient(b.endpoints["clients"])
     w = await ScriptedWorker(b.endpoints["workers"], "s1", slots=2,
@@ -255,7 +255,7 @@ async def test_state_survives_a_broker_restart(tmp_path):
     await w.stop()
     await c.close()
     await b.stop()
-    b2 = Broker(state, clients="tcp://127.0.0.1:*", workers="tcp://127.0.0.1:*", events="tcp://127.0.0.1:*")
+    b2 = Broker(BrokerConfig(state_dir=state, clients="tcp://127.0.0.1:*", workers="tcp://127.0.0.1:*", events="tcp://127.0.0.1:*"))
     await b2.start()
     c2 = AsyncClient(b2.endpoints["clients"])
     try:
@@ -269,7 +269,7 @@ async def test_state_survives_a_broker_restart(tmp_path):
 
 def test_refuses_non_loopback_bind_without_insecure(tmp_path):
     with pytest.raises(ValueError, match="CURVE"):
-        Broker(tmp_path, clients="tcp://0.0.0.0:5550")
+        Broker(BrokerConfig(state_dir=tmp_path, clients="tcp://0.0.0.0:5550"))
 
 
 async def _true(value) -> bool:

@@ -10,6 +10,7 @@ import sqlite3
 import pytest
 
 from nsd.broker import search, tuner
+from nsd.broker.config import BrokerConfig
 from nsd.broker.daemon import Broker
 from nsd.broker.store import Store
 from nsd.client.api import AsyncClient
@@ -138,8 +139,8 @@ async def test_a_restarted_broker_continues_the_search(tmp_path):
             return None
         return answer_from(table, [])(job)
 
-    b = Broker(state, clients="tcp://127.0.0.1:*", workers="tcp://127.0.0.1:*", events="tcp://127.0.0.1:*",
-               heartbeat_s=0.2, liveness=3)
+    b = Broker(BrokerConfig(state_dir=state, clients="tcp://127.0.0.1:*", workers="tcp://127.0.0.1:*", events="tcp://127.0.0.1:*",
+               heartbeat_s=0.2, liveness=3))
     await b.start()
     c = AsyncClient(b.endpoints["clients"])
     w = await ScriptedWorker(b.endpoints["workers"], "s1", slots=2, answer=hold_op_wise).start()
@@ -148,8 +149,8 @@ async def test_a_restarted_broker_continues_the_search(tmp_path):
     await w.stop()
     await c.close()
     await b.stop()
-    b2 = Broker(state, clients="tcp://127.0.0.1:*", workers="tcp://127.0.0.1:*", events="tcp://127.0.0.1:*",
-                heartbeat_s=0.2, liveness=3)
+    b2 = Broker(BrokerConfig(state_dir=state, clients="tcp://127.0.0.1:*", workers="tcp://127.0.0.1:*", events="tcp://127.0.0.1:*",
+                heartbeat_s=0.2, liveness=3))
     await b2.start()
     c2 = AsyncClient(b2.endpoints["clients"])
     w2 = await ScriptedWorker(b2.endpoints["workers"], "s2", slots=2, answer=answer_from(table, [])).start()
@@ -196,7 +197,7 @@ async def test_a_database_from_before_the_search_opens_and_its_tasks_load(tmp_pa
     db.close()
     Store(state / "nsd.sqlite3").close()  # migrates
     Store(state / "nsd.sqlite3").close()  # and a second open finds nothing to do
-    b = Broker(state, clients="tcp://127.0.0.1:*", workers="tcp://127.0.0.1:*", events="tcp://127.0.0.1:*")
+    b = Broker(BrokerConfig(state_dir=state, clients="tcp://127.0.0.1:*", workers="tcp://127.0.0.1:*", events="tcp://127.0.0.1:*"))
     await b.start()
     c = AsyncClient(b.endpoints["clients"])
     try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
+
 import subprocess
 import sys
 import time
@@ -142,3 +142,28 @@ def test_a_json_spec_that_is_not_an_object_is_one_clear_line(tmp_path):
     proc = subprocess.run([*NSD, "submit", str(spec)], env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "a task spec is a table (a JSON object), not list" in proc.stderr
+
+
+@pytest.mark.parametrize("daemon", ["broker", "worker"])
+def test_each_daemon_option_defaults_to_its_config_field(daemon):
+    """One source for every default: `nsd broker` / `nsd worker` options take theirs from BrokerConfig /
+    WorkerConfig (and BrokerLimits)."""
+    from dataclasses import fields
+
+    from nsd.broker.config import BrokerConfig
+    from nsd.broker.limits import BrokerLimits
+    from nsd.client.cli import main
+    from nsd.worker.config import WorkerConfig
+
+    command = main.commands[daemon]
+    defaults = {p.name: p.default for p in command.params}
+    if daemon == "broker":
+        config, limits = BrokerConfig(), BrokerLimits()
+        expected = {f.name: getattr(config, f.name) for f in fields(config) if f.name not in ("state_dir", "limits")}
+        expected.update({f.name: getattr(limits, f.name) for f in fields(limits)})
+    else:
+        config = WorkerConfig()
+        expected = {"broker_addr": config.broker, "cores_per_trial": config.cores_per_trial, "worker_id": config.worker_id,
+                    "heartbeat": config.heartbeat_s, "grace": config.grace_s, "preload": config.preload,
+                    "cache_size": config.cache_max_bytes / 1024**3}
+    assert {name: defaults[name] for name in expected} == expected

@@ -7,6 +7,7 @@ import asyncio
 
 import pytest
 
+from nsd.broker.config import BrokerConfig
 from nsd.broker.daemon import Broker
 from nsd.client.api import AsyncClient, BrokerUnavailable
 from nsd.security import ClientKeys, allow, generate_keypair
@@ -19,8 +20,8 @@ async def secure(tmp_path):
     made = {name: generate_keypair(tmp_path / "made", name) for name in ("broker", "alice", "node1", "mallory")}
     allow(keys, "client", made["alice"][0])
     allow(keys, "worker", made["node1"][0])
-    broker = Broker(tmp_path / "state", clients="tcp://127.0.0.1:*", workers="tcp://127.0.0.1:*",
-                    events="tcp://127.0.0.1:*", curve_secret=made["broker"][1], keys_dir=keys, heartbeat_s=0.5)
+    broker = Broker(BrokerConfig(state_dir=tmp_path / "state", clients="tcp://127.0.0.1:*", workers="tcp://127.0.0.1:*",
+                    events="tcp://127.0.0.1:*", curve_secret=made["broker"][1], keys_dir=keys, heartbeat_s=0.5))
     await broker.start()
     yield broker, {name: secret for name, (_, secret) in made.items()}, made["broker"][0]
     await broker.stop()
@@ -71,6 +72,6 @@ async def test_a_client_key_or_an_unknown_key_cannot_register_as_a_worker(secure
 
 def test_curve_allows_binding_beyond_loopback(tmp_path):
     made = generate_keypair(tmp_path, "broker")
-    Broker(tmp_path / "state", clients="tcp://0.0.0.0:5550", curve_secret=made[1])  # no error: CURVE protects it
+    Broker(BrokerConfig(state_dir=tmp_path / "state", clients="tcp://0.0.0.0:5550", curve_secret=made[1]))  # no error: CURVE protects it
     with pytest.raises(ValueError, match="--curve-secret"):
-        Broker(tmp_path / "state", clients="tcp://0.0.0.0:5550")
+        Broker(BrokerConfig(state_dir=tmp_path / "state", clients="tcp://0.0.0.0:5550"))

@@ -3,7 +3,6 @@ elsewhere under the same attempt, even with max_attempts = 1."""
 
 from __future__ import annotations
 
-import asyncio
 
 import pytest
 

@@ -8,6 +8,7 @@ import os
 
 import pytest
 
+from nsd.broker.config import BrokerConfig
 from nsd.broker.daemon import Broker
 from nsd.worker.daemon import WorkerConfig, WorkerDaemon
 
@@ -17,8 +18,8 @@ IDLE_S = 30
 @pytest.mark.slow
 @pytest.mark.parametrize("heartbeat_s", [3.0, 5.0])  # 3: the case; 5: re-registered forever before
 async def test_an_idle_default_worker_stays_registered_under_a_slower_broker_heartbeat(tmp_path, heartbeat_s):
-    broker = Broker(tmp_path / "state", clients="tcp://127.0.0.1:*", workers="tcp://127.0.0.1:*",
-                    events="tcp://127.0.0.1:*", heartbeat_s=heartbeat_s, liveness=5)
+    broker = Broker(BrokerConfig(state_dir=tmp_path / "state", clients="tcp://127.0.0.1:*", workers="tcp://127.0.0.1:*",
+                    events="tcp://127.0.0.1:*", heartbeat_s=heartbeat_s, liveness=5))
     await broker.start()
     config = WorkerConfig(broker=broker.endpoints["workers"], cpus=[sorted(os.sched_getaffinity(0))[0]],
                           cache_dir=tmp_path / "worker", worker_id="idle")  # default heartbeat and liveness

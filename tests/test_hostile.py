@@ -7,9 +7,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -22,7 +19,6 @@ from nsd.protocol import BROKER_TO_WORKER, CLIENT_TO_BROKER, Cmd, ProtocolError,
 from tests.conftest import hello, hello_ok, wait_for
 from tests.peers import ScriptedWorker, done, metrics_answer, plan_answer, spec
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
 class Peer:
@@ -76,7 +72,7 @@ async def test_blob_names_cannot_write_outside_the_state_dir(broker, tmp_path):
     client = Peer(broker.endpoints["clients"])
     worker = Peer(broker.endpoints["workers"], identity=b"intruder")
     try:
-        for i, name in enumerate([f"../../victim/name", str(victim / "name"), "/etc/passwd", "../" * 12 + "tmp/x",
+        for i, name in enumerate(["../../victim/name", str(victim / "name"), "/etc/passwd", "../" * 12 + "tmp/x",
                                   "A" * 64, "c" * 63]):
             await client.send(Cmd.BLOB_PUT, {"req": i, "sha256": name, "offset": 0, "size": 4, "data": b"evil"})
             reply = await client.recv()
@@ -194,6 +190,7 @@ async def test_curve_worker_ids_are_bound_to_the_key_that_first_registered_them(
     """Under CURVE: worker key node1 cannot act as node2 — its RESULTs for node2's leases are ignored, it
     cannot register as node2 (an id belongs to the key that first registered it, even once node2 is gone),
     and the task ends with node2's true answer."""
+    from nsd.broker.config import BrokerConfig
     from nsd.broker.daemon import Broker
     from nsd.security import ClientKeys, allow, generate_keypair
 
@@ -202,8 +199,8 @@ async def test_curve_worker_ids_are_bound_to_the_key_that_first_registered_them(
     allow(keys, "client", made["alice"][0])
     for name in ("node1", "node2"):
         allow(keys, "worker", made[name][0])
-    broker = Broker(tmp_path / "state", clients="tcp://127.0.0.1:*", workers="tcp://127.0.0.1:*",
-                    events="tcp://127.0.0.1:*", heartbeat_s=0.5, liveness=6, curve_secret=made["broker"][1])
+    broker = Broker(BrokerConfig(state_dir=tmp_path / "state", clients="tcp://127.0.0.1:*", workers="tcp://127.0.0.1:*",
+                    events="tcp://127.0.0.1:*", heartbeat_s=0.5, liveness=6, curve_secret=made["broker"][1]))
     await broker.start()
     server = made["broker"][0]
     client = AsyncClient(broker.endpoints["clients"], timeout_s=10, curve_key=made["alice"][1], server_key=server)

@@ -129,11 +129,12 @@ def test_config_file_is_used_and_flags_override_it(tmp_path):
 
 
 async def test_prometheus_metrics(tmp_path):
+    from nsd.broker.config import BrokerConfig
     from nsd.broker.daemon import Broker
     from nsd.client.api import AsyncClient
 
-    broker = Broker(tmp_path / "state", clients="tcp://127.0.0.1:*", workers="tcp://127.0.0.1:*",
-                    events="tcp://127.0.0.1:*", metrics="127.0.0.1:0")
+    broker = Broker(BrokerConfig(state_dir=tmp_path / "state", clients="tcp://127.0.0.1:*", workers="tcp://127.0.0.1:*",
+                    events="tcp://127.0.0.1:*", metrics="127.0.0.1:0"))
     await broker.start()
     client = AsyncClient(broker.endpoints["clients"])
     w = await ScriptedWorker(broker.endpoints["workers"], "s1", slots=2,

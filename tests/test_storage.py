@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from nsd.broker.config import BrokerConfig
 from nsd.broker.daemon import Broker
 from nsd.client.api import AsyncClient, BrokerError
 from tests.peers import ScriptedWorker, SPEC, done, metrics_answer
@@ -54,8 +55,8 @@ def _fill(folder: Path) -> Path:
 
 async def test_a_full_disk_refuses_writes_keeps_serving_reads_and_recovers(small_disk):
     disk = small_disk("size=4m")
-    broker = Broker(disk / "state", clients="tcp://127.0.0.1:*", workers="tcp://127.0.0.1:*",
-                    events="tcp://127.0.0.1:*", heartbeat_s=0.5, liveness=6)
+    broker = Broker(BrokerConfig(state_dir=disk / "state", clients="tcp://127.0.0.1:*", workers="tcp://127.0.0.1:*",
+                    events="tcp://127.0.0.1:*", heartbeat_s=0.5, liveness=6))
     await broker.start()
     client = AsyncClient(broker.endpoints["clients"], timeout_s=10)
     try:

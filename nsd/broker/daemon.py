@@ -24,8 +24,8 @@ from nsd import __version__
 from nsd.blobs import parse_ref
 from nsd.broker import metrics as metrics_http
 from nsd.broker.blobs import BlobError, BlobStore
+from nsd.broker.config import BrokerConfig
 from nsd.broker.core import Core, Event, ToWorker
-from nsd.broker.limits import BrokerLimits
 from nsd.broker.metrics import Metrics
 from nsd.broker.store import StorageError, Store
 from nsd.limits import raise_open_files_limit
@@ -46,23 +46,21 @@ BLOB_WRITES = frozenset({Cmd.BLOB_PUT, Cmd.STORE})  # files, not SQLite
 
 
 class Broker:
-    def __init__(self, state_dir: Path, clients: str = "tcp://127.0.0.1:5550",
-                 workers: str = "tcp://127.0.0.1:5551", events: str = "tcp://127.0.0.1:5552",
-                 heartbeat_s: float = 1.0, liveness: int = 5, insecure: bool = False, metrics: str | None = None,
-                 curve_secret: Path | None = None, keys_dir: Path | None = None, limits: BrokerLimits | None = None):
-        self.state_dir = Path(state_dir)
+    def __init__(self, config: BrokerConfig):
+        self.config = config
+        self.state_dir = Path(config.state_dir)
         # CURVE: every socket encrypted and authenticated, workers and clients from separate allowlists.
-        self.curve = CurveServer(Path(curve_secret), Path(keys_dir) if keys_dir else self.state_dir / "keys") \
-            if curve_secret else None
-        for endpoint in (clients, workers, events):
-            if not is_loopback(endpoint) and not insecure and self.curve is None:
+        self.curve = CurveServer(Path(config.curve_secret), Path(config.keys_dir) if config.keys_dir else
+                                 self.state_dir / "keys") if config.curve_secret else None
+        for endpoint in (config.clients, config.workers, config.events):
+            if not is_loopback(endpoint) and not config.insecure and self.curve is None:
                 raise ValueError(f"refusing to bind {endpoint}: it is reachable from other hosts and CURVE is not "
                                  f"set up; give --curve-secret (see `nsd keys`), bind 127.0.0.1, or pass "
                                  f"--insecure on a trusted network")
-        self.addresses = {"clients": clients, "workers": workers, "events": events}
-        self.heartbeat_s, self.liveness = heartbeat_s, liveness
-        self.limits = limits or BrokerLimits()
-        self.metrics_address = metrics  # "host:port" for Prometheus, or None
+        self.addresses = {"clients": config.clients, "workers": config.workers, "events": config.events}
+        self.heartbeat_s, self.liveness = config.heartbeat_s, config.liveness
+        self.limits = config.limits
+        self.metrics_address = config.metrics  # "host:port" for Prometheus, or None
         self.metrics = Metrics()
         self._metrics_server: asyncio.AbstractServer | None = None
         self._watchdog_s = watchdog_interval()

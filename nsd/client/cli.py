@@ -16,7 +16,11 @@ import click
 
 from nsd import __version__
 from nsd.client.keys_cli import keys as keys_group
+from nsd.broker.config import BrokerConfig
 from nsd.config import config_option
+from nsd.worker.config import WorkerConfig
+
+BROKER, WORKER = BrokerConfig(), WorkerConfig()  # the options' defaults are these (one source: the configs)
 from nsd.states import TaskState, TrialState
 
 def _remember(ctx: click.Context, param: click.Parameter, value):
@@ -99,24 +103,27 @@ def _limit_options(command):
 @config_option("broker")
 @click.option("--state-dir", type=click.Path(path_type=Path), default=None,
               help="Where SQLite state lives (default: $XDG_STATE_HOME/nsd/broker).")
-@click.option("--clients", default="tcp://127.0.0.1:5550", show_default=True, help="Client endpoint to bind.")
-@click.option("--workers", default="tcp://127.0.0.1:5551", show_default=True, help="Worker endpoint to bind.")
-@click.option("--events", default="tcp://127.0.0.1:5552", show_default=True, help="Event (XPUB) endpoint to bind.")
-@click.option("--heartbeat", default=1.0, show_default=True, help="Heartbeat interval, seconds.")
-@click.option("--liveness", default=5, show_default=True, help="Missed heartbeats before a worker is dead.")
-@click.option("--insecure", is_flag=True, help="Allow binding a non-loopback address without CURVE.")
-@click.option("--metrics", default=None, help="Serve Prometheus metrics at HOST:PORT (GET /metrics).")
-@click.option("--curve-secret", envvar="NSD_CURVE_SECRET", default=None, type=click.Path(dir_okay=False),
+@click.option("--clients", default=BROKER.clients, show_default=True, help="Client endpoint to bind.")
+@click.option("--workers", default=BROKER.workers, show_default=True, help="Worker endpoint to bind.")
+@click.option("--events", default=BROKER.events, show_default=True, help="Event (XPUB) endpoint to bind.")
+@click.option("--heartbeat", "heartbeat_s", default=BROKER.heartbeat_s, show_default=True,
+              help="Heartbeat interval, seconds (workers adopt it).")
+@click.option("--liveness", default=BROKER.liveness, show_default=True,
+              help="Missed heartbeats before a worker is dead (workers adopt it).")
+@click.option("--insecure", is_flag=True, default=BROKER.insecure,
+              help="Allow binding a non-loopback address without CURVE.")
+@click.option("--metrics", default=BROKER.metrics, help="Serve Prometheus metrics at HOST:PORT (GET /metrics).")
+@click.option("--curve-secret", envvar="NSD_CURVE_SECRET", default=BROKER.curve_secret,
+              type=click.Path(dir_okay=False, path_type=Path),
               help="The broker's key pair: turns on CURVE on every socket (env NSD_CURVE_SECRET).")
-@click.option("--keys-dir", envvar="NSD_KEYS_DIR", default=None, type=click.Path(file_okay=False),
+@click.option("--keys-dir", envvar="NSD_KEYS_DIR", default=BROKER.keys_dir, type=click.Path(file_okay=False, path_type=Path),
               help="Allowlists: KEYS_DIR/workers/*.key and KEYS_DIR/clients/*.key (default STATE_DIR/keys).")
 @click.option("--log-level", default="info", show_default=True)
 @_limit_options
-def broker(state_dir, clients, workers, events, heartbeat, liveness, insecure, metrics, curve_secret, keys_dir,
-           log_level, **limits) -> None:
+def broker(state_dir, log_level, clients, workers, events, heartbeat_s, liveness, insecure, metrics, curve_secret,
+           keys_dir, **limits) -> None:
     """Run the broker daemon."""
     from nsd.broker.daemon import Broker
-    from nsd.config import default_state_dir
     from nsd.broker.limits import BrokerLimits
     from nsd.limits import raise_open_files_limit
     from nsd.net import install_uvloop
@@ -124,10 +131,13 @@ def broker(state_dir, clients, workers, events, heartbeat, liveness, insecure, m
     _setup_logging(log_level)
     raise_open_files_limit()  # a descriptor per connected peer
     install_uvloop()
+    config = BrokerConfig(clients=clients, workers=workers, events=events, heartbeat_s=heartbeat_s,
+                          liveness=liveness, insecure=insecure, metrics=metrics, curve_secret=curve_secret,
+                          keys_dir=keys_dir, limits=BrokerLimits(**limits))
+    if state_dir:
+        config.state_dir = Path(state_dir)
     try:
-        daemon = Broker(Path(state_dir) if state_dir else default_state_dir(), clients, workers, events,
-                        heartbeat_s=heartbeat, liveness=liveness, insecure=insecure, metrics=metrics,
-                        curve_secret=curve_secret, keys_dir=keys_dir, limits=BrokerLimits(**limits))
+        daemon = Broker(config)
     except ValueError as exc:
         _fail(exc)
 
@@ -150,22 +160,24 @@ def broker(state_dir, clients, workers, events, heartbeat, liveness, insecure, m
 
 @main.command()
 @config_option("worker")
-@click.option("--broker", "broker_addr", envvar="NSD_WORKER_BROKER", default="tcp://127.0.0.1:5551",
+@click.option("--broker", "broker_addr", envvar="NSD_WORKER_BROKER", default=WORKER.broker,
               show_default=True, help="The broker's worker endpoint (env NSD_WORKER_BROKER).")
 @click.option("--cores", type=int, default=None,
               help="Use the first N cores this process may run on (lowest ids; default: all of them).")
 @click.option("--cpus", default=None,
               help="Use exactly these CPUs, e.g. 0-3,8 (two workers on one host: give each its own list).")
-@click.option("--cores-per-trial", type=int, default=1, show_default=True, help="Cores per slot (trial).")
+@click.option("--cores-per-trial", type=int, default=WORKER.cores_per_trial, show_default=True,
+              help="Cores per slot (trial).")
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
               help="Scratch, logs and outbox (default: ~/.cache/nsd/worker).")
-@click.option("--cache-size", default=20.0, show_default=True,
+@click.option("--cache-size", default=WORKER.cache_max_bytes / 1024**3, show_default=True,
               help="GiB of fetched models and data to keep; least recently used are evicted first.")
-@click.option("--id", "worker_id", default=None, help="Worker id (default: host name + a persisted suffix).")
-@click.option("--heartbeat", default=1.0, show_default=True, help="Heartbeat interval, seconds.")
-@click.option("--grace", default=30.0, show_default=True,
+@click.option("--id", "worker_id", default=WORKER.worker_id, help="Worker id (default: host name + a persisted suffix).")
+@click.option("--heartbeat", default=WORKER.heartbeat_s, show_default=True,
+              help="Heartbeat interval, seconds, until the broker's is adopted at registration.")
+@click.option("--grace", default=WORKER.grace_s, show_default=True,
               help="On SIGTERM, seconds running trials may take to finish before they are handed back.")
-@click.option("--preload", default="",
+@click.option("--preload", default=WORKER.preload,
               help="Modules each runner imports before its first job, comma-separated (e.g. transformers: the "
                    "built-in recipes' import, seconds otherwise paid by the first job of each runner).")
 @click.option("--curve-key", envvar="NSD_WORKER_CURVE_KEY", default=None, type=click.Path(dir_okay=False),
@@ -178,7 +190,7 @@ def worker(broker_addr, cores, cpus, cores_per_trial, cache_dir, cache_size, wor
     """Run a worker daemon on this node."""
     from nsd.limits import raise_open_files_limit
     from nsd.net import install_uvloop
-    from nsd.worker.daemon import WorkerConfig, WorkerDaemon, WorkerRefused
+    from nsd.worker.daemon import WorkerDaemon, WorkerRefused
 
     _setup_logging(log_level)
     raise_open_files_limit()

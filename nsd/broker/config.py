@@ -1,0 +1,25 @@
+"""The broker's settings, in one place: the `nsd broker` options and `broker.toml` keys are built from
+these fields' defaults (`nsd.client.cli`), and `Broker` takes one `BrokerConfig`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nsd.broker.limits import BrokerLimits
+from nsd.config import default_state_dir
+
+
+@dataclass
+class BrokerConfig:
+    state_dir: Path = field(default_factory=default_state_dir)  # SQLite state, blobs, key allowlists
+    clients: str = "tcp://127.0.0.1:5550"  # endpoints to bind: clients (ROUTER), workers (ROUTER), events (XPUB)
+    workers: str = "tcp://127.0.0.1:5551"
+    events: str = "tcp://127.0.0.1:5552"
+    heartbeat_s: float = 1.0  # a worker silent for heartbeat_s × liveness is dead; workers adopt both
+    liveness: int = 5
+    insecure: bool = False  # allow a non-loopback bind without CURVE
+    metrics: str | None = None  # HOST:PORT for Prometheus (GET /metrics)
+    curve_secret: Path | None = None  # the broker's key pair: CURVE on every socket
+    keys_dir: Path | None = None  # allowlists (default STATE_DIR/keys)
+    limits: BrokerLimits = field(default_factory=BrokerLimits)
