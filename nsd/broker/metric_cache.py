@@ -2,8 +2,8 @@
 
 A metric depends on: the model, data and recipe files (their blob hashes), the recipe fields that change
 how the model is scored, the config (with any fallback ops), and the software that ran it (nsd, INC,
-torch versions, as the worker reports them). Two jobs with equal keys give equal answers (INC's RTN,
-GPTQ and PT2E are deterministic across processes and thread counts: INC-NOTES.md), so the broker answers
+torch versions and a hash of nsd's own runner-side code, as the worker reports them). Two jobs with equal keys give equal answers (INC's RTN,
+GPTQ and PT2E are deterministic across processes and thread counts), so the broker answers
 the second from its `cache` table:
 
 - `plan_key`: the FP32 baseline and the expanded trial list (also depends on config_set and max_trials);
@@ -22,10 +22,10 @@ from typing import Any
 
 from nsd.blobs import parse_ref
 from nsd.spec import PATH_FIELDS
+from nsd.versions import VERSION_KEYS
 
 # Recipe fields that only say where files are: their content enters the key through the blob hash.
 _LOCATION_FIELDS = {"file", "data"}
-VERSION_KEYS = ("nsd", "neural-compressor-pt", "neural-compressor", "torch", "transformers")
 
 
 def task_basis(spec: dict, versions: dict | None) -> dict | None:
@@ -61,21 +61,6 @@ def trial_key(basis: dict, config: dict, fallback: Any = None) -> str:
 
 def artifact_key(basis: dict, config: dict, fallback: Any = None) -> str:
     return _digest("artifact", basis, config=config, fallback=fallback)
-
-
-def installed_versions() -> dict[str, str]:
-    """The versions of what a runner would import here (read from package metadata: no torch import)."""
-    from importlib import metadata
-
-    import nsd
-
-    found = {"nsd": nsd.__version__}
-    for name in VERSION_KEYS[1:]:
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    return found
 
 
 class MetricCache:

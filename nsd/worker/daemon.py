@@ -34,7 +34,7 @@ from nsd.spec import PATH_FIELDS
 from nsd.systemd import notify, watchdog_interval
 from nsd.worker import checks, pipe
 from nsd.worker.cache import BlobCache
-from nsd.broker.metric_cache import installed_versions
+from nsd.versions import installed_versions
 from nsd.worker.config import WorkerConfig
 from nsd.worker.cores import allocate, numa_nodes
 
