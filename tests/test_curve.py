@@ -3,14 +3,14 @@ a worker key cannot submit, plaintext gets nothing)."""
 
 from __future__ import annotations
 
-import asyncio
 
 import pytest
 
 from nsd.broker.config import BrokerConfig
 from nsd.broker.daemon import Broker
 from nsd.client.api import AsyncClient, BrokerUnavailable
-from nsd.security import ClientKeys, allow, generate_keypair
+from nsd.security import ClientKeys, HandshakeWatch, allow, generate_keypair
+from tests.conftest import wait_for
 from tests.peers import ScriptedWorker, done, metrics_answer, spec
 
 
@@ -61,12 +61,15 @@ async def test_a_worker_key_an_unknown_key_and_plaintext_cannot_use_the_client_s
 @pytest.mark.parametrize("who", ["alice", "mallory"])
 async def test_a_client_key_or_an_unknown_key_cannot_register_as_a_worker(secure, who):
     broker, secret, server = secure
-    worker = await ScriptedWorker(broker.endpoints["workers"], "intruder", slots=4,
-                                  curve=ClientKeys.load(secret[who], server)).start(wait=False)
+    worker = ScriptedWorker(broker.endpoints["workers"], "intruder", slots=4, curve=ClientKeys.load(secret[who], server))
+    watch = HandshakeWatch(worker.sock, "worker")  # before connecting: the one refusal must be seen
+    await worker.start(wait=False)
     try:
-        await asyncio.sleep(1.5)
-        assert not worker.registered.is_set() and broker.workers == {}
+        refused = await wait_for(watch.problem, 10)  # the handshake itself is refused...
+        assert "refused this worker's CURVE key" in refused
+        assert not worker.registered.is_set() and broker.workers == {}  # ...so nothing registered
     finally:
+        watch.close()
         await worker.stop()
 
 

@@ -109,20 +109,6 @@ async def test_trials_whose_evaluate_raises_end_in_error_and_the_task_finishes(c
     assert all("ValueError: accuracy" in t["error"] and "too low" in t["error"] for t in errors)
 
 
-async def test_a_runner_killed_by_a_signal_is_an_error_and_the_worker_goes_on(client, start_workers):
-    spec = digits_spec()
-    spec["recipe"]["file"] = str(RECIPES / "crashy.py")
-    spec["model"]["shared"] = True
-    (worker,) = await start_workers(1)
-    first_pid = worker.slots[0].runner.proc.pid
-    result = await client.result(await client.submit(spec), wait=True)
-    assert result["state"] == "done" and result["winner"]["index"] == 2
-    assert [t["state"] for t in result["trials"][:2]] == ["error", "error"]
-    assert "SIGSEGV" in result["trials"][0]["error"]
-    assert worker.slots[0].runner.proc.pid != first_pid  # replaced by a fresh runner
-    assert (await client.cluster())[0]["worker_id"] == worker.worker_id
-
-
 async def test_cancel_mid_run_kills_the_trial_and_the_worker_serves_the_next_task(client, start_workers,
                                                                                   monkeypatch):
     monkeypatch.setenv("NSD_TEST_SLOW_S", "30")  # read by the runners this test starts

@@ -11,7 +11,7 @@ import msgpack
 import zmq
 import zmq.asyncio
 
-from nsd.protocol import Cmd, pack
+from nsd.protocol import MAGIC, Cmd, pack
 from tests.conftest import wait_for
 from tests.peers import ScriptedWorker, done, metrics_answer, spec
 
@@ -57,6 +57,15 @@ def valid_messages() -> list[list[bytes]]:
     return [pack(cmd, body) for cmd, body in valid_bodies().items()]
 
 
+GARBAGE = [[b""], [b"x" * 10], [MAGIC], [MAGIC, b"\x22", b"\xc1"], [b"NSD2", b"\x01", b"\x80"],
+           [MAGIC, b"\x99", msgpack.packb({})], [MAGIC, bytes([Cmd.SUBMIT]), msgpack.packb({"req": "x"})],
+           [MAGIC, bytes([Cmd.READY]), msgpack.packb({"worker_id": 1})], [MAGIC, bytes([Cmd.ASSIGN]), b"\x80"],
+           [MAGIC, bytes([Cmd.RESULT]), msgpack.packb({"trial_id": "a/b", "attempt": 1, "ok": True})],
+           [MAGIC, bytes([Cmd.RESULT]), msgpack.packb({"trial_id": "zz/plan", "attempt": 1, "ok": True})],
+           [MAGIC, bytes([Cmd.SUBMIT]), msgpack.packb({"req": 1, "spec": {"tuning": [1]}})],
+           [MAGIC, bytes([Cmd.STATUS]), msgpack.packb({"req": 1, "task_id": "\x00" * 300})]]
+
+
 def mutate(rng: random.Random, frames: list[bytes]) -> list[bytes]:
     frames = list(frames)
     choice = rng.randrange(7)
@@ -100,6 +109,8 @@ async def test_fuzzing_every_socket_leaves_the_broker_serving(broker, client, ca
                 sock.setsockopt(zmq.LINGER, 0)
                 sock.connect(broker.endpoints[name])
                 socks.append(sock)
+            for frames in GARBAGE:  # the known bad ones first (each once was a bug elsewhere), then random
+                await socks[-1].send_multipart(frames)
             bodies = list(valid_bodies().items())
             for n in range(N_PER_SOCKET):
                 if n % 10 == 0:
@@ -113,7 +124,7 @@ async def test_fuzzing_every_socket_leaves_the_broker_serving(broker, client, ca
                     await asyncio.sleep(0)  # let the broker keep up, as a real flood would be paced by TCP
         await wait_for(lambda: _true(broker._bad.count > N_PER_SOCKET), 30)
         assert broker.tasks == {} and broker.workers == {}  # nothing hostile got in
-        await asyncio.sleep(0.5)
+        await wait_for(lambda: _settled(broker), 30)  # every frame sent has been read
         for sock in socks:
             sock.close(linger=0)
         assert all(not loop.done() for loop in broker._loops)  # every loop of the broker still runs
@@ -138,3 +149,10 @@ async def test_fuzzing_every_socket_leaves_the_broker_serving(broker, client, ca
 
 async def _true(value) -> bool:
     return bool(value)
+
+
+async def _settled(broker) -> bool:
+    """True once the broker's count of bad messages stopped moving between two looks 0.2 s apart."""
+    count = broker._bad.count
+    await asyncio.sleep(0.2)
+    return broker._bad.count == count

@@ -161,7 +161,7 @@ async def test_sigkill_the_broker_mid_task_and_restart_it(daemons):
         finished_before = await wait_for(two_finished, 120, 0.1)
         daemons.procs["broker"].send_signal(signal.SIGKILL)
         daemons.procs["broker"].wait(10)
-        await asyncio.sleep(1.0)
+        await asyncio.sleep(1.0)  # an outage, not a wait for something: workers notice and back off meanwhile
         daemons.broker()
         await asyncio.wait_for(follower, 180)
         result = await client.result(task_id)
@@ -225,7 +225,23 @@ async def test_a_hanging_trial_times_out_with_its_log_and_the_worker_goes_on(cli
     assert (await client.cluster())[0]["worker_id"] == worker.worker_id
 
 
+async def test_a_recipe_that_crashes_its_runner_is_an_error_and_the_worker_goes_on(client, start_workers):
+    """The trial's own code takes its runner down (SIGSEGV); the next test kills one from outside."""
+    spec = digits_spec()
+    spec["recipe"]["file"] = str(RECIPES / "crashy.py")
+    spec["model"]["shared"] = True
+    (worker,) = await start_workers(1)
+    first_pid = worker.slots[0].runner.proc.pid
+    result = await client.result(await client.submit(spec), wait=True)
+    assert result["state"] == "done" and result["winner"]["index"] == 2
+    assert [t["state"] for t in result["trials"][:2]] == ["error", "error"]
+    assert "SIGSEGV" in result["trials"][0]["error"]
+    assert worker.slots[0].runner.proc.pid != first_pid  # replaced by a fresh runner
+    assert (await client.cluster())[0]["worker_id"] == worker.worker_id
+
+
 async def test_a_runner_killed_mid_trial_is_an_error_with_the_reason(client, start_workers, monkeypatch):
+    """A runner killed from outside while it evaluates (the OOM killer's SIGKILL)."""
     monkeypatch.setenv("NSD_TEST_SLOW_S", "30")  # long enough to be caught running
     spec = slow_spec(30)
     spec["tuning"]["max_trials"] = 1
