@@ -30,6 +30,9 @@ Two libzmq behaviours this module guards against:
   handler is missing (not started yet, or already stopped) refuses every peer instead.
 * ZAP runs once per connection, at the handshake. A reload (or a revoked key) affects new connections
   only; connections already authenticated stay up until they drop or the broker restarts.
+
+Long module: CURVE end to end — key files, the broker's ZAP handler and the client side — read together
+because each side's checks mirror the other's.
 """
 
 from __future__ import annotations

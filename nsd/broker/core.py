@@ -12,6 +12,10 @@ Decisions are delegated to `tuner` and `search` (who won, what to cancel, requeu
 comes next) and `scheduler` (which job goes where). What a job's result does to its task — and the lost
 leases, cancellations and endings that follow — is `nsd.broker.outcomes.Outcomes`, which `Core` inherits;
 this module holds the rest: transactions, loading, workers and leases, scheduling, timers.
+
+Long module: transactions, indexes, workers, leases and scheduling share Core's private state and its
+transaction rule; what results do is already split out (outcomes.py), and splitting further would
+scatter the one rule a reader must check.
 """
 
 from __future__ import annotations

@@ -7,6 +7,9 @@ savepoint of its own, so one bad message cannot undo the others), schedules once
 sends what the batch produced: replies, acknowledgements, assignments, events. A failed commit answers the
 batch's clients with the storage error and asks its workers to register again (they keep their results
 in their outboxes); the loop goes on serving reads. It never imports torch.
+
+Long module: the two ROUTER loops, the client requests and the worker messages are one I/O shell around
+the core; the requests read best next to the turn that commits them.
 """
 
 from __future__ import annotations

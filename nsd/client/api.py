@@ -4,6 +4,9 @@ Requests are Lazy Pirate style: one DEALER, a request id per call, a timeout aft
 dropped and `BrokerUnavailable` raised. Events follow the zguide's Clone pattern: subscribe first, then
 take a snapshot with its `seq`, drop older events, and take a new snapshot on a gap or a quiet spell —
 so an `events()` stream never misses a change, however the subscription and snapshot race.
+
+Long module: the async client and its sync twin share one surface (requests, uploads, fetch, events);
+the twin is a line per method.
 """
 
 from __future__ import annotations

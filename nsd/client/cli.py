@@ -1,4 +1,7 @@
-"""The `nsd` command line. `--json` output is the broker's task view as is (README: "JSON output")."""
+"""The `nsd` command line. `--json` output is the broker's task view as is (README: "JSON output").
+
+Long module: one click command per verb of `nsd`, each short; they share the output helpers here.
+"""
 
 from __future__ import annotations
 

@@ -1,0 +1,85 @@
+"""The house rules a newcomer relies on, checked: every module is named in the README's architecture
+section, no module is long without saying why at its top, the package has no import cycles, and the
+broker, client and gateway never import torch."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "nsd"
+GENERATED = {"nsd/gateway/nsd_pb2.py", "nsd/gateway/nsd_pb2_grpc.py"}  # protoc's output, checked elsewhere
+LONG = 400
+
+
+def modules() -> list[str]:
+    return sorted(str(p.relative_to(ROOT)) for p in PACKAGE.rglob("*.py")
+                  if p.name != "__init__.py" and "__pycache__" not in p.parts and str(p.relative_to(ROOT)) not in GENERATED)
+
+
+def test_every_module_is_named_in_the_readme_architecture_section():
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Architecture"):]
+    section = section[:section.index("\n## ", 4)] if "\n## " in section[4:] else section
+    named = set(re.findall(r"nsd/[\w/]+\.py", section))
+    missing = [m for m in modules() if m not in named]
+    assert missing == [], f"README's architecture section does not name: {missing}"
+
+
+def test_long_modules_say_why_at_the_top():
+    unexplained = []
+    for module in modules():
+        text = (ROOT / module).read_text()
+        if text.count("\n") > LONG and "Long module:" not in text[:3000]:
+            unexplained.append(f"{module} ({text.count(chr(10))} lines)")
+    assert unexplained == [], f"over {LONG} lines with no 'Long module:' reason in the docstring: {unexplained}"
+
+
+def _top_level_imports(path: Path) -> set[str]:
+    """nsd modules imported when this module is imported (module level, not inside functions)."""
+    found = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("nsd"))
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("nsd") and node.level == 0:
+            found.add(node.module)
+            found.update(f"{node.module}.{a.name}" for a in node.names)
+    return found
+
+
+def test_the_package_has_no_import_cycles():
+    names = {m[:-3].replace("/", "."): m for m in modules()}
+    names.update({str(p.parent.relative_to(ROOT)).replace("/", "."): str(p.relative_to(ROOT))
+                  for p in PACKAGE.rglob("__init__.py")})
+    graph = {name: {d for d in _top_level_imports(ROOT / path) if d in names and d != name}
+             for name, path in names.items()}
+    cycles = []
+
+    def visit(node: str, stack: list[str], done: set[str]) -> None:
+        if node in stack:
+            cycles.append(stack[stack.index(node):] + [node])
+            return
+        if node in done:
+            return
+        for dep in graph[node]:
+            visit(dep, stack + [node], done)
+        done.add(node)
+
+    done: set[str] = set()
+    for name in graph:
+        visit(name, [], done)
+    assert cycles == [], f"import cycles: {cycles}"
+
+
+def test_broker_client_and_gateway_never_import_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, nsd.broker.daemon, nsd.client.cli, nsd.client.api, nsd.protocol, nsd.spec; "
+            "import nsd.gateway.app, nsd.gateway.grpc_service; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'neural_compressor')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
