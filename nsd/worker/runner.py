@@ -122,7 +122,9 @@ class TaskCache:
     def model_for(self, config: dict):
         """The FP32 model a trial of `config` quantizes: the recipe's PT2E export for the configs that need
         one (exported once per task, its failure remembered), else the loaded model as is."""
-        if not self.recipe.needs_export(config):
+        from nsd.quant.recipes import needs_export
+
+        if not needs_export(self.recipe, config):
             return self.model
         if self.export_error is not None:
             raise self.export_error
