@@ -80,12 +80,11 @@ def batched(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
 
 
 def number(value: Any, path: str, row: int) -> float:
-    """A score cell of `path` (row `row`) as a finite float, or a clear error."""
+    """A score cell of `path` (row `row`) as a finite float, or an error naming the row."""
     try:
-        number = float(value)
+        score = float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"{path} row {row}: score {value!r} is not a number") from None
-    if not math.isfinite(number):
-        raise ValueError(f"{path} row {row}: score {value!r} is not finite")
-    return number
-
+        score = None
+    if score is None or not math.isfinite(score):
+        raise ValueError(f"{path} row {row}: score {value!r} is not " + ("a number" if score is None else "finite"))
+    return score
