@@ -41,7 +41,7 @@ def main() -> None:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     from nsd.quant import quiet
 
-    quiet.install()  # torch's and torchao's known harmless warnings, out of every job's log
+    quiet.install()  # torch's and torchao's known harmless log lines, out of every job's log
     import torch
 
     torch.set_num_threads(len(cpus))
