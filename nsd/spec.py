@@ -8,9 +8,10 @@ bad task before anything is queued.
 from __future__ import annotations
 
 import difflib
+import itertools
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Iterable, TypeVar
 
 from nsd.blobs import parse_ref
 from nsd.presets import PRESETS
@@ -30,9 +31,20 @@ BUILTIN_RECIPES = {  # kind -> (metrics it offers, the default first)
 # INC configs whose algorithm quantizes a PT2E-exported graph (without IPEX), and saves one.
 PT2E_CONFIGS = frozenset({"static_quant", "pt2e_dynamic_quant"})
 RECIPE_KINDS = ("python", *BUILTIN_RECIPES)
+
+
+def default_metric(kind: str) -> str | None:
+    """The metric a built-in recipe scores where the spec names none: the first of its row above."""
+    metrics = BUILTIN_RECIPES.get(kind, ())
+    return metrics[0] if metrics else None
+
+
 LOWER_IS_BETTER_METRICS = frozenset({"perplexity"})
 CRITERIA = ("relative", "absolute")
 STRATEGIES = ("basic", "list")  # tuning.strategy: see nsd/broker/search.py
+
+
+T = TypeVar("T")
 
 
 class SpecError(ValueError):
@@ -89,17 +101,24 @@ class ResourcesSpec:
 
 @dataclass(frozen=True)
 class TaskSpec:
-    name: str
-    model: ModelSpec
-    recipe: RecipeSpec
-    tuning: TuningSpec
-    resources: ResourcesSpec
+    name: str = "task"
+    model: ModelSpec = field(default_factory=ModelSpec)
+    recipe: RecipeSpec = field(default_factory=RecipeSpec)
+    tuning: TuningSpec = field(default_factory=TuningSpec)
+    resources: ResourcesSpec = field(default_factory=ResourcesSpec)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 PATH_FIELDS = (("model", "path"), ("recipe", "file"), ("recipe", "data"))  # uploaded unless model.shared
+
+
+def first_trials(trials: Iterable[T], max_trials: int) -> list[T]:
+    """The trials a task runs of its expanded config set: the first `max_trials`, in INC's order. Decided
+    here once: a worker's expansion (`nsd.quant.inc.expand`) stops there, and the broker cuts a worker's
+    plan with it (a plan from a worker is not trusted to be cut)."""
+    return list(itertools.islice(trials, max_trials))
 
 
 def spec_blob_refs(spec: dict) -> list[str]:
@@ -120,7 +139,7 @@ def validate(raw: Any, *, local_paths: bool = False) -> TaskSpec:
     if not isinstance(raw, dict):
         raise SpecError(["spec: must be a table/object"])
     _unknown(raw, {"name", *_SECTIONS}, "", problems)
-    name = raw.get("name", "task")
+    name = raw.get("name", TaskSpec.name)
     if not isinstance(name, str) or not name.strip() or len(name) > 200:
         problems.append("name: must be a non-empty string of at most 200 characters")
     parts = {}
@@ -131,30 +150,27 @@ def validate(raw: Any, *, local_paths: bool = False) -> TaskSpec:
             section = {}
         _unknown(section, set(cls.__dataclass_fields__), f"{key}.", problems)
         parts[key] = section
-    model = ModelSpec(
-        path=_opt_str(parts["model"], "path", "model.", problems),
-        shared=_bool(parts["model"], "shared", False, "model.", problems),
-    )
-    rp = parts["recipe"]
-    kind = _choice(rp, "kind", RECIPE_KINDS, "python", "recipe.", problems)
+    m, rs = _Section(parts["model"], ModelSpec, problems), _Section(parts["recipe"], RecipeSpec, problems)
+    model = ModelSpec(path=m.opt_str("path"), shared=m.boolean("shared"))
+    kind = rs.choice("kind", RECIPE_KINDS)
     metrics = BUILTIN_RECIPES.get(kind, ())
     recipe = RecipeSpec(
         kind=kind,
-        file=_opt_str(rp, "file", "recipe.", problems),
-        data=_opt_str(rp, "data", "recipe.", problems),
-        metric=_choice(rp, "metric", metrics, metrics[0], "recipe.", problems) if metrics else None,
-        text_column=_opt_str(rp, "text_column", "recipe.", problems) or "text",
-        text_pair_column=_opt_str(rp, "text_pair_column", "recipe.", problems),
-        label_column=_opt_str(rp, "label_column", "recipe.", problems) or "label",
-        calibration_samples=int(_number(rp, "calibration_samples", 32, 1, 100_000, "recipe.", problems, True)),
-        eval_samples=int(_number(rp, "eval_samples", 256, 1, 10_000_000, "recipe.", problems, True)),
-        seq_len=int(_number(rp, "seq_len", 128, 1, 1_000_000, "recipe.", problems, True)),
-        batch_size=int(_number(rp, "batch_size", 16, 1, 100_000, "recipe.", problems, True)),
+        file=rs.opt_str("file"),
+        data=rs.opt_str("data"),
+        metric=rs.choice("metric", metrics, default_metric(kind)) if metrics else None,
+        text_column=rs.opt_str("text_column"),
+        text_pair_column=rs.opt_str("text_pair_column"),
+        label_column=rs.opt_str("label_column"),
+        calibration_samples=int(rs.number("calibration_samples", 1, 100_000, integer=True)),
+        eval_samples=int(rs.number("eval_samples", 1, 10_000_000, integer=True)),
+        seq_len=int(rs.number("seq_len", 1, 1_000_000, integer=True)),
+        batch_size=int(rs.number("batch_size", 1, 100_000, integer=True)),
     )
     if kind == "python" and not recipe.file:
         problems.append("recipe.file: required for a python recipe (a .py file defining load_model, "
                         "example_inputs, calibrate and evaluate)")
-    if kind == "python" and rp.get("metric") is not None:
+    if kind == "python" and parts["recipe"].get("metric") is not None:
         problems.append("recipe.metric: a python recipe's evaluate() is its metric; set higher_is_better instead")
     if kind in BUILTIN_RECIPES:
         if not model.path:
@@ -170,8 +186,9 @@ def validate(raw: Any, *, local_paths: bool = False) -> TaskSpec:
                                 f"(nsd-blob:<sha256>/<name>), which `nsd submit` makes by uploading the path; "
                                 f"got {value[:200]!r} (set model.shared = true for paths every worker can read)")
     t = parts["tuning"]
+    ts = _Section(t, TuningSpec, problems)
     lower = recipe.metric in LOWER_IS_BETTER_METRICS
-    higher_is_better = _bool(t, "higher_is_better", not lower, "tuning.", problems)
+    higher_is_better = ts.boolean("higher_is_better", not lower)
     if lower and higher_is_better:
         problems.append(f"tuning.higher_is_better: {recipe.metric} is lower-is-better; leave it out or set false")
     preset = t.get("preset")
@@ -188,26 +205,52 @@ def validate(raw: Any, *, local_paths: bool = False) -> TaskSpec:
     tuning = TuningSpec(
         preset=preset,
         config_set=config_set,
-        tolerable_loss=_number(t, "tolerable_loss", 0.01, 0.0, None, "tuning.", problems),
-        criterion=_choice(t, "criterion", CRITERIA, "relative", "tuning.", problems),
+        tolerable_loss=ts.number("tolerable_loss", 0.0, None),
+        criterion=ts.choice("criterion", CRITERIA),
         higher_is_better=higher_is_better,
-        max_trials=int(_number(t, "max_trials", 100, 1, 100_000, "tuning.", problems, integer=True)),
-        strategy=_choice(t, "strategy", STRATEGIES, "basic", "tuning.", problems),
-        timeout_s=_number(t, "timeout_s", 0.0, 0.0, None, "tuning.", problems),
-        trial_timeout_s=_number(t, "trial_timeout_s", 0.0, 0.0, None, "tuning.", problems),
-        max_attempts=int(_number(t, "max_attempts", 3, 1, 100, "tuning.", problems, integer=True)),
-        early_stop=_bool(t, "early_stop", True, "tuning.", problems),
-        cache=_bool(t, "cache", True, "tuning.", problems),
+        max_trials=int(ts.number("max_trials", 1, 100_000, integer=True)),
+        strategy=ts.choice("strategy", STRATEGIES),
+        timeout_s=ts.number("timeout_s", 0.0, None),
+        trial_timeout_s=ts.number("trial_timeout_s", 0.0, None),
+        max_attempts=int(ts.number("max_attempts", 1, 100, integer=True)),
+        early_stop=ts.boolean("early_stop"),
+        cache=ts.boolean("cache"),
     )
-    r = parts["resources"]
+    r = _Section(parts["resources"], ResourcesSpec, problems)
     resources = ResourcesSpec(
-        workers=int(_number(r, "workers", 0, 0, 100_000, "resources.", problems, integer=True)),
-        cores_per_trial=int(_number(r, "cores_per_trial", 0, 0, 4096, "resources.", problems, integer=True)),
-        priority=int(_number(r, "priority", 0, -1000, 1000, "resources.", problems, integer=True)),
+        workers=int(r.number("workers", 0, 100_000, integer=True)),
+        cores_per_trial=int(r.number("cores_per_trial", 0, 4096, integer=True)),
+        priority=int(r.number("priority", -1000, 1000, integer=True)),
     )
     if problems:
         raise SpecError(problems)
     return TaskSpec(name=name.strip(), model=model, recipe=recipe, tuning=tuning, resources=resources)
+
+
+class _Section:
+    """One section of the raw document, read field by field: a value missing there takes its dataclass
+    field's default (the one place a default is written); a wrong one is a problem, and the default."""
+
+    def __init__(self, raw: dict, cls: type, problems: list[str]):
+        self.raw, self.cls, self.problems = raw, cls, problems
+        self.prefix = next(k for k, c in _SECTIONS.items() if c is cls) + "."
+
+    def default(self, key: str) -> Any:
+        return self.cls.__dataclass_fields__[key].default
+
+    def opt_str(self, key: str) -> str | None:
+        value = _opt_str(self.raw, key, self.prefix, self.problems)
+        return self.default(key) if value is None else value
+
+    def boolean(self, key: str, default: bool | None = None) -> bool:
+        return _bool(self.raw, key, self.default(key) if default is None else default, self.prefix, self.problems)
+
+    def choice(self, key: str, choices: tuple[str, ...], default: str | None = None) -> str:
+        return _choice(self.raw, key, choices, self.default(key) if default is None else default, self.prefix,
+                       self.problems)
+
+    def number(self, key: str, low: float | None, high: float | None, integer: bool = False) -> float:
+        return _number(self.raw, key, self.default(key), low, high, self.prefix, self.problems, integer)
 
 
 def _unknown(section: dict, known: set[str], prefix: str, problems: list[str]) -> None:

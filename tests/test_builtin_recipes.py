@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from nsd.quant import builtin
-from nsd.quant.builtin import accuracy, macro_f1, perplexity, ranks, spearman, split
+from nsd.quant import builtin, data
+from nsd.quant.data import split
+from nsd.quant.metrics import accuracy, macro_f1, perplexity, ranks, spearman
 from nsd.spec import validate
 from tests.peers import assert_same_answer_on_off, steps_then_metric, tune_on_and_off
 
@@ -88,16 +89,16 @@ def test_tables_and_text_files(tmp_path):
     (tmp_path / "a.jsonl").write_text('{"text": "hi", "label": 2}\n\n{"text": "yo", "label": 0}\n')
     (tmp_path / "a.json").write_text('[{"text": "hi", "label": 2}]')
     (tmp_path / "a.txt").write_text("one\n\n two \n")
-    assert builtin.read_rows(tmp_path / "a.csv") == [{"text": "hello", "label": "1"}, {"text": "a, b", "label": "0"}]
-    assert builtin.read_rows(tmp_path / "a.tsv") == [{"text": "hello", "label": "1"}]
-    assert builtin.read_rows(tmp_path / "a.jsonl")[1] == {"text": "yo", "label": 0}
-    assert builtin.read_rows(tmp_path / "a.json") == [{"text": "hi", "label": 2}]
-    assert builtin.read_lines(tmp_path / "a.txt") == ["one", "two"]
+    assert data.read_rows(tmp_path / "a.csv") == [{"text": "hello", "label": "1"}, {"text": "a, b", "label": "0"}]
+    assert data.read_rows(tmp_path / "a.tsv") == [{"text": "hello", "label": "1"}]
+    assert data.read_rows(tmp_path / "a.jsonl")[1] == {"text": "yo", "label": 0}
+    assert data.read_rows(tmp_path / "a.json") == [{"text": "hi", "label": 2}]
+    assert data.read_lines(tmp_path / "a.txt") == ["one", "two"]
     with pytest.raises(ValueError, match=r"row 2: no text in column 'sentence' \(its columns: text, label\)"):
-        builtin.column([{"sentence": "x"}, {"text": "y", "label": 1}], "sentence", "f.csv")
+        data.column([{"sentence": "x"}, {"text": "y", "label": 1}], "sentence", "f.csv")
     (tmp_path / "bad.jsonl").write_text('{"text": 1}\nnope\n')
     with pytest.raises(ValueError, match="line 2: not valid JSON"):
-        builtin.read_rows(tmp_path / "bad.jsonl")
+        data.read_rows(tmp_path / "bad.jsonl")
 
 
 def test_recipe_specs_are_checked_before_any_model_loads(tmp_path):
@@ -110,6 +111,13 @@ def test_recipe_specs_are_checked_before_any_model_loads(tmp_path):
         builtin.TextClassification(_spec("text-classification", tmp_path, tmp_path / "s.csv", metric="cosine"))
     with pytest.raises(FileNotFoundError, match="recipe.data"):
         builtin.CausalLM(_spec("causal-lm", tmp_path, tmp_path / "missing.txt"))
+
+
+def test_one_table_of_kinds_and_metrics():
+    from nsd.spec import BUILTIN_RECIPES
+
+    assert set(builtin.RECIPES) == set(BUILTIN_RECIPES)
+    assert set(builtin.SCORES) == set(BUILTIN_RECIPES["feature-extraction"])
 
 
 def _spec(kind: str, model: Path, data: Path, **recipe) -> dict:
@@ -218,21 +226,21 @@ def _train(model, batches: list[dict], epochs: int, lr: float) -> None:
 # ------------------------------------------------------------------------------- export hook (no torch)
 
 def test_only_built_in_recipes_export_and_only_for_pt2e_configs(tmp_path):
-    from nsd.quant.recipes import Recipe, load_recipe
+    from nsd.quant.recipes import FunctionRecipe, load_recipe, needs_export
 
     (tmp_path / "r.py").write_text("def load_model(): return 'model'\ndef example_inputs(): return ()\n"
                                    "def calibrate(model): pass\ndef evaluate(model): return 1.0\n")
     python_recipe = load_recipe({"recipe": {"kind": "python", "file": str(tmp_path / "r.py")}})
     assert python_recipe.export is None  # INC's semantics: load_model()'s result serves every config
-    assert not python_recipe.needs_export({"static_quant": {}})
-    exporting = Recipe(*(lambda *a: None,) * 4, export=lambda model, inputs: ("graph", model))
-    assert exporting.needs_export({"static_quant": {"act_algo": "kl"}})
-    assert exporting.needs_export({"pt2e_dynamic_quant": {}})
-    assert not exporting.needs_export({"rtn": {"bits": 4}})
+    assert not needs_export(python_recipe, {"static_quant": {}})
+    exporting = FunctionRecipe(*(lambda *a: None,) * 4, export=lambda model, inputs: ("graph", model))
+    assert needs_export(exporting, {"static_quant": {"act_algo": "kl"}})
+    assert needs_export(exporting, {"pt2e_dynamic_quant": {}})
+    assert not needs_export(exporting, {"rtn": {"bits": 4}})
 
 
 def test_the_runner_exports_once_per_task_and_remembers_a_failure():
-    from nsd.quant.recipes import Recipe
+    from nsd.quant.recipes import FunctionRecipe
     from nsd.worker.runner import TaskCache
 
     calls = []
@@ -244,7 +252,7 @@ def test_the_runner_exports_once_per_task_and_remembers_a_failure():
         return f"graph of {model}"
 
     cache = TaskCache()
-    cache.recipe = Recipe(*(lambda *a: None,) * 4, export=export)
+    cache.recipe = FunctionRecipe(*(lambda *a: None,) * 4, export=export)
     cache.model, cache.example_inputs = "fp32", ("x",)
     assert cache.model_for({"rtn": {}}) == "fp32"
     assert cache.model_for({"static_quant": {}}) == "graph of fp32"
@@ -354,7 +362,7 @@ def test_decoder_attention_masks_built_without_vmap_give_the_same_logits(assets)
     "ignore:`isinstance.treespec, LeafSpec.` is deprecated:FutureWarning")
 def test_a_padded_decoder_classifier_quantizes_with_pt2e(assets, tmp_path):
     # transformers builds a decoder's padding mask with torch.vmap, which PT2E's convert breaks; the
-    # built-in recipes build it without (see _plain_attention_masks)
+    # built-in recipes build it without (see nsd.quant.hf_attention)
     import torch
     from transformers import AutoTokenizer, GPT2Config, GPT2ForSequenceClassification
 

@@ -21,6 +21,19 @@ def test_defaults():
     assert spec.tuning.max_trials == 100 and spec.resources.workers == 0
 
 
+def test_validate_fills_every_default_from_the_dataclass_fields():
+    from dataclasses import MISSING, fields
+
+    from nsd.spec import ModelSpec, RecipeSpec, ResourcesSpec, TuningSpec
+
+    spec = validate(GOOD)
+    for section, cls in (("model", ModelSpec), ("recipe", RecipeSpec), ("tuning", TuningSpec),
+                         ("resources", ResourcesSpec)):
+        for f in fields(cls):
+            if f.name not in GOOD.get(section, {}) and f.default is not MISSING:
+                assert getattr(getattr(spec, section), f.name) == f.default, (section, f.name)
+
+
 @pytest.mark.parametrize("change, message", [
     (lambda s: s["tuning"].pop("config_set"), "tuning.config_set: required"),
     (lambda s: s["tuning"].update(config_set=[]), "tuning.config_set: must be a non-empty list"),

@@ -60,10 +60,10 @@ def main() -> int:
 
 def compare(folder: Path, result: dict) -> int:
     """Embeddings of sentences the tuning never saw, from the fetched int8 model and from FP32."""
-    import logging
+    from nsd.quant import quiet
 
     os.environ["LOGLEVEL"] = "ERROR"  # this process only (the runners are gone): INC's start-up notices
-    logging.getLogger("torch").setLevel(logging.ERROR)
+    quiet.install()  # torch's and torchao's known harmless log lines (nsd/quant/quiet.py), nothing else
     import torch
     import transformers
 

@@ -19,6 +19,7 @@ from nsd.broker.model import PLAN, SAVE, STAGE_JOBS, Task, Trial, Worker, job_id
 from nsd.broker.store import StorageError
 from nsd.protocol import Cmd, parse_job_id
 from nsd.quant.scoring import can_stop
+from nsd.spec import first_trials
 from nsd.states import TaskState, TrialState
 
 log = logging.getLogger("nsd.broker")
@@ -159,7 +160,7 @@ class Outcomes:
             return self.finish(task, TaskState.FAILED, error="planning returned a malformed plan")
         if not configs:
             return self.finish(task, TaskState.FAILED, error="the config set expanded to no configs")
-        configs = configs[: task.tuning["max_trials"]]
+        configs = first_trials(configs, task.tuning["max_trials"])
         if worker is not None:  # a plan a worker ran (not one from the cache): remember it
             self.cache.put_plan(task.spec, worker.versions, float(baseline), configs, body.get("ops"))
         task.baseline, task.oplists = float(baseline), oplists

@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from nsd.spec import first_trials
+
 
 def _registry() -> dict[str, type]:
     import neural_compressor.torch.quantization  # noqa: F401 - registers the torch configs
@@ -34,7 +36,8 @@ def label(config, named: set[str] = frozenset()) -> str:
 
 def expand(config_set: list[dict[str, dict[str, Any]]], max_trials: int) -> list[dict[str, Any]]:
     """The ordered trial list INC's `autotune` would walk: its own ConfigLoader (expansion order,
-    duplicates skipped), cut at max_trials. Each entry: {"config": {name: params}, "label": str}."""
+    duplicates skipped), cut at max_trials (`nsd.spec.first_trials`). Each entry: {"config": {name: params},
+    "label": str}."""
     from neural_compressor.common.base_tuning import ConfigLoader
 
     loader = ConfigLoader(config_set=[config_from_dict(entry) for entry in config_set])
@@ -42,13 +45,8 @@ def expand(config_set: list[dict[str, dict[str, Any]]], max_trials: int) -> list
     for entry in config_set:
         for name, params in entry.items():
             named.setdefault(name, set()).update(params)
-    trials = []
-    for config in loader:
-        trials.append({"config": {config.name: _plain(config.to_dict())},
-                       "label": label(config, named.get(config.name, set()))})
-        if len(trials) >= max_trials:
-            break
-    return trials
+    return [{"config": {config.name: _plain(config.to_dict())},
+             "label": label(config, named.get(config.name, set()))} for config in first_trials(loader, max_trials)]
 
 
 def _plain(value: Any) -> Any:

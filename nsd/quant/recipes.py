@@ -4,7 +4,7 @@ A python recipe is a user file with INC 3.x's own run_fn/eval_fn contract:
 `load_model()`, `example_inputs()`, `calibrate(model)`, `evaluate(model) -> float`. Its load_model() result
 is quantized as is by every config, as INC's autotune does (a recipe wanting PT2E configs exports itself).
 The built-in recipes (`nsd.quant.builtin`) add `export`: configs that need a PT2E graph get the exported
-model, weight-only configs the plain module.
+model, weight-only configs the plain module. `Recipe` is the protocol both satisfy.
 
 `evaluate_steps(model)` (optional) evaluates in batches and bounds the final metric after each one, so that
 a trial that can no longer matter stops early (`nsd.quant.scoring`). Built-in recipes have it for their
@@ -19,30 +19,51 @@ import importlib.util
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
+
+from nsd.quant import builtin
+from nsd.spec import PT2E_CONFIGS as EXPORTED_CONFIGS  # configs that quantize a PT2E graph, not a module
 
 REQUIRED = ("load_model", "example_inputs", "calibrate", "evaluate")
-from nsd.spec import PT2E_CONFIGS as EXPORTED_CONFIGS  # configs that quantize a PT2E graph, not a module
+
+
+class Recipe(Protocol):
+    """What the runner needs of a recipe. The built-in recipes (`builtin.RECIPES`) satisfy it as classes, a
+    python recipe file through `FunctionRecipe`."""
+
+    # Optional: export(model, example_inputs) -> the graph that the configs in EXPORTED_CONFIGS quantize.
+    # None: load_model()'s result serves every config (INC's semantics).
+    export: Callable[[Any, Any], Any] | None
+    # Optional: batched evaluation with bounds (nsd.quant.scoring); None: evaluate() in one go.
+    evaluate_steps: Callable[[Any], Any] | None
+
+    def load_model(self) -> Any: ...
+
+    def example_inputs(self) -> Any: ...
+
+    def calibrate(self, model: Any) -> None: ...
+
+    def evaluate(self, model: Any) -> float: ...
 
 
 @dataclass
-class Recipe:
+class FunctionRecipe:
+    """A Recipe made of plain functions: a python recipe file's (load_python_recipe)."""
+
     load_model: Callable[[], Any]
     example_inputs: Callable[[], Any]
     calibrate: Callable[[Any], None]
     evaluate: Callable[[Any], float]
-    # Optional (built-in recipes): export(model, example_inputs) -> the graph that the configs in
-    # EXPORTED_CONFIGS quantize. None: load_model()'s result serves every config (INC's semantics).
     export: Callable[[Any, Any], Any] | None = None
-    # Optional: batched evaluation with bounds (nsd.quant.scoring); None: evaluate() in one go.
     evaluate_steps: Callable[[Any], Any] | None = None
 
-    def needs_export(self, config: dict[str, Any]) -> bool:
-        """Whether a trial of `config` ({name: params}) quantizes the exported graph rather than the model."""
-        return self.export is not None and any(name in EXPORTED_CONFIGS for name in config)
+
+def needs_export(recipe: Recipe, config: dict[str, Any]) -> bool:
+    """Whether a trial of `config` ({name: params}) quantizes the recipe's exported graph, not its model."""
+    return recipe.export is not None and any(name in EXPORTED_CONFIGS for name in config)
 
 
-def load_python_recipe(path: str) -> Recipe:
+def load_python_recipe(path: str) -> FunctionRecipe:
     file = Path(path)
     if not file.is_file():
         raise FileNotFoundError(f"recipe file {path} does not exist on this worker (is the path on a shared "
@@ -62,7 +83,7 @@ def load_python_recipe(path: str) -> Recipe:
     if missing:
         raise AttributeError(f"recipe {path} does not define {', '.join(missing)} (a python recipe defines "
                              f"{', '.join(REQUIRED)})")
-    recipe = Recipe(*(getattr(module, f) for f in REQUIRED))
+    recipe = FunctionRecipe(*(getattr(module, f) for f in REQUIRED))
     if callable(getattr(module, "score_batches", None)):
         from nsd.quant.scoring import PythonScorer
 
@@ -71,11 +92,10 @@ def load_python_recipe(path: str) -> Recipe:
 
 
 def load_recipe(spec: dict) -> Recipe:
-    recipe = spec["recipe"]
-    if recipe["kind"] == "python":
-        return load_python_recipe(recipe["file"])
-    from nsd.quant import builtin
-
-    if recipe["kind"] in builtin.RECIPES:
-        return builtin.build(spec)
-    raise ValueError(f"recipe kind {recipe['kind']!r} is not supported by this worker")
+    """The recipe a (validated) spec names: a python recipe file, or a built-in recipe."""
+    kind = spec["recipe"]["kind"]
+    if kind == "python":
+        return load_python_recipe(spec["recipe"]["file"])
+    if kind in builtin.RECIPES:
+        return builtin.RECIPES[kind](spec)
+    raise ValueError(f"recipe kind {kind!r} is not supported by this worker")

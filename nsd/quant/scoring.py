@@ -68,7 +68,7 @@ def drain(steps: Steps) -> float:
 
 
 def accuracy_steps(batches: Iterable[tuple[int, int]], total: int) -> Steps:
-    """batches of (correct, count); metric correct / total, exactly as `builtin.accuracy` computes it."""
+    """batches of (correct, count); metric correct / total, exactly as `metrics.accuracy` computes it."""
     correct = seen = 0
     for right, count in batches:
         correct, seen = correct + int(right), seen + int(count)

@@ -5,7 +5,7 @@ stdin and answers leave on the original stdout (framed msgpack, see `pipe`). Eve
 process prints — INC's logs, a recipe's prints, a C library's — goes to stderr, the runner's log.
 
 The expensive state of a task (imported recipe, loaded FP32 model, example inputs) is cached between
-trials, because a fresh process costs 7–11 s of imports before any work (INC-NOTES.md).
+trials, because a fresh process costs 7–11 s of imports before any work.
 """
 
 from __future__ import annotations
@@ -39,7 +39,9 @@ def main() -> None:
     os.environ.setdefault("LOGLEVEL", "WARNING")  # INC logs at INFO otherwise; read when INC is imported
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no model hub on these machines
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    from nsd.quant import quiet
 
+    quiet.install()  # torch's and torchao's known harmless log lines, out of every job's log
     import torch
 
     torch.set_num_threads(len(cpus))
@@ -122,7 +124,9 @@ class TaskCache:
     def model_for(self, config: dict):
         """The FP32 model a trial of `config` quantizes: the recipe's PT2E export for the configs that need
         one (exported once per task, its failure remembered), else the loaded model as is."""
-        if not self.recipe.needs_export(config):
+        from nsd.quant.recipes import needs_export
+
+        if not needs_export(self.recipe, config):
             return self.model
         if self.export_error is not None:
             raise self.export_error
@@ -176,10 +180,9 @@ def run_job(job: dict, cache: TaskCache) -> dict[str, Any]:
         else:
             raise ValueError(f"unknown job kind {job['kind']!r}")
         answer["ok"] = True
-    except Exception as exc:
-        lines = traceback.format_exc().strip().splitlines()
+    except Exception as exc:  # the traceback goes to the job's log; the answer carries the one-line error
         print("".join(traceback.format_exception(exc)), file=sys.stderr, flush=True)
-        answer = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:2000], "traceback": lines[-20:]}
+        answer = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:2000]}
     answer["seconds"] = time.perf_counter() - start
     return answer
 
@@ -197,7 +200,7 @@ def plan(job: dict, cache: TaskCache) -> dict[str, Any]:
     # INC's autotune evaluates the baseline on a copy, exactly like this.
     baseline = _metric(recipe.evaluate(_deepcopy_warp(model)))
     answer = {"baseline": baseline, "configs": configs}
-    if spec["tuning"].get("strategy", "basic") == "basic":
+    if spec["tuning"]["strategy"] == "basic":
         answer["ops"] = op_lists(configs, cache)
     return answer
 
