@@ -89,7 +89,6 @@ class WorkerDaemon:
         self.curve = ClientKeys.load(Path(config.curve_key), Path(config.server_key)) if config.curve_key else None
         self.cpus = list(config.cpus)
         self.pool = SlotPool(self.cpus, config.cores_per_trial, self.cache_dir, self.worker_id, config.preload)
-        self.default_k = self.pool.default_k
         self.blobs = BlobCache(self.cache_dir / "blobs", config.cache_max_bytes)
         self.blobs.clear_partial()
         self.transfers = Transfers(self._send, self.blobs, config.fetch_window, config.chunk_timeout_s)
@@ -101,7 +100,9 @@ class WorkerDaemon:
         self._refusal = ""  # the broker's reason, once REFUSED
         self._drain_deadline = 0.0  # monotonic time a DRAINING worker stops waiting for running jobs
         self._leaving = asyncio.Event()  # STOPPING or REFUSED: the reconnect backoff waits on it
-        self.registered = asyncio.Event()  # this connection was acknowledged (READY_ACK); tests wait on it
+        # This connection was acknowledged (READY_ACK): the state's REGISTERED, and while DRAINING whether
+        # the broker still hears us. An Event because callers (tests, bench) wait for it.
+        self.registered = asyncio.Event()
         self._watchdog_s = watchdog_interval()
         self._last_watchdog = 0.0
         # The broker's heartbeat interval and liveness (READY_ACK); ours until it has told us its own.
@@ -112,10 +113,6 @@ class WorkerDaemon:
     @property
     def slots(self) -> list[Slot]:
         return self.pool.slots
-
-    @property
-    def capacity(self) -> int:
-        return self.pool.capacity
 
     @property
     def fatal(self) -> str | None:
@@ -265,10 +262,7 @@ class WorkerDaemon:
         try:
             msg = unpack(frames, BROKER_TO_WORKER)
         except ProtocolError as exc:  # refused by the protocol's own field checks
-            self.ignored += 1
-            if self.ignored <= 20 or self.ignored % 1000 == 0:
-                log.warning("dropped a bad message from the broker: %s", exc)
-            return
+            return self._ignore("a message", str(exc))
         try:
             await self._handle(msg)
         except Exception:  # a value no check foresaw: one message lost, never the daemon
@@ -278,8 +272,8 @@ class WorkerDaemon:
     def _ready_body(self) -> dict:
         draining = self.state is WorkerState.DRAINING
         return {"worker_id": self.worker_id, "boot_id": self.boot_id, "host": socket.gethostname(),
-                "cores": len(self.cpus), "slots": 0 if draining else self.capacity,
-                "cores_per_trial": self.default_k,
+                "cores": len(self.cpus), "slots": 0 if draining else self.pool.capacity,
+                "cores_per_trial": self.pool.default_k,
                 "version": PROTOCOL_VERSION,
                 "nsd_version": __version__, "running": self._running(), "outbox": self.outbox.results(),
                 "draining": draining,
@@ -294,10 +288,10 @@ class WorkerDaemon:
         if not send_now(self.sock, pack(cmd, body)):
             log.debug("send %s failed", cmd.name)
 
-    def _ignore(self, msg, why: str) -> None:
+    def _ignore(self, what: str, why: str) -> None:
         self.ignored += 1
         if self.ignored <= 20 or self.ignored % 1000 == 0:  # a flood of bad messages must not fill the log
-            log.warning("ignored %s from the broker: %s (%d ignored so far)", msg.cmd.name, why[:500], self.ignored)
+            log.warning("ignored %s from the broker: %s (%d ignored so far)", what, why[:500], self.ignored)
 
     # ---- messages --------------------------------------------------------------------------------
 
@@ -306,22 +300,22 @@ class WorkerDaemon:
         body = msg.body
         if msg.cmd in (Cmd.ASSIGN, Cmd.CANCEL, Cmd.RESULT_ACK):
             if (why := checks.lease(body["trial_id"], body["attempt"])) is not None:
-                return self._ignore(msg, why)
+                return self._ignore(msg.cmd.name, why)
         if msg.cmd is Cmd.READY_ACK:
             # Adopt the broker's timing: it declares us dead after heartbeat_s * liveness of silence and
             # pings at heartbeat_s, so our deadline and our own period must be the same numbers.
             liveness = body.get("liveness", self.liveness)
             if (why := checks.timing(body["heartbeat_s"], liveness)) is not None:
-                self._ignore(msg, f"{why}; keeping {self.heartbeat_s:g}s x {self.liveness}")
+                self._ignore(msg.cmd.name, f"{why}; keeping {self.heartbeat_s:g}s x {self.liveness}")
             else:
                 self.heartbeat_s, self.liveness = float(body["heartbeat_s"]), liveness
             self._set_registered(True)
             log.info("registered with %s as %s (%d cores, %d slots of %d)", self.config.broker, self.worker_id,
-                     len(self.cpus), self.capacity, self.default_k)
-            notify(f"STATUS=registered with {self.config.broker}; {self.capacity} slots")
+                     len(self.cpus), self.pool.capacity, self.pool.default_k)
+            notify(f"STATUS=registered with {self.config.broker}; {self.pool.capacity} slots")
         elif msg.cmd is Cmd.ASSIGN:
             if (why := checks.job(body["trial_id"], body["job"])) is not None:
-                self._ignore(msg, f"{body['trial_id']}: {why}")
+                self._ignore(msg.cmd.name, f"{body['trial_id']}: {why}")
                 # Answered, not dropped: else the broker would wait on this lease for as long as we live.
                 self._send(Cmd.RESULT, {"trial_id": body["trial_id"], "attempt": body["attempt"], "ok": False,
                                         "worker_id": self.worker_id, "error": f"the worker refused the job: {why}"})
@@ -334,13 +328,13 @@ class WorkerDaemon:
         elif msg.cmd in (Cmd.CHUNK, Cmd.STORE_ACK):
             why = checks.chunk(body, self.config.cache_max_bytes) if msg.cmd is Cmd.CHUNK else checks.store_ack(body)
             if why is not None:
-                self._ignore(msg, why)
+                self._ignore(msg.cmd.name, why)
                 # A transfer waiting on this reply fails now with the reason, rather than at its timeout.
                 body = {"error": f"bad {msg.cmd.name} from the broker: {why}"}
             self.transfers.reply(msg.cmd, msg.body, body)
         elif msg.cmd is Cmd.DISCONNECT:
             if (why := checks.disconnect(body)) is not None:
-                return self._ignore(msg, why)
+                return self._ignore(msg.cmd.name, why)
             if body.get("fatal"):
                 self._refusal = f"the broker refused this worker: {body['reason'][:500]}"
                 self._enter(WorkerState.REFUSED)

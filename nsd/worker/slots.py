@@ -60,8 +60,8 @@ def runner_env(n_cpus: int, cache_dir: Path | None = None, preload: str = "") ->
 class RunnerProcess:
     """The worker's handle on one slot's persistent runner process (`python -m nsd.worker.runner`)."""
 
-    def __init__(self, slot: int, cpus: list[int], workdir: Path, log_path: Path, env: dict[str, str] | None = None):
-        self.slot, self.cpus, self.workdir, self.log_path = slot, cpus, workdir, log_path
+    def __init__(self, cpus: list[int], workdir: Path, log_path: Path, env: dict[str, str] | None = None):
+        self.cpus, self.workdir, self.log_path = cpus, workdir, log_path
         self.env = env if env is not None else runner_env(len(cpus))
         self.proc: asyncio.subprocess.Process | None = None
         self._ready: asyncio.Future | None = None
@@ -166,7 +166,7 @@ class SlotPool:
 
     def _new_slot(self, cores: tuple[int, ...]) -> Slot:
         i = next(self._runner_ids)
-        return Slot(RunnerProcess(i, list(cores), self.cache_dir / "scratch" / f"runner{i}",
+        return Slot(RunnerProcess(list(cores), self.cache_dir / "scratch" / f"runner{i}",
                                   self.cache_dir / "logs" / f"{self.worker_id}-runner{i}.log",
                                   runner_env(len(cores), self.cache_dir, self.preload)))
 
