@@ -379,9 +379,9 @@ class WorkerDaemon:
             for sha in pins:
                 self.blobs.unpin(sha)
             self.blobs.evict()
-            if self.backlog and self.taking_jobs:
+            if self.backlog and not self._leaving.is_set():
                 waiting, self.backlog = self.backlog, []
-                for item in waiting:  # in order; what still does not fit waits again
+                for item in waiting:  # in order; what still does not fit waits again; draining, all are dropped
                     self._accept(*item)
 
     def _warm_up(self, slot: Slot) -> None:
