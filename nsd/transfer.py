@@ -9,10 +9,10 @@ from __future__ import annotations
 import hashlib
 import inspect
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Awaitable, BinaryIO, Callable, Iterator
-from contextlib import contextmanager
 
 from nsd.blobs import CHUNK_BYTES, pack_tree
 

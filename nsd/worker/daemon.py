@@ -187,7 +187,7 @@ class WorkerDaemon:
         """While draining: True once nothing runs and every result is acknowledged, or time is up."""
         if self.state is not WorkerState.DRAINING:
             return False
-        return not self.pool.busy and not self.outbox or time.monotonic() > self._drain_deadline
+        return (not self.pool.busy and not self.outbox) or time.monotonic() > self._drain_deadline
 
     async def _session(self) -> bool:
         """One connection to the broker. Returns whether it got as far as being registered."""
