@@ -8,7 +8,6 @@ hash and is uploaded once. A spec names a blob as `nsd-blob:<sha256>/<name>`.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil
@@ -57,33 +56,6 @@ def pack_tree(path: Path, out: BinaryIO) -> None:
             for name in sorted(dirs) + sorted(files):
                 full = Path(root) / name
                 tar.add(full, arcname=str(Path(path.name) / full.relative_to(path)), recursive=False, filter=clean)
-
-
-class ChunkWriter:
-    """Writes a blob's chunks to a file in order, hashing as it goes; `check` says whether it is whole."""
-
-    def __init__(self, out: BinaryIO, sha256: str):
-        self.out, self.sha256, self.offset = out, sha256, 0
-        self._digest = hashlib.sha256()
-
-    def add(self, data: bytes, size: int) -> None:
-        if not data and self.offset < size:
-            raise ValueError(f"blob {self.sha256[:12]}… ended early at {self.offset} of {size} bytes")
-        self.out.write(data)
-        self._digest.update(data)
-        self.offset += len(data)
-
-    def check(self) -> None:
-        if self._digest.hexdigest() != self.sha256:
-            raise ValueError(f"blob {self.sha256[:12]}… failed its hash check (got {self._digest.hexdigest()[:12]}…)")
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(CHUNK_BYTES), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class BlobMemberError(ValueError):

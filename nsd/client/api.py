@@ -12,24 +12,25 @@ the twin is a line per method.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import itertools
 import json
 import os
 import tempfile
 import tomllib
+from functools import partial
 from pathlib import Path
 from typing import Any, AsyncIterator, Iterator
 
 import zmq
 import zmq.asyncio
 
-from nsd.blobs import CHUNK_BYTES, ChunkWriter, make_ref, pack_tree, parse_ref, unpack_tree
+from nsd.blobs import CHUNK_BYTES, make_ref, parse_ref, unpack_tree
 from nsd.net import configure, connectable
 from nsd.protocol import BROKER_TO_CLIENT, MAX_BODY, MAX_MESSAGE_BYTES, Cmd, ProtocolError, pack, unpack
 from nsd.security import ClientKeys, KeyFileError
 from nsd.spec import PATH_FIELDS, PT2E_CONFIGS, TaskSpec, validate
 from nsd.states import TaskState
+from nsd.transfer import Packed, packed, receive_chunks, send_chunks
 
 DEFAULT_BROKER = "tcp://127.0.0.1:5550"
 
@@ -224,37 +225,24 @@ class AsyncClient:
     async def upload(self, path: str | os.PathLike) -> str:
         """Pack a file or folder into a blob and upload what the broker lacks; returns its reference."""
         path = Path(path)
-        with tempfile.TemporaryFile() as tar:
-            pack_tree(path, tar)
-            size = tar.tell()
-            tar.seek(0)
-            digest = hashlib.sha256()
-            for chunk in iter(lambda: tar.read(CHUNK_BYTES), b""):
-                digest.update(chunk)
-            sha = digest.hexdigest()
-            if (await self.request(Cmd.BLOB_HAVE, sha256=[sha]))["missing"]:
-                offset = 0
-                while True:
-                    tar.seek(offset)
-                    data = tar.read(CHUNK_BYTES)
-                    reply = await self.request(Cmd.BLOB_PUT, sha256=sha, offset=offset, size=size, data=data)
-                    self.uploaded_bytes += len(data)
-                    offset = reply["offset"]
-                    if reply["complete"]:
-                        break
-        return make_ref(sha, path.name)
+        with packed(path) as blob:
+            if (await self.request(Cmd.BLOB_HAVE, sha256=[blob.sha256]))["missing"]:
+                await send_chunks(blob.file, partial(self._put, blob))
+        return make_ref(blob.sha256, path.name)
+
+    async def _put(self, blob: Packed, offset: int, data: bytes) -> dict[str, Any]:
+        reply = await self.request(Cmd.BLOB_PUT, sha256=blob.sha256, offset=offset, size=blob.size, data=data)
+        self.uploaded_bytes += len(data)
+        return reply
 
     async def download(self, sha: str, dest: Path) -> None:
         """A stored blob, chunk by chunk, into a file; its hash is checked."""
-        size = None
+        async def get(offset: int) -> dict[str, Any]:
+            return await self.request(Cmd.BLOB_GET, sha256=sha, offset=offset, length=CHUNK_BYTES)
+
         with open(dest, "wb") as out:
-            blob = ChunkWriter(out, sha)
             try:
-                while size is None or blob.offset < size:
-                    reply = await self.request(Cmd.BLOB_GET, sha256=sha, offset=blob.offset, length=CHUNK_BYTES)
-                    size = reply["size"]
-                    blob.add(reply["data"], size)
-                blob.check()
+                await receive_chunks(out, sha, get)
             except ValueError as exc:
                 raise BrokerError(str(exc)) from None
 

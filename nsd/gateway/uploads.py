@@ -16,9 +16,10 @@ import tempfile
 from pathlib import Path, PurePosixPath
 from typing import AsyncIterator, BinaryIO
 
-from nsd.blobs import CHUNK_BYTES, make_ref, pack_tree
+from nsd.blobs import make_ref, pack_tree
 from nsd.client.api import AsyncClient
 from nsd.protocol import Cmd
+from nsd.transfer import send_chunks, size_and_sha
 
 _NAME = re.compile(r"^[^/\\\x00]{1,255}$")
 
@@ -74,29 +75,16 @@ def unpack_folder(tar_path: Path, dest: Path, limit: int) -> None:
         raise BadUpload(f"body is not a readable tar: {exc}") from None
 
 
-def _size_and_sha(tar: BinaryIO) -> tuple[int, str]:
-    tar.seek(0)
-    digest = hashlib.sha256()
-    size = 0
-    for chunk in iter(lambda: tar.read(CHUNK_BYTES), b""):
-        digest.update(chunk)
-        size += len(chunk)
-    return size, digest.hexdigest()
-
-
 async def put_blob(client: AsyncClient, tar: BinaryIO) -> tuple[str, int]:
     """Send a packed blob to the broker in chunks, unless it has it already: (its sha256, bytes sent)."""
-    size, sha = await asyncio.to_thread(_size_and_sha, tar)
-    offset = 0
+    size, sha = await asyncio.to_thread(size_and_sha, tar)
+
+    async def put(offset: int, data: bytes) -> dict:
+        return await client.request(Cmd.BLOB_PUT, sha256=sha, offset=offset, size=size, data=data)
+
     if (await client.request(Cmd.BLOB_HAVE, sha256=[sha]))["missing"]:
-        while True:
-            tar.seek(offset)
-            data = tar.read(CHUNK_BYTES)
-            reply = await client.request(Cmd.BLOB_PUT, sha256=sha, offset=offset, size=size, data=data)
-            offset = reply["offset"]
-            if reply["complete"]:
-                break
-    return sha, offset
+        return sha, await send_chunks(tar, put)
+    return sha, 0
 
 
 async def upload(client: AsyncClient, chunks: AsyncIterator[bytes], name: str, is_tar: bool, limit: int,

@@ -1,0 +1,110 @@
+"""Running one job on a runner (its log, its keep folder, its time limit, the answer the broker gets) and
+the outbox where answers wait until the broker acknowledges them."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Awaitable, Callable
+
+from nsd.worker.slots import RunnerDied, RunnerProcess
+
+
+class Outbox:
+    """Results sent and not yet acknowledged, on disk: a restarted worker sends them again with its READY."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            data = json.loads(path.read_text())
+            self._results: dict[str, dict] = data if isinstance(data, dict) else {}  # "trial_id#attempt" -> RESULT
+        except (FileNotFoundError, ValueError):
+            self._results = {}
+
+    def __bool__(self) -> bool:
+        return bool(self._results)
+
+    def results(self) -> list[dict]:
+        return list(self._results.values())
+
+    def keep(self, result: dict) -> None:
+        self._results[f"{result['trial_id']}#{result['attempt']}"] = result
+        self._save()
+
+    def acknowledged(self, trial_id: str, attempt: int) -> None:
+        if self._results.pop(f"{trial_id}#{attempt}", None) is not None:
+            self._save()
+
+    def _save(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self._results))
+        os.replace(tmp, self.path)
+
+
+async def run_job(runner: RunnerProcess, trial_id: str, attempt: int, job: dict, cache_dir: Path,
+                  upload: Callable[[Path], Awaitable[str]]) -> dict:
+    """Run one job on a runner, within its time limit; the answer for the broker, with its log's tail."""
+    task_id, _, index = trial_id.partition("/")
+    kept_dir = cache_dir / "kept"  # passing trials' models, for their save job (runner.keep_model)
+    log_path = cache_dir / "logs" / task_id / f"{index}-a{attempt}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    job = {**job, "log": str(log_path)}
+    if job["kind"] == "trial" and job.get("keep"):
+        job["keep_dir"] = str(_keep_dir(kept_dir, task_id, index, attempt))
+    if job.get("kept") and not Path(job["kept"]).resolve().is_relative_to((kept_dir / task_id).resolve()):
+        job.pop("kept")  # only a folder this worker kept for this task is uploaded as its artifact
+    limit = None
+    if job["kind"] == "trial" and job["spec"]["tuning"].get("trial_timeout_s"):
+        limit = job["spec"]["tuning"]["trial_timeout_s"]
+    try:
+        await runner.ready()  # a runner's start-up is not the trial's time
+        try:
+            answer = await asyncio.wait_for(runner.run(job), limit)
+        except asyncio.TimeoutError:
+            await runner.stop(kill=True)  # a hung trial cannot be interrupted: end its runner
+            raise RunnerDied(f"trial exceeded trial_timeout_s={limit:g}s; its runner was killed") from None
+        if job["kind"] == "save" and answer.get("ok"):
+            answer["artifact"] = await upload(Path(answer.pop("artifact_dir")))
+        if job["kind"] == "save":  # the task is decided: models its trials kept here are of no more use
+            shutil.rmtree(kept_dir / task_id, ignore_errors=True)
+    except RunnerDied as exc:
+        answer = {"ok": False, "error": f"{exc} while running {job['kind']} {trial_id}"}
+    except (OSError, ValueError, asyncio.TimeoutError) as exc:  # the pipe or an upload broke under us
+        answer = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+    tail = _tail(log_path, LOG_TAIL_BYTES)
+    if not answer.get("ok") and tail:
+        last = "\n".join(tail.splitlines()[-12:])
+        answer["error"] = f"{answer.get('error') or 'failed'}\n--- last lines of its log ---\n{last}"
+    answer["log"] = tail
+    return answer
+
+
+def _keep_dir(kept_dir: Path, task_id: str, index: str, attempt: int) -> Path:
+    """Where a trial that may win keeps its model. The save job of its task removes the task's folder;
+    a task whose save ran elsewhere leaves one here, removed once older than KEPT_MAX_AGE_S."""
+    now = time.time()
+    with contextlib.suppress(OSError):
+        for old in kept_dir.iterdir():
+            if old.name != task_id and now - old.stat().st_mtime > KEPT_MAX_AGE_S:
+                shutil.rmtree(old, ignore_errors=True)
+    return kept_dir / task_id / f"{index}-a{attempt}"
+
+
+KEPT_MAX_AGE_S = 3600.0  # a kept model whose task's save job never came here
+LOG_TAIL_BYTES = 64 * 1024  # of each job's log, sent with its result (the whole log stays on the worker)
+
+
+def _tail(path: Path, size: int) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, os.path.getsize(path) - size))
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""
+
+

@@ -1,0 +1,252 @@
+"""The worker's runner processes: `RunnerProcess` (the worker's handle on one runner child, whose own code
+is `nsd.worker.runner`), `Slot` (a runner pinned to cores and the job it runs) and `SlotPool` (which
+slots exist: a trial of k cores gets a runner on k cores of one NUMA node, idle runners in its way are
+retired). No torch here: the children import it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from functools import partial
+from typing import Awaitable, Callable, Coroutine
+
+from nsd.worker import pipe
+from nsd.worker.cores import allocate, numa_nodes
+
+
+class RunnerDied(RuntimeError):
+    """The runner process ended while it held a job."""
+
+
+def describe_exit(returncode: int | None) -> str:
+    if returncode is None:
+        return "runner stopped answering"
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        hint = " (out of memory?)" if name == "SIGKILL" else ""
+        return f"runner killed by {name}{hint}"
+    return f"runner exited with code {returncode}"
+
+
+def runner_env(n_cpus: int, cache_dir: Path | None = None, preload: str = "") -> dict[str, str]:
+    """A runner's environment. INC packs RTN weights with numba only where TBB loads (its
+    `can_pack_with_numba`): the `tbb` wheel puts libtbb in <venv>/lib, which the dynamic loader searches
+    only if LD_LIBRARY_PATH names it before the process starts. numba's threads = the runner's cores; its
+    compiled packers are cached under the worker's cache dir (runner.preload); NSD_RUNNER_PRELOAD names
+    modules a runner imports before its first job."""
+    env = dict(os.environ)
+    if cache_dir is not None:
+        env.setdefault("NUMBA_CACHE_DIR", str(cache_dir / "numba"))
+    if preload:
+        env["NSD_RUNNER_PRELOAD"] = preload
+    lib = os.path.join(sys.prefix, "lib")
+    if os.path.exists(os.path.join(lib, "libtbb.so.12")):
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (lib, env.get("LD_LIBRARY_PATH")) if p)
+    env.setdefault("NUMBA_NUM_THREADS", str(n_cpus))
+    return env
+
+
+class RunnerProcess:
+    """The worker's handle on one slot's persistent runner process (`python -m nsd.worker.runner`)."""
+
+    def __init__(self, cpus: list[int], workdir: Path, log_path: Path, env: dict[str, str] | None = None):
+        self.cpus, self.workdir, self.log_path = cpus, workdir, log_path
+        self.env = env if env is not None else runner_env(len(cpus))
+        self.proc: asyncio.subprocess.Process | None = None
+        self._ready: asyncio.Future | None = None
+        self._lock = asyncio.Lock()
+        self._one_job = asyncio.Lock()  # the pipe carries one job at a time (a warm-up, then a trial)
+
+    async def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log_file:
+            # A fresh interpreter (never a fork of a process that holds a zmq Context).
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "nsd.worker.runner", "--cpus", ",".join(map(str, self.cpus)),
+                "--workdir", str(self.workdir), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                stderr=log_file, start_new_session=True, env=self.env)
+        self._ready = asyncio.ensure_future(pipe.read_async(self.proc.stdout))
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.returncode is None
+
+    async def ready(self) -> None:
+        """Start the process if it is not running, and wait until it has imported torch and INC."""
+        async with self._lock:
+            if not self.alive:
+                await self.start()
+            if await self._ready is None:
+                raise RunnerDied(await self._death())
+
+    async def run(self, job: dict) -> dict:
+        async with self._one_job:
+            await self.ready()
+            self.proc.stdin.write(pipe.encode(job))
+            await self.proc.stdin.drain()
+            answer = await pipe.read_async(self.proc.stdout)
+            if answer is None:
+                raise RunnerDied(await self._death())
+            return answer
+
+    async def _death(self) -> str:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.proc.wait(), 5)
+        return describe_exit(self.proc.returncode)
+
+    async def stop(self, kill: bool = False) -> None:
+        if not self.alive:
+            return
+        if kill:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)  # its whole session: INC may start children
+        else:
+            self.proc.stdin.close()  # end of jobs: the runner exits by itself
+        try:
+            await asyncio.wait_for(self.proc.wait(), 10)
+        except asyncio.TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            await self.proc.wait()
+
+
+@dataclass
+class Slot:
+    """A runner pinned to a set of cores, and the job it runs (if any). Slots come and go with the
+    shapes of the trials this worker is given: a 4-core trial gets a runner on 4 cores of one node."""
+    runner: RunnerProcess
+    job: tuple[str, int] | None = None  # (trial_id, attempt) it runs
+    task: asyncio.Task | None = None
+    last_task_id: str | None = None  # whose model its runner has cached
+    last_used: float = 0.0
+
+    @property
+    def cpus(self) -> tuple[int, ...]:
+        return tuple(self.runner.cpus)
+
+
+class SlotPool:
+    """This worker's slots, and the background work on their runners (starts, warm-ups, retirements)."""
+
+    def __init__(self, cpus: list[int], cores_per_trial: int, cache_dir: Path, worker_id: str, preload: str = ""):
+        self.cpus, self.cache_dir, self.worker_id, self.preload = list(cpus), cache_dir, worker_id, preload
+        self.nodes = numa_nodes(self.cpus)
+        self.default_k = max(1, min(cores_per_trial, len(self.cpus)))
+        self._runner_ids = itertools.count()
+        self.slots: list[Slot] = []
+        self._background: set[asyncio.Task] = set()
+        self._retired: list[RunnerProcess] = []  # runners whose cores went to trials of another shape
+        free = set(self.cpus)
+        while (cores := allocate(free, self.nodes, self.default_k)) is not None:  # the default shape, warm
+            self.slots.append(self._new_slot(cores))
+            free -= set(cores)
+
+    @property
+    def capacity(self) -> int:
+        """Trials of the default shape this worker can run at once (its advertised slots)."""
+        return max(1, len(self.cpus) // self.default_k)
+
+    @property
+    def busy(self) -> int:
+        return sum(s.job is not None for s in self.slots)
+
+    def holding(self, trial_id: str, attempt: int) -> Slot | None:
+        return next((s for s in self.slots if s.job == (trial_id, attempt)), None)
+
+    def _new_slot(self, cores: tuple[int, ...]) -> Slot:
+        i = next(self._runner_ids)
+        return Slot(RunnerProcess(list(cores), self.cache_dir / "scratch" / f"runner{i}",
+                                  self.cache_dir / "logs" / f"{self.worker_id}-runner{i}.log",
+                                  runner_env(len(cores), self.cache_dir, self.preload)))
+
+    async def start(self) -> None:
+        """Start every runner: their imports are paid before work arrives."""
+        await asyncio.gather(*(s.runner.start() for s in self.slots))
+
+    def slot_for(self, job: dict) -> Slot | None:
+        """A runner on `job["cores"]` free cores: an idle one of that shape (one that has this task's model
+        cached first), else a new one on freshly allocated cores, retiring idle runners in its way."""
+        k = max(1, min(int(job.get("cores") or self.default_k), len(self.cpus)))
+        free = set(self.cpus) - {c for s in self.slots if s.job for c in s.cpus}
+        idle = sorted((s for s in self.slots if s.job is None and len(s.cpus) == k),
+                      key=lambda s: (s.last_task_id != job["task_id"], -s.last_used))
+        cores = allocate(free, self.nodes, k, [s.cpus for s in idle])
+        if cores is None:
+            return None
+        reuse = next((s for s in idle if s.cpus == cores), None)
+        if reuse is not None:
+            return reuse
+        for old in [s for s in self.slots if s.job is None and set(s.cpus) & set(cores)]:
+            self._retire(old)  # its cores are needed by a trial of another shape
+        slot = self._new_slot(cores)
+        self.slots.append(slot)
+        for old in sorted((s for s in self.slots if s.job is None and s is not slot), key=lambda s: s.last_used):
+            if len(self.slots) <= len(self.cpus):
+                break
+            self._retire(old)  # at most one runner process per core
+        return slot
+
+    def occupy(self, slot: Slot, trial_id: str, attempt: int, task_id: str, work: Coroutine) -> None:
+        slot.job, slot.last_task_id, slot.last_used = (trial_id, attempt), task_id, time.monotonic()
+        slot.task = asyncio.create_task(work)
+
+    def _retire(self, slot: Slot) -> None:
+        self.slots.remove(slot)
+        self._retired.append(slot.runner)
+        self._spawn(slot.runner.stop())
+
+    def _spawn(self, work: Coroutine) -> None:
+        task = asyncio.create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def warm_others(self, planning: Slot, job: dict) -> None:
+        """While one runner plans a task, the idle ones load its model too: its trials come next, and
+        loading it then would hold every first trial up by the model's load time."""
+        for slot in self.slots:
+            if slot is planning or slot.job is not None or slot.last_task_id == job["task_id"]:
+                continue
+            slot.last_task_id = job["task_id"]
+            self._spawn(_quietly(partial(slot.runner.run, {**job, "kind": "warm"})))
+
+    def restart(self, slot: Slot) -> None:
+        """Replace a runner that died (crash, timeout, cancel) now, not when the next job arrives."""
+        if not slot.runner.alive and slot in self.slots:
+            self._spawn(_quietly(slot.runner.ready))
+
+    async def kill_job(self, slot: Slot) -> None:
+        """INC calls cannot be interrupted: end the slot's runner (the next job starts a fresh one)."""
+        task = slot.task
+        task.cancel()
+        await slot.runner.stop(kill=True)
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    async def close(self) -> None:
+        """Stop everything: background work, jobs (their runners killed), idle and retired runners."""
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        for slot in self.slots:
+            if slot.task is not None:
+                slot.task.cancel()
+        await asyncio.gather(*(s.runner.stop(kill=s.job is not None) for s in self.slots),
+                             *(r.stop(kill=True) for r in self._retired), return_exceptions=True)
+
+
+async def _quietly(work: Callable[[], Awaitable]) -> None:
+    """Background runner work (a warm-up, a restart): a failure shows again when a job needs the runner.
+    Called here, not by the caller: a task cancelled before it starts must leave no coroutine unawaited."""
+    with contextlib.suppress(Exception):
+        await work()
