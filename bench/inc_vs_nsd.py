@@ -131,7 +131,7 @@ def run_inc(spec: dict, threads: int) -> dict[str, Any]:
     real_quantize = autotune_module.quantize
 
     def recording_quantize(model, quant_config, *args, **kwargs):
-        # quantize() mutates its config (INC-NOTES.md): record it as INC chose it, before the call.
+        # quantize() mutates its config (docs/inc-notes.md): record it as INC chose it, before the call.
         entry = {"config": {quant_config.name: plain(quant_config.to_dict())}, "object": quant_config}
         t0 = time.perf_counter()
         entry["model"] = real_quantize(model, quant_config, *args, **kwargs)

@@ -14,7 +14,7 @@ from nsd.protocol import MAX_MESSAGE_BYTES
 
 
 def configure(sock: zmq.Socket, *, linger_ms: int = 0, sndtimeo_ms: int = 1000) -> zmq.Socket:
-    """The options every nsd socket carries (DESIGN.md: explicit LINGER, SNDTIMEO, MAXMSGSIZE)."""
+    """The options every nsd socket carries (docs/design.md: explicit LINGER, SNDTIMEO, MAXMSGSIZE)."""
     sock.setsockopt(zmq.LINGER, linger_ms)
     sock.setsockopt(zmq.SNDTIMEO, sndtimeo_ms)
     sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES + 1024)

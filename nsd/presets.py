@@ -1,7 +1,7 @@
 """Named config sets, so that a user need not know INC's config names (`nsd presets` prints them).
 
 Pure data: the broker expands a preset at submit without importing INC. Every set here avoids the
-combinations INC-NOTES.md found broken on CPU without IPEX (8-bit asymmetric RTN, act_sym=True
+combinations docs/inc-notes.md found broken on CPU without IPEX (8-bit asymmetric RTN, act_sym=True
 dynamic quantization on BERT graphs, SmoothQuant, MX/mixed precision save).
 """
 

@@ -1,6 +1,6 @@
 """CURVE encryption and authentication (zmq.auth) with one key allowlist per role.
 
-DESIGN.md "Security": a client key cannot register as a worker and a worker key cannot submit. Every
+README "Security (CURVE)": a client key cannot register as a worker and a worker key cannot submit. Every
 broker socket is a CURVE server in a ZAP domain, and each domain has its own allowlist directory:
 
     ZAP domain "workers"  ->  KEYS_DIR/workers/*.key   (the workers ROUTER)

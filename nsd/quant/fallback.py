@@ -1,5 +1,5 @@
 """Keeping ops in FP32 on INC 3.10, torch side: which ops a config family quantizes, which blocks the model
-has, and a config with named ops left in FP32 (FALLBACK-NOTES.md has the verified facts).
+has, and a config with named ops left in FP32 (docs/inc-notes.md, "Keeping ops in FP32").
 
 Names mean different things per family, so one helper turns an op name into each family's local key:
 RTN's local keys are `re.match` patterns (anchored and escaped here), PT2E's are exact module names.
