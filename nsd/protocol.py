@@ -139,7 +139,6 @@ RESULT_OPTIONAL: dict[str, Check] = {
     "handback": BOOL,
     "artifact": text(64, SHA256), "configs": listof(MAX_CONFIGS, PLANNED),
     "ops": JSON_MAP,  # a plan's op lists per config family (shape checked by nsd.broker.search.parse_oplists)
-    "traceback": listof(100, text(4096)),
     # early stop (nsd.quant.scoring), the winner kept on its worker (runner.keep_model)
     "bound": OPT_NUMBER, "stopped_early": BOOL, "batches": integer(0, 1 << 31), "kept": text(4096),
     "requantized": BOOL,
