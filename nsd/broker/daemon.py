@@ -113,6 +113,10 @@ class Broker:
         # Synchronous views of the ROUTERs: non-blocking receives and sends without asyncio futures.
         self._shadows = {name: zmq.Socket.shadow(sock.underlying)
                          for name, sock in (("clients", self.clients), ("workers", self.workers_sock))}
+        for shadow in self._shadows.values():
+            # Copy every frame into libzmq: pyzmq's zero-copy sends of large frames keep the Python bytes
+            # alive until its garbage-collector thread runs, which under load lets queued chunks pile up.
+            shadow.copy_threshold = 1 << 30
         self._loops = [asyncio.create_task(coro) for coro in (
             self._serve("clients", self.clients, CLIENT_TO_BROKER), self._serve("workers", self.workers_sock, WORKER_TO_BROKER),
             self._drain_subscriptions(), self._tick())]
