@@ -35,6 +35,28 @@ def _recipe_paths_do_not_leak(monkeypatch):
         monkeypatch.delenv(var)
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    if report.when == "call":
+        item.call_failed = report.failed
+    return report
+
+
+@pytest.fixture(autouse=True)
+def _scripted_workers_are_stopped(request):
+    """A test that fails before its `stop()` would leave a scripted worker's socket to be collected
+    during some later test, and fail that one; close them here. A passing test must stop its own."""
+    from tests.peers import ScriptedWorker
+
+    yield
+    left = list(ScriptedWorker.live)
+    for worker in left:
+        worker.close()
+    if left and not getattr(request.node, "call_failed", True):
+        pytest.fail(f"the test left {len(left)} scripted worker(s) running: {[w.worker_id for w in left]}")
+
+
 @pytest.fixture
 async def broker(tmp_path):
     b = Broker(BrokerConfig(state_dir=tmp_path / "state", clients="tcp://127.0.0.1:*", workers="tcp://127.0.0.1:*",

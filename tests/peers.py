@@ -34,6 +34,8 @@ def plan_then_hold(n: int, baseline: float = 1.0):
 
 
 class ScriptedWorker:
+    live: set[ScriptedWorker] = set()  # not yet stopped: conftest closes these after a test that failed early
+
     def __init__(self, endpoint: str, worker_id: str, slots: int = 1,
                  answer: Callable[[dict], dict | None] | None = None, delay_s: float = 0.0,
                  version: int = PROTOCOL_VERSION, curve=None):
@@ -54,6 +56,7 @@ class ScriptedWorker:
             curve.apply(self.sock)
         self._tasks: list[asyncio.Task] = []
         self.registered = asyncio.Event()
+        ScriptedWorker.live.add(self)
 
     async def start(self, wait: bool = True) -> "ScriptedWorker":
         self.sock.connect(self.endpoint)
@@ -122,8 +125,15 @@ class ScriptedWorker:
         for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
+        self.close()
+
+    def close(self) -> None:
+        """Sockets only, no awaiting: also what the teardown of a test that failed before `stop` calls."""
+        for t in self._tasks:
+            t.cancel()
         self.sock.close(linger=0)
         self.ctx.term()
+        ScriptedWorker.live.discard(self)
 
 
 # ---- specs and answers for the tests that use scripted workers, and small utilities ----------------------

@@ -22,6 +22,7 @@ async def test_a_trial_handed_back_with_bye_is_requeued_without_using_an_attempt
     await wait_for(lambda: _async(any(a[0] == trial for a in heir.assigned)), 10)
     assert [a[1] for a in heir.assigned if a[0] == trial] == [attempt] == [1]  # same attempt, not used up
     heir.result((trial, attempt), {"ok": True, "metric": 1.0})
+    await wait_for(lambda: _async((trial, attempt) in heir.acked), 10)  # the RESULT went on another socket
     task = await client.status(task_id)
     assert task["trials"][0]["state"] == "passed" and task["trials"][0]["worker"] == "heir"
     await leaver.stop()
