@@ -59,6 +59,7 @@ if str(ROOT) not in sys.path:  # `python bench/scale.py` from anywhere
 import zmq  # noqa: E402
 import zmq.asyncio  # noqa: E402
 
+from nsd.liveness import heartbeat_due  # noqa: E402
 from nsd.net import configure, install_uvloop  # noqa: E402
 from nsd.protocol import BROKER_TO_WORKER, PROTOCOL_VERSION, Cmd, ProtocolError, pack, unpack  # noqa: E402
 
@@ -210,6 +211,7 @@ class SimWorker:
         # them in order, so the k-th ASSIGN fills the k-th credit: exact FIFO matching, any slot count.
         self.freed: collections.deque[float | None] = collections.deque()
         self.registered = False
+        self.liveness = 5  # the broker's, from READY_ACK
         self.last_heard = time.monotonic()
 
     def send(self, cmd: Cmd, body: dict) -> None:
@@ -279,6 +281,7 @@ class SimWorker:
                         handle.cancel()
                     self.freed.append(now)
             elif cmd is Cmd.READY_ACK:
+                self.liveness = b["liveness"]
                 if not self.registered:
                     self.registered = True
                     self.freed.extend([None] * sim.slots)
@@ -307,11 +310,15 @@ class SimWorker:
         self.freed.append(time.monotonic())
 
     async def heartbeat(self, interval: float) -> None:
+        """As a real worker: every interval while it runs something, every idle interval otherwise."""
         await asyncio.sleep(random.uniform(0, interval))  # spread them out, as real workers are
+        last_sent = 0.0
         while True:
-            if self.registered:
+            now = time.monotonic()
+            if self.registered and heartbeat_due(now, last_sent, interval, self.liveness, busy=bool(self.running)):
                 self.send(Cmd.HEARTBEAT, {"running": [list(k) for k in self.running]})
                 self.sim.stats.hb_sent += 1
+                last_sent = now
             await asyncio.sleep(interval)
 
 

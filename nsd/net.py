@@ -36,6 +36,41 @@ def send_now(sock: zmq.Socket, frames: list[bytes]) -> bool:
     return True
 
 
+class Readable:
+    """Wait until a socket has a message, by watching libzmq's notification descriptor from the event
+    loop. A lone message (an idle worker's heartbeat) then costs one wake-up and non-blocking reads of
+    a synchronous socket, not pyzmq's asyncio future machinery, which was most of an idle broker's time.
+
+    libzmq's descriptor only says "look at ZMQ_EVENTS", and any call on the socket may consume that
+    signal, including our own sends: whoever sends on the socket calls `poke()` so the waiter looks
+    again instead of sleeping on a message that is already there.
+    """
+
+    def __init__(self, sock: zmq.Socket):
+        self.sock = sock
+        self.fd = sock.getsockopt(zmq.FD)
+        self.loop = asyncio.get_running_loop()
+        self._woken = asyncio.Event()
+        self.loop.add_reader(self.fd, self._signalled)
+
+    def _signalled(self) -> None:
+        # Reading ZMQ_EVENTS consumes the descriptor's signal; unread, it stays readable and the loop
+        # calls us again at every turn while our reader is busy or gathering.
+        self.sock.getsockopt(zmq.EVENTS)
+        self._woken.set()
+
+    def poke(self) -> None:
+        self._woken.set()
+
+    async def wait(self) -> None:
+        while not self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            self._woken.clear()
+            await self._woken.wait()
+
+    def close(self) -> None:
+        self.loop.remove_reader(self.fd)
+
+
 def is_loopback(endpoint: str) -> bool:
     """True for ipc:// and inproc:// endpoints and tcp:// on a loopback address."""
     if not endpoint.startswith("tcp://"):

@@ -47,6 +47,7 @@ class ScriptedWorker:
         self.acked: list[tuple[str, int]] = []
         self.running: set[tuple[str, int]] = set()
         self.store_acks: list[dict] = []
+        self.heartbeats: list[float] = []  # when each of the broker's HEARTBEATs arrived (loop time)
         self.max_running = 0
         self.silent = False  # stop heartbeating and answering: look dead
         self.ctx = zmq.asyncio.Context()
@@ -94,6 +95,8 @@ class ScriptedWorker:
                 self.disconnects.append(b)
             elif msg.cmd is Cmd.STORE_ACK:
                 self.store_acks.append(b)
+            elif msg.cmd is Cmd.HEARTBEAT:
+                self.heartbeats.append(asyncio.get_running_loop().time())
 
     def _finish(self, key: tuple[str, int], job: dict) -> None:
         if key not in self.running or self.silent:

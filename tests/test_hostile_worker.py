@@ -35,6 +35,7 @@ class FakeBroker:
         self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.identity: bytes | None = None
         self.received: list[tuple[Cmd, dict]] = []
+        self.times: list[float] = []  # when each of `received` arrived (loop time)
         self._task = asyncio.create_task(self._serve())
 
     async def _serve(self) -> None:
@@ -46,6 +47,7 @@ class FakeBroker:
                 continue
             self.identity = identity
             self.received.append((msg.cmd, msg.body))
+            self.times.append(asyncio.get_running_loop().time())
 
     def of(self, cmd: Cmd) -> list[dict]:
         return [body for c, body in self.received if c is cmd]

@@ -35,6 +35,7 @@ from nsd.broker.model import Task, Trial, Worker
 from nsd.broker.outcomes import Outcomes
 from nsd.broker.placement import Placement
 from nsd.broker.store import StorageError, Store, storage_message
+from nsd.liveness import heartbeat_due
 from nsd.protocol import PROTOCOL_VERSION, Cmd, parse_job_id
 from nsd.states import TaskState, TrialState
 
@@ -358,6 +359,10 @@ class Core(Outcomes, Placement):
         task = self.tasks.get(task_id)
         return task is not None and task.lease(job) == (attempt, worker.id)
 
+    def idle(self) -> bool:
+        """No task waits or runs: what workers send now can wait a few milliseconds."""
+        return not self.started and not any(self.queued.values()) and not self.orphans
+
     # ---- time ----------------------------------------------------------------------------------------
 
     def check_liveness(self, now: float) -> None:
@@ -366,8 +371,8 @@ class Core(Outcomes, Placement):
             if now - worker.last_seen > deadline:
                 log.warning("worker %s silent for %.1fs: declared dead", worker.id, now - worker.last_seen)
                 self.drop_worker(worker, "worker stopped answering")
-            elif now - worker.last_sent >= self.heartbeat_s:  # only to workers we have not spoken to lately
-                self.send(worker, Cmd.HEARTBEAT)
+            elif heartbeat_due(now, worker.last_sent, self.heartbeat_s, self.liveness, busy=bool(worker.running)):
+                self.send(worker, Cmd.HEARTBEAT)  # only to workers we have not spoken to lately
         # Leases whose worker is not registered (reloaded after a restart, or held by a worker we forgot)
         # wait one window for it to come back with them, then are lost.
         expired = [jid for jid, since in self.orphans.items() if now - since > deadline]

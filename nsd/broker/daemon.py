@@ -15,6 +15,7 @@ the core; the requests read best next to the turn that commits them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from pathlib import Path
@@ -32,7 +33,7 @@ from nsd.broker.core import Core, Event, ToWorker
 from nsd.broker.metrics import Metrics
 from nsd.broker.store import StorageError, Store
 from nsd.limits import raise_open_files_limit
-from nsd.net import OncePerPeer, configure, is_loopback, send_now
+from nsd.net import OncePerPeer, Readable, configure, is_loopback, send_now
 from nsd.protocol import (CLIENT_TO_BROKER, MAX_CHUNK_BYTES, PROTOCOL_VERSION, WORKER_TO_BROKER, Cmd, Message,
                           ProtocolError, event_frames, pack, unpack)
 from nsd.security import SOCKET_DOMAINS, CurveServer
@@ -42,6 +43,8 @@ from nsd.systemd import notify, watchdog_interval
 
 log = logging.getLogger("nsd.broker")
 _HEARTBEAT = pack(Cmd.HEARTBEAT)  # the same frames for every worker
+_IDLE_HEARTBEAT = pack(Cmd.HEARTBEAT, {"running": []})  # an idle worker's, byte for byte
+_IDLE_GATHER_S = 0.02
 
 READS = frozenset({Cmd.HELLO, Cmd.STATUS, Cmd.LIST, Cmd.RESULT_GET, Cmd.CLUSTER, Cmd.BLOB_HAVE, Cmd.BLOB_GET,
                    Cmd.LOGS})  # client requests that change nothing: answered again after a failed commit
@@ -72,6 +75,8 @@ class Broker:
         self._bad = OncePerPeer(log)
         self.metrics.bad_messages = lambda: self._bad.count
         self._loops: list[asyncio.Task] = []
+        self._shadows: dict[str, zmq.Socket] = {}
+        self._readable: dict[str, Readable] = {}
         self.ctx: zmq.asyncio.Context | None = None
         self.store: Store | None = None
         self.core: Core | None = None
@@ -111,14 +116,15 @@ class Broker:
             sock.bind(self.addresses[name])
             self.endpoints[name] = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         # Synchronous views of the ROUTERs: non-blocking receives and sends without asyncio futures.
-        self._shadows = {name: zmq.Socket.shadow(sock.underlying)
-                         for name, sock in (("clients", self.clients), ("workers", self.workers_sock))}
+        self._shadows = {name: zmq.Socket.shadow(sock.underlying) for name, sock in (
+            ("clients", self.clients), ("workers", self.workers_sock), ("events", self.events))}
         for shadow in self._shadows.values():
             # Copy every frame into libzmq: pyzmq's zero-copy sends of large frames keep the Python bytes
             # alive until its garbage-collector thread runs, which under load lets queued chunks pile up.
             shadow.copy_threshold = 1 << 30
+        self._readable = {name: Readable(shadow) for name, shadow in self._shadows.items()}
         self._loops = [asyncio.create_task(coro) for coro in (
-            self._serve("clients", self.clients, CLIENT_TO_BROKER), self._serve("workers", self.workers_sock, WORKER_TO_BROKER),
+            self._serve("clients", CLIENT_TO_BROKER), self._serve("workers", WORKER_TO_BROKER),
             self._drain_subscriptions(), self._tick())]
         if self.metrics_address:
             host, _, port = self.metrics_address.rpartition(":")
@@ -135,7 +141,9 @@ class Broker:
         # nobody takes over a worker's id while it is connected. ZMTP heartbeats close dead connections,
         # so a restarted worker gets its id back within a heartbeat window.
         sock.setsockopt(zmq.SNDHWM, self.limits.peer_queue)  # bytes queued per peer <= this × one chunk
-        sock.setsockopt(zmq.HEARTBEAT_IVL, int(self.heartbeat_s * 1000))
+        # Pings inside libzmq only close connections to hosts that vanished (a dead process's connection
+        # closes at once): one per deadline window is enough, and each costs the I/O thread a wake-up.
+        sock.setsockopt(zmq.HEARTBEAT_IVL, int(self.heartbeat_s * self.liveness * 1000))
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(self.heartbeat_s * self.liveness * 1000))
         return sock
 
@@ -150,6 +158,9 @@ class Broker:
         await asyncio.gather(*self._loops, return_exceptions=True)
         self._loops = []
         if self.ctx is not None:
+            for readable in self._readable.values():
+                readable.close()
+            self._readable = {}
             self._shadows = {}  # views of the sockets below: closing those closes them
             for sock in (self.clients, self.workers_sock, self.events):
                 sock.close(linger=0)
@@ -169,19 +180,28 @@ class Broker:
 
     # ---- the message loop --------------------------------------------------------------------------
 
-    async def _serve(self, name: str, sock: zmq.asyncio.Socket, allowed: frozenset[Cmd]) -> None:
+    async def _serve(self, name: str, allowed: frozenset[Cmd]) -> None:
         """One socket's loop: wait for a message, take what else is already waiting (at most `batch`), and
         handle them as one turn. Frames are copied to bytes, unless CURVE needs each frame's User-Id."""
-        shadow, copy = self._shadows[name], self.curve is None
+        shadow, readable, copy = self._shadows[name], self._readable[name], self.curve is None
         while True:
-            batch = [self._check(name, await sock.recv_multipart(copy=copy), allowed)]
-            for _ in range(self.limits.batch - 1):
+            await readable.wait()
+            batch = []
+            for _ in range(self.limits.batch):
                 try:
-                    batch.append(self._check(name, shadow.recv_multipart(zmq.NOBLOCK, copy=copy), allowed))
+                    frames = shadow.recv_multipart(zmq.NOBLOCK, copy=copy)
                 except zmq.Again:
                     break
+                if copy and frames[1:] == _IDLE_HEARTBEAT:  # most of an idle cluster's traffic: no decoding
+                    self._heard(frames[0], None)
+                    continue
+                batch.append(self._check(name, frames, allowed))
             batch = [item for item in batch if item is not None and not self._heartbeat(*item)]
             if not batch:
+                if name == "workers" and self.core.idle():
+                    # Nothing runs or waits, so nothing a worker says is urgent: let heartbeats gather
+                    # for a few milliseconds and take them in one turn, not one wake-up each.
+                    await asyncio.sleep(_IDLE_GATHER_S)
                 continue
             try:
                 self._handle(batch)
@@ -214,12 +234,15 @@ class Broker:
         transaction and scheduling (1,000 idle workers send 1,000 a second)."""
         if msg.cmd is not Cmd.HEARTBEAT:
             return False
+        self._heard(identity, key)
+        return True
+
+    def _heard(self, identity: bytes, key: str | None) -> None:
         worker = self.core.worker_for(identity, key)
         if worker is not None:
             worker.last_seen = time.time()
         else:  # we restarted, or declared it dead: it must register again
             self._to_worker(identity, Cmd.DISCONNECT, {"reason": "unknown worker: register again"})
-        return True
 
     def _handle(self, batch: list[tuple[str, bytes, str | None, Message]]) -> None:
         """One loop turn: the batch in one transaction, then its effects (see the module docstring)."""
@@ -254,8 +277,13 @@ class Broker:
             self._to_client(*reply)
         self._flush()
 
+    def _send(self, name: str, frames: list[bytes]) -> bool:
+        sent = send_now(self._shadows[name], frames)
+        self._readable[name].poke()  # the send may have taken the socket's "look again" signal
+        return sent
+
     def _to_client(self, identity: bytes, cmd: Cmd, body: dict) -> None:
-        if not send_now(self._shadows["clients"], [identity, *pack(cmd, body)]):
+        if not self._send("clients", [identity, *pack(cmd, body)]):
             self.metrics.dropped_sends += 1  # client gone or not reading: its queue is full
 
     def _flush(self) -> None:
@@ -264,14 +292,14 @@ class Broker:
         for effect in effects:
             if isinstance(effect, ToWorker):
                 frames = _HEARTBEAT if effect.cmd is Cmd.HEARTBEAT else pack(effect.cmd, effect.body)
-                if send_now(self._shadows["workers"], [effect.identity, *frames]):
+                if self._send("workers", [effect.identity, *frames]):
                     worker = self.core.workers.get(effect.identity.decode("ascii", "replace"))
                     if worker is not None:
                         worker.last_sent = now
                 else:
                     self.metrics.dropped_sends += 1
             elif isinstance(effect, Event):
-                send_now(self.events, event_frames(effect.task_id, effect.body))  # a lagging subscriber re-snapshots
+                self._send("events", event_frames(effect.task_id, effect.body))  # a lagging subscriber re-snapshots
 
     # ---- clients ---------------------------------------------------------------------------------
 
@@ -371,7 +399,7 @@ class Broker:
             core.drop_worker(worker, "worker left", handback=b.get("handback") is True)
 
     def _to_worker(self, identity: bytes, cmd: Cmd, body: dict) -> None:
-        if not send_now(self._shadows["workers"], [identity, *pack(cmd, body)]):
+        if not self._send("workers", [identity, *pack(cmd, body)]):
             self.metrics.dropped_sends += 1  # a peer that does not read: its queue is full
 
     def _chunk(self, body: dict) -> dict:
@@ -384,8 +412,12 @@ class Broker:
     # ---- time ---------------------------------------------------------------------------------------
 
     async def _drain_subscriptions(self) -> None:
+        shadow, readable = self._shadows["events"], self._readable["events"]
         while True:  # XPUB hands us (un)subscriptions; nothing to do with them but read them
-            await self.events.recv_multipart()
+            await readable.wait()
+            with contextlib.suppress(zmq.Again):
+                while True:
+                    shadow.recv_multipart(zmq.NOBLOCK)
 
     async def _tick(self) -> None:
         while True:
@@ -403,6 +435,8 @@ class Broker:
             except Exception:
                 log.exception("tick failed")
             self._flush()
+            for readable in self._readable.values():
+                readable.poke()  # a safety net: no message waits longer than a tick for its loop
             self._ping_systemd()
 
     def healthy(self) -> bool:

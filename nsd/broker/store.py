@@ -152,8 +152,19 @@ class Store:
         finally:
             self._depth = 0
 
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """The statements of one method: inside a caller's transaction they are part of it (a savepoint
+        of their own would cost two statements more and change nothing: the caller's savepoint undoes
+        the caller's whole block); outside any, a transaction of their own."""
+        if self._depth:
+            yield
+        else:
+            with self.tx():
+                yield
+
     def insert_task(self, task_id: str, name: str, spec: dict, state: str, created: float, owner: str = "") -> None:
-        with self.tx():
+        with self._writing():
             self.db.execute("INSERT INTO tasks (id, name, spec, state, created, owner) VALUES (?, ?, ?, ?, ?, ?)",
                             (task_id, name, json.dumps(spec), state, created, owner))
 
@@ -162,7 +173,7 @@ class Store:
 
     def insert_trials(self, task_id: str, trials: list[tuple]) -> None:
         """Rows of (idx, config, label, state, stage, fallback, base)."""
-        with self.tx():
+        with self._writing():
             self.db.executemany(
                 "INSERT INTO trials (task_id, idx, config, label, state, stage, fallback, base) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -173,7 +184,7 @@ class Store:
         self._update("trials", TRIAL_COLUMNS, "task_id = ? AND idx = ?", (task_id, idx), fields)
 
     def append_event(self, task_id: str, seq: int, body: dict) -> None:
-        with self.tx():
+        with self._writing():
             self.db.execute("INSERT INTO events (task_id, seq, body) VALUES (?, ?, ?)",
                             (task_id, seq, json.dumps(body)))
             self.db.execute("UPDATE tasks SET seq = ? WHERE id = ?", (seq, task_id))
@@ -181,7 +192,7 @@ class Store:
                 self.db.execute("DELETE FROM events WHERE task_id = ? AND seq <= ?", (task_id, seq - EVENTS_KEPT))
 
     def put_log(self, task_id: str, job: str, attempt: int, worker: str | None, text: str) -> None:
-        with self.tx():
+        with self._writing():
             self.db.execute("INSERT OR REPLACE INTO logs (task_id, job, attempt, worker, text) VALUES (?, ?, ?, ?, ?)",
                             (task_id, job, attempt, worker, text))
 
@@ -201,7 +212,7 @@ class Store:
         return None if row is None else row["key"]
 
     def bind_worker_key(self, worker_id: str, key: str) -> None:
-        with self.tx():
+        with self._writing():
             self.db.execute("INSERT OR IGNORE INTO worker_keys (worker_id, key) VALUES (?, ?)", (worker_id, key))
 
     def referenced_blobs(self) -> set[str]:
@@ -223,7 +234,7 @@ class Store:
         return None if row is None else json.loads(row["body"])
 
     def cache_put(self, key: str, body: dict, created: float) -> None:
-        with self.tx():
+        with self._writing():
             self.db.execute("INSERT OR REPLACE INTO cache (key, body, created) VALUES (?, ?, ?)",
                             (key, json.dumps(body), created))
 
@@ -238,5 +249,5 @@ class Store:
             return
         sets = ", ".join(f"{name} = ?" for name in fields)
         values = [json.dumps(v) if isinstance(v, (dict, list)) else v for v in fields.values()]
-        with self.tx():
+        with self._writing():
             self.db.execute(f"UPDATE {table} SET {sets} WHERE {where}", (*values, *key))

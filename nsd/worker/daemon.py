@@ -25,6 +25,7 @@ import zmq
 import zmq.asyncio
 
 from nsd import __version__
+from nsd.liveness import heartbeat_due
 from nsd.net import configure, send_now
 from nsd.protocol import BROKER_TO_WORKER, PROTOCOL_VERSION, Cmd, ProtocolError, pack, unpack
 from nsd.security import ClientKeys, KeyFileError
@@ -230,8 +231,10 @@ class WorkerDaemon:
         now = time.monotonic()
         if now - session.last_heard > deadline:
             return True
-        if self.registered.is_set() and now - session.last_sent >= hb:
-            self._send(Cmd.HEARTBEAT, {"running": self._running()})
+        running = self._running()
+        if self.registered.is_set() and heartbeat_due(now, session.last_sent, hb, self.liveness,
+                                                      busy=bool(running or self.outbox)):
+            self._send(Cmd.HEARTBEAT, {"running": running})
             session.last_sent = now
         if self._watchdog_s is not None and now - self._last_watchdog >= self._watchdog_s:
             self._last_watchdog = now  # from this loop: a wedged loop gets the daemon restarted
