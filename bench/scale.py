@@ -7,7 +7,7 @@
 
 The broker runs as it does in production (`python -m nsd broker`, a subprocess, its own state dir).
 Simulated workers are DEALER sockets speaking the real protocol (nsd.protocol): READY with their slots,
-HEARTBEAT every interval, a RESULT for every ASSIGN. Several hundred of them share one simulator
+HEARTBEAT as a real worker sends it (nsd.liveness), a RESULT for every ASSIGN. Several hundred of them share one simulator
 process (asyncio + uvloop, one socket each, identity = worker id); a plan job answers with N configs,
 a trial sleeps `trial_s` without blocking (a timer) and reports metric 0.0 against baseline 1.0 with
 tolerable_loss 0.01, so no trial meets the goal and every trial runs; the save job uploads a tiny

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import json
@@ -295,3 +296,25 @@ async def test_quiet_event_streams_carry_keep_alive_comments(http, client):
                 break
     assert lines[1] == "event: snapshot"
     assert lines.index(": keep-alive") > lines.index("event: snapshot")
+
+
+async def test_a_client_that_stops_reading_holds_the_event_stream_back():
+    """A slow reader cannot make the gateway buffer events for it: with the reader stalled, the
+    gateway takes at most its small queue's worth from the broker's stream, then waits."""
+    from nsd.gateway.streams import sse_stream
+
+    pulled = 0
+
+    async def endless():  # an event source that never runs dry, as a busy task's stream
+        nonlocal pulled
+        while True:
+            pulled += 1
+            yield {"seq": pulled, "kind": "trial"}
+            await asyncio.sleep(0)
+
+    stream = sse_stream(endless(), keepalive_s=60)
+    assert (await anext(stream)).startswith("id: 1\n")
+    await asyncio.sleep(0.5)  # the reader stalls; thousands of events would be ready by now
+    assert pulled <= 20, pulled
+    assert (await anext(stream)).startswith("id: 2\n")  # nothing lost: it resumes in order
+    await stream.aclose()
