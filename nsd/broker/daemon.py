@@ -33,7 +33,7 @@ from nsd.broker.core import Core, Event, ToWorker
 from nsd.broker.metrics import Metrics
 from nsd.broker.store import StorageError, Store
 from nsd.limits import raise_open_files_limit
-from nsd.net import OncePerPeer, Readable, configure, is_loopback, send_now
+from nsd.net import OncePerPeer, Readable, configure, is_loopback, send_frames_now
 from nsd.protocol import (CLIENT_TO_BROKER, MAX_CHUNK_BYTES, PROTOCOL_VERSION, WORKER_TO_BROKER, Cmd, Message,
                           ProtocolError, event_frames, pack, unpack)
 from nsd.security import SOCKET_DOMAINS, CurveServer
@@ -201,7 +201,7 @@ class Broker:
                 if name == "workers" and self.core.idle():
                     # Nothing runs or waits, so nothing a worker says is urgent: let heartbeats gather
                     # for a few milliseconds and take them in one turn, not one wake-up each.
-                    await asyncio.sleep(_IDLE_GATHER_S)
+                    await readable.gather(_IDLE_GATHER_S)
                 continue
             try:
                 self._handle(batch)
@@ -278,7 +278,7 @@ class Broker:
         self._flush()
 
     def _send(self, name: str, frames: list[bytes]) -> bool:
-        sent = send_now(self._shadows[name], frames)
+        sent = send_frames_now(self._shadows[name], frames)
         self._readable[name].poke()  # the send may have taken the socket's "look again" signal
         return sent
 
