@@ -139,7 +139,7 @@ class Broker:
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # an unroutable or full peer raises instead of blocking
         # No ROUTER_HANDOVER: a second connection with a live peer's identity is refused by libzmq, so
         # nobody takes over a worker's id while it is connected. ZMTP heartbeats close dead connections,
-        # so a restarted worker gets its id back within a heartbeat window.
+        # so a worker restarted on a host that vanished gets its id back within two deadline windows.
         sock.setsockopt(zmq.SNDHWM, self.limits.peer_queue)  # bytes queued per peer <= this × one chunk
         # Pings inside libzmq only close connections to hosts that vanished (a dead process's connection
         # closes at once): one per deadline window is enough, and each costs the I/O thread a wake-up.
