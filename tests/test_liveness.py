@@ -38,8 +38,7 @@ async def test_the_broker_pings_an_idle_worker_every_idle_interval_and_a_busy_on
     worker = await ScriptedWorker(broker.endpoints["workers"], "w", answer=plan_then_hold(1)).start()
     await asyncio.sleep(4.0)
     idle = list(worker.heartbeats)
-    assert len(idle) >= 2, idle
-    assert min(gaps(idle)) > 0.8, gaps(idle)  # sent >= 1 s apart; arrival may bunch up a little
+    assert 2 <= len(idle) <= 5, gaps(idle)  # at most one a second (every 0.5 s would make 8 or 9)
     task_id = await client.submit(spec())
     await wait_for(lambda: _now(any(a[0] == f"{task_id}/0" for a in worker.assigned)), 10)  # held: busy
     start = len(worker.heartbeats)
@@ -56,7 +55,7 @@ async def test_an_idle_worker_heartbeats_every_other_interval_and_a_busy_one_eve
     start = len(fake.times)
     await asyncio.sleep(5.0)
     idle = beats(fake, start)
-    assert len(idle) >= 2 and min(gaps(idle)) > 1.6, gaps(idle)
+    assert 2 <= len(idle) <= 3, gaps(idle)  # at most one per 2 s (every second would make 5 or 6)
     fake.send(Cmd.ASSIGN, {"trial_id": "abc123abc123/0", "attempt": 1, "job": trial_job()})
     await wait_for(lambda: _now(bool(fake.of(Cmd.RESULT))), 60)  # it fails (no recipe); never acknowledged
     start = len(fake.times)
