@@ -89,6 +89,7 @@ TRIAL = "trial"  # the per-trial job whose id is just the index
 JOB_KINDS: dict[str, WireJob] = {k.name: k for k in (
     WireJob("plan", per_trial=False, config=False),  # expand the config set, FP32 baseline, op lists
     WireJob(TRIAL, per_trial=True, config=True),  # quantize one config and evaluate it
+    WireJob("refine", per_trial=True, config=True),  # a trial that stopped early, evaluated again in full
     WireJob("save", per_trial=False, config=True),  # the winner's model, saved and uploaded
 )}
 
@@ -199,6 +200,7 @@ RESULT_OPTIONAL: dict[str, Check] = {
     "ops": JSON_MAP,  # a plan's op lists per config family (shape checked by nsd.broker.search.parse_oplists)
     # early stop (nsd.quant.scoring), the winner kept on its worker (runner.keep_model)
     "bound": OPT_NUMBER, "stopped_early": BOOL, "batches": integer(0, 1 << 31), "kept": text(4096),
+    "low": OPT_NUMBER, "high": OPT_NUMBER,  # the interval a stopped trial's full metric lies in (null: unbounded)
     "requantized": BOOL,
 }
 

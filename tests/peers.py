@@ -193,13 +193,31 @@ async def tune_on_and_off(client: AsyncClient, spec: dict) -> tuple[dict, dict]:
 
 def assert_same_answer_on_off(on: dict, off: dict) -> None:
     """Winner, its metric, met_goal, baseline and every full metric equal; a stopped trial's full metric
-    lies within its bound."""
+    lies within its interval, and a refine job gave exactly it."""
     assert on["state"] == off["state"] == "done"
     assert on["winner"] == off["winner"] and on["met_goal"] == off["met_goal"] and on["baseline"] == off["baseline"]
     sign = 1 if on["spec"]["tuning"]["higher_is_better"] else -1
     assert not any(t["stopped_early"] for t in off["trials"])
     for a, b in zip(on["trials"], off["trials"]):
-        if a["stopped_early"]:  # it could not have mattered: its full metric is within its bound
-            assert a["state"] == "failed_goal" and a["metric"] is None and sign * b["metric"] <= sign * a["bound"]
+        if a["stopped_early"]:  # it could not meet the goal: its full metric is within its interval
+            lo, hi = a["interval"]
+            assert a["state"] == "failed_goal" and sign * b["metric"] <= sign * a["bound"]
+            assert (lo is None or lo <= b["metric"]) and (hi is None or b["metric"] <= hi)
+            assert a["metric"] in (None, b["metric"]) and (a["metric"] is not None) == (a["refine"] == "done")
         else:
             assert (a["state"], a["metric"]) == (b["state"], b["metric"])
+
+
+def random_interval(metric: float, goal, rng, values) -> tuple[float | None, float | None]:
+    """(low, high) a trial with this full metric, below the goal, may have stopped with: it holds the metric,
+    its best end stays below the goal, and its ends often sit on other trials' metrics (ties); None: unbounded."""
+    from nsd.broker.tuner import goal_threshold
+
+    sign, need = (1 if goal.higher_is_better else -1), goal_threshold(goal)
+    v = sign * metric
+    assert v < need
+    hi = rng.choice([v, (v + need) / 2, *(sign * x for x in values if v <= sign * x < need)])
+    lo = rng.choice([v, None, *(sign * x for x in values if sign * x <= v)])
+    if sign > 0:
+        return lo, hi
+    return -hi, (None if lo is None else -lo)

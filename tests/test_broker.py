@@ -271,7 +271,6 @@ def test_the_brokers_running_tally_agrees_with_the_pure_decision_functions(tmp_p
                 assert task.n_unfinished == sum(not v.state.finished for v in views)
                 assert task.lowest_passed == objective.passed(views)
                 assert objective.to_cancel(views) == []  # the core's settle cancelled them already
-                assert task.best_index == objective.best(views)  # what early stop must beat (note_metric)
                 running = [t for t in task.trials if t.state is TrialState.RUNNING]
                 if rng.random() < 0.4 or not running:
                     with core.tx():

@@ -34,13 +34,21 @@ def table(fallback: tuple[str, ...], base: int) -> float:
     return round(score, 6)
 
 
-def answer_from(tab, blocks=BLOCKS):
+def answer_from(tab, blocks=BLOCKS, lazy: bool = False):
+    """Plan and trials from the table; `lazy`: a trial whose rule says it cannot meet the goal stops early, as
+    a runner does, with an interval around its metric (refine jobs get the full metric)."""
     def answer(job: dict) -> dict:
         if job["kind"] == "plan":
             return {"ok": True, "baseline": 1.0, "ops": {"rtn": {"ops": OPS, "blocks": blocks}},
                     "configs": [{"config": {"rtn": {"bits": b}}, "label": f"rtn(bits={b})"} for b in (2, 3)]}
         base = 0 if job["config"] == {"rtn": {"bits": 2}} else 1
-        return {"ok": True, "metric": tab(tuple(job.get("fallback") or ()), base)}
+        metric = tab(tuple(job.get("fallback") or ()), base)
+        rule = job.get("rule")
+        if lazy and rule and rule["sign"] * metric < rule["need"]:
+            high = min(metric + 0.005, (metric + rule["need"]) / 2)
+            return {"ok": True, "metric": None, "stopped_early": True, "bound": high, "low": metric - 0.005,
+                    "high": high}
+        return {"ok": True, "metric": metric}
     return answer
 
 
@@ -64,10 +72,12 @@ async def done(client: AsyncClient, task_id: str, timeout: float = 20) -> dict:
     (0.0, 100, BLOCKS, None),             # 1.0 is out of reach: the best over every stage
     (0.1, 6, [], None),                   # max_trials cuts the op-wise stage
 ])
-async def test_broker_answer_equals_the_sequential_search(broker, client, tolerable_loss, max_trials, blocks, stage):
+@pytest.mark.parametrize("lazy", [False, True])
+async def test_broker_answer_equals_the_sequential_search(broker, client, tolerable_loss, max_trials, blocks, stage,
+                                                          lazy):
     run, ref_winner, ref_met = reference(table, 1.0, tolerable_loss, max_trials, blocks)
     w = await ScriptedWorker(broker.endpoints["workers"], "s1", slots=3, delay_s=0.01,
-                             answer=answer_from(table, blocks)).start()
+                             answer=answer_from(table, blocks, lazy)).start()
     try:
         task_id = await client.submit(spec(tolerable_loss=tolerable_loss, max_trials=max_trials))
         view = None
@@ -84,6 +94,15 @@ async def test_broker_answer_equals_the_sequential_search(broker, client, tolera
         assert len(task["trials"]) <= max_trials
         for tr, ref_tr in zip(task["trials"], run):  # one global order
             assert (tr["stage"], tuple(tr["fallback"])) == (ref_tr.stage, ref_tr.fallback)
+            if tr["stopped_early"]:  # its interval holds its full metric; a refine gave exactly that
+                lo, hi = tr["interval"]
+                assert lo <= ref_tr.metric <= hi and tr["metric"] in (None, ref_tr.metric)
+                assert (tr["metric"] is not None) == (tr["refine"] == "done")
+        refines = [j for _, _, j in w.assigned if j["kind"] == "refine"]
+        assert sorted(j["index"] for j in refines) == [t["index"] for t in task["trials"] if t["refine"] == "done"]
+        if lazy and not ref_met and max_trials == 100:  # nothing passed: the best had stopped early; refined
+            assert refines and task["trials"][winner["index"]]["refine"] == "done"
+            assert any(t["stopped_early"] and t["metric"] is None for t in task["trials"])  # others were not
         # jobs: fallback trials carry best's config and their ops; the save job the winner's
         jobs = [j for _, _, j in w.assigned]
         for j in jobs:

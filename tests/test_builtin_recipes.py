@@ -511,12 +511,14 @@ def test_builtin_bounds_hold_and_a_hopeless_trial_evaluates_fewer_batches(assets
     *intervals, final = steps_then_metric(recipe.evaluate_steps(fp32))
     assert len(intervals) >= 3 and all(lo <= final <= hi for lo, hi in intervals)
     assert final == recipe.evaluate(fp32) == evaluate_trial(recipe, fp32, None)["metric"]
-    # A rule no metric can satisfy (goal and best out of reach): it stops after the first batch.
+    # A goal no metric can meet: it stops after the first batch.
     sign = -1 if metric == "perplexity" else 1
-    rule = {"sign": sign, "need": 2.0 if sign > 0 else 0.0, "best": 2.0 if sign > 0 else 0.0, "tie_stops": False}
+    rule = {"sign": sign, "need": 2.0 if sign > 0 else 0.0}
     answer = evaluate_trial(recipe, fp32, rule)
     assert answer["stopped_early"] and answer["metric"] is None and answer["batches"] == 1 < len(intervals)
     assert (answer["bound"] >= final) if sign > 0 else (answer["bound"] <= final)
+    low, high = answer["low"], answer["high"]  # the interval the full metric lies in (None: unbounded)
+    assert (low is None or low <= final) and (high is None or final <= high)
 
 
 @slow

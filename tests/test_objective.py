@@ -1,5 +1,6 @@
 """The objective seam, pure: First's rules, run the way the broker runs them (parallel slots, random finishing
-order, cancellations, early stop by its rule), give INC's sequential answer on random metric tables."""
+order, cancellations, early stop by its rule with intervals, refines where a decision needs a full metric),
+give INC's sequential answer — winner and its full metric — on random metric tables."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from nsd.broker.objective import First, objective_for
 from nsd.broker.tuner import Decision, Goal, TrialView, meets_goal
 from nsd.quant.scoring import can_stop
 from nsd.states import TrialState as S
+from tests.peers import random_interval
 
 
 def sequential(metrics: list[float | None], goal: Goal) -> tuple[int | None, bool]:
@@ -28,29 +30,34 @@ def sequential(metrics: list[float | None], goal: Goal) -> tuple[int | None, boo
 
 
 def distributed(metrics: list[float | None], goal: Goal, slots: int, limit: int, rng: random.Random,
-                early_stop: bool):
-    """What the broker does with the objective: dispatch, stop rules, cancellations, decision."""
+                early_stop: bool, values: list[float]):
+    """What the broker does with the objective: dispatch, stop rules (a trial that cannot meet the goal stops
+    with an interval), cancellations, refines of stopped trials where the decision needs them, decision."""
     objective = First(goal.higher_is_better)
     views = [TrialView(i, S.PENDING) for i in range(len(metrics))]
-    rules, keeps = {}, {}
+    rules, keeps, refining, refined = {}, {}, set(), set()
     while True:
         for i in objective.to_cancel(views):
             views[i] = TrialView(i, S.CANCELLED)
         decision = objective.decide(views)
         if decision is not None:
-            return decision, views, keeps
-        running = sum(v.state is S.RUNNING for v in views)
+            return decision, views, keeps, refined
+        refining |= objective.refine(views) - refined
+        running = sum(v.state is S.RUNNING for v in views) + len(refining)
         for i in objective.to_dispatch(views, limit)[: max(0, slots - running)]:
-            finished = [v for v in views if v.state.finished]
-            rules[i] = objective.stop_rule(goal, finished, i) if early_stop else None
-            keeps[i] = objective.keeps(finished, i)
+            rules[i] = objective.stop_rule(goal, [], i) if early_stop else None
+            keeps[i] = objective.keeps([v for v in views if v.state.finished], i)
             views[i] = TrialView(i, S.RUNNING)
-        i = rng.choice([v.index for v in views if v.state is S.RUNNING])
+        i = rng.choice([v.index for v in views if v.state is S.RUNNING] + sorted(refining))
         m = metrics[i]
-        if m is None:
+        if i in refining:  # its refine job: the full metric, same state
+            refining.discard(i)
+            refined.add(i)
+            views[i] = TrialView(i, views[i].state, m, views[i].low, views[i].high)
+        elif m is None:
             views[i] = TrialView(i, S.ERROR)
-        elif can_stop(m, m, rules[i]):  # it stopped early: no metric
-            views[i] = TrialView(i, S.FAILED_GOAL)
+        elif can_stop(m, m, rules[i]) and rng.random() < 0.8:  # it stopped early: an interval, no metric
+            views[i] = TrialView(i, S.FAILED_GOAL, None, *random_interval(m, goal, rng, values))
         else:
             views[i] = TrialView(i, S.PASSED if meets_goal(m, goal) else S.FAILED_GOAL, m)
 
@@ -58,7 +65,7 @@ def distributed(metrics: list[float | None], goal: Goal, slots: int, limit: int,
 @pytest.mark.parametrize("slots", [1, 2, 5])
 def test_first_gives_incs_answer_on_random_tables(slots):
     rng = random.Random(500 + slots)
-    seen = {"passed": 0, "nothing": 0, "stopped": 0}
+    seen = {"passed": 0, "nothing": 0, "stopped": 0, "refined": 0, "spared": 0}
     for case in range(600):
         higher = rng.random() < 0.6
         values = rng.sample([0.5, 0.6, 0.7, 0.8, 0.9, 1.0], rng.randint(1, 4))
@@ -67,16 +74,21 @@ def test_first_gives_incs_answer_on_random_tables(slots):
                     higher)
         winner, met = sequential(metrics, goal)
         limit = rng.choice([0, 0, 1, 2])
-        decision, views, keeps = distributed(metrics, goal, slots, limit, random.Random(case), rng.random() < 0.7)
+        decision, views, keeps, refined = distributed(metrics, goal, slots, limit, random.Random(case),
+                                                      rng.random() < 0.7, values)
         assert decision == Decision(winner, met), (case, metrics, goal)
         if winner is not None:
             assert views[winner].metric == metrics[winner]  # the winner's metric is its full one
         if met:
             assert keeps[winner]  # the winner was told to keep its model
+            assert not refined  # with a pass, no full metric of a stopped trial is ever needed
+        stopped = [v for v in views if v.low is not None or v.high is not None]
         seen["passed"] += met
         seen["nothing"] += winner is not None and not met
-        seen["stopped"] += sum(v.state is S.FAILED_GOAL and v.metric is None for v in views)
-    assert min(seen.values()) > 20  # the tables covered passes, nothing passing, and early stops
+        seen["stopped"] += len(stopped)
+        seen["refined"] += len(refined)
+        seen["spared"] += not met and len(refined) < len(stopped)  # intervals decided some without a refine
+    assert min(seen.values()) > 20  # the tables covered passes, nothing passing, stops, refines and spares
 
 
 def test_objective_for_a_task_follows_its_direction():

@@ -2,6 +2,7 @@
 
 import hashlib
 import random
+from dataclasses import replace
 
 import pytest
 
@@ -9,6 +10,7 @@ from nsd.broker import search, tuner
 from nsd.broker.search import (ACCUMULATED, BLOCK_WISE, CONFIG, OP_WISE, Layout, OpList, Step, accumulated_stage,
                                block_stage, decide, impact_order, next_stage, op_stage, sequential)
 from nsd.states import TrialState as S
+from tests.peers import random_interval
 
 
 def test_stage_contents_follow_inc_2x_basic():
@@ -54,41 +56,58 @@ def _random_case(rng: random.Random):
                       criterion=rng.choice(["relative", "absolute"]), higher_is_better=layout.higher_is_better)
     if not layout.higher_is_better:
         goal = tuner.Goal(rng.choice([0.5, 0.6, 0.7]), goal.tolerable_loss, goal.criterion, False)
-    return layout, _table(rng.randrange(1 << 30), values, rng.choice([0.0, 0.0, 0.1])), \
-        (lambda m: tuner.meets_goal(m, goal))
+    return layout, _table(rng.randrange(1 << 30), values, rng.choice([0.0, 0.0, 0.1])), goal, values
 
 
-def distributed(layout: Layout, metric_of, passes, slots: int, rng: random.Random):
-    """The broker's loop over search.next_stage/decide and tuner's rules, with `slots` trials at once that
-    finish in a random order."""
+def distributed(layout: Layout, metric_of, goal: tuner.Goal, slots: int, rng: random.Random,
+                stops: float = 0.0, values=()):
+    """The broker's loop over search.next_stage/refines/decide and the objective's rules, with `slots` jobs at
+    once that finish in a random order. With `stops` > 0, a trial that cannot meet the goal stops early (with
+    that probability) with a random interval around its metric, and refine jobs give the full metric of
+    those the search asks for. Returns (steps, decision, trials refined)."""
     steps = [Step(i, CONFIG, (), i) for i in range(min(len(layout.families), layout.max_trials))]
+    refining, refined = set(), set()
     while True:
         lowest = layout.rules.passed(s.view() for s in steps)
         if lowest is not None:
-            steps = [s if s.index <= lowest or s.state.finished else Step(s.index, s.stage, s.fallback, s.base,
-                                                                          S.CANCELLED) for s in steps]
+            steps = [s if s.index <= lowest or s.state.finished else replace(s, state=S.CANCELLED) for s in steps]
         steps += [Step(len(steps) + k, n.stage, n.fallback, n.base) for k, n in
                   enumerate(next_stage(layout, steps))]
-        if all(s.state.finished for s in steps):
-            return steps, decide(layout, steps)
+        refining |= search.refines(layout, steps) - refined
+        assert all(steps[i].metric is None and steps[i].state is S.FAILED_GOAL for i in refining)
+        if all(s.state.finished for s in steps) and decide(layout, steps) is not None:
+            return steps, decide(layout, steps), refined  # (a refine still running is no longer needed)
         assert decide(layout, steps) is None or lowest is not None
+        assert any(s.state is S.PENDING or s.state is S.RUNNING for s in steps) or refining  # never stuck
         running = [s for s in steps if s.state is S.RUNNING]
-        for s in [s for s in steps if s.state is S.PENDING][: max(0, slots - len(running))]:
-            steps[s.index] = Step(s.index, s.stage, s.fallback, s.base, S.RUNNING)
-        done = rng.choice([s for s in steps if s.state is S.RUNNING])
+        for s in [s for s in steps if s.state is S.PENDING][: max(0, slots - len(running) - len(refining))]:
+            steps[s.index] = replace(s, state=S.RUNNING)
+        done = steps[rng.choice([s.index for s in steps if s.state is S.RUNNING] + sorted(refining))]
         m = metric_of(done.stage, done.base, done.fallback)
-        state = S.ERROR if m is None else S.PASSED if passes(m) else S.FAILED_GOAL
-        steps[done.index] = Step(done.index, done.stage, done.fallback, done.base, state, m)
+        if done.index in refining:  # its refine job: the full metric
+            refining.discard(done.index)
+            refined.add(done.index)
+            steps[done.index] = replace(done, metric=m)
+        elif m is not None and not tuner.meets_goal(m, goal) and rng.random() < stops:
+            steps[done.index] = replace(done, state=S.FAILED_GOAL, metric=None,
+                                        **dict(zip(("low", "high"), random_interval(m, goal, rng, values))))
+        else:
+            state = S.ERROR if m is None else S.PASSED if tuner.meets_goal(m, goal) else S.FAILED_GOAL
+            steps[done.index] = replace(done, state=state, metric=m)
 
 
-@pytest.mark.parametrize("slots", [1, 3, 20])
-def test_distributed_equals_sequential_on_random_tables(slots):
-    rng = random.Random(1000 + slots)
-    seen = {"stages": set(), "nothing": 0, "cut": set()}
+@pytest.mark.parametrize("slots, stops", [(1, 0.0), (3, 0.0), (20, 0.0), (1, 0.8), (3, 0.8), (20, 1.0)])
+def test_distributed_equals_sequential_on_random_tables(slots, stops):
+    """The full-evaluation reference (`sequential`) against the broker's distributed form; with `stops`,
+    trials that cannot meet the goal stop early (lazy exactness) and are refined only where a decision
+    needs it: the winner, its metric, met_goal and every stage's content and order are the reference's."""
+    rng = random.Random(1000 + slots + int(10 * stops))
+    seen = {"stages": set(), "nothing": 0, "cut": set(), "refined": set(), "spared": 0}
     for case in range(400):
-        layout, metric_of, passes = _random_case(rng)
+        layout, metric_of, goal, values = _random_case(rng)
+        passes = lambda m: tuner.meets_goal(m, goal)  # noqa: E731
         ref_run, ref_winner, ref_met = sequential(layout, metric_of, passes)
-        steps, decision = distributed(layout, metric_of, passes, slots, random.Random(case))
+        steps, decision, refined = distributed(layout, metric_of, goal, slots, random.Random(case), stops, values)
         assert len(steps) <= layout.max_trials  # speculation never adds to max_trials
         if ref_winner is None:
             assert decision.winner is None
@@ -98,16 +117,25 @@ def test_distributed_equals_sequential_on_random_tables(slots):
             (ref_met, r.index, r.stage, r.base, r.fallback, r.metric), case
         for s, t in zip(steps, ref_run):  # the same global order, trial by trial
             assert (s.stage, s.base, s.fallback) == (t.stage, t.base, t.fallback)
-            if s.state in (S.PASSED, S.FAILED_GOAL, S.ERROR):
+            if s.state in (S.PASSED, S.FAILED_GOAL, S.ERROR) and (s.metric is not None or s.state is S.ERROR):
                 assert s.metric == t.metric
+            elif s.state is S.FAILED_GOAL:  # stopped early, never refined: its interval holds the full metric
+                assert (s.low is None or s.low <= t.metric) and (s.high is None or t.metric <= s.high)
         seen["stages"].add((r.stage, ref_met))
         seen["nothing"] += not ref_met
         if len(ref_run) == layout.max_trials and not ref_met:
             seen["cut"].add(ref_run[-1].stage)
+        seen["refined"] |= {steps[i].stage for i in refined}
+        stopped = sum(s.metric is None and s.high is not None or s.low is not None for s in steps)
+        seen["spared"] += stopped > len(refined)
+        if ref_met:
+            assert not {i for i in refined if steps[i].stage == CONFIG and len(steps) == len(layout.families)}
     # the random tables covered every way the search can end
     assert {(CONFIG, True), (BLOCK_WISE, True), (OP_WISE, True), (ACCUMULATED, True)} <= seen["stages"]
     assert seen["nothing"] > 0
     assert seen["cut"] == {CONFIG, BLOCK_WISE, OP_WISE, ACCUMULATED}
+    if stops:  # refines came from every stage (best config, op-wise order, the final best), not from all stops
+        assert seen["refined"] == {CONFIG, BLOCK_WISE, OP_WISE, ACCUMULATED} and seen["spared"] > 50
 
 
 def test_list_strategy_never_adds_stages():

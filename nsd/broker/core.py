@@ -151,13 +151,7 @@ class Core(Outcomes, Placement):
                     met_goal=None if row["met_goal"] is None else bool(row["met_goal"]), error=row["error"],
                     seq=row["seq"], jobs=Task.jobs_from_row(row), plan_s=row["plan_s"], artifact=row["artifact"],
                     oplists=search.parse_oplists(json.loads(row["oplists"] or "null")) or {})
-        task.trials = [Trial(index=r["idx"], config=json.loads(r["config"]), label=r["label"],
-                             state=TrialState(r["state"]), attempt=r["attempt"], metric=r["metric"],
-                             worker=r["worker"], started=r["started"], finished=r["finished"],
-                             seconds=r["seconds"], error=r["error"], stage=r["stage"],
-                             fallback=json.loads(r["fallback"]), base=r["base"], bound=r["bound"],
-                             stopped_early=bool(r["stopped_early"]), cached=bool(r["cached"]))
-                       for r in self.store.trials(task.id)]
+        task.trials = [Trial.from_row(r, task.objective.sign) for r in self.store.trials(task.id)]
         task.index_trials()
         return task
 

@@ -36,8 +36,10 @@ PLAN = JobKind("plan", per_trial=False, in_trial=False, states=frozenset({TaskSt
                cached="_plan_from_cache")
 TRIAL_KIND = JobKind(TRIAL, per_trial=True, in_trial=True, states=frozenset({TaskState.TUNING}), order=100,
                      assign="_trial_job", result="_trial_result", give_up=None, cached="_trials_from_cache")
+REFINE = JobKind("refine", per_trial=True, in_trial=False, states=frozenset({TaskState.TUNING}), order=10,
+                 assign="_refine_job", result="_refine_result", give_up="_refine_gave_up", cached=None)
 SAVE = JobKind("save", per_trial=False, in_trial=False, states=frozenset({TaskState.FINALIZING}), order=0,
                assign="_save_job", result="_save_result", give_up="_save_gave_up", cached="_save_from_cache")
 
-KINDS: dict[str, JobKind] = {k.name: k for k in (PLAN, TRIAL_KIND, SAVE)}
+KINDS: dict[str, JobKind] = {k.name: k for k in (PLAN, TRIAL_KIND, REFINE, SAVE)}
 assert KINDS.keys() == JOB_KINDS.keys() and all(k.per_trial == JOB_KINDS[k.name].per_trial for k in KINDS.values())

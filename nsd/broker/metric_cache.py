@@ -7,8 +7,9 @@ GPTQ and PT2E are deterministic across processes and thread counts), so the brok
 the second from its `cache` table:
 
 - `plan_key`: the FP32 baseline and the expanded trial list (also depends on config_set and max_trials);
-- `trial_key`: a trial's metric, or, for a trial that stopped early, the bound it stopped at (reusable
-  only where the new task's stop rule lets that bound stop it too);
+- `trial_key`: a trial's metric, or, for a trial that stopped early, the interval it stopped with (reusable
+  only where that interval cannot meet the new task's goal either; a refine's full metric replaces it, and
+  an interval never replaces a full metric);
 - `artifact_key`: the saved winner (a blob), keyed like its trial.
 
 Only tasks whose inputs are all blobs are cached: a `shared = true` path can change under the same name.
@@ -106,8 +107,13 @@ class MetricCache:
         return self._get(self._trial_key(spec, versions, config, fallback))
 
     def put_trial(self, spec: dict, versions: dict | None, config: dict, fallback: Any, metric: float | None,
-                  bound: float | None = None) -> None:
-        self._put(self._trial_key(spec, versions, config, fallback), {"metric": metric, "bound": bound})
+                  bound: float | None = None, low: float | None = None, high: float | None = None) -> None:
+        """A trial's full metric, or the interval it stopped with — which never replaces a full metric."""
+        key = self._trial_key(spec, versions, config, fallback)
+        if metric is None and key is not None and (self.store.cache_get(key) or {}).get("metric") is not None:
+            return
+        self._put(key, {"metric": metric, "bound": bound} if metric is not None else
+                  {"metric": None, "bound": bound, "low": low, "high": high})
 
     def get_artifact(self, spec: dict, versions: dict | None, config: dict, fallback: Any = None) -> str | None:
         found = self._get(self._trial_key(spec, versions, config, fallback, "artifact"))

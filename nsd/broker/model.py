@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nsd.broker import search, tuner
-from nsd.broker.jobs import KINDS, PLAN, SAVE
+from nsd.broker.intervals import stop_interval
+from nsd.broker.jobs import KINDS, PLAN, REFINE, SAVE
 from nsd.broker.objective import Objective, objective_for
 from nsd.protocol import TRIAL, JobRef
 from nsd.states import TASK_TRANSITIONS, TRIAL_TRANSITIONS, TaskState, TrialState, check_transition
@@ -55,15 +56,34 @@ class Trial:
     base: int | None = None  # the config trial a fallback trial builds on
     bound: float | None = None  # stopped early: the best metric it could still have reached
     stopped_early: bool = False
+    low: float | None = None  # stopped early: its full metric lies in [low, high] (None: unbounded that way)
+    high: float | None = None
+    refine: str | None = None  # its refine job (a stopped trial evaluated in full): "done", "failed" or None
     cached: bool = False  # answered from the metric cache, not run
     kept: tuple[str, str] | None = None  # (worker, folder) where its passing model was kept (not persisted)
 
+    @classmethod
+    def from_row(cls, r, sign: int) -> Trial:
+        """A trial from its `trials` row (sign: 1 where higher is better)."""
+        tr = cls(index=r["idx"], config=json.loads(r["config"]), label=r["label"], state=TrialState(r["state"]),
+                 attempt=r["attempt"], metric=r["metric"], worker=r["worker"], started=r["started"],
+                 finished=r["finished"], seconds=r["seconds"], error=r["error"], stage=r["stage"],
+                 fallback=json.loads(r["fallback"]), base=r["base"], bound=r["bound"],
+                 stopped_early=bool(r["stopped_early"]), cached=bool(r["cached"]), low=r["low"], high=r["high"],
+                 refine=r["refine"])
+        if tr.stopped_early and tr.low is None and tr.high is None and tr.bound is not None:
+            _, tr.low, tr.high = stop_interval({"bound": tr.bound}, sign)  # stopped before intervals were kept
+        return tr
+
     def view(self) -> tuner.TrialView:
-        return tuner.TrialView(self.index, self.state, self.metric)
+        if self.refine == "failed":  # its full metric cannot be had: to decisions, like a trial that errored
+            return tuner.TrialView(self.index, self.state)
+        return tuner.TrialView(self.index, self.state, self.metric, self.low, self.high)
 
     def step(self) -> search.Step:
+        v = self.view()
         return search.Step(self.index, self.stage, tuple(self.fallback),
-                           self.index if self.base is None else self.base, self.state, self.metric)
+                           self.index if self.base is None else self.base, self.state, v.metric, v.low, v.high)
 
     def described(self) -> dict[str, Any]:
         """What a trial is (in `plan` and `stage` events and in the task view)."""
@@ -74,15 +94,19 @@ class Trial:
         """Its row for `Store.insert_trials`."""
         return self.index, self.config, self.label, self.state.value, self.stage, self.fallback, self.base
 
-    def public(self) -> dict[str, Any]:
-        return {**self.described(), "state": self.state.value, "metric": self.metric, "attempt": self.attempt,
-                "worker": self.worker, "seconds": self.seconds, "error": self.error, "bound": self.bound,
-                "stopped_early": self.stopped_early, "cached": self.cached}
+    def public(self, refine: str | None = None) -> dict[str, Any]:
+        return {**self.described(), **self.event(refine)}
 
-    def event(self) -> dict[str, Any]:
+    def event(self, refine: str | None = None) -> dict[str, Any]:
+        """Its state as `trial` events and the task view show it; `refine`: its refine job's state (Task)."""
         return {"index": self.index, "state": self.state.value, "metric": self.metric, "attempt": self.attempt,
                 "worker": self.worker, "seconds": self.seconds, "error": self.error, "bound": self.bound,
-                "stopped_early": self.stopped_early, "cached": self.cached}
+                "stopped_early": self.stopped_early, "interval": self.interval(), "refine": refine,
+                "cached": self.cached}
+
+    def interval(self) -> list[float | None] | None:
+        """[low, high] of a trial that stopped early (null: unbounded that way), else None."""
+        return [self.low, self.high] if self.stopped_early else None
 
 
 @dataclass
@@ -111,7 +135,6 @@ class Task:
     n_unfinished: int = 0
     lowest_passed: int | None = None
     cancelled_above: int | None = None  # the lowest pass whose higher trials were already cancelled
-    best_index: int | None = None  # objective.best() over the finished trials, kept by note_metric()
 
     # ---- leases ------------------------------------------------------------------------------
 
@@ -136,6 +159,16 @@ class Task:
             out.extend((JobRef(TRIAL, t.index).id(self.id), t.attempt, t.worker) for t in self.trials
                        if t.state is TrialState.RUNNING and t.worker)
         return out
+
+    def refine_state(self, tr: Trial) -> str | None:
+        """Where trial `tr`'s refine stands: waiting, running (a refine job), done, failed, or None."""
+        lease = self.jobs.get(JobRef(REFINE.name, tr.index))
+        if lease is not None:
+            return "running" if lease.worker else "waiting"
+        return tr.refine
+
+    def trial_event(self, tr: Trial) -> dict[str, Any]:
+        return tr.event(self.refine_state(tr))
 
     def waiting(self) -> list[JobRef]:
         """Jobs other than trials that wait for a slot, in the order they are placed."""
@@ -169,28 +202,20 @@ class Task:
         self.n_running = sum(t.state is TrialState.RUNNING for t in self.trials)
         self.n_unfinished = sum(not t.state.finished for t in self.trials)
         self.lowest_passed = self.objective.passed(self.views())
-        self.best_index = self.objective.best(self.views())
 
     @functools.cached_property
     def objective(self) -> Objective:
         """Who wins, what is cancelled, when it is decided (the spec never changes)."""
         return objective_for(self.spec.get("tuning", {}))
 
-    def note_metric(self, tr: Trial) -> None:
-        """A trial finished with a metric: keep best_index equal to objective.best() (earliest on ties)."""
-        if tr.metric is None or not math.isfinite(tr.metric):
-            return
-        sign = 1 if self.objective.higher_is_better else -1
-        top = None if self.best_index is None else self.trials[self.best_index]
-        if top is None or sign * tr.metric > sign * top.metric or (tr.metric == top.metric and tr.index < top.index):
-            self.best_index = tr.index
-
-    def stop_rule(self, index: int) -> dict:
-        """The rule trial `index` runs under (the objective's stop_rule): early stopping off leaves nothing to
-        beat, and so does a fallback stage's trial (the search ranks ops by those metrics: they run in full)."""
-        top = [] if self.best_index is None or not self.tuning.get("early_stop", True) \
-            or self.trials[index].stage != search.CONFIG else [self.trials[self.best_index].view()]
-        return self.objective.stop_rule(self.goal(), top, index)
+    def stop_rule(self, index: int) -> dict | None:
+        """The early-stop rule trial `index` runs under (the objective's stop_rule), or None: it runs in full —
+        with early stopping off, before the goal is known, and in the op-wise stage (the search ranks ops by
+        those metrics: stopping them would mostly mean refining them)."""
+        if not self.tuning.get("early_stop", True) or self.baseline is None \
+                or self.trials[index].stage == search.OP_WISE:
+            return None
+        return self.objective.stop_rule(self.goal(), [], index)
 
     def keeps(self, index: int) -> bool:
         """Whether trial `index` keeps its model should it pass (the objective's keeps)."""
@@ -275,7 +300,9 @@ class Task:
             "goal": {"tolerable_loss": t["tolerable_loss"], "criterion": t["criterion"],
                      "higher_is_better": t["higher_is_better"], "max_trials": t["max_trials"]},
             "winner": None if winner is None else {**winner.described(), "metric": winner.metric},
-            "trials": [tr.public() for tr in self.trials],
+            "trials": [tr.public(self.refine_state(tr)) for tr in self.trials],
+            "jobs": [{"job": ref.name, "kind": ref.kind, "attempt": lease.attempt, "worker": lease.worker}
+                     for ref, lease in self.jobs.items()],
             "timings": {"created": self.created, "started": self.started, "finished": self.finished,
                         "elapsed_s": ((self.finished or now) - self.started) if self.started else None,
                         "plan_s": self.plan_s,

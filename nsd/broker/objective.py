@@ -8,6 +8,10 @@ at the first one whose metric meets the goal, so the answer is the *lowest-index
 soon as it has passed and every trial below it has finished. If none passes, INC keeps the best metric,
 earliest on ties (a stable sort in `TuningMonitor.get_best_trial_record`).
 
+A trial that stopped early (`TrialView.low`/`high`) has an interval, not a metric: decisions compare
+intervals where they separate and name the trials to refine (re-run in full) where they do not
+(`nsd.broker.intervals`), so that the answer is always the one full evaluation gives.
+
 An objective's methods take a sequence of `TrialView`s. Where a method needs only a few of them (the
 best, the lowest passing one), the broker passes just those from its running tally (`nsd.broker.model.Task`)
 instead of every trial; the docstrings say which.
@@ -19,6 +23,7 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar, Iterable, Protocol, Sequence
 
+from nsd.broker import intervals
 from nsd.broker.tuner import Decision, Goal, TrialView, goal_threshold
 from nsd.states import TrialState
 
@@ -32,7 +37,9 @@ class Objective(Protocol):
 
     def passed(self, trials: Iterable[TrialView]) -> int | None: ...
     def best(self, trials: Iterable[TrialView]) -> int | None: ...
+    def spans(self, trials: Sequence[TrialView]) -> list[intervals.Span]: ...
     def decide(self, trials: Sequence[TrialView], exhausted: bool = False) -> Decision | None: ...
+    def refine(self, trials: Sequence[TrialView]) -> frozenset[int]: ...
     def to_cancel(self, trials: Sequence[TrialView]) -> list[int]: ...
     def to_dispatch(self, trials: Sequence[TrialView], limit: int) -> list[int]: ...
     def keeps(self, trials: Iterable[TrialView], index: int) -> bool: ...
@@ -54,20 +61,48 @@ class First:
         return min((t.index for t in trials if t.state is TrialState.PASSED), default=None)
 
     def best(self, trials: Iterable[TrialView]) -> int | None:
-        """The best metric among finished trials, earliest index on ties."""
+        """The best full metric among finished trials, earliest index on ties (stop intervals ignored)."""
         scored = sorted((t for t in trials if t.metric is not None and math.isfinite(t.metric)
                          and t.state in (TrialState.PASSED, TrialState.FAILED_GOAL)), key=lambda t: t.index)
         return max(scored, key=lambda t: self.sign * t.metric).index if scored else None  # max keeps the first
 
+    def spans(self, trials: Sequence[TrialView]) -> list[intervals.Span]:
+        """What each trial's metric is known to be (nsd.broker.intervals): its full metric, its stop interval,
+        or None (an error, a cancelled trial, or not finished)."""
+        return [intervals.span(t.metric, t.low, t.high, self.sign)
+                if t.state in (TrialState.PASSED, TrialState.FAILED_GOAL) else None for t in trials]
+
+    def top(self, trials: Sequence[TrialView]) -> tuple[int | None, frozenset[int]]:
+        """The best trial as full metrics would rank it (earliest on ties), from metrics and stop intervals:
+        (its index, {}) — None when no trial has a metric — or (None, the trials to refine first). The
+        best must also have its full metric: the winner's metric is reported."""
+        first, could = intervals.top(self.spans(trials))
+        if first is not None and trials[first].metric is None:  # the best stopped early: its metric is wanted
+            could = frozenset({first})
+        if could:
+            return None, frozenset(trials[p].index for p in could)
+        return (None if first is None else trials[first].index), frozenset()
+
     def decide(self, trials: Sequence[TrialView], exhausted: bool = False) -> Decision | None:
-        """The task's outcome, or None while it is not yet known. `exhausted` (the wall-clock budget ran out)
-        settles for what has finished: the lowest passing trial if any, else the best so far."""
+        """The task's outcome, or None while it is not yet known (or a stopped trial must be refined first:
+        `refine`). `exhausted` (the wall-clock budget ran out) settles for what has finished: the lowest
+        passing trial if any, else the best full metric so far."""
         passed = self.passed(trials)
         if passed is not None and (exhausted or all(t.state.finished for t in trials if t.index < passed)):
             return Decision(passed, True)
-        if not exhausted and any(not t.state.finished for t in trials):
+        if exhausted:
+            return Decision(self.best(trials), False)
+        if any(not t.state.finished for t in trials):
             return None
-        return Decision(self.best(trials), False)
+        winner, refine = self.top(trials)
+        return None if refine else Decision(winner, False)
+
+    def refine(self, trials: Sequence[TrialView]) -> frozenset[int]:
+        """Stopped trials whose full metric `decide` needs now: only once every trial has finished and none
+        passed (then the best one wins), and only those whose interval can still reach the top."""
+        if self.passed(trials) is not None or any(not t.state.finished for t in trials):
+            return frozenset()
+        return self.top(trials)[1]
 
     def to_cancel(self, trials: Sequence[TrialView]) -> list[int]:
         """Unfinished trials above the lowest passing one: they can no longer win."""
@@ -94,20 +129,13 @@ class First:
 
     def stop_rule(self, goal: Goal, trials: Sequence[TrialView], index: int) -> dict:
         """What trial `index` must reach to matter, for the runner's early stop (`nsd.quant.scoring.can_stop`).
-        `trials` may be just the best finished one.
 
-        A trial matters if it can meet the goal (then it may win) or become `best` (the winner when none
-        passes). Its evaluation may stop once its best reachable metric can do neither: below the goal and
-        worse than a finished trial's metric — or equal to it where that trial has a lower index, since
-        `best` keeps the earliest on ties. Finished metrics never change and only add up, so a rule made at
-        assign time stays valid however long the trial runs. `best` is None while no trial has a metric:
-        the trial might become the best one, and runs in full. Signed space: larger is better for both."""
-        top = self.best(trials)
-        rule = {"sign": self.sign, "need": goal_threshold(goal), "best": None, "tie_stops": False}
-        if top is not None:
-            metric = next(t.metric for t in trials if t.index == top)
-            rule.update(best=self.sign * metric, tie_stops=top < index)
-        return rule
+        A trial that cannot meet the goal cannot win while any trial passes, so its evaluation stops as soon
+        as its best reachable metric is below the goal: its metric is then an interval. Where a decision
+        needs the full metric after all (the best trial when none passes, the fallback search's ranking),
+        it is computed then, by a refine job (`refine`, `nsd.broker.search.refines`): lazily. Signed space:
+        the trial meets the goal iff sign * metric >= need. First needs no other trial for it."""
+        return {"sign": self.sign, "need": goal_threshold(goal)}
 
 
 def objective_for(tuning: dict) -> Objective:

@@ -9,17 +9,16 @@ from __future__ import annotations
 
 import heapq
 import logging
-import math
 import time
 from typing import Any
 
 from nsd.blobs import make_ref
 from nsd.broker import search, tuner
-from nsd.broker.jobs import KINDS, SAVE
+from nsd.broker.intervals import finite, stop_interval
+from nsd.broker.jobs import KINDS, REFINE, SAVE
 from nsd.broker.model import Lease, Task, Trial, Worker
 from nsd.broker.store import StorageError
 from nsd.protocol import TRIAL, Cmd, JobRef, parse_job_id
-from nsd.quant.scoring import can_stop
 from nsd.spec import first_trials
 from nsd.states import TaskState, TrialState
 
@@ -67,32 +66,40 @@ class Outcomes:
         tr = task.trials[ref.index]
         tr.finished = time.time()
         tr.seconds = body.get("seconds")
-        metric, bound = body.get("metric"), body.get("bound")
+        stopped = stop_interval(body, task.objective.sign) if body["ok"] and body.get("stopped_early") is True \
+            else None
         fallback = getattr(tr, "fallback", None)
-        if body["ok"] and metric is not None:
-            tr.metric = float(metric)
-            task.set_state(tr, TrialState.PASSED if tuner.meets_goal(tr.metric, task.goal()) else TrialState.FAILED_GOAL)
-            task.note_metric(tr)
+        if body["ok"] and body.get("metric") is not None:
+            self._score(task, tr, float(body["metric"]))
             if tr.state is TrialState.PASSED and body.get("kept"):
                 tr.kept = (worker.id, body["kept"])
             self.cache.put_trial(task.spec, worker.versions, tr.config, fallback, tr.metric)
-        elif body["ok"] and body.get("stopped_early") is True and bound is not None \
-                and not tuner.meets_goal(float(bound), task.goal()):
-            # It could neither meet the goal nor beat a finished trial (First.stop_rule): no metric needed.
-            tr.bound, tr.stopped_early = float(bound), True
-            task.set_state(tr, TrialState.FAILED_GOAL)
-            self.cache.put_trial(task.spec, worker.versions, tr.config, fallback, None, tr.bound)
+        elif stopped is not None and not tuner.meets_goal(stopped[0], task.goal()):
+            # It cannot meet the goal (First.stop_rule): its interval stands for its metric until a decision
+            # needs more (a refine job).
+            self._score(task, tr, None, *stopped)
+            self.cache.put_trial(task.spec, worker.versions, tr.config, fallback, None, *stopped)
         else:
             task.set_state(tr, TrialState.ERROR)
             tr.error = (body.get("error") or "the runner returned no metric")[:4000]
         self._finish_trial(task, tr)
 
+    def _score(self, task: Task, tr: Trial, metric: float | None, bound: float | None = None,
+               low: float | None = None, high: float | None = None) -> None:
+        """A trial's full metric (passed or failed_goal by the goal), or the interval it stopped with."""
+        if metric is not None:
+            tr.metric = metric
+            task.set_state(tr, TrialState.PASSED if tuner.meets_goal(metric, task.goal()) else TrialState.FAILED_GOAL)
+        else:
+            tr.bound, tr.low, tr.high, tr.stopped_early = bound, low, high, True
+            task.set_state(tr, TrialState.FAILED_GOAL)
+
     def _finish_trial(self, task: Task, tr: Trial) -> None:
         self._write_trial(task, tr, state=tr.state.value, metric=tr.metric, seconds=tr.seconds,
                           finished=tr.finished, error=tr.error, bound=tr.bound, stopped_early=tr.stopped_early,
-                          cached=tr.cached)
+                          low=tr.low, high=tr.high, cached=tr.cached)
         self.metrics.trial_finished(tr.state.value)
-        self.emit(task, "trial", **tr.event())
+        self.emit(task, "trial", **task.trial_event(tr))
         self.settle(task)
 
     def _answer_from_cache(self, task: Task, worker: Worker) -> bool:
@@ -139,20 +146,15 @@ class Outcomes:
             known = self.cache.get_trial(task.spec, versions, tr.config, getattr(tr, "fallback", None))
             if known is None:
                 return answered
-            metric, bound = finite(known.get("metric")), finite(known.get("bound"))
-            if metric is None and not (bound is not None and can_stop(bound, bound, task.stop_rule(tr.index))):
-                return answered  # it stopped early under a stricter rule than this task's: run it
+            metric = finite(known.get("metric"))
+            stopped = None if metric is not None else stop_interval(known, task.objective.sign)
+            if metric is None and (stopped is None or task.stop_rule(tr.index) is None
+                                   or tuner.meets_goal(stopped[0], task.goal())):
+                return answered  # this task would run it further (it might meet this goal; no early stop): run it
             task.next_pending()
             now = time.time()
             tr.cached, tr.worker, tr.started, tr.finished, tr.seconds = True, None, now, now, 0.0
-            if metric is not None:
-                tr.metric = metric
-                task.set_state(tr, TrialState.PASSED if tuner.meets_goal(metric, task.goal())
-                               else TrialState.FAILED_GOAL)
-                task.note_metric(tr)
-            else:
-                tr.bound, tr.stopped_early = bound, True
-                task.set_state(tr, TrialState.FAILED_GOAL)
+            self._score(task, tr, metric, *(stopped or ()))
             self._finish_trial(task, tr)
             answered = True
         return True
@@ -215,11 +217,58 @@ class Outcomes:
         if task.state is not TaskState.TUNING:
             return
         last = task.trials[-1].stage if task.trials else None
-        if passed is None and task.tuning.get("strategy") == "basic" and last != search.ACCUMULATED \
-                and (last != search.CONFIG or task.n_unfinished == 0):  # cheap gates: most results add nothing
+        staged = passed is None and task.tuning.get("strategy") == "basic" and last != search.ACCUMULATED \
+            and (last != search.CONFIG or task.n_unfinished == 0)  # cheap gates: most results add nothing
+        if staged:
             self._add_stage(task, search.next_stage(task.layout(), task.steps()))
+        if staged or (task.n_unfinished == 0 and passed is None):
+            self._want_refines(task, search.refines(task.layout(), task.steps()))
         if task.n_unfinished == 0:
-            self.conclude(task, search.decide(task.layout(), task.steps()))
+            decision = search.decide(task.layout(), task.steps())
+            if decision is not None:  # (None: stopped trials are being refined first)
+                self.conclude(task, decision)
+
+    def _want_refines(self, task: Task, indexes: frozenset[int]) -> None:
+        """Stopped trials whose full metric a decision needs (search.refines): each gets a refine job."""
+        new = [i for i in sorted(indexes) if JobRef(REFINE.name, i) not in task.jobs and task.trials[i].refine is None]
+        if not new:
+            return
+        for i in new:
+            task.jobs[JobRef(REFINE.name, i)] = Lease()
+        self._dirty = True  # refine jobs wait for slots
+        self._write_task(task, jobs=task.jobs_plain())
+        for i in new:
+            self.emit(task, "trial", **task.trial_event(task.trials[i]))
+        log.info("task %s: refining trials %s (their intervals cannot decide)", task.id, ", ".join(map(str, new)))
+
+    def _refine_result(self, task: Task, ref: JobRef, body: dict, worker: Worker) -> None:
+        """A stopped trial evaluated in full: its metric, which must lie in its interval and miss the goal (else
+        this worker's full run disagrees with the first one: the trial's full metric cannot be had)."""
+        tr = task.trials[ref.index]
+        metric = finite(body.get("metric")) if body["ok"] else None
+        tr.seconds = (tr.seconds or 0.0) + (finite(body.get("seconds")) or 0.0)
+        if metric is not None and tr.low is not None and metric < tr.low or \
+                metric is not None and tr.high is not None and metric > tr.high or \
+                metric is not None and tuner.meets_goal(metric, task.goal()):
+            metric, why = None, f"its full metric {metric!r} lies outside its early-stop interval [{tr.low}, {tr.high}]"
+        else:
+            why = body.get("error") or "the runner returned no metric"
+        if metric is None:
+            self._refine_gave_up(task, ref, 1, why)
+            return
+        tr.metric, tr.refine = metric, "done"
+        self.cache.put_trial(task.spec, worker.versions, tr.config, getattr(tr, "fallback", None), metric)
+        self._write_trial(task, tr, metric=metric, refine=tr.refine, seconds=tr.seconds)
+        self.emit(task, "trial", **task.trial_event(tr))
+        self.settle(task)
+
+    def _refine_gave_up(self, task: Task, ref: JobRef, attempt: int, why: str) -> None:
+        """No full metric for this stopped trial: decisions treat it like a trial that errored."""
+        tr = task.trials[ref.index]
+        tr.refine, tr.error = "failed", f"refine failed: {why}"[:4000]
+        self._write_trial(task, tr, refine=tr.refine, error=tr.error)
+        self.emit(task, "trial", **task.trial_event(tr))
+        self.settle(task)
 
     def _add_stage(self, task: Task, new: list[search.NewTrial]) -> None:
         """Append trials of the fallback search (a trial's index is its place in the global order)."""
@@ -244,6 +293,9 @@ class Outcomes:
         for tr in task.trials:
             if not tr.state.finished:
                 self._cancel_trial(task, tr, "the task is decided")
+        for ref, lease in list(task.jobs.items()):  # refines no decision needs any more
+            self._stop_job(task, ref.id(task.id), lease.attempt, lease.worker)
+        task.jobs.clear()
         self._move(task, TaskState.FINALIZING)
         task.winner, task.met_goal, task.error = decision.winner, decision.met_goal, note
         task.jobs[JobRef(SAVE.name)] = Lease()
@@ -258,7 +310,7 @@ class Outcomes:
         task.set_state(tr, TrialState.CANCELLED)
         tr.error, tr.finished = why, time.time()
         self._write_trial(task, tr, state=tr.state.value, error=why, finished=tr.finished)
-        self.emit(task, "trial", **tr.event())
+        self.emit(task, "trial", **task.trial_event(tr))
 
     def _stop_job(self, task: Task, jid: str, attempt: int, wid: str | None) -> None:
         self.orphans.pop(jid, None)
@@ -310,7 +362,10 @@ class Outcomes:
                 return getattr(self, kind.give_up)(task, job, attempt, why)
             task.jobs[job] = Lease(attempt)
             self._write_task(task, jobs=task.jobs_plain())
-            self.emit(task, "state", state=task.state.value, reason=why)
+            if job.index is not None:
+                self.emit(task, "trial", **task.trial_event(task.trials[job.index]))
+            else:
+                self.emit(task, "state", state=task.state.value, reason=why)
             return
         tr = task.trials[job.index]
         self.metrics.trials_requeued += state is TrialState.PENDING
@@ -320,7 +375,7 @@ class Outcomes:
             tr.error, tr.finished = f"{why} on each of {attempt} attempts", time.time()
         self._write_trial(task, tr, state=state.value, attempt=attempt, worker=None, error=tr.error,
                           finished=tr.finished)
-        self.emit(task, "trial", **tr.event())
+        self.emit(task, "trial", **task.trial_event(tr))
         self.settle(task)
 
     def _plan_gave_up(self, task: Task, ref: JobRef, attempt: int, why: str) -> None:
@@ -329,9 +384,3 @@ class Outcomes:
     def _save_gave_up(self, task: Task, ref: JobRef, attempt: int, why: str) -> None:
         self.finish(task, TaskState.DONE, winner=task.winner, met_goal=task.met_goal,
                     error=f"the winner's artifact could not be saved ({attempt} attempts): {why}")
-
-
-def finite(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        return None
-    return float(value)

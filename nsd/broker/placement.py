@@ -105,11 +105,19 @@ class Placement:
         task.set_state(tr, TrialState.RUNNING)
         tr.worker, tr.started = worker.id, time.time()
         self._write_trial(task, tr, state=tr.state.value, worker=worker.id, started=tr.started)
-        self.emit(task, "trial", **tr.event())
+        self.emit(task, "trial", **task.trial_event(tr))
         return worker, {"kind": "trial", "task_id": task.id, "spec": task.spec, "index": tr.index,
                         "config": tr.config, "fallback": tr.fallback,
                         # What it must reach to matter (early stop), and whether a pass should keep its model.
                         "rule": task.stop_rule(tr.index), "keep": task.keeps(tr.index)}
+
+    def _refine_job(self, task: Task, ref: JobRef, worker: Worker) -> tuple[Worker, dict]:
+        """A stopped trial, run again in full (no rule, nothing kept): a decision needs its metric."""
+        tr = task.trials[ref.index]
+        self._lease_to(task, ref, worker)
+        self.emit(task, "trial", **task.trial_event(tr))
+        return worker, {"kind": "refine", "task_id": task.id, "spec": task.spec, "index": tr.index,
+                        "config": tr.config, "fallback": tr.fallback, "rule": None, "keep": False}
 
     def _save_job(self, task: Task, ref: JobRef, worker: Worker) -> tuple[Worker, dict]:
         winner = task.trials[task.winner]

@@ -27,7 +27,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
-from nsd.broker import tuner
+from nsd.broker import intervals, tuner
 from nsd.broker.objective import First, Objective
 from nsd.states import TrialState
 
@@ -67,9 +67,11 @@ class Step:
     base: int
     state: TrialState = TrialState.PENDING
     metric: float | None = None
+    low: float | None = None  # stopped early: the interval its full metric lies in (nsd.broker.intervals)
+    high: float | None = None
 
     def view(self) -> tuner.TrialView:
-        return tuner.TrialView(self.index, self.state, self.metric)
+        return tuner.TrialView(self.index, self.state, self.metric, self.low, self.high)
 
 
 @dataclass(frozen=True)
@@ -156,43 +158,66 @@ def sequential(layout: Layout, metric_of: Callable[[str, int, tuple[str, ...]], 
 # ---- the distributed form: what the broker asks after every trial change -----------------------------
 
 
-def next_stage(layout: Layout, steps: Sequence[Step]) -> list[NewTrial]:
-    """Trials to append now (indexes continue the global order; cut at max_trials), or [] if none yet.
-
-    Nothing is added once any trial has passed: the winner lies at or below it, among trials that exist.
-    """
+def _next(layout: Layout, steps: Sequence[Step]) -> tuple[list[NewTrial], frozenset[int]]:
+    """(trials to append now, trials to refine before the next stage is known): see next_stage, refines."""
     room = layout.max_trials - len(steps)
     if layout.strategy != "basic" or room <= 0 or any(s.state is TrialState.PASSED for s in steps):
-        return []
+        return [], frozenset()
+    rules = layout.rules
     n_configs = len(layout.families)
     configs = steps[:n_configs]
     if len(steps) == n_configs:  # only the config stage exists: the fallback stages wait for `best`
         if not all(s.state.finished for s in configs):
-            return []
-        base = best_config([s.metric for s in configs], layout.higher_is_better)
-        if base is None:
-            return []
+            return [], frozenset()
+        first, refine = intervals.top(rules.spans([s.view() for s in configs]))
+        if refine:
+            return [], frozenset(configs[p].index for p in refine)
+        if first is None:
+            return [], frozenset()
+        base = configs[first].index
         oplist = layout.oplists.get(layout.families[base], OpList())
         new = [NewTrial(BLOCK_WISE, fb, base) for fb in block_stage(oplist)]
         new += [NewTrial(OP_WISE, fb, base) for fb in op_stage(oplist)]
-        return new[:room]
+        return new[:room], frozenset()
     op_wise = [s for s in steps if s.stage == OP_WISE]
     if any(s.stage == ACCUMULATED for s in steps) or not op_wise:
-        return []
+        return [], frozenset()
     base = op_wise[0].base
     oplist = layout.oplists.get(layout.families[base], OpList())
     if len(op_wise) < len(oplist.ops) or not all(s.state.finished for s in op_wise):
-        return []  # the op-wise stage was cut by max_trials, or its impact order is not known yet
-    order = impact_order([(s.fallback[0], s.metric) for s in op_wise], layout.higher_is_better)
-    return [NewTrial(ACCUMULATED, fb, base) for fb in accumulated_stage(order)][:room]
+        return [], frozenset()  # the op-wise stage was cut by max_trials, or its impact order is not known yet
+    # Only the first room + 1 ops of the order make prefixes that fit under max_trials.
+    order, refine = intervals.ranked(rules.spans([s.view() for s in op_wise]), room + 1)
+    if refine:
+        return [], frozenset(op_wise[p].index for p in refine)
+    names = [op_wise[p].fallback[0] for p in order]
+    return [NewTrial(ACCUMULATED, fb, base) for fb in accumulated_stage(names)][:room], frozenset()
+
+
+def next_stage(layout: Layout, steps: Sequence[Step]) -> list[NewTrial]:
+    """Trials to append now (indexes continue the global order; cut at max_trials), or [] if none yet.
+
+    Nothing is added once any trial has passed: the winner lies at or below it, among trials that exist.
+    A stage whose content needs full metrics that stopped trials do not have waits for them (`refines`).
+    """
+    return _next(layout, steps)[0]
+
+
+def refines(layout: Layout, steps: Sequence[Step]) -> frozenset[int]:
+    """Stopped trials whose full metric is needed now: to find the best config the fallback stages build on,
+    to order the op-wise stage where it decides the accumulated prefixes, or — no stage left to add — to
+    find the best trial when none passed (the objective's `refine`). Only where the intervals cannot."""
+    new, refine = _next(layout, steps)
+    if refine or new:
+        return refine
+    return layout.rules.refine([s.view() for s in steps])
 
 
 def decide(layout: Layout, steps: Sequence[Step], exhausted: bool = False) -> tuner.Decision | None:
-    """The outcome, or None while unknown: the objective's, once no stage is left to add."""
-    views = [s.view() for s in steps]
-    if not exhausted and next_stage(layout, steps):
+    """The outcome, or None while unknown: the objective's, once no stage is left to add or to refine for."""
+    if not exhausted and any(_next(layout, steps)):
         return None
-    return layout.rules.decide(views, exhausted)
+    return layout.rules.decide([s.view() for s in steps], exhausted)
 
 
 def fallback_label(base_label: str, fallback: Sequence[str]) -> str:

@@ -100,12 +100,14 @@ MIGRATIONS = (  # columns added after the first release: (table, column, definit
     ("trials", "cached", "INTEGER"),  # answered from the metric cache
     # job kinds (nsd.broker.jobs): the leases of the jobs other than trials, [[kind, index, attempt, worker]]
     ("tasks", "jobs", "TEXT"),
+    # lazy exactness: a stopped trial's interval, and its refine job's outcome ("done", "failed")
+    ("trials", "low", "REAL"), ("trials", "high", "REAL"), ("trials", "refine", "TEXT"),
 )
 EVENTS_KEPT = 1000  # per task: the events table keeps the newest ones (clients re-snapshot; see README)
 TASK_COLUMNS = frozenset({"state", "started", "finished", "baseline", "winner", "met_goal", "error", "seq",
                           "stage_attempt", "stage_worker", "plan_s", "artifact", "oplists", "jobs"})
 TRIAL_COLUMNS = frozenset({"state", "attempt", "metric", "worker", "started", "finished", "seconds", "error",
-                           "bound", "stopped_early", "cached"})
+                           "bound", "stopped_early", "cached", "low", "high", "refine"})
 
 
 class Store:

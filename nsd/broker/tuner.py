@@ -23,7 +23,9 @@ class Goal:
 class TrialView:
     index: int
     state: TrialState
-    metric: float | None = None
+    metric: float | None = None  # its full metric
+    low: float | None = None  # stopped early: its full metric lies in [low, high] (None: unbounded that way)
+    high: float | None = None
 
 
 @dataclass(frozen=True)

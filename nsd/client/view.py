@@ -31,13 +31,28 @@ def apply_event(task: dict[str, Any], event: dict[str, Any]) -> dict[str, Any]:
         task["trials"] = task["trials"] + [_new_trial(t) for t in event["trials"]]
     elif event["kind"] == "trial":
         trial = task["trials"][event["index"]]
-        trial.update({k: event[k] for k in ("state", "metric", "attempt", "worker", "seconds", "error")})
+        trial.update({k: v for k, v in event.items() if k not in ("kind", "seq", "ts", "task_id", "index")})
     return task
 
 
 def _new_trial(described: dict[str, Any]) -> dict[str, Any]:
     return {"stage": "config", "fallback": [], **described, "state": TrialState.PENDING.value, "metric": None, "attempt": 1,
-            "worker": None, "seconds": None, "error": None}
+            "worker": None, "seconds": None, "error": None, "bound": None, "stopped_early": False, "interval": None,
+            "refine": None, "cached": False}
+
+
+def metric_text(trial: dict[str, Any]) -> str:
+    """A trial's metric for people: the full metric, or the interval a trial that stopped early holds it in
+    (`[lo, hi]`, `<=hi` / `>=lo` where unbounded), and where its refine job stands."""
+    if trial.get("metric") is not None:
+        return _fmt(trial["metric"]) + ("*" if trial.get("refine") == "done" else "")
+    interval = trial.get("interval")
+    if not interval:
+        return "-"
+    lo, hi = interval
+    text = f"<={_fmt(hi)}" if lo is None else f">={_fmt(lo)}" if hi is None else f"[{lo:.4g},{hi:.4g}]"
+    return text + {"waiting": " (refine waits)", "running": " (refining)", "failed": " (refine failed)"}.get(
+        trial.get("refine"), "")
 
 
 def _fmt(value: float | None) -> str:
@@ -58,7 +73,9 @@ def progress_line(task: dict[str, Any], now: float | None = None) -> str:
     started = task["timings"]["started"]
     end = task["timings"]["finished"] or now or time.time()
     elapsed = f"{end - started:.1f}s" if started else "-"
-    return (f"{task['task_id']} {task['state']:<10} trials {done}/{len(trials)} ({running} running)  "
+    refining = sum(t.get("refine") in ("waiting", "running") for t in trials)
+    running = f"{running} running" + (f", {refining} refining" if refining else "")
+    return (f"{task['task_id']} {task['state']:<10} trials {done}/{len(trials)} ({running})  "
             f"baseline {_fmt(task['baseline'])}  best {_fmt(best_so_far(task))}  elapsed {elapsed}")
 
 
@@ -91,11 +108,13 @@ def result_text(task: dict[str, Any]) -> str:
                      f"{'stage':<11} config")
         for tr in task["trials"]:
             secs = "-" if tr["seconds"] is None else f"{tr['seconds']:.2f}"
-            lines.append(f"{tr['index']:>4}  {tr['state']:<11} {_fmt(tr['metric']):>10} {tr['attempt']:>3} "
+            lines.append(f"{tr['index']:>4}  {tr['state']:<11} {metric_text(tr):>10} {tr['attempt']:>3} "
                          f"{secs:>6}  {str(tr['worker'] or '-')[:16]:<16} {tr.get('stage', 'config'):<11} "
                          f"{tr['label']}")
-            if tr["state"] == TrialState.ERROR and tr["error"]:
+            if tr["error"] and (tr["state"] == TrialState.ERROR or tr.get("refine") == "failed"):
                 lines.append(f"{'':>6}error: {tr['error'].splitlines()[0][:160]}")
+        if any(tr.get("stopped_early") for tr in task["trials"]):
+            lines.append("(stopped early: the interval holds its full metric; * its full metric from a refine job)")
     return "\n".join(lines)
 
 

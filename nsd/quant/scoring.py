@@ -18,7 +18,9 @@ Sums of floats may round differently than the bound's arithmetic, so bounds of f
 trial only stops a hair later than it could. Integer counts (accuracy) and perplexity (a running sum of
 non-negative terms, rounding is monotone) are exact without it.
 
-`can_stop` decides with the rule the broker puts in each trial job (`nsd.broker.objective.First.stop_rule`).
+`can_stop` decides with the rule the broker puts in each trial job (`nsd.broker.objective.First.stop_rule`):
+a trial stops once it cannot meet the goal, and reports the interval it stopped with; the broker computes
+a full metric later only where a decision needs it (`nsd.broker.intervals`).
 Pure python: no torch.
 """
 
@@ -32,14 +34,11 @@ SLACK = 1e-9
 
 
 def can_stop(low: float, high: float, rule: dict | None) -> bool:
-    """Whether a trial whose final metric lies in [low, high] can neither meet the goal nor become the best
-    trial, under `rule` (signed space: sign * metric, larger is better)."""
-    if not rule or rule.get("best") is None:
+    """Whether a trial whose final metric lies in [low, high] can no longer meet the goal, under `rule`
+    (`{"sign", "need"}`, signed space: it meets the goal iff sign * metric >= need). No rule: never."""
+    if not rule or rule.get("need") is None:
         return False
-    reach = high if rule["sign"] > 0 else -low  # the best the trial can still reach, signed
-    if not reach < rule["need"]:  # could still meet the goal (NaN: never stop)
-        return False
-    return reach < rule["best"] or (reach == rule["best"] and bool(rule["tie_stops"]))
+    return reachable(low, high, rule["sign"]) * rule["sign"] < rule["need"]  # (NaN: never stop)
 
 
 def reachable(low: float, high: float, sign: int) -> float:
@@ -47,9 +46,9 @@ def reachable(low: float, high: float, sign: int) -> float:
     return high if sign > 0 else low
 
 
-def run_steps(steps: Steps, rule: dict | None) -> tuple[float | None, float | None, int]:
-    """Evaluate until done or until `rule` says the trial cannot matter: (metric or None, bound or None,
-    batches evaluated)."""
+def run_steps(steps: Steps, rule: dict | None) -> tuple[float | None, tuple[float, float] | None, int]:
+    """Evaluate until done or until `rule` says the trial cannot meet the goal: (metric or None, the
+    interval [low, high] it stopped with or None, batches evaluated)."""
     batches = 0
     try:
         while True:
@@ -57,7 +56,7 @@ def run_steps(steps: Steps, rule: dict | None) -> tuple[float | None, float | No
             batches += 1
             if can_stop(low, high, rule):
                 steps.close()
-                return None, reachable(low, high, rule["sign"]), batches
+                return None, (low, high), batches
     except StopIteration as done:
         return done.value, None, batches
 

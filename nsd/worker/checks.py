@@ -80,10 +80,8 @@ def _number(value: Any) -> bool:
 def _perf_fields(body: dict) -> str | None:
     """A trial's stop rule and keep flag, a save job's kept folder (issue 11)."""
     rule = body.get("rule")
-    if rule is not None and not (isinstance(rule, dict) and rule.get("sign") in (1, -1) and _number(rule.get("need"))
-                                 and (rule.get("best") is None or _number(rule.get("best")))
-                                 and isinstance(rule.get("tie_stops"), bool)):
-        return "job rule must be {sign: 1 or -1, need: number, best: number or null, tie_stops: bool}"
+    if rule is not None and not (isinstance(rule, dict) and rule.get("sign") in (1, -1) and _number(rule.get("need"))):
+        return "job rule must be {sign: 1 or -1, need: number}"
     if body.get("keep") is not None and not isinstance(body.get("keep"), bool):
         return "job keep must be a boolean"
     if body.get("kept") is not None and not (isinstance(body["kept"], str) and len(body["kept"]) < 4096):

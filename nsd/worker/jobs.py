@@ -60,7 +60,7 @@ async def run_job(runner: RunnerProcess, trial_id: str, attempt: int, job: dict,
     if job.get("kept") and not Path(job["kept"]).resolve().is_relative_to((kept_dir / task_id).resolve()):
         job.pop("kept")  # only a folder this worker kept for this task is uploaded as its artifact
     limit = None
-    if job["kind"] == "trial" and job["spec"]["tuning"].get("trial_timeout_s"):
+    if job["kind"] in ("trial", "refine") and job["spec"]["tuning"].get("trial_timeout_s"):
         limit = job["spec"]["tuning"]["trial_timeout_s"]
     try:
         await runner.ready()  # a runner's start-up is not the trial's time

@@ -242,18 +242,21 @@ def trial(job: dict, cache: TaskCache) -> dict[str, Any]:
 
 
 def evaluate_trial(recipe, q_model, rule: dict | None) -> dict[str, Any]:
-    """The trial's metric; or, once its best reachable metric can neither meet the goal nor beat a finished
-    trial (`rule`, from `nsd.broker.objective.First.stop_rule`), no metric and that bound (`stopped_early`). Recipes
-    with evaluate_steps give the same metric either way (nsd.quant.scoring)."""
+    """The trial's metric; or, once its best reachable metric cannot meet the goal (`rule`, from
+    `nsd.broker.objective.First.stop_rule`), no metric and the interval it stopped with (`stopped_early`,
+    `low`/`high`: None where unbounded, `bound`: the best end). Recipes with evaluate_steps give the same
+    metric either way (nsd.quant.scoring)."""
     if recipe.evaluate_steps is None:
         return {"metric": _metric(recipe.evaluate(q_model))}
-    from nsd.quant.scoring import run_steps
+    from nsd.quant.scoring import reachable, run_steps
 
-    metric, bound, batches = run_steps(recipe.evaluate_steps(q_model), rule)
+    metric, stopped, batches = run_steps(recipe.evaluate_steps(q_model), rule)
     if metric is None:
-        print(f"nsd: stopped early after {batches} evaluation batches: best reachable metric {bound!r}",
-              flush=True)
-        return {"metric": None, "stopped_early": True, "bound": bound, "batches": batches}
+        low, high = stopped
+        bound = reachable(low, high, rule["sign"])
+        print(f"nsd: stopped early after {batches} evaluation batches: metric in [{low!r}, {high!r}]", flush=True)
+        return {"metric": None, "stopped_early": True, "bound": bound, "batches": batches,
+                "low": low if math.isfinite(low) else None, "high": high if math.isfinite(high) else None}
     return {"metric": _metric(metric), "batches": batches}
 
 
@@ -336,7 +339,7 @@ def warm(job: dict, cache: TaskCache) -> dict[str, Any]:
 
 
 # Each job kind (nsd.protocol.JOB_KINDS) and what runs it here.
-RUNS = {"plan": plan, "trial": trial, "save": save, "warm": warm}
+RUNS = {"plan": plan, "trial": trial, "refine": trial, "save": save, "warm": warm}
 
 
 def _metric(value: Any) -> float:
