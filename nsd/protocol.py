@@ -87,7 +87,8 @@ class WireJob:
 
 TRIAL = "trial"  # the per-trial job whose id is just the index
 JOB_KINDS: dict[str, WireJob] = {k.name: k for k in (
-    WireJob("plan", per_trial=False, config=False),  # expand the config set, FP32 baseline, op lists
+    WireJob("plan", per_trial=False, config=False),  # expand the config set in INC's order (no model needed)
+    WireJob("baseline", per_trial=False, config=False),  # evaluate FP32 once, list the ops (beside the trials)
     WireJob(TRIAL, per_trial=True, config=True),  # quantize one config and evaluate it
     WireJob("refine", per_trial=True, config=True),  # a trial that stopped early, evaluated again in full
     WireJob("save", per_trial=False, config=True),  # the winner's model, saved and uploaded

@@ -20,6 +20,7 @@ class TaskState(str, enum.Enum):
 class TrialState(str, enum.Enum):
     PENDING = "pending"  # waiting for a slot (again, after a lost worker: attempt + 1)
     RUNNING = "running"  # leased to (worker, attempt)
+    SCORED = "scored"  # has its metric; passes or fails once the FP32 baseline is known (it ran beside it)
     PASSED = "passed"  # metric meets the accuracy goal
     FAILED_GOAL = "failed_goal"  # ran, metric misses the goal
     ERROR = "error"  # the recipe or INC raised, or the runner died max_attempts times
@@ -27,7 +28,8 @@ class TrialState(str, enum.Enum):
 
     @property
     def finished(self) -> bool:
-        return self not in (TrialState.PENDING, TrialState.RUNNING)
+        """Its outcome is known (a SCORED trial's is not yet: pass or fail waits for the baseline)."""
+        return self not in (TrialState.PENDING, TrialState.RUNNING, TrialState.SCORED)
 
 
 # Every state change goes through `nsd.broker.model` and is checked against these tables: a change not
@@ -40,11 +42,13 @@ TASK_TRANSITIONS: dict[TaskState, frozenset[TaskState]] = {
     TaskState.DONE: frozenset(), TaskState.FAILED: frozenset(), TaskState.CANCELLED: frozenset(),
 }
 TRIAL_TRANSITIONS: dict[TrialState, frozenset[TrialState]] = {
-    # PASSED/FAILED_GOAL straight from PENDING: a metric already known (answered without running it).
+    # PASSED/FAILED_GOAL straight from PENDING: a metric already known (answered without running it); SCORED
+    # straight from PENDING: the same before the baseline is known.
     TrialState.PENDING: frozenset({TrialState.RUNNING, TrialState.CANCELLED, TrialState.PASSED,
-                                   TrialState.FAILED_GOAL}),
+                                   TrialState.FAILED_GOAL, TrialState.SCORED}),
     TrialState.RUNNING: frozenset({TrialState.PENDING, TrialState.PASSED, TrialState.FAILED_GOAL, TrialState.ERROR,
-                                   TrialState.CANCELLED}),
+                                   TrialState.CANCELLED, TrialState.SCORED}),
+    TrialState.SCORED: frozenset({TrialState.PASSED, TrialState.FAILED_GOAL, TrialState.CANCELLED}),
     TrialState.PASSED: frozenset(), TrialState.FAILED_GOAL: frozenset(), TrialState.ERROR: frozenset(),
     TrialState.CANCELLED: frozenset(),
 }

@@ -314,3 +314,58 @@ async def test_a_result_kept_in_the_outbox_counts_when_its_worker_registers_agai
         assert (trial["state"], trial["metric"], trial["attempt"]) == ("failed_goal", 0.3, 1)
     finally:
         await w.stop()
+
+
+async def test_trials_run_while_the_baseline_is_evaluated_and_pass_once_it_lands(broker, client):
+    """The plan only expands the config set; the baseline job runs beside the trials. Trials that finish before
+    it are `scored`, then pass or fail against it; the answer is the one a baseline-first run gives."""
+    metrics = {0: 0.5, 1: 0.95, 2: 0.99, 3: 0.2}
+    held = []
+
+    def answer(job):
+        if job["kind"] == "plan":
+            return {"ok": True, "configs": plan_answer(1.0, 4)["configs"]}  # no baseline: a job of its own
+        if job["kind"] == "baseline":
+            held.append(job)
+            return None  # held until the trials have run
+        return {"ok": True, "metric": metrics[job["index"]]}
+
+    w = await ScriptedWorker(broker.endpoints["workers"], "s1", slots=3, answer=answer).start()
+    try:
+        task_id = await client.submit(spec())
+        await wait_for(lambda: _true(bool(held)))
+        await wait_for(lambda: count_assigned(w, "trial", 2))
+        task = await client.status(task_id)
+        assert task["state"] == "tuning" and task["baseline"] is None
+        await wait_for(lambda: _scored(client, task_id, 2))
+        trials = (await client.status(task_id))["trials"]
+        assert [t["state"] for t in trials[:2]] == ["scored", "scored"] and trials[1]["metric"] == 0.95
+        assert held[0]["families"] == {"rtn": {"rtn": {"bits": 0}}}  # one config per family, for its op list
+        assert all(a[2].get("rule") is None for a in w.assigned if a[2]["kind"] == "trial")  # no goal yet: in full
+        key = next((a[0], a[1]) for a in w.assigned if a[2]["kind"] == "baseline")
+        w.result(key, {"ok": True, "baseline": 1.0})
+        task = await done(client, task_id)
+        assert task["state"] == "done" and task["baseline"] == 1.0 and task["met_goal"] is True
+        assert task["winner"]["index"] == 1 and [t["state"] for t in task["trials"][:2]] == ["failed_goal", "passed"]
+    finally:
+        await w.stop()
+
+
+async def test_a_baseline_that_fails_fails_the_task_with_its_message(broker, client):
+    def answer(job):
+        if job["kind"] == "plan":
+            return {"ok": True, "configs": plan_answer(1.0, 2)["configs"]}
+        if job["kind"] == "baseline":
+            return {"ok": False, "error": "RuntimeError: out of memory"}
+        return {"ok": True, "metric": 0.5}
+
+    w = await ScriptedWorker(broker.endpoints["workers"], "s1", slots=2, answer=answer).start()
+    try:
+        task = await done(client, await client.submit(spec()))
+        assert task["state"] == "failed" and "FP32 baseline failed: RuntimeError: out of memory" in task["error"]
+    finally:
+        await w.stop()
+
+
+async def _scored(client, task_id: str, n: int) -> bool:
+    return sum(t["state"] == "scored" for t in (await client.status(task_id))["trials"]) >= n

@@ -72,7 +72,7 @@ def test_the_cache_table_survives_a_restart(tmp_path):
 
 
 def jobs_run(worker, task_id: str) -> list[str]:
-    """The jobs a worker's runners ran for a task (one log file each: plan, <index>-a<attempt>, save)."""
+    """The jobs a worker's runners ran for a task (one log file each: plan, baseline, <index>-a<attempt>, save)."""
     folder = worker.cache_dir / "logs" / task_id
     return sorted(p.name.rsplit("-a", 1)[0] if p.name[0].isdigit() else p.name.split("-")[0]
                   for p in folder.glob("*.log")) if folder.is_dir() else []
@@ -84,19 +84,25 @@ def answer(result: dict) -> tuple:
 
 
 @pytest.mark.slow
-async def test_a_retune_with_another_tolerance_runs_no_known_trial_and_equals_a_cold_run(client, start_workers):
+async def test_a_retune_with_another_tolerance_runs_only_what_the_cache_cannot_decide(client, start_workers):
     (worker,) = await start_workers(1)
     first = await client.result(await client.submit(digits_spec()), wait=True)  # tolerance 0.5 %: trial 2 wins
-    assert first["winner"]["index"] == 2 and jobs_run(worker, first["task_id"]) == ["0", "1", "2", "plan", "save"]
-    assert not any(t["cached"] for t in first["trials"])
-    # 15 %: trial 1 (0.83) passes. The plan and trials 0-1 are known: only the new winner's save job runs.
+    assert first["winner"]["index"] == 2
+    assert jobs_run(worker, first["task_id"]) == ["0", "1", "2", "baseline", "plan", "save"]
+    assert not any(t["cached"] for t in first["trials"]) and first["trials"][0]["stopped_early"]
+    # A stricter goal: the 2-bit trials' intervals (below the 0.5 % goal, so below this one too) and trial 2's
+    # metric are known: none of them runs again.
+    strict = await client.result(await client.submit(digits_spec(tolerable_loss=0.0001)), wait=True)
+    assert all(t["cached"] for t in strict["trials"][:3])
+    assert not {"0", "1", "2", "baseline", "plan"} & set(jobs_run(worker, strict["task_id"]))
+    # 15 %: trial 1 (0.83) passes. The 2-bit trials stopped below 0.5 % loss, which does not say whether they
+    # pass 15 %: they run again (lazily: trial 0 stops once it cannot pass); the rest is known.
     retune = await client.result(await client.submit(digits_spec(tolerable_loss=0.15)), wait=True)
-    assert jobs_run(worker, retune["task_id"]) == ["save"]
-    assert [t["cached"] for t in retune["trials"][:2]] == [True, True] and retune["winner"]["index"] == 1
+    assert jobs_run(worker, retune["task_id"]) == ["0", "1", "save"] and retune["winner"]["index"] == 1
     cold = await client.result(await client.submit(digits_spec(tolerable_loss=0.15, cache=False)), wait=True)
-    assert jobs_run(worker, cold["task_id"]) == ["0", "1", "plan", "save"]
+    assert jobs_run(worker, cold["task_id"]) == ["0", "1", "baseline", "plan", "save"]
     assert answer(retune) == answer(cold)
-    # The same task once more: its artifact is known too: no job at all.
+    # The same task once more: trial 0's interval now decides, trial 1's metric and the artifact are known.
     again = await client.result(await client.submit(digits_spec(tolerable_loss=0.15)), wait=True)
     assert jobs_run(worker, again["task_id"]) == [] and answer(again) == answer(cold)
     assert again["artifact"] == retune["artifact"]
@@ -111,7 +117,7 @@ async def test_a_changed_recipe_misses_the_cache(client, start_workers, tmp_path
     spec = digits_spec()
     spec["model"]["path"], spec["recipe"]["file"] = str(tmp_path / "model.pt"), str(tmp_path / "recipe.py")
     changed = await client.result(await client.submit(spec), wait=True)
-    assert jobs_run(worker, changed["task_id"]) == ["0", "1", "2", "plan", "save"]
+    assert jobs_run(worker, changed["task_id"]) == ["0", "1", "2", "baseline", "plan", "save"]
     assert not any(t["cached"] for t in changed["trials"]) and answer(changed) == answer(first)
 
 

@@ -11,8 +11,9 @@ its commit.
 Decisions are delegated to the task's objective, `tuner` and `search` (who won, what to cancel, requeue
 or give up, which stage comes next) and `scheduler` (which job goes where). What a job's result does to
 its task — and the lost leases, cancellations and endings that follow — is `nsd.broker.outcomes.Outcomes`,
-and placing waiting jobs on free cores is `nsd.broker.placement.Placement`; `Core` inherits both; each job
-kind's handlers there are named by its row in `nsd.broker.jobs`. This module holds the rest:
+the plan's and the baseline's `nsd.broker.planning.Planning`, and placing waiting jobs on free cores is
+`nsd.broker.placement.Placement`; `Core` inherits all three; each job kind's handlers there are named by
+its row in `nsd.broker.jobs`. This module holds the rest:
 transactions, loading, workers and leases, timers.
 """
 
@@ -36,6 +37,7 @@ from nsd.broker.jobs import PLAN
 from nsd.broker.model import Lease, Task, Trial, Worker
 from nsd.broker.outcomes import Outcomes
 from nsd.broker.placement import Placement
+from nsd.broker.planning import Planning
 from nsd.broker.store import StorageError, Store, storage_message
 from nsd.liveness import heartbeat_due
 from nsd.protocol import PROTOCOL_VERSION, Cmd, JobRef, parse_job_id
@@ -56,7 +58,7 @@ class Event:
     body: dict
 
 
-class Core(Outcomes, Placement):
+class Core(Outcomes, Planning, Placement):
     def __init__(self, store: Store, metrics: Metrics, heartbeat_s: float, liveness: int, blobs,
                  limits: BrokerLimits | None = None, curve: bool = False):
         self.store, self.metrics, self.blobs = store, metrics, blobs

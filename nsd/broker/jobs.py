@@ -34,6 +34,9 @@ class JobKind:
 PLAN = JobKind("plan", per_trial=False, in_trial=False, states=frozenset({TaskState.QUEUED, TaskState.PLANNING}),
                order=0, assign="_plan_job", result="_plan_result", give_up="_plan_gave_up",
                cached="_plan_from_cache")
+BASELINE = JobKind("baseline", per_trial=False, in_trial=False, states=frozenset({TaskState.TUNING}), order=0,
+                   assign="_baseline_job", result="_baseline_result", give_up="_baseline_gave_up",
+                   cached="_baseline_from_cache")
 TRIAL_KIND = JobKind(TRIAL, per_trial=True, in_trial=True, states=frozenset({TaskState.TUNING}), order=100,
                      assign="_trial_job", result="_trial_result", give_up=None, cached="_trials_from_cache")
 REFINE = JobKind("refine", per_trial=True, in_trial=False, states=frozenset({TaskState.TUNING}), order=10,
@@ -41,5 +44,5 @@ REFINE = JobKind("refine", per_trial=True, in_trial=False, states=frozenset({Tas
 SAVE = JobKind("save", per_trial=False, in_trial=False, states=frozenset({TaskState.FINALIZING}), order=0,
                assign="_save_job", result="_save_result", give_up="_save_gave_up", cached="_save_from_cache")
 
-KINDS: dict[str, JobKind] = {k.name: k for k in (PLAN, TRIAL_KIND, REFINE, SAVE)}
+KINDS: dict[str, JobKind] = {k.name: k for k in (PLAN, BASELINE, TRIAL_KIND, REFINE, SAVE)}
 assert KINDS.keys() == JOB_KINDS.keys() and all(k.per_trial == JOB_KINDS[k.name].per_trial for k in KINDS.values())

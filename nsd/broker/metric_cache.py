@@ -6,7 +6,8 @@ torch versions and a hash of nsd's own runner-side code, as the worker reports t
 GPTQ and PT2E are deterministic across processes and thread counts), so the broker answers
 the second from its `cache` table:
 
-- `plan_key`: the FP32 baseline and the expanded trial list (also depends on config_set and max_trials);
+- `plan_key`: the expanded trial list (also depends on config_set and max_trials);
+- `baseline_key`: the FP32 baseline and the op lists of the config families;
 - `trial_key`: a trial's metric, or, for a trial that stopped early, the interval it stopped with (reusable
   only where that interval cannot meet the new task's goal either; a refine's full metric replaces it, and
   an interval never replaces a full metric);
@@ -22,6 +23,7 @@ import json
 from typing import Any
 
 from nsd.blobs import parse_ref
+from nsd.broker.intervals import stop_interval
 from nsd.spec import PATH_FIELDS
 from nsd.versions import VERSION_KEYS
 
@@ -54,6 +56,12 @@ def _digest(kind: str, basis: dict, **more: Any) -> str:
 def plan_key(basis: dict, tuning: dict) -> str:
     return _digest("plan", basis, config_set=tuning["config_set"], max_trials=tuning["max_trials"],
                    strategy=tuning.get("strategy"))
+
+
+def baseline_key(basis: dict, tuning: dict, families: dict) -> str:
+    """The FP32 metric depends on the model, data and recipe only; the op lists also on the families (and the
+    first config of each: a PT2E family's graph) and on whether the search wants them."""
+    return _digest("baseline", basis, families=families, strategy=tuning.get("strategy"))
 
 
 def trial_key(basis: dict, config: dict, fallback: Any = None) -> str:
@@ -100,20 +108,40 @@ class MetricCache:
     def get_plan(self, spec: dict, versions: dict | None) -> dict | None:
         return self._get(self._plan_key(spec, versions))
 
-    def put_plan(self, spec: dict, versions: dict | None, baseline: float, configs: list, ops=None) -> None:
-        self._put(self._plan_key(spec, versions), {"baseline": baseline, "configs": configs, "ops": ops})
+    def put_plan(self, spec: dict, versions: dict | None, configs: list, baseline: float | None = None,
+                 ops=None) -> None:
+        """The expanded trial list (with the baseline and ops where the plan had them: before the split)."""
+        body = {"configs": configs} if baseline is None else {"baseline": baseline, "configs": configs, "ops": ops}
+        self._put(self._plan_key(spec, versions), body)
+
+    def _baseline_key(self, spec: dict, versions: dict | None, families: dict) -> str | None:
+        basis = task_basis(spec, versions)
+        return None if basis is None else baseline_key(basis, spec["tuning"], families)
+
+    def get_baseline(self, spec: dict, versions: dict | None, families: dict) -> dict | None:
+        return self._get(self._baseline_key(spec, versions, families))
+
+    def put_baseline(self, spec: dict, versions: dict | None, families: dict, baseline: float, ops=None) -> None:
+        self._put(self._baseline_key(spec, versions, families), {"baseline": baseline, "ops": ops})
 
     def get_trial(self, spec: dict, versions: dict | None, config: dict, fallback: Any = None) -> dict | None:
         return self._get(self._trial_key(spec, versions, config, fallback))
 
     def put_trial(self, spec: dict, versions: dict | None, config: dict, fallback: Any, metric: float | None,
                   bound: float | None = None, low: float | None = None, high: float | None = None) -> None:
-        """A trial's full metric, or the interval it stopped with — which never replaces a full metric."""
+        """A trial's full metric, or the interval it stopped with — which never replaces a full metric, and
+        narrows an interval already known (both hold the full metric: so does their intersection)."""
         key = self._trial_key(spec, versions, config, fallback)
-        if metric is None and key is not None and (self.store.cache_get(key) or {}).get("metric") is not None:
+        if metric is not None or key is None:
+            return self._put(key, {"metric": metric, "bound": bound})
+        known = self.store.cache_get(key) or {}
+        if known.get("metric") is not None:
             return
-        self._put(key, {"metric": metric, "bound": bound} if metric is not None else
-                  {"metric": None, "bound": bound, "low": low, "high": high})
+        sign = 1 if spec["tuning"].get("higher_is_better", True) else -1
+        _, old_low, old_high = stop_interval(known, sign) or (None, None, None)
+        low = max((v for v in (low, old_low) if v is not None), default=None)
+        high = min((v for v in (high, old_high) if v is not None), default=None)
+        self._put(key, {"metric": None, "bound": high if sign > 0 else low, "low": low, "high": high})
 
     def get_artifact(self, spec: dict, versions: dict | None, config: dict, fallback: Any = None) -> str | None:
         found = self._get(self._trial_key(spec, versions, config, fallback, "artifact"))

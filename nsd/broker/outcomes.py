@@ -1,5 +1,6 @@
-"""What a job's result does to its task: trial metrics, plans, saved artifacts, the decisions that follow
-(settle, the fallback search's next stage, conclude), cancellations, lost leases and endings.
+"""What a job's result does to its task: trial metrics, refines, saved artifacts, the decisions that follow
+(settle, the fallback search's next stage, conclude), cancellations, lost leases and endings (the plan
+and baseline jobs' are `nsd.broker.planning`).
 
 A mixin of `nsd.broker.core.Core` (it uses Core's transactions, writes, effects and indexes): split out
 so that each file reads in one sitting. Every method here runs inside a `Core.tx()`.
@@ -19,7 +20,6 @@ from nsd.broker.jobs import KINDS, REFINE, SAVE
 from nsd.broker.model import Lease, Task, Trial, Worker
 from nsd.broker.store import StorageError
 from nsd.protocol import TRIAL, Cmd, JobRef, parse_job_id
-from nsd.spec import first_trials
 from nsd.states import TaskState, TrialState
 
 log = logging.getLogger("nsd.broker")
@@ -74,7 +74,7 @@ class Outcomes:
             if tr.state is TrialState.PASSED and body.get("kept"):
                 tr.kept = (worker.id, body["kept"])
             self.cache.put_trial(task.spec, worker.versions, tr.config, fallback, tr.metric)
-        elif stopped is not None and not tuner.meets_goal(stopped[0], task.goal()):
+        elif stopped is not None and task.baseline is not None and not tuner.meets_goal(stopped[0], task.goal()):
             # It cannot meet the goal (First.stop_rule): its interval stands for its metric until a decision
             # needs more (a refine job).
             self._score(task, tr, None, *stopped)
@@ -86,10 +86,12 @@ class Outcomes:
 
     def _score(self, task: Task, tr: Trial, metric: float | None, bound: float | None = None,
                low: float | None = None, high: float | None = None) -> None:
-        """A trial's full metric (passed or failed_goal by the goal), or the interval it stopped with."""
+        """A trial's full metric (passed or failed_goal by the goal; scored while the baseline is not known),
+        or the interval it stopped with."""
         if metric is not None:
             tr.metric = metric
-            task.set_state(tr, TrialState.PASSED if tuner.meets_goal(metric, task.goal()) else TrialState.FAILED_GOAL)
+            task.set_state(tr, TrialState.SCORED if task.baseline is None else TrialState.PASSED
+                           if tuner.meets_goal(metric, task.goal()) else TrialState.FAILED_GOAL)
         else:
             tr.bound, tr.low, tr.high, tr.stopped_early = bound, low, high, True
             task.set_state(tr, TrialState.FAILED_GOAL)
@@ -111,19 +113,6 @@ class Outcomes:
         if kind.cached is None:
             return False
         return getattr(self, kind.cached)(task, waiting[0] if waiting else None, worker)
-
-    def _plan_from_cache(self, task: Task, ref: JobRef, worker: Worker) -> bool:
-        plan = self.cache.get_plan(task.spec, worker.versions)
-        if plan is None:
-            return False
-        if task.state is TaskState.QUEUED:
-            self._move(task, TaskState.PLANNING)
-        task.started = task.started or time.time()
-        self._write_task(task, state=task.state.value, started=task.started)
-        del task.jobs[ref]
-        self._plan_result(task, ref, {"ok": True, "baseline": plan["baseline"], "configs": plan["configs"],
-                                      "ops": plan.get("ops"), "seconds": 0.0})
-        return True
 
     def _save_from_cache(self, task: Task, ref: JobRef, worker: Worker) -> bool:
         winner = task.trials[task.winner]
@@ -164,30 +153,6 @@ class Outcomes:
         if text:
             self.store.put_log(task.id, job, body["attempt"], worker, text[-LOG_LIMIT:])
 
-    def _plan_result(self, task: Task, ref: JobRef, body: dict, worker: Worker | None = None) -> None:
-        task.plan_s = body.get("seconds")
-        baseline, configs = body.get("baseline"), body.get("configs")
-        if not body["ok"]:
-            return self.finish(task, TaskState.FAILED, error=f"planning failed: {body.get('error') or 'unknown error'}")
-        oplists = search.parse_oplists(body.get("ops"))
-        if baseline is None or configs is None or oplists is None or any(len(c["config"]) != 1 for c in configs):
-            return self.finish(task, TaskState.FAILED, error="planning returned a malformed plan")
-        if not configs:
-            return self.finish(task, TaskState.FAILED, error="the config set expanded to no configs")
-        configs = first_trials(configs, task.tuning["max_trials"])
-        if worker is not None:  # a plan a worker ran (not one from the cache): remember it
-            self.cache.put_plan(task.spec, worker.versions, float(baseline), configs, body.get("ops"))
-        task.baseline, task.oplists = float(baseline), oplists
-        task.trials = [Trial(index=i, config=c["config"], label=c.get("label", "")) for i, c in enumerate(configs)]
-        task.index_trials()
-        self._move(task, TaskState.TUNING)  # (marks scheduling dirty: new trials wait)
-        self.store.insert_trials(task.id, [t.row() for t in task.trials])
-        self._write_task(task, baseline=task.baseline, state=task.state.value, jobs=task.jobs_plain(),
-                         plan_s=task.plan_s, oplists=search.oplists_to_plain(oplists))
-        self.emit(task, "plan", baseline=task.baseline, trials=[t.described() for t in task.trials])
-        self.emit(task, "state", state=task.state.value)
-        log.info("task %s: baseline %.6g, %d trials", task.id, task.baseline, len(task.trials))
-
     def _save_result(self, task: Task, ref: JobRef, body: dict, worker: Worker | None = None) -> None:
         sha = body.get("artifact")
         if body["ok"] and sha is not None and self.blobs.has(sha):
@@ -214,8 +179,8 @@ class Outcomes:
             for index in task.objective.to_cancel(task.views()):
                 self._cancel_trial(task, task.trials[index], "a lower-index trial met the goal")
             task.cancelled_above = passed
-        if task.state is not TaskState.TUNING:
-            return
+        if task.state is not TaskState.TUNING or task.baseline is None:
+            return  # (before the baseline nothing has passed or failed: nothing to decide)
         last = task.trials[-1].stage if task.trials else None
         staged = passed is None and task.tuning.get("strategy") == "basic" and last != search.ACCUMULATED \
             and (last != search.CONFIG or task.n_unfinished == 0)  # cheap gates: most results add nothing
@@ -377,9 +342,6 @@ class Outcomes:
                           finished=tr.finished)
         self.emit(task, "trial", **task.trial_event(tr))
         self.settle(task)
-
-    def _plan_gave_up(self, task: Task, ref: JobRef, attempt: int, why: str) -> None:
-        self.finish(task, TaskState.FAILED, error=f"planning failed {attempt} times: {why}")
 
     def _save_gave_up(self, task: Task, ref: JobRef, attempt: int, why: str) -> None:
         self.finish(task, TaskState.DONE, winner=task.winner, met_goal=task.met_goal,

@@ -100,6 +100,10 @@ class Placement:
         self.emit(task, "state", state=task.state.value, worker=worker.id)
         return worker, {"kind": "plan", "task_id": task.id, "spec": task.spec}
 
+    def _baseline_job(self, task: Task, ref: JobRef, worker: Worker) -> tuple[Worker, dict]:
+        self._lease_to(task, ref, worker)
+        return worker, {"kind": "baseline", "task_id": task.id, "spec": task.spec, "families": self.families(task)}
+
     def _trial_job(self, task: Task, ref: JobRef, worker: Worker) -> tuple[Worker, dict]:
         tr = task.trials[ref.index]
         task.set_state(tr, TrialState.RUNNING)

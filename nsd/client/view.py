@@ -27,6 +27,8 @@ def apply_event(task: dict[str, Any], event: dict[str, Any]) -> dict[str, Any]:
     elif event["kind"] == "plan":
         task["baseline"] = event["baseline"]
         task["trials"] = [_new_trial(t) for t in event["trials"]]
+    elif event["kind"] == "baseline":  # the FP32 metric, evaluated beside the first trials
+        task["baseline"] = event["baseline"]
     elif event["kind"] == "stage":  # the fallback search added a stage's trials
         task["trials"] = task["trials"] + [_new_trial(t) for t in event["trials"]]
     elif event["kind"] == "trial":

@@ -55,6 +55,10 @@ def job(trial_id: str, body: Any) -> str | None:
         return f"{kind.name} job without its trial's index"
     if kind.config and (not isinstance(body.get("config"), dict) or len(body["config"]) != 1):
         return "job config must map one INC config name to its parameters"
+    if kind.name == "baseline" and not (isinstance(body.get("families"), dict) and len(body["families"]) <= 64
+                                        and all(isinstance(c, dict) and len(c) == 1 and next(iter(c)) == f
+                                                for f, c in body["families"].items())):
+        return "baseline job families must map each INC config name to one config of it"
     problem = _perf_fields(body)
     if problem:
         return problem

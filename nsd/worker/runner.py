@@ -181,20 +181,24 @@ def run_job(job: dict, cache: TaskCache) -> dict[str, Any]:
 
 
 def plan(job: dict, cache: TaskCache) -> dict[str, Any]:
-    """Evaluate FP32 once and expand the config set in INC's order; for the fallback search, list each config
-    family's ops and blocks once (every process then agrees on names and order)."""
-    from neural_compressor.torch.quantization.autotune import _deepcopy_warp
-
+    """Expand the config set in INC's order: INC's own ConfigLoader, no model needed (every process then
+    agrees on the trials and their order). The FP32 baseline is the baseline job's, beside the trials."""
     from nsd.quant.inc import expand
 
     spec = job["spec"]
+    return {"configs": expand(spec["tuning"]["config_set"], spec["tuning"]["max_trials"])}
+
+
+def baseline(job: dict, cache: TaskCache) -> dict[str, Any]:
+    """Evaluate FP32 once; for the fallback search, list each config family's ops and blocks once."""
+    from neural_compressor.torch.quantization.autotune import _deepcopy_warp
+
+    spec = job["spec"]
     recipe, model, _ = cache.get(job["task_id"], spec)
-    configs = expand(spec["tuning"]["config_set"], spec["tuning"]["max_trials"])
     # INC's autotune evaluates the baseline on a copy, exactly like this.
-    baseline = _metric(recipe.evaluate(_deepcopy_warp(model)))
-    answer = {"baseline": baseline, "configs": configs}
+    answer = {"baseline": _metric(recipe.evaluate(_deepcopy_warp(model)))}
     if spec["tuning"]["strategy"] == "basic":
-        answer["ops"] = op_lists(configs, cache)
+        answer["ops"] = op_lists([{"config": c} for c in job["families"].values()], cache)
     return answer
 
 
@@ -339,7 +343,7 @@ def warm(job: dict, cache: TaskCache) -> dict[str, Any]:
 
 
 # Each job kind (nsd.protocol.JOB_KINDS) and what runs it here.
-RUNS = {"plan": plan, "trial": trial, "refine": trial, "save": save, "warm": warm}
+RUNS = {"plan": plan, "baseline": baseline, "trial": trial, "refine": trial, "save": save, "warm": warm}
 
 
 def _metric(value: Any) -> float:

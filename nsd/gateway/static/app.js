@@ -59,12 +59,15 @@ function applyEvent(task, ev) {
     task.baseline = ev.baseline;
     task.trials = ev.trials.map(t => Object.assign({}, t, { state: "pending", metric: null, attempt: 1, worker: null,
                                                              seconds: null, error: null }));
+  } else if (ev.kind === "baseline") {  // the FP32 metric, evaluated beside the first trials
+    task.baseline = ev.baseline;
   } else if (ev.kind === "stage") {  // the fallback search added a stage's trials (README: the fallback search)
     task.trials = task.trials.concat(ev.trials.map(t => Object.assign({}, t, { state: "pending", metric: null, attempt: 1,
                                                                                worker: null, seconds: null, error: null })));
   } else if (ev.kind === "trial") {
     const t = task.trials[ev.index];
-    for (const k of ["state", "metric", "attempt", "worker", "seconds", "error"]) if (k in ev) t[k] = ev[k];
+    for (const k of ["state", "metric", "attempt", "worker", "seconds", "error", "bound", "stopped_early", "interval",
+                     "refine", "cached"]) if (k in ev) t[k] = ev[k];
   }
   return task;
 }

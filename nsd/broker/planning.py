@@ -1,0 +1,124 @@
+"""What the plan and baseline jobs' results do to a task, and how the metric cache answers them.
+
+The **plan** expands the config set in INC's order: the task's trials exist once it lands (`tuning`), and
+they start at once. The **baseline** job evaluates the FP32 model once and lists the ops the fallback search
+may keep in FP32; it runs beside the first trials (placed first among the task's waiting jobs). Trials that
+finish before it are `scored`: their metric is known, whether they pass is not; the baseline's result
+settles them, and trials started after it carry the goal (their early-stop rule). So no slot waits for the
+baseline, and the answer is the same: pass or fail is INC's test against the same baseline, and nothing
+is decided before it is known. A plan from before the split (a worker or a cache entry that also carries
+`baseline` and `ops`) needs no baseline job.
+
+A mixin of `nsd.broker.core.Core` (it uses Core's transactions, writes, effects and the outcomes' `settle`
+and `finish`): its handlers are named by the plan and baseline rows of `nsd.broker.jobs`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+from nsd.broker import search, tuner
+from nsd.broker.jobs import BASELINE
+from nsd.broker.model import Lease, Task, Trial, Worker
+from nsd.protocol import JobRef
+from nsd.spec import first_trials
+from nsd.states import TaskState, TrialState
+
+log = logging.getLogger("nsd.broker")
+
+
+class Planning:
+    # ---- plan ----------------------------------------------------------------------------------------
+
+    def _plan_from_cache(self, task: Task, ref: JobRef, worker: Worker) -> bool:
+        plan = self.cache.get_plan(task.spec, worker.versions)
+        if plan is None:
+            return False
+        if task.state is TaskState.QUEUED:
+            self._move(task, TaskState.PLANNING)
+        task.started = task.started or time.time()
+        self._write_task(task, state=task.state.value, started=task.started)
+        del task.jobs[ref]
+        self._plan_result(task, ref, {**plan, "ok": True, "seconds": 0.0})
+        return True
+
+    def _plan_result(self, task: Task, ref: JobRef, body: dict, worker: Worker | None = None) -> None:
+        task.plan_s = body.get("seconds")
+        baseline, configs = body.get("baseline"), body.get("configs")
+        if not body["ok"]:
+            return self.finish(task, TaskState.FAILED, error=f"planning failed: {body.get('error') or 'unknown error'}")
+        oplists = search.parse_oplists(body.get("ops"))
+        if configs is None or oplists is None or any(len(c["config"]) != 1 for c in configs):
+            return self.finish(task, TaskState.FAILED, error="planning returned a malformed plan")
+        if not configs:
+            return self.finish(task, TaskState.FAILED, error="the config set expanded to no configs")
+        configs = first_trials(configs, task.tuning["max_trials"])
+        if worker is not None:  # a plan a worker ran (not one from the cache): remember it
+            self.cache.put_plan(task.spec, worker.versions, configs, baseline, body.get("ops"))
+        task.trials = [Trial(index=i, config=c["config"], label=c.get("label", "")) for i, c in enumerate(configs)]
+        task.index_trials()
+        if baseline is None:  # evaluated beside the first trials
+            task.jobs[JobRef(BASELINE.name)] = Lease()
+        else:  # a plan from before the split: it has the baseline and the op lists already
+            task.baseline, task.oplists = float(baseline), oplists
+        self._move(task, TaskState.TUNING)  # (marks scheduling dirty: new trials wait)
+        self.store.insert_trials(task.id, [t.row() for t in task.trials])
+        self._write_task(task, baseline=task.baseline, state=task.state.value, jobs=task.jobs_plain(),
+                         plan_s=task.plan_s, oplists=search.oplists_to_plain(task.oplists))
+        self.emit(task, "plan", baseline=task.baseline, trials=[t.described() for t in task.trials])
+        self.emit(task, "state", state=task.state.value)
+        log.info("task %s: %d trials%s", task.id, len(task.trials),
+                 "" if task.baseline is None else f", baseline {task.baseline:.6g}")
+
+    def _plan_gave_up(self, task: Task, ref: JobRef, attempt: int, why: str) -> None:
+        self.finish(task, TaskState.FAILED, error=f"planning failed {attempt} times: {why}")
+
+    # ---- baseline ------------------------------------------------------------------------------------
+
+    def _baseline_from_cache(self, task: Task, ref: JobRef, worker: Worker) -> bool:
+        known = self.cache.get_baseline(task.spec, worker.versions, self.families(task))
+        if known is None:
+            return False
+        del task.jobs[ref]
+        self._baseline_result(task, ref, {**known, "ok": True})
+        return True
+
+    @staticmethod
+    def families(task: Task) -> dict[str, dict]:
+        """The first config of each INC config family in the task's config trials: what the baseline job lists
+        ops for (a PT2E family's ops are those of the graph its configs quantize)."""
+        out: dict[str, dict] = {}
+        for tr in task.trials:
+            if tr.stage == search.CONFIG:
+                out.setdefault(next(iter(tr.config)), tr.config)
+        return out
+
+    def _baseline_result(self, task: Task, ref: JobRef, body: dict, worker: Worker | None = None) -> None:
+        """The FP32 metric: the goal is known; trials scored beside it pass or fail now."""
+        if not body["ok"]:
+            return self.finish(task, TaskState.FAILED,
+                               error=f"evaluating the FP32 baseline failed: {body.get('error') or 'unknown error'}")
+        baseline, oplists = body.get("baseline"), search.parse_oplists(body.get("ops"))
+        if not isinstance(baseline, (int, float)) or isinstance(baseline, bool) or not math.isfinite(baseline) \
+                or oplists is None:
+            return self.finish(task, TaskState.FAILED, error="the baseline job returned a malformed answer")
+        if worker is not None:
+            self.cache.put_baseline(task.spec, worker.versions, self.families(task), float(baseline), body.get("ops"))
+        task.baseline, task.oplists = float(baseline), oplists
+        self._write_task(task, baseline=task.baseline, oplists=search.oplists_to_plain(oplists))
+        self.emit(task, "baseline", baseline=task.baseline)
+        log.info("task %s: baseline %.6g", task.id, task.baseline)
+        goal = task.goal()
+        for tr in task.trials:
+            if tr.state is TrialState.SCORED:
+                task.set_state(tr, TrialState.PASSED if tuner.meets_goal(tr.metric, goal) else TrialState.FAILED_GOAL)
+                self._write_trial(task, tr, state=tr.state.value)
+                self.metrics.trial_finished(tr.state.value)
+                self.emit(task, "trial", **task.trial_event(tr))
+        self._dirty = True  # trials placed from now on carry the goal
+        self.settle(task)
+
+    def _baseline_gave_up(self, task: Task, ref: JobRef, attempt: int, why: str) -> None:
+        self.finish(task, TaskState.FAILED, error=f"evaluating the FP32 baseline failed {attempt} times: {why}")
