@@ -115,6 +115,9 @@ HOSTILE_LEASES = [
     ("abc123abc123/0", -3),
     ("abc123abc123/0", 2**62),
     ("x" * 100_000 + "/0", 1),
+    ("abc123abc123/refine/../../0", 1),  # a per-trial kind's id: only `<kind>/<index>`
+    ("abc123abc123/trial/3", 1),
+    ("abc123abc123/baseline/3", 1),
 ]
 
 
@@ -152,6 +155,14 @@ async def test_hostile_values_are_ignored_and_the_worker_keeps_serving(fake_and_
         "abc123abc123/8": trial_job(index=8, config={"rtn": {}, "gptq": {}}),
         "abc123abc123/9": trial_job(index=9, spec={**job_spec(), "recipe": {"kind": "python", "file": "/r.py"},
                                             "model": {"shared": False, "path": "/etc/shadow"}}),
+        # job kinds of lazy exactness and the baseline split: a refine's id names its trial; a baseline's
+        # families map each config name to one config of it; a stop rule has its shape
+        "abc123abc123/refine/10": trial_job(index=11, kind="refine"),
+        "abc123abc123/refine/12": {**trial_job(index=12, kind="refine"), "config": "rtn"},
+        "abc123abc123/baseline": {"kind": "baseline", "task_id": "abc123abc123", "spec": job_spec(),
+                                  "families": {"rtn": {"gptq": {}}}},
+        "abc123abc123/13": trial_job(index=13, rule={"sign": 2, "need": 0.5}),
+        "abc123abc123/14": trial_job(index=14, rule={"sign": 1, "need": float("nan")}),
     }
     for trial_id, job in bad_jobs.items():
         fake.send(Cmd.ASSIGN, {"trial_id": trial_id, "attempt": 1, "job": job})
