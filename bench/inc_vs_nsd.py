@@ -260,8 +260,11 @@ def run_nsd(spec: dict, workers: int, verbose: bool, keep_dir: str | None = None
         if event.get("kind") == "trial":
             metric = event.get("metric")
             print(f"    nsd {at:6.2f}s  trial {event.get('index')}: {event.get('state')}"
-                  + (f"  metric {metric:.6f}" if isinstance(metric, float) else ""), flush=True)
-        elif event.get("kind") in ("state", "plan"):
+                  + (f"  metric {metric:.6f}" if isinstance(metric, float) else "")
+                  + (f"  interval {event['interval']}" if event.get("interval") and metric is None else "")
+                  + (f"  refine {event['refine']}" if event.get("refine") else "")
+                  + (f"  on {event['worker']}" if event.get("state") == "running" else ""), flush=True)
+        elif event.get("kind") in ("state", "plan", "baseline"):
             print(f"    nsd {at:6.2f}s  {event.get('kind')}: {event.get('state', '')}"
                   f"{' baseline %.6f' % event['baseline'] if event.get('baseline') is not None else ''}",
                   flush=True)
@@ -293,6 +296,11 @@ def compare(inc: dict, nsd: dict) -> dict[str, Any]:
         "nsd_state": result.get("state"), "nsd_met_goal": result.get("met_goal"), "nsd_error": result.get("error"),
         "nsd_scored": len(scored),
         "nsd_stopped": sum(bool(t.get("stopped_early")) for t in result.get("trials", [])),
+        "nsd_refined": sum(t.get("refine") == "done" for t in result.get("trials", [])),
+        # Trials evaluated in full before the first pass (INC: every trial before its pick, when it met the goal).
+        "inc_full_before_pass": inc_index if inc["met_goal"] else None,
+        "nsd_full_before_pass": (sum(1 for t in result.get("trials", []) if t["index"] < nsd_index
+                                     and t.get("metric") is not None) if result.get("met_goal") else None),
         "nsd_cached": sum(bool(t.get("cached")) for t in result.get("trials", [])),
         "nsd_cancelled": sum(t.get("state") == "cancelled" for t in result.get("trials", [])),
         "nsd_errors": sum(t.get("state") == "error" for t in result.get("trials", [])),
@@ -316,12 +324,18 @@ def print_run(rep: int, order: list[str], inc: dict, nsd: dict, cmp: dict) -> No
           f"{_f(cmp['nsd_elapsed_s'])} s, plan {_f(cmp['nsd_plan_s'])} s, per-trial seconds sum "
           f"{_f(cmp['nsd_trial_s'])} s)")
     for t in nsd["result"].get("trials", []):
-        metric = f"metric {t['metric']:.6f}" if t.get("metric") is not None else " " * 15
+        metric = f"metric {t['metric']:.6f}" if t.get("metric") is not None else \
+            f"stopped <={t['interval'][1]:.4f}" if t.get("interval") and t["interval"][1] is not None else " " * 15
         secs = f"{t['seconds']:.2f} s" if t.get("seconds") is not None else ""
         print(f"      trial {t['index']:2d}  {short(t['config']):40s} {metric}  {t['state']:11s} "
               f"{t.get('worker') or '':8s} {secs}")
     if cmp["nsd_error"]:
         print(f"  nsd error: {cmp['nsd_error']}")
+
+
+def _full(cmp: dict) -> str:
+    """Trials evaluated in full before the first pass, INC/nsd ("-" where nothing passed)."""
+    return f"{_f(cmp['inc_full_before_pass'], 'd')}/{_f(cmp['nsd_full_before_pass'], 'd')}"
 
 
 def _f(value: float | None, fmt: str = ".2f") -> str:
@@ -431,7 +445,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"SUMMARY  {spec['name']}  ({ncpu}-CPU machine; INC: {inc_threads} torch threads; nsd: {args.workers} "
           f"workers x 1 core)")
     head = (f"{'rep':>3} {'order':>24} {'INC s':>7} {'nsd s':>7} {'nsd/INC':>7} {'INC-1t s':>8} {'nsd/INC-1t':>10} "
-            f"{'INC trials':>10} {'nsd scored':>10} {'stopped':>7} {'INC pick':>8} {'nsd pick':>8} {'agree':>5} "
+            f"{'INC trials':>10} {'nsd scored':>10} {'stopped':>7} {'full<pass':>9} {'INC pick':>8} {'nsd pick':>8} "
+            f"{'agree':>5} "
             f"{'re INC s':>8} {'re nsd s':>8} {'re nsd/INC':>10} {'re agree':>8} {'others':>11}")
     print(head)
     print("-" * len(head))
@@ -447,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{rep + 1:>3} {'>'.join(run['order']):>24} {inc['wall_s']:7.2f} {nsd['wall_s']:7.2f} "
               f"{nsd['wall_s'] / inc['wall_s']:7.2f} {_f(one and one['wall_s']):>8} "
               f"{_f(one and nsd['wall_s'] / one['wall_s']):>10} {len(inc['trials']):>10} {cmp['nsd_scored']:>10} "
-              f"{cmp['nsd_stopped']:>7} {_f(cmp['inc_index'], 'd'):>8} {_f(cmp['nsd_index'], 'd'):>8} "
+              f"{cmp['nsd_stopped']:>7} {_full(cmp):>9} {_f(cmp['inc_index'], 'd'):>8} {_f(cmp['nsd_index'], 'd'):>8} "
               f"{'yes' if agree else 'NO':>5} {_f(re and re['inc']['wall_s']):>8} {_f(re and re['nsd']['wall_s']):>8} "
               f"{_f(re and re['nsd']['wall_s'] / re['inc']['wall_s']):>10} {'yes' if re_agree else 'NO':>8} "
               f"{inc['cpu']['others_cores']:5.2f}/{nsd['cpu']['others_cores']:<5.2f}")
@@ -478,8 +493,10 @@ def main(argv: list[str] | None = None) -> int:
             if cmp and not (cmp["index_agree"] and cmp["config_agree"]):
                 print(f"rep {rep + 1} {what}: winners DIFFER: INC {cmp['inc_index']} {cmp['inc_config']} vs nsd "
                       f"{cmp['nsd_index']} {cmp['nsd_config']}")
-    print(f"nsd trials: {last['nsd_scored']} scored, {last['nsd_stopped']} stopped early, {last['nsd_cancelled']} "
-          f"cancelled, {last['nsd_errors']} errors; INC: {len(runs[-1]['inc']['trials'])} evaluated")
+    print(f"nsd trials: {last['nsd_scored']} scored, {last['nsd_stopped']} stopped early ({last['nsd_refined']} of "
+          f"them refined), {last['nsd_cancelled']} cancelled, {last['nsd_errors']} errors; INC: "
+          f"{len(runs[-1]['inc']['trials'])} evaluated. full<pass: trials evaluated in full before the first pass, "
+          f"INC/nsd")
     print("RESULT: winners agree" if all_agree else "RESULT: winners DISAGREE")
 
     if args.json:

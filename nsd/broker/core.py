@@ -152,6 +152,7 @@ class Core(Outcomes, Planning, Placement):
                     baseline=row["baseline"], winner=row["winner"],
                     met_goal=None if row["met_goal"] is None else bool(row["met_goal"]), error=row["error"],
                     seq=row["seq"], jobs=Task.jobs_from_row(row), plan_s=row["plan_s"], artifact=row["artifact"],
+                    baseline_s=row["baseline_s"],
                     oplists=search.parse_oplists(json.loads(row["oplists"] or "null")) or {})
         task.trials = [Trial.from_row(r, task.objective.sign) for r in self.store.trials(task.id)]
         task.index_trials()

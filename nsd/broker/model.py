@@ -125,6 +125,7 @@ class Task:
     seq: int = 0
     jobs: dict[JobRef, Lease] = field(default_factory=dict)  # the jobs other than trials it wants now
     plan_s: float | None = None
+    baseline_s: float | None = None  # the baseline job's seconds
     artifact: str | None = None  # blob reference of the saved winner
     oplists: dict[str, search.OpList] = field(default_factory=dict)  # the plan's ops per config family
     trials: list[Trial] = field(default_factory=list)
@@ -305,7 +306,7 @@ class Task:
                      for ref, lease in self.jobs.items()],
             "timings": {"created": self.created, "started": self.started, "finished": self.finished,
                         "elapsed_s": ((self.finished or now) - self.started) if self.started else None,
-                        "plan_s": self.plan_s,
+                        "plan_s": self.plan_s, "baseline_s": self.baseline_s,
                         "trial_s_total": sum(tr.seconds or 0.0 for tr in self.trials)},
             "artifact": self.artifact,
             "spec": self.spec,

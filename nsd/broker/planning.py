@@ -82,7 +82,7 @@ class Planning:
         if known is None:
             return False
         del task.jobs[ref]
-        self._baseline_result(task, ref, {**known, "ok": True})
+        self._baseline_result(task, ref, {**known, "ok": True, "seconds": 0.0})
         return True
 
     @staticmethod
@@ -106,8 +106,9 @@ class Planning:
             return self.finish(task, TaskState.FAILED, error="the baseline job returned a malformed answer")
         if worker is not None:
             self.cache.put_baseline(task.spec, worker.versions, self.families(task), float(baseline), body.get("ops"))
-        task.baseline, task.oplists = float(baseline), oplists
-        self._write_task(task, baseline=task.baseline, oplists=search.oplists_to_plain(oplists))
+        task.baseline, task.oplists, task.baseline_s = float(baseline), oplists, body.get("seconds")
+        self._write_task(task, baseline=task.baseline, oplists=search.oplists_to_plain(oplists),
+                         baseline_s=task.baseline_s)
         self.emit(task, "baseline", baseline=task.baseline)
         log.info("task %s: baseline %.6g", task.id, task.baseline)
         goal = task.goal()

@@ -102,10 +102,12 @@ MIGRATIONS = (  # columns added after the first release: (table, column, definit
     ("tasks", "jobs", "TEXT"),
     # lazy exactness: a stopped trial's interval, and its refine job's outcome ("done", "failed")
     ("trials", "low", "REAL"), ("trials", "high", "REAL"), ("trials", "refine", "TEXT"),
+    ("tasks", "baseline_s", "REAL"),  # the baseline job's seconds (it runs beside the trials)
 )
 EVENTS_KEPT = 1000  # per task: the events table keeps the newest ones (clients re-snapshot; see README)
 TASK_COLUMNS = frozenset({"state", "started", "finished", "baseline", "winner", "met_goal", "error", "seq",
-                          "stage_attempt", "stage_worker", "plan_s", "artifact", "oplists", "jobs"})
+                          "stage_attempt", "stage_worker", "plan_s", "artifact", "oplists", "jobs",
+                          "baseline_s"})
 TRIAL_COLUMNS = frozenset({"state", "attempt", "metric", "worker", "started", "finished", "seconds", "error",
                            "bound", "stopped_early", "cached", "low", "high", "refine"})
 

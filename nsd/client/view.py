@@ -102,7 +102,8 @@ def result_text(task: dict[str, Any]) -> str:
     t = task["timings"]
     if t["elapsed_s"] is not None:
         plan = "-" if t["plan_s"] is None else f"{t['plan_s']:.2f}"
-        lines.append(f"elapsed   {t['elapsed_s']:.2f}s (plan {plan}s, "
+        base = "" if t.get("baseline_s") is None else f", baseline {t['baseline_s']:.2f}s beside the trials"
+        lines.append(f"elapsed   {t['elapsed_s']:.2f}s (plan {plan}s{base}, "
                      f"trials {t['trial_s_total']:.2f}s of work)")
     if task["trials"]:
         lines.append("")
