@@ -36,6 +36,7 @@ class Cmd(enum.IntEnum):
     DISCONNECT = 0x15  # I do not know you or you spoke out of turn: re-register (or stop, if fatal)
     CHUNK = 0x16  # a blob range you asked for (or an error)
     STORE_ACK = 0x17  # chunk stored: next offset, and whether the blob is complete (or an error)
+    RULE = 0x18  # the early-stop rule of a trial you run, now that the goal is known (the baseline landed)
     # client -> broker
     HELLO = 0x21  # versions and the events endpoint
     SUBMIT = 0x22  # a task spec; answered with the task id after commit
@@ -232,6 +233,7 @@ SHAPES: dict[Cmd, dict[str, Check]] = {
     Cmd.DISCONNECT: {"reason": text(MAX_TEXT)},
     Cmd.CHUNK: {"sha256": text(64, SHA256), "offset": integer(0, MAX_BLOB_OFFSET)},
     Cmd.STORE_ACK: {"sha256": text(64, SHA256), "offset": integer(0, MAX_BLOB_OFFSET)},
+    Cmd.RULE: {"trial_id": text(40, JOB_ID), "attempt": ATTEMPT, "rule": MAP},
     Cmd.HELLO: {"req": integer(0, 1 << 62)},
     Cmd.SUBMIT: {"req": integer(0, 1 << 62), "spec": JSON_MAP},
     Cmd.STATUS: {"req": integer(0, 1 << 62), "task_id": text(64)},
@@ -292,7 +294,7 @@ def parse_job_id(value: str) -> tuple[str, JobRef]:
 
 WORKER_TO_BROKER = frozenset({Cmd.READY, Cmd.HEARTBEAT, Cmd.RESULT, Cmd.BYE, Cmd.FETCH, Cmd.STORE})
 BROKER_TO_WORKER = frozenset({Cmd.READY_ACK, Cmd.ASSIGN, Cmd.RESULT_ACK, Cmd.CANCEL,
-                              Cmd.HEARTBEAT, Cmd.DISCONNECT, Cmd.CHUNK, Cmd.STORE_ACK})
+                              Cmd.HEARTBEAT, Cmd.DISCONNECT, Cmd.CHUNK, Cmd.STORE_ACK, Cmd.RULE})
 CLIENT_TO_BROKER = frozenset({Cmd.HELLO, Cmd.SUBMIT, Cmd.STATUS, Cmd.LIST, Cmd.CANCEL_TASK,
                               Cmd.RESULT_GET, Cmd.CLUSTER, Cmd.BLOB_HAVE, Cmd.BLOB_PUT, Cmd.BLOB_GET,
                               Cmd.LOGS})

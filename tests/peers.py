@@ -43,6 +43,7 @@ class ScriptedWorker:
         self.answer, self.delay_s, self.version = answer, delay_s, version
         self.assigned: list[tuple[str, int, dict]] = []
         self.cancelled: list[tuple[str, int]] = []
+        self.rules: list[tuple[str, int, dict]] = []  # RULE messages: (trial_id, attempt, rule)
         self.disconnects: list[dict] = []
         self.acked: list[tuple[str, int]] = []
         self.running: set[tuple[str, int]] = set()
@@ -86,6 +87,8 @@ class ScriptedWorker:
                 self.max_running = max(self.max_running, len(self.running))
                 if self.answer is not None:
                     asyncio.get_running_loop().call_later(self.delay_s, self._finish, key, b["job"])
+            elif msg.cmd is Cmd.RULE:
+                self.rules.append((b["trial_id"], b["attempt"], b["rule"]))
             elif msg.cmd is Cmd.CANCEL:
                 self.cancelled.append((b["trial_id"], b["attempt"]))
                 self.running.discard((b["trial_id"], b["attempt"]))

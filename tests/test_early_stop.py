@@ -14,7 +14,7 @@ from nsd.broker import tuner
 from nsd.broker.objective import First
 from nsd.broker.tuner import Goal
 from nsd.quant import scoring
-from tests.conftest import digits_spec
+from tests.conftest import RECIPES, digits_spec
 from tests.peers import assert_same_answer_on_off, steps_then_metric, tune_on_and_off
 
 os.environ.setdefault("LOGLEVEL", "WARNING")
@@ -87,3 +87,20 @@ async def test_python_recipe_stops_failing_trials_and_refines_only_what_the_answ
     assert all(t["stopped_early"] for t in on["trials"]) and on["trials"][0]["refine"] == "done"
     (log,) = await client.logs(on["task_id"], "refine/0")  # a job of its own kind, with its own log
     assert "refine job" in log["text"]
+
+
+@pytest.mark.slow
+async def test_a_trial_started_beside_the_baseline_learns_its_rule_and_stops(client, start_workers):
+    """Two one-slot workers: the plan, then the baseline on one and trial 0 on the other at once. Trial 0's
+    batches are slow, the baseline is not: the broker sends trial 0 its rule when the baseline lands (RULE),
+    and it stops mid-evaluation (2-bit per channel cannot meet 0.5 %). The answer is the full evaluation's."""
+    spec = digits_spec(config_set=[{"rtn": {"bits": [2, 8], "group_size": -1, "use_layer_wise": False}}],
+                       strategy="list")
+    spec["recipe"]["file"] = str(RECIPES / "slow_batches.py")
+    spec["model"]["shared"] = True  # the recipe imports its neighbour: used where it is
+    await start_workers(2)
+    on, off = await tune_on_and_off(client, spec)
+    assert_same_answer_on_off(on, off)
+    assert on["winner"]["index"] == 1 and on["trials"][0]["stopped_early"]
+    (log,) = await client.logs(on["task_id"], 0)
+    assert "stopped early after" in log["text"]

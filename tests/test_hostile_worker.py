@@ -128,6 +128,11 @@ async def test_hostile_values_are_ignored_and_the_worker_keeps_serving(fake_and_
         fake.send(Cmd.ASSIGN, {"trial_id": trial_id, "attempt": attempt, "job": trial_job()})
         fake.send(Cmd.CANCEL, {"trial_id": trial_id, "attempt": attempt})
         fake.send(Cmd.RESULT_ACK, {"trial_id": trial_id, "attempt": attempt})
+        fake.send(Cmd.RULE, {"trial_id": trial_id, "attempt": attempt, "rule": {"sign": 1, "need": 0.5}})
+    # Rules no broker would send (or for a job it does not run): ignored.
+    for rule in ({"sign": 0, "need": 0.5}, {"sign": 1, "need": "0.5"}, {"sign": 1}, {"sign": -1, "need": 1e400}):
+        fake.send(Cmd.RULE, {"trial_id": "abc123abc123/0", "attempt": 1, "rule": rule})
+    fake.send(Cmd.RULE, {"trial_id": "abc123abc123/77", "attempt": 1, "rule": {"sign": 1, "need": 0.5}})
     # Timing no broker would negotiate: kept as it was.
     for hb, liveness in [(-1, 5), (float("nan"), 5), (1e-9, 5), (1e9, 5), (61.0, 5), (1.0, 0), (1.0, 101), (1.0, "5"),
                          (1.0, True), (1.0, 2.5)]:
@@ -192,7 +197,7 @@ async def test_hostile_values_are_ignored_and_the_worker_keeps_serving(fake_and_
     (result,) = await wait_for(ran, 120)
     assert result["ok"] is False and "refused" not in result["error"]
     assert "nonexistent/recipe.py" in result["error"]  # the runner tried to load the recipe
-    assert daemon.ignored >= len(HOSTILE_LEASES) * 3
+    assert daemon.ignored >= len(HOSTILE_LEASES) * 4 + 4
 
 
 async def test_a_chunk_that_does_not_fit_its_blob_fails_the_fetch_at_once(fake_and_worker):

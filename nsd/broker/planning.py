@@ -22,7 +22,7 @@ import time
 from nsd.broker import search, tuner
 from nsd.broker.jobs import BASELINE
 from nsd.broker.model import Lease, Task, Trial, Worker
-from nsd.protocol import JobRef
+from nsd.protocol import TRIAL, Cmd, JobRef
 from nsd.spec import first_trials
 from nsd.states import TaskState, TrialState
 
@@ -118,6 +118,10 @@ class Planning:
                 self._write_trial(task, tr, state=tr.state.value)
                 self.metrics.trial_finished(tr.state.value)
                 self.emit(task, "trial", **task.trial_event(tr))
+            elif tr.state is TrialState.RUNNING and tr.worker in self.workers \
+                    and (rule := task.stop_rule(tr.index)) is not None:  # it may stop early from here on
+                self.send(self.workers[tr.worker], Cmd.RULE,
+                          {"trial_id": JobRef(TRIAL, tr.index).id(task.id), "attempt": tr.attempt, "rule": rule})
         self._dirty = True  # trials placed from now on carry the goal
         self.settle(task)
 

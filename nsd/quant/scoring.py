@@ -46,14 +46,18 @@ def reachable(low: float, high: float, sign: int) -> float:
     return high if sign > 0 else low
 
 
-def run_steps(steps: Steps, rule: dict | None) -> tuple[float | None, tuple[float, float] | None, int]:
+def run_steps(steps: Steps, rule: dict | None, later: Callable[[], dict | None] | None = None) \
+        -> tuple[float | None, tuple[float, float] | None, int]:
     """Evaluate until done or until `rule` says the trial cannot meet the goal: (metric or None, the
-    interval [low, high] it stopped with or None, batches evaluated)."""
+    interval [low, high] it stopped with or None, batches evaluated). Without a rule, `later()` is asked
+    after each batch for one that came since (the goal became known while the trial ran)."""
     batches = 0
     try:
         while True:
             low, high = next(steps)
             batches += 1
+            if rule is None and later is not None:
+                rule = later()
             if can_stop(low, high, rule):
                 steps.close()
                 return None, (low, high), batches

@@ -81,11 +81,17 @@ def _number(value: Any) -> bool:
     return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
 
 
+def rule(value: Any) -> str | None:
+    """A trial's early-stop rule (in its ASSIGN, or a RULE that comes while it runs)."""
+    if not (isinstance(value, dict) and value.get("sign") in (1, -1) and _number(value.get("need"))):
+        return "job rule must be {sign: 1 or -1, need: number}"
+    return None
+
+
 def _perf_fields(body: dict) -> str | None:
     """A trial's stop rule and keep flag, a save job's kept folder (issue 11)."""
-    rule = body.get("rule")
-    if rule is not None and not (isinstance(rule, dict) and rule.get("sign") in (1, -1) and _number(rule.get("need"))):
-        return "job rule must be {sign: 1 or -1, need: number}"
+    if body.get("rule") is not None and (why := rule(body["rule"])) is not None:
+        return why
     if body.get("keep") is not None and not isinstance(body.get("keep"), bool):
         return "job keep must be a boolean"
     if body.get("kept") is not None and not (isinstance(body["kept"], str) and len(body["kept"]) < 4096):

@@ -282,7 +282,7 @@ class WorkerDaemon:
     async def _handle(self, msg) -> None:
         """Act on one broker message, each field's value checked first (nsd.worker.checks)."""
         body = msg.body
-        if msg.cmd in (Cmd.ASSIGN, Cmd.CANCEL, Cmd.RESULT_ACK):
+        if msg.cmd in (Cmd.ASSIGN, Cmd.CANCEL, Cmd.RESULT_ACK, Cmd.RULE):
             if (why := checks.lease(body["trial_id"], body["attempt"])) is not None:
                 return self._ignore(msg.cmd.name, why)
         if msg.cmd is Cmd.READY_ACK:
@@ -309,6 +309,10 @@ class WorkerDaemon:
             self.outbox.acknowledged(body["trial_id"], body["attempt"])
         elif msg.cmd is Cmd.CANCEL:
             await self._cancel(body["trial_id"], body["attempt"])
+        elif msg.cmd is Cmd.RULE:
+            if (why := checks.rule(body["rule"])) is not None:
+                return self._ignore(msg.cmd.name, why)
+            self._new_rule(body["trial_id"], body["attempt"], body["rule"])
         elif msg.cmd in (Cmd.CHUNK, Cmd.STORE_ACK):
             why = checks.chunk(body, self.config.cache_max_bytes) if msg.cmd is Cmd.CHUNK else checks.store_ack(body)
             if why is not None:
@@ -367,6 +371,16 @@ class WorkerDaemon:
                 waiting, self.backlog = self.backlog, []
                 for item in waiting:  # in order; what still does not fit waits again; draining, all are dropped
                     self._accept(*item)
+
+    def _new_rule(self, trial_id: str, attempt: int, rule: dict) -> None:
+        """A trial we run, or have waiting, learns its early-stop rule (the broker now knows the goal)."""
+        for t, a, job in self.backlog:
+            if (t, a) == (trial_id, attempt):
+                job["rule"] = rule
+                return
+        slot = self.pool.holding(trial_id, attempt)
+        if slot is not None:
+            slot.runner.update({"id": trial_id, "rule": rule})
 
     def _warm_up(self, slot: Slot) -> None:
         """A runner that died (crash, timeout, cancel) is replaced now, unless we are on our way out."""

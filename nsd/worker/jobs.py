@@ -54,7 +54,7 @@ async def run_job(runner: RunnerProcess, trial_id: str, attempt: int, job: dict,
     kept_dir = cache_dir / "kept"  # passing trials' models, for their save job (runner.keep_model)
     log_path = cache_dir / "logs" / task_id / f"{index}-a{attempt}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    job = {**job, "log": str(log_path)}
+    job = {**job, "log": str(log_path), "id": trial_id}  # (its id: updates for it name it, nsd.worker.pipe)
     if job["kind"] == "trial" and job.get("keep"):
         job["keep_dir"] = str(_keep_dir(kept_dir, task_id, index, attempt))
     if job.get("kept") and not Path(job["kept"]).resolve().is_relative_to((kept_dir / task_id).resolve()):

@@ -1,8 +1,14 @@
-"""Framing between a worker daemon and its runners: a 4-byte big-endian length, then msgpack."""
+"""Framing between a worker daemon and its runners: a 4-byte big-endian length, then msgpack.
+
+The worker writes a job, and while it runs may write updates for it (`{"rule": ..., "id": ...}`: its
+early-stop rule, once the broker knows the goal); the runner reads them between evaluation batches
+(`pending`), so its job stream is read unbuffered, straight from the descriptor."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import select
 import struct
 from typing import Any, BinaryIO
 
@@ -26,6 +32,32 @@ def read_blocking(stream: BinaryIO) -> Any | None:
     if len(body) < size:
         return None
     return msgpack.unpackb(body, raw=False)
+
+
+def read_fd(fd: int) -> Any | None:
+    """The next message from a blocking descriptor (the runner's stdin, unbuffered: `pending` must see
+    every byte that arrived), or None at end of stream."""
+    header = _read_exactly(fd, _HEADER.size)
+    if header is None:
+        return None
+    body = _read_exactly(fd, _HEADER.unpack(header)[0])
+    return None if body is None else msgpack.unpackb(body, raw=False)
+
+
+def _read_exactly(fd: int, size: int) -> bytes | None:
+    parts, left = [], size
+    while left:
+        part = os.read(fd, left)
+        if not part:
+            return None
+        parts.append(part)
+        left -= len(part)
+    return b"".join(parts)
+
+
+def pending(fd: int) -> bool:
+    """Whether a message (or the end of the stream) waits on the descriptor, without blocking."""
+    return bool(select.select([fd], [], [], 0)[0])
 
 
 async def read_async(reader: asyncio.StreamReader) -> Any | None:

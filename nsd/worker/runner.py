@@ -17,7 +17,7 @@ import os
 import sys
 import time
 import traceback
-from typing import Any
+from typing import Any, Callable
 
 
 def main() -> None:
@@ -31,7 +31,8 @@ def main() -> None:
     answers = os.fdopen(os.dup(1), "wb", buffering=0)
     os.dup2(2, 1)
     sys.stdout = sys.stderr
-    jobs = sys.stdin.buffer
+    global INBOX
+    jobs = INBOX = Inbox(sys.stdin.fileno())
 
     os.makedirs(args.workdir, exist_ok=True)
     os.chdir(args.workdir)
@@ -52,12 +53,50 @@ def main() -> None:
     answers.write(pipe.encode({"ready": True, "pid": os.getpid()}))
     cache = TaskCache()
     while True:
-        job = pipe.read_blocking(jobs)
+        job = jobs.next_job()
         if job is None:
             return  # the worker closed our stdin: it is done with us
         with job_log(job.get("log")):
             answer = run_job(job, cache)
         answers.write(pipe.encode(answer))
+
+
+class Inbox:
+    """The runner's stdin: jobs, and updates for a job (its early-stop rule, once the broker knows the goal),
+    kept until that job starts and read between its evaluation batches (`rule`)."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self.updates: dict[str, dict] = {}  # job id -> its latest update
+
+    def next_job(self) -> dict | None:
+        from nsd.worker import pipe
+
+        while True:
+            message = pipe.read_fd(self.fd)
+            if not isinstance(message, dict) or "kind" in message:
+                return message
+            self._keep(message)
+
+    def _keep(self, message: dict) -> None:
+        if isinstance(message.get("id"), str) and len(self.updates) < 16:
+            self.updates[message["id"]] = message
+
+    def rule(self, job: dict) -> dict | None:
+        """The newest rule the worker sent for this job (None: none came), reading what waits now."""
+        from nsd.worker import pipe
+
+        while pipe.pending(self.fd):
+            message = pipe.read_fd(self.fd)
+            if message is None or "kind" in message:  # the stream ended, or a job came early: not ours to eat
+                break
+            self._keep(message)
+        update = self.updates.get(job.get("id"))
+        return update.get("rule") if update else None
+
+    def starting(self, job: dict) -> None:
+        """Updates for other jobs are stale now (the worker sends them only for the job this runner runs)."""
+        self.updates = {k: v for k, v in self.updates.items() if k == job.get("id")}
 
 
 def preload() -> None:
@@ -160,8 +199,13 @@ def job_log(path: str | None):
         os.close(runner_log)
 
 
+INBOX: Inbox | None = None  # this runner's stdin (main): updates for the running job
+
+
 def run_job(job: dict, cache: TaskCache) -> dict[str, Any]:
     start = time.perf_counter()
+    if INBOX is not None:
+        INBOX.starting(job)
     if job["kind"] != "warm":  # where it ran, in its log: co-located workers must not share cores
         import torch
 
@@ -236,16 +280,21 @@ def trial(job: dict, cache: TaskCache) -> dict[str, Any]:
     q_model = quantize(_deepcopy_warp(model), quant_config=config, run_fn=recipe.calibrate, inplace=True,
                        example_inputs=example_inputs)
     t1 = time.perf_counter()
-    answer = evaluate_trial(recipe, q_model, job.get("rule") if job["kind"] == "trial" else None)
+    rule = job.get("rule") if job["kind"] == "trial" else None
+    # A trial that started before the baseline was known learns its rule while it evaluates, if it comes.
+    later = (lambda: INBOX.rule(job)) if job["kind"] == "trial" and rule is None and INBOX is not None else None
+    answer = evaluate_trial(recipe, q_model, rule, later)
+    rule = rule or (later and later())
     answer.update(quantize_s=t1 - t0, eval_s=time.perf_counter() - t1)
     if job["kind"] == "save":
         answer["model"] = q_model
-    elif job.get("keep_dir") and answer["metric"] is not None and _meets(answer["metric"], job.get("rule")):
+    elif job.get("keep_dir") and answer["metric"] is not None and _meets(answer["metric"], rule):
         answer["kept"] = keep_model(q_model, job, cache, answer["metric"])
     return answer
 
 
-def evaluate_trial(recipe, q_model, rule: dict | None) -> dict[str, Any]:
+def evaluate_trial(recipe, q_model, rule: dict | None, later: Callable[[], dict | None] | None = None) \
+        -> dict[str, Any]:
     """The trial's metric; or, once its best reachable metric cannot meet the goal (`rule`, from
     `nsd.broker.objective.First.stop_rule`), no metric and the interval it stopped with (`stopped_early`,
     `low`/`high`: None where unbounded, `bound`: the best end). Recipes with evaluate_steps give the same
@@ -254,8 +303,9 @@ def evaluate_trial(recipe, q_model, rule: dict | None) -> dict[str, Any]:
         return {"metric": _metric(recipe.evaluate(q_model))}
     from nsd.quant.scoring import reachable, run_steps
 
-    metric, stopped, batches = run_steps(recipe.evaluate_steps(q_model), rule)
+    metric, stopped, batches = run_steps(recipe.evaluate_steps(q_model), rule, later)
     if metric is None:
+        rule = rule or later()
         low, high = stopped
         bound = reachable(low, high, rule["sign"])
         print(f"nsd: stopped early after {batches} evaluation batches: metric in [{low!r}, {high!r}]", flush=True)

@@ -90,6 +90,12 @@ class RunnerProcess:
             if await self._ready is None:
                 raise RunnerDied(await self._death())
 
+    def update(self, message: dict) -> None:
+        """An update for the job the runner runs (or is about to run: it keeps those until that job
+        starts), written now between the job and its answer."""
+        if self.alive and self.proc.stdin is not None and not self.proc.stdin.is_closing():
+            self.proc.stdin.write(pipe.encode(message))
+
     async def run(self, job: dict) -> dict:
         async with self._one_job:
             await self.ready()
