@@ -4,8 +4,8 @@ The **plan** expands the config set in INC's order: the task's trials exist once
 they start at once. The **baseline** job evaluates the FP32 model once and lists the ops the fallback search
 may keep in FP32; it runs beside the first trials (placed first among the task's waiting jobs). Trials that
 finish before it are `scored`: their metric is known, whether they pass is not; the baseline's result
-settles them, and trials started after it carry the goal (their early-stop rule). So no slot waits for the
-baseline, and the answer is the same: pass or fail is INC's test against the same baseline, and nothing
+settles them, trials still running learn the goal then (a `RULE` message: their early-stop rule), and
+trials started after it carry it. So no slot waits for the baseline, and the answer is the same: pass or fail is INC's test against the same baseline, and nothing
 is decided before it is known. A plan from before the split (a worker or a cache entry that also carries
 `baseline` and `ops`) needs no baseline job.
 
