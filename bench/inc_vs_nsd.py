@@ -33,7 +33,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import sys
 
 # INC packs RTN weights with numba only where TBB loads, and the loader reads LD_LIBRARY_PATH at process
-# start: give this process (INC's side) what nsd's runners get (nsd.worker.slots.runner_env), so that
+# start: give this process (INC's side) what nsd's runners get (nsd.worker.sandbox.runner_env), so that
 # both sides use numba where it is installed.
 _LIB = os.path.join(sys.prefix, "lib")
 if os.path.exists(os.path.join(_LIB, "libtbb.so.12")) and _LIB not in os.environ.get("LD_LIBRARY_PATH", ""):
