@@ -77,9 +77,10 @@ async def client(broker):
 
 
 @pytest.fixture
-async def start_workers(broker, tmp_path):
+async def start_workers(broker, tmp_path, tmp_path_factory):
     """start_workers(n): n real worker daemons (1 core each, round-robin), runners warm (and sandboxed),
-    registered. Their runners may read this checkout and the test's tmp_path (model.shared = true tasks)."""
+    registered. Their runners may read this checkout and pytest's temporary folders (model.shared = true
+    tasks), less their worker's own cache."""
     started: list[tuple[WorkerDaemon, asyncio.Task]] = []
 
     async def start(n: int, **overrides) -> list[WorkerDaemon]:
@@ -88,7 +89,7 @@ async def start_workers(broker, tmp_path):
         for i in range(len(started), len(started) + n):
             settings = {"broker": broker.endpoints["workers"], "cpus": [cpus[i % len(cpus)]],
                         "cache_dir": tmp_path / f"worker{i}", "worker_id": f"w{i}", "heartbeat_s": 0.5,
-                        "shared_dirs": [ROOT, tmp_path], "runner_env": list(TEST_RUNNER_ENV), **overrides}
+                        "shared_dirs": [ROOT, tmp_path_factory.getbasetemp()], "runner_env": list(TEST_RUNNER_ENV), **overrides}
             config = WorkerConfig(**settings)
             daemon = WorkerDaemon(config)
             started.append((daemon, asyncio.create_task(daemon.run())))
