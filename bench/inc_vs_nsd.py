@@ -214,16 +214,18 @@ class WarmCluster:
         from nsd.broker.config import BrokerConfig
         from nsd.broker.daemon import Broker
         from nsd.client.api import AsyncClient
-        from nsd.local import split_cpus
+        from nsd.local import sandbox_works, split_cpus
         from nsd.worker.daemon import WorkerConfig, WorkerDaemon
 
         d = self.dir
         self.broker = Broker(BrokerConfig(state_dir=d / "state", clients=f"ipc://{d}/clients", workers=f"ipc://{d}/workers",
                              events=f"ipc://{d}/events"))
         await self.broker.start()
+        sandbox = sandbox_works(d)  # as `nsd run`: sandboxed where bubblewrap works
         self.daemons = [WorkerDaemon(WorkerConfig(broker=self.broker.endpoints["workers"], cpus=cpus,
                                                   cores_per_trial=len(cpus), cache_dir=d / f"worker{i}",
-                                                  worker_id=f"local-{i}", preload=self.preload))
+                                                  worker_id=f"local-{i}", preload=self.preload,
+                                                  sandbox=sandbox))
                         for i, cpus in enumerate(split_cpus(sorted(os.sched_getaffinity(0)), self.workers))]
         self.running = [asyncio.create_task(daemon.run()) for daemon in self.daemons]
         await asyncio.gather(*(daemon.registered.wait() for daemon in self.daemons))

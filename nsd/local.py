@@ -39,18 +39,21 @@ def split_cpus(cpus: list[int], n: int) -> list[list[int]]:
     return [[cpus[i % len(cpus)]] for i in range(n)]
 
 
-def local_sandbox(spec: dict, tmp: Path) -> tuple[bool, list[str]]:
-    """Whether local runners can be sandboxed here, and the folders of a model.shared spec's paths (what
-    its runners must read)."""
-    shared = [os.path.dirname(spec[a][b]) for a, b in PATH_FIELDS
-              if spec["model"].get("shared") and spec[a].get(b) and not parse_ref(spec[a][b])]
+def shared_folders(spec: dict) -> list[str]:
+    """The folders of a model.shared spec's paths: what its runners must read."""
+    return [os.path.dirname(spec[a][b]) for a, b in PATH_FIELDS
+            if spec["model"].get("shared") and spec[a].get(b) and not parse_ref(spec[a][b])]
+
+
+def sandbox_works(tmp: Path, shared: list[str] = ()) -> bool:
+    """Whether local runners can be sandboxed here; if not, one log line says so."""
     try:
         why = probe(layout(shared, [str(tmp)]), tmp / "probe")
     except SandboxError as exc:
         why = str(exc)
     if why is not None:
         log.warning("runners run without a sandbox (%s): fine for your own recipe on your own machine", why)
-    return why is None, shared
+    return why is None
 
 
 def _report_crash(task: asyncio.Task) -> None:
@@ -70,7 +73,8 @@ async def run_local(spec: Any, workers: int = 2, on_event: Callable[[dict], None
     running: list[asyncio.Task] = []
     client = AsyncClient(broker.endpoints["clients"])
     try:
-        sandbox, shared = local_sandbox(spec_dict, tmp)
+        shared = shared_folders(spec_dict)
+        sandbox = sandbox_works(tmp, shared)
         for i, cpus in enumerate(split_cpus(sorted(os.sched_getaffinity(0)), workers)):
             daemon = WorkerDaemon(WorkerConfig(broker=broker.endpoints["workers"], cpus=cpus,
                                                cores_per_trial=len(cpus), cache_dir=tmp / f"worker{i}",

@@ -9,6 +9,8 @@ import hashlib
 import io
 import json
 import os
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -19,6 +21,7 @@ from nsd.blobs import BlobMemberError, pack_tree
 from nsd.broker.config import BrokerConfig
 from nsd.broker.daemon import Broker
 from nsd.client.api import AsyncClient
+from nsd.local import sandbox_works
 from nsd.protocol import MAX_BODY, Cmd
 from nsd.security import allow, generate_keypair
 from nsd.worker import checks
@@ -134,6 +137,23 @@ def test_shared_task_paths_must_lie_in_the_workers_shared_dirs():
     why = checks.shared_paths({"model.path": "/data/mx/x.pt"}, ["/data/m"])
     assert "model.path /data/mx/x.pt is not in a folder this worker shares" in why
     assert "--shared-dir" in checks.shared_paths({"recipe.file": "/r.py"}, [])
+
+
+def test_a_worker_refuses_to_start_without_a_working_sandbox_unless_told_it_is_for_development(
+        tmp_path, monkeypatch, caplog):
+    env = {**os.environ, "PATH": str(tmp_path)}  # a machine without bwrap
+    proc = subprocess.run([sys.executable, "-m", "nsd", "worker", "--cores", "1", "--cache-dir", str(tmp_path / "w")],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "bubblewrap is not installed" in proc.stderr and "--no-sandbox" in proc.stderr
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with caplog.at_level("WARNING"):
+        daemon = WorkerDaemon(WorkerConfig(cache_dir=tmp_path / "w", cpus=[0], sandbox=False))
+    daemon.ctx.term()
+    assert daemon.pool.setup.layout is None and "RUNNERS ARE NOT SANDBOXED" in caplog.text
+    caplog.clear()
+    assert sandbox_works(tmp_path) is False  # `nsd run`: one line, and it goes on without
+    assert len(caplog.records) == 1 and "without a sandbox" in caplog.text
 
 
 # ------------------------------------------------------------- real workers, runners and bwrap (slow)
