@@ -1,4 +1,4 @@
-"""CURVE + ZAP with per-role allowlists (nsd/security.py) over real loopback sockets, and `nsd keys`."""
+"""CURVE + ZAP with per-role allowlists (nsd/security/) over real loopback sockets, and `nsd keys`."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`nsd keys ...`: CURVE key pairs and the broker's per-role allowlists (nsd/security.py).
+"""`nsd keys ...`: CURVE key pairs and the broker's per-role allowlists (nsd/security/keys.py).
 
 Wired into the main command in nsd/cli/__init__.py.
 """
