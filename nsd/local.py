@@ -20,7 +20,8 @@ from typing import Any, Callable
 from nsd.blobs import parse_ref
 from nsd.broker.config import BrokerConfig
 from nsd.broker.daemon import Broker
-from nsd.client.api import AsyncClient, prepare_spec
+from nsd.client.api import AsyncClient
+from nsd.client.specs import prepare_spec
 from nsd.spec import PATH_FIELDS
 from nsd.worker.daemon import WorkerConfig, WorkerDaemon
 from nsd.worker.sandbox import SandboxError, layout, probe
