@@ -1,7 +1,7 @@
 """The worker's runner processes: `RunnerProcess` (the worker's handle on one runner child, whose own code
-is `nsd.worker.runner`, in its sandbox: `nsd.worker.sandbox`), `Slot` (a runner pinned to cores and the job it runs) and `SlotPool` (which
-slots exist: a trial of k cores gets a runner on k cores of one NUMA node, idle runners in its way are
-retired). No torch here: the children import it.
+is `nsd.worker.runner`, in its sandbox: `nsd.worker.sandbox`), `Slot` (a runner pinned to cores and the job
+it runs) and `SlotPool` (which slots exist: a trial of k cores gets a runner on k cores of one NUMA node,
+idle runners in its way are retired). No torch here: the children import it.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ class RunnerProcess:
 
     def __init__(self, cpus: list[int], home: Path, log_path: Path, setup: RunnerSetup):
         self.cpus, self.log_path, self.setup = list(cpus), log_path, setup
-        self.dirs = RunnerDirs(home)
+        self.dirs = RunnerDirs(Path(os.path.realpath(home)))  # as the runner's own getcwd() names it
         self.env = runner_env(len(cpus), self.dirs.scratch, setup.preload, setup.passed_env)
         self.proc: asyncio.subprocess.Process | None = None
         self.serving: str | None = None  # the task whose python recipe ran in this process
@@ -225,11 +225,14 @@ class SlotPool:
 
     def slot_for(self, job: dict) -> Slot | None:
         """A runner on `job["cores"]` free cores: an idle one of that shape (one that has this task's model
-        cached first), else a new one on freshly allocated cores, retiring idle runners in its way."""
+        cached first, then one that need not be replaced first), else a new one on freshly allocated cores,
+        retiring idle runners in its way."""
         k = max(1, min(int(job.get("cores") or self.default_k), len(self.cpus)))
         free = set(self.cpus) - {c for s in self.slots if s.job for c in s.cpus}
         idle = sorted((s for s in self.slots if s.job is None and len(s.cpus) == k),
-                      key=lambda s: (s.last_task_id != job["task_id"], -s.last_used))
+                      key=lambda s: (s.last_task_id != job["task_id"],  # its model cached
+                                     s.runner.serving not in (None, job["task_id"]),  # else: no restart needed
+                                     -s.last_used))
         cores = allocate(free, self.nodes, k, [s.cpus for s in idle])
         if cores is None:
             return None
