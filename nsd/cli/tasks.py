@@ -128,7 +128,7 @@ def fetch(task_id, output, broker) -> None:
 
 @click.command()
 @click.argument("task_id")
-@click.option("--trial", "trial", default=None, help="One trial's log (an index), or 'plan' / 'save'.")
+@click.option("--trial", "trial", default=None, help="One job's log: a trial (an index), 'plan', 'baseline', 'refine/N' or 'save'.")
 @json_option
 @broker_option
 def logs(task_id, trial, as_json, broker) -> None:

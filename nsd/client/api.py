@@ -177,7 +177,8 @@ class AsyncClient(Transfers, EventStream):
         return (await self.request(Cmd.CLUSTER))["workers"]
 
     async def logs(self, task_id: str, job: int | str | None = None) -> list[dict[str, Any]]:
-        """Each job's log (last 64 KiB): [{job, attempt, worker, text}]; job = a trial index, "plan" or "save".
+        """Each job's log (last 64 KiB): [{job, attempt, worker, text}]; job = a trial index, "plan", "baseline",
+        "refine/<index>" or "save".
         A whole task's logs can exceed one message: the broker then cuts the oldest (`cut: true`), and
         those are asked for job by job."""
         if job is not None:
