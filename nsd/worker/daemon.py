@@ -20,6 +20,7 @@ import socket
 import time
 import uuid
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import zmq
@@ -357,14 +358,15 @@ class WorkerDaemon:
         pins: list[str] = []
         try:
             try:
-                job = await self.transfers.materialize(job, pins)
+                if job["kind"] == "plan":  # it needs no files: it runs now, and they are fetched meanwhile
+                    self.pool.in_background(partial(self._prefetch, slot, job))
+                else:
+                    job = await self.transfers.materialize(job, pins)
             except Exception as exc:  # not the job's fault: the broker runs it again (attempt + 1)
                 log.warning("could not fetch the files of %s: %s", trial_id, exc)
                 answer = {"ok": False, "requeue": True, "error": f"worker could not fetch the task's files: {exc}"}
             else:
                 why = checks.shared_paths(shared_task_paths(job["spec"]), self.shared_dirs)
-                if why is None and job["kind"] == "plan":
-                    self.pool.warm_others(slot, job)
                 answer = {"ok": False, "error": why} if why else await run_job(
                     slot.runner, trial_id, attempt, job, self.cache_dir, self.transfers.upload)
             result = checks.result({**answer, "trial_id": trial_id, "attempt": attempt, "worker_id": self.worker_id})
@@ -380,6 +382,18 @@ class WorkerDaemon:
                 waiting, self.backlog = self.backlog, []
                 for item in waiting:  # in order; what still does not fit waits again; draining, all are dropped
                     self._accept(*item)
+
+    async def _prefetch(self, planning: Slot, job: dict) -> None:
+        """A plan's task files, fetched while the plan runs (it expands the config set, no model): its baseline
+        and trials find them here, and the idle runners load its model meanwhile."""
+        pins: list[str] = []
+        try:
+            job = await self.transfers.materialize(job, pins)
+            if checks.shared_paths(shared_task_paths(job["spec"]), self.shared_dirs) is None:
+                self.pool.warm_others(planning, job)
+        finally:
+            for sha in pins:
+                self.blobs.unpin(sha)
 
     def _new_rule(self, trial_id: str, attempt: int, rule: dict) -> None:
         """A trial we run, or have waiting, learns its early-stop rule (the broker now knows the goal)."""

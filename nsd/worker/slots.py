@@ -264,6 +264,10 @@ class SlotPool:
         self._retired.append(slot.runner)
         self._spawn(slot.runner.stop())
 
+    def in_background(self, work: Callable[[], Awaitable]) -> None:
+        """Work of the worker's own (a prefetch) that no job waits for: quiet, cancelled at close."""
+        self._spawn(_quietly(work))
+
     def _spawn(self, work: Coroutine) -> None:
         task = asyncio.create_task(work)
         self._background.add(task)
