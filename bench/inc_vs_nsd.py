@@ -304,7 +304,7 @@ def compare(inc: dict, nsd: dict) -> dict[str, Any]:
         # Trials evaluated in full before the first pass (INC: every trial before its pick, when it met the goal).
         "inc_full_before_pass": inc_index if inc["met_goal"] else None,
         "nsd_full_before_pass": (sum(1 for t in result.get("trials", []) if t["index"] < nsd_index
-                                     and t.get("metric") is not None) if result.get("met_goal") else None),
+                                     and _evaluated_in_full(t)) if result.get("met_goal") else None),
         "nsd_cached": sum(bool(t.get("cached")) for t in result.get("trials", [])),
         "nsd_cancelled": sum(t.get("state") == "cancelled" for t in result.get("trials", [])),
         "nsd_errors": sum(t.get("state") == "error" for t in result.get("trials", [])),
@@ -335,6 +335,14 @@ def print_run(rep: int, order: list[str], inc: dict, nsd: dict, cmp: dict) -> No
               f"{t.get('worker') or '':8s} {secs}")
     if cmp["nsd_error"]:
         print(f"  nsd error: {cmp['nsd_error']}")
+
+
+def _evaluated_in_full(trial: dict) -> bool:
+    """A full metric, or an early stop only at the last batch (its interval has shrunk to a point)."""
+    if trial.get("metric") is not None:
+        return True
+    low, high = trial.get("interval") or (None, None)
+    return low is not None and high is not None and high - low < 1e-6
 
 
 def _full(cmp: dict) -> str:

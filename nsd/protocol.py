@@ -196,6 +196,7 @@ RESULT_FIELDS: dict[str, Check] = {  # a RESULT body, also each entry of READY's
 }
 RESULT_OPTIONAL: dict[str, Check] = {
     "metric": OPT_NUMBER, "baseline": OPT_NUMBER, "seconds": OPT_NUMBER, "quantize_s": OPT_NUMBER,
+    "recover_s": OPT_NUMBER,  # the quantized model's float weights, recovered at once (nsd.quant.unpack)
     "eval_s": OPT_NUMBER, "error": text(MAX_TEXT), "log": text(MAX_TEXT), "requeue": BOOL,
     "handback": BOOL,
     "artifact": text(64, SHA256), "configs": listof(MAX_CONFIGS, PLANNED),

@@ -271,6 +271,7 @@ def trial(job: dict, cache: TaskCache) -> dict[str, Any]:
 
     from nsd.quant.fallback import with_fallback
     from nsd.quant.inc import config_from_dict
+    from nsd.quant.unpack import recover_weights
 
     recipe, _, example_inputs = cache.get(job["task_id"], job["spec"])
     model = cache.model_for(job["config"])  # built-in recipes: the PT2E graph for static/dynamic configs
@@ -280,12 +281,14 @@ def trial(job: dict, cache: TaskCache) -> dict[str, Any]:
     q_model = quantize(_deepcopy_warp(model), quant_config=config, run_fn=recipe.calibrate, inplace=True,
                        example_inputs=example_inputs)
     t1 = time.perf_counter()
+    recover_weights(q_model)  # what INC's first forward would do, at once (nsd.quant.unpack): the same weights
+    t2 = time.perf_counter()
     rule = job.get("rule") if job["kind"] == "trial" else None
     # A trial that started before the baseline was known learns its rule while it evaluates, if it comes.
     later = (lambda: INBOX.rule(job)) if job["kind"] == "trial" and rule is None and INBOX is not None else None
     answer = evaluate_trial(recipe, q_model, rule, later)
     rule = rule or (later and later())
-    answer.update(quantize_s=t1 - t0, eval_s=time.perf_counter() - t1)
+    answer.update(quantize_s=t1 - t0, recover_s=t2 - t1, eval_s=time.perf_counter() - t2)
     if job["kind"] == "save":
         answer["model"] = q_model
     elif job.get("keep_dir") and answer["metric"] is not None and _meets(answer["metric"], rule):
