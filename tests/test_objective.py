@@ -99,3 +99,31 @@ def test_objective_for_a_task_follows_its_direction():
     assert lower.best(views) == 1 and First(True).best(views) == 0
     assert lower.decide(views) == Decision(1, False)
     assert First().keeps([TrialView(3, S.PASSED, 1.0)], 2) and not First().keeps([TrialView(3, S.PASSED, 1.0)], 4)
+
+
+def test_intervals_decide_where_they_separate_and_name_what_to_refine():
+    from nsd.broker import intervals as iv
+
+    inf = float("inf")
+    exact = lambda v: (v, v)  # noqa: E731
+    # the best: a full 0.8 beats [0.1, 0.7]; [0.5, 0.9] might beat it: refine that one only
+    assert iv.top([exact(0.8), (0.1, 0.7), None]) == (0, frozenset())
+    assert iv.top([exact(0.8), (0.1, 0.7), (0.5, 0.9)]) == (None, frozenset({2}))
+    # ties go to the earlier position: a later interval that can only tie is out, an earlier one is not
+    assert iv.top([exact(0.8), (0.1, 0.8)]) == (0, frozenset())
+    assert iv.top([(0.1, 0.8), exact(0.8)]) == (None, frozenset({0}))
+    assert iv.top([None, None]) == (None, frozenset())
+    # lower is better: spans are signed (sign * metric), so perplexity 9 beats [10, unbounded)
+    assert iv.span(9.0, None, None, -1) == (-9.0, -9.0) and iv.span(None, 10.0, None, -1) == (-inf, -10.0)
+    # an order: only what decides its first r positions is refined; no metric sorts last
+    spans = [exact(0.5), (0.6, 0.7), exact(0.9), (0.55, 0.65), None]
+    assert iv.ranked(spans, 1) == ([2], frozenset())
+    assert iv.ranked(spans, 2) == (None, frozenset({1, 3}))
+    assert iv.ranked([exact(0.5), (0.6, 0.7), exact(0.9), exact(0.65), None], 5) == (None, frozenset({1}))
+    assert iv.ranked([exact(0.5), (0.66, 0.7), exact(0.9), exact(0.65), None], 5) == ([2, 1, 3, 0, 4], frozenset())
+    # a stopped trial's fields, checked: its bound is the interval's best end
+    assert iv.stop_interval({"bound": 0.7, "low": 0.1, "high": 0.7}, 1) == (0.7, 0.1, 0.7)
+    assert iv.stop_interval({"bound": 0.7}, 1) == (0.7, None, 0.7)  # from before intervals: one end
+    assert iv.stop_interval({"bound": 0.7, "low": 0.9, "high": 0.7}, 1) is None
+    assert iv.stop_interval({"bound": 0.1, "low": 0.1, "high": 0.7}, 1) is None
+    assert iv.stop_interval({"bound": float("nan")}, 1) is None

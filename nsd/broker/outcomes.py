@@ -100,7 +100,8 @@ class Outcomes:
         self._write_trial(task, tr, state=tr.state.value, metric=tr.metric, seconds=tr.seconds,
                           finished=tr.finished, error=tr.error, bound=tr.bound, stopped_early=tr.stopped_early,
                           low=tr.low, high=tr.high, cached=tr.cached)
-        self.metrics.trial_finished(tr.state.value)
+        if tr.state.finished:  # (a scored trial is counted when the baseline decides it)
+            self.metrics.trial_finished(tr.state.value)
         self.emit(task, "trial", **task.trial_event(tr))
         self.settle(task)
 
