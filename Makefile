@@ -35,6 +35,7 @@ test-fast: test-setup
 bench: setup
 	$(BIN)/python bench/inc_vs_nsd.py --one-thread --repeat 2
 	$(BIN)/python bench/inc_vs_nsd.py --one-thread --repeat 2 --spec bench/digits/task.toml
+	$(BIN)/python bench/recover.py --repeat 2
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -477,7 +477,8 @@ async def test_causal_lm_perplexity_lowest_index_within_tolerance_wins(client, s
     assert result["winner"]["index"] == 2 and "static_quant" in result["winner"]["config"]
     assert result["error"] is None and result["artifact"]  # the PT2E winner was saved and uploaded
     assert [t["state"] for t in trials[:2]] == ["failed_goal", "failed_goal"]
-    assert all(t["metric"] > baseline * 1.01 for t in trials[:2])
+    # (they cannot meet the goal: each has its full metric, or stopped early with the best it could reach)
+    assert all((t["metric"] if t["metric"] is not None else t["bound"]) > baseline * 1.01 for t in trials[:2])
     assert result["winner"]["metric"] <= baseline * 1.01
     assert trials[3]["state"] in ("passed", "cancelled")  # passed or not, a higher index never wins
     if trials[3]["state"] == "passed":

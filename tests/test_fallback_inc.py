@@ -222,4 +222,5 @@ async def test_static_pt2e_search_runs_end_to_end_on_a_tiny_bert(client, start_w
     assert all(t["state"] in ("failed_goal", "cancelled") for t in trials[3:])  # ran speculatively, or stopped
     assert result["met_goal"] is True and result["winner"]["index"] == 2
     assert result["winner"]["metric"] == pytest.approx(1.0, abs=1e-12)
-    assert result["winner"]["metric"] > trials[0]["metric"]
+    # (the static config cannot meet the goal: it may have stopped early, its interval below the goal)
+    assert result["winner"]["metric"] > (trials[0]["metric"] if trials[0]["metric"] is not None else trials[0]["bound"])
