@@ -238,7 +238,7 @@ async def test_curve_worker_ids_are_bound_to_the_key_that_first_registered_them(
             finally:
                 late.close()
         assert reply is not None and reply.cmd is Cmd.DISCONNECT and reply.body["fatal"] and "bound to another key" in reply.body["reason"]
-        assert broker.workers.get("node2") in (None, registered) and broker.metrics.refused_workers >= 1
+        assert broker.workers.get("node2") in (None, registered) and broker.metrics.value("nsd_refused_workers_total") >= 1
     finally:
         for peer in (node1, impostor):
             peer.close()

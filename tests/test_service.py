@@ -147,14 +147,17 @@ async def test_prometheus_metrics(tmp_path):
         page = (await reader.read()).decode()
         writer.close()
         await writer.wait_closed()
-        assert page.startswith("HTTP/1.1 200 OK")
-        values = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in page.split("\r\n\r\n")[1]
-                  .splitlines() if line and not line.startswith("#")}
+        head, body = page.split("\r\n\r\n", 1)
+        assert head.split(" ", 2)[1] == "200" and "text/plain; version=0.0.4" in head
+        values = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in body.splitlines()
+                  if line and not line.startswith("#")}
         assert values['nsd_tasks{state="done"}'] == 1 and values["nsd_workers_alive"] == 1
         assert values['nsd_trials_finished_total{state="failed_goal"}'] >= 1
         assert values["nsd_jobs_dispatched_total"] >= 4  # plan, trials, save
         assert values["nsd_slots"] == 2 and values["nsd_slots_busy"] == 0 and values["nsd_queue_depth"] == 0
         assert values['nsd_dispatch_latency_seconds_bucket{le="+Inf"}'] == values["nsd_dispatch_latency_seconds_count"]
+        assert values["nsd_bad_messages_total"] == 0 and values["nsd_trials_requeued_total"] == 0
+        assert values["process_resident_memory_bytes"] > 0  # prometheus_client's process metrics
     finally:
         await w.stop()
         await client.close()

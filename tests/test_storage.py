@@ -70,7 +70,7 @@ async def test_a_full_disk_refuses_writes_keeps_serving_reads_and_recovers(small
         assert refused == 30
         listed = await client.list()  # reads are still served, and nothing refused was kept
         assert [t["task_id"] for t in listed] == [first] and list(broker.tasks) == [first]
-        assert broker.metrics.storage_errors >= 30 and broker.healthy()
+        assert broker.metrics.value("nsd_storage_errors_total") >= 30 and broker.healthy()
         filler.unlink()
         w = await ScriptedWorker(broker.endpoints["workers"], "w", slots=2,
                                  answer=metrics_answer({i: 0.99 for i in range(6)})).start()

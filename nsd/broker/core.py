@@ -268,7 +268,7 @@ class Core(Outcomes, Placement):
         if self.curve:
             owner = self.store.worker_key(wid)
             if owner is not None and owner != key:
-                self.metrics.refused_workers += 1
+                self.metrics.refused_workers.inc()
                 log.warning("refused worker id %s from key %s: it belongs to key %s", wid, key, owner)
                 return self._refuse(identity, f"worker id {wid!r} is bound to another key")
             if owner is None:

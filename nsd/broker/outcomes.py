@@ -44,7 +44,7 @@ class Outcomes:
         jid, attempt = body["trial_id"], body["attempt"]
         if not self.holds(worker, jid, attempt):
             self.ignored_results += 1
-            self.metrics.ignored_results += 1
+            self.metrics.ignored_results.inc()
             return  # a duplicate, a late answer to a lease requeued or cancelled, or not this peer's to give
         task_id, job = parse_job_id(jid)
         task = self.tasks[task_id]
@@ -303,7 +303,8 @@ class Outcomes:
                 self.emit(task, "state", state=task.state.value, reason=why)
             return
         tr = task.trials[job]
-        self.metrics.trials_requeued += state is TrialState.PENDING
+        if state is TrialState.PENDING:
+            self.metrics.trials_requeued.inc()
         task.set_state(tr, state)
         tr.attempt, tr.worker = attempt, None
         if state is TrialState.ERROR:

@@ -106,7 +106,7 @@ class Placement:
             self.emit(task, "trial", **tr.event())
         job["cores"] = self.job_cores(task, worker)
         self._take(worker, jid, attempt, job["cores"])
-        self.metrics.jobs_dispatched += 1
+        self.metrics.jobs_dispatched.inc()
         if worker.freed_at is not None:
             self.metrics.dispatch_latency.observe(time.monotonic() - worker.freed_at)
             worker.freed_at = None
