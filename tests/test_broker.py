@@ -255,7 +255,7 @@ def test_the_brokers_running_tally_agrees_with_the_pure_decision_functions(tmp_p
         for round_ in range(120):
             n = rng.randint(1, 10)
             body = {**spec(max_attempts=rng.randint(1, 3)), "resources": {"workers": rng.choice([0, 1, 2, 3])}}
-            task_id = core.submit(validate(body, local_paths=True).to_dict())
+            task_id = core.submit(validate(body, local_paths=True))
             with core.tx():
                 core.schedule()  # the plan job
             task = core.tasks[task_id]

@@ -37,6 +37,7 @@ from nsd.broker.placement import Placement
 from nsd.broker.store import StorageError, Store, storage_message
 from nsd.liveness import heartbeat_due
 from nsd.protocol import PROTOCOL_VERSION, Cmd, parse_job_id
+from nsd.spec import TaskSpec
 from nsd.states import TaskState, TrialState
 
 log = logging.getLogger("nsd.broker")
@@ -52,6 +53,13 @@ class ToWorker:
 class Event:
     task_id: str
     body: dict
+
+
+def stored_spec(text: str) -> TaskSpec:
+    """A task's spec as the store holds it (validated at submit), back as a TaskSpec."""
+    data = json.loads(text)
+    data.setdefault("tuning", {}).setdefault("strategy", "list")  # tasks from before the fallback search
+    return TaskSpec.from_dict(data)
 
 
 class Core(Outcomes, Placement):
@@ -143,7 +151,7 @@ class Core(Outcomes, Placement):
             log.info("reloaded %d tasks", len(self.tasks))
 
     def _task_from_row(self, row) -> Task:
-        task = Task(id=row["id"], spec=json.loads(row["spec"]), state=TaskState(row["state"]), owner=row["owner"],
+        task = Task(id=row["id"], spec=stored_spec(row["spec"]), state=TaskState(row["state"]), owner=row["owner"],
                     created=row["created"], started=row["started"], finished=row["finished"],
                     baseline=row["baseline"], winner=row["winner"],
                     met_goal=None if row["met_goal"] is None else bool(row["met_goal"]), error=row["error"],
@@ -182,7 +190,7 @@ class Core(Outcomes, Placement):
 
     @staticmethod
     def priority(task: Task) -> int:
-        return task.resources.get("priority", 0)
+        return task.resources.priority
 
     def active(self) -> Iterator[Task]:
         for tier in self.queued.values():
@@ -222,14 +230,14 @@ class Core(Outcomes, Placement):
 
     # ---- clients -----------------------------------------------------------------------------------
 
-    def submit(self, spec: dict, owner: str = "") -> str:
+    def submit(self, spec: TaskSpec, owner: str = "") -> str:
         if self.owners[owner] >= self.limits.queued_per_client:
             raise ValueError(f"this client already has {self.owners[owner]} unfinished tasks (the broker's "
                              f"limit is {self.limits.queued_per_client}); wait for some to finish")
         task = Task(id=uuid.uuid4().hex[:12], spec=spec, state=TaskState.QUEUED, created=time.time(), owner=owner)
         with self.tx():
             self._touch(task)
-            self.store.insert_task(task.id, task.name, spec, task.state.value, task.created, owner)
+            self.store.insert_task(task.id, task.name, task.spec_dict, task.state.value, task.created, owner)
             self._adopt(task)
             self.emit(task, "state", state=task.state.value)
         log.info("task %s (%s) queued", task.id, task.name)
@@ -388,8 +396,8 @@ class Core(Outcomes, Placement):
 
     def check_timeouts(self, now: float) -> None:
         for task in list(self.started.values()):
-            budget = task.tuning["timeout_s"]
+            budget = task.tuning.timeout_s
             if task.state is TaskState.TUNING and budget and task.started and now - task.started > budget:
                 with self.tx():
-                    decision = tuner.decide(task.views(), task.tuning["higher_is_better"], exhausted=True)
+                    decision = tuner.decide(task.views(), task.tuning.higher_is_better, exhausted=True)
                     self.conclude(task, decision, note=f"wall-clock budget of {budget:g}s ran out")

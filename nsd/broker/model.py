@@ -17,9 +17,11 @@ import heapq
 import math
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from nsd.broker import search, tuner
+from nsd.spec import ResourcesSpec, TaskSpec, TuningSpec
 from nsd.states import TASK_TRANSITIONS, TRIAL_TRANSITIONS, TaskState, TrialState, check_transition
 
 PLAN = "plan"  # the job of a `planning` task: load, evaluate FP32 once, expand the config set
@@ -82,7 +84,7 @@ class Trial:
 @dataclass
 class Task:
     id: str
-    spec: dict
+    spec: TaskSpec  # validated: every field is there, with its default where the submitter gave none
     state: TaskState
     created: float
     owner: str = ""  # the client key that submitted it ("" without CURVE): per-key queue limits
@@ -150,7 +152,7 @@ class Task:
 
     @property
     def _higher_is_better(self) -> bool:
-        return self.spec.get("tuning", {}).get("higher_is_better", True)
+        return self.spec.tuning.higher_is_better
 
     def note_metric(self, tr: Trial) -> None:
         """A trial finished with a metric: keep best_index equal to tuner.best() (earliest on ties)."""
@@ -164,7 +166,7 @@ class Task:
     def stop_rule(self, index: int) -> dict:
         """The rule trial `index` runs under (tuner.stop_rule): early stopping off leaves nothing to beat, and
         so does a fallback stage's trial (the search ranks ops by those metrics: they run in full)."""
-        top = [] if self.best_index is None or not self.tuning.get("early_stop", True) \
+        top = [] if self.best_index is None or not self.tuning.early_stop \
             or self.trials[index].stage != search.CONFIG else [self.trials[self.best_index].view()]
         return tuner.stop_rule(self.goal(), top, index)
 
@@ -203,30 +205,35 @@ class Task:
 
     @property
     def name(self) -> str:
-        return self.spec["name"]
+        return self.spec.name
 
     @property
-    def tuning(self) -> dict:
-        return self.spec["tuning"]
+    def tuning(self) -> TuningSpec:
+        return self.spec.tuning
 
     @property
-    def resources(self) -> dict:
-        return self.spec["resources"]
+    def resources(self) -> ResourcesSpec:
+        return self.spec.resources
+
+    @cached_property
+    def spec_dict(self) -> dict[str, Any]:
+        """The spec as plain data (what jobs and the task view carry), made once: it does not change."""
+        return self.spec.to_dict()
 
     def views(self) -> list[tuner.TrialView]:
         return [t.view() for t in self.trials]
 
     def layout(self) -> search.Layout:
         families = tuple(next(iter(t.config)) for t in self.trials if t.stage == search.CONFIG)
-        return search.Layout(families, self.oplists, self.tuning["max_trials"], self.tuning["higher_is_better"],
-                             self.tuning.get("strategy", "list"))  # tasks from before the search: "list"
+        return search.Layout(families, self.oplists, self.tuning.max_trials, self.tuning.higher_is_better,
+                             self.tuning.strategy)
 
     def steps(self) -> list[search.Step]:
         return [t.step() for t in self.trials]
 
     def goal(self) -> tuner.Goal:
         t = self.tuning
-        return tuner.Goal(self.baseline, t["tolerable_loss"], t["criterion"], t["higher_is_better"])
+        return tuner.Goal(self.baseline, t.tolerable_loss, t.criterion, t.higher_is_better)
 
     def summary(self) -> dict[str, Any]:
         done = len(self.trials) - self.n_unfinished
@@ -242,8 +249,8 @@ class Task:
         return {
             "task_id": self.id, "name": self.name, "state": self.state.value, "seq": self.seq,
             "met_goal": self.met_goal, "baseline": self.baseline, "error": self.error,
-            "goal": {"tolerable_loss": t["tolerable_loss"], "criterion": t["criterion"],
-                     "higher_is_better": t["higher_is_better"], "max_trials": t["max_trials"]},
+            "goal": {"tolerable_loss": t.tolerable_loss, "criterion": t.criterion,
+                     "higher_is_better": t.higher_is_better, "max_trials": t.max_trials},
             "winner": None if winner is None else {**winner.described(), "metric": winner.metric},
             "trials": [tr.public() for tr in self.trials],
             "timings": {"created": self.created, "started": self.started, "finished": self.finished,
@@ -251,7 +258,7 @@ class Task:
                         "plan_s": self.plan_s,
                         "trial_s_total": sum(tr.seconds or 0.0 for tr in self.trials)},
             "artifact": self.artifact,
-            "spec": self.spec,
+            "spec": self.spec_dict,
         }
 
 

@@ -160,7 +160,7 @@ class Outcomes:
             return self.finish(task, TaskState.FAILED, error="planning returned a malformed plan")
         if not configs:
             return self.finish(task, TaskState.FAILED, error="the config set expanded to no configs")
-        configs = first_trials(configs, task.tuning["max_trials"])
+        configs = first_trials(configs, task.tuning.max_trials)
         if worker is not None:  # a plan a worker ran (not one from the cache): remember it
             self.cache.put_plan(task.spec, worker.versions, float(baseline), configs, body.get("ops"))
         task.baseline, task.oplists = float(baseline), oplists
@@ -205,7 +205,7 @@ class Outcomes:
         if task.state is not TaskState.TUNING:
             return
         last = task.trials[-1].stage if task.trials else None
-        if passed is None and task.tuning.get("strategy") == "basic" and last != search.ACCUMULATED \
+        if passed is None and task.tuning.strategy == "basic" and last != search.ACCUMULATED \
                 and (last != search.CONFIG or task.n_unfinished == 0):  # cheap gates: most results add nothing
             self._add_stage(task, search.next_stage(task.layout(), task.steps()))
         if task.n_unfinished == 0:
@@ -290,7 +290,7 @@ class Outcomes:
         if handback:  # same attempt, any worker: the lease rule still refuses the old holder's answers
             state, attempt = TrialState.PENDING, lease[0]
         else:
-            state, attempt = tuner.after_lost_lease(lease[0], task.tuning["max_attempts"])
+            state, attempt = tuner.after_lost_lease(lease[0], task.tuning.max_attempts)
         if job in (PLAN, SAVE):
             if state is TrialState.ERROR and job == PLAN:
                 self.finish(task, TaskState.FAILED, error=f"planning failed {attempt} times: {why}")

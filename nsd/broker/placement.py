@@ -34,15 +34,15 @@ class Placement:
         demands = []
         for tier in sorted(self.queued, reverse=True):
             for task in itertools.islice(self.queued[tier].values(), room):
-                demands.append(scheduler.Demand(task.id, 1, tier, cores=task.resources.get("cores_per_trial", 0)))
+                demands.append(scheduler.Demand(task.id, 1, tier, cores=task.resources.cores_per_trial))
         for task in self.started.values():
             if not task.wants_worker():
                 continue
-            cores = task.resources.get("cores_per_trial", 0)
+            cores = task.resources.cores_per_trial
             if task.state in STAGE_JOBS:
                 demands.append(scheduler.Demand(task.id, 1, self.priority(task), cores=cores))
-            elif task.dispatchable(task.resources["workers"]):
-                demands.append(scheduler.Demand(task.id, task.dispatchable(task.resources["workers"]),
+            elif task.dispatchable(task.resources.workers):
+                demands.append(scheduler.Demand(task.id, task.dispatchable(task.resources.workers),
                                                 self.priority(task), task.n_running, cores))
         demands.sort(key=lambda d: self.tasks[d.task_id].created)  # the scheduler's "age" is list order
         if demands:
@@ -66,7 +66,7 @@ class Placement:
 
     def _assign(self, task: Task, worker: Worker) -> None:
         now = time.time()
-        if task.tuning.get("cache", True) and self._answer_from_cache(task, worker):
+        if task.tuning.cache and self._answer_from_cache(task, worker):
             self._answered_from_cache = True
             return
         if task.state is TaskState.FINALIZING:  # the save job goes where the winner's model was kept, if free
@@ -80,14 +80,14 @@ class Placement:
             task.stage_worker = worker.id
             task.started = task.started or now
             jid, attempt = job_id(task.id, PLAN), task.stage_attempt
-            job = {"kind": "plan", "task_id": task.id, "spec": task.spec}
+            job = {"kind": "plan", "task_id": task.id, "spec": task.spec_dict}
             self._write_task(task, state=task.state.value, stage_worker=worker.id, started=task.started)
             self.emit(task, "state", state=task.state.value, worker=worker.id)
         elif task.state is TaskState.FINALIZING:
             task.stage_worker = worker.id
             jid, attempt = job_id(task.id, SAVE), task.stage_attempt
             winner = task.trials[task.winner]
-            job = {"kind": "save", "task_id": task.id, "spec": task.spec, "index": winner.index,
+            job = {"kind": "save", "task_id": task.id, "spec": task.spec_dict, "index": winner.index,
                    "config": winner.config, "fallback": winner.fallback}
             if winner.kept and winner.kept[0] == worker.id:
                 job["kept"] = winner.kept[1]  # upload the model its trial kept instead of quantizing again
@@ -97,7 +97,7 @@ class Placement:
             task.set_state(tr, TrialState.RUNNING)
             tr.worker, tr.started = worker.id, now
             jid, attempt = job_id(task.id, tr.index), tr.attempt
-            job = {"kind": "trial", "task_id": task.id, "spec": task.spec, "index": tr.index, "config": tr.config,
+            job = {"kind": "trial", "task_id": task.id, "spec": task.spec_dict, "index": tr.index, "config": tr.config,
                    "fallback": tr.fallback,
                    # What it must reach to matter (early stop), and whether a pass should keep its model.
                    "rule": task.stop_rule(tr.index),
@@ -114,4 +114,4 @@ class Placement:
 
     @staticmethod
     def job_cores(task: Task, worker: Worker) -> int:
-        return task.resources.get("cores_per_trial") or worker.cores_per_trial
+        return task.resources.cores_per_trial or worker.cores_per_trial
