@@ -144,15 +144,18 @@ def test_a_json_spec_that_is_not_an_object_is_one_clear_line(tmp_path):
     assert "a task spec is a table (a JSON object), not list" in proc.stderr
 
 
-@pytest.mark.parametrize("daemon", ["broker", "worker"])
+@pytest.mark.parametrize("daemon", ["broker", "worker", "gateway"])
 def test_each_daemon_option_defaults_to_its_config_field(daemon):
-    """One source for every default: `nsd broker` / `nsd worker` options take theirs from BrokerConfig /
-    WorkerConfig (and BrokerLimits)."""
+    """One source for every default: `nsd broker` / `nsd worker` / `nsd gateway` options take theirs from
+    BrokerConfig / WorkerConfig / GatewayConfig (and BrokerLimits), endpoints from one table."""
     from dataclasses import fields
 
     from nsd.broker.config import BrokerConfig
     from nsd.broker.limits import BrokerLimits
     from nsd.cli import main
+    from nsd.client.api import DEFAULT_BROKER
+    from nsd.gateway.config import GatewayConfig
+    from nsd.protocol import DEFAULT_ENDPOINTS
     from nsd.worker.config import WorkerConfig
 
     command = main.commands[daemon]
@@ -161,8 +164,14 @@ def test_each_daemon_option_defaults_to_its_config_field(daemon):
         config, limits = BrokerConfig(), BrokerLimits()
         expected = {f.name: getattr(config, f.name) for f in fields(config) if f.name not in ("state_dir", "limits")}
         expected.update({f.name: getattr(limits, f.name) for f in fields(limits)})
+        assert config.clients == DEFAULT_BROKER  # a client looks where a broker binds by default
+    elif daemon == "gateway":
+        config = GatewayConfig()
+        expected = {f.name: getattr(config, f.name) for f in fields(config) if f.name not in ("limits", "keepalive_s")}
+        expected.update(broker=config.broker or DEFAULT_BROKER, max_upload=config.limits.max_upload / 1024**3)
     else:
         config = WorkerConfig()
+        assert config.broker == DEFAULT_ENDPOINTS["workers"] == BrokerConfig().workers
         expected = {"broker_addr": config.broker, "cores_per_trial": config.cores_per_trial, "worker_id": config.worker_id,
                     "heartbeat": config.heartbeat_s, "grace": config.grace_s, "preload": config.preload,
                     "cache_size": config.cache_max_bytes / 1024**3}

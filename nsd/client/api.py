@@ -22,11 +22,11 @@ from nsd.client.events import EventStream
 from nsd.client.specs import prepare_spec
 from nsd.client.transfers import Transfers
 from nsd.net import configure
-from nsd.protocol import BROKER_TO_CLIENT, MAX_BODY, MAX_MESSAGE_BYTES, Cmd, ProtocolError, pack, unpack
+from nsd.protocol import BROKER_TO_CLIENT, DEFAULT_ENDPOINTS, MAX_BODY, MAX_MESSAGE_BYTES, Cmd, ProtocolError, pack, unpack
 from nsd.security import ClientKeys, KeyFileError
 from nsd.spec import PATH_FIELDS, TaskSpec
 
-DEFAULT_BROKER = "tcp://127.0.0.1:5550"
+DEFAULT_BROKER = DEFAULT_ENDPOINTS["clients"]  # where `nsd broker` binds by default
 
 
 class _Disconnected(Exception):
