@@ -70,22 +70,31 @@ class Outcomes:
         metric, bound = body.get("metric"), body.get("bound")
         fallback = getattr(tr, "fallback", None)
         if body["ok"] and metric is not None:
-            tr.metric = float(metric)
-            task.set_state(tr, TrialState.PASSED if tuner.meets_goal(tr.metric, task.goal()) else TrialState.FAILED_GOAL)
-            task.note_metric(tr)
+            self._score(task, tr, float(metric), None)
             if tr.state is TrialState.PASSED and body.get("kept"):
                 tr.kept = (worker.id, body["kept"])
             self.cache.put_trial(task.spec, worker.versions, tr.config, fallback, tr.metric)
         elif body["ok"] and body.get("stopped_early") is True and bound is not None \
                 and not tuner.meets_goal(float(bound), task.goal()):
             # It could neither meet the goal nor beat a finished trial (tuner.stop_rule): no metric needed.
-            tr.bound, tr.stopped_early = float(bound), True
-            task.set_state(tr, TrialState.FAILED_GOAL)
+            self._score(task, tr, None, float(bound))
             self.cache.put_trial(task.spec, worker.versions, tr.config, fallback, None, tr.bound)
         else:
             task.set_state(tr, TrialState.ERROR)
             tr.error = (body.get("error") or "the runner returned no metric")[:4000]
         self._finish_trial(task, tr)
+
+    @staticmethod
+    def _score(task: Task, tr: Trial, metric: float | None, bound: float | None) -> None:
+        """Metric -> trial state, for a result and a cache answer alike: its metric passes or fails the goal;
+        without one, the bound it stopped early at fails it."""
+        if metric is not None:
+            tr.metric = metric
+            task.set_state(tr, TrialState.PASSED if tuner.meets_goal(metric, task.goal()) else TrialState.FAILED_GOAL)
+            task.note_metric(tr)
+        else:
+            tr.bound, tr.stopped_early = bound, True
+            task.set_state(tr, TrialState.FAILED_GOAL)
 
     def _finish_trial(self, task: Task, tr: Trial) -> None:
         self._write_trial(task, tr, state=tr.state.value, metric=tr.metric, seconds=tr.seconds,
@@ -133,14 +142,7 @@ class Outcomes:
             task.next_pending()
             now = time.time()
             tr.cached, tr.worker, tr.started, tr.finished, tr.seconds = True, None, now, now, 0.0
-            if metric is not None:
-                tr.metric = metric
-                task.set_state(tr, TrialState.PASSED if tuner.meets_goal(metric, task.goal())
-                               else TrialState.FAILED_GOAL)
-                task.note_metric(tr)
-            else:
-                tr.bound, tr.stopped_early = bound, True
-                task.set_state(tr, TrialState.FAILED_GOAL)
+            self._score(task, tr, metric, bound)
             self._finish_trial(task, tr)
             answered = True
         return True
