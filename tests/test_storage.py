@@ -106,3 +106,22 @@ async def test_the_watchdog_stops_when_the_broker_cannot_serve(broker):
     broker._loops[0].cancel()
     await asyncio.gather(broker._loops[0], return_exceptions=True)
     assert not broker.healthy()
+
+
+def test_an_older_state_dirs_events_table_is_dropped(tmp_path):
+    """Events were stored until 2026-12 and never read back (clients re-snapshot): the table goes."""
+    import sqlite3
+
+    from nsd.broker.store import Store
+
+    old = sqlite3.connect(tmp_path / "nsd.sqlite3")
+    old.execute("CREATE TABLE events (task_id TEXT NOT NULL, seq INTEGER NOT NULL, body TEXT NOT NULL)")
+    old.execute("INSERT INTO events VALUES ('t', 1, '{}')")
+    old.commit()
+    old.close()
+    store = Store(tmp_path / "nsd.sqlite3")
+    try:
+        tables = {row[0] for row in store.db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        assert "events" not in tables and {"tasks", "trials", "logs", "cache"} <= tables
+    finally:
+        store.close()

@@ -221,7 +221,7 @@ class Core(Outcomes, Placement):
         self._touch(task)
         task.seq += 1
         body = {"task_id": task.id, "seq": task.seq, "ts": time.time(), "kind": kind, **data}
-        self.store.append_event(task.id, task.seq, body)
+        self.store.set_seq(task.id, task.seq)
         self.effects.append(Event(task.id, body))
 
     def send(self, worker: Worker | bytes, cmd: Cmd, body: dict | None = None) -> None:
