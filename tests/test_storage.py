@@ -110,8 +110,6 @@ async def test_the_watchdog_stops_when_the_broker_cannot_serve(broker):
 
 def test_an_older_state_dirs_events_table_is_dropped(tmp_path):
     """Events were stored until 2026-12 and never read back (clients re-snapshot): the table goes."""
-    import sqlite3
-
     from nsd.broker.store import Store
 
     old = sqlite3.connect(tmp_path / "nsd.sqlite3")
