@@ -7,6 +7,7 @@ teardown checks) and runner processes are killed by PID.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import signal
 import socket
@@ -132,10 +133,13 @@ def free_port() -> int:
 
 
 async def wait_for(predicate, timeout: float = 60, interval: float = 0.05):
+    """Wait until `predicate()` (a plain function or a coroutine function) gives something true; return it."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while True:
-        value = await predicate()
+        value = predicate()
+        if inspect.isawaitable(value):
+            value = await value
         if value:
             return value
         if loop.time() > deadline:

@@ -122,7 +122,7 @@ async def test_fuzzing_every_socket_leaves_the_broker_serving(broker, client, ca
                 await socks[-1 - n % 3].send_multipart(frames)
                 if n % 200 == 0:
                     await asyncio.sleep(0)  # let the broker keep up, as a real flood would be paced by TCP
-        await wait_for(lambda: _true(broker._bad.count > N_PER_SOCKET), 30)
+        await wait_for(lambda: broker._bad.count > N_PER_SOCKET, 30)
         assert broker.tasks == {} and broker.workers == {}  # nothing hostile got in
         await wait_for(lambda: _settled(broker), 30)  # every frame sent has been read
         for sock in socks:
@@ -145,10 +145,6 @@ async def test_fuzzing_every_socket_leaves_the_broker_serving(broker, client, ca
         for sock in socks:
             sock.close(linger=0)
         ctx.term()
-
-
-async def _true(value) -> bool:
-    return bool(value)
 
 
 async def _settled(broker) -> bool:

@@ -86,7 +86,7 @@ async def fake_and_worker(tmp_path):
                           cache_dir=tmp_path / "worker", worker_id="victim", chunk_timeout_s=30)
     daemon = WorkerDaemon(config)
     run = asyncio.create_task(daemon.run())
-    await wait_for(lambda: _now(bool(fake.of(Cmd.READY))), 30)
+    await wait_for(lambda: bool(fake.of(Cmd.READY)), 30)
     # Long liveness: the fake broker does not ping, and the worker must not reconnect mid-test.
     fake.send(Cmd.READY_ACK, {"heartbeat_s": 1.0, "liveness": 100})
     await asyncio.wait_for(daemon.registered.wait(), 10)
@@ -96,10 +96,6 @@ async def fake_and_worker(tmp_path):
     await asyncio.wait_for(run, 30)  # raises if the daemon crashed
     await fake.close()
     assert daemon.ctx.closed and not any(_alive(pid) for pid in pids)
-
-
-async def _now(value):
-    return value
 
 
 def tree(root: Path) -> set[str]:
@@ -172,7 +168,7 @@ async def test_hostile_values_are_ignored_and_the_worker_keeps_serving(fake_and_
 
     # Still serving: it heartbeats, and a valid job runs on its runner (and fails there, for a real reason).
     beats = len(fake.of(Cmd.HEARTBEAT))
-    await wait_for(lambda: _now(len(fake.of(Cmd.HEARTBEAT)) > beats + 2), 10)
+    await wait_for(lambda: len(fake.of(Cmd.HEARTBEAT)) > beats + 2, 10)
     fake.send(Cmd.ASSIGN, {"trial_id": "abc123abc123/0", "attempt": 1, "job": trial_job()})
 
     async def ran():
@@ -264,7 +260,7 @@ async def test_random_hostile_field_values_never_reach_past_the_checks(fake_and_
             await asyncio.sleep(0)
     fake.send(Cmd.READY_ACK, base[Cmd.READY_ACK])  # answers the READY a valid DISCONNECT asked for
     beats = len(fake.of(Cmd.HEARTBEAT))
-    await wait_for(lambda: _now(len(fake.of(Cmd.HEARTBEAT)) > beats + 2), 30)
+    await wait_for(lambda: len(fake.of(Cmd.HEARTBEAT)) > beats + 2, 30)
     assert not run.done() and daemon.fatal is None and daemon.registered.is_set()
     assert daemon.ignored > 100
     assert not [r for r in caplog.records if "could not act on" in r.getMessage()]

@@ -40,7 +40,7 @@ async def test_the_broker_pings_an_idle_worker_every_idle_interval_and_a_busy_on
     idle = list(worker.heartbeats)
     assert 2 <= len(idle) <= 5, gaps(idle)  # at most one a second (every 0.5 s would make 8 or 9)
     task_id = await client.submit(spec())
-    await wait_for(lambda: _now(any(a[0] == f"{task_id}/0" for a in worker.assigned)), 10)  # held: busy
+    await wait_for(lambda: any(a[0] == f"{task_id}/0" for a in worker.assigned), 10)  # held: busy
     start = len(worker.heartbeats)
     await asyncio.sleep(3.0)
     busy = worker.heartbeats[start:]
@@ -57,7 +57,7 @@ async def test_an_idle_worker_heartbeats_every_other_interval_and_a_busy_one_eve
     idle = beats(fake, start)
     assert 2 <= len(idle) <= 3, gaps(idle)  # at most one per 2 s (every second would make 5 or 6)
     fake.send(Cmd.ASSIGN, {"trial_id": "abc123abc123/0", "attempt": 1, "job": trial_job()})
-    await wait_for(lambda: _now(bool(fake.of(Cmd.RESULT))), 60)  # it fails (no recipe); never acknowledged
+    await wait_for(lambda: bool(fake.of(Cmd.RESULT)), 60)  # it fails (no recipe); never acknowledged
     start = len(fake.times)
     await asyncio.sleep(4.0)
     busy = beats(fake, start)
@@ -68,7 +68,3 @@ async def test_an_idle_worker_heartbeats_every_other_interval_and_a_busy_one_eve
 def beats(fake, start: int) -> list[float]:
     """When the fake broker received each HEARTBEAT since its `start`-th message."""
     return [t for t, (cmd, _) in zip(fake.times[start:], fake.received[start:]) if cmd is Cmd.HEARTBEAT]
-
-
-async def _now(value):
-    return value

@@ -178,15 +178,11 @@ async def test_runners_are_pinned_to_their_slots_cores(tmp_path, broker):
         assert len(daemon.slots) == len(cpus)
         for slot, cpu in zip(daemon.slots, cpus):
             assert os.sched_getaffinity(slot.runner.proc.pid) == {cpu}
-        await wait_for(lambda: _true(broker.workers.get("pin")), 10)
+        await wait_for(lambda: broker.workers.get("pin"), 10)
         assert broker.workers["pin"].slots == len(cpus) and broker.workers["pin"].cores == len(cpus)
     finally:
         daemon.stop(grace_s=0)
         await task
-
-
-async def _true(value) -> bool:
-    return bool(value)
 
 
 @pytest.mark.slow
