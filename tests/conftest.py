@@ -22,6 +22,8 @@ from nsd.broker.daemon import Broker
 from nsd.client.api import AsyncClient
 from nsd.worker.daemon import WorkerConfig, WorkerDaemon
 
+pytest_plugins = ["tests.gateway_fixtures"]  # the gateway fixtures, for every test module
+
 ROOT = Path(__file__).resolve().parent.parent
 DIGITS = ROOT / "examples" / "digits"
 RECIPES = Path(__file__).resolve().parent / "recipes"
@@ -126,6 +128,17 @@ def digits_spec(**tuning) -> dict:
     return spec
 
 
+UNDISTURBED_WINNER = (2, 350 / 360)  # digits example: trial 2 (rtn bits=3, per channel): 350 of 360 right
+
+
+def slow_spec(seconds: float) -> dict:
+    spec = digits_spec()
+    spec["recipe"]["file"] = str(RECIPES / "slow.py")
+    spec["model"]["shared"] = True
+    spec["tuning"]["max_trials"] = 6
+    return spec
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -183,3 +196,43 @@ async def hello_ok(endpoint: str) -> bool:
         return bool(await hello(endpoint, timeout=2))
     except Exception:
         return False
+
+
+@pytest.fixture
+async def secure(tmp_path):
+    """A CURVE broker: (broker, {name: secret key file}, the broker's public key file); alice may connect as a
+    client and node1 as a worker, mallory's key is allowed nowhere."""
+    from nsd.security import allow, generate_keypair
+
+    keys = tmp_path / "keys"
+    made = {name: generate_keypair(tmp_path / "made", name) for name in ("broker", "alice", "node1", "mallory")}
+    allow(keys, "client", made["alice"][0])
+    allow(keys, "worker", made["node1"][0])
+    broker = Broker(BrokerConfig(state_dir=tmp_path / "state", clients="tcp://127.0.0.1:*", workers="tcp://127.0.0.1:*",
+                    events="tcp://127.0.0.1:*", curve_secret=made["broker"][1], keys_dir=keys, heartbeat_s=0.5))
+    await broker.start()
+    yield broker, {name: secret for name, (_, secret) in made.items()}, made["broker"][0]
+    await broker.stop()
+
+
+@pytest.fixture
+async def fake_and_worker(tmp_path):
+    """A real worker daemon registered with a fake broker (tests.peers.FakeBroker): (fake, daemon, its task)."""
+    from nsd.protocol import Cmd
+    from tests.peers import FakeBroker
+
+    fake = FakeBroker()
+    config = WorkerConfig(broker=fake.endpoint, cpus=[sorted(os.sched_getaffinity(0))[0]],
+                          cache_dir=tmp_path / "worker", worker_id="victim", chunk_timeout_s=30)
+    daemon = WorkerDaemon(config)
+    run = asyncio.create_task(daemon.run())
+    await wait_for(lambda: bool(fake.of(Cmd.READY)), 30)
+    # Long liveness: the fake broker does not ping, and the worker must not reconnect mid-test.
+    fake.send(Cmd.READY_ACK, {"heartbeat_s": 1.0, "liveness": 100})
+    await asyncio.wait_for(daemon.registered.wait(), 10)
+    yield fake, daemon, run
+    pids = [s.runner.proc.pid for s in daemon.slots if s.runner.proc is not None]
+    daemon.stop(grace_s=0)
+    await asyncio.wait_for(run, 30)  # raises if the daemon crashed
+    await fake.close()
+    assert daemon.ctx.closed and not any(_alive(pid) for pid in pids)

@@ -9,22 +9,9 @@ import pytest
 from nsd.broker.config import BrokerConfig
 from nsd.broker.daemon import Broker
 from nsd.client.api import AsyncClient, BrokerUnavailable
-from nsd.security import ClientKeys, HandshakeWatch, allow, generate_keypair
+from nsd.security import ClientKeys, HandshakeWatch, generate_keypair
 from tests.conftest import wait_for
 from tests.peers import ScriptedWorker, done, metrics_answer, spec
-
-
-@pytest.fixture
-async def secure(tmp_path):
-    keys = tmp_path / "keys"
-    made = {name: generate_keypair(tmp_path / "made", name) for name in ("broker", "alice", "node1", "mallory")}
-    allow(keys, "client", made["alice"][0])
-    allow(keys, "worker", made["node1"][0])
-    broker = Broker(BrokerConfig(state_dir=tmp_path / "state", clients="tcp://127.0.0.1:*", workers="tcp://127.0.0.1:*",
-                    events="tcp://127.0.0.1:*", curve_secret=made["broker"][1], keys_dir=keys, heartbeat_s=0.5))
-    await broker.start()
-    yield broker, {name: secret for name, (_, secret) in made.items()}, made["broker"][0]
-    await broker.stop()
 
 
 def client_as(broker, secret, server_public, **kw) -> AsyncClient:

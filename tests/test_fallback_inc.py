@@ -201,7 +201,7 @@ async def test_rtn_search_with_3_workers_equals_a_sequential_inc_run(client, sta
 
 @pytest.mark.slow
 async def test_static_pt2e_search_runs_end_to_end_on_a_tiny_bert(client, start_workers, tmp_path):
-    from tests.test_builtin_recipes import build_assets
+    from tests.tiny_models import build_assets
 
     assets = build_assets(tmp_path / "assets")
     # Cosine against FP32 (1.0) with no loss allowed: the static config misses it, so the search goes on with

@@ -7,9 +7,8 @@ from __future__ import annotations
 import pytest
 
 from nsd.protocol import Cmd
-from tests.conftest import wait_for
+from tests.conftest import UNDISTURBED_WINNER, slow_spec, wait_for
 from tests.peers import ScriptedWorker, plan_then_hold, spec
-from tests.test_reliability import UNDISTURBED_WINNER, slow_spec
 
 
 async def test_a_trial_handed_back_with_bye_is_requeued_without_using_an_attempt(broker, client):

@@ -113,3 +113,23 @@ def test_broker_client_and_gateway_never_import_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_no_test_module_imports_another():
+    """Shared helpers live in tests/conftest.py, tests/peers.py and the other helper modules (not test_*.py);
+    shared fixtures in conftest.py (and its plugin tests/gateway_fixtures.py), so no test imports a fixture."""
+    tests = ROOT / "tests"
+    leaning = [f"{path.name} imports {name}" for path in sorted(tests.glob("test_*.py"))
+               for name in _all_imports_any(path) if name.startswith("tests.test_")]
+    assert leaning == [], f"test modules importing other test modules: {leaning}"
+
+
+def _all_imports_any(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            found.update(f"{node.module}.{a.name}" for a in node.names)  # `from tests import test_x`
+    return found

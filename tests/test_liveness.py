@@ -10,8 +10,7 @@ import pytest
 from nsd.liveness import heartbeat_due, idle_interval
 from nsd.protocol import Cmd
 from tests.conftest import wait_for
-from tests.peers import ScriptedWorker, plan_then_hold, spec
-from tests.test_hostile_worker import fake_and_worker, trial_job  # noqa: F401 (a fixture)
+from tests.peers import ScriptedWorker, plan_then_hold, spec, trial_job
 
 
 @pytest.mark.parametrize("liveness, every", [(1, 1), (2, 1), (3, 1), (4, 2), (5, 2), (6, 2), (100, 2)])

@@ -14,22 +14,11 @@ import pytest
 
 from nsd.client.api import AsyncClient
 from nsd.client.view import apply_event
-from tests.conftest import RECIPES, digits_spec, free_port, kill_pid, wait_for
+from tests.conftest import RECIPES, UNDISTURBED_WINNER, digits_spec, free_port, kill_pid, slow_spec, wait_for
 
 
 pytestmark = pytest.mark.slow
 NSD = [sys.executable, "-m", "nsd"]
-UNDISTURBED_WINNER = (2, 350 / 360)  # digits example: trial 2 (rtn bits=3, per channel): 350 of 360 right
-
-
-def slow_spec(seconds: float) -> dict:
-    spec = digits_spec()
-    spec["recipe"]["file"] = str(RECIPES / "slow.py")
-    spec["model"]["shared"] = True
-    spec["tuning"]["max_trials"] = 6
-    return spec
-
-
 class Processes:
     """Daemons started as `nsd` subprocesses; everything they (and their runners) leave is killed by PID."""
 

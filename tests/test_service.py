@@ -7,18 +7,16 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
 from nsd.cli import main
 from tests.conftest import ROOT, free_port, kill_pid, wait_for
-from tests.peers import ScriptedWorker, done, metrics_answer, spec
+from tests.peers import NotifyListener, ScriptedWorker, done, metrics_answer, spec
 
 UNITS = ROOT / "systemd"
 NSD = [sys.executable, "-m", "nsd"]
@@ -41,32 +39,6 @@ def test_units_pass_systemd_analyze_verify(tmp_path):
     proc = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "typo.service")], capture_output=True,
                           text=True, timeout=60)
     assert "Unknown key" in proc.stderr  # the check above can fail
-
-
-class NotifyListener:
-    """What systemd would receive on $NOTIFY_SOCKET."""
-
-    def __init__(self, path: Path):
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(str(path))
-        self.sock.settimeout(0.2)
-        self.messages: list[dict[str, str]] = []
-
-    def read_until(self, key: str, timeout: float) -> dict[str, str]:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            try:
-                data = self.sock.recv(4096).decode()
-            except socket.timeout:
-                continue
-            fields = dict(line.split("=", 1) for line in data.splitlines() if "=" in line)
-            self.messages.append(fields)
-            if key in fields:
-                return fields
-        raise AssertionError(f"no {key} within {timeout}s; got {self.messages}")
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 @pytest.mark.slow
