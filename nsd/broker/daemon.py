@@ -180,6 +180,7 @@ class Broker(ClientRequests, WorkerMessages):
         """One socket's loop: wait for a message, take what else is already waiting (at most `batch`), and
         handle them as one turn. Frames are copied to bytes, unless CURVE needs each frame's User-Id."""
         shadow, readable, copy = self._shadows[name], self._readable[name], self.curve is None
+        idle_heartbeats = copy and name == "workers"  # on the clients socket a HEARTBEAT is refused at the door
         while True:
             await readable.wait()
             batch = []
@@ -188,7 +189,7 @@ class Broker(ClientRequests, WorkerMessages):
                     frames = shadow.recv_multipart(zmq.NOBLOCK, copy=copy)
                 except zmq.Again:
                     break
-                if copy and frames[1:] == _IDLE_HEARTBEAT:  # most of an idle cluster's traffic: no decoding
+                if idle_heartbeats and frames[1:] == _IDLE_HEARTBEAT:  # most of an idle cluster's traffic: no decoding
                     self._heard(frames[0], None)
                     continue
                 batch.append(self._check(name, frames, allowed))
