@@ -176,3 +176,21 @@ def test_each_daemon_option_defaults_to_its_config_field(daemon):
                     "heartbeat": config.heartbeat_s, "grace": config.grace_s, "preload": config.preload,
                     "cache_size": config.cache_max_bytes / 1024**3}
     assert {name: defaults[name] for name in expected} == expected
+
+
+@pytest.mark.parametrize("args, problem", [(["--heartbeat", "0.01"], "'--heartbeat': 0.01 is not in the range"),
+                                           (["--heartbeat", "61"], "'--heartbeat': 61.0 is not in the range"),
+                                           (["--liveness", "0"], "'--liveness': 0 is not in the range")])
+def test_the_broker_refuses_a_heartbeat_its_workers_would_refuse(tmp_path, args, problem):
+    """One range for both sides (nsd/liveness.py): a broker at 0.01 s would have every worker ignore its
+    READY_ACK and be declared dead."""
+    from click.testing import CliRunner
+
+    from nsd.broker.config import BrokerConfig
+    from nsd.broker.daemon import Broker
+    from nsd.cli import main
+
+    result = CliRunner().invoke(main, ["broker", "--state-dir", str(tmp_path), *args])
+    assert result.exit_code == 2 and problem in result.output, result.output
+    with pytest.raises(ValueError, match="heartbeat_s '0.01' is not between 0.05 and 60.0"):
+        Broker(BrokerConfig(state_dir=tmp_path, heartbeat_s=0.01))

@@ -32,6 +32,7 @@ from nsd.broker.metrics import BrokerState, Metrics, MetricsServer
 from nsd.broker.store import StorageError, Store
 from nsd.broker.worker_messages import WorkerMessages
 from nsd.limits import raise_open_files_limit
+from nsd.liveness import timing_problem
 from nsd.net import OncePerPeer, Readable, configure, is_loopback, send_frames_now
 from nsd.protocol import CLIENT_TO_BROKER, WORKER_TO_BROKER, Cmd, Message, ProtocolError, event_frames, pack, unpack
 from nsd.security import SOCKET_DOMAINS, CurveServer
@@ -60,6 +61,8 @@ class Broker(ClientRequests, WorkerMessages):
                 raise ValueError(f"refusing to bind {endpoint}: it is reachable from other hosts and CURVE is not "
                                  f"set up; give --curve-secret (see `nsd keys`), bind 127.0.0.1, or pass "
                                  f"--insecure on a trusted network")
+        if (why := timing_problem(config.heartbeat_s, config.liveness)) is not None:
+            raise ValueError(f"refusing to start: {why} (the range every worker accepts)")
         self.addresses = {"clients": config.clients, "workers": config.workers, "events": config.events}
         self.heartbeat_s, self.liveness = config.heartbeat_s, config.liveness
         self.limits = config.limits

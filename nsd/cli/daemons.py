@@ -15,6 +15,7 @@ from nsd.broker.config import BrokerConfig
 from nsd.cli.common import fail, setup_logging
 from nsd.config import config_option
 from nsd.gateway.config import GatewayConfig, Limits
+from nsd.liveness import HEARTBEAT_BOUNDS_S, LIVENESS_BOUNDS
 from nsd.protocol import DEFAULT_ENDPOINTS
 from nsd.worker.config import WorkerConfig
 
@@ -40,8 +41,8 @@ def _limit_options(command):
 @click.option("--workers", default=BROKER.workers, show_default=True, help="Worker endpoint to bind.")
 @click.option("--events", default=BROKER.events, show_default=True, help="Event (XPUB) endpoint to bind.")
 @click.option("--heartbeat", "heartbeat_s", default=BROKER.heartbeat_s, show_default=True,
-              help="Heartbeat interval, seconds (workers adopt it).")
-@click.option("--liveness", default=BROKER.liveness, show_default=True,
+              type=click.FloatRange(*HEARTBEAT_BOUNDS_S), help="Heartbeat interval, seconds (workers adopt it).")
+@click.option("--liveness", default=BROKER.liveness, show_default=True, type=click.IntRange(*LIVENESS_BOUNDS),
               help="Missed heartbeats before a worker is dead (workers adopt it).")
 @click.option("--insecure", is_flag=True, default=BROKER.insecure,
               help="Allow binding a non-loopback address without CURVE.")
@@ -106,7 +107,7 @@ def broker(state_dir, log_level, clients, workers, events, heartbeat_s, liveness
 @click.option("--cache-size", default=WORKER.cache_max_bytes / 1024**3, show_default=True,
               help="GiB of fetched models and data to keep; least recently used are evicted first.")
 @click.option("--id", "worker_id", default=WORKER.worker_id, help="Worker id (default: host name + a persisted suffix).")
-@click.option("--heartbeat", default=WORKER.heartbeat_s, show_default=True,
+@click.option("--heartbeat", default=WORKER.heartbeat_s, show_default=True, type=click.FloatRange(*HEARTBEAT_BOUNDS_S),
               help="Heartbeat interval, seconds, until the broker's is adopted at registration.")
 @click.option("--grace", default=WORKER.grace_s, show_default=True,
               help="On SIGTERM, seconds running trials may take to finish before they are handed back.")

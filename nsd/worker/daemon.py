@@ -25,7 +25,7 @@ import zmq
 import zmq.asyncio
 
 from nsd import __version__
-from nsd.liveness import heartbeat_due
+from nsd.liveness import heartbeat_due, timing_problem
 from nsd.net import configure, send_now
 from nsd.protocol import BROKER_TO_WORKER, PROTOCOL_VERSION, Cmd, ProtocolError, pack, unpack
 from nsd.security import ClientKeys, KeyFileError
@@ -289,7 +289,7 @@ class WorkerDaemon:
             # Adopt the broker's timing: it declares us dead after heartbeat_s * liveness of silence and
             # pings at heartbeat_s, so our deadline and our own period must be the same numbers.
             liveness = body.get("liveness", self.liveness)
-            if (why := checks.timing(body["heartbeat_s"], liveness)) is not None:
+            if (why := timing_problem(body["heartbeat_s"], liveness)) is not None:
                 self._ignore(msg.cmd.name, f"{why}; keeping {self.heartbeat_s:g}s x {self.liveness}")
             else:
                 self.heartbeat_s, self.liveness = float(body["heartbeat_s"]), liveness
