@@ -28,8 +28,15 @@ def test_every_module_is_named_in_the_readme_architecture_section():
     assert missing == [], f"README's architecture section does not name: {missing}"
 
 
+# bench/inc_vs_nsd.py is lane `lazy`'s (#18) to split: it is rewriting it now.
+LONG_FOR_NOW = {"bench/inc_vs_nsd.py"}
+
+
 def test_no_module_is_over_450_lines():
-    long = [f"{m} ({n} lines)" for m in modules() if (n := (ROOT / m).read_text().count("\n")) > LONG]
+    """Anywhere: the package, the tests, the benchmarks (protoc's output is not written by hand)."""
+    written = [*modules(), *(str(p.relative_to(ROOT)) for folder in ("tests", "bench") for p in (ROOT / folder).rglob("*.py"))]
+    long = [f"{m} ({n} lines)" for m in written if m not in LONG_FOR_NOW
+            and (n := (ROOT / m).read_text().count("\n")) > LONG]
     assert long == [], f"over {LONG} lines: {long}"
 
 
