@@ -60,6 +60,25 @@ def _scripted_workers_are_stopped(request):
         pytest.fail(f"the test left {len(left)} scripted worker(s) running: {[w.worker_id for w in left]}")
 
 
+@pytest.fixture(autouse=True)
+def _runner_processes_only_in_slow_tests(request, monkeypatch):
+    """`make test-fast` is the cheap tests: one that starts a runner process (seconds each: torch and INC
+    imports) must be marked slow. Runners start as they always do; one started here fails the test after."""
+    from nsd.worker.slots import RunnerProcess
+
+    started = []
+    start = RunnerProcess.start
+
+    async def counted(runner):
+        started.append(runner)
+        return await start(runner)
+
+    monkeypatch.setattr(RunnerProcess, "start", counted)
+    yield
+    if started and request.node.get_closest_marker("slow") is None and not getattr(request.node, "call_failed", True):
+        pytest.fail(f"this test started {len(started)} runner process(es): mark it @pytest.mark.slow")
+
+
 @pytest.fixture
 async def broker(tmp_path):
     b = Broker(BrokerConfig(state_dir=tmp_path / "state", clients="tcp://127.0.0.1:*", workers="tcp://127.0.0.1:*",

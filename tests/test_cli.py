@@ -1,4 +1,5 @@
-"""The `nsd` command line as a user runs it: real daemons in real processes, stopped by PID."""
+"""The `nsd` command line as a user runs it: real daemons in real processes, stopped by PID (those tests
+are marked slow: they start runners), and the cheap checks of its options and errors (not slow)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,6 @@ import pytest
 
 from tests.conftest import DIGITS, ROOT, free_port, kill_pid
 
-
-pytestmark = pytest.mark.slow
 NSD = [sys.executable, "-m", "nsd"]
 
 
@@ -57,6 +56,7 @@ def cluster(tmp_path):
                 p.wait(10)
 
 
+@pytest.mark.slow
 def test_submit_watch_status_result_list_cluster_and_clean_stop(cluster):
     env, broker, worker, logs = cluster
     task_id = nsd("submit", str(DIGITS / "task.toml"), env=env).stdout.strip()
@@ -85,6 +85,7 @@ def test_submit_watch_status_result_list_cluster_and_clean_stop(cluster):
         assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
 
 
+@pytest.mark.slow
 def test_submit_wait_json_and_errors_a_person_can_read(cluster, tmp_path):
     env, *_ = cluster
     out = nsd("submit", str(DIGITS / "task.toml"), "--wait", "--json", env=env)
@@ -101,6 +102,7 @@ def test_submit_wait_json_and_errors_a_person_can_read(cluster, tmp_path):
     assert proc.returncode == 1 and "no answer from the nsd broker" in proc.stderr
 
 
+@pytest.mark.slow
 def test_nsd_run_leaves_no_process_behind(tmp_path):
     env = {**os.environ, "TMPDIR": str(tmp_path)}
     proc = subprocess.Popen([*NSD, "run", str(DIGITS / "task.toml"), "--workers", "2", "--json"], env=env,

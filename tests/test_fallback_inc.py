@@ -71,6 +71,7 @@ def inc_sequential(weights_path, tuning: dict, monkeypatch):
     return (baseline, *search.sequential(layout, metric_of, lambda m: tuner.meets_goal(m, goal)))
 
 
+@pytest.mark.slow  # trains the MLP and quantizes it with INC, here
 def test_rtn_fallback_keeps_exactly_the_named_ops_float(weights, monkeypatch):
     import_inc()
     import torch
@@ -107,6 +108,7 @@ def _tiny_bert():
 
 # torch's and INC's own deprecation notices while exporting, copying and converting graphs in this process
 @pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning")
+@pytest.mark.slow  # exports and quantizes with INC, here
 def test_pt2e_excluded_op_stays_float_in_the_converted_graph():
     from neural_compressor.torch.export import export
     from neural_compressor.torch.quantization import quantize

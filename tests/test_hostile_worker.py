@@ -11,11 +11,14 @@ import hashlib
 from pathlib import Path
 
 import msgpack
+import pytest
 
 from nsd.blobs import make_ref
 from nsd.protocol import MAGIC, Cmd
 from tests.conftest import wait_for
 from tests.peers import job_spec, trial_job
+
+pytestmark = pytest.mark.slow  # a real worker daemon: its runner processes start
 
 SHA = "d" * 64
 

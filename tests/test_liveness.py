@@ -47,6 +47,7 @@ async def test_the_broker_pings_an_idle_worker_every_idle_interval_and_a_busy_on
     await worker.stop()
 
 
+@pytest.mark.slow  # a real worker daemon: its runner processes start
 async def test_an_idle_worker_heartbeats_every_other_interval_and_a_busy_one_every_interval(fake_and_worker):  # noqa: F811
     """The fake broker negotiated 1 s × 100: idle, the worker heartbeats every 2 s; holding an
     unacknowledged result, every second."""
