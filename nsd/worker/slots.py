@@ -93,6 +93,8 @@ class RunnerProcess:
                    "--workdir", str(self.dirs.scratch)]
         if self.sandboxed:
             command = bwrap_argv(self.setup.layout, str(self.dirs.scratch), str(self.dirs.files), command)
+        # Pinned from its first instruction, sandbox included (the runner pins itself again, and its threads).
+        command = ["taskset", "--cpu-list", ",".join(map(str, self.cpus)), *command]
         with open(self.log_path, "ab") as log_file:
             # A fresh interpreter (never a fork of a process that holds a zmq Context).
             self.proc = await asyncio.create_subprocess_exec(
