@@ -25,3 +25,4 @@ class WorkerConfig:
     grace_s: float = 30.0  # on SIGTERM: how long running trials may take to finish before being handed back
     curve_key: Path | None = None  # this worker's key pair (nsd keys generate), allowed on the broker as a worker
     server_key: Path | None = None  # the broker's public key
+    label: str | None = None  # a kind of machine (e.g. "spr-64"): tasks with resources.hardware = label run here

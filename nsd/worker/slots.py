@@ -58,11 +58,17 @@ def runner_env(n_cpus: int, cache_dir: Path | None = None, preload: str = "") ->
 
 
 class RunnerProcess:
-    """The worker's handle on one slot's persistent runner process (`python -m nsd.worker.runner`)."""
+    """The worker's handle on one slot's persistent runner process (`python -m nsd.worker.runner`).
 
-    def __init__(self, cpus: list[int], workdir: Path, log_path: Path, env: dict[str, str] | None = None):
+    While it runs a job, a runner may ask for its cores to itself (a measurement's timed calls,
+    `nsd.quant.deploy.measure_form`): a frame `{"exclusive": true}` before, `{"exclusive": false}` after, each
+    answered with `{"paused": n}` once `on_exclusive` has paused (or resumed) the worker's other runners."""
+
+    def __init__(self, cpus: list[int], workdir: Path, log_path: Path, env: dict[str, str] | None = None,
+                 on_exclusive: Callable[[RunnerProcess, bool], Awaitable[int]] | None = None):
         self.cpus, self.workdir, self.log_path = cpus, workdir, log_path
         self.env = env if env is not None else runner_env(len(cpus))
+        self.on_exclusive = on_exclusive
         self.proc: asyncio.subprocess.Process | None = None
         self._ready: asyncio.Future | None = None
         self._lock = asyncio.Lock()
@@ -95,10 +101,21 @@ class RunnerProcess:
             await self.ready()
             self.proc.stdin.write(pipe.encode(job))
             await self.proc.stdin.drain()
-            answer = await pipe.read_async(self.proc.stdout)
-            if answer is None:
-                raise RunnerDied(await self._death())
-            return answer
+            exclusive = False
+            try:
+                while True:
+                    answer = await pipe.read_async(self.proc.stdout)
+                    if answer is None:
+                        raise RunnerDied(await self._death())
+                    if not (isinstance(answer, dict) and set(answer) == {"exclusive"}):
+                        return answer
+                    exclusive = answer["exclusive"] is True
+                    paused = await self.on_exclusive(self, exclusive) if self.on_exclusive else 0
+                    self.proc.stdin.write(pipe.encode({"paused": paused}))
+                    await self.proc.stdin.drain()
+            finally:
+                if exclusive and self.on_exclusive:  # it died, or was cancelled, while the others were paused
+                    await self.on_exclusive(self, False)
 
     async def _death(self) -> str:
         with contextlib.suppress(asyncio.TimeoutError):
@@ -147,6 +164,9 @@ class SlotPool:
         self.slots: list[Slot] = []
         self._background: set[asyncio.Task] = set()
         self._retired: list[RunnerProcess] = []  # runners whose cores went to trials of another shape
+        self._measuring = asyncio.Lock()  # one runner's measurement at a time has the machine (_exclusive)
+        self._paused: list[RunnerProcess] = []
+        self._measurer: RunnerProcess | None = None
         free = set(self.cpus)
         while (cores := allocate(free, self.nodes, self.default_k)) is not None:  # the default shape, warm
             self.slots.append(self._new_slot(cores))
@@ -168,7 +188,28 @@ class SlotPool:
         i = next(self._runner_ids)
         return Slot(RunnerProcess(list(cores), self.cache_dir / "scratch" / f"runner{i}",
                                   self.cache_dir / "logs" / f"{self.worker_id}-runner{i}.log",
-                                  runner_env(len(cores), self.cache_dir, self.preload)))
+                                  runner_env(len(cores), self.cache_dir, self.preload), self._exclusive))
+
+    async def _exclusive(self, runner: RunnerProcess, on: bool) -> int:
+        """A runner measuring (on) or done (off): the worker's other runners are stopped (SIGSTOP, their whole
+        process group) while it times its batches, so that no neighbour of this worker shares the machine
+        with the figures. One measurement at a time: a second waits for the first to resume the others."""
+        if on:
+            await self._measuring.acquire()
+            self._measurer = runner
+            self._paused = [r for r in self._all_runners() if r is not runner and r.alive]
+            for other in self._paused:
+                _signal_group(other, signal.SIGSTOP)
+            return len(self._paused)
+        if self._measurer is runner:
+            for other in self._paused:
+                _signal_group(other, signal.SIGCONT)
+            self._paused, self._measurer = [], None
+            self._measuring.release()
+        return 0
+
+    def _all_runners(self) -> list[RunnerProcess]:
+        return [s.runner for s in self.slots] + self._retired
 
     async def start(self) -> None:
         """Start every runner: their imports are paid before work arrives."""
@@ -243,6 +284,11 @@ class SlotPool:
                 slot.task.cancel()
         await asyncio.gather(*(s.runner.stop(kill=s.job is not None) for s in self.slots),
                              *(r.stop(kill=True) for r in self._retired), return_exceptions=True)
+
+
+def _signal_group(runner: RunnerProcess, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(runner.proc.pid, sig)
 
 
 async def _quietly(work: Callable[[], Awaitable]) -> None:
