@@ -115,9 +115,11 @@ def broker(state_dir, log_level, clients, workers, events, heartbeat_s, liveness
               help="This worker's key pair, allowed on the broker as a worker (env NSD_WORKER_CURVE_KEY).")
 @click.option("--server-key", envvar="NSD_WORKER_SERVER_KEY", default=None, type=click.Path(dir_okay=False),
               help="The broker's public key (env NSD_WORKER_SERVER_KEY).")
+@click.option("--label", default=WORKER.label,
+              help="A kind of machine, e.g. spr-64: tasks with resources.hardware = LABEL run only on such workers.")
 @click.option("--log-level", default="info", show_default=True)
 def worker(broker_addr, cores, cpus, cores_per_trial, cache_dir, cache_size, worker_id, heartbeat, grace, preload,
-           curve_key, server_key, log_level) -> None:
+           curve_key, server_key, label, log_level) -> None:
     """Run a worker daemon on this node."""
     from nsd.limits import raise_open_files_limit
     from nsd.net import install_uvloop
@@ -134,9 +136,14 @@ def worker(broker_addr, cores, cpus, cores_per_trial, cache_dir, cache_size, wor
         fail(exc)
     if not 1 <= cores_per_trial <= len(cpus):
         fail(ValueError(f"--cores-per-trial must be between 1 and {len(cpus)}"))
+    from nsd.spec import HARDWARE_LABEL
+
+    if label is not None and not HARDWARE_LABEL.fullmatch(label):
+        fail(ValueError(f"--label must be letters, digits, '.', '_' or '-' (at most 64), got {label[:80]!r}"))
     config = WorkerConfig(broker=broker_addr, cpus=cpus, cores_per_trial=cores_per_trial,
                           worker_id=worker_id, heartbeat_s=heartbeat, grace_s=grace, curve_key=curve_key,
-                          server_key=server_key, cache_max_bytes=int(cache_size * 1024**3), preload=preload)
+                          server_key=server_key, cache_max_bytes=int(cache_size * 1024**3), preload=preload,
+                          label=label)
     if cache_dir is not None:
         config.cache_dir = Path(cache_dir).resolve()  # runners work in their own folders
 

@@ -12,8 +12,8 @@ import math
 from typing import Any
 
 from nsd.blobs import CHUNK_BYTES, is_sha256
-from nsd.protocol import JOB_ID, MAX_ATTEMPT
-from nsd.spec import SpecError, validate
+from nsd.protocol import FIGURES, JOB_ID, MAX_ATTEMPT
+from nsd.spec import FIGURE_OBJECTIVES, SpecError, validate
 
 # A lease's job id is protocol.JOB_ID ("<12 hex>/<plan | save | trial index>"): the task id becomes a
 # folder name under the worker's logs, so nothing that could leave that folder is accepted.
@@ -87,6 +87,21 @@ def _perf_fields(body: dict) -> str | None:
         return "job keep must be a boolean"
     if body.get("kept") is not None and not (isinstance(body["kept"], str) and len(body["kept"]) < 4096):
         return "job kept must be a path"
+    return _prune(body.get("prune"))
+
+
+def _prune(prune: Any) -> str | None:
+    """A trial's `prune`: the figures to beat before it is evaluated (nsd.figures.loses)."""
+    if prune is None:
+        return None
+    objective = prune.get("objective") if isinstance(prune, dict) else None
+    if not (isinstance(prune, dict) and set(prune) == {"objective", "best", "margin", "baseline"}
+            and (objective in FIGURE_OBJECTIVES or (isinstance(objective, dict) and objective
+                                                    and all(k in FIGURE_OBJECTIVES and _number(w) and w > 0
+                                                            for k, w in objective.items())))
+            and _number(prune["best"]) and _number(prune["margin"]) and 0 <= prune["margin"] <= 1
+            and (prune["baseline"] is None or FIGURES.ok(prune["baseline"]))):
+        return "job prune must be {objective: a figure or weights, best: number, margin: 0..1, baseline: figures}"
     return None
 
 
