@@ -106,6 +106,19 @@ def pareto(points: list[tuple[int, float, float]]) -> list[int]:
     return keep
 
 
+def pareto_of(trials: list[dict], objective: Any, baseline: dict | None, higher_is_better: bool) -> list[int]:
+    """The result's `pareto`: scored trials (task-view dicts with index, metric, figures) that no other beats on
+    both metric and cost — the objective's cost, or latency under "first"."""
+    objective = "latency" if objective in (None, "first") else objective
+    sign = 1 if higher_is_better else -1
+    points = []
+    for t in trials:
+        c = cost(t.get("figures"), objective, baseline)
+        if t.get("metric") is not None and math.isfinite(t["metric"]) and c is not None:
+            points.append((t["index"], sign * t["metric"], c))
+    return pareto(points)
+
+
 def human_bytes(n: float | None) -> str:
     if n is None or not math.isfinite(n):
         return "-"

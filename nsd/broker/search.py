@@ -67,9 +67,10 @@ class Step:
     base: int
     state: TrialState = TrialState.PENDING
     metric: float | None = None
+    cost: float | None = None  # under a figures objective (nsd.broker.objective.ByFigures)
 
     def view(self) -> tuner.TrialView:
-        return tuner.TrialView(self.index, self.state, self.metric)
+        return tuner.TrialView(self.index, self.state, self.metric, self.cost)
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ import json
 import time
 from typing import Any
 
+from nsd.figures import pareto_of, summary
 from nsd.states import TaskState, TrialState
 
 
@@ -23,21 +24,32 @@ def apply_event(task: dict[str, Any], event: dict[str, Any]) -> dict[str, Any]:
                 task[key] = event[key]
         if event.get("winner") is not None:
             w = task["trials"][event["winner"]]
-            task["winner"] = {k: w.get(k) for k in ("index", "config", "label", "stage", "fallback", "metric")}
+            task["winner"] = {k: w.get(k) for k in ("index", "config", "label", "stage", "fallback", "metric",
+                                                    *DEPLOYED)}
     elif event["kind"] == "plan":
         task["baseline"] = event["baseline"]
         task["trials"] = [_new_trial(t) for t in event["trials"]]
+        task["baseline_figures"], task["baseline_on"] = event.get("baseline_figures"), event.get("baseline_on")
+        task["baseline_deploy"] = summary(task["baseline_figures"], task["baseline_figures"])
     elif event["kind"] == "stage":  # the fallback search added a stage's trials
         task["trials"] = task["trials"] + [_new_trial(t) for t in event["trials"]]
     elif event["kind"] == "trial":
         trial = task["trials"][event["index"]]
         trial.update({k: event[k] for k in ("state", "metric", "attempt", "worker", "seconds", "error")})
+        trial.update({k: event.get(k) for k in DEPLOYED})
+        if trial.get("figures"):
+            task["pareto"] = pareto_of(task["trials"], task.get("objective"), task.get("baseline_figures"),
+                                       task["goal"]["higher_is_better"])
     return task
+
+
+DEPLOYED = ("figures", "measured_on", "pruned", "deploy")  # a trial's deployment figures (nsd/figures.py)
 
 
 def _new_trial(described: dict[str, Any]) -> dict[str, Any]:
     return {"stage": "config", "fallback": [], **described, "state": TrialState.PENDING.value, "metric": None, "attempt": 1,
-            "worker": None, "seconds": None, "error": None}
+            "worker": None, "seconds": None, "error": None, "figures": None, "measured_on": None, "pruned": False,
+            "deploy": None}
 
 
 def _fmt(value: float | None) -> str:
