@@ -38,8 +38,11 @@ class ScriptedWorker:
 
     def __init__(self, endpoint: str, worker_id: str, slots: int = 1,
                  answer: Callable[[dict], dict | None] | None = None, delay_s: float = 0.0,
-                 version: int = PROTOCOL_VERSION, curve=None):
+                 version: int = PROTOCOL_VERSION, curve=None, hardware: dict | None = None,
+                 versions: dict | None = None):
         self.endpoint, self.worker_id, self.slots = endpoint, worker_id, slots
+        # READY's hardware (deployment figures' key, the --label) and versions (the metric cache's), if given
+        self.hardware, self.versions = hardware, versions
         self.answer, self.delay_s, self.version = answer, delay_s, version
         self.assigned: list[tuple[str, int, dict]] = []
         self.cancelled: list[tuple[str, int]] = []
@@ -62,7 +65,9 @@ class ScriptedWorker:
     async def start(self, wait: bool = True) -> "ScriptedWorker":
         self.sock.connect(self.endpoint)
         self.send(Cmd.READY, {"worker_id": self.worker_id, "boot_id": "b1", "host": "scripted", "cores": self.slots,
-                              "slots": self.slots, "version": self.version, "running": [], "outbox": []})
+                              "slots": self.slots, "version": self.version, "running": [], "outbox": [],
+                              **({"hardware": self.hardware} if self.hardware else {}),
+                              **({"versions": self.versions} if self.versions else {})})
         self._tasks = [asyncio.create_task(self._serve()), asyncio.create_task(self._heartbeat())]
         if wait:
             await asyncio.wait_for(self.registered.wait(), 5)
