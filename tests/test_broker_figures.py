@@ -8,7 +8,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 
-from nsd.client.view import apply_event
+from nsd.client.readme import loading_readme
+from nsd.client.view import apply_event, progress_line, result_text
 from nsd.protocol import Cmd
 from tests.peers import ScriptedWorker, done, plan_answer, spec
 
@@ -79,6 +80,14 @@ async def test_latency_picks_the_fastest_passing_trial_and_first_stays_incs(brok
     assert task["baseline_deploy"]["latency_ms"] == 100.0 and task["objective"] == "latency"
     assert task["pareto"] == [2]  # 0 and 3 are slower at a lower metric than 2
     assert task["trials"][1]["figures"] is None  # a failing trial is not measured (tuning.measure = passing)
+    text = result_text(task)  # nsd result
+    assert "deployed  20 ms per batch p50 (p90 22 ms), 5.00x FP32, 1.0 KB (0.25x FP32)" in text
+    assert "fp32      100 ms per batch p50 (scripted), 4.0 KB" in text and 'objective "latency"' in text
+    assert "20 ms 5.00x 1.0 KB *" in text  # trial 2's line, in the Pareto set
+    assert "fastest passing 20 ms 5.00x 1.0 KB" in progress_line(task)  # nsd watch
+    readme = loading_readme(task, "model")  # nsd fetch's README
+    assert "Speed-up against the best FP32 form: **5.00x**" in readme and "Scripted CPU" in readme
+    assert "model = torch.compile(model)" not in readme  # an rtn winner: weight-only, loaded eagerly
 
     first, _ = await run(client, broker, TABLE)
     assert first["winner"]["index"] == 0 and first["objective"] == "first"  # INC's answer
