@@ -31,16 +31,21 @@ def loading_readme(task: dict, name: str) -> str:
             f"describing the trial and its figures); `result.json` is the whole task result.\n\n"
             f"{figures_section(task, winner)}"
             f"## Load it\n\nNeeds `pip install torch==2.13.0 neural-compressor-pt==3.10`; run in this folder:\n\n"
-            f"```python\n{load_snippet(name, weight_only, winner.get('figures'))}```\n\n"
+            f"```python\n{load_snippet(name, weight_only, winner.get('figures'), _builtin(task))}```\n\n"
             f"## Run it\n\n{run_text(weight_only, winner.get('figures'))}")
 
 
-def load_snippet(name: str, weight_only: bool, figures: dict | None) -> str:
+def load_snippet(name: str, weight_only: bool, figures: dict | None, hugging_face: bool = True) -> str:
     """Complete Python that defines `model` as it was measured."""
     form = best_form(figures)
     threads = form["threads"] if form else None
-    lines = ["import torch", *([] if weight_only else ["import torch._inductor.config"]),
-             "from neural_compressor.torch.quantization import load", ""]
+    lines = ["import torch"]
+    if not weight_only:  # a fresh process must know the graph's ops and (for transformers) its output types
+        lines += ["import torch._inductor.config",
+                  "import torch.ao.quantization.fx._decomposed  # registers the quantize/dequantize ops it holds"]
+        lines += ["import transformers.modeling_outputs  # registers the output types the saved graph returns"
+                  if hugging_face else "# import the module defining your model's output types, if not plain tensors"]
+    lines += ["from neural_compressor.torch.quantization import load", ""]
     if threads:
         lines.append(f"torch.set_num_threads({threads})  # as measured (pin the process: taskset -c "
                      f"{_cpus(form['cores'])})")
@@ -98,6 +103,10 @@ def figures_section(task: dict, winner: dict) -> str:
         if note:
             lines.append(f"\nNote: {note}.")
     return "\n".join(lines) + "\n\n"
+
+
+def _builtin(task: dict) -> bool:
+    return ((task.get("spec") or {}).get("recipe") or {}).get("kind", "python") != "python"
 
 
 def _shape(figures: dict) -> str:
