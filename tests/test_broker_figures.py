@@ -11,38 +11,8 @@ import itertools
 from nsd.client.readme import loading_readme
 from nsd.client.view import apply_event, progress_line, result_text
 from nsd.protocol import Cmd
-from tests.peers import ScriptedWorker, done, plan_answer, spec
-
-HW = {"cpu": "Scripted CPU", "cores": 2, "isa": ["avx512_vnni"], "label": None}
-VERSIONS = {"nsd": "scripted", "nsd-code": "x", "torch": "2.13.0"}
-
-
-def figures(p50: float, size: int = 1000, form: str = "int8-compiled") -> dict:
-    return {"size_bytes": size, "size_of": "scripted", "input": {"names": ["x"], "shapes": [[8, 4]]}, "notes": [],
-            "forms": [{"form": form, "runtime": "scripted", "p50_ms": p50, "p90_ms": p50 * 1.1, "spread": 0.01,
-                       "repeats": 20, "throughput": 8000 / p50, "batch": 8, "load_s": 0.1, "compile_s": 1.0,
-                       "peak_bytes": 5000, "run_bytes": 4000, "cores": [0], "threads": 1, "exclusive": True,
-                       "paused": 0, "note": None}]}
-
-
-FP32 = figures(100.0, 4000, "fp32-compiled")
-
-
-def answers(table: dict[int, tuple], pruned: dict[int, float] | None = None, n: int = 4):
-    """Plan n trials (FP32 measured); trial i: (metric, p50 ms) — figures for passing ones, as a runner does; a
-    job with a prune rule is measured first and answered `pruned` where `pruned` says so."""
-    def answer(job: dict) -> dict:
-        if job["kind"] == "plan":
-            return {**plan_answer(1.0, n), "figures": FP32}
-        metric, p50 = table[job["index"]]
-        if job.get("prune") and pruned and job["index"] in pruned:
-            return {"ok": True, "metric": None, "pruned": True, "figures": figures(pruned[job["index"]])}
-        body = {"ok": True, "metric": metric}
-        if metric >= 0.9:  # passes (goal: 1.0 x (1 - 0.1))
-            body["figures"] = figures(p50)
-        return body
-    return answer
-
+from tests.peers import FP32_FIGURES as FP32
+from tests.peers import HW, VERSIONS, ScriptedWorker, done, figures, figures_answers as answers, spec
 
 TABLE = {0: (0.95, 50.0), 1: (0.5, 5.0), 2: (0.99, 20.0), 3: (0.97, 20.5)}
 
