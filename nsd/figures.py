@@ -119,6 +119,13 @@ def pareto_of(trials: list[dict], objective: Any, baseline: dict | None, higher_
     return pareto(points)
 
 
+def ms(value: float | None) -> str:
+    """Milliseconds for people: 3 significant digits, never in exponent form."""
+    if value is None or not math.isfinite(value):
+        return "-"
+    return f"{value:.0f} ms" if value >= 100 else f"{value:.3g} ms"
+
+
 def human_bytes(n: float | None) -> str:
     if n is None or not math.isfinite(n):
         return "-"

@@ -102,17 +102,17 @@ def compare(folder: Path, result: dict) -> int:
 
 def deployed(result: dict) -> str:
     """What the workers measured for the answer (README "Deployment figures"): speed-up and size against FP32."""
-    from nsd.figures import human_bytes
+    from nsd.figures import human_bytes, ms
 
     d, fp32 = result["winner"].get("deploy"), result.get("baseline_deploy")
     if not d:
         return "no deployment figures were measured"
-    speed = f"{d['speedup']:.2f}x the best FP32 form ({fp32['latency_ms']:.3g} ms, {fp32['runtime']})" \
+    speed = f"{d['speedup']:.2f}x the best FP32 form ({ms(fp32['latency_ms'])}, {fp32['runtime']})" \
         if d.get("speedup") and fp32 else "no FP32 figure"
     size = f"{human_bytes(d['size_bytes'])}" + (f" ({d['size_ratio']:.2f}x FP32's {human_bytes(fp32['size_bytes'])})"
                                                   if d.get("size_ratio") and fp32 else "")
     return (f"deployed as measured on cores {','.join(map(str, d['cores']))} ({d['threads']} thread(s)): "
-            f"{d['latency_ms']:.3g} ms per batch (p50), {speed}; {size} on disk; {d['runtime']}")
+            f"{ms(d['latency_ms'])} per batch (p50), {speed}; {size} on disk; {d['runtime']}")
 
 
 if __name__ == "__main__":

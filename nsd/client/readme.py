@@ -7,7 +7,7 @@ graphs) compiled as measured (`tests/test_artifact_readme.py` runs it verbatim i
 
 from __future__ import annotations
 
-from nsd.figures import best_form, human_bytes, summary
+from nsd.figures import best_form, human_bytes, ms, summary
 from nsd.spec import PT2E_CONFIGS
 
 
@@ -84,7 +84,7 @@ def figures_section(task: dict, winner: dict) -> str:
     table = ["| model | runtime | latency per batch, p50 (p90, spread) | throughput | peak memory | size |",
              "|---|---|---|---|---|---|"]
     for label, f, owner in rows:
-        table.append(f"| {label} | {f['runtime']} | {f['p50_ms']:.3g} ms ({f['p90_ms']:.3g} ms, "
+        table.append(f"| {label} | {f['runtime']} | {ms(f['p50_ms'])} ({ms(f['p90_ms'])}, "
                      f"{f['spread']:.0%}; {f['repeats']} runs) | {f['throughput']:.4g} samples/s | "
                      f"{human_bytes(f.get('peak_bytes'))} | {human_bytes(owner.get('size_bytes'))} |")
     s = summary(figures, fp32)

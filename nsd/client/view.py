@@ -7,7 +7,7 @@ import json
 import time
 from typing import Any
 
-from nsd.figures import human_bytes, pareto_of, summary
+from nsd.figures import human_bytes, ms, pareto_of, summary
 from nsd.states import TaskState, TrialState
 
 
@@ -68,7 +68,7 @@ def deploy_text(deploy: dict | None) -> str:
     if not deploy:
         return "-"
     speedup = "" if deploy.get("speedup") is None else f" {deploy['speedup']:.2f}x"
-    return f"{deploy['latency_ms']:.3g} ms{speedup} {human_bytes(deploy.get('size_bytes'))}"
+    return f"{ms(deploy['latency_ms'])}{speedup} {human_bytes(deploy.get('size_bytes'))}"
 
 
 def fastest_passing(task: dict[str, Any]) -> dict | None:
@@ -97,7 +97,7 @@ def result_text(task: dict[str, Any]) -> str:
              f"baseline  {_fmt(task['baseline'])}"]
     fp32 = task.get("baseline_deploy")
     if fp32:
-        lines.append(f"fp32      {fp32['latency_ms']:.3g} ms per batch p50 ({fp32['runtime']}), "
+        lines.append(f"fp32      {ms(fp32['latency_ms'])} per batch p50 ({fp32['runtime']}), "
                      f"{human_bytes(fp32.get('size_bytes'))}, {fp32['threads']} thread(s) on cores "
                      f"{','.join(map(str, fp32['cores']))} of {(task.get('baseline_on') or {}).get('cpu', '?')}")
     goal = task["goal"]
@@ -112,7 +112,7 @@ def result_text(task: dict[str, Any]) -> str:
         lines.append(f"winner    trial {w['index']}: {w['label']}  metric {_fmt(w['metric'])}")
         if w.get("deploy"):
             d = w["deploy"]
-            lines.append(f"deployed  {d['latency_ms']:.3g} ms per batch p50 (p90 {d['p90_ms']:.3g} ms), "
+            lines.append(f"deployed  {ms(d['latency_ms'])} per batch p50 (p90 {ms(d['p90_ms'])}), "
                          + (f"{d['speedup']:.2f}x FP32, " if d.get("speedup") else "")
                          + f"{human_bytes(d.get('size_bytes'))}"
                          + (f" ({d['size_ratio']:.2f}x FP32)" if d.get("size_ratio") else "")
