@@ -200,6 +200,7 @@ class SlotPool:
             self._paused = [r for r in self._all_runners() if r is not runner and r.alive]
             for other in self._paused:
                 _signal_group(other, signal.SIGSTOP)
+            await _stopped([r.proc.pid for r in self._paused])  # delivered, not only sent, before it times
             return len(self._paused)
         if self._measurer is runner:
             for other in self._paused:
@@ -289,6 +290,23 @@ class SlotPool:
 def _signal_group(runner: RunnerProcess, sig: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(runner.proc.pid, sig)
+
+
+async def _stopped(pids: list[int], timeout_s: float = 2.0) -> None:
+    """Wait until these processes show as stopped (`T` in /proc/PID/stat), or gone, or the timeout passes."""
+    deadline = time.monotonic() + timeout_s
+    while pids and time.monotonic() < deadline:
+        pids = [pid for pid in pids if _state(pid) not in ("T", "t", "Z", None)]
+        if pids:
+            await asyncio.sleep(0.005)
+
+
+def _state(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
 
 
 async def _quietly(work: Callable[[], Awaitable]) -> None:
