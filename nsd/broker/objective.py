@@ -29,6 +29,7 @@ class Objective(Protocol):
     """What every objective answers (First is the reference; issue 17 adds others on this seam)."""
     name: ClassVar[str]
     higher_is_better: bool
+    speculates: ClassVar[bool]
 
     def passed(self, trials: Iterable[TrialView]) -> int | None: ...
     def best(self, trials: Iterable[TrialView]) -> int | None: ...
@@ -44,6 +45,7 @@ class First:
     """INC's objective: the lowest-index passing trial wins; with none passing, the best metric (earliest)."""
     higher_is_better: bool = True
     name: ClassVar[str] = "first"
+    speculates: ClassVar[bool] = True  # the search may add a stage before the one before it has finished
 
     @property
     def sign(self) -> int:
@@ -123,6 +125,7 @@ class ByFigures(First):
     keeps its model, and a trial whose figures already lose is not evaluated (`prune`, on the trial job)."""
     margin: float = 0.05
     name: ClassVar[str] = "figures"
+    speculates: ClassVar[bool] = False  # a speculative trial could win on cost: stages follow each other
 
     def winner(self, trials: Iterable[TrialView]) -> int | None:
         """The earliest passing trial whose cost ties the lowest passing cost."""
