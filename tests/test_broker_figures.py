@@ -12,7 +12,7 @@ from nsd.client.readme import loading_readme
 from nsd.client.view import apply_event, progress_line, result_text
 from nsd.protocol import Cmd
 from tests.peers import FP32_FIGURES as FP32
-from tests.peers import HW, VERSIONS, ScriptedWorker, done, figures, figures_answers as answers, spec
+from tests.peers import HW, VERSIONS, ScriptedWorker, done, figures, figures_answers as answers, plan_answer, spec
 
 TABLE = {0: (0.95, 50.0), 1: (0.5, 5.0), 2: (0.99, 20.0), 3: (0.97, 20.5)}
 
@@ -148,3 +148,21 @@ async def test_events_fold_into_the_same_figures_as_the_result(broker, client):
         assert [t["deploy"] for t in view["trials"]] == [t["deploy"] for t in final["trials"]]
     finally:
         await w.stop()
+
+
+async def test_a_worker_cannot_skip_a_trial_nor_give_figures_nobody_asked_for(broker, client):
+    def answer(job: dict) -> dict:
+        if job["kind"] == "plan":
+            return {**plan_answer(1.0, 2), "figures": figures(1.0)}
+        if job["index"] == 0:  # no prune rule was given: "pruned" is a claim to skip work
+            return {"ok": True, "metric": None, "pruned": True, "figures": figures(1.0)}
+        return {"ok": True, "metric": 0.95, "figures": figures(1.0)}
+
+    w = await ScriptedWorker(broker.endpoints["workers"], "hostile", slots=2, answer=answer, hardware=HW).start()
+    try:
+        task = await done(client, await client.submit(spec(config_set=[{"rtn": {"bits": [1, 2]}}], measure="none")))
+    finally:
+        await leave(w)
+    assert task["trials"][0]["state"] == "error" and task["trials"][0]["pruned"] is False
+    assert task["baseline_figures"] is None  # measure = "none": the plan's figures are not taken
+    assert task["winner"]["index"] == 1 and task["winner"]["figures"] is None
