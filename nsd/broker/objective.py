@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import ClassVar, Iterable, Protocol, Sequence
 
 from nsd.broker.tuner import Decision, Goal, TrialView, goal_threshold
+from nsd.spec import TuningSpec
 from nsd.states import TrialState
 
 OBJECTIVES = ("first", "latency", "throughput", "memory", "size")  # and weights over the last four (nsd.spec)
@@ -170,8 +171,8 @@ def ties(cost: float, low: float, margin: float) -> bool:
     return cost <= low * (1 + margin)
 
 
-def objective_for(tuning: dict) -> Objective:
+def objective_for(tuning: TuningSpec) -> Objective:
     """A task's objective from its (validated) tuning section."""
-    if tuning.get("objective", "first") in ("first", None):
-        return First(tuning.get("higher_is_better", True))
-    return ByFigures(tuning.get("higher_is_better", True), float(tuning.get("objective_margin", 0.05)))
+    if tuning.objective in ("first", None):
+        return First(tuning.higher_is_better)
+    return ByFigures(tuning.higher_is_better, float(tuning.objective_margin))
