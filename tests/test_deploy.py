@@ -61,56 +61,65 @@ def test_the_artifact_stores_int8_weights_and_computes_what_incs_graph_computes(
 
 
 FAKE_RUNNER = textwrap.dedent('''
-    """A stand-in runner speaking the real pipe protocol: asks for the machine, reports the other runner's
-    process state while it holds it, then gives it back and answers."""
-    import os, sys
+    """A stand-in runner speaking the real pipe protocol: asks for the machine, reads the state of the other
+    runner's processes while it holds it, then gives it back and answers."""
+    import sys
     from nsd.worker import pipe
     jobs, answers = sys.stdin.buffer, sys.stdout.buffer
     answers.write(pipe.encode({"ready": True})); answers.flush()
     job = pipe.read_blocking(jobs)
-    def state(pid):
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
+    def states():
+        out = []
+        for pid in job["others"]:
+            with open(f"/proc/{pid}/stat") as f:
+                out.append(f.read().rsplit(")", 1)[1].split()[0])
+        return out
     answers.write(pipe.encode({"exclusive": True})); answers.flush()
     paused = pipe.read_blocking(jobs)["paused"]
-    during = state(job["other"])
+    during = states()
     answers.write(pipe.encode({"exclusive": False})); answers.flush()
     pipe.read_blocking(jobs)
-    answers.write(pipe.encode({"ok": True, "paused": paused, "during": during, "after": state(job["other"])}))
-    answers.flush()
+    answers.write(pipe.encode({"ok": True, "paused": paused, "during": during, "after": states()})); answers.flush()
 ''')
 
 
 class FakeRunner(RunnerProcess):
     async def start(self) -> None:
-        script = self.workdir / "fake_runner.py"
-        script.parent.mkdir(parents=True, exist_ok=True)
-        script.write_text(FAKE_RUNNER)
         from nsd.worker import pipe
 
+        self.dirs.fresh()
+        script = self.dirs.scratch / "fake_runner.py"
+        script.write_text(FAKE_RUNNER)
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable, str(script), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
             start_new_session=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
         self._ready = asyncio.ensure_future(pipe.read_async(self.proc.stdout))
 
 
+@pytest.mark.slow
 async def test_a_measuring_runner_has_the_workers_machine_to_itself(tmp_path):
-    pool = SlotPool([0], 1, tmp_path, "w")  # no runner started: the test places its own
-    measuring = FakeRunner([0], tmp_path / "a", tmp_path / "a.log", {}, pool._exclusive)
-    neighbour = await asyncio.create_subprocess_exec(sys.executable, "-c", "import time; time.sleep(60)",
-                                                     start_new_session=True)
-    other = RunnerProcess([0], tmp_path / "b", tmp_path / "b.log", {})
-    other.proc = neighbour
-    pool.slots = []
-    pool._retired = [other]
+    """The neighbour is a real runner in its real sandbox (bubblewrap puts it in a session of its own, below
+    bwrap): every one of its processes is stopped while the other one times, and runs again after."""
+    from nsd.worker.sandbox import runner_layout
+    from nsd.worker.slots import RunnerSetup, process_tree
+
+    setup = RunnerSetup(runner_layout(True, [], [tmp_path / "cache"], tmp_path / "home"), tmp_path / "cache" / "blobs",
+                        tmp_path / "cache" / "numba")
+    pool = SlotPool([sorted(os.sched_getaffinity(0))[0]], 1, tmp_path / "cache", "w", setup)
+    neighbour = pool.slots[0].runner
+    measuring = FakeRunner([0], tmp_path / "fake", tmp_path / "fake.log", setup, pool._exclusive)
     try:
-        answer = await asyncio.wait_for(measuring.run({"other": neighbour.pid}), 30)
-        assert answer == {"ok": True, "paused": 1, "during": "T", "after": answer["after"]}
-        assert answer["after"] in ("S", "R")  # stopped while it measured, running again after
+        await asyncio.wait_for(neighbour.ready(), 120)
+        others = process_tree(neighbour.proc.pid)
+        assert len(others) >= 2 or setup.layout is None  # bwrap and the runner below it
+        job = {"task_id": "t", "spec": {"model": {}, "recipe": {"kind": "feature-extraction"}}, "others": others}
+        answer = await asyncio.wait_for(measuring.run(job), 60)
+        assert answer["ok"] and answer["paused"] == 1
+        assert set(answer["during"]) == {"T"}, answer  # all of them stopped while it measured
+        assert "T" not in answer["after"]  # and running again after
     finally:
-        neighbour.kill()
-        await neighbour.wait()
         await measuring.stop(kill=True)
+        await pool.close()
     assert not pool._measuring.locked() and pool._paused == []
 
 

@@ -90,10 +90,12 @@ def test_figures_objectives_match_the_reference_on_random_tables(slots):
 
 
 def test_objective_for_reads_the_spec():
-    assert objective_for({"objective": "first"}) == First(True)
-    assert objective_for({"objective": "latency", "objective_margin": 0.1, "higher_is_better": False}) == \
+    from nsd.spec import TuningSpec
+
+    assert objective_for(TuningSpec(objective="first")) == First(True)
+    assert objective_for(TuningSpec(objective="latency", objective_margin=0.1, higher_is_better=False)) == \
         ByFigures(False, 0.1)
-    assert isinstance(objective_for({"objective": {"latency": 0.7, "size": 0.3}}), ByFigures)
+    assert isinstance(objective_for(TuningSpec(objective={"latency": 0.7, "size": 0.3})), ByFigures)
 
 
 def test_a_passing_trial_without_figures_ranks_after_measured_ones():
