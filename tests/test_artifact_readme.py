@@ -37,6 +37,7 @@ def load_block(readme: str) -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # three torch.compile runs of a small encoder on shared cores, and a fresh process
 @pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")  # torch's own, on PT2E load
 async def test_latency_returns_the_fastest_passing_trial_and_its_artifact_runs_as_its_readme_says(
         client, start_workers, tmp_path):
