@@ -127,9 +127,11 @@ def broker(state_dir, log_level, clients, workers, events, heartbeat_s, liveness
 @click.option("--no-sandbox", is_flag=True, default=not WORKER.sandbox,
               help="Run runners without bubblewrap. Development only: a python recipe could then read this "
                    "worker's keys, cache and other tasks' files.")
+@click.option("--label", default=WORKER.label,
+              help="A kind of machine, e.g. spr-64: tasks with resources.hardware = LABEL run only on such workers.")
 @click.option("--log-level", default="info", show_default=True)
 def worker(broker_addr, cores, cpus, cores_per_trial, cache_dir, cache_size, worker_id, heartbeat, grace, preload,
-           curve_key, server_key, shared_dirs, runner_env, no_sandbox, log_level) -> None:
+           curve_key, server_key, shared_dirs, runner_env, no_sandbox, label, log_level) -> None:
     """Run a worker daemon on this node."""
     from nsd.limits import raise_open_files_limit
     from nsd.net import install_uvloop
@@ -147,11 +149,15 @@ def worker(broker_addr, cores, cpus, cores_per_trial, cache_dir, cache_size, wor
         fail(exc)
     if not 1 <= cores_per_trial <= len(cpus):
         fail(ValueError(f"--cores-per-trial must be between 1 and {len(cpus)}"))
+    from nsd.spec import HARDWARE_LABEL
+
+    if label is not None and not HARDWARE_LABEL.fullmatch(label):
+        fail(ValueError(f"--label must be letters, digits, '.', '_' or '-' (at most 64), got {label[:80]!r}"))
     config = WorkerConfig(broker=broker_addr, cpus=cpus, cores_per_trial=cores_per_trial,
                           worker_id=worker_id, heartbeat_s=heartbeat, grace_s=grace, curve_key=curve_key,
                           server_key=server_key, cache_max_bytes=int(cache_size * 1024**3), preload=preload,
                           shared_dirs=[Path(d) for d in shared_dirs], runner_env=list(runner_env),
-                          sandbox=not no_sandbox)
+                          sandbox=not no_sandbox, label=label)
     if cache_dir is not None:
         config.cache_dir = Path(cache_dir).resolve()  # runners work in their own folders
 
