@@ -21,9 +21,10 @@ from nsd import __version__
 from nsd.client.keys_cli import keys as keys_group
 from nsd.broker.config import BrokerConfig
 from nsd.config import config_option
+from nsd.gateway.config import GatewayConfig
 from nsd.worker.config import WorkerConfig
 
-BROKER, WORKER = BrokerConfig(), WorkerConfig()  # the options' defaults are these (one source: the configs)
+BROKER, WORKER, GATEWAY = BrokerConfig(), WorkerConfig(), GatewayConfig()  # the options' defaults (one source)
 from nsd.states import TaskState, TrialState
 
 def _remember(ctx: click.Context, param: click.Parameter, value):
@@ -233,34 +234,47 @@ def worker(broker_addr, cores, cpus, cores_per_trial, cache_dir, cache_size, wor
 @config_option("gateway")
 @click.option("--broker", envvar="NSD_BROKER", default="tcp://127.0.0.1:5550", show_default=True,
               help="The broker's client endpoint (env NSD_BROKER).")
-@click.option("--http", default="127.0.0.1:8550", show_default=True, help="REST, events and web view: HOST:PORT.")
-@click.option("--grpc", default="127.0.0.1:8551", show_default=True, help="gRPC: HOST:PORT.")
+@click.option("--http", default=GATEWAY.http, show_default=True, help="REST, events and web view: HOST:PORT.")
+@click.option("--grpc", default=GATEWAY.grpc, show_default=True, help="gRPC: HOST:PORT.")
 @click.option("--tokens", type=click.Path(dir_okay=False), default=None,
-              help="Bearer tokens, one `name token` per line (re-read on SIGHUP); without it nothing is asked.")
+              help="Bearer tokens, one `name token [code]` per line (re-read on SIGHUP); required unless --no-auth.")
+@click.option("--no-auth", is_flag=True, help="Development on loopback only: no tokens, one tenant, every right.")
+@click.option("--allowed-hosts", multiple=True, default=GATEWAY.allowed_hosts,
+              help="A Host name served besides the bind address and loopback (repeat; '*': any, behind a proxy).")
 @click.option("--tls-cert", type=click.Path(dir_okay=False), default=None, help="TLS certificate (PEM), both doors.")
 @click.option("--tls-key", type=click.Path(dir_okay=False), default=None, help="TLS private key (PEM).")
-@click.option("--insecure", is_flag=True, help="Allow a non-loopback bind without tokens and TLS.")
+@click.option("--insecure", is_flag=True, help="Allow a non-loopback bind without TLS.")
 @click.option("--max-upload", default=16.0, show_default=True, help="Largest upload, GiB.")
+@click.option("--max-connections-per-client", default=GATEWAY.max_connections_per_client, show_default=True,
+              help="HTTP connections one address (IPv6: /64) may hold; raise it behind a proxy.")
+@click.option("--max-streams-per-token", default=GATEWAY.max_streams_per_token, show_default=True,
+              help="Event streams one token may hold open.")
+@click.option("--header-timeout", default=GATEWAY.header_timeout_s, show_default=True,
+              help="Seconds a client has to send each request's head.")
 @click.option("--curve-key", envvar="NSD_CURVE_KEY", default=None, type=click.Path(dir_okay=False),
-              help="The gateway's own client key pair, for a CURVE broker (env NSD_CURVE_KEY).")
+              help="The gateway's own key pair for a CURVE broker, allowed there as a gateway (env NSD_CURVE_KEY).")
 @click.option("--server-key", envvar="NSD_SERVER_KEY", default=None, type=click.Path(dir_okay=False),
               help="The broker's public key, for a CURVE broker (env NSD_SERVER_KEY).")
 @click.option("--log-level", default="info", show_default=True)
-def gateway(broker, http, grpc, tokens, tls_cert, tls_key, insecure, max_upload, curve_key, server_key,
+def gateway(broker, http, grpc, tokens, no_auth, allowed_hosts, tls_cert, tls_key, insecure, max_upload,
+            max_connections_per_client, max_streams_per_token, header_timeout, curve_key, server_key,
             log_level) -> None:
     """Run the REST + gRPC gateway and web view (needs `pip install 'nsd[gateway]'`)."""
     try:
-        from nsd.gateway.app import Limits
-        from nsd.gateway.server import GatewayConfig, serve
+        from nsd.gateway.server import serve
     except ImportError as exc:
         _fail(ImportError(f"the gateway needs its extra: pip install 'nsd[gateway]' ({exc})"))
+    from nsd.gateway.config import GatewayConfig, Limits
     from nsd.net import install_uvloop
 
     _setup_logging(log_level)
     install_uvloop()
-    config = GatewayConfig(broker=broker, http=http or None, grpc=grpc or None, tokens=tokens,
+    config = GatewayConfig(broker=broker, http=http or None, grpc=grpc or None, tokens=tokens, no_auth=no_auth,
                            tls_cert=tls_cert, tls_key=tls_key, insecure=insecure, curve_key=curve_key,
-                           server_key=server_key, limits=Limits(max_upload=int(max_upload * 1024**3)))
+                           server_key=server_key, allowed_hosts=tuple(allowed_hosts),
+                           limits=Limits(max_upload=int(max_upload * 1024**3)), header_timeout_s=header_timeout,
+                           max_connections_per_client=max_connections_per_client,
+                           max_streams_per_token=max_streams_per_token)
     try:
         asyncio.run(serve(config))
     except (ValueError, OSError) as exc:
