@@ -4,6 +4,7 @@ helpers the gateway tests share (uploads as curl sends them, an SSE reader, gRPC
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -17,13 +18,13 @@ OCTETS = {"Content-Type": "application/octet-stream"}
 AUTH = (("authorization", f"Bearer {TOKEN}"),)
 
 
-def gateway_config(broker, tmp_path, **overrides):
+def gateway_config(broker_daemon, tmp_path, **overrides):
     from nsd.gateway.config import GatewayConfig, Limits
 
     tokens = tmp_path / "tokens"
     if not tokens.exists():
         tokens.write_text(f"# name token [code]\nalice {TOKEN} code\nbob {BOB_TOKEN}\n")
-    settings = dict(broker=broker.endpoints["clients"], http="127.0.0.1:0", grpc="127.0.0.1:0", tokens=tokens,
+    settings = dict(broker=broker_daemon.endpoints["clients"], http="127.0.0.1:0", grpc="127.0.0.1:0", tokens=tokens,
                     limits=Limits(**LIMITS), keepalive_s=KEEPALIVE_S)
     if overrides.get("no_auth"):
         settings.pop("tokens")
@@ -110,3 +111,15 @@ async def grpc_upload_digits(stub) -> dict:
     for section, key, path in (("model", "path", DIGITS / "model.pt"), ("recipe", "file", DIGITS / "recipe.py")):
         spec[section][key] = (await stub.Upload(upload_parts(path.name, path.read_bytes()), metadata=AUTH)).ref
     return spec
+
+
+CHROMIUM = "/usr/bin/chromium"  # Debian's, installed by the Makefile's test set-up; never Playwright's download
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+async def launch_chromium(playwright, *extra_args: str):
+    if not os.path.exists(CHROMIUM):
+        pytest.fail(f"{CHROMIUM} is missing: `make setup` installs Debian's chromium")
+    return await playwright.chromium.launch(executable_path=CHROMIUM, args=[*CHROMIUM_ARGS, *extra_args],
+                                            headless=True)

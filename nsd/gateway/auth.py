@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 log = logging.getLogger("nsd.gateway")
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # a tenant: also a key file's name in the allowlists
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}$")  # a tenant (nsd.tenants.TENANT): a key or token name
 
 
 class TokenFileError(ValueError):
@@ -50,7 +50,7 @@ def read_tokens(path: Path) -> dict[str, Caller]:
         name, token = parts[:2]
         if not NAME.match(name):
             raise TokenFileError(f"{path}:{number}: name {name[:70]!r} is not a tenant name "
-                                 "(letters, digits, '.', '_', '-'; at most 64)")
+                                 "(letters, digits and . _ @ + -; at most 64)")
         if len(token) < 16:
             raise TokenFileError(f"{path}:{number}: token for {name!r} is shorter than 16 characters")
         if token in tokens:

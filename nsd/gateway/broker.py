@@ -22,7 +22,7 @@ from nsd.client.api import AsyncClient, BrokerError
 from nsd.protocol import Cmd
 
 ACTING: contextvars.ContextVar[str] = contextvars.ContextVar("nsd_gateway_tenant", default="")
-PAGE = 1000  # trials per page: a page of a task view stays far below one message's limit
+PAGE = 1000  # trials per page: a page of a task view stays far below one message's limit (the broker's is more)
 
 
 @contextlib.contextmanager
@@ -90,9 +90,14 @@ class BrokerPool(TenantClient):
         await super().close()
 
     async def page(self, task_id: str, offset: int, limit: int, cmd: Cmd = Cmd.RESULT_GET) -> dict[str, Any]:
-        """The task view with trials[offset:offset + limit] and `trials_page` {offset, limit, total}."""
-        reply = await self.request(cmd, task_id=task_id, offset=offset, limit=limit)
-        return paged(reply, offset, limit)
+        """The task view with trials[offset:offset + limit] and `trials_page` {offset, limit, total}; a
+        page of no trials (limit 0) is the cheapest read of a task's seq and state."""
+        reply = await self.request(cmd, task_id=task_id, offset=offset, limit=max(limit, 1))  # the broker's least
+        view = paged(reply, offset, limit)
+        if len(view["trials"]) > limit:
+            view["trials"] = view["trials"][:limit]
+        view["trials_page"] = {**view["trials_page"], "limit": limit}
+        return view
 
     async def whole(self, task_id: str, cmd: Cmd = Cmd.STATUS, tries: int = 8) -> dict[str, Any]:
         """The task view with every trial, from pages that all carry one seq (read again when it moved)."""

@@ -36,3 +36,4 @@ class GatewayConfig:
     max_streams: int = 1024  # event streams (SSE, gRPC Watch, /task/screen) in all
     max_streams_per_token: int = 32
     broker_connections: int = 8  # requests to the broker in flight at once (uploads have their own)
+    broker_timeout_s: float = 10.0  # a request the broker has not answered by then: 503 (broker unavailable)

@@ -103,8 +103,8 @@ class GatewayServer:
         if self.tokens.required and not name_tenant and len(self.tokens.tenants) > 1:
             log.warning("gateway: the tokens name %d tenants, but without CURVE to the broker they share one "
                         "(README: Privacy)", len(self.tokens.tenants))
-        self.client = BrokerPool(config.broker, size=config.broker_connections, curve_key=config.curve_key,
-                                 server_key=config.server_key, name_tenant=name_tenant)
+        self.client = BrokerPool(config.broker, size=config.broker_connections, timeout_s=config.broker_timeout_s,
+                                 curve_key=config.curve_key, server_key=config.server_key, name_tenant=name_tenant)
         self.feeds = Feeds(self.client, config.max_streams, config.max_streams_per_token)
         self.gateway = gateway = Gateway(self.client, self.feeds, config.limits)
         if config.grpc is not None:

@@ -111,7 +111,9 @@ class Gateway:
             with serving(caller):
                 # Not client.submit: that checks paths on this machine, and a shared path need only exist
                 # on the workers.
-                return (await self.client.request(Cmd.SUBMIT, spec=spec))["task_id"]
+                # `code`: the token's right, forwarded; a broker honours it only from a gateway key allowed
+                # to forward it (README "Privacy").
+                return (await self.client.request(Cmd.SUBMIT, spec=spec, code=caller.code))["task_id"]
         except BrokerError as exc:  # e.g. a ref whose blob was never uploaded
             raise Invalid([str(exc)]) from None
 
