@@ -25,7 +25,7 @@ from nsd.gateway.auth import Caller, Tokens
 from nsd.gateway.broker import PAGE
 from nsd.gateway.fanout import TooManyStreams
 from nsd.gateway.guard import BrowserGuard, media_type
-from nsd.gateway.config import Limits
+from nsd.gateway.config import GatewayConfig, Limits
 from nsd.gateway.service import BadRequest, Forbidden, Gateway, Invalid, NoArtifact, NotFound, Unavailable, Unsupported
 from nsd.gateway.streams import sse_stream, stream_fetched
 from nsd.gateway.uploads import BadUpload, UploadTooLarge
@@ -34,7 +34,7 @@ __all__ = ["Limits", "create_app"]
 STATIC = Path(__file__).resolve().parent / "static"
 TAR_TYPES = ("application/x-tar", "application/tar")
 FILE_TYPES = ("application/octet-stream",)
-BODY_IDLE_S = 60.0  # a body that sends nothing for this long is given up (a slow sender holds a connection)
+BODY_IDLE_S = GatewayConfig.body_idle_s  # a body that sends nothing for this long is given up
 DOCS = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>nsd gateway — API</title>
 <link rel="stylesheet" href="/swagger/swagger-ui.css"><link rel="icon" href="/swagger/favicon-32x32.png">

@@ -31,6 +31,7 @@ class GatewayConfig:
     limits: Limits = Limits()
     keepalive_s: float = 15.0  # an SSE comment after this long without an event
     header_timeout_s: float = 10.0  # a request head (first byte to blank line) must arrive within this
+    body_idle_s: float = 60.0  # a request body that sends nothing for this long is given up (408)
     max_connections: int = 4096  # HTTP connections in all; past it uvicorn answers 503
     max_connections_per_client: int = 128  # per address (IPv6: per /64); past it a connection is closed
     max_streams: int = 1024  # event streams (SSE, gRPC Watch, /task/screen) in all

@@ -129,7 +129,7 @@ class GatewayServer:
             sock.bind((host, port))
             sock.set_inheritable(True)
             app = create_app(gateway, self.tokens, config.limits, config.keepalive_s,
-                             served_hosts(host, config.allowed_hosts))
+                             served_hosts(host, config.allowed_hosts), config.body_idle_s)
             self._http = _Uvicorn(uvicorn.Config(
                 app, lifespan="off", log_level="warning", access_log=False, ws="websockets-sansio",
                 http=guarded_protocol(self.door), ssl_certfile=config.tls_cert and str(config.tls_cert),
