@@ -20,7 +20,7 @@ from fastapi.staticfiles import StaticFiles
 from swagger_ui_bundle import swagger_ui_path
 
 from nsd import __version__
-from nsd.client.api import BrokerError
+from nsd.client.errors import BrokerError
 from nsd.gateway.auth import Caller, Tokens
 from nsd.gateway.broker import PAGE
 from nsd.gateway.fanout import TooManyStreams

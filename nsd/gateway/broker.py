@@ -18,7 +18,8 @@ import contextlib
 import contextvars
 from typing import Any, AsyncIterator
 
-from nsd.client.api import AsyncClient, BrokerError
+from nsd.client.api import AsyncClient
+from nsd.client.errors import BrokerError
 from nsd.protocol import Cmd
 
 ACTING: contextvars.ContextVar[str] = contextvars.ContextVar("nsd_gateway_tenant", default="")

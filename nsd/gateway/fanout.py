@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 
 import zmq
 
-from nsd.client.api import BrokerUnavailable
+from nsd.client.errors import BrokerUnavailable
 from nsd.client.view import fold_event
 from nsd.gateway.broker import ACTING, BrokerPool
 from nsd.net import configure, connectable

@@ -13,7 +13,7 @@ from typing import Any, AsyncIterator
 import grpc
 
 from nsd import __version__
-from nsd.client.api import BrokerError
+from nsd.client.errors import BrokerError
 from nsd.gateway import nsd_pb2 as pb
 from nsd.gateway import nsd_pb2_grpc as pb_grpc
 from nsd.gateway.auth import Caller, Tokens

@@ -11,7 +11,7 @@ from typing import Any, AsyncIterator
 
 from nsd import __version__
 from nsd.blobs import CHUNK_BYTES
-from nsd.client.api import BrokerError, BrokerUnavailable
+from nsd.client.errors import BrokerError, BrokerUnavailable
 from nsd.gateway import uploads
 from nsd.gateway.auth import Caller
 from nsd.gateway.broker import PAGE, BrokerPool, acting_for
