@@ -14,6 +14,7 @@ Without CURVE the broker has one tenant, so nothing is named.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import contextvars
 from typing import Any, AsyncIterator
@@ -60,16 +61,18 @@ class BrokerPool(TenantClient):
         self._idle: asyncio.Queue[TenantClient] = asyncio.Queue()
         for lane in self._lanes:
             self._idle.put_nowait(lane)
-
-    def _lane(self) -> TenantClient:
-        return TenantClient(self.broker, ctx=self.ctx, **self._kwargs)
+        self.sent: collections.Counter[tuple[Cmd, int | None]] = collections.Counter()  # (request, its limit)
 
     async def request(self, cmd: Cmd, **body: Any) -> dict[str, Any]:
+        self.sent[cmd, body.get("limit")] += 1
         lane = await self._idle.get()
         try:
             return await lane.request(cmd, **body)
         finally:
             self._idle.put_nowait(lane)
+
+    def _lane(self) -> TenantClient:
+        return TenantClient(self.broker, ctx=self.ctx, **self._kwargs)
 
     @contextlib.asynccontextmanager
     async def own_connection(self) -> AsyncIterator[TenantClient]:

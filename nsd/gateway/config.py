@@ -36,5 +36,6 @@ class GatewayConfig:
     max_connections_per_client: int = 128  # per address (IPv6: per /64); past it a connection is closed
     max_streams: int = 1024  # event streams (SSE, gRPC Watch, /task/screen) in all
     max_streams_per_token: int = 32
+    events_probe_s: float = 2.0  # a followed task quiet this long: ask the broker for its seq (zguide Clone)
     broker_connections: int = 8  # requests to the broker in flight at once (uploads have their own)
     broker_timeout_s: float = 10.0  # a request the broker has not answered by then: 503 (broker unavailable)

@@ -18,6 +18,7 @@ import contextlib
 import contextvars
 import copy
 import json
+import logging
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -30,6 +31,7 @@ from nsd.net import configure, connectable
 from nsd.protocol import Cmd, ProtocolError, unpack
 from nsd.states import TaskState
 
+log = logging.getLogger("nsd.gateway")
 QUEUE = 64  # events a stream may be behind before it is given a snapshot instead
 
 
@@ -126,6 +128,7 @@ class Feed:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # handed to every stream, which ends with it
+            log.info("gateway: following task %s ended: %s", self.task_id, exc)
             self.error = exc
         finally:
             self.ended = True

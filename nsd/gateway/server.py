@@ -105,7 +105,7 @@ class GatewayServer:
                         "(README: Privacy)", len(self.tokens.tenants))
         self.client = BrokerPool(config.broker, size=config.broker_connections, timeout_s=config.broker_timeout_s,
                                  curve_key=config.curve_key, server_key=config.server_key, name_tenant=name_tenant)
-        self.feeds = Feeds(self.client, config.max_streams, config.max_streams_per_token)
+        self.feeds = Feeds(self.client, config.max_streams, config.max_streams_per_token, config.events_probe_s)
         self.gateway = gateway = Gateway(self.client, self.feeds, config.limits)
         if config.grpc is not None:
             self._grpc = grpc.aio.server(options=[
