@@ -295,3 +295,61 @@ async def test_a_client_that_stops_reading_holds_the_event_stream_back():
     assert pulled <= 20, pulled
     assert (await anext(stream)).startswith("id: 2\n")  # nothing lost: it resumes in order
     await stream.aclose()
+
+
+def _tar_bytes(fill) -> bytes:
+    body = io.BytesIO()
+    with tarfile.open(fileobj=body, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        fill(tar)
+    return body.getvalue()
+
+
+def _huge_pax_header(tar) -> None:  # issue 15, attack 6: tarfile would hold the header whole (3.3x the body)
+    info = tarfile.TarInfo("ok.txt")
+    info.pax_headers = {"comment": "x" * (1 << 20)}
+    tar.addfile(info, io.BytesIO(b""))
+
+
+def _many_empty_members(tar) -> None:  # ... and spends time on each member
+    for i in range(LIMITS["max_tar_members"] + 1):
+        tar.addfile(tarfile.TarInfo(f"f{i}"), io.BytesIO(b""))
+
+
+def _sparse_member(tar) -> None:
+    info = tarfile.TarInfo("sparse")
+    info.type = tarfile.GNUTYPE_SPARSE
+    tar.addfile(info)
+
+
+def _control_character_name(tar) -> None:
+    tar.addfile(tarfile.TarInfo("evil\x1b[2Jname.txt"), io.BytesIO(b""))
+
+
+@pytest.mark.parametrize("fill, why", [
+    (_huge_pax_header, "extended header"),
+    (_many_empty_members, f"more than {LIMITS['max_tar_members']} entries"),
+    (_sparse_member, "sparse"),
+    (_control_character_name, "control character"),
+])
+async def test_tar_headers_and_members_are_bounded(http, gateway, fill, why):
+    answer = await http.post("/v1/uploads", params={"name": "model"}, content=_tar_bytes(fill),
+                             headers={"Content-Type": "application/x-tar"})
+    assert answer.status_code == 400 and why in answer.json()["error"], answer.text
+    assert gateway.gateway.uploaded_bytes == 0
+
+
+@pytest.mark.parametrize("name", ["re\ncipe.py", "tab\tname", "bell\x07", "del\x7f"])
+async def test_upload_names_with_control_characters_are_refused(http, name):
+    answer = await http.post("/v1/uploads", params={"name": name}, content=b"x", headers=OCTETS)
+    assert answer.status_code == 400 and "control characters" in answer.json()["error"]
+
+
+async def test_refs_with_control_characters_are_not_refs(http):
+    from nsd.blobs import parse_ref
+
+    ref = "nsd-blob:" + "a" * 64 + "/model\x1b[31m.pt"
+    assert parse_ref(ref) is None
+    spec = digits_spec()
+    spec["model"]["path"] = ref
+    answer = await http.post("/v1/tasks", json=spec)
+    assert answer.status_code == 422 and any("must be a blob reference" in p for p in answer.json()["problems"])
