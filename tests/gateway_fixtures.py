@@ -96,6 +96,11 @@ def without_page(view: dict) -> dict:
     return {k: v for k, v in view.items() if k != "trials_page"}
 
 
+def files_under(root) -> dict[str, bytes | None]:
+    """Every path under root with its bytes (None: a folder): two trees compare equal file by file."""
+    return {p.relative_to(root).as_posix(): (p.read_bytes() if p.is_file() else None) for p in root.rglob("*")}
+
+
 def upload_parts(name: str, data: bytes, tar: bool = False, sha256: str = "", chunk: int = 1 << 16):
     from nsd.gateway import nsd_pb2 as pb
 

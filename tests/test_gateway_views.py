@@ -8,12 +8,11 @@ import io
 import json
 import tarfile
 import zipfile
-from pathlib import Path
 
 import pytest
 
 from tests.conftest import wait_for
-from tests.gateway_fixtures import AUTH, gateway, http  # noqa: F401  (fixtures)
+from tests.gateway_fixtures import AUTH, files_under, gateway, http  # noqa: F401  (fixtures)
 from tests.peers import ScriptedWorker, metrics_answer, plan_then_hold, spec
 
 pytest.importorskip("fastapi")
@@ -92,9 +91,6 @@ async def done_with_artifact(client, broker, tmp_path) -> tuple[str, SavingWorke
     await wait_for(saved, 60)
     return task_id, worker
 
-
-def files_under(root: Path) -> dict[str, bytes | None]:
-    return {p.relative_to(root).as_posix(): (p.read_bytes() if p.is_file() else None) for p in root.rglob("*")}
 
 
 async def test_the_artifact_is_the_folder_nsd_fetch_writes(http, gateway, client, broker, tmp_path):
