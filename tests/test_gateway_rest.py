@@ -290,10 +290,10 @@ async def test_a_client_that_stops_reading_holds_the_event_stream_back():
             await asyncio.sleep(0)
 
     stream = sse_stream(endless(), keepalive_s=60)
-    assert (await anext(stream)).startswith("id: 1\n")
+    assert bytes(await anext(stream)).startswith(b"id: 1\n")
     await asyncio.sleep(0.5)  # the reader stalls; thousands of events would be ready by now
     assert pulled <= 20, pulled
-    assert (await anext(stream)).startswith("id: 2\n")  # nothing lost: it resumes in order
+    assert bytes(await anext(stream)).startswith(b"id: 2\n")  # nothing lost: it resumes in order
     await stream.aclose()
 
 

@@ -40,14 +40,17 @@ class TooManyStreams(RuntimeError):
 
 
 class SharedEvent(dict):
-    """An event many streams send (a feed's snapshot): serialised once, whoever asks first."""
-
-    _text: str | None = None
+    """An event every stream of a feed sends: serialised once (and framed once per door), whoever asks
+    first, instead of once per stream. Never changed after it is made."""
 
     def text(self) -> str:
-        if self._text is None:
-            self._text = json.dumps(self, separators=(",", ":"), sort_keys=True)
-        return self._text
+        return self.cached("json", lambda: json.dumps(self, separators=(",", ":"), sort_keys=True))
+
+    def cached(self, kind: str, make):
+        forms = self.__dict__.setdefault("_forms", {})
+        if kind not in forms:
+            forms[kind] = make()
+        return forms[kind]
 
 
 def event_json(event: dict[str, Any]) -> str:
@@ -119,8 +122,9 @@ class Feed:
 
     def _publish(self, event: dict[str, Any]) -> None:
         fold_event(self.view, event)
+        shared = SharedEvent(event)
         for subscription in self.subscriptions:
-            subscription.offer(event)
+            subscription.offer(shared)
 
     async def _run(self) -> None:
         try:

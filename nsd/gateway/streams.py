@@ -12,10 +12,12 @@ from typing import Any, AsyncIterator, Iterator
 from fastapi.responses import StreamingResponse
 from starlette.background import BackgroundTask
 
-from nsd.gateway.fanout import event_json
+from nsd.gateway.fanout import SharedEvent, event_json
 from nsd.gateway.service import file_chunks
 
 BLOCK = tarfile.BLOCKSIZE
+SSE_CHUNK = 64 << 10  # a large event (a snapshot) goes out in slices: a stream holds one slice, not a copy
+KEEPALIVE = b": keep-alive\n\n"
 
 
 def tar_entries(folder: Path) -> list[tuple[tarfile.TarInfo, Path | None]]:
@@ -104,18 +106,20 @@ async def stream_fetched(opening, kind: str) -> StreamingResponse:
         "Content-Disposition": f'attachment; filename="{task["task_id"]}.{kind}"', "Content-Length": str(size)})
 
 
-def sse(event: dict[str, Any]) -> str:
+def sse(event: dict[str, Any]) -> bytes:
     """One Server-Sent Event: id is the task's seq (what Last-Event-ID resumes from), event its kind."""
-    return f"id: {event['seq']}\nevent: {event['kind']}\ndata: {event_json(event)}\n\n"
+    def frame() -> bytes:
+        return f"id: {event['seq']}\nevent: {event['kind']}\ndata: {event_json(event)}\n\n".encode()
+    return event.cached("sse", frame) if isinstance(event, SharedEvent) else frame()
 
 
-async def sse_stream(events: AsyncIterator[dict[str, Any]], keepalive_s: float) -> AsyncIterator[str]:
-    """Events as SSE text, with a `: keep-alive` comment after each quiet `keepalive_s` (a long trial sends
+async def sse_stream(events: AsyncIterator[dict[str, Any]], keepalive_s: float) -> AsyncIterator[bytes | memoryview]:
+    """Events as SSE, with a `: keep-alive` comment after each quiet `keepalive_s` (a long trial sends
     nothing for minutes; proxies drop idle connections, and a write is how a gone client is noticed).
 
     The queue between the task's feed and the client holds a few events only: a client that reads
     slowly holds its subscription back (the feed then gives it a snapshot) instead of making the gateway
-    buffer for it."""
+    buffer for it. An event's frame is made once for all streams and sent in slices of the one copy."""
     queue: asyncio.Queue = asyncio.Queue(maxsize=16)
 
     async def pump() -> None:
@@ -132,13 +136,15 @@ async def sse_stream(events: AsyncIterator[dict[str, Any]], keepalive_s: float) 
             try:
                 more, item = await asyncio.wait_for(queue.get(), keepalive_s)
             except asyncio.TimeoutError:
-                yield ": keep-alive\n\n"
+                yield KEEPALIVE
                 continue
             if not more:
                 if item is not None:
                     raise item
                 return
-            yield sse(item)
+            frame = memoryview(sse(item))
+            for start in range(0, len(frame), SSE_CHUNK):
+                yield frame[start:start + SSE_CHUNK]
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
