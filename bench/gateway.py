@@ -10,7 +10,8 @@ plans the task's trials and finishes one every `--trial-s`, so the streams carry
 "victim" is another client asking `GET /v1/tasks` and `GET /healthz`; its answer times are measured
 with no load (the baseline), beside `--slow` connections that each sent part of a request head (from
 127.0.0.2), and beside `--streams` SSE streams that read the task's events. Printed: p50 / p90 / max of
-the victim's time and each against the baseline, and the gateway's RSS. All clients here share 127.0.0.1,
+the victim's time and each against the baseline, the gateway's RSS and its CPU use meanwhile (100 %: one
+core). All clients here share 127.0.0.1,
 so the gateway is started with a per-client cap above the stream count (`--streams` + 50), which the slow
 heads (from 127.0.0.2) meet too.
 Every process this starts is killed by PID at the end.
@@ -47,6 +48,13 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) the process has used."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rss_mib(pid: int) -> float:
@@ -91,8 +99,9 @@ async def simulated_worker(endpoint: str, trials: int, trial_s: float, stop: asy
         ctx.term()
 
 
-async def victim(base: str, repeats: int) -> list[float]:
+async def victim(base: str, repeats: int, pid: int | None = None) -> list[float]:
     times = []
+    used, since = (cpu_s(pid), time.monotonic()) if pid else (0.0, 0.0)
     async with httpx.AsyncClient(base_url=base, timeout=300) as http:
         for _ in range(repeats):
             started = time.perf_counter()
@@ -100,6 +109,8 @@ async def victim(base: str, repeats: int) -> list[float]:
             assert (await http.get("/healthz")).status_code == 200
             times.append(time.perf_counter() - started)
             await asyncio.sleep(0.05)
+    if pid:
+        victim.gateway_cpu = (cpu_s(pid) - used) / (time.monotonic() - since)
     return times
 
 
@@ -157,13 +168,14 @@ async def amain(args) -> None:
                         break
                 await asyncio.sleep(0.1)
         print(f"{'victim: GET /v1/tasks + /healthz':<34} {'p50 ms':>9} {'p90 ms':>9} {'max ms':>9} {'x base':>7}")
-        baseline = await victim(base, args.repeats)
-        print(row("no load (baseline)", baseline, None, f"gateway RSS {rss_mib(gateway_pid):.0f} MiB"))
+        baseline = await victim(base, args.repeats, gateway_pid)
+        print(row("no load (baseline)", baseline, None, f"gateway RSS {rss_mib(gateway_pid):.0f} MiB, "
+                  f"CPU {victim.gateway_cpu:.0%}"))
 
         socks = await asyncio.to_thread(slow_heads, ports["http"], args.slow)
         try:
-            times = await victim(base, args.repeats)
-            print(row(f"beside {args.slow} slow request heads", times, baseline))
+            times = await victim(base, args.repeats, gateway_pid)
+            print(row(f"beside {args.slow} slow request heads", times, baseline, f"CPU {victim.gateway_cpu:.0%}"))
         finally:
             for s in socks:
                 s.close()
@@ -180,9 +192,11 @@ async def amain(args) -> None:
             readers = [asyncio.create_task(stream_reader(http, task_id, seen, started)) for _ in range(args.streams)]
             while started[0] < args.streams:  # every stream has its snapshot
                 await asyncio.sleep(0.1)
-            times = await victim(base, args.repeats)
+            print(f"(gateway pid {gateway_pid}: every stream has its snapshot)", flush=True)
+            times = await victim(base, args.repeats, gateway_pid)
             print(row(f"beside {args.streams} streams, {args.trials} trials", times, baseline,
-                      f"gateway RSS {rss_mib(gateway_pid):.0f} MiB, {seen[0]} events delivered"))
+                      f"gateway RSS {rss_mib(gateway_pid):.0f} MiB, CPU {victim.gateway_cpu:.0%}, "
+                      f"{seen[0]} events delivered"))
             for reader in readers:
                 reader.cancel()
             await asyncio.gather(*readers, return_exceptions=True)

@@ -78,7 +78,7 @@ async def test_many_streams_share_one_subscription_and_others_stay_served(door, 
             snapshots = await asyncio.gather(*(first_event(http, task_id, ALICE, opened) for _ in range(100)))
             assert {len(s["task"]["trials"]) for s in snapshots} == {2000} and len(door.feeds.feeds) == 1
             whole_reads = door.client.sent[Cmd.STATUS, 1000] - before[Cmd.STATUS, 1000]
-            assert whole_reads <= 2, whole_reads  # once for all 100 streams (twice if it moved meanwhile)
+            assert whole_reads <= 3, whole_reads  # once for all 100 streams (again if an event was missed)
             loop = asyncio.get_running_loop()
             started = loop.time()
             listed = await http.get("/v1/tasks", headers=BOB)  # another user, while the 100 streams are open
@@ -87,17 +87,21 @@ async def test_many_streams_share_one_subscription_and_others_stay_served(door, 
             assert listed.status_code == 200 and health.json() == {"ok": True}
 
             # Quiet: the feed asks only for the seq (a page of one trial), never for the whole task again.
-            probes = door.client.sent[Cmd.STATUS, 1]
+            feed = door.feeds.feeds[("alice", task_id)]
+            probes, reads, resnapshots = door.client.sent[Cmd.STATUS, 1], door.client.sent[Cmd.STATUS, 1000], feed.resnapshots
             await asyncio.sleep(1.5)
-            assert door.client.sent[Cmd.STATUS, 1] > probes and door.feeds.feeds[("alice", task_id)].resnapshots == 0
-            assert door.client.sent[Cmd.STATUS, 1000] - before[Cmd.STATUS, 1000] == whole_reads
+            assert door.client.sent[Cmd.STATUS, 1] > probes  # it asked for the seq ...
+            assert feed.resnapshots == resnapshots and door.client.sent[Cmd.STATUS, 1000] == reads  # ... and no more
 
             # Moving: events reach every stream from the one subscription; still no whole read per stream.
             (trial_id, attempt, _), = [a for a in worker.assigned if a[2]["kind"] == "trial"][:1]
             worker.result((trial_id, attempt), {"ok": True, "metric": 0.5})
-            latest = await http.get(f"/v1/tasks/{task_id}", params={"limit": 1}, headers=ALICE)
-            assert latest.json()["trials"][0]["state"] != "pending"
-            assert door.client.sent[Cmd.STATUS, 1000] - before[Cmd.STATUS, 1000] <= whole_reads + 1
+
+            async def scored():
+                latest = await http.get(f"/v1/tasks/{task_id}", params={"limit": 1}, headers=ALICE)
+                return latest.json()["trials"][0]["state"] not in ("pending", "running")
+            await wait_for(scored, 30)
+            assert door.client.sent[Cmd.STATUS, 1000] <= reads + 1  # a trial event is applied, not re-read per stream
     finally:
         await close_all(opened)
         await worker.stop()

@@ -289,7 +289,7 @@ async def test_a_client_that_stops_reading_holds_the_event_stream_back():
             yield {"seq": pulled, "kind": "trial"}
             await asyncio.sleep(0)
 
-    stream = sse_stream(endless(), keepalive_s=60)
+    stream = sse_stream(endless(), keepalive_s=60, coalesce_s=0)
     assert bytes(await anext(stream)).startswith(b"id: 1\n")
     await asyncio.sleep(0.5)  # the reader stalls; thousands of events would be ready by now
     assert pulled <= 20, pulled
@@ -353,3 +353,20 @@ async def test_refs_with_control_characters_are_not_refs(http):
     spec["model"]["path"] = ref
     answer = await http.post("/v1/tasks", json=spec)
     assert answer.status_code == 422 and any("must be a blob reference" in p for p in answer.json()["problems"])
+
+
+async def test_events_close_together_share_one_write():
+    """Each write costs the gateway's one loop more than its bytes: events arriving within the coalescing
+    window go out as one chunk, in order, each still its own SSE event."""
+    from nsd.gateway.streams import sse_stream
+
+    async def burst():
+        for seq in range(1, 6):
+            yield {"seq": seq, "kind": "trial"}
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(60)
+
+    stream = sse_stream(burst(), keepalive_s=60, coalesce_s=0.5)
+    chunk = bytes(await anext(stream))
+    assert [line for line in chunk.decode().splitlines() if line.startswith("id: ")] == [f"id: {i}" for i in range(1, 6)]
+    await stream.aclose()
