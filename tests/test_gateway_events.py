@@ -5,6 +5,7 @@ users' requests answered, gives a slow stream a snapshot instead of a buffer, an
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 
 import pytest
@@ -94,13 +95,11 @@ async def test_many_streams_share_one_subscription_and_others_stay_served(door, 
             assert feed.resnapshots == resnapshots and door.client.sent[Cmd.STATUS, 1000] == reads  # ... and no more
 
             # Moving: events reach every stream from the one subscription; still no whole read per stream.
-            (trial_id, attempt, _), = [a for a in worker.assigned if a[2]["kind"] == "trial"][:1]
-            worker.result((trial_id, attempt), {"ok": True, "metric": 0.5})
-
             async def scored():
-                latest = await http.get(f"/v1/tasks/{task_id}", params={"limit": 1}, headers=ALICE)
-                return latest.json()["trials"][0]["state"] not in ("pending", "running")
-            await wait_for(scored, 30)
+                for key in list(worker.running):  # the lease it holds now (a busy test loop may cost one)
+                    worker.result(key, {"ok": True, "metric": 0.5})
+                return any(t["state"] == "failed_goal" for t in feed.view["trials"])
+            await wait_for(scored, 30, interval=0.5)
             assert door.client.sent[Cmd.STATUS, 1000] <= reads + 1  # a trial event is applied, not re-read per stream
     finally:
         await close_all(opened)
@@ -117,21 +116,40 @@ async def _async(value):
     return value
 
 
-async def test_a_stream_that_reads_too_slowly_gets_a_snapshot_for_what_it_missed(door, client, broker):
-    task_id, worker = await tuning_task(client, broker, 300)
+async def test_a_stream_that_reads_too_slowly_catches_up_from_a_shared_snapshot(door, client, broker):
+    from nsd.gateway.fanout import QUEUE, SINCE
+
+    task_id, worker = await tuning_task(client, broker, 400)
+
+    async def finish_trials(n: int) -> None:
+        for _ in range(n):
+            key = next((t, a) for t, a, job in worker.assigned if job["kind"] == "trial" and (t, a) in worker.running)
+            worker.result(key, {"ok": True, "metric": 0.5})
+            await wait_for(lambda: _async(len(worker.running) == 1), 30)
+
     try:
         with door.feeds.subscribe("alice", "alice", task_id) as slow:
             first = await slow.next()
             assert first["kind"] == "snapshot"
-            for _ in range(120):  # more events than a stream may be behind (64): it is not read meanwhile
-                key = next((t, a) for t, a, job in worker.assigned if job["kind"] == "trial" and (t, a) in worker.running)
-                worker.result(key, {"ok": True, "metric": 0.5})
-                await wait_for(lambda: _async(len(worker.running) == 1 or len(worker.assigned) > 200), 30)
+            feed = door.feeds.feeds[("alice", task_id)]
+            late: list = []
+            with contextlib.ExitStack() as joined:
+                for _ in range(20):  # streams join one by one while the task moves
+                    late.append(joined.enter_context(door.feeds.subscribe("alice", "alice", task_id)))
+                    await late[-1].next()
+                    await finish_trials(5)
+                # 100 events and 20 joins, at 20 different seqs: snapshots made once per SINCE events
+                assert feed.snapshots <= 1 + 100 // SINCE + 1, feed.snapshots
+                await finish_trials(QUEUE + SINCE)  # the slow stream, not read meanwhile, falls behind
             await wait_for(lambda: _async(slow.lagging), 30)
-            caught_up = await slow.next()
-            assert caught_up["kind"] == "snapshot" and caught_up["seq"] > first["seq"] + 100
-            assert sum(t["state"] == "failed_goal" for t in caught_up["task"]["trials"]) >= 100  # 0.5 < the goal
-            assert len(slow.queue) == 0  # nothing was buffered for it
+            caught_up = [await slow.next()]
+            while slow.queue:
+                caught_up.append(await slow.next())
+            assert caught_up[0]["kind"] == "snapshot" and len(caught_up) <= 1 + SINCE
+            seqs = [e["seq"] for e in caught_up]
+            assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))  # then every event, none missing
+            assert seqs[-1] == feed.view["seq"] and seqs[-1] > first["seq"] + 200
+            assert sum(t["state"] == "failed_goal" for t in caught_up[0]["task"]["trials"]) > 100  # 0.5 < the goal
     finally:
         await worker.stop()
 

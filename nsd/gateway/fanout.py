@@ -5,9 +5,10 @@ Each stream used to run its own Clone loop (a SUB socket, and a whole-task STATU
 connection. Now a `Feed` per (tenant, task) follows the broker (zguide Clone: subscribe, snapshot, events
 in seq order, a new snapshot on a gap) and folds the events into the one view it keeps. On a quiet spell
 it asks only for the task's seq (a page of no trials), and reads the whole task again only when the seq
-moved. A stream that joins, or that reads too slowly to keep up with its small queue, gets the feed's
-current view as a snapshot (made once per seq, serialised once) in place of what it missed: no stream
-can make the gateway buffer for it, and ids still only grow. Streams are capped per token and overall.
+moved. A stream that joins, or that reads too slowly to keep up with its small queue, catches up from
+the feed's latest snapshot and the few events after it (one snapshot, serialised once, shared by every
+stream that needs it; a newer one only after SINCE events) in place of what it missed: no stream can
+make the gateway buffer for it, and ids still only grow. Streams are capped per token and overall.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import asyncio
 import collections
 import contextlib
 import contextvars
-import copy
 import json
 import logging
 from typing import Any
@@ -32,7 +32,8 @@ from nsd.protocol import Cmd, ProtocolError, unpack
 from nsd.states import TaskState
 
 log = logging.getLogger("nsd.gateway")
-QUEUE = 64  # events a stream may be behind before it is given a snapshot instead
+QUEUE = 64  # events a stream may be behind (beyond its catch-up) before it catches up from a snapshot instead
+SINCE = 64  # events kept after the feed's latest snapshot: a newer snapshot is made only after this many
 
 
 class TooManyStreams(RuntimeError):
@@ -42,6 +43,19 @@ class TooManyStreams(RuntimeError):
 class SharedEvent(dict):
     """An event every stream of a feed sends: serialised once (and framed once per door), whoever asks
     first, instead of once per stream. Never changed after it is made."""
+
+    @classmethod
+    def snapshot(cls, task_id: str, view: dict[str, Any]) -> SharedEvent:
+        """The view as a snapshot event, serialised now (the view changes after): its `task` is parsed back
+        from that text only for a door that reads it (the old /task/screen), a fresh copy each time."""
+        event = cls(kind="snapshot", task_id=task_id, seq=view["seq"])
+        event.cached("json", lambda: json.dumps({**event, "task": view}, separators=(",", ":"), sort_keys=True))
+        return event
+
+    def __missing__(self, key: str):
+        if key == "task" and self.get("kind") == "snapshot":
+            return json.loads(self.text())["task"]
+        raise KeyError(key)
 
     def text(self) -> str:
         return self.cached("json", lambda: json.dumps(self, separators=(",", ":"), sort_keys=True))
@@ -59,7 +73,8 @@ def event_json(event: dict[str, Any]) -> str:
 
 
 class Subscription:
-    """One stream's place in a feed: a short queue of events, or `lagging` (a snapshot is due)."""
+    """One stream's place in a feed: a short queue of events, or `lagging` (it catches up from the
+    feed's latest snapshot and the events since)."""
 
     def __init__(self, feed: Feed):
         self.feed = feed
@@ -69,7 +84,7 @@ class Subscription:
 
     def offer(self, event: dict[str, Any]) -> None:
         if not self.lagging:
-            if len(self.queue) >= QUEUE:
+            if len(self.queue) >= QUEUE + SINCE:
                 self.lagging = True
                 self.queue.clear()
             else:
@@ -81,7 +96,7 @@ class Subscription:
         while True:
             if self.lagging and self.feed.view is not None:
                 self.lagging = False
-                return self.feed.snapshot()
+                self.queue = collections.deque(self.feed.catch_up())
             if self.queue:
                 return self.queue.popleft()
             if self.feed.ended:
@@ -101,20 +116,26 @@ class Feed:
         self.view: dict[str, Any] | None = None
         self.ended, self.error = False, None
         self.resnapshots = 0  # whole views read after the first (a gap, or the seq moved while quiet)
+        self.snapshots = 0  # snapshot events made (at most one per SINCE events, however many streams join)
         self._snapshot: SharedEvent | None = None
+        self._since: list[SharedEvent] = []  # the events after the snapshot, in order
         context = contextvars.copy_context()
         context.run(ACTING.set, tenant)  # the feed's requests are the tenant's, as the stream's are
         self.task = asyncio.get_running_loop().create_task(self._run(), context=context)
 
-    def snapshot(self) -> SharedEvent:
-        if self._snapshot is None or self._snapshot["seq"] != self.view["seq"]:
-            self._snapshot = SharedEvent(kind="snapshot", task_id=self.task_id, seq=self.view["seq"],
-                                         task=copy.deepcopy(self.view))
-        return self._snapshot
+    def catch_up(self) -> list[SharedEvent]:
+        """What a joining or lagging stream is sent: the latest snapshot and the events after it. A new
+        snapshot is made only when none is kept (a stream after SINCE events, or a whole read): streams
+        that join or fall behind at different moments share one, not one each (a 20,000-trial snapshot is
+        megabytes)."""
+        if self._snapshot is None:
+            self._snapshot, self._since = SharedEvent.snapshot(self.task_id, self.view), []
+            self.snapshots += 1
+        return [self._snapshot, *self._since]
 
     def _reset(self, view: dict[str, Any]) -> None:
         """A whole view stands in for whatever came before: every stream gets it as a snapshot next."""
-        self.view = view
+        self.view, self._snapshot, self._since = view, None, []
         for subscription in self.subscriptions:
             subscription.lagging = True
             subscription.queue.clear()
@@ -123,6 +144,9 @@ class Feed:
     def _publish(self, event: dict[str, Any]) -> None:
         fold_event(self.view, event)
         shared = SharedEvent(event)
+        self._since.append(shared)
+        if len(self._since) > SINCE:  # the next stream to catch up gets a newer snapshot instead
+            self._snapshot, self._since = None, []
         for subscription in self.subscriptions:
             subscription.offer(shared)
 

@@ -163,8 +163,10 @@ class Gateway:
 
         On resume a snapshot no newer than `after` is skipped; a newer one means the caller missed events
         while away, and stands in for them, so the stream has no gap and no repeat, and its ids only grow."""
-        full_id = await self.find(caller, task_id)
         self.feeds.check(caller.tenant)
+        # A task this tenant's feed follows is known to be this tenant's: no broker read per joining stream.
+        followed = self.feeds.feeds.get((caller.tenant, task_id))
+        full_id = task_id if followed is not None and followed.error is None else await self.find(caller, task_id)
         return self._deliver(caller, full_id, after)
 
     async def _deliver(self, caller: Caller, task_id: str, after: int | None) -> AsyncIterator[dict[str, Any]]:
