@@ -103,9 +103,10 @@ async def simulated_worker(endpoint: str, trials: int, trial_s: float, stop: asy
         ctx.term()
 
 
-async def victim(base: str, repeats: int, pid: int | None = None) -> list[float]:
+async def victim(base: str, repeats: int, pid: int | None = None, broker_pid: int | None = None) -> list[float]:
     times = []
     used, since = (cpu_s(pid), time.monotonic()) if pid else (0.0, 0.0)
+    broker_used = cpu_s(broker_pid) if broker_pid else 0.0
     async with httpx.AsyncClient(base_url=base, timeout=300) as http:
         for _ in range(repeats):
             started = time.perf_counter()
@@ -115,6 +116,8 @@ async def victim(base: str, repeats: int, pid: int | None = None) -> list[float]
             await asyncio.sleep(0.05)
     if pid:
         victim.gateway_cpu = (cpu_s(pid) - used) / (time.monotonic() - since)
+    if broker_pid:
+        victim.broker_cpu = (cpu_s(broker_pid) - broker_used) / (time.monotonic() - since)
     return times
 
 
@@ -214,12 +217,15 @@ async def amain(args) -> None:
         ready = await asyncio.to_thread(readers.stdout.readline)  # the simulated worker keeps running meanwhile
         assert ready.strip() == "ready", ready
         print(f"(gateway pid {gateway_pid}: every stream has its snapshot)", flush=True)
-        times = await victim(base, args.repeats, gateway_pid)
+        done_before = (await client.list())[0]["trials_done"]
+        times = await victim(base, args.repeats, gateway_pid, procs[0].pid)
+        done_during = (await client.list())[0]["trials_done"] - done_before
         print(row(f"beside {args.streams} streams, {args.trials} trials", times, baseline,
-                  f"gateway RSS {rss_mib(gateway_pid):.0f} MiB, CPU {victim.gateway_cpu:.0%}"))
+                  f"gateway RSS {rss_mib(gateway_pid):.0f} MiB, CPU {victim.gateway_cpu:.0%}; "
+                  f"broker CPU {victim.broker_cpu:.0%}"))
         readers.stdin.close()
         delivered = (await asyncio.to_thread(readers.stdout.readline)).strip()
-        print(f"{delivered} events delivered to the streams in all")
+        print(f"{delivered} events delivered to the streams in all; {done_during} trials ended while measured")
     finally:
         stop.set()
         await worker

@@ -4,6 +4,7 @@ and gRPC agree. Every call names its caller: its requests go to the broker for t
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import tempfile
 from pathlib import Path
@@ -82,6 +83,7 @@ class Gateway:
     def __init__(self, client: BrokerPool, feeds: Feeds, limits: Limits = Limits()):
         self.client, self.feeds, self.limits = client, feeds, limits
         self.uploaded_bytes = 0  # blob bytes sent on to the broker (content it had already counts 0)
+        self._finding: dict[tuple[str, str], asyncio.Future] = {}  # (tenant, id) -> its task's full id
 
     async def upload(self, caller: Caller, chunks: AsyncIterator[bytes], name: str, is_tar: bool,
                      sha256: str | None = None) -> str:
@@ -164,9 +166,18 @@ class Gateway:
         On resume a snapshot no newer than `after` is skipped; a newer one means the caller missed events
         while away, and stands in for them, so the stream has no gap and no repeat, and its ids only grow."""
         self.feeds.check(caller.tenant)
-        # A task this tenant's feed follows is known to be this tenant's: no broker read per joining stream.
-        followed = self.feeds.feeds.get((caller.tenant, task_id))
-        full_id = task_id if followed is not None and followed.error is None else await self.find(caller, task_id)
+        # A task this tenant's feed follows is known to be this tenant's: no broker read per joining
+        # stream; and streams that join at once share one read (300 of them were 300 reads of the task).
+        key = (caller.tenant, task_id)
+        followed = self.feeds.feeds.get(key)
+        if followed is not None and followed.error is None:
+            full_id = task_id
+        else:
+            finding = self._finding.get(key)
+            if finding is None:
+                finding = self._finding[key] = asyncio.ensure_future(self.find(caller, task_id))
+                finding.add_done_callback(lambda _: self._finding.pop(key, None))
+            full_id = await asyncio.shield(finding)
         return self._deliver(caller, full_id, after)
 
     async def _deliver(self, caller: Caller, task_id: str, after: int | None) -> AsyncIterator[dict[str, Any]]:

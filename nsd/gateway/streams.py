@@ -114,6 +114,24 @@ def sse(event: dict[str, Any]) -> bytes:
     return event.cached("sse", frame) if isinstance(event, SharedEvent) else frame()
 
 
+def coalesced(frames: list[bytes]) -> Iterator[bytes | memoryview]:
+    """Small frames joined into one write; a large one (a snapshot) sent as slices of itself, never
+    copied: it is shared by every stream that sends it."""
+    small: list[bytes] = []
+    for frame in frames:
+        if len(frame) <= SSE_CHUNK:
+            small.append(frame)
+            continue
+        if small:
+            yield b"".join(small)
+            small = []
+        view = memoryview(frame)
+        for start in range(0, len(view), SSE_CHUNK):
+            yield view[start:start + SSE_CHUNK]
+    if small:
+        yield b"".join(small)
+
+
 async def sse_stream(events: AsyncIterator[dict[str, Any]], keepalive_s: float,
                      coalesce_s: float = COALESCE_S) -> AsyncIterator[bytes | memoryview]:
     """Events as SSE, with a `: keep-alive` comment after each quiet `keepalive_s` (a long trial sends
@@ -147,11 +165,8 @@ async def sse_stream(events: AsyncIterator[dict[str, Any]], keepalive_s: float,
                 await asyncio.sleep(coalesce_s)
             while batch[-1][0] and not queue.empty():
                 batch.append(queue.get_nowait())
-            frames = [sse(item) for more, item in batch if more]
-            if frames:
-                frame = memoryview(frames[0] if len(frames) == 1 else b"".join(frames))
-                for start in range(0, len(frame), SSE_CHUNK):
-                    yield frame[start:start + SSE_CHUNK]
+            for chunk in coalesced([sse(item) for more, item in batch if more]):
+                yield chunk
             more, item = batch[-1]
             if not more:
                 if item is not None:
