@@ -1,5 +1,7 @@
-"""A real gateway (uvicorn + grpc.aio on random loopback ports) in front of the real test broker, and the
-helpers the gateway tests share (uploads as curl sends them, an SSE reader, gRPC upload parts)."""
+"""A real gateway (uvicorn + grpc.aio on random loopback ports) in front of the real test broker, and what
+its tests share to talk to it (uploads as curl sends them, an SSE reader, gRPC upload parts, chromium).
+tests/conftest.py loads this module as a plugin: every test module has the `gateway` and `http` fixtures
+without importing them."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ import os
 
 import pytest
 
-from tests.conftest import DIGITS
+from tests.conftest import DIGITS, digits_spec
 
 TOKEN = "alice-token-0123456789abcdef"
 BOB_TOKEN = "bob-token-0123456789abcdefgh"
@@ -54,8 +56,6 @@ async def http(gateway):
 
 async def upload_digits(http) -> dict:
     """The digits spec with its model and recipe uploaded through REST, as a curl user would."""
-    from tests.conftest import digits_spec
-
     spec = digits_spec()
     for section, key, path in (("model", "path", DIGITS / "model.pt"), ("recipe", "file", DIGITS / "recipe.py")):
         answer = await http.post("/v1/uploads", params={"name": path.name}, content=path.read_bytes(), headers=OCTETS)
@@ -101,12 +101,16 @@ def files_under(root) -> dict[str, bytes | None]:
     return {p.relative_to(root).as_posix(): (p.read_bytes() if p.is_file() else None) for p in root.rglob("*")}
 
 
-def upload_parts(name: str, data: bytes, tar: bool = False, sha256: str = "", chunk: int = 1 << 16):
-    from nsd.gateway import nsd_pb2 as pb
+def pb():
+    from nsd.gateway import nsd_pb2
 
-    yield pb.UploadPart(header=pb.UploadHeader(name=name, tar=tar, sha256=sha256))
+    return nsd_pb2
+
+
+def upload_parts(name: str, data: bytes, tar: bool = False, sha256: str = "", chunk: int = 1 << 16):
+    yield pb().UploadPart(header=pb().UploadHeader(name=name, tar=tar, sha256=sha256))
     for i in range(0, len(data), chunk):
-        yield pb.UploadPart(data=data[i:i + chunk])
+        yield pb().UploadPart(data=data[i:i + chunk])
 
 
 async def grpc_upload_digits(stub) -> dict:

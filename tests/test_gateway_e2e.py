@@ -14,8 +14,7 @@ import pytest
 
 from nsd.client.view import apply_event
 from tests.conftest import digits_spec
-from tests.gateway_fixtures import (AUTH, TOKEN, files_under, gateway, grpc_upload_digits,  # noqa: F401  (fixtures)
-                                    http, read_sse, upload_digits)
+from tests.gateway_fixtures import AUTH, TOKEN, files_under, grpc_upload_digits, read_sse, upload_digits
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("fastapi")

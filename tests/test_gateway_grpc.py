@@ -10,8 +10,7 @@ import tarfile
 import pytest
 
 from tests.conftest import DIGITS, digits_spec
-from tests.gateway_fixtures import (AUTH, LIMITS, TOKEN, gateway, grpc_upload_digits,  # noqa: F401  (fixtures)
-                                    upload_parts, without_page)
+from tests.gateway_fixtures import AUTH, LIMITS, TOKEN, grpc_upload_digits, pb, upload_parts, without_page
 
 grpc = pytest.importorskip("grpc")
 
@@ -22,12 +21,6 @@ async def stub(gateway):
 
     async with grpc.aio.insecure_channel(gateway.endpoints["grpc"]) as channel:
         yield nsd_pb2_grpc.NsdStub(channel)
-
-
-def pb():
-    from nsd.gateway import nsd_pb2
-
-    return nsd_pb2
 
 
 async def test_ping(stub, broker):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import digits_spec
-from tests.gateway_fixtures import TOKEN, gateway, http  # noqa: F401  (fixtures)
+from tests.conftest import digits_spec, wait_for
+from tests.gateway_fixtures import TOKEN
 
 pytest.importorskip("fastapi")
 

@@ -5,15 +5,13 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
-import json
 import tarfile
 
 import pytest
 
 from nsd.protocol import Cmd
 from tests.conftest import DIGITS, digits_spec
-from tests.gateway_fixtures import (LIMITS, OCTETS, TOKEN, gateway, http, read_sse,  # noqa: F401  (fixtures)
-                                    upload_digits, without_page)
+from tests.gateway_fixtures import LIMITS, OCTETS, TOKEN, read_sse, upload_digits, without_page
 
 pytest.importorskip("fastapi")
 

@@ -14,7 +14,7 @@ import zmq.asyncio
 
 from nsd.protocol import Cmd
 from tests.conftest import DIGITS, digits_spec
-from tests.gateway_fixtures import BOB_TOKEN, OCTETS, TOKEN, gateway, http  # noqa: F401  (fixtures)
+from tests.gateway_fixtures import BOB_TOKEN, upload_digits
 
 pytest.importorskip("fastapi")
 BOB = {"Authorization": f"Bearer {BOB_TOKEN}"}
@@ -48,8 +48,6 @@ def test_token_lines_name_the_tenant_and_the_code_right(tmp_path):
 
 
 async def test_a_token_without_code_cannot_submit_a_python_recipe(http, client, gateway):
-    from tests.gateway_fixtures import grpc_upload_digits, upload_digits  # noqa: F401
-
     spec = await upload_digits(http)  # alice uploads; bob may name the blobs (one tenant without CURVE)
     refused = await http.post("/v1/tasks", json=spec, headers=BOB)
     assert refused.status_code == 403 and "may not submit python recipes" in refused.json()["error"]

@@ -12,7 +12,7 @@ import zipfile
 import pytest
 
 from tests.conftest import wait_for
-from tests.gateway_fixtures import AUTH, files_under, gateway, http  # noqa: F401  (fixtures)
+from tests.gateway_fixtures import AUTH, files_under
 from tests.peers import ScriptedWorker, metrics_answer, plan_then_hold, spec
 
 pytest.importorskip("fastapi")

@@ -4,10 +4,9 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from typing import Any
 
-from fastapi import APIRouter, Depends, WebSocket
+from fastapi import APIRouter, Depends, WebSocket, WebSocketDisconnect
 from fastapi.responses import PlainTextResponse, StreamingResponse
 
 from nsd.client.view import apply_event, fold_event, progress_line
@@ -75,35 +74,38 @@ def legacy_router(gateway: Gateway, authorized, tokens: Tokens, keepalive_s: flo
         except (NotFound, TooManyStreams) as exc:
             await websocket.close(code=1008 if isinstance(exc, NotFound) else 1013, reason=str(exc)[:120])
             return
-        async def departure() -> None:
-            while (await websocket.receive())["type"] != "websocket.disconnect":
-                pass  # the old service ignored what clients sent, and so do we
 
-        gone = asyncio.create_task(departure())
-        try:
+        async def follow() -> None:
             task = None
-            while True:
-                step = asyncio.ensure_future(anext(events))
-                await asyncio.wait({step, gone}, return_when=asyncio.FIRST_COMPLETED)
-                if not step.done():  # the client left: stop following the task for it
-                    step.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
-                        await step
-                    return
-                try:
-                    event = step.result()
-                except StopAsyncIteration:
-                    await websocket.close()
-                    return
+            async for event in events:
                 if event["kind"] == "snapshot":
                     task = apply_event(task, event)  # a copy: the snapshot is shared with other streams
                 else:
                     fold_event(task, event)
                 await websocket.send_text(progress_line(task))
+
+        async def departure() -> None:  # the old clients send nothing: a receive returns when they leave
+            while (await websocket.receive())["type"] != "websocket.disconnect":
+                pass
+
+        # A quiet task sends nothing, so a send would never notice a client gone: wait on both, and stop
+        # following the task (and hold no stream for it) as soon as the client leaves.
+        following, leaving = asyncio.create_task(follow()), asyncio.create_task(departure())
+        try:
+            await asyncio.wait({following, leaving}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            gone.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await gone
+            for task in (following, leaving):
+                task.cancel()
+            await asyncio.gather(following, leaving, return_exceptions=True)
             await events.aclose()
+        if leaving.done() and not leaving.cancelled() and leaving.exception() is None:
+            return  # gone
+        try:
+            following.result()
+            await websocket.close()
+        except NotFound as exc:
+            await websocket.close(code=1008, reason=str(exc)[:120])
+        except (WebSocketDisconnect, asyncio.CancelledError):
+            pass
 
     return legacy

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import enum
 import logging
+import os
 import socket
 import time
 import uuid
@@ -25,17 +26,18 @@ import zmq
 import zmq.asyncio
 
 from nsd import __version__
-from nsd.liveness import heartbeat_due
+from nsd.liveness import heartbeat_due, timing_problem
 from nsd.net import configure, send_now
 from nsd.protocol import BROKER_TO_WORKER, PROTOCOL_VERSION, Cmd, ProtocolError, pack, unpack
-from nsd.security import ClientKeys, KeyFileError
+from nsd.security import ClientKeys, HandshakeWatch, KeyFileError
 from nsd.systemd import notify, watchdog_interval
 from nsd.worker import checks
 from nsd.worker.cache import BlobCache
 from nsd.versions import installed_versions
 from nsd.worker.config import WorkerConfig
 from nsd.worker.jobs import Outbox, run_job
-from nsd.worker.slots import Slot, SlotPool
+from nsd.worker.sandbox import runner_layout, shared_task_paths
+from nsd.worker.slots import RunnerSetup, Slot, SlotPool
 from nsd.worker.transfers import Transfers
 
 log = logging.getLogger("nsd.worker")
@@ -70,7 +72,12 @@ class WorkerDaemon:
                                "(--server-key)")
         self.curve = ClientKeys.load(Path(config.curve_key), Path(config.server_key)) if config.curve_key else None
         self.cpus = list(config.cpus)
-        self.pool = SlotPool(self.cpus, config.cores_per_trial, self.cache_dir, self.worker_id, config.preload)
+        self.shared_dirs = [os.path.realpath(d) for d in config.shared_dirs]
+        lay = runner_layout(config.sandbox, config.shared_dirs, [self.cache_dir, config.curve_key, config.server_key],
+                            self.cache_dir / "runners" / f"probe-{self.worker_id}")  # what runners see
+        setup = RunnerSetup(lay, self.cache_dir / "blobs", self.cache_dir / "numba", config.preload,
+                            tuple(config.runner_env))
+        self.pool = SlotPool(self.cpus, config.cores_per_trial, self.cache_dir, self.worker_id, setup)
         self.blobs = BlobCache(self.cache_dir / "blobs", config.cache_max_bytes)
         self.blobs.clear_partial()
         self.transfers = Transfers(self._send, self.blobs, config.fetch_window, config.chunk_timeout_s)
@@ -78,6 +85,8 @@ class WorkerDaemon:
         self.backlog: list[tuple[str, int, dict]] = []  # jobs assigned while every slot was busy
         self.ctx = zmq.asyncio.Context()
         self.sock: zmq.asyncio.Socket | None = None
+        self._watch: HandshakeWatch | None = None  # the connection's handshake (a refused key says so)
+        self.refused: str | None = None  # why the broker refused the last connection's handshake, if it did
         self.state = WorkerState.CONNECTING
         self._refusal = ""  # the broker's reason, once REFUSED
         self._drain_deadline = 0.0  # monotonic time a DRAINING worker stops waiting for running jobs
@@ -134,8 +143,12 @@ class WorkerDaemon:
                 if self._leaving.is_set():
                     break
                 backoff = self.config.heartbeat_s if healthy else min(backoff * 2, self.config.backoff_max_s)
-                log.warning("lost the broker at %s; reconnecting in %.0fs", self.config.broker, backoff)
-                notify(f"STATUS=lost the broker at {self.config.broker}; reconnecting")
+                if self.refused:  # a key the broker does not (yet) allow: say so, and try again later
+                    log.error("%s (broker at %s); trying again in %.0fs", self.refused, self.config.broker, backoff)
+                    notify(f"STATUS=refused by the broker at {self.config.broker}; retrying")
+                else:
+                    log.warning("lost the broker at %s; reconnecting in %.0fs", self.config.broker, backoff)
+                    notify(f"STATUS=lost the broker at {self.config.broker}; reconnecting")
                 if self._drained():
                     break
                 with contextlib.suppress(asyncio.TimeoutError):
@@ -183,6 +196,8 @@ class WorkerDaemon:
                 self._send(Cmd.BYE, {"handback": True})
             return session.was_registered
         finally:
+            self.refused = await self._watch.problem()
+            self._watch.close()
             self.sock.close(linger=200)
             self.sock = None
 
@@ -196,6 +211,7 @@ class WorkerDaemon:
         self.sock.setsockopt(zmq.IDENTITY, self.worker_id.encode())
         if self.curve is not None:
             self.curve.apply(self.sock)
+        self._watch = HandshakeWatch(self.sock, "worker")  # before connecting: a refusal comes once
         self.sock.connect(self.config.broker)
         self.heartbeat_s, self.liveness = self.config.heartbeat_s, self.config.liveness
         self._send(Cmd.READY, self._ready_body())
@@ -221,6 +237,8 @@ class WorkerDaemon:
             if self._drained():
                 self._enter(WorkerState.STOPPING)
                 return True
+        if not self.registered.is_set() and await self._watch.problem() is not None:
+            return True  # the broker refused the handshake: no answer will come on this connection
         # Read each turn: READY_ACK may have changed them to the broker's.
         hb, deadline = self.heartbeat_s, self.heartbeat_s * self.liveness
         # At most a second: the systemd watchdog is fed from this loop, whatever the interval.
@@ -289,7 +307,7 @@ class WorkerDaemon:
             # Adopt the broker's timing: it declares us dead after heartbeat_s * liveness of silence and
             # pings at heartbeat_s, so our deadline and our own period must be the same numbers.
             liveness = body.get("liveness", self.liveness)
-            if (why := checks.timing(body["heartbeat_s"], liveness)) is not None:
+            if (why := timing_problem(body["heartbeat_s"], liveness)) is not None:
                 self._ignore(msg.cmd.name, f"{why}; keeping {self.heartbeat_s:g}s x {self.liveness}")
             else:
                 self.heartbeat_s, self.liveness = float(body["heartbeat_s"]), liveness
@@ -351,10 +369,12 @@ class WorkerDaemon:
                 log.warning("could not fetch the files of %s: %s", trial_id, exc)
                 answer = {"ok": False, "requeue": True, "error": f"worker could not fetch the task's files: {exc}"}
             else:
-                if job["kind"] == "plan":
+                why = checks.shared_paths(shared_task_paths(job["spec"]), self.shared_dirs)
+                if why is None and job["kind"] == "plan":
                     self.pool.warm_others(slot, job)
-                answer = await run_job(slot.runner, trial_id, attempt, job, self.cache_dir, self.transfers.upload)
-            result = {**answer, "trial_id": trial_id, "attempt": attempt, "worker_id": self.worker_id}
+                answer = {"ok": False, "error": why} if why else await run_job(
+                    slot.runner, trial_id, attempt, job, self.cache_dir, self.transfers.upload)
+            result = checks.result({**answer, "trial_id": trial_id, "attempt": attempt, "worker_id": self.worker_id})
             self.outbox.keep(result)
             self._send(Cmd.RESULT, result)
         finally:
