@@ -54,8 +54,6 @@ async def test_screen_stops_following_the_task_when_its_client_leaves(gateway, c
     """Issue 19, item 7: the old handler kept polling the broker for a client that had gone."""
     from websockets.asyncio.client import connect
 
-    from tests.conftest import wait_for
-
     task_id = await client.submit({**digits_spec(), "model": {"path": digits_spec()["model"]["path"], "shared": True}})
     base = gateway.endpoints["http"].replace("http://", "ws://")
     async with connect(f"{base}/task/screen/{task_id}", additional_headers={"Authorization": f"Bearer {TOKEN}"}) as ws:

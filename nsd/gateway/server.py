@@ -23,7 +23,7 @@ from nsd.gateway.door import DoorLimits, guarded_protocol
 from nsd.gateway.fanout import Feeds
 from nsd.gateway.grpc_service import add_to_server
 from nsd.gateway.guard import served_hosts
-from nsd.gateway.config import GatewayConfig, Limits  # noqa: F401  (Limits: where callers look)
+from nsd.gateway.config import GatewayConfig
 from nsd.gateway.service import Gateway
 
 log = logging.getLogger("nsd.gateway")
