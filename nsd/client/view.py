@@ -16,6 +16,13 @@ def apply_event(task: dict[str, Any], event: dict[str, Any]) -> dict[str, Any]:
     if event["kind"] == "snapshot":
         return copy.deepcopy(event["task"])
     task = copy.deepcopy(task)
+    fold_event(task, event)
+    return task
+
+
+def fold_event(task: dict[str, Any], event: dict[str, Any]) -> None:
+    """Apply one event (not a snapshot) to the view in place: what the gateway does to the one view it
+    keeps per followed task, where copying 20,000 trials per event would cost more than the event."""
     task["seq"] = event["seq"]
     if event["kind"] == "state":
         task["state"] = event["state"]
@@ -40,7 +47,6 @@ def apply_event(task: dict[str, Any], event: dict[str, Any]) -> dict[str, Any]:
         if trial.get("figures"):
             task["pareto"] = pareto_of(task["trials"], task.get("objective"), task.get("baseline_figures"),
                                        task["goal"]["higher_is_better"])
-    return task
 
 
 DEPLOYED = ("figures", "measured_on", "pruned", "deploy")  # a trial's deployment figures (nsd/figures.py)

@@ -206,8 +206,8 @@ function showTask(taskId) {
   return follow(taskId, ev => {
     task = applyEvent(task, ev);
     if (ev.kind === "state" && TERMINAL.has(ev.state) && !task.artifact) {
-      // The final event does not carry the artifact: one read of the full view fills it in.
-      api(`/v1/tasks/${encodeURIComponent(taskId)}`).then(full => { task = full; render(); }).catch(() => {});
+      // The final event does not carry the artifact: one read of the view (no trials: they are paged) fills it in.
+      api(`/v1/tasks/${encodeURIComponent(taskId)}?limit=0`).then(v => { task.artifact = v.artifact; render(); }).catch(() => {});
     }
     render();
     return TERMINAL.has(task.state);
