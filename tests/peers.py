@@ -1,5 +1,6 @@
 """Helpers the tests share. A scripted worker peer: a real DEALER speaking the real protocol, answering
-jobs from a table; the specs and answers tests give it (`spec`, `metrics_answer`, `done`).
+jobs from a table; the specs and answers tests give it (`spec`, `metrics_answer`, `done`). The other peers:
+a fake broker for a real worker (`FakeBroker`, with `trial_job`), and what systemd hears (`NotifyListener`).
 
 It lets broker tests drive dispatch, cancellation, requeue and decisions over real sockets in
 milliseconds, without INC; the end-to-end tests use real workers and real INC.
@@ -11,6 +12,9 @@ import asyncio
 import contextlib
 import hashlib
 import os
+import socket
+import time
+from pathlib import Path
 from typing import Callable
 
 import zmq
@@ -18,7 +22,7 @@ import zmq.asyncio
 
 from nsd.client.api import AsyncClient
 from nsd.net import configure
-from nsd.protocol import BROKER_TO_WORKER, PROTOCOL_VERSION, Cmd, pack, unpack
+from nsd.protocol import BROKER_TO_WORKER, PROTOCOL_VERSION, WORKER_TO_BROKER, Cmd, ProtocolError, pack, unpack
 from nsd.states import TaskState
 from tests.conftest import wait_for
 
@@ -38,8 +42,11 @@ class ScriptedWorker:
 
     def __init__(self, endpoint: str, worker_id: str, slots: int = 1,
                  answer: Callable[[dict], dict | None] | None = None, delay_s: float = 0.0,
-                 version: int = PROTOCOL_VERSION, curve=None):
+                 version: int = PROTOCOL_VERSION, curve=None, hardware: dict | None = None,
+                 versions: dict | None = None):
         self.endpoint, self.worker_id, self.slots = endpoint, worker_id, slots
+        # READY's hardware (deployment figures' key, the --label) and versions (the metric cache's), if given
+        self.hardware, self.versions = hardware, versions
         self.answer, self.delay_s, self.version = answer, delay_s, version
         self.assigned: list[tuple[str, int, dict]] = []
         self.cancelled: list[tuple[str, int]] = []
@@ -63,7 +70,9 @@ class ScriptedWorker:
     async def start(self, wait: bool = True) -> "ScriptedWorker":
         self.sock.connect(self.endpoint)
         self.send(Cmd.READY, {"worker_id": self.worker_id, "boot_id": "b1", "host": "scripted", "cores": self.slots,
-                              "slots": self.slots, "version": self.version, "running": [], "outbox": []})
+                              "slots": self.slots, "version": self.version, "running": [], "outbox": [],
+                              **({"hardware": self.hardware} if self.hardware else {}),
+                              **({"versions": self.versions} if self.versions else {})})
         self._tasks = [asyncio.create_task(self._serve()), asyncio.create_task(self._heartbeat())]
         if wait:
             await asyncio.wait_for(self.registered.wait(), 5)
@@ -224,3 +233,116 @@ def random_interval(metric: float, goal, rng, values) -> tuple[float | None, flo
     if sign > 0:
         return lo, hi
     return -hi, (None if lo is None else -lo)
+
+
+class FakeBroker:
+    """A ROUTER that records what the worker sends and sends whatever the test says."""
+
+    def __init__(self):
+        self.ctx = zmq.asyncio.Context()
+        self.sock = configure(self.ctx.socket(zmq.ROUTER))
+        self.sock.bind("tcp://127.0.0.1:*")
+        self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.identity: bytes | None = None
+        self.received: list[tuple[Cmd, dict]] = []
+        self.times: list[float] = []  # when each of `received` arrived (loop time)
+        self._task = asyncio.create_task(self._serve())
+
+    async def _serve(self) -> None:
+        while True:
+            identity, *frames = await self.sock.recv_multipart()
+            try:
+                msg = unpack(frames, WORKER_TO_BROKER)
+            except ProtocolError:
+                continue
+            self.identity = identity
+            self.received.append((msg.cmd, msg.body))
+            self.times.append(asyncio.get_running_loop().time())
+
+    def of(self, cmd: Cmd) -> list[dict]:
+        return [body for c, body in self.received if c is cmd]
+
+    def send(self, cmd: Cmd, body: dict) -> None:
+        self.raw(pack(cmd, body))
+
+    def raw(self, frames: list[bytes]) -> None:
+        self.sock.send_multipart([self.identity, *frames])
+
+    async def close(self) -> None:
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        self.sock.close(linger=0)
+        self.ctx.term()
+
+
+def job_spec(**model) -> dict:
+    from nsd.spec import validate
+
+    return validate({"name": "h", "model": {"shared": True, **model},
+                     "recipe": {"kind": "python", "file": "/nonexistent/recipe.py"},
+                     "tuning": {"config_set": [{"rtn": {"bits": 4}}]}}).to_dict()
+
+
+def trial_job(task_id: str = "abc123abc123", index: int = 0, **changes) -> dict:
+    return {"kind": "trial", "task_id": task_id, "spec": job_spec(), "index": index,
+            "config": {"rtn": {"bits": 4}}, "cores": 1, **changes}
+
+
+class NotifyListener:
+    """What systemd would receive on $NOTIFY_SOCKET."""
+
+    def __init__(self, path: Path):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.2)
+        self.messages: list[dict[str, str]] = []
+
+    def read_until(self, key: str, timeout: float) -> dict[str, str]:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            try:
+                data = self.sock.recv(4096).decode()
+            except socket.timeout:
+                continue
+            fields = dict(line.split("=", 1) for line in data.splitlines() if "=" in line)
+            self.messages.append(fields)
+            if key in fields:
+                return fields
+        raise AssertionError(f"no {key} within {timeout}s; got {self.messages}")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+# ---- deployment figures (issue 17): shared by tests/test_broker_figures.py and tests/test_gateway_figures.py ----
+
+HW = {"cpu": "Scripted CPU", "cores": 2, "isa": ["avx512_vnni"], "label": None}
+VERSIONS = {"nsd": "scripted", "nsd-code": "x", "torch": "2.13.0"}
+
+
+def figures(p50: float, size: int = 1000, form: str = "int8-compiled") -> dict:
+    return {"size_bytes": size, "size_of": "scripted", "input": {"names": ["x"], "shapes": [[8, 4]]}, "notes": [],
+            "forms": [{"form": form, "runtime": "scripted", "p50_ms": p50, "p90_ms": p50 * 1.1, "spread": 0.01,
+                       "repeats": 20, "throughput": 8000 / p50, "batch": 8, "load_s": 0.1, "compile_s": 1.0,
+                       "peak_bytes": 5000, "run_bytes": 4000, "cores": [0], "threads": 1, "exclusive": True,
+                       "paused": 0, "note": None}]}
+
+
+FP32_FIGURES = figures(100.0, 4000, "fp32-compiled")
+
+
+def figures_answers(table: dict[int, tuple], pruned: dict[int, float] | None = None, n: int = 4):
+    """Plan n trials (FP32 measured); trial i: (metric, p50 ms) — figures for passing ones, as a runner does; a
+    job with a prune rule is measured first and answered `pruned` where `pruned` says so."""
+    def answer(job: dict) -> dict:
+        if job["kind"] == "plan":
+            return {**plan_answer(1.0, n), "figures": FP32_FIGURES}
+        metric, p50 = table[job["index"]]
+        if job.get("prune") and pruned and job["index"] in pruned:
+            return {"ok": True, "metric": None, "pruned": True, "figures": figures(pruned[job["index"]])}
+        body = {"ok": True, "metric": metric}
+        if metric >= 0.9:  # passes (goal: 1.0 x (1 - 0.1))
+            body["figures"] = figures(p50)
+        return body
+    return answer

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import digits_spec
-from tests.gateway_fixtures import TOKEN, gateway, http  # noqa: F401  (fixtures)
+from tests.conftest import digits_spec, wait_for
+from tests.gateway_fixtures import TOKEN
 
 pytest.importorskip("fastapi")
 
@@ -48,3 +48,18 @@ async def test_screen_websocket_refuses_a_missing_token_and_an_unknown_task(gate
     assert closed.value.rcvd.code == 1008 and "no task" in closed.value.rcvd.reason
     async with connect(f"{base}/task/screen/{task_id}", additional_headers={"Authorization": f"Bearer {TOKEN}"}) as ws:
         assert (await ws.recv()).startswith(task_id)  # the queued task's progress line
+
+
+async def test_screen_stops_following_the_task_when_its_client_leaves(gateway, client):
+    """Issue 19, item 7: the old handler kept polling the broker for a client that had gone."""
+    from websockets.asyncio.client import connect
+
+    task_id = await client.submit({**digits_spec(), "model": {"path": digits_spec()["model"]["path"], "shared": True}})
+    base = gateway.endpoints["http"].replace("http://", "ws://")
+    async with connect(f"{base}/task/screen/{task_id}", additional_headers={"Authorization": f"Bearer {TOKEN}"}) as ws:
+        assert (await ws.recv()).startswith(task_id)
+        assert gateway.feeds.streams["alice"] == 1 and len(gateway.feeds.feeds) == 1
+
+    async def released():
+        return not gateway.feeds.feeds and not gateway.feeds.streams
+    await wait_for(released, 30)  # the task (queued, quiet) is no longer followed for anyone

@@ -11,6 +11,7 @@ import pytest
 from nsd.broker.objective import First, objective_for
 from nsd.broker.tuner import Decision, Goal, TrialView, meets_goal
 from nsd.quant.scoring import can_stop
+from nsd.spec import TuningSpec
 from nsd.states import TrialState as S
 from tests.peers import random_interval
 
@@ -53,11 +54,12 @@ def distributed(metrics: list[float | None], goal: Goal, slots: int, limit: int,
         if i in refining:  # its refine job: the full metric, same state
             refining.discard(i)
             refined.add(i)
-            views[i] = TrialView(i, views[i].state, m, views[i].low, views[i].high)
+            views[i] = TrialView(i, views[i].state, m, low=views[i].low, high=views[i].high)
         elif m is None:
             views[i] = TrialView(i, S.ERROR)
         elif can_stop(m, m, rules[i]) and rng.random() < 0.8:  # it stopped early: an interval, no metric
-            views[i] = TrialView(i, S.FAILED_GOAL, None, *random_interval(m, goal, rng, values))
+            views[i] = TrialView(i, S.FAILED_GOAL, None, **dict(zip(("low", "high"),
+                                                                       random_interval(m, goal, rng, values))))
         else:
             views[i] = TrialView(i, S.PASSED if meets_goal(m, goal) else S.FAILED_GOAL, m)
 
@@ -92,8 +94,8 @@ def test_first_gives_incs_answer_on_random_tables(slots):
 
 
 def test_objective_for_a_task_follows_its_direction():
-    assert objective_for({"higher_is_better": False}) == First(False)
-    assert objective_for({}).name == "first"
+    assert objective_for(TuningSpec(higher_is_better=False)) == First(False)
+    assert objective_for(TuningSpec()).name == "first"
     lower = First(False)
     views = [TrialView(0, S.FAILED_GOAL, 3.0), TrialView(1, S.FAILED_GOAL, 2.0), TrialView(2, S.FAILED_GOAL, 2.0)]
     assert lower.best(views) == 1 and First(True).best(views) == 0

@@ -41,6 +41,7 @@ from nsd.broker.planning import Planning
 from nsd.broker.store import StorageError, Store, storage_message
 from nsd.liveness import heartbeat_due
 from nsd.protocol import PROTOCOL_VERSION, Cmd, JobRef, parse_job_id
+from nsd.spec import TaskSpec
 from nsd.states import TaskState, TrialState
 
 log = logging.getLogger("nsd.broker")
@@ -56,6 +57,13 @@ class ToWorker:
 class Event:
     task_id: str
     body: dict
+
+
+def stored_spec(text: str) -> TaskSpec:
+    """A task's spec as the store holds it (validated at submit), back as a TaskSpec."""
+    data = json.loads(text)
+    data.setdefault("tuning", {}).setdefault("strategy", "list")  # tasks from before the fallback search
+    return TaskSpec.from_dict(data)
 
 
 class Core(Outcomes, Planning, Placement):
@@ -147,14 +155,18 @@ class Core(Outcomes, Planning, Placement):
             log.info("reloaded %d tasks", len(self.tasks))
 
     def _task_from_row(self, row) -> Task:
-        task = Task(id=row["id"], spec=json.loads(row["spec"]), state=TaskState(row["state"]), owner=row["owner"],
+        task = Task(id=row["id"], spec=stored_spec(row["spec"]), state=TaskState(row["state"]), owner=row["owner"],
                     created=row["created"], started=row["started"], finished=row["finished"],
                     baseline=row["baseline"], winner=row["winner"],
                     met_goal=None if row["met_goal"] is None else bool(row["met_goal"]), error=row["error"],
                     seq=row["seq"], jobs=Task.jobs_from_row(row), plan_s=row["plan_s"], artifact=row["artifact"],
                     baseline_s=row["baseline_s"],
                     oplists=search.parse_oplists(json.loads(row["oplists"] or "null")) or {})
-        task.trials = [Trial.from_row(r, task.objective.sign) for r in self.store.trials(task.id)]
+        task.baseline_figures, task.baseline_on = json.loads(row["baseline_figures"] or "[null, null]")
+        rows = self.store.trials(task.id)
+        task.trials = [Trial.from_row(r, task.objective.sign) for r in rows]
+        for tr, r in zip(task.trials, rows):
+            task.set_figures(tr, *json.loads(r["figures"] or "[null, null]"))
         task.index_trials()
         return task
 
@@ -180,7 +192,7 @@ class Core(Outcomes, Planning, Placement):
 
     @staticmethod
     def priority(task: Task) -> int:
-        return task.resources.get("priority", 0)
+        return task.resources.priority
 
     def active(self) -> Iterator[Task]:
         for tier in self.queued.values():
@@ -211,7 +223,7 @@ class Core(Outcomes, Planning, Placement):
         self._touch(task)
         task.seq += 1
         body = {"task_id": task.id, "seq": task.seq, "ts": time.time(), "kind": kind, **data}
-        self.store.append_event(task.id, task.seq, body)
+        self.store.set_seq(task.id, task.seq)
         self.effects.append(Event(task.id, body))
 
     def send(self, worker: Worker | bytes, cmd: Cmd, body: dict | None = None) -> None:
@@ -220,7 +232,7 @@ class Core(Outcomes, Planning, Placement):
 
     # ---- clients -----------------------------------------------------------------------------------
 
-    def submit(self, spec: dict, owner: str = "") -> str:
+    def submit(self, spec: TaskSpec, owner: str = "") -> str:
         if self.owners[owner] >= self.limits.queued_per_client:
             raise ValueError(f"this client already has {self.owners[owner]} unfinished tasks (the broker's "
                              f"limit is {self.limits.queued_per_client}); wait for some to finish")
@@ -228,7 +240,7 @@ class Core(Outcomes, Planning, Placement):
                     jobs={JobRef(PLAN.name): Lease()})
         with self.tx():
             self._touch(task)
-            self.store.insert_task(task.id, task.name, spec, task.state.value, task.created, owner)
+            self.store.insert_task(task.id, task.name, task.spec_dict, task.state.value, task.created, owner)
             self._write_task(task, jobs=task.jobs_plain())
             self._adopt(task)
             self.emit(task, "state", state=task.state.value)
@@ -268,7 +280,7 @@ class Core(Outcomes, Planning, Placement):
         if self.curve:
             owner = self.store.worker_key(wid)
             if owner is not None and owner != key:
-                self.metrics.refused_workers += 1
+                self.metrics.refused_workers.inc()
                 log.warning("refused worker id %s from key %s: it belongs to key %s", wid, key, owner)
                 return self._refuse(identity, f"worker id {wid!r} is bound to another key")
             if owner is None:
@@ -282,7 +294,8 @@ class Core(Outcomes, Planning, Placement):
         shape = body.get("cores_per_trial")
         worker = Worker(id=wid, identity=identity, boot_id=body["boot_id"], host=body["host"], cores=body["cores"], slots=body["slots"],
                         version=str(body.get("nsd_version", "?")), registered=now, last_seen=now, key=key,
-                        draining=body.get("draining") is True, versions=body.get("versions"))
+                        draining=body.get("draining") is True, versions=body.get("versions"),
+                        hardware=body.get("hardware"))
         worker.cores_per_trial = shape if shape is not None and shape <= worker.cores else \
             max(1, worker.cores // max(1, worker.slots))
         self.workers[wid] = worker
@@ -388,7 +401,7 @@ class Core(Outcomes, Planning, Placement):
 
     def check_timeouts(self, now: float) -> None:
         for task in list(self.started.values()):
-            budget = task.tuning["timeout_s"]
+            budget = task.tuning.timeout_s
             if task.state is TaskState.TUNING and budget and task.started and now - task.started > budget:
                 with self.tx():
                     decision = task.objective.decide(task.views(), exhausted=True)

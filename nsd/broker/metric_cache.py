@@ -12,6 +12,10 @@ the second from its `cache` table:
   only where that interval cannot meet the new task's goal either; a refine's full metric replaces it, and
   an interval never replaces a full metric);
 - `artifact_key`: the saved winner (a blob), keyed like its trial.
+- `figures_key`: deployment figures (the FP32 baseline's, config None; or a trial's), keyed like its trial
+  AND by the hardware they were measured on (`hardware_key`: the worker's CPU model, core count and ISA
+  features, and the cores the job ran on): a re-tune on the same kind of machine re-answers from them, and
+  figures from other hardware are never reused.
 
 Only tasks whose inputs are all blobs are cached: a `shared = true` path can change under the same name.
 """
@@ -20,31 +24,32 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import asdict
 from typing import Any
 
 from nsd.blobs import parse_ref
 from nsd.broker.intervals import stop_interval
-from nsd.spec import PATH_FIELDS
+from nsd.spec import PATH_FIELDS, TaskSpec, TuningSpec
 from nsd.versions import VERSION_KEYS
 
 # Recipe fields that only say where files are: their content enters the key through the blob hash.
 _LOCATION_FIELDS = {"file", "data"}
 
 
-def task_basis(spec: dict, versions: dict | None) -> dict | None:
+def task_basis(spec: TaskSpec, versions: dict | None) -> dict | None:
     """What every key of this task shares, or None where the task must not be cached."""
-    if not spec["tuning"].get("cache", True) or spec["model"].get("shared") or not versions:
+    if not spec.tuning.cache or spec.model.shared or not versions:
         return None
     blobs = {}
     for section, key in PATH_FIELDS:
-        value = spec[section].get(key)
+        value = getattr(getattr(spec, section), key)
         if value is None:
             continue
         ref = parse_ref(value)
         if ref is None:  # a plain path: its content is not known to us
             return None
         blobs[f"{section}.{key}"] = ref[0]
-    recipe = {k: v for k, v in spec["recipe"].items() if k not in _LOCATION_FIELDS}
+    recipe = {k: v for k, v in asdict(spec.recipe).items() if k not in _LOCATION_FIELDS}
     return {"blobs": blobs, "recipe": recipe, "versions": {k: versions.get(k) for k in VERSION_KEYS}}
 
 
@@ -53,15 +58,15 @@ def _digest(kind: str, basis: dict, **more: Any) -> str:
     return f"{kind}:" + hashlib.sha256(text.encode()).hexdigest()
 
 
-def plan_key(basis: dict, tuning: dict) -> str:
-    return _digest("plan", basis, config_set=tuning["config_set"], max_trials=tuning["max_trials"],
-                   strategy=tuning.get("strategy"))
+def plan_key(basis: dict, tuning: TuningSpec) -> str:
+    return _digest("plan", basis, config_set=tuning.config_set, max_trials=tuning.max_trials,
+                   strategy=tuning.strategy)
 
 
-def baseline_key(basis: dict, tuning: dict, families: dict) -> str:
+def baseline_key(basis: dict, tuning: TuningSpec, families: dict) -> str:
     """The FP32 metric depends on the model, data and recipe only; the op lists also on the families (and the
     first config of each: a PT2E family's graph) and on whether the search wants them."""
-    return _digest("baseline", basis, families=families, strategy=tuning.get("strategy"))
+    return _digest("baseline", basis, families=families, strategy=tuning.strategy)
 
 
 def trial_key(basis: dict, config: dict, fallback: Any = None) -> str:
@@ -70,6 +75,19 @@ def trial_key(basis: dict, config: dict, fallback: Any = None) -> str:
 
 def artifact_key(basis: dict, config: dict, fallback: Any = None) -> str:
     return _digest("artifact", basis, config=config, fallback=fallback)
+
+
+def hardware_key(hardware: dict | None, cores: int) -> dict | None:
+    """What deployment figures depend on besides the model: the CPU, its ISA features, the worker's cores and
+    the cores (threads) the figures were measured with. None: a worker that did not say (never cached)."""
+    if not hardware:
+        return None
+    return {"cpu": hardware.get("cpu"), "isa": sorted(hardware.get("isa") or []), "cores": hardware.get("cores"),
+            "threads": cores}
+
+
+def figures_key(basis: dict, hardware: dict, config: dict | None, fallback: Any = None) -> str:
+    return _digest("figures", basis, hardware=hardware, config=config, fallback=fallback)
 
 
 class MetricCache:
@@ -93,41 +111,42 @@ class MetricCache:
             self.store.cache_put(key, body, self.clock())
 
     @staticmethod
-    def _plan_key(spec: dict, versions: dict | None) -> str | None:
+    def _plan_key(spec: TaskSpec, versions: dict | None) -> str | None:
         basis = task_basis(spec, versions)
-        return None if basis is None else plan_key(basis, spec["tuning"])
+        return None if basis is None else plan_key(basis, spec.tuning)
 
     @staticmethod
-    def _trial_key(spec: dict, versions: dict | None, config: dict, fallback: Any = None,
+    def _trial_key(spec: TaskSpec, versions: dict | None, config: dict, fallback: Any = None,
                    kind: str = "trial") -> str | None:
         basis = task_basis(spec, versions)
         if basis is None:
             return None
         return (trial_key if kind == "trial" else artifact_key)(basis, config, fallback)
 
-    def get_plan(self, spec: dict, versions: dict | None) -> dict | None:
+    def get_plan(self, spec: TaskSpec, versions: dict | None) -> dict | None:
         return self._get(self._plan_key(spec, versions))
 
-    def put_plan(self, spec: dict, versions: dict | None, configs: list, baseline: float | None = None,
+    def put_plan(self, spec: TaskSpec, versions: dict | None, configs: list, baseline: float | None = None,
                  ops=None) -> None:
         """The expanded trial list (with the baseline and ops where the plan had them: before the split)."""
         body = {"configs": configs} if baseline is None else {"baseline": baseline, "configs": configs, "ops": ops}
         self._put(self._plan_key(spec, versions), body)
 
-    def _baseline_key(self, spec: dict, versions: dict | None, families: dict) -> str | None:
+    def _baseline_key(self, spec: TaskSpec, versions: dict | None, families: dict) -> str | None:
         basis = task_basis(spec, versions)
-        return None if basis is None else baseline_key(basis, spec["tuning"], families)
+        return None if basis is None else baseline_key(basis, spec.tuning, families)
 
-    def get_baseline(self, spec: dict, versions: dict | None, families: dict) -> dict | None:
+    def get_baseline(self, spec: TaskSpec, versions: dict | None, families: dict) -> dict | None:
         return self._get(self._baseline_key(spec, versions, families))
 
-    def put_baseline(self, spec: dict, versions: dict | None, families: dict, baseline: float, ops=None) -> None:
+    def put_baseline(self, spec: TaskSpec, versions: dict | None, families: dict, baseline: float,
+                     ops=None) -> None:
         self._put(self._baseline_key(spec, versions, families), {"baseline": baseline, "ops": ops})
 
-    def get_trial(self, spec: dict, versions: dict | None, config: dict, fallback: Any = None) -> dict | None:
+    def get_trial(self, spec: TaskSpec, versions: dict | None, config: dict, fallback: Any = None) -> dict | None:
         return self._get(self._trial_key(spec, versions, config, fallback))
 
-    def put_trial(self, spec: dict, versions: dict | None, config: dict, fallback: Any, metric: float | None,
+    def put_trial(self, spec: TaskSpec, versions: dict | None, config: dict, fallback: Any, metric: float | None,
                   bound: float | None = None, low: float | None = None, high: float | None = None) -> None:
         """A trial's full metric, or the interval it stopped with — which never replaces a full metric, and
         narrows an interval already known (both hold the full metric: so does their intersection)."""
@@ -137,15 +156,30 @@ class MetricCache:
         known = self.store.cache_get(key) or {}
         if known.get("metric") is not None:
             return
-        sign = 1 if spec["tuning"].get("higher_is_better", True) else -1
+        sign = 1 if spec.tuning.higher_is_better else -1
         _, old_low, old_high = stop_interval(known, sign) or (None, None, None)
         low = max((v for v in (low, old_low) if v is not None), default=None)
         high = min((v for v in (high, old_high) if v is not None), default=None)
         self._put(key, {"metric": None, "bound": high if sign > 0 else low, "low": low, "high": high})
 
-    def get_artifact(self, spec: dict, versions: dict | None, config: dict, fallback: Any = None) -> str | None:
+    def get_artifact(self, spec: TaskSpec, versions: dict | None, config: dict, fallback: Any = None) -> str | None:
         found = self._get(self._trial_key(spec, versions, config, fallback, "artifact"))
         return found and found.get("sha256")
 
-    def put_artifact(self, spec: dict, versions: dict | None, config: dict, fallback: Any, sha256: str) -> None:
+    def get_figures(self, spec: TaskSpec, versions: dict | None, hardware: dict | None, config: dict | None = None,
+                    fallback: Any = None) -> dict | None:
+        """{"figures": ... or None} measured on this hardware (hardware_key), or None where not known."""
+        key = self._figures_key(spec, versions, hardware, config, fallback)
+        return self._get(key)
+
+    def put_figures(self, spec: TaskSpec, versions: dict | None, hardware: dict | None, config: dict | None,
+                    fallback: Any, figures: dict | None) -> None:
+        self._put(self._figures_key(spec, versions, hardware, config, fallback), {"figures": figures})
+
+    @staticmethod
+    def _figures_key(spec, versions, hardware, config, fallback) -> str | None:
+        basis = task_basis(spec, versions)
+        return None if basis is None or hardware is None else figures_key(basis, hardware, config, fallback)
+
+    def put_artifact(self, spec: TaskSpec, versions: dict | None, config: dict, fallback: Any, sha256: str) -> None:
         self._put(self._trial_key(spec, versions, config, fallback, "artifact"), {"sha256": sha256})

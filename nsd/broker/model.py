@@ -21,13 +21,18 @@ import json
 import math
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from nsd.broker import search, tuner
 from nsd.broker.intervals import stop_interval
 from nsd.broker.jobs import KINDS, PLAN, REFINE, SAVE
 from nsd.broker.objective import Objective, objective_for
+from nsd.figures import cost as figures_cost
+from nsd.figures import pareto_of
+from nsd.figures import summary as figures_summary
 from nsd.protocol import TRIAL, JobRef
+from nsd.spec import ResourcesSpec, TaskSpec, TuningSpec
 from nsd.states import TASK_TRANSITIONS, TRIAL_TRANSITIONS, TaskState, TrialState, check_transition
 
 
@@ -61,6 +66,10 @@ class Trial:
     refine: str | None = None  # its refine job (a stopped trial evaluated in full): "done", "failed" or None
     cached: bool = False  # answered from the metric cache, not run
     kept: tuple[str, str] | None = None  # (worker, folder) where its passing model was kept (not persisted)
+    figures: dict | None = None  # deployment figures (nsd/figures.py), measured on the hardware `measured_on`
+    measured_on: dict | None = None  # READY's `hardware` of the worker that measured them
+    pruned: bool = False  # not evaluated: its figures already lost to a passing trial's (ByFigures.prune)
+    cost: float | None = None  # its cost under the task's figures objective (Task.set_figures), lower is better
 
     @classmethod
     def from_row(cls, r, sign: int) -> Trial:
@@ -76,14 +85,15 @@ class Trial:
         return tr
 
     def view(self) -> tuner.TrialView:
-        if self.refine == "failed":  # its full metric cannot be had: to decisions, like a trial that errored
-            return tuner.TrialView(self.index, self.state)
-        return tuner.TrialView(self.index, self.state, self.metric, self.low, self.high)
+        if self.refine == "failed" and self.stopped_early:  # no full metric: to decisions, like an errored trial
+            return tuner.TrialView(self.index, self.state, cost=self.cost)
+        return tuner.TrialView(self.index, self.state, self.metric, self.cost, self.low, self.high)
 
     def step(self) -> search.Step:
         v = self.view()
         return search.Step(self.index, self.stage, tuple(self.fallback),
-                           self.index if self.base is None else self.base, self.state, v.metric, v.low, v.high)
+                           self.index if self.base is None else self.base, self.state, v.metric, self.cost, v.low,
+                           v.high)
 
     def described(self) -> dict[str, Any]:
         """What a trial is (in `plan` and `stage` events and in the task view)."""
@@ -94,25 +104,30 @@ class Trial:
         """Its row for `Store.insert_trials`."""
         return self.index, self.config, self.label, self.state.value, self.stage, self.fallback, self.base
 
-    def public(self, refine: str | None = None) -> dict[str, Any]:
-        return {**self.described(), **self.event(refine)}
+    def public(self, baseline_figures: dict | None = None, refine: str | None = None) -> dict[str, Any]:
+        return {**self.described(), **self.event(baseline_figures, refine)}
 
-    def event(self, refine: str | None = None) -> dict[str, Any]:
+    def event(self, baseline_figures: dict | None = None, refine: str | None = None) -> dict[str, Any]:
         """Its state as `trial` events and the task view show it; `refine`: its refine job's state (Task)."""
         return {"index": self.index, "state": self.state.value, "metric": self.metric, "attempt": self.attempt,
                 "worker": self.worker, "seconds": self.seconds, "error": self.error, "bound": self.bound,
                 "stopped_early": self.stopped_early, "interval": self.interval(), "refine": refine,
-                "cached": self.cached}
+                "cached": self.cached, **self.deployed(baseline_figures)}
 
     def interval(self) -> list[float | None] | None:
         """[low, high] of a trial that stopped early (null: unbounded that way), else None."""
         return [self.low, self.high] if self.stopped_early else None
 
+    def deployed(self, baseline_figures: dict | None) -> dict[str, Any]:
+        """Its deployment figures, what they say against FP32 (`deploy`: nsd.figures.summary) and where."""
+        return {"figures": self.figures, "measured_on": self.measured_on, "pruned": self.pruned,
+                "deploy": figures_summary(self.figures, baseline_figures)}
+
 
 @dataclass
 class Task:
     id: str
-    spec: dict
+    spec: TaskSpec  # validated: every field is there, with its default where the submitter gave none
     state: TaskState
     created: float
     owner: str = ""  # the client key that submitted it ("" without CURVE): per-key queue limits
@@ -136,6 +151,8 @@ class Task:
     n_unfinished: int = 0
     lowest_passed: int | None = None
     cancelled_above: int | None = None  # the lowest pass whose higher trials were already cancelled
+    baseline_figures: dict | None = None  # the FP32 model's deployment figures (the baseline's), and where measured
+    baseline_on: dict | None = None
 
     # ---- leases ------------------------------------------------------------------------------
 
@@ -169,7 +186,7 @@ class Task:
         return tr.refine
 
     def trial_event(self, tr: Trial) -> dict[str, Any]:
-        return tr.event(self.refine_state(tr))
+        return tr.event(self.baseline_figures, self.refine_state(tr))
 
     def waiting(self) -> list[JobRef]:
         """Jobs other than trials that wait for a slot, in the order they are placed."""
@@ -207,16 +224,38 @@ class Task:
     @functools.cached_property
     def objective(self) -> Objective:
         """Who wins, what is cancelled, when it is decided (the spec never changes)."""
-        return objective_for(self.spec.get("tuning", {}))
+        return objective_for(self.spec.tuning)
 
     def stop_rule(self, index: int) -> dict | None:
-        """The early-stop rule trial `index` runs under (the objective's stop_rule), or None: it runs in full —
-        with early stopping off, before the goal is known, and in the op-wise stage (the search ranks ops by
-        those metrics: stopping them would mostly mean refining them)."""
-        if not self.tuning.get("early_stop", True) or self.baseline is None \
-                or self.trials[index].stage == search.OP_WISE:
+        """The rule trial `index` runs under: the goal (what passing means, for keeping its model and measuring
+        its figures) and whether it may stop early (the objective's stop_rule). `"stop": false` — it runs in
+        full — with early stopping off and in the op-wise stage (the search ranks ops by those metrics: stopping
+        them would mostly mean refining them). None before the goal is known (it comes as a RULE)."""
+        if self.baseline is None:
             return None
-        return self.objective.stop_rule(self.goal(), [], index)
+        rule = self.objective.stop_rule(self.goal(), [], index)
+        if not self.tuning.early_stop or self.trials[index].stage == search.OP_WISE:
+            rule["stop"] = False
+        return rule
+
+    def may_stop(self, index: int) -> bool:
+        rule = self.stop_rule(index)
+        return rule is not None and rule.get("stop", True)
+
+    def set_figures(self, tr: Trial, figures: dict | None, on: dict | None) -> None:
+        """A trial's deployment figures, and its cost under the objective (weights need the FP32 figures)."""
+        tr.figures, tr.measured_on = figures, on
+        tr.cost = figures_cost(figures, self.tuning.objective, self.baseline_figures)
+
+    def prune_rule(self) -> dict | None:
+        """What a trial's figures must tie before it is evaluated (a figures objective with a passing trial
+        measured), for the runner (`nsd.figures.loses`); None: evaluate it."""
+        low = getattr(self.objective, "prune", lambda _: None)(
+            [] if self.lowest_passed is None else (t.view() for t in self.trials if t.state is TrialState.PASSED))
+        if low is None:
+            return None
+        return {"objective": self.tuning.objective, "best": low, "margin": self.objective.margin,
+                "baseline": self.baseline_figures}
 
     def keeps(self, index: int) -> bool:
         """Whether trial `index` keeps its model should it pass (the objective's keeps)."""
@@ -258,23 +297,28 @@ class Task:
 
     @property
     def name(self) -> str:
-        return self.spec["name"]
+        return self.spec.name
 
     @property
-    def tuning(self) -> dict:
-        return self.spec["tuning"]
+    def tuning(self) -> TuningSpec:
+        return self.spec.tuning
 
     @property
-    def resources(self) -> dict:
-        return self.spec["resources"]
+    def resources(self) -> ResourcesSpec:
+        return self.spec.resources
+
+    @cached_property
+    def spec_dict(self) -> dict[str, Any]:
+        """The spec as plain data (what jobs and the task view carry), made once: it does not change."""
+        return self.spec.to_dict()
 
     def views(self) -> list[tuner.TrialView]:
         return [t.view() for t in self.trials]
 
     def layout(self) -> search.Layout:
         families = tuple(next(iter(t.config)) for t in self.trials if t.stage == search.CONFIG)
-        return search.Layout(families, self.oplists, self.tuning["max_trials"], self.tuning["higher_is_better"],
-                             self.tuning.get("strategy", "list"),  # tasks from before the search: "list"
+        return search.Layout(families, self.oplists, self.tuning.max_trials, self.tuning.higher_is_better,
+                             self.tuning.strategy,
                              self.objective)
 
     def steps(self) -> list[search.Step]:
@@ -282,7 +326,11 @@ class Task:
 
     def goal(self) -> tuner.Goal:
         t = self.tuning
-        return tuner.Goal(self.baseline, t["tolerable_loss"], t["criterion"], t["higher_is_better"])
+        return tuner.Goal(self.baseline, t.tolerable_loss, t.criterion, t.higher_is_better)
+
+    def pareto(self) -> list[int]:
+        return pareto_of([{"index": t.index, "metric": t.metric, "figures": t.figures} for t in self.trials
+                          if t.figures], self.tuning.objective, self.baseline_figures, self.tuning.higher_is_better)
 
     def summary(self) -> dict[str, Any]:
         done = len(self.trials) - self.n_unfinished
@@ -298,18 +346,25 @@ class Task:
         return {
             "task_id": self.id, "name": self.name, "state": self.state.value, "seq": self.seq,
             "met_goal": self.met_goal, "baseline": self.baseline, "error": self.error,
-            "goal": {"tolerable_loss": t["tolerable_loss"], "criterion": t["criterion"],
-                     "higher_is_better": t["higher_is_better"], "max_trials": t["max_trials"]},
-            "winner": None if winner is None else {**winner.described(), "metric": winner.metric},
-            "trials": [tr.public(self.refine_state(tr)) for tr in self.trials],
+            "goal": {"tolerable_loss": t.tolerable_loss, "criterion": t.criterion,
+                     "higher_is_better": t.higher_is_better, "max_trials": t.max_trials},
+            "winner": None if winner is None else {**winner.described(), "metric": winner.metric,
+                                                   **winner.deployed(self.baseline_figures)},
+            "trials": [tr.public(self.baseline_figures, self.refine_state(tr)) for tr in self.trials],
             "jobs": [{"job": ref.name, "kind": ref.kind, "attempt": lease.attempt, "worker": lease.worker}
                      for ref, lease in self.jobs.items()],
+            # Deployment figures (README "JSON output"): FP32's, the objective, and the trials no other beats on
+            # both metric and cost (cost: the objective's, or latency under "first").
+            "baseline_figures": self.baseline_figures, "baseline_on": self.baseline_on,
+            "baseline_deploy": figures_summary(self.baseline_figures, self.baseline_figures),
+            "objective": t.objective, "objective_margin": t.objective_margin,
+            "pareto": self.pareto(),
             "timings": {"created": self.created, "started": self.started, "finished": self.finished,
                         "elapsed_s": ((self.finished or now) - self.started) if self.started else None,
                         "plan_s": self.plan_s, "baseline_s": self.baseline_s,
                         "trial_s_total": sum(tr.seconds or 0.0 for tr in self.trials)},
             "artifact": self.artifact,
-            "spec": self.spec,
+            "spec": self.spec_dict,
         }
 
 
@@ -333,6 +388,7 @@ class Worker:
     freed_at: float | None = None  # when a slot last came free (for the dispatch latency metric)
     draining: bool = False  # finishing what it runs before it leaves; takes nothing new
     versions: dict[str, str] | None = None  # nsd/INC/torch versions it runs (the metric cache's key)
+    hardware: dict | None = None  # READY's: CPU model, cores, ISA features, label (deployment figures' key)
 
     @property
     def free_cores(self) -> int:
@@ -354,4 +410,5 @@ class Worker:
         state = "draining" if self.draining else "busy" if self.running else "idle"
         return {"worker_id": self.id, "host": self.host, "cores": self.cores, "slots": self.slots,
                 "busy": len(self.running), "running": sorted(self.running), "version": self.version,
-                "state": state, "registered": self.registered, "last_seen_s": round(now - self.last_seen, 3)}
+                "state": state, "registered": self.registered, "last_seen_s": round(now - self.last_seen, 3),
+                "hardware": self.hardware}

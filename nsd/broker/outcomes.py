@@ -17,7 +17,9 @@ from nsd.blobs import make_ref
 from nsd.broker import search, tuner
 from nsd.broker.intervals import finite, stop_interval
 from nsd.broker.jobs import KINDS, REFINE, SAVE
+from nsd.broker.metric_cache import hardware_key
 from nsd.broker.model import Lease, Task, Trial, Worker
+from nsd.figures import loses
 from nsd.broker.store import StorageError
 from nsd.protocol import TRIAL, Cmd, JobRef, parse_job_id
 from nsd.states import TaskState, TrialState
@@ -44,7 +46,7 @@ class Outcomes:
         jid, attempt = body["trial_id"], body["attempt"]
         if not self.holds(worker, jid, attempt):
             self.ignored_results += 1
-            self.metrics.ignored_results += 1
+            self.metrics.ignored_results.inc()
             return  # a duplicate, a late answer to a lease requeued or cancelled, or not this peer's to give
         task_id, job = parse_job_id(jid)
         task = self.tasks[task_id]
@@ -69,7 +71,18 @@ class Outcomes:
         stopped = stop_interval(body, task.objective.sign) if body["ok"] and body.get("stopped_early") is True \
             else None
         fallback = getattr(tr, "fallback", None)
-        if body["ok"] and body.get("metric") is not None:
+        figures = body.get("figures") if body["ok"] and task.tuning.measure != "none" else None
+        if figures is not None:
+            self._take_figures(task, tr, figures, worker)
+        if body["ok"] and body.get("pruned") is True and body.get("metric") is None:
+            prune = task.prune_rule()
+            if prune is not None and loses(figures, prune):  # checked here too: a worker's word is not enough
+                tr.pruned, tr.error = True, "not evaluated: its figures lose to a passing trial's by more than the margin"
+                task.set_state(tr, TrialState.CANCELLED)
+                return self._finish_trial(task, tr)
+            task.set_state(tr, TrialState.ERROR)
+            tr.error = "the worker did not evaluate it, but its figures do not lose to a passing trial's"
+        elif body["ok"] and body.get("metric") is not None:
             self._score(task, tr, float(body["metric"]))
             if tr.state is TrialState.PASSED and body.get("kept"):
                 tr.kept = (worker.id, body["kept"])
@@ -84,10 +97,16 @@ class Outcomes:
             tr.error = (body.get("error") or "the runner returned no metric")[:4000]
         self._finish_trial(task, tr)
 
+    def _take_figures(self, task: Task, tr: Trial, figures: dict, worker: Worker) -> None:
+        """A trial's deployment figures (issue 17), kept per hardware in the cache."""
+        task.set_figures(tr, figures, worker.hardware)
+        self.cache.put_figures(task.spec, worker.versions, hardware_key(worker.hardware, self.job_cores(task, worker)),
+                               tr.config, getattr(tr, "fallback", None), figures)
+
     def _score(self, task: Task, tr: Trial, metric: float | None, bound: float | None = None,
                low: float | None = None, high: float | None = None) -> None:
-        """A trial's full metric (passed or failed_goal by the goal; scored while the baseline is not known),
-        or the interval it stopped with."""
+        """Metric -> trial state, for a result and a cache answer alike: a full metric passes or fails the goal
+        (scored while the baseline is not known); without one, the interval it stopped with fails it."""
         if metric is not None:
             tr.metric = metric
             task.set_state(tr, TrialState.SCORED if task.baseline is None else TrialState.PASSED
@@ -99,7 +118,8 @@ class Outcomes:
     def _finish_trial(self, task: Task, tr: Trial) -> None:
         self._write_trial(task, tr, state=tr.state.value, metric=tr.metric, seconds=tr.seconds,
                           finished=tr.finished, error=tr.error, bound=tr.bound, stopped_early=tr.stopped_early,
-                          low=tr.low, high=tr.high, cached=tr.cached)
+                          low=tr.low, high=tr.high, cached=tr.cached, pruned=tr.pruned,
+                          figures=None if tr.figures is None else [tr.figures, tr.measured_on])
         if tr.state.finished:  # (a scored trial is counted when the baseline decides it)
             self.metrics.trial_finished(tr.state.value)
         self.emit(task, "trial", **task.trial_event(tr))
@@ -138,9 +158,16 @@ class Outcomes:
                 return answered
             metric = finite(known.get("metric"))
             stopped = None if metric is not None else stop_interval(known, task.objective.sign)
-            if metric is None and (stopped is None or task.stop_rule(tr.index) is None
+            if metric is None and (stopped is None or not task.may_stop(tr.index)
                                    or tuner.meets_goal(stopped[0], task.goal())):
                 return answered  # this task would run it further (it might meet this goal; no early stop): run it
+            if self._wants_figures(task, metric):
+                known = self.cache.get_figures(task.spec, versions, hardware_key(worker.hardware,
+                                                                                 self.job_cores(task, worker)),
+                                               tr.config, getattr(tr, "fallback", None))
+                if known is None or known["figures"] is None:
+                    return answered  # not measured on this kind of machine: run it here
+                task.set_figures(tr, known["figures"], worker.hardware)
             task.next_pending()
             now = time.time()
             tr.cached, tr.worker, tr.started, tr.finished, tr.seconds = True, None, now, now, 0.0
@@ -148,6 +175,15 @@ class Outcomes:
             self._finish_trial(task, tr)
             answered = True
         return True
+
+    @staticmethod
+    def _wants_figures(task: Task, metric: float | None) -> bool:
+        """Whether a trial with this metric carries figures in this task (tuning.measure; none where the
+        recipe gave FP32 no benchmark batch)."""
+        mode = task.tuning.measure
+        if metric is None or mode == "none" or task.baseline_figures is None:
+            return False
+        return mode == "all" or tuner.meets_goal(metric, task.goal())
 
     def _keep_log(self, task: Task, job: str, body: dict, worker: str) -> None:
         text = body.get("log")
@@ -183,13 +219,14 @@ class Outcomes:
         if task.state is not TaskState.TUNING or task.baseline is None:
             return  # (before the baseline nothing has passed or failed: nothing to decide)
         last = task.trials[-1].stage if task.trials else None
-        staged = passed is None and task.tuning.get("strategy") == "basic" and last != search.ACCUMULATED \
+        staged = passed is None and task.tuning.strategy == "basic" and last != search.ACCUMULATED \
             and (last != search.CONFIG or task.n_unfinished == 0)  # cheap gates: most results add nothing
         if staged:
             self._add_stage(task, search.next_stage(task.layout(), task.steps()))
         if staged or (task.n_unfinished == 0 and passed is None):
             self._want_refines(task, search.refines(task.layout(), task.steps()))
-        if task.n_unfinished == 0:
+        if task.n_unfinished == 0 and not any(ref.kind == REFINE.name and task.trials[ref.index].metric is not None
+                                              for ref in task.jobs):  # (figures of a pass scored before the baseline)
             decision = search.decide(task.layout(), task.steps())
             if decision is not None:  # (None: stopped trials are being refined first)
                 self.conclude(task, decision)
@@ -208,23 +245,29 @@ class Outcomes:
         log.info("task %s: refining trials %s (their intervals cannot decide)", task.id, ", ".join(map(str, new)))
 
     def _refine_result(self, task: Task, ref: JobRef, body: dict, worker: Worker) -> None:
-        """A stopped trial evaluated in full: its metric, which must lie in its interval and miss the goal (else
-        this worker's full run disagrees with the first one: the trial's full metric cannot be had)."""
+        """A trial run again in full. One that stopped early: its full metric, which must lie in its interval and
+        miss the goal. One scored before the baseline that passes: its deployment figures, with the same
+        metric. Otherwise this worker's run disagrees with the first one: what was asked cannot be had."""
         tr = task.trials[ref.index]
         metric = finite(body.get("metric")) if body["ok"] else None
         tr.seconds = (tr.seconds or 0.0) + (finite(body.get("seconds")) or 0.0)
-        if metric is not None and tr.low is not None and metric < tr.low or \
-                metric is not None and tr.high is not None and metric > tr.high or \
-                metric is not None and tuner.meets_goal(metric, task.goal()):
+        if tr.stopped_early and metric is not None and (tr.low is not None and metric < tr.low or tr.high is not None
+                                                         and metric > tr.high or tuner.meets_goal(metric, task.goal())):
             metric, why = None, f"its full metric {metric!r} lies outside its early-stop interval [{tr.low}, {tr.high}]"
+        elif not tr.stopped_early and metric is not None and metric != tr.metric:
+            metric, why = None, f"its metric {metric!r} differs from its first run's ({tr.metric!r})"
         else:
             why = body.get("error") or "the runner returned no metric"
         if metric is None:
             self._refine_gave_up(task, ref, 1, why)
             return
+        figures = body.get("figures") if task.tuning.measure != "none" else None
+        if figures is not None:
+            self._take_figures(task, tr, figures, worker)
         tr.metric, tr.refine = metric, "done"
         self.cache.put_trial(task.spec, worker.versions, tr.config, getattr(tr, "fallback", None), metric)
-        self._write_trial(task, tr, metric=metric, refine=tr.refine, seconds=tr.seconds)
+        self._write_trial(task, tr, metric=metric, refine=tr.refine, seconds=tr.seconds,
+                          figures=None if tr.figures is None else [tr.figures, tr.measured_on])
         self.emit(task, "trial", **task.trial_event(tr))
         self.settle(task)
 
@@ -319,7 +362,7 @@ class Outcomes:
         if handback:  # same attempt, any worker: the lease rule still refuses the old holder's answers
             state, attempt = TrialState.PENDING, lease[0]
         else:
-            state, attempt = tuner.after_lost_lease(lease[0], task.tuning["max_attempts"])
+            state, attempt = tuner.after_lost_lease(lease[0], task.tuning.max_attempts)
         kind = KINDS[job.kind]
         if not kind.in_trial:
             if state is TrialState.ERROR:
@@ -334,7 +377,8 @@ class Outcomes:
                 self.emit(task, "state", state=task.state.value, reason=why)
             return
         tr = task.trials[job.index]
-        self.metrics.trials_requeued += state is TrialState.PENDING
+        if state is TrialState.PENDING:
+            self.metrics.trials_requeued.inc()
         task.set_state(tr, state)
         tr.attempt, tr.worker = attempt, None
         if state is TrialState.ERROR:

@@ -21,6 +21,7 @@ import time
 
 from nsd.broker import search, tuner
 from nsd.broker.jobs import BASELINE
+from nsd.broker.metric_cache import hardware_key
 from nsd.broker.model import Lease, Task, Trial, Worker
 from nsd.protocol import TRIAL, Cmd, JobRef
 from nsd.spec import first_trials
@@ -54,7 +55,7 @@ class Planning:
             return self.finish(task, TaskState.FAILED, error="planning returned a malformed plan")
         if not configs:
             return self.finish(task, TaskState.FAILED, error="the config set expanded to no configs")
-        configs = first_trials(configs, task.tuning["max_trials"])
+        configs = first_trials(configs, task.tuning.max_trials)
         if worker is not None:  # a plan a worker ran (not one from the cache): remember it
             self.cache.put_plan(task.spec, worker.versions, configs, baseline, body.get("ops"))
         task.trials = [Trial(index=i, config=c["config"], label=c.get("label", "")) for i, c in enumerate(configs)]
@@ -81,6 +82,12 @@ class Planning:
         known = self.cache.get_baseline(task.spec, worker.versions, self.families(task))
         if known is None:
             return False
+        if task.tuning.measure != "none":  # FP32's figures on this kind of machine, or run it
+            fp32 = self.cache.get_figures(task.spec, worker.versions,
+                                          hardware_key(worker.hardware, self.job_cores(task, worker)))
+            if fp32 is None:
+                return False
+            task.baseline_figures, task.baseline_on = fp32["figures"], worker.hardware if fp32["figures"] else None
         del task.jobs[ref]
         self._baseline_result(task, ref, {**known, "ok": True, "seconds": 0.0})
         return True
@@ -106,22 +113,32 @@ class Planning:
             return self.finish(task, TaskState.FAILED, error="the baseline job returned a malformed answer")
         if worker is not None:
             self.cache.put_baseline(task.spec, worker.versions, self.families(task), float(baseline), body.get("ops"))
+            if task.tuning.measure != "none":  # FP32's deployment figures (issue 17); None: no benchmark batch
+                task.baseline_figures = body.get("figures")
+                task.baseline_on = worker.hardware if task.baseline_figures else None
+                self.cache.put_figures(task.spec, worker.versions,
+                                       hardware_key(worker.hardware, self.job_cores(task, worker)), None, None,
+                                       task.baseline_figures)
         task.baseline, task.oplists, task.baseline_s = float(baseline), oplists, body.get("seconds")
         self._write_task(task, baseline=task.baseline, oplists=search.oplists_to_plain(oplists),
-                         baseline_s=task.baseline_s)
-        self.emit(task, "baseline", baseline=task.baseline)
+                         baseline_s=task.baseline_s, baseline_figures=[task.baseline_figures, task.baseline_on])
+        self.emit(task, "baseline", baseline=task.baseline, baseline_figures=task.baseline_figures,
+                  baseline_on=task.baseline_on)
         log.info("task %s: baseline %.6g", task.id, task.baseline)
-        goal = task.goal()
+        goal, figures_of = task.goal(), []
         for tr in task.trials:
             if tr.state is TrialState.SCORED:
                 task.set_state(tr, TrialState.PASSED if tuner.meets_goal(tr.metric, goal) else TrialState.FAILED_GOAL)
                 self._write_trial(task, tr, state=tr.state.value)
                 self.metrics.trial_finished(tr.state.value)
                 self.emit(task, "trial", **task.trial_event(tr))
+                if tr.state is TrialState.PASSED and tr.figures is None and self._wants_figures(task, tr.metric):
+                    figures_of.append(tr.index)  # it ran before anyone knew it would pass: measure it now
             elif tr.state is TrialState.RUNNING and tr.worker in self.workers \
                     and (rule := task.stop_rule(tr.index)) is not None:  # it may stop early from here on
                 self.send(self.workers[tr.worker], Cmd.RULE,
                           {"trial_id": JobRef(TRIAL, tr.index).id(task.id), "attempt": tr.attempt, "rule": rule})
+        self._want_refines(task, frozenset(figures_of))  # (run again with the goal known: its figures)
         self._dirty = True  # trials placed from now on carry the goal
         self.settle(task)
 

@@ -24,6 +24,7 @@ class TrialView:
     index: int
     state: TrialState
     metric: float | None = None  # its full metric
+    cost: float | None = None  # under a figures objective: its cost (nsd.figures.cost), lower is better
     low: float | None = None  # stopped early: its full metric lies in [low, high] (None: unbounded that way)
     high: float | None = None
 

@@ -35,8 +35,9 @@ SLACK = 1e-9
 
 def can_stop(low: float, high: float, rule: dict | None) -> bool:
     """Whether a trial whose final metric lies in [low, high] can no longer meet the goal, under `rule`
-    (`{"sign", "need"}`, signed space: it meets the goal iff sign * metric >= need). No rule: never."""
-    if not rule or rule.get("need") is None:
+    (`{"sign", "need"}`, signed space: it meets the goal iff sign * metric >= need; `"stop": false`: the goal
+    only, the trial runs in full). No rule: never."""
+    if not rule or rule.get("need") is None or rule.get("stop") is False:
         return False
     return reachable(low, high, rule["sign"]) * rule["sign"] < rule["need"]  # (NaN: never stop)
 

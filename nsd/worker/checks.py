@@ -16,17 +16,14 @@ from typing import Any
 import msgpack
 
 from nsd.blobs import CHUNK_BYTES, is_sha256
-from nsd.protocol import (BOOL, JOB_ID, JOB_KINDS, MAX_ATTEMPT, MAX_BODY, OUTBOX_ENTRY, RESULT_OPTIONAL, Cmd,
-                          parse_job_id, text)
-from nsd.spec import SpecError, validate
+from nsd.protocol import (BOOL, FIGURES, JOB_ID, JOB_KINDS, MAX_ATTEMPT, MAX_BODY, OUTBOX_ENTRY, RESULT_OPTIONAL,
+                          Cmd, parse_job_id, text)
+from nsd.spec import FIGURE_OBJECTIVES, SpecError, validate
 from nsd.worker.sandbox import under
 
 # A lease's job id is protocol.JOB_ID ("<12 hex>/<kind>", "<12 hex>/<trial index>", "<12 hex>/<kind>/<index>"):
 # the task id becomes a folder name under the worker's logs, so nothing that could leave that folder is
 # accepted. What each kind carries is protocol.JOB_KINDS.
-# Negotiated timing (READY_ACK): outside these bounds a value is a mistake or an attack, not a choice.
-HEARTBEAT_BOUNDS_S = (0.05, 60.0)
-LIVENESS_BOUNDS = (1, 100)
 MAX_JOB_CORES = 4096  # the spec's bound on cores_per_trial; the daemon clamps a job to its own cores
 
 
@@ -89,8 +86,9 @@ def _number(value: Any) -> bool:
 
 def rule(value: Any) -> str | None:
     """A trial's early-stop rule (in its ASSIGN, or a RULE that comes while it runs)."""
-    if not (isinstance(value, dict) and value.get("sign") in (1, -1) and _number(value.get("need"))):
-        return "job rule must be {sign: 1 or -1, need: number}"
+    if not (isinstance(value, dict) and value.get("sign") in (1, -1) and _number(value.get("need"))
+            and isinstance(value.get("stop", True), bool)):
+        return "job rule must be {sign: 1 or -1, need: number, stop: optional bool}"
     return None
 
 
@@ -102,17 +100,21 @@ def _perf_fields(body: dict) -> str | None:
         return "job keep must be a boolean"
     if body.get("kept") is not None and not (isinstance(body["kept"], str) and len(body["kept"]) < 4096):
         return "job kept must be a path"
-    return None
+    return _prune(body.get("prune"))
 
 
-def timing(heartbeat_s: Any, liveness: Any) -> str | None:
-    """READY_ACK's negotiated heartbeat interval and liveness."""
-    low, high = HEARTBEAT_BOUNDS_S
-    if isinstance(heartbeat_s, bool) or not isinstance(heartbeat_s, (int, float)) or \
-            not math.isfinite(heartbeat_s) or not low <= heartbeat_s <= high:
-        return f"heartbeat_s {str(heartbeat_s)[:20]!r} is not between {low} and {high}"
-    if not _int(liveness) or not LIVENESS_BOUNDS[0] <= liveness <= LIVENESS_BOUNDS[1]:
-        return f"liveness {str(liveness)[:20]!r} is not between {LIVENESS_BOUNDS[0]} and {LIVENESS_BOUNDS[1]}"
+def _prune(prune: Any) -> str | None:
+    """A trial's `prune`: the figures to beat before it is evaluated (nsd.figures.loses)."""
+    if prune is None:
+        return None
+    objective = prune.get("objective") if isinstance(prune, dict) else None
+    if not (isinstance(prune, dict) and set(prune) == {"objective", "best", "margin", "baseline"}
+            and (objective in FIGURE_OBJECTIVES or (isinstance(objective, dict) and objective
+                                                    and all(k in FIGURE_OBJECTIVES and _number(w) and w > 0
+                                                            for k, w in objective.items())))
+            and _number(prune["best"]) and _number(prune["margin"]) and 0 <= prune["margin"] <= 1
+            and (prune["baseline"] is None or FIGURES.ok(prune["baseline"]))):
+        return "job prune must be {objective: a figure or weights, best: number, margin: 0..1, baseline: figures}"
     return None
 
 

@@ -7,10 +7,12 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from nsd.protocol import DEFAULT_ENDPOINTS
+
 
 @dataclass
 class WorkerConfig:
-    broker: str = "tcp://127.0.0.1:5551"
+    broker: str = DEFAULT_ENDPOINTS["workers"]
     cpus: list[int] = field(default_factory=lambda: sorted(os.sched_getaffinity(0)))
     cores_per_trial: int = 1
     cache_dir: Path = Path.home() / ".cache" / "nsd" / "worker"
@@ -28,3 +30,4 @@ class WorkerConfig:
     sandbox: bool = True  # runners in bubblewrap (nsd.worker.sandbox); false only for development (--no-sandbox)
     shared_dirs: list[Path] = field(default_factory=list)  # shared-filesystem folders runners read (model.shared)
     runner_env: list[str] = field(default_factory=list)  # names of our environment variables runners also get
+    label: str | None = None  # a kind of machine (e.g. "spr-64"): tasks with resources.hardware = label run here

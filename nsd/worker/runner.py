@@ -19,6 +19,8 @@ import time
 import traceback
 from typing import Any, Callable
 
+from nsd.worker import measuring
+
 
 def main() -> None:
     parser = argparse.ArgumentParser()
@@ -38,6 +40,9 @@ def main() -> None:
     os.chdir(args.workdir)
     os.sched_setaffinity(0, cpus)
     os.environ.setdefault("LOGLEVEL", "WARNING")  # INC logs at INFO otherwise; read when INC is imported
+    # torch.compile (deployment figures): no pool of compile processes beside us, and its cache in our folder.
+    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(os.getcwd(), "inductor"))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no model hub on these machines
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     from nsd.quant import quiet
@@ -50,6 +55,7 @@ def main() -> None:
     import neural_compressor.torch.quantization  # noqa: F401 - pay INC's import cost before the first job
 
     preload()
+    measuring.exclusive.connect(answers, jobs)
     answers.write(pipe.encode({"ready": True, "pid": os.getpid()}))
     cache = TaskCache()
     while True:
@@ -140,6 +146,7 @@ class TaskCache:
         self.task_id: str | None = None
         self.recipe = self.model = self.example_inputs = None
         self.exported = self.export_error = None
+        self.bench: tuple | None = None  # (benchmark inputs, their names) for deployment figures
 
     def get(self, task_id: str, spec: dict):
         if self.task_id != task_id:
@@ -147,7 +154,7 @@ class TaskCache:
 
             self.task_id = None
             self.recipe = self.model = self.example_inputs = None
-            self.exported = self.export_error = None
+            self.exported = self.export_error = self.bench = None
             # Where this worker holds the task's files (fetched blobs, or shared paths), for python recipes.
             for var, path in (("NSD_MODEL_PATH", spec["model"]["path"]), ("NSD_DATA_PATH", spec["recipe"]["data"])):
                 if path:
@@ -159,6 +166,18 @@ class TaskCache:
             self.example_inputs = recipe.example_inputs()
             self.recipe, self.task_id = recipe, task_id
         return self.recipe, self.model, self.example_inputs
+
+    def benchmark(self) -> tuple | None:
+        """(positional inputs, their names) of the batch deployment figures time; None where the recipe has
+        no benchmark_inputs() (a python recipe that defines none)."""
+        if self.recipe.benchmark_inputs is None:
+            return None
+        if self.bench is None:
+            inputs = self.recipe.benchmark_inputs()
+            inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+            names = self.recipe.input_names() if hasattr(self.recipe, "input_names") else None
+            self.bench = (inputs, names)
+        return self.bench
 
     def model_for(self, config: dict):
         """The FP32 model a trial of `config` quantizes: the recipe's PT2E export for the configs that need
@@ -243,6 +262,9 @@ def baseline(job: dict, cache: TaskCache) -> dict[str, Any]:
     answer = {"baseline": _metric(recipe.evaluate(_deepcopy_warp(model)))}
     if spec["tuning"]["strategy"] == "basic":
         answer["ops"] = op_lists([{"config": c} for c in job["families"].values()], cache)
+    figures = measuring.fp32_figures(spec, cache)  # FP32's deployment figures (issue 17), with its metric
+    if figures is not None:
+        answer["figures"] = figures
     return answer
 
 
@@ -264,8 +286,10 @@ def op_lists(configs: list[dict], cache: TaskCache) -> dict[str, dict]:
 
 def trial(job: dict, cache: TaskCache) -> dict[str, Any]:
     """One trial as INC's autotune runs it: quantize a copy of the FP32 model in place, then evaluate —
-    stopping early where the job's `rule` allows (see `evaluate_trial`), and keeping the quantized model
-    where it may win (see `keep_model`)."""
+    stopping early where the job's `rule` allows (see `evaluate_trial`). Deployment figures: measured before
+    the evaluation where the job says what to beat (`prune`: a trial that already loses on its figures is not
+    evaluated), else after it for a passing trial (or every scored one, `tuning.measure = "all"`). A passing
+    trial that may win keeps its saved model (`keep_dir`): the very files that were measured."""
     from neural_compressor.torch.quantization import quantize
     from neural_compressor.torch.quantization.autotune import _deepcopy_warp
 
@@ -283,16 +307,35 @@ def trial(job: dict, cache: TaskCache) -> dict[str, Any]:
     t1 = time.perf_counter()
     recover_weights(q_model)  # what INC's first forward would do, at once (nsd.quant.unpack): the same weights
     t2 = time.perf_counter()
-    rule = job.get("rule") if job["kind"] == "trial" else None
-    # A trial that started before the baseline was known learns its rule while it evaluates, if it comes.
-    later = (lambda: INBOX.rule(job)) if job["kind"] == "trial" and rule is None and INBOX is not None else None
-    answer = evaluate_trial(recipe, q_model, rule, later)
-    rule = rule or (later and later())
-    answer.update(quantize_s=t1 - t0, recover_s=t2 - t1, eval_s=time.perf_counter() - t2)
     if job["kind"] == "save":
-        answer["model"] = q_model
-    elif job.get("keep_dir") and answer["metric"] is not None and _meets(answer["metric"], rule):
-        answer["kept"] = keep_model(q_model, job, cache, answer["metric"])
+        answer = evaluate_trial(recipe, q_model, None)
+        answer.update(quantize_s=t1 - t0, recover_s=t2 - t1, eval_s=time.perf_counter() - t2, model=q_model)
+        return answer
+    measured = measuring.Measured(job, cache)
+    if job.get("prune") and measured.possible:
+        from nsd.figures import loses
+
+        figures = measured.take(q_model)
+        if loses(figures, job["prune"]):
+            print("nsd: not evaluated: its figures lose to a passing trial's by more than the margin", flush=True)
+            measured.discard()
+            return {"metric": None, "pruned": True, "figures": figures, "quantize_s": t1 - t0}
+        t2 = time.perf_counter()
+    # `rule`: what passing means (sign, need), and whether the trial may stop early once it cannot pass. A
+    # trial that started before the baseline was known has none: it learns it while it evaluates, if it comes.
+    goal = job.get("rule")
+    stop = goal if job["kind"] == "trial" and goal and goal.get("stop", True) else None
+    later = (lambda: INBOX.rule(job)) if job["kind"] == "trial" and goal is None and INBOX is not None else None
+    answer = evaluate_trial(recipe, q_model, stop, later)
+    goal = goal or (later and later())
+    answer.update(quantize_s=t1 - t0, recover_s=t2 - t1, eval_s=time.perf_counter() - t2)
+    passed = answer["metric"] is not None and _meets(answer["metric"], goal)
+    mode = job["spec"]["tuning"].get("measure", "passing")
+    if measured.possible and (passed and mode != "none" or mode == "all" and answer["metric"] is not None):
+        answer["figures"] = measured.take(q_model)
+    if job.get("keep_dir") and passed:
+        answer["kept"] = measured.keep(q_model, answer["metric"])
+    measured.discard()
     return answer
 
 
@@ -322,35 +365,11 @@ def _meets(metric: float, rule: dict | None) -> bool:
 
 
 def write_model(q_model, folder: str, job: dict, cache: TaskCache, metric: float) -> None:
-    """INC's `save` of a quantized model into `folder`, beside a description (nsd.json)."""
-    import json
+    """The quantized model saved into `folder` in its deployed form (nsd.quant.deploy), beside nsd.json."""
+    from nsd.quant import deploy
 
-    from neural_compressor.torch.quantization import save as inc_save
-
-    from nsd.spec import PT2E_CONFIGS
-
-    (name, _), = job["config"].items()
-    if name in PT2E_CONFIGS:  # INC's save() passes the folder where PT2E's save wants example inputs
-        q_model.save(example_inputs=cache.example_inputs, output_dir=folder)
-    else:
-        inc_save(q_model, folder)
-    with open(os.path.join(folder, "nsd.json"), "w") as f:
-        json.dump({"task_id": job["task_id"], "trial": job["index"], "config": job["config"],
-                   "fallback": list(job.get("fallback") or []), "metric": metric,
-                   "weight_only": name not in PT2E_CONFIGS,
-                   "recipe": job["spec"]["recipe"]["kind"]}, f, indent=2)
-
-
-def keep_model(q_model, job: dict, cache: TaskCache, metric: float) -> str:
-    """Save a passing trial's model where the worker told us (job["keep_dir"]): if it wins, the save job
-    uploads it instead of quantizing (and calibrating) again. The worker discards it otherwise."""
-    import shutil
-
-    folder = os.path.join(job["keep_dir"], "model")
-    shutil.rmtree(job["keep_dir"], ignore_errors=True)
-    os.makedirs(job["keep_dir"])
-    write_model(q_model, folder, job, cache, metric)
-    return folder
+    deploy.write_artifact(q_model, folder, job["config"], cache.example_inputs)
+    deploy.describe(folder, job, metric, None)
 
 
 def kept_model(job: dict) -> tuple[str, float] | None:
