@@ -379,6 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     spec = prepare_spec(read_spec(spec_path))  # validated, defaults filled in, recipe path absolute
     tuning = spec["tuning"]
     tuning["strategy"] = "list"  # INC 3.x's autotune walks the config set only: compare like with like
+    tuning["measure"] = "none"  # nor does it measure deployment figures (issue 17: bench/objective.py does)
     if tuning["criterion"] != "relative" or not tuning["higher_is_better"]:
         print("INC's autotune knows only a relative, higher-is-better goal; this spec asks for "
               f"criterion={tuning['criterion']!r}, higher_is_better={tuning['higher_is_better']}", file=sys.stderr)

@@ -329,7 +329,7 @@ async def test_trials_run_while_the_baseline_is_evaluated_and_pass_once_it_lands
     w = await ScriptedWorker(broker.endpoints["workers"], "s1", slots=3, answer=answer).start()
     try:
         task_id = await client.submit(spec())
-        await wait_for(lambda: _true(bool(held)))
+        await wait_for(lambda: bool(held))
         await wait_for(lambda: count_assigned(w, "trial", 2))
         await wait_for(lambda: count_assigned(w, "trial", 3))
         task = await client.status(task_id)
@@ -342,7 +342,7 @@ async def test_trials_run_while_the_baseline_is_evaluated_and_pass_once_it_lands
         key = next((a[0], a[1]) for a in w.assigned if a[2]["kind"] == "baseline")
         w.result(key, {"ok": True, "baseline": 1.0})
         # Trial 3 still runs: it learns its early-stop rule now that the goal is known.
-        await wait_for(lambda: _true(bool(w.rules)))
+        await wait_for(lambda: bool(w.rules))
         assert w.rules == [(f"{task_id}/3", 1, {"sign": 1, "need": 0.9})]
         task = await done(client, task_id)
         assert task["state"] == "done" and task["baseline"] == 1.0 and task["met_goal"] is True

@@ -44,7 +44,7 @@ def answer_from(tab, blocks=BLOCKS, lazy: bool = False):
         base = 0 if job["config"] == {"rtn": {"bits": 2}} else 1
         metric = tab(tuple(job.get("fallback") or ()), base)
         rule = job.get("rule")
-        if lazy and rule and rule["sign"] * metric < rule["need"]:
+        if lazy and rule and rule.get("stop", True) and rule["sign"] * metric < rule["need"]:
             high = min(metric + 0.005, (metric + rule["need"]) / 2)
             return {"ok": True, "metric": None, "stopped_early": True, "bound": high, "low": metric - 0.005,
                     "high": high}

@@ -29,10 +29,6 @@ class Stranger:
         self.ctx.term()
 
 
-async def _true(value) -> bool:
-    return value
-
-
 async def test_stop_intervals_and_refines_that_do_not_hold_together_count_for_nothing(broker, client):
     """A lease holder's early-stop and refine answers are checked: an interval upside down, a bound that would
     meet the goal, a refine metric outside the trial's interval — each is an error for that trial (never a
@@ -60,7 +56,7 @@ async def test_stop_intervals_and_refines_that_do_not_hold_together_count_for_no
         ignored = broker.core.ignored_results
         for job, body in ((JobRef("baseline"), {"baseline": 0.0}), (JobRef("refine", 2), {"metric": 0.99})):
             await stranger.send(Cmd.RESULT, {"trial_id": job.id(task_id), "attempt": 1, "ok": True, **body})
-        await wait_for(lambda: _true(broker.core.ignored_results >= ignored + 2), 10)
+        await wait_for(lambda: broker.core.ignored_results >= ignored + 2, 10)
         task = await done(client, task_id)
         trials = task["trials"]
         assert [t["state"] for t in trials[:4]] == ["error", "error", "failed_goal", "failed_goal"]

@@ -36,6 +36,8 @@ def distributed(metrics, costs, goal: Goal, margin: float, slots: int, rng: rand
     jobs = {}
     while True:
         assert objective.to_cancel(views) == []
+        for i in objective.refine(views):  # a stopped trial the answer needs in full (lazy exactness): refined
+            views[i] = TrialView(i, views[i].state, metrics[i], low=views[i].low, high=views[i].high)
         decision = objective.decide(views)
         if decision is not None:
             return decision, views
@@ -52,8 +54,8 @@ def distributed(metrics, costs, goal: Goal, margin: float, slots: int, rng: rand
             views[i] = TrialView(i, S.CANCELLED, None, c)  # measured first, lost: not evaluated
         elif m is None:
             views[i] = TrialView(i, S.ERROR)
-        elif can_stop(m, m, rule):
-            views[i] = TrialView(i, S.FAILED_GOAL)
+        elif can_stop(m, m, rule):  # it stopped early: an interval around its metric (the tightest)
+            views[i] = TrialView(i, S.FAILED_GOAL, low=m, high=m)
         elif meets_goal(m, goal):
             views[i] = TrialView(i, S.PASSED, m, c)
         else:

@@ -35,8 +35,8 @@ class Planning:
 
     def _plan_from_cache(self, task: Task, ref: JobRef, worker: Worker) -> bool:
         plan = self.cache.get_plan(task.spec, worker.versions)
-        if plan is None:
-            return False
+        if plan is None or plan.get("baseline") is not None and not self._cached_fp32_figures(task, worker):
+            return False  # (a plan from before the split has the baseline: FP32's figures must be known too)
         if task.state is TaskState.QUEUED:
             self._move(task, TaskState.PLANNING)
         task.started = task.started or time.time()
@@ -62,13 +62,17 @@ class Planning:
         task.index_trials()
         if baseline is None:  # evaluated beside the first trials
             task.jobs[JobRef(BASELINE.name)] = Lease()
-        else:  # a plan from before the split: it has the baseline and the op lists already
+        else:  # a plan from before the split: it has the baseline and the op lists already (FP32's figures too)
             task.baseline, task.oplists = float(baseline), oplists
+            if worker is not None:
+                self._take_fp32_figures(task, body, worker)
         self._move(task, TaskState.TUNING)  # (marks scheduling dirty: new trials wait)
         self.store.insert_trials(task.id, [t.row() for t in task.trials])
         self._write_task(task, baseline=task.baseline, state=task.state.value, jobs=task.jobs_plain(),
-                         plan_s=task.plan_s, oplists=search.oplists_to_plain(task.oplists))
-        self.emit(task, "plan", baseline=task.baseline, trials=[t.described() for t in task.trials])
+                         plan_s=task.plan_s, oplists=search.oplists_to_plain(task.oplists),
+                         baseline_figures=[task.baseline_figures, task.baseline_on])
+        self.emit(task, "plan", baseline=task.baseline, trials=[t.described() for t in task.trials],
+                  baseline_figures=task.baseline_figures, baseline_on=task.baseline_on)
         self.emit(task, "state", state=task.state.value)
         log.info("task %s: %d trials%s", task.id, len(task.trials),
                  "" if task.baseline is None else f", baseline {task.baseline:.6g}")
@@ -82,12 +86,8 @@ class Planning:
         known = self.cache.get_baseline(task.spec, worker.versions, self.families(task))
         if known is None:
             return False
-        if task.tuning.measure != "none":  # FP32's figures on this kind of machine, or run it
-            fp32 = self.cache.get_figures(task.spec, worker.versions,
-                                          hardware_key(worker.hardware, self.job_cores(task, worker)))
-            if fp32 is None:
-                return False
-            task.baseline_figures, task.baseline_on = fp32["figures"], worker.hardware if fp32["figures"] else None
+        if not self._cached_fp32_figures(task, worker):  # not measured on this kind of machine: run it here
+            return False
         del task.jobs[ref]
         self._baseline_result(task, ref, {**known, "ok": True, "seconds": 0.0})
         return True
@@ -113,12 +113,7 @@ class Planning:
             return self.finish(task, TaskState.FAILED, error="the baseline job returned a malformed answer")
         if worker is not None:
             self.cache.put_baseline(task.spec, worker.versions, self.families(task), float(baseline), body.get("ops"))
-            if task.tuning.measure != "none":  # FP32's deployment figures (issue 17); None: no benchmark batch
-                task.baseline_figures = body.get("figures")
-                task.baseline_on = worker.hardware if task.baseline_figures else None
-                self.cache.put_figures(task.spec, worker.versions,
-                                       hardware_key(worker.hardware, self.job_cores(task, worker)), None, None,
-                                       task.baseline_figures)
+            self._take_fp32_figures(task, body, worker)
         task.baseline, task.oplists, task.baseline_s = float(baseline), oplists, body.get("seconds")
         self._write_task(task, baseline=task.baseline, oplists=search.oplists_to_plain(oplists),
                          baseline_s=task.baseline_s, baseline_figures=[task.baseline_figures, task.baseline_on])
@@ -141,6 +136,26 @@ class Planning:
         self._want_refines(task, frozenset(figures_of))  # (run again with the goal known: its figures)
         self._dirty = True  # trials placed from now on carry the goal
         self.settle(task)
+
+    def _take_fp32_figures(self, task: Task, body: dict, worker: Worker) -> None:
+        """FP32's deployment figures (issue 17), with its metric; None: the recipe gives no benchmark batch."""
+        if task.tuning.measure == "none":
+            return
+        task.baseline_figures = body.get("figures")
+        task.baseline_on = worker.hardware if task.baseline_figures else None
+        self.cache.put_figures(task.spec, worker.versions, hardware_key(worker.hardware, self.job_cores(task, worker)),
+                               None, None, task.baseline_figures)
+
+    def _cached_fp32_figures(self, task: Task, worker: Worker) -> bool:
+        """FP32's figures on this kind of machine from the cache, where the task measures: False if unknown."""
+        if task.tuning.measure == "none":
+            return True
+        fp32 = self.cache.get_figures(task.spec, worker.versions,
+                                      hardware_key(worker.hardware, self.job_cores(task, worker)))
+        if fp32 is None:
+            return False
+        task.baseline_figures, task.baseline_on = fp32["figures"], worker.hardware if fp32["figures"] else None
+        return True
 
     def _baseline_gave_up(self, task: Task, ref: JobRef, attempt: int, why: str) -> None:
         self.finish(task, TaskState.FAILED, error=f"evaluating the FP32 baseline failed {attempt} times: {why}")
