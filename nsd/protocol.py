@@ -53,6 +53,16 @@ class Cmd(enum.IntEnum):
     ERROR = 0x32  # failure; body carries `req` and a message for a person
     # broker -> subscribers (XPUB)
     EVENT = 0x41  # something happened to a task; carries (task_id, seq)
+    # broker <-> broker, the pair's link (nsd.broker.peer): each side sends on its DEALER, reads its ROUTER
+    PEER_STATE = 0x51  # heartbeat and Binary Star event: my role, state, epoch, lsn, whether my copy is whole
+    PEER_TX = 0x52  # active -> passive: one committed transaction's rows (or one part of them), numbered lsn
+    PEER_ACK = 0x53  # passive -> active: every transaction up to lsn is written here
+    PEER_SNAPSHOT = 0x54  # active -> passive: a snapshot of the state database is ready to be fetched
+    PEER_FETCH = 0x55  # passive -> active: send me this range of the snapshot or of a blob
+    PEER_CHUNK = 0x56  # active -> passive: a range of the snapshot or of a blob (or an error)
+    PEER_BLOBS = 0x57  # active -> passive: blobs I hold (a page of a listing, or ones just completed)
+    PEER_HAVE = 0x58  # passive -> active: these blobs are stored here now
+    PEER_LIST = 0x59  # passive -> active: list your blobs after this name
 
 
 # ---- field checks ---------------------------------------------------------------------------------
@@ -71,6 +81,9 @@ TASK_ID = re.compile(r"[0-9a-f]{12}")
 JOB_ID = re.compile(r"([0-9a-f]{12})/(plan|save|0|[1-9][0-9]{0,6})")  # task/plan, task/save, task/<index>
 SHA256 = re.compile(r"[0-9a-f]{64}")  # blob names: nothing a peer sends becomes a path otherwise
 PEER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")  # worker ids (they are ZeroMQ identities)
+SQL_NAME = re.compile(r"[a-z_][a-z0-9_]{0,63}")  # a table or column of the state database (replication)
+MAX_TX_ROWS = 100_000  # rows in one part of a replicated transaction
+MAX_LSN = 1 << 62
 
 
 @dataclass(frozen=True)
@@ -151,6 +164,36 @@ def _result_ok(v: Any) -> bool:
 
 OUTBOX_ENTRY = Check("a result map", _result_ok)
 
+
+def _sql_value(v: Any) -> bool:
+    return v is None or isinstance(v, (str, bytes)) or (isinstance(v, int) and not isinstance(v, bool)
+                                                         and -(1 << 63) <= v < (1 << 63)) or isinstance(v, float)
+
+
+def _row_ok(v: Any) -> bool:
+    """A replicated row: [table, rowid, values or null (deleted)]; values are what SQLite stores."""
+    return (isinstance(v, list) and len(v) == 3 and isinstance(v[0], str) and SQL_NAME.fullmatch(v[0]) is not None
+            and integer(-(1 << 63), (1 << 63) - 1).ok(v[1])
+            and (v[2] is None or (isinstance(v[2], list) and len(v[2]) <= 256 and all(_sql_value(x) for x in v[2]))))
+
+
+def _tables_ok(v: Any) -> bool:
+    return isinstance(v, dict) and len(v) <= 256 and all(
+        isinstance(k, str) and SQL_NAME.fullmatch(k) and isinstance(cols, list) and 0 < len(cols) <= 256
+        and all(isinstance(c, str) and SQL_NAME.fullmatch(c) for c in cols) for k, cols in v.items())
+
+
+LSN = integer(0, MAX_LSN)
+EPOCH = integer(0, MAX_LSN)
+PAIR_ROLE = text(16, re.compile(r"primary|backup"))
+PAIR_STATE = text(16, re.compile(r"pending|passive|active|solo"))
+FETCHABLE = text(16, re.compile(r"snapshot|blob"))
+SNAPSHOT_ID = re.compile(r"[0-9a-f]{32}")
+SHA_LIST = listof(1000, text(64, SHA256))
+# Every client request may carry these (a broker pair, README "A broker pair"): the highest epoch the
+# client has seen, and whether it came here because the other broker did not answer.
+CLIENT_OPTIONAL: dict[str, Check] = {"epoch": EPOCH, "failover": BOOL}
+
 # Required fields (and optional ones, checked when present) for each body. Extra fields are allowed,
 # so that a newer peer can add some; handlers read only checked fields.
 SHAPES: dict[Cmd, dict[str, Check]] = {
@@ -187,6 +230,20 @@ SHAPES: dict[Cmd, dict[str, Check]] = {
     Cmd.REPLY: {"req": integer(0, 1 << 62)},
     Cmd.ERROR: {"req": integer(0, 1 << 62), "error": of_type(str, "a string")},
     Cmd.EVENT: {"task_id": of_type(str, "a string"), "seq": integer(0, 1 << 62), "kind": of_type(str, "a string")},
+    Cmd.PEER_STATE: {"role": PAIR_ROLE, "state": PAIR_STATE, "epoch": EPOCH, "lsn": LSN, "caught_up": BOOL,
+                     "workers": integer(0, 1 << 31), "version": integer(0, 1 << 31), "schema": text(64)},
+    Cmd.PEER_TX: {"epoch": EPOCH, "lsn": LSN, "part": integer(0, 1 << 20), "last": BOOL,
+                  "tables": Check("a map of table names to column names", _tables_ok),
+                  "rows": listof(MAX_TX_ROWS, Check("a [table, rowid, values] row", _row_ok))},
+    Cmd.PEER_ACK: {"epoch": EPOCH, "lsn": LSN},
+    Cmd.PEER_SNAPSHOT: {"id": text(32, SNAPSHOT_ID), "epoch": EPOCH, "lsn": LSN,
+                        "size": integer(0, MAX_BLOB_OFFSET), "sha256": text(64, SHA256)},
+    Cmd.PEER_FETCH: {"kind": FETCHABLE, "name": text(64), "offset": integer(0, MAX_BLOB_OFFSET),
+                     "length": integer(0, MAX_CHUNK_BYTES)},
+    Cmd.PEER_CHUNK: {"kind": FETCHABLE, "name": text(64), "offset": integer(0, MAX_BLOB_OFFSET)},
+    Cmd.PEER_BLOBS: {"sha256": SHA_LIST},
+    Cmd.PEER_HAVE: {"sha256": SHA_LIST},
+    Cmd.PEER_LIST: {"after": Check("an empty string or a sha256", lambda v: v == "" or text(64, SHA256).ok(v))},
 }
 OPTIONAL: dict[Cmd, dict[str, Check]] = {
     Cmd.READY: {"draining": BOOL, "cores_per_trial": integer(1, MAX_CORES), "nsd_version": text(64),
@@ -196,7 +253,19 @@ OPTIONAL: dict[Cmd, dict[str, Check]] = {
     Cmd.BYE: {"handback": BOOL},
     Cmd.RESULT: RESULT_OPTIONAL,
     Cmd.LOGS: {"job": Check("null or a job name", lambda v: v is None or text(16, re.compile(r"plan|save|[0-9]{1,7}")).ok(v))},
+    Cmd.SUBMIT: {"submit_id": text(32, re.compile(r"[0-9a-f]{32}"))},  # a retried SUBMIT gets the same task
+    Cmd.REPLY: {"epoch": EPOCH},
+    Cmd.ERROR: {"epoch": EPOCH, "not_active": BOOL},  # not_active: a passive broker; ask the other one
+    Cmd.READY_ACK: {"epoch": EPOCH},
+    Cmd.DISCONNECT: {"not_active": BOOL},
+    Cmd.PEER_CHUNK: {"size": integer(0, MAX_BLOB_OFFSET), "data": of_type(bytes, "bytes"), "error": text(MAX_TEXT)},
+    Cmd.PEER_BLOBS: {"listing": BOOL, "more": BOOL},  # listing: an answer to PEER_LIST (more: ask again)
+    Cmd.PEER_STATE: {"nsd_version": text(64)},
 }
+for _cmd in (Cmd.HELLO, Cmd.SUBMIT, Cmd.STATUS, Cmd.LIST, Cmd.CANCEL_TASK, Cmd.RESULT_GET, Cmd.CLUSTER,
+             Cmd.BLOB_HAVE, Cmd.BLOB_PUT, Cmd.BLOB_GET, Cmd.LOGS):
+    OPTIONAL[_cmd] = {**OPTIONAL.get(_cmd, {}), **CLIENT_OPTIONAL}
+OPTIONAL[Cmd.READY] = {**OPTIONAL[Cmd.READY], **CLIENT_OPTIONAL}
 # The largest body each message may have (the sockets' MAXMSGSIZE is the bound for a whole message).
 _SMALL = 64 * 1024
 MAX_BODY: dict[Cmd, int] = {cmd: _SMALL for cmd in Cmd}
@@ -204,7 +273,10 @@ MAX_BODY.update({Cmd.SUBMIT: 256 * 1024, Cmd.BLOB_PUT: MAX_CHUNK_BYTES + 1024, C
                  Cmd.RESULT: 8 * 1024 * 1024, Cmd.READY: MAX_MESSAGE_BYTES, Cmd.BLOB_HAVE: 128 * 1024,
                  # broker -> peers: a chunk, a job with its spec, a task with all its trials
                  Cmd.CHUNK: MAX_CHUNK_BYTES + 1024, Cmd.ASSIGN: 1024 * 1024, Cmd.REPLY: MAX_MESSAGE_BYTES,
-                 Cmd.EVENT: MAX_MESSAGE_BYTES})
+                 Cmd.EVENT: MAX_MESSAGE_BYTES,
+                 # the pair's link: a transaction's part, a chunk, a page of blob names
+                 Cmd.PEER_TX: MAX_MESSAGE_BYTES - 65536, Cmd.PEER_CHUNK: MAX_CHUNK_BYTES + 1024,
+                 Cmd.PEER_BLOBS: 128 * 1024, Cmd.PEER_HAVE: 128 * 1024})
 MAX_SPEC_BYTES = MAX_BODY[Cmd.SUBMIT] - 1024  # a task spec, packed (the client checks before sending)
 
 
@@ -236,6 +308,8 @@ CLIENT_TO_BROKER = frozenset({Cmd.HELLO, Cmd.SUBMIT, Cmd.STATUS, Cmd.LIST, Cmd.C
                               Cmd.RESULT_GET, Cmd.CLUSTER, Cmd.BLOB_HAVE, Cmd.BLOB_PUT, Cmd.BLOB_GET,
                               Cmd.LOGS})
 BROKER_TO_CLIENT = frozenset({Cmd.REPLY, Cmd.ERROR})
+PEER_TO_PEER = frozenset({Cmd.PEER_STATE, Cmd.PEER_TX, Cmd.PEER_ACK, Cmd.PEER_SNAPSHOT, Cmd.PEER_FETCH,
+                          Cmd.PEER_CHUNK, Cmd.PEER_BLOBS, Cmd.PEER_HAVE, Cmd.PEER_LIST})
 
 
 class ProtocolError(ValueError):

@@ -117,6 +117,8 @@ class Store:
             if column not in {r["name"] for r in self.db.execute(f"PRAGMA table_info({table})")}:
                 self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
         self._depth = 0
+        # A broker pair's replication (nsd.broker.replication.Capture): each commit becomes a record.
+        self.capture = None
 
     def close(self) -> None:
         self.db.close()
@@ -144,13 +146,19 @@ class Store:
         self._depth = 1
         try:
             yield
+            if self.capture is not None:
+                self.capture.before_commit()
             self.db.execute("COMMIT")
         except BaseException:
             if self.db.in_transaction:
                 self.db.execute("ROLLBACK")
+            if self.capture is not None:
+                self.capture.discard()
             raise
         finally:
             self._depth = 0
+        if self.capture is not None:  # durable now: its record goes to the passive broker
+            self.capture.after_commit()
 
     @contextlib.contextmanager
     def _writing(self) -> Iterator[None]:
