@@ -260,7 +260,7 @@ OPTIONAL: dict[Cmd, dict[str, Check]] = {
     Cmd.DISCONNECT: {"not_active": BOOL},
     Cmd.PEER_CHUNK: {"size": integer(0, MAX_BLOB_OFFSET), "data": of_type(bytes, "bytes"), "error": text(MAX_TEXT)},
     Cmd.PEER_BLOBS: {"listing": BOOL, "more": BOOL},  # listing: an answer to PEER_LIST (more: ask again)
-    Cmd.PEER_STATE: {"nsd_version": text(64)},
+    Cmd.PEER_STATE: {"nsd_version": text(64), "resync": BOOL},  # resync: my copy failed; send a snapshot
 }
 for _cmd in (Cmd.HELLO, Cmd.SUBMIT, Cmd.STATUS, Cmd.LIST, Cmd.CANCEL_TASK, Cmd.RESULT_GET, Cmd.CLUSTER,
              Cmd.BLOB_HAVE, Cmd.BLOB_PUT, Cmd.BLOB_GET, Cmd.LOGS):

@@ -64,7 +64,7 @@ ROLES = ("worker", "client")
 #: ZAP domain of each role; also the name of its allowlist folder under the keys dir.
 ROLE_DOMAINS = {"worker": "workers", "client": "clients"}
 #: ZAP domain for each broker socket (Broker.addresses' names). Workers never subscribe to events.
-SOCKET_DOMAINS = {"clients": "clients", "workers": "workers", "events": "clients"}
+SOCKET_DOMAINS = {"clients": "clients", "workers": "workers", "events": "clients", "peer": "peers"}
 
 PUBLIC_SUFFIX = ".key"
 SECRET_SUFFIX = ".key_secret"
@@ -264,7 +264,7 @@ class _Allowlists:
     """The credentials provider the authenticator calls for each CURVE handshake."""
 
     def __init__(self) -> None:
-        self.keys: dict[str, frozenset[bytes]] = {domain: frozenset() for domain in ROLE_DOMAINS.values()}
+        self.keys: dict[str, frozenset[bytes]] = {domain: frozenset() for domain in (*ROLE_DOMAINS.values(), "peers")}
         self._logged: set[tuple[str, bytes]] = set()
 
     def callback(self, domain: str, key: bytes) -> bool:
@@ -316,6 +316,7 @@ class CurveServer:
                                f"context") from None
         auth.configure_curve_callback("workers", self._allowlists)
         auth.configure_curve_callback("clients", self._allowlists)
+        auth.configure_curve_callback("peers", self._allowlists)  # a broker pair's link
         self._auth = auth
         self._task = asyncio.create_task(self._serve(auth), name="nsd-zap")
         return self
@@ -350,11 +351,16 @@ class CurveServer:
                 log.warning("no %s keys are allowed yet (%s is empty): no %s can connect; add one with "
                             "`nsd keys allow --role %s FILE.key --keys-dir %s`", role, folder, role, role,
                             self.keys_dir)
+        keys["peers"] = frozenset({self.public_key})  # the other broker of a pair holds this same key pair
         self._allowlists.keys = keys
         self._allowlists._logged.clear()
         log.info("CURVE allowlists: %d worker key(s), %d client key(s) from %s", counts["worker"],
                  counts["client"], self.keys_dir)
         return counts
+
+    def peer_keys(self) -> ClientKeys:
+        """The keys a broker connects to its pair's other broker with: both hold this one key pair."""
+        return ClientKeys(self.public_key, self._secret_key, self.public_key)
 
     async def stop(self) -> None:
         """Stop the ZAP handler. Close the CURVE sockets first; call before ctx.term(). Idempotent."""

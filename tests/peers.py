@@ -50,24 +50,43 @@ class ScriptedWorker:
         self.heartbeats: list[float] = []  # when each of the broker's HEARTBEATs arrived (loop time)
         self.max_running = 0
         self.silent = False  # stop heartbeating and answering: look dead
+        self.outbox: dict[tuple[str, int], dict] = {}  # results sent and not acknowledged (a real worker's outbox)
+        self.epoch = 0  # the highest a broker of a pair told us (READY_ACK)
+        self.curve = curve
         self.ctx = zmq.asyncio.Context()
-        self.sock = configure(self.ctx.socket(zmq.DEALER))
-        self.sock.setsockopt(zmq.IDENTITY, worker_id.encode())
-        if curve is not None:  # nsd.security.ClientKeys
-            curve.apply(self.sock)
+        self.sock = self._socket()
         self._tasks: list[asyncio.Task] = []
         self.registered = asyncio.Event()
         ScriptedWorker.live.add(self)
 
-    async def start(self, wait: bool = True) -> "ScriptedWorker":
+    def _socket(self) -> zmq.asyncio.Socket:
+        sock = configure(self.ctx.socket(zmq.DEALER))
+        sock.setsockopt(zmq.IDENTITY, self.worker_id.encode())
+        if self.curve is not None:  # nsd.security.ClientKeys
+            self.curve.apply(sock)
+        return sock
+
+    async def start(self, wait: bool = True, **ready) -> "ScriptedWorker":
         self.sock.connect(self.endpoint)
         self.send(Cmd.READY, {"worker_id": self.worker_id, "boot_id": "b1", "host": "scripted", "cores": self.slots,
-                              "slots": self.slots, "version": self.version, "running": [], "outbox": []})
+                              "slots": self.slots, "version": self.version, "running": [list(k) for k in self.running],
+                              "outbox": list(self.outbox.values()), **({"epoch": self.epoch} if self.epoch else {}),
+                              **ready})
         self._tasks = [asyncio.create_task(self._serve()), asyncio.create_task(self._heartbeat())]
         if wait:
             await asyncio.wait_for(self.registered.wait(), 5)
         return self
 
+    async def move(self, endpoint: str, failover: bool = True, wait: bool = True) -> "ScriptedWorker":
+        """What a real worker does when its broker goes silent: a new connection to the other broker of a
+        pair, registering with what it runs and its unacknowledged results."""
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.sock.close(linger=0)
+        self.sock, self.endpoint = self._socket(), endpoint
+        self.registered.clear()
+        return await self.start(wait, failover=failover)
     def send(self, cmd: Cmd, body: dict) -> None:
         self.sock.send_multipart(pack(cmd, body))
 
@@ -78,6 +97,7 @@ class ScriptedWorker:
                 continue
             b = msg.body
             if msg.cmd is Cmd.READY_ACK:
+                self.epoch = max(self.epoch, b.get("epoch", 0))
                 self.registered.set()
             elif msg.cmd is Cmd.ASSIGN:
                 key = (b["trial_id"], b["attempt"])
@@ -91,6 +111,7 @@ class ScriptedWorker:
                 self.running.discard((b["trial_id"], b["attempt"]))
             elif msg.cmd is Cmd.RESULT_ACK:
                 self.acked.append((b["trial_id"], b["attempt"]))
+                self.outbox.pop((b["trial_id"], b["attempt"]), None)
             elif msg.cmd is Cmd.DISCONNECT:
                 self.disconnects.append(b)
             elif msg.cmd is Cmd.STORE_ACK:
@@ -114,7 +135,8 @@ class ScriptedWorker:
 
     def result(self, key: tuple[str, int], body: dict) -> None:
         self.running.discard(key)
-        self.send(Cmd.RESULT, {"trial_id": key[0], "attempt": key[1], "seconds": 0.01, **body})
+        self.outbox[key] = {"trial_id": key[0], "attempt": key[1], "seconds": 0.01, **body}
+        self.send(Cmd.RESULT, self.outbox[key])
 
     async def _heartbeat(self) -> None:
         while True:
@@ -203,3 +225,62 @@ def assert_same_answer_on_off(on: dict, off: dict) -> None:
             assert a["state"] == "failed_goal" and a["metric"] is None and sign * b["metric"] <= sign * a["bound"]
         else:
             assert (a["state"], a["metric"]) == (b["state"], b["metric"])
+
+
+# ---- a broker pair in this process (issue 20): tests/test_pair.py ------------------------------------
+
+class PairOfBrokers:
+    """The two brokers of a pair in this process, on fixed loopback ports (a broker restarts where it was);
+    `kill` stops one at once, which its peer, workers and clients see as a broker that went silent."""
+
+    def __init__(self, tmp_path, heartbeat_s: float = 0.2, liveness: int = 5, **config):
+        from tests.conftest import free_port
+
+        self.tmp, self.heartbeat_s, self.liveness, self.extra = tmp_path, heartbeat_s, liveness, config
+        self.ports = {role: {s: free_port() for s in ("clients", "workers", "events", "peer")}
+                      for role in ("primary", "backup")}
+        self.brokers: dict = {}
+
+    def address(self, role: str, sock: str) -> str:
+        return f"tcp://127.0.0.1:{self.ports[role][sock]}"
+
+    def both(self, sock: str) -> str:
+        """The endpoint list clients and workers are given: `tcp://a,tcp://b`."""
+        return ",".join(self.address(role, sock) for role in ("primary", "backup"))
+
+    def config(self, role: str):
+        from nsd.broker.config import BrokerConfig
+
+        other = "backup" if role == "primary" else "primary"
+        return BrokerConfig(state_dir=self.tmp / role, **{s: self.address(role, s) for s in ("clients", "workers", "events")},
+                            peer=self.address(other, "peer"), peer_bind=self.address(role, "peer"), role=role,
+                            heartbeat_s=self.heartbeat_s, liveness=self.liveness, **self.extra)
+
+    async def start(self, role: str):
+        from nsd.broker.daemon import Broker
+
+        broker = Broker(self.config(role))
+        await broker.start()
+        self.brokers[role] = broker
+        return broker
+
+    async def kill(self, role: str) -> None:
+        await self.brokers.pop(role).stop()
+
+    def states(self) -> dict[str, str]:
+        return {role: b.pair.state.value for role, b in self.brokers.items()}
+
+    def serving(self) -> list[str]:
+        return [role for role, b in self.brokers.items() if b.pair.serving]
+
+    async def settled(self, serving: str = "primary", timeout: float = 20) -> None:
+        """`serving` is active and the other one's copy is whole."""
+        async def ready():
+            other = [b for role, b in self.brokers.items() if role != serving]
+            return self.brokers[serving].pair.state.value == "active" and all(
+                b.pair.state.value == "passive" and b.pair.whole for b in other)
+        await wait_for(ready, timeout)
+
+    async def close(self) -> None:
+        for role in list(self.brokers):
+            await self.kill(role)

@@ -53,6 +53,10 @@ class BlobStore:
         self.referenced = referenced  # hashes some task names: never removed
         self._uploads: dict[tuple[bytes, str], _Upload] = {}
         self._per_peer: dict[bytes, int] = {}
+        # A broker pair (nsd.broker.peer): blobs stored here but not yet on the passive broker are hidden
+        # from `has` (no client learns of them), and `on_stored` hears of each blob as it completes.
+        self.hidden: set[str] = set()
+        self.on_stored: Callable[[str], None] | None = None
         self.stored_bytes = sum(p.stat().st_size for p in self._blob_files())
 
     def _blob_files(self) -> list[Path]:
@@ -64,7 +68,22 @@ class BlobStore:
         return self.root / sha256[:2] / sha256
 
     def has(self, sha256: str) -> bool:
+        return self.stored(sha256) and sha256 not in self.hidden
+
+    def stored(self, sha256: str) -> bool:
         return is_sha256(sha256) and self.path(sha256).is_file()
+
+    def names(self, after: str = "", limit: int = 1000) -> list[str]:
+        """Stored blobs in name order, after `after` (a page of the listing a passive broker asks for)."""
+        return sorted(p.name for p in self._blob_files() if p.name > after and is_sha256(p.name))[:limit]
+
+    def adopt(self, sha256: str, part: Path) -> None:
+        """A whole blob fetched from the other broker of a pair (its hash checked on the way): stored."""
+        final = self.path(sha256)
+        final.parent.mkdir(exist_ok=True)
+        if not final.is_file():
+            self.stored_bytes += part.stat().st_size
+        os.replace(part, final)
 
     def expire(self, now: float) -> None:
         """Drop uploads silent for longer than upload_idle_s."""
@@ -98,7 +117,7 @@ class BlobStore:
         """Append one chunk of an upload; returns (next offset, complete). Chunks come in order."""
         if not is_sha256(sha256):  # before anything becomes a path
             raise BlobError(f"not a sha256: {str(sha256)[:80]!r}")
-        if self.has(sha256):
+        if self.stored(sha256):
             self._abort((uploader, sha256))
             return size, True  # someone uploaded it meanwhile: nothing more to send
         if not 0 <= size <= self.max_blob_bytes:
@@ -144,6 +163,8 @@ class BlobStore:
         final.parent.mkdir(exist_ok=True)
         os.replace(upload.path, final)
         self.stored_bytes += size
+        if self.on_stored is not None:
+            self.on_stored(sha256)
         return size, True
 
     def _abort(self, key: tuple[bytes, str], keep_file: bool = False) -> None:

@@ -23,3 +23,7 @@ class BrokerConfig:
     curve_secret: Path | None = None  # the broker's key pair: CURVE on every socket
     keys_dir: Path | None = None  # allowlists (default STATE_DIR/keys)
     limits: BrokerLimits = field(default_factory=BrokerLimits)
+    # A broker pair (README "A broker pair"): the other broker's peer endpoint, ours to bind, and our role.
+    peer: str | None = None
+    peer_bind: str = "tcp://127.0.0.1:5553"
+    role: str = "primary"  # primary | backup

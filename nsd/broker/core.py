@@ -222,14 +222,16 @@ class Core(Outcomes, Placement):
 
     # ---- clients -----------------------------------------------------------------------------------
 
-    def submit(self, spec: dict, owner: str = "") -> str:
+    def submit(self, spec: dict, owner: str = "", submit_id: str | None = None) -> str:
+        if submit_id and (known := self.store.submitted(owner, submit_id)) in self.tasks:
+            return known  # the same submission again (a client that failed over before its answer came)
         if self.owners[owner] >= self.limits.queued_per_client:
             raise ValueError(f"this client already has {self.owners[owner]} unfinished tasks (the broker's "
                              f"limit is {self.limits.queued_per_client}); wait for some to finish")
         task = Task(id=uuid.uuid4().hex[:12], spec=spec, state=TaskState.QUEUED, created=time.time(), owner=owner)
         with self.tx():
             self._touch(task)
-            self.store.insert_task(task.id, task.name, spec, task.state.value, task.created, owner)
+            self.store.insert_task(task.id, task.name, spec, task.state.value, task.created, owner, submit_id)
             self._adopt(task)
             self.emit(task, "state", state=task.state.value)
         log.info("task %s (%s) queued", task.id, task.name)

@@ -58,7 +58,7 @@ class Broker:
         # CURVE: every socket encrypted and authenticated, workers and clients from separate allowlists.
         self.curve = CurveServer(Path(config.curve_secret), Path(config.keys_dir) if config.keys_dir else
                                  self.state_dir / "keys") if config.curve_secret else None
-        for endpoint in (config.clients, config.workers, config.events):
+        for endpoint in (config.clients, config.workers, config.events, *([config.peer_bind] if config.peer else [])):
             if not is_loopback(endpoint) and not config.insecure and self.curve is None:
                 raise ValueError(f"refusing to bind {endpoint}: it is reachable from other hosts and CURVE is not "
                                  f"set up; give --curve-secret (see `nsd keys`), bind 127.0.0.1, or pass "
@@ -80,6 +80,7 @@ class Broker:
         self.ctx: zmq.asyncio.Context | None = None
         self.store: Store | None = None
         self.core: Core | None = None
+        self.pair = None  # nsd.broker.peer.Pair: one of a broker pair (config.peer)
 
     # The model, for tests and tools that look inside.
     @property
@@ -100,9 +101,12 @@ class Broker:
                                max_store_bytes=self.limits.max_store_bytes,
                                uploads_per_peer=self.limits.uploads_per_peer,
                                max_open_uploads=self.limits.max_open_uploads, referenced=self.store.referenced_blobs)
-        self.core = Core(self.store, self.metrics, self.heartbeat_s, self.liveness, self.blobs, self.limits,
-                         curve=self.curve is not None)
-        self.core.load()
+        self.core = self.new_core()
+        if self.config.peer:  # one of a pair: the state is loaded when (if) this broker starts to serve
+            from nsd.broker.peer import Pair
+            self.pair = Pair(self)
+        else:
+            self.core.load()
         self.ctx = zmq.asyncio.Context()
         if self.curve is not None:
             self.curve.start(self.ctx)
@@ -123,6 +127,8 @@ class Broker:
             # alive until its garbage-collector thread runs, which under load lets queued chunks pile up.
             shadow.copy_threshold = 1 << 30
         self._readable = {name: Readable(shadow) for name, shadow in self._shadows.items()}
+        if self.pair is not None:
+            self.endpoints["peer"] = self.pair.start(self.ctx, self.curve)
         self._loops = [asyncio.create_task(coro) for coro in (
             self._serve("clients", CLIENT_TO_BROKER), self._serve("workers", WORKER_TO_BROKER),
             self._drain_subscriptions(), self._tick())]
@@ -133,6 +139,10 @@ class Broker:
         log.info("broker %s serving clients %s, workers %s, events %s (state in %s)", __version__,
                  self.endpoints["clients"], self.endpoints["workers"], self.endpoints["events"], self.state_dir)
         notify("READY=1", f"STATUS=serving clients on {self.endpoints['clients']}")
+
+    def new_core(self) -> Core:
+        return Core(self.store, self.metrics, self.heartbeat_s, self.liveness, self.blobs, self.limits,
+                    curve=self.curve is not None)
 
     def _router(self) -> zmq.asyncio.Socket:
         sock = configure(self.ctx.socket(zmq.ROUTER))
@@ -157,6 +167,8 @@ class Broker:
             loop.cancel()
         await asyncio.gather(*self._loops, return_exceptions=True)
         self._loops = []
+        if self.pair is not None:
+            await self.pair.stop()
         if self.ctx is not None:
             for readable in self._readable.values():
                 readable.close()
@@ -197,6 +209,8 @@ class Broker:
                     continue
                 batch.append(self._check(name, frames, allowed))
             batch = [item for item in batch if item is not None and not self._heartbeat(*item)]
+            if self.pair is not None:  # a broker that does not serve answers "not active" (or takes over)
+                batch = self.pair.admit(batch)
             if not batch:
                 if name == "workers" and self.core.idle():
                     # Nothing runs or waits, so nothing a worker says is urgent: let heartbeats gather
@@ -252,7 +266,7 @@ class Broker:
             with core.tx():
                 for i, (name, identity, key, msg) in enumerate(batch):
                     if name == "clients" and msg.cmd is Cmd.BLOB_GET:  # a chunk: sent at once, never held
-                        self._to_client(*self._client_message(identity, key, msg))
+                        self._to_client(*self._client_message(identity, key, msg), now=True)
                     elif name == "clients":
                         replies[i] = self._client_message(identity, key, msg)
                     else:
@@ -273,8 +287,10 @@ class Broker:
                     if worker is not None:
                         core._forget_worker(worker)
                     core.send(identity, Cmd.DISCONNECT, {"reason": str(exc)})
-        for reply in replies.values():
-            self._to_client(*reply)
+        for i, reply in replies.items():
+            msg = batch[i][3]  # a completed upload is answered once the passive broker of a pair has it too
+            blob = msg.body["sha256"] if msg.cmd is Cmd.BLOB_PUT and reply[2].get("complete") else None
+            self._to_client(*reply, blob=blob)
         self._flush()
 
     def _send(self, name: str, frames: list[bytes]) -> bool:
@@ -282,8 +298,15 @@ class Broker:
         self._readable[name].poke()  # the send may have taken the socket's "look again" signal
         return sent
 
-    def _to_client(self, identity: bytes, cmd: Cmd, body: dict) -> None:
-        if not self._send("clients", [identity, *pack(cmd, body)]):
+    def _out(self, name: str, frames: list[bytes], blob: str | None = None) -> bool:
+        """An effect of a commit: sent now, or (the active broker of a pair) once the passive one has it."""
+        return self._send(name, frames) if self.pair is None else self.pair.out(name, frames, blob)
+
+    def _to_client(self, identity: bytes, cmd: Cmd, body: dict, now: bool = False, blob: str | None = None) -> None:
+        if self.pair is not None:
+            body = {**body, "epoch": self.pair.epoch}
+        frames = [identity, *pack(cmd, body)]
+        if not (self._send("clients", frames) if now else self._out("clients", frames, blob)):
             self.metrics.dropped_sends += 1  # client gone or not reading: its queue is full
 
     def _flush(self) -> None:
@@ -291,15 +314,20 @@ class Broker:
         now = time.time()
         for effect in effects:
             if isinstance(effect, ToWorker):
-                frames = _HEARTBEAT if effect.cmd is Cmd.HEARTBEAT else pack(effect.cmd, effect.body)
-                if self._send("workers", [effect.identity, *frames]):
+                if effect.cmd is Cmd.HEARTBEAT:  # carries no state: never held
+                    sent = self._send("workers", [effect.identity, *_HEARTBEAT])
+                else:
+                    body = effect.body if self.pair is None or effect.cmd is not Cmd.READY_ACK else \
+                        {**effect.body, "epoch": self.pair.epoch}
+                    sent = self._out("workers", [effect.identity, *pack(effect.cmd, body)])
+                if sent:
                     worker = self.core.workers.get(effect.identity.decode("ascii", "replace"))
                     if worker is not None:
                         worker.last_sent = now
                 else:
                     self.metrics.dropped_sends += 1
             elif isinstance(effect, Event):
-                self._send("events", event_frames(effect.task_id, effect.body))  # a lagging subscriber re-snapshots
+                self._out("events", event_frames(effect.task_id, effect.body))  # a lagging subscriber re-snapshots
 
     # ---- clients ---------------------------------------------------------------------------------
 
@@ -326,7 +354,7 @@ class Broker:
             missing = [ref for ref in spec_blob_refs(spec) if not self.blobs.has(parse_ref(ref)[0])]
             if missing:
                 raise ValueError(f"blob(s) not uploaded: {', '.join(missing)}; upload them first (BLOB_PUT)")
-            return {"task_id": core.submit(spec, owner=key or "")}
+            return {"task_id": core.submit(spec, owner=key or "", submit_id=body.get("submit_id"))}
         if msg.cmd is Cmd.BLOB_HAVE:
             return {"missing": [h for h in body["sha256"] if not self.blobs.has(h)]}
         if msg.cmd is Cmd.BLOB_PUT:
@@ -339,7 +367,8 @@ class Broker:
             return {"tasks": [t.summary() for t in core.tasks.values()]}
         if msg.cmd is Cmd.CLUSTER:
             now = time.time()
-            return {"workers": [w.public(now) for w in core.workers.values()]}
+            return {"workers": [w.public(now) for w in core.workers.values()],
+                    **({"pair": self.pair.status()} if self.pair is not None else {})}
         task = core.find(body["task_id"])
         if msg.cmd in (Cmd.STATUS, Cmd.RESULT_GET):
             return {"task": task.public()}
@@ -378,7 +407,7 @@ class Broker:
                     ack = {"sha256": b["sha256"], "offset": offset, "complete": complete}
                 except BlobError as exc:
                     ack = {"sha256": b["sha256"], "offset": b["offset"], "error": str(exc)}
-            self._to_worker(identity, Cmd.STORE_ACK, ack)
+            self._to_worker(identity, Cmd.STORE_ACK, ack, held=True, blob=b["sha256"] if ack.get("complete") else None)
         elif msg.cmd is Cmd.READY:
             with core.tx():
                 core.register(identity, b, key, now)
@@ -398,8 +427,9 @@ class Broker:
             log.info("worker %s said goodbye", worker.id)
             core.drop_worker(worker, "worker left", handback=b.get("handback") is True)
 
-    def _to_worker(self, identity: bytes, cmd: Cmd, body: dict) -> None:
-        if not self._send("workers", [identity, *pack(cmd, body)]):
+    def _to_worker(self, identity: bytes, cmd: Cmd, body: dict, held: bool = False, blob: str | None = None) -> None:
+        frames = [identity, *pack(cmd, body)]
+        if not (self._out("workers", frames, blob) if held else self._send("workers", frames)):
             self.metrics.dropped_sends += 1  # a peer that does not read: its queue is full
 
     def _chunk(self, body: dict) -> dict:
@@ -423,6 +453,12 @@ class Broker:
         while True:
             await asyncio.sleep(self.heartbeat_s / 2)
             now = time.time()
+            if self.pair is not None:
+                self.pair.tick(now)
+                if not self.pair.serving:
+                    self._flush()
+                    self._ping_systemd()
+                    continue
             try:
                 self.core.check_liveness(now)
                 self.core.check_timeouts(now)
@@ -466,4 +502,5 @@ class Broker:
         queue = sum((t.state is TaskState.QUEUED) + t.n_pending for t in self.core.active())
         return metrics_http.render(self.metrics, by_state, len(self.core.workers),
                                    sum(w.slots for w in self.core.workers.values()),
-                                   sum(len(w.running) for w in self.core.workers.values()), queue)
+                                   sum(len(w.running) for w in self.core.workers.values()), queue) + \
+            (self.pair.metric_lines() if self.pair is not None else "")

@@ -51,9 +51,15 @@ class Record:
     tables: dict[str, list[str]]
     rows: list[list]
     size: int = 0
+    _parts: list[dict] | None = None
 
     def parts(self) -> list[dict]:
         """PEER_TX bodies: the rows cut into parts of about PART_BYTES."""
+        if self._parts is None:
+            self._parts = self._cut()
+        return self._parts
+
+    def _cut(self) -> list[dict]:
         parts, rows, size = [], [], 0
         for row in self.rows:
             n = len(msgpack.packb(row, use_bin_type=True))
@@ -86,6 +92,8 @@ def ensure_pair_table(db: sqlite3.Connection, copy_ok: bool) -> None:
     db.execute(f"CREATE TABLE IF NOT EXISTS {PAIR_TABLE} (id INTEGER PRIMARY KEY CHECK (id = 1), "
                "epoch INTEGER NOT NULL, lsn INTEGER NOT NULL, copy_ok INTEGER NOT NULL)")
     db.execute(f"INSERT OR IGNORE INTO {PAIR_TABLE} (id, epoch, lsn, copy_ok) VALUES (1, 0, 0, ?)", (int(copy_ok),))
+    # Replicated like any table: each term's first transaction, so every epoch begins a point of the history.
+    db.execute("CREATE TABLE IF NOT EXISTS pair_terms (epoch INTEGER PRIMARY KEY, role TEXT NOT NULL, started REAL NOT NULL)")
 
 
 def read_pair(db: sqlite3.Connection) -> PairRecord:
@@ -220,6 +228,11 @@ class ReplayLog:
             old = self.records.popleft()
             self.bytes -= old.size
             self.base = (old.epoch, old.lsn)
+
+    def get(self, lsn: int) -> Record | None:
+        if not self.records or not self.records[0].lsn <= lsn <= self.records[-1].lsn:
+            return None
+        return self.records[lsn - self.records[0].lsn]
 
     def reset(self, epoch: int, lsn: int) -> None:
         self.records.clear()

@@ -98,6 +98,7 @@ MIGRATIONS = (  # columns added after the first release: (table, column, definit
     ("trials", "bound", "REAL"),  # early stop: the best metric a stopped trial could still have reached
     ("trials", "stopped_early", "INTEGER"),
     ("trials", "cached", "INTEGER"),  # answered from the metric cache
+    ("tasks", "submit_id", "TEXT"),  # the client's id for one submission: a SUBMIT retried after a failover
 )
 EVENTS_KEPT = 1000  # per task: the events table keeps the newest ones (clients re-snapshot; see README)
 TASK_COLUMNS = frozenset({"state", "started", "finished", "baseline", "winner", "met_goal", "error", "seq",
@@ -116,6 +117,7 @@ class Store:
         for table, column, definition in MIGRATIONS:
             if column not in {r["name"] for r in self.db.execute(f"PRAGMA table_info({table})")}:
                 self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+        self.db.execute("CREATE INDEX IF NOT EXISTS tasks_submit_id ON tasks (owner, submit_id) WHERE submit_id IS NOT NULL")
         self._depth = 0
         # A broker pair's replication (nsd.broker.replication.Capture): each commit becomes a record.
         self.capture = None
@@ -171,10 +173,17 @@ class Store:
             with self.tx():
                 yield
 
-    def insert_task(self, task_id: str, name: str, spec: dict, state: str, created: float, owner: str = "") -> None:
+    def insert_task(self, task_id: str, name: str, spec: dict, state: str, created: float, owner: str = "",
+                    submit_id: str | None = None) -> None:
         with self._writing():
-            self.db.execute("INSERT INTO tasks (id, name, spec, state, created, owner) VALUES (?, ?, ?, ?, ?, ?)",
-                            (task_id, name, json.dumps(spec), state, created, owner))
+            self.db.execute("INSERT INTO tasks (id, name, spec, state, created, owner, submit_id) "
+                            "VALUES (?, ?, ?, ?, ?, ?, ?)", (task_id, name, json.dumps(spec), state, created, owner,
+                                                             submit_id))
+
+    def submitted(self, owner: str, submit_id: str) -> str | None:
+        """The task an earlier SUBMIT with this id created for this owner, if any."""
+        row = self.db.execute("SELECT id FROM tasks WHERE owner = ? AND submit_id = ?", (owner, submit_id)).fetchone()
+        return None if row is None else row["id"]
 
     def update_task(self, task_id: str, **fields: Any) -> None:
         self._update("tasks", TASK_COLUMNS, "id = ?", (task_id,), fields)

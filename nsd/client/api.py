@@ -17,6 +17,7 @@ import json
 import os
 import tempfile
 import tomllib
+import uuid
 from functools import partial
 from pathlib import Path
 from typing import Any, AsyncIterator, Iterator
@@ -25,6 +26,7 @@ import zmq
 import zmq.asyncio
 
 from nsd.blobs import CHUNK_BYTES, make_ref, parse_ref, unpack_tree
+from nsd.client.endpoints import Endpoints
 from nsd.net import configure, connectable
 from nsd.protocol import BROKER_TO_CLIENT, MAX_BODY, MAX_MESSAGE_BYTES, Cmd, ProtocolError, pack, unpack
 from nsd.security import ClientKeys, KeyFileError
@@ -45,6 +47,10 @@ class BrokerUnavailable(ConnectionError):
 
 class BrokerError(RuntimeError):
     """The broker answered with an error (bad spec, unknown task, ...)."""
+
+
+class NotActive(BrokerError):
+    """The passive broker of a pair answered: ask the other one."""
 
 
 class ReplyTooLarge(BrokerError):
@@ -99,7 +105,7 @@ class AsyncClient:
     def __init__(self, broker: str | None = None, timeout_s: float = 10.0, idle_resnapshot_s: float = 2.0,
                  reconnect_s: float = 300.0, curve_key: str | os.PathLike | None = None,
                  server_key: str | os.PathLike | None = None):
-        self.broker = broker_address(broker)
+        self.endpoints = Endpoints(broker_address(broker))  # one broker, or the two of a pair
         if bool(curve_key) != bool(server_key):
             raise KeyFileError("CURVE needs both your key (--curve-key / NSD_CURVE_KEY) and the broker's public "
                                "key (--server-key / NSD_SERVER_KEY)")
@@ -112,8 +118,13 @@ class AsyncClient:
         self._monitor: zmq.asyncio.Socket | None = None  # the request socket's disconnect events
         self._req = itertools.count(1)
         self._lock = asyncio.Lock()
-        self._events_endpoint: str | None = None
+        self._events_endpoints: dict[str, str] = {}  # broker -> its events endpoint (HELLO)
         self.uploaded_bytes = 0  # blob bytes this client actually sent (dedup shows as 0)
+
+    @property
+    def broker(self) -> str:
+        """The broker this client talks to now (one of a pair's two after a failover)."""
+        return self.endpoints.current
 
     async def close(self) -> None:
         self._drop_socket()
@@ -151,29 +162,49 @@ class AsyncClient:
 
     async def request(self, cmd: Cmd, **body: Any) -> dict[str, Any]:
         async with self._lock:
-            if self._sock is None:
-                self._open_socket()
-            self._disconnects()  # earlier ones (a broker restart between requests) are not this request's
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + self.timeout_s
-            try:
-                return await self._exchange(cmd, body, deadline)
-            except _Disconnected:
-                # ZeroMQ closes a connection for good on a message over MAXMSGSIZE (a broker that died
-                # also disconnects). If the broker answers a HELLO on a fresh connection, it was the size.
-                self._drop_socket()
-                self._open_socket()
+            if not self.endpoints.pair:
+                return await self._request(cmd, body)
+            if cmd is Cmd.SUBMIT:  # the same id on every attempt: a broker that got it already answers the same task
+                body.setdefault("submit_id", uuid.uuid4().hex)
+            for attempt in range(3 * len(self.endpoints.all)):
                 try:
-                    await self._exchange(Cmd.HELLO, {}, deadline)
-                except (_Disconnected, BrokerUnavailable):
-                    pass
+                    reply = await self._request(cmd, {**body, **self.endpoints.extra()})
+                except NotActive:
+                    self.endpoints.refused()
+                    await asyncio.sleep(min(1.0, 0.1 * attempt))
+                except BrokerUnavailable:
+                    self.endpoints.silent()
                 else:
-                    raise ReplyTooLarge(
-                        f"the broker's answer to {cmd.name} was larger than this client's limit of "
-                        f"{MAX_MESSAGE_BYTES // 2**20} MiB per message, so it was dropped; ask for less") from None
-                self._drop_socket()
-                raise BrokerUnavailable(f"lost the connection to the nsd broker at {self.broker} while waiting "
-                                        f"for its answer to {cmd.name}") from None
+                    self.endpoints.answered()
+                    return reply
+            raise BrokerUnavailable(f"no broker of the pair {self.endpoints} answered {cmd.name} (is one of them "
+                                    f"running and serving?)")
+
+    async def _request(self, cmd: Cmd, body: dict[str, Any]) -> dict[str, Any]:
+        """One request to the current broker (Lazy Pirate: a socket that timed out is dropped)."""
+        if self._sock is None:
+            self._open_socket()
+        self._disconnects()  # earlier ones (a broker restart between requests) are not this request's
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout_s
+        try:
+            return await self._exchange(cmd, body, deadline)
+        except _Disconnected:
+            # ZeroMQ closes a connection for good on a message over MAXMSGSIZE (a broker that died
+            # also disconnects). If the broker answers a HELLO on a fresh connection, it was the size.
+            self._drop_socket()
+            self._open_socket()
+            try:
+                await self._exchange(Cmd.HELLO, {}, deadline)
+            except (_Disconnected, BrokerUnavailable):
+                pass
+            else:
+                raise ReplyTooLarge(
+                    f"the broker's answer to {cmd.name} was larger than this client's limit of "
+                    f"{MAX_MESSAGE_BYTES // 2**20} MiB per message, so it was dropped; ask for less") from None
+            self._drop_socket()
+            raise BrokerUnavailable(f"lost the connection to the nsd broker at {self.broker} while waiting "
+                                    f"for its answer to {cmd.name}") from None
 
     async def _exchange(self, cmd: Cmd, body: dict[str, Any], deadline: float) -> dict[str, Any]:
         """Send one request and wait for its reply until `deadline` (loop time)."""
@@ -206,7 +237,11 @@ class AsyncClient:
                 continue
             if msg.body["req"] != req:
                 continue  # a late answer to an earlier request
+            self.endpoints.heard(msg.body)
             if msg.cmd is Cmd.ERROR:
+                if msg.body.get("not_active"):
+                    self._drop_socket()
+                    raise NotActive(msg.body["error"])
                 raise BrokerError(msg.body["error"])
             return msg.body
 
@@ -227,7 +262,14 @@ class AsyncClient:
         path = Path(path)
         with packed(path) as blob:
             if (await self.request(Cmd.BLOB_HAVE, sha256=[blob.sha256]))["missing"]:
-                await send_chunks(blob.file, partial(self._put, blob))
+                for _ in range(3):
+                    moves = self.endpoints.switches
+                    try:
+                        await send_chunks(blob.file, partial(self._put, blob))
+                        break
+                    except BrokerError:
+                        if self.endpoints.switches == moves:
+                            raise  # not cut by a failover (the other broker starts the upload over)
         return make_ref(blob.sha256, path.name)
 
     async def _put(self, blob: Packed, offset: int, data: bytes) -> dict[str, Any]:
@@ -309,14 +351,13 @@ class AsyncClient:
     async def events(self, task_id: str) -> AsyncIterator[dict[str, Any]]:
         """A snapshot event (`kind == "snapshot"`, with the whole task), then every later event in seq
         order; a new snapshot whenever events were missed. Ends after the task's final state."""
-        if self._events_endpoint is None:
-            self._events_endpoint = connectable((await self.hello())["events"], _host(self.broker))
         task_id = (await self.status(task_id))["task_id"]  # a unique prefix becomes the full id
         sub = configure(self.ctx.socket(zmq.SUB))
         try:
             if self._curve is not None:
                 self._curve.apply(sub)
-            sub.connect(self._events_endpoint)
+            heard: set[str] = set()
+            await self._hear_events(sub, heard)
             sub.subscribe(task_id.encode())
             snapshot = await self.status(task_id)
             seq = snapshot["seq"]
@@ -340,6 +381,7 @@ class AsyncClient:
                         continue
                 # A gap, or a quiet spell that may hide a missed final event: take a new snapshot.
                 snapshot = await self._status_patiently(task_id)
+                await self._hear_events(sub, heard)  # after a failover: the events of the broker that serves now
                 if snapshot["seq"] > seq:
                     seq = snapshot["seq"]
                     yield {"kind": "snapshot", "task_id": task_id, "seq": seq, "task": snapshot}
@@ -348,6 +390,19 @@ class AsyncClient:
         finally:
             sub.close(linger=0)
 
+
+    async def _hear_events(self, sub: zmq.asyncio.Socket, heard: set[str]) -> None:
+        """Connect `sub` to the events of the broker we talk to now, unless it is connected already (a SUB
+        hears both brokers of a pair; only the serving one publishes)."""
+        while self.broker not in heard:
+            broker = self.broker
+            if broker not in self._events_endpoints:
+                events = (await self.hello())["events"]
+                if self.broker != broker:
+                    continue  # the HELLO itself moved us to the other broker
+                self._events_endpoints[broker] = connectable(events, _host(broker))
+            sub.connect(self._events_endpoints[broker])
+            heard.add(broker)
 
     async def _status_patiently(self, task_id: str) -> dict[str, Any]:
         """STATUS, riding out a broker restart for up to `reconnect_s` (the SUB socket reconnects by itself)."""

@@ -1,0 +1,113 @@
+"""A broker pair's states and decisions: the zguide's Binary Star, with synchronous replication and epochs.
+Pure functions over plain data; `nsd.broker.peer` is the I/O around them (docs/design.md "A broker pair").
+
+One broker serves (active or solo), the other holds a copy (passive). The rules that keep it to one:
+- A non-serving broker starts to serve only when its peer has been silent for the window AND a worker
+  (or, when the active had no workers, a client) comes to it saying it lost the other broker — or when the
+  two hear each other, neither serves, and its history is the newer one. It never serves an older history
+  than a witness has seen (the witness carries the highest epoch it knows).
+- A serving broker whose peer is silent acknowledges nothing (its effects wait) until the cluster shows it
+  is not the one cut off: workers that were with it before the silence still talk to it. Then it serves
+  alone (solo), as a single broker would.
+- Two serving brokers that hear each other (a healed split) leave the older epoch serving no more.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class Role(str, enum.Enum):
+    PRIMARY = "primary"  # leads at a cold start when both histories are equal
+    BACKUP = "backup"  # the other one
+
+    @property
+    def other(self) -> "Role":
+        return Role.BACKUP if self is Role.PRIMARY else Role.PRIMARY
+
+
+class PairState(str, enum.Enum):
+    PENDING = "pending"  # started, has not heard its peer: serves nothing, waits for it or for a witness
+    PASSIVE = "passive"  # a copy of the serving broker's state: applies its stream, serves nothing
+    ACTIVE = "active"  # serves; each commit's effects wait until the passive has written it
+    SOLO = "solo"  # serves alone (its peer is gone, or still catching up): commits are only local
+
+    @property
+    def serving(self) -> bool:
+        return self in (PairState.ACTIVE, PairState.SOLO)
+
+
+@dataclass(frozen=True)
+class Side:
+    """One broker as the decisions see it (ourselves, or the peer from its last PEER_STATE)."""
+    role: Role
+    state: PairState
+    epoch: int  # the active term its history reached: +1 each time a broker starts to serve
+    lsn: int  # its last committed (serving) or applied (passive) transaction
+    whole: bool  # its database holds a whole history: a serving broker's, or a copy that had caught up
+    workers: int = 0  # workers registered with it
+
+
+def history(side: Side) -> tuple:
+    """Which history is newer: a whole one over a partial copy, then the later epoch, the longer log,
+    and the primary on a tie. Both brokers compute the same order."""
+    return side.whole, side.epoch, side.lsn, side.role is Role.PRIMARY
+
+
+def on_peer_state(me: Side, peer: Side, blobs_due: bool) -> PairState:
+    """Our next state when the peer's PEER_STATE arrives. `blobs_due`: blobs we told the peer about that
+    it has not confirmed yet (it is not a whole copy until it has them)."""
+    if me.state.serving:
+        if peer.state.serving:  # a split healed: the older term gives way
+            return PairState.PENDING if (peer.epoch, peer.role is Role.PRIMARY) > (
+                me.epoch, me.role is Role.PRIMARY) else me.state
+        if peer.state is PairState.PASSIVE and peer.whole and not blobs_due:
+            return PairState.ACTIVE
+        return PairState.SOLO
+    if peer.state.serving:
+        return PairState.PASSIVE
+    if me.whole and history(me) > history(peer):  # neither serves: the newer history does
+        return PairState.SOLO
+    return me.state
+
+
+def on_silence(me: Side, silent_s: float, window_s: float, still_heard: bool) -> PairState:
+    """A serving broker whose peer went quiet: it goes on alone only once the peer has been silent for the
+    window and the cluster still hears it (`cluster_still_hears`); until then every effect waits."""
+    if me.state is PairState.ACTIVE and silent_s >= window_s and still_heard:
+        return PairState.SOLO
+    return me.state
+
+
+def may_take_over(me: Side, silent_s: float, window_s: float, attests: bool, worker: bool, peer_workers: int,
+                  carried_epoch: int) -> bool:
+    """Binary Star's failover rule, on a request that reached a broker that does not serve: the peer has
+    been silent for the window AND a witness came that lost the other broker — a worker when the serving
+    broker had workers (a client is a weaker witness: slow, or lying) — and the witness has seen no newer
+    term than our copy holds."""
+    return (not me.state.serving and me.whole and attests and silent_s >= window_s
+            and (worker or peer_workers == 0) and carried_epoch <= me.epoch)
+
+
+def fenced(me: Side, carried_epoch: int) -> bool:
+    """A serving broker that meets a newer term (a worker or client that has been with the other broker
+    since it took over) serves no more, before it handles that message."""
+    return me.state.serving and carried_epoch > me.epoch
+
+
+def cluster_still_hears(peer_heard: float, heartbeat_s: float, workers: list[tuple[float, float]],
+                        workers_when_heard: int, last_client: float) -> bool:
+    """Whether a serving broker whose peer is silent is not the one cut off. `workers`: (registered,
+    last heard) of each registered worker; `workers_when_heard`: how many there were when the peer last
+    spoke. A worker that was with us before the silence and spoke well after it began says the cluster
+    still reaches us; with no workers then, any request does."""
+    after = peer_heard + 2 * heartbeat_s
+    if workers_when_heard:
+        return any(registered <= peer_heard and seen > after for registered, seen in workers)
+    return last_client > after or any(seen > after for _, seen in workers)
+
+
+def next_epoch(me: Side, peer: Side | None) -> int:
+    """The term a broker that starts to serve opens: newer than any it or its peer has seen."""
+    return max(me.epoch, peer.epoch if peer is not None else 0) + 1
