@@ -186,7 +186,7 @@ def _tables_ok(v: Any) -> bool:
 LSN = integer(0, MAX_LSN)
 EPOCH = integer(0, MAX_LSN)
 PAIR_ROLE = text(16, re.compile(r"primary|backup"))
-PAIR_STATE = text(16, re.compile(r"pending|passive|active|solo"))
+PAIR_STATE = text(16, re.compile(r"pending|passive|active|solo|cut-off"))
 FETCHABLE = text(16, re.compile(r"snapshot|blob"))
 SNAPSHOT_ID = re.compile(r"[0-9a-f]{32}")
 SHA_LIST = listof(1000, text(64, SHA256))

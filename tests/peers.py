@@ -229,15 +229,31 @@ def assert_same_answer_on_off(on: dict, off: dict) -> None:
 
 # ---- a broker pair in this process (issue 20): tests/test_pair.py ------------------------------------
 
+def steady_port() -> int:
+    """A free loopback port below the kernel's ephemeral range: one that a broker binds again after a
+    restart, and that no outgoing connection (ZeroMQ reconnecting to a stopped peer) can be given meanwhile."""
+    import random
+    import socket
+    from pathlib import Path
+
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    while True:
+        port = random.randrange(max(1024, low - 12000), low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+
+
 class PairOfBrokers:
     """The two brokers of a pair in this process, on fixed loopback ports (a broker restarts where it was);
     `kill` stops one at once, which its peer, workers and clients see as a broker that went silent."""
 
     def __init__(self, tmp_path, heartbeat_s: float = 0.2, liveness: int = 5, **config):
-        from tests.conftest import free_port
-
         self.tmp, self.heartbeat_s, self.liveness, self.extra = tmp_path, heartbeat_s, liveness, config
-        self.ports = {role: {s: free_port() for s in ("clients", "workers", "events", "peer")}
+        self.ports = {role: {s: steady_port() for s in ("clients", "workers", "events", "peer")}
                       for role in ("primary", "backup")}
         self.brokers: dict = {}
 

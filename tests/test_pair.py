@@ -9,10 +9,10 @@ import sqlite3
 
 import pytest
 
-from nsd.client.api import AsyncClient
+from nsd.client.api import AsyncClient, BrokerError
 from nsd.protocol import Cmd
 from tests.conftest import wait_for
-from tests.peers import PairOfBrokers, ScriptedWorker, done, metrics_answer, spec
+from tests.peers import PairOfBrokers, ScriptedWorker, count_assigned, done, metrics_answer, plan_then_hold, spec
 
 METRICS = {0: 0.5, 1: 0.95, 2: 0.2, 3: 0.99, 4: 0.99, 5: 0.99}
 
@@ -54,3 +54,71 @@ async def test_the_primary_serves_and_the_backup_holds_a_row_for_row_copy(pair):
 async def _same(pair, sql: str) -> bool:
     a = rows(pair.tmp / "primary" / "nsd.sqlite3", sql)
     return bool(a) and a == rows(pair.tmp / "backup" / "nsd.sqlite3", sql)
+
+
+async def test_a_result_is_acknowledged_only_once_the_passive_broker_has_written_it(pair):
+    await pair.start("primary")
+    backup = await pair.start("backup")
+    await pair.settled("primary")
+    client = AsyncClient(pair.both("clients"), timeout_s=5)
+    worker = await ScriptedWorker(pair.address("primary", "workers"), "w1", slots=1, answer=plan_then_hold(3)).start()
+    try:
+        task_id = await client.submit(spec())
+        await wait_for(lambda: count_assigned(worker, "trial", 1), 10)
+        reader = backup.pair._loop_task
+        reader.cancel()  # the backup is alive (it still sends its state) but writes nothing more
+        await asyncio.gather(reader, return_exceptions=True)
+        job, attempt, _ = worker.assigned[-1]
+        worker.result((job, attempt), {"ok": True, "metric": 0.1})
+        await asyncio.sleep(1.0)  # ten of the primary's heartbeats: the acknowledgement must not come
+        assert (job, attempt) not in worker.acked and worker.outbox
+        backup.pair._loop_task = asyncio.create_task(backup.pair._read())
+        await wait_for(lambda: _acked(worker, job), 10)
+        index = int(job.split("/")[1])
+        state = rows(pair.tmp / "backup" / "nsd.sqlite3", f"SELECT state FROM trials WHERE task_id = '{task_id}' "
+                                                            f"AND idx = {index}")
+        assert state == [("failed_goal",)]  # written on the backup before the primary acknowledged it
+    finally:
+        await worker.stop()
+        await client.close()
+
+
+async def _acked(worker, job: str) -> bool:
+    return any(j == job for j, _ in worker.acked)
+
+
+async def test_the_backup_takes_over_only_when_the_primary_is_silent_and_a_worker_lost_it(pair):
+    await pair.start("primary")
+    backup = await pair.start("backup")
+    await pair.settled("primary")
+    client = AsyncClient(pair.both("clients"), timeout_s=2)
+    worker = await ScriptedWorker(pair.address("primary", "workers"), "w1", slots=2, answer=plan_then_hold(4)).start()
+    try:
+        task_id = await client.submit(spec())
+        await wait_for(lambda: count_assigned(worker, "trial", 2), 10)
+        (first, a1, _), (second, a2, _) = worker.assigned[1:3]
+        worker.result((first, a1), {"ok": True, "metric": 0.1})
+        await wait_for(lambda: _acked(worker, first), 10)
+        before = (await client.status(task_id))["seq"]
+        await pair.kill("primary")
+        worker.result((second, a2), {"ok": True, "metric": 0.2})  # sent into the void: stays in its outbox
+        window = pair.heartbeat_s * pair.liveness
+        await asyncio.sleep(2 * window)  # the primary is silent well past the window, yet nobody came
+        assert backup.pair.state.value == "passive"
+        lone = AsyncClient(pair.address("backup", "clients"), timeout_s=2)  # a client with one endpoint: no witness
+        with pytest.raises(BrokerError, match="passive"):
+            await lone.status(task_id)
+        await lone.close()
+        assert backup.pair.state.value == "passive"
+        await worker.move(pair.address("backup", "workers"))  # the worker lost the primary: the witness
+        assert backup.pair.state.value in ("solo", "active") and worker.epoch == backup.pair.epoch >= 2
+        await wait_for(lambda: _acked(worker, second), 10)  # its outbox delivered
+        for job, attempt, _ in list(worker.assigned[3:]):
+            worker.result((job, attempt), {"ok": True, "metric": 0.99})
+        task = await done(client, task_id, 20)
+        assert task["winner"]["index"] == 2 and task["seq"] > before
+        assert [t["metric"] for t in task["trials"][:2]] == [0.1, 0.2]  # each counted once, as sent
+        assert all(t["attempt"] == 1 for t in task["trials"][:3])
+    finally:
+        await worker.stop()
+        await client.close()

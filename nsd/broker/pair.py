@@ -32,10 +32,17 @@ class PairState(str, enum.Enum):
     PASSIVE = "passive"  # a copy of the serving broker's state: applies its stream, serves nothing
     ACTIVE = "active"  # serves; each commit's effects wait until the passive has written it
     SOLO = "solo"  # serves alone (its peer is gone, or still catching up): commits are only local
+    CUT_OFF = "cut-off"  # was active; its peer and its workers went silent: it acknowledges nothing
 
     @property
     def serving(self) -> bool:
-        return self in (PairState.ACTIVE, PairState.SOLO)
+        """Holds the state and takes requests (a cut-off broker holds every answer back)."""
+        return self in (PairState.ACTIVE, PairState.SOLO, PairState.CUT_OFF)
+
+    @property
+    def holding(self) -> bool:
+        """Effects wait for the passive broker (active), or for a peer or witness to return (cut off)."""
+        return self in (PairState.ACTIVE, PairState.CUT_OFF)
 
 
 @dataclass(frozen=True)
@@ -62,8 +69,8 @@ def on_peer_state(me: Side, peer: Side, blobs_due: bool) -> PairState:
         if peer.state.serving:  # a split healed: the older term gives way
             return PairState.PENDING if (peer.epoch, peer.role is Role.PRIMARY) > (
                 me.epoch, me.role is Role.PRIMARY) else me.state
-        if peer.state is PairState.PASSIVE and peer.whole and not blobs_due:
-            return PairState.ACTIVE
+        if peer.state is PairState.PASSIVE and peer.whole and (me.state.holding or not blobs_due):
+            return PairState.ACTIVE  # (while active, a blob the passive has not confirmed is only hidden)
         return PairState.SOLO
     if peer.state.serving:
         return PairState.PASSIVE
@@ -73,10 +80,11 @@ def on_peer_state(me: Side, peer: Side, blobs_due: bool) -> PairState:
 
 
 def on_silence(me: Side, silent_s: float, window_s: float, still_heard: bool) -> PairState:
-    """A serving broker whose peer went quiet: it goes on alone only once the peer has been silent for the
-    window and the cluster still hears it (`cluster_still_hears`); until then every effect waits."""
-    if me.state is PairState.ACTIVE and silent_s >= window_s and still_heard:
-        return PairState.SOLO
+    """A serving broker whose peer went quiet: once the peer has been silent for the window it goes on
+    alone if the cluster still hears it (`cluster_still_hears`), and is cut off otherwise; until then, and
+    while cut off, every effect waits."""
+    if me.state.holding and silent_s >= window_s:
+        return PairState.SOLO if still_heard else PairState.CUT_OFF
     return me.state
 
 
@@ -101,7 +109,8 @@ def cluster_still_hears(peer_heard: float, heartbeat_s: float, workers: list[tup
     """Whether a serving broker whose peer is silent is not the one cut off. `workers`: (registered,
     last heard) of each registered worker; `workers_when_heard`: how many there were when the peer last
     spoke. A worker that was with us before the silence and spoke well after it began says the cluster
-    still reaches us; with no workers then, any request does."""
+    still reaches us; with no workers then, a worker, or a client that has been with us (it carries our
+    epoch: `last_client`), does."""
     after = peer_heard + 2 * heartbeat_s
     if workers_when_heard:
         return any(registered <= peer_heard and seen > after for registered, seen in workers)

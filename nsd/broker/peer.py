@@ -132,8 +132,8 @@ class Pair:
             name, identity, _, msg = item
             body = msg.body
             carried = body.get("epoch", 0) if name == "clients" or msg.cmd is Cmd.READY else 0
-            if name == "clients":
-                self.last_client = now
+            if name == "clients" and carried == self.epoch:
+                self.last_client = now  # a client that has been with us: a witness that we are not cut off
             if fenced(self.me(), carried):
                 self.step_down(f"a {name[:-1]} came with epoch {carried}, newer than ours ({self.epoch})")
             if not self.serving:
@@ -159,7 +159,7 @@ class Pair:
     def out(self, name: str, frames: list[bytes], blob: str | None = None) -> bool:
         """An effect of a committed transaction: sent now, or (active) held until the passive broker has
         written every transaction up to now — and, for `blob`, stored that blob."""
-        if self.state is not PairState.ACTIVE:
+        if not self.state.holding:
             return self.b._send(name, frames)
         if len(self.held) + len(self.blob_held) >= MAX_HELD:
             self.dropped += 1
@@ -182,7 +182,7 @@ class Pair:
 
     def blob_stored(self, sha: str) -> None:
         """An upload completed here: hidden from clients until the passive broker has it too (while active)."""
-        if self.state is PairState.ACTIVE:
+        if self.state.holding:
             self.b.blobs.hidden.add(sha)
         if self.serving:
             self.stream.tell_blob(sha)
@@ -196,14 +196,16 @@ class Pair:
     def tick(self, now: float) -> None:
         self.send(Cmd.PEER_STATE, self._state_body())
         silent = self.silent_s(now)
-        if self.state is PairState.ACTIVE and silent >= self.window_s:
+        if self.state.holding and silent >= self.window_s:
             workers = [(w.registered, w.last_seen) for w in self.b.core.workers.values()]
             still = cluster_still_hears(self.peer_heard, self.heartbeat_s, workers, self.workers_when_heard,
                                         self.last_client)
-            if on_silence(self.me(), silent, self.window_s, still) is PairState.SOLO:
-                log.warning("pair: the peer has been silent for %.1fs and our workers still reach us: serving "
-                            "alone (solo); it will catch up when it returns", silent)
-                self.enter(PairState.SOLO)
+            new = on_silence(self.me(), silent, self.window_s, still)
+            if new is not self.state:
+                log.warning("pair: the peer has been silent for %.1fs and %s", silent,
+                            "our workers still reach us: serving alone (solo)" if new is PairState.SOLO else
+                            "so have our workers: cut off, acknowledging nothing until one of them returns")
+                self.enter(new)
         if silent >= self.window_s:
             self.stream.lost()
         if self.serving:
@@ -246,8 +248,8 @@ class Pair:
         if state is self.state:
             return
         log.info("pair: %s -> %s (epoch %d, lsn %d)", self.state.value, state.value, self.epoch, self.lsn)
-        was_active, self.state = self.state is PairState.ACTIVE, state
-        if was_active and state is PairState.SOLO:  # acknowledged alone from now: everything held goes out
+        was_holding, self.state = self.state.holding, state
+        if was_holding and state is PairState.SOLO:  # acknowledged alone from now: everything held goes out
             self.b.blobs.hidden.clear()
             for entries in self.blob_held.values():
                 self.held.extend(entries)
