@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 
 import pytest
 
-from nsd.client.api import AsyncClient, BrokerError
+from nsd.client.api import AsyncClient, BrokerError, BrokerUnavailable
 from nsd.protocol import Cmd
 from tests.conftest import wait_for
 from tests.peers import PairOfBrokers, ScriptedWorker, count_assigned, done, metrics_answer, plan_then_hold, spec
@@ -122,3 +123,84 @@ async def test_the_backup_takes_over_only_when_the_primary_is_silent_and_a_worke
     finally:
         await worker.stop()
         await client.close()
+
+
+@pytest.fixture
+async def linked(tmp_path):
+    brokers = PairOfBrokers(tmp_path, links=True)
+    yield brokers
+    await brokers.close()
+
+
+async def test_only_the_link_between_the_brokers_cut_leaves_exactly_one_active(linked):
+    pair = linked
+    await pair.start("primary")
+    backup = await pair.start("backup")
+    await pair.settled("primary")
+    client = AsyncClient(pair.both("clients"), timeout_s=5, idle_resnapshot_s=0.3)
+    worker = await ScriptedWorker(pair.address("primary", "workers"), "w1", slots=1, delay_s=0.3,
+                                  answer=metrics_answer(METRICS)).start()
+    seen: list = []
+    try:
+        task_id = await client.submit(spec())
+        pair.cut()
+        watching = asyncio.create_task(pair.watch_active(4 * pair.window_s, seen))
+        assert (await done(client, task_id, 30))["winner"]["index"] == 1  # served alone meanwhile
+        await watching
+        # Never two; never the backup; the primary held back for part of the window (cut off), then solo.
+        assert set(seen) <= {("primary",), ()} and seen[-1] == ("primary",), set(seen)
+        assert pair.brokers["primary"].pair.state.value == "solo" and backup.pair.state.value == "passive"
+        pair.heal()
+        await pair.settled("primary", 30)  # the backup caught up with what was done alone
+        assert await _same(pair, "SELECT * FROM trials ORDER BY task_id, idx")
+    finally:
+        await worker.stop()
+        await client.close()
+
+
+async def test_a_cut_off_active_acknowledges_nothing_and_steps_down_on_a_newer_epoch(linked):
+    pair = linked
+    primary = await pair.start("primary")
+    backup = await pair.start("backup")
+    await pair.settled("primary")
+    worker = await ScriptedWorker(pair.address("primary", "workers"), "w1", slots=1, answer=plan_then_hold(3)).start()
+    client = AsyncClient(pair.both("clients"), timeout_s=2)
+    seen: list = []
+    try:
+        task_id = await client.submit(spec())
+        await wait_for(lambda: count_assigned(worker, "trial", 1), 10)
+        pair.cut()  # the primary's host loses every link: its peer and its worker hear nothing more
+        worker.silent = True
+        watching = asyncio.create_task(pair.watch_active(6 * pair.window_s, seen))
+        await wait_for(lambda: _silent_for(backup, pair.window_s), 10)
+        worker.silent = False
+        await worker.move(pair.address("backup", "workers"))  # it lost the primary: the backup takes over
+        assert backup.pair.state.value == "solo" and worker.epoch == backup.pair.epoch == 2
+        await wait_for(lambda: _state(primary, "cut-off"), 10)
+        stranger = AsyncClient(pair.address("primary", "clients"), timeout_s=1)  # never met the backup: epoch 0
+        with pytest.raises(BrokerUnavailable):
+            await stranger.submit(spec())  # held, never acknowledged
+        await stranger.close()
+        await client.list()  # the primary holds every answer back: after its timeout the client asks the backup
+        assert client.broker == pair.address("backup", "clients") and client.endpoints.epoch == 2
+        client._drop_socket()
+        client.endpoints.at = 0  # a client that has met the backup asks the old primary again, carrying epoch 2
+        assert [t["task_id"] for t in await client.list()] == [task_id]  # asked the primary first, with epoch 2
+        assert primary.pair.state.value == "pending" and client.broker == pair.address("backup", "clients")
+        await watching
+        assert all(len(s) <= 1 for s in seen) and ("backup",) in seen
+        pair.heal()
+        await pair.settled("backup", 30)  # the old primary starts over from the backup's state
+        assert await _same(pair, "SELECT * FROM tasks") and len(rows(pair.tmp / "primary" / "nsd.sqlite3",
+                                                                    "SELECT * FROM tasks")) == 1
+    finally:
+        await worker.stop()
+        await client.close()
+
+
+async def _silent_for(broker, seconds: float) -> bool:
+    return broker.pair.silent_s(time.time()) >= seconds
+
+
+async def _state(broker, state: str) -> bool:
+    return broker.pair.state.value == state

@@ -80,12 +80,15 @@ def on_peer_state(me: Side, peer: Side, blobs_due: bool) -> PairState:
 
 
 def on_silence(me: Side, silent_s: float, window_s: float, still_heard: bool) -> PairState:
-    """A serving broker whose peer went quiet: once the peer has been silent for the window it goes on
-    alone if the cluster still hears it (`cluster_still_hears`), and is cut off otherwise; until then, and
-    while cut off, every effect waits."""
-    if me.state.holding and silent_s >= window_s:
-        return PairState.SOLO if still_heard else PairState.CUT_OFF
-    return me.state
+    """A serving broker whose peer went quiet. Its effects wait from the first moment (nobody confirms
+    them); after half the window it calls itself cut off — before the passive broker, which counts the same
+    silence, may take over at the whole window — and once the window has passed it goes on alone if the
+    cluster still hears it (`cluster_still_hears`)."""
+    if not me.state.holding:
+        return me.state
+    if silent_s >= window_s and still_heard:
+        return PairState.SOLO
+    return PairState.CUT_OFF if silent_s >= window_s / 2 else me.state
 
 
 def may_take_over(me: Side, silent_s: float, window_s: float, attests: bool, worker: bool, peer_workers: int,

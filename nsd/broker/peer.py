@@ -196,15 +196,16 @@ class Pair:
     def tick(self, now: float) -> None:
         self.send(Cmd.PEER_STATE, self._state_body())
         silent = self.silent_s(now)
-        if self.state.holding and silent >= self.window_s:
+        if self.state.holding and silent >= self.window_s / 2:
             workers = [(w.registered, w.last_seen) for w in self.b.core.workers.values()]
             still = cluster_still_hears(self.peer_heard, self.heartbeat_s, workers, self.workers_when_heard,
                                         self.last_client)
             new = on_silence(self.me(), silent, self.window_s, still)
             if new is not self.state:
-                log.warning("pair: the peer has been silent for %.1fs and %s", silent,
+                log.warning("pair: the peer has been silent for %.1fs: %s", silent,
                             "our workers still reach us: serving alone (solo)" if new is PairState.SOLO else
-                            "so have our workers: cut off, acknowledging nothing until one of them returns")
+                            "cut off, acknowledging nothing until it returns or our workers show we are not "
+                            "the one cut off")
                 self.enter(new)
         if silent >= self.window_s:
             self.stream.lost()
@@ -345,11 +346,16 @@ class Pair:
             return self._peer_state(msg.body)
         if self.peer is None:
             return  # nothing but its state before we know what it is
-        self.peer_heard = time.time()
+        self._heard()
         if self.serving:
             self.stream.message(msg)
         else:
             self.copy.message(msg)
+
+    def _heard(self) -> None:
+        self.peer_heard = time.time()
+        if self.serving:
+            self.workers_when_heard = len(self.b.core.workers)
 
     def _from_peer(self, frame: zmq.Frame) -> bool:
         """Without CURVE, the sender's address must be the configured peer's (with CURVE, ZAP let in only
@@ -375,9 +381,8 @@ class Pair:
         reconnected = self.peer is None or now - self.peer_heard >= self.window_s
         peer = Side(Role(body["role"]), PairState(body["state"]), body["epoch"], body["lsn"], body["caught_up"],
                     body["workers"])
-        self.peer, self.peer_heard = peer, now
-        if self.serving:
-            self.workers_when_heard = len(self.b.core.workers)
+        self.peer = peer
+        self._heard()
         new = on_peer_state(self.me(), peer, bool(self.stream.due_blobs))
         if self.serving and new is PairState.PENDING:
             self.step_down(f"the peer serves epoch {peer.epoch}, newer than ours ({self.epoch})")
