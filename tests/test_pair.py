@@ -204,3 +204,65 @@ async def _silent_for(broker, seconds: float) -> bool:
 
 async def _state(broker, state: str) -> bool:
     return broker.pair.state.value == state
+
+
+async def test_a_returning_broker_comes_back_passive_catches_up_and_the_pair_fails_back(pair):
+    await pair.start("primary")
+    backup = await pair.start("backup")
+    await pair.settled("primary")
+    client = AsyncClient(pair.both("clients"), timeout_s=2, idle_resnapshot_s=0.3)
+    worker = await ScriptedWorker(pair.address("primary", "workers"), "w1", slots=1, answer=plan_then_hold(6)).start()
+    seqs: list[int] = []
+    try:
+        task_id = await client.submit(spec())
+
+        async def follow():
+            async for event in client.events(task_id):
+                seqs.append(event["seq"])
+
+        follower = asyncio.create_task(follow())
+        answered = await _answer_next(worker, 0.1)  # trial 0, acknowledged by the primary
+        await pair.kill("primary")
+        await wait_for(lambda: _silent_for(backup, pair.window_s), 10)
+        await worker.move(pair.address("backup", "workers"))
+        answered += await _answer_next(worker, 0.2)  # trial 1, by the backup
+        primary = await pair.start("primary")  # returns: passive, and catches up from the backup
+        await pair.settled("backup", 30)
+        assert primary.pair.whole and primary.pair.epoch == backup.pair.epoch == 2
+        answered += await _answer_next(worker, 0.3)  # trial 2: confirmed by the returned primary
+        await pair.kill("backup")  # and back again: the primary's copy is whole, so it may take over
+        await wait_for(lambda: _silent_for(primary, pair.window_s), 10)
+        await worker.move(pair.address("primary", "workers"))
+        assert primary.pair.state.value == "solo" and primary.pair.epoch == 3
+        answered += await _answer_next(worker, 0.99)  # trial 3 passes
+        task = await done(client, task_id, 20)
+        await asyncio.wait_for(follower, 10)
+        assert task["winner"]["index"] == 3
+        assert [t["metric"] for t in task["trials"][:4]] == [0.1, 0.2, 0.3, 0.99]
+        assert all(t["attempt"] == 1 for t in task["trials"][:4]) and len(answered) == 4  # none run twice
+        assert seqs == sorted(set(seqs)) and seqs[-1] == task["seq"]  # no repeat, no reordering, to the end
+    finally:
+        await worker.stop()
+        await client.close()
+
+
+async def _answer_next(worker: ScriptedWorker, metric: float) -> list:
+    """Answer the lowest trial the worker runs and wait for its acknowledgement."""
+    await wait_for(lambda: _runs_a_trial(worker), 10)
+    job, attempt = min((k for k in worker.running if not k[0].endswith(("plan", "save"))),
+                       key=lambda k: int(k[0].split("/")[1]))
+    worker.result((job, attempt), {"ok": True, "metric": metric})
+    await wait_for(lambda: _acked(worker, job), 10)
+    return [job]
+
+
+async def _runs_a_trial(worker: ScriptedWorker) -> bool:
+    return any(not k[0].endswith(("plan", "save")) for k in worker.running)
+
+
+async def test_a_submit_retried_with_its_id_makes_one_task(broker, client):
+    """What a client of a pair does when its SUBMIT's answer was lost in a failover: send it again."""
+    first = await client.request(Cmd.SUBMIT, spec=spec(), submit_id="a" * 32)
+    again = await client.request(Cmd.SUBMIT, spec=spec(), submit_id="a" * 32)
+    other = await client.request(Cmd.SUBMIT, spec=spec(), submit_id="b" * 32)
+    assert first["task_id"] == again["task_id"] != other["task_id"] and len(await client.list()) == 2

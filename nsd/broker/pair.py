@@ -121,5 +121,7 @@ def cluster_still_hears(peer_heard: float, heartbeat_s: float, workers: list[tup
 
 
 def next_epoch(me: Side, peer: Side | None) -> int:
-    """The term a broker that starts to serve opens: newer than any it or its peer has seen."""
-    return max(me.epoch, peer.epoch if peer is not None else 0) + 1
+    """The term a broker that starts to serve opens: newer than any it or its peer has seen, odd for the
+    primary and even for the backup, so that two brokers never open the same term."""
+    epoch = max(me.epoch, peer.epoch if peer is not None else 0) + 1
+    return epoch + (epoch % 2 != (1 if me.role is Role.PRIMARY else 0))

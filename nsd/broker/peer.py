@@ -93,6 +93,9 @@ class Pair:
         self.dealer = configure(ctx.socket(zmq.DEALER))
         self.dealer.setsockopt(zmq.IDENTITY, self.role.value.encode())
         self.dealer.setsockopt(zmq.SNDHWM, 10_000)  # records in flight are bounded by the stream's window
+        # Queue nothing for a peer that is not connected: a state sent while it was away would reach it
+        # later as if it were news (and the stream resends from its last acknowledgement anyway).
+        self.dealer.setsockopt(zmq.IMMEDIATE, 1)
         for sock in (self.router, self.dealer):
             sock.setsockopt(zmq.HEARTBEAT_IVL, int(self.window_s * 1000))  # close a connection to a vanished host
             sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(self.window_s * 1000))
