@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from nsd.client.api import AsyncClient, BrokerError, BrokerUnavailable
+from nsd.client.api import AsyncClient, BrokerError, BrokerUnavailable, prepare_spec
 from nsd.protocol import Cmd
 from tests.conftest import wait_for
 from tests.peers import PairOfBrokers, ScriptedWorker, count_assigned, done, metrics_answer, plan_then_hold, spec
@@ -262,7 +262,9 @@ async def _runs_a_trial(worker: ScriptedWorker) -> bool:
 
 async def test_a_submit_retried_with_its_id_makes_one_task(broker, client):
     """What a client of a pair does when its SUBMIT's answer was lost in a failover: send it again."""
-    first = await client.request(Cmd.SUBMIT, spec=spec(), submit_id="a" * 32)
-    again = await client.request(Cmd.SUBMIT, spec=spec(), submit_id="a" * 32)
-    other = await client.request(Cmd.SUBMIT, spec=spec(), submit_id="b" * 32)
+    raw = prepare_spec(spec())
+    raw["recipe"]["file"] = await client.upload(raw["recipe"]["file"])
+    first = await client.request(Cmd.SUBMIT, spec=raw, submit_id="a" * 32)
+    again = await client.request(Cmd.SUBMIT, spec=raw, submit_id="a" * 32)
+    other = await client.request(Cmd.SUBMIT, spec=raw, submit_id="b" * 32)
     assert first["task_id"] == again["task_id"] != other["task_id"] and len(await client.list()) == 2
