@@ -26,7 +26,7 @@ import zmq
 import zmq.asyncio
 
 from nsd.blobs import CHUNK_BYTES, make_ref, parse_ref, unpack_tree
-from nsd.client.endpoints import Endpoints
+from nsd.endpoints import Endpoints
 from nsd.net import configure, connectable
 from nsd.protocol import BROKER_TO_CLIENT, MAX_BODY, MAX_MESSAGE_BYTES, Cmd, ProtocolError, pack, unpack
 from nsd.security import ClientKeys, KeyFileError
@@ -320,6 +320,11 @@ class AsyncClient:
     async def cluster(self) -> list[dict[str, Any]]:
         return (await self.request(Cmd.CLUSTER))["workers"]
 
+    async def cluster_status(self) -> dict[str, Any]:
+        """{"workers": [...], "pair": {...}} (pair: which broker serves and how far behind the other is)."""
+        reply = await self.request(Cmd.CLUSTER)
+        return {"workers": reply["workers"], "pair": reply.get("pair")}
+
     async def logs(self, task_id: str, job: int | str | None = None) -> list[dict[str, Any]]:
         """Each job's log (last 64 KiB): [{job, attempt, worker, text}]; job = a trial index, "plan" or "save".
         A whole task's logs can exceed one message: the broker then cuts the oldest (`cut: true`), and
@@ -497,6 +502,9 @@ class Client:
 
     def cluster(self) -> list[dict[str, Any]]:
         return self._run(self._async.cluster())
+
+    def cluster_status(self) -> dict[str, Any]:
+        return self._run(self._async.cluster_status())
 
     def logs(self, task_id: str, job: int | str | None = None) -> list[dict[str, Any]]:
         return self._run(self._async.logs(task_id, job))

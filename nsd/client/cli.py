@@ -121,10 +121,15 @@ def _limit_options(command):
               help="The broker's key pair: turns on CURVE on every socket (env NSD_CURVE_SECRET).")
 @click.option("--keys-dir", envvar="NSD_KEYS_DIR", default=BROKER.keys_dir, type=click.Path(file_okay=False, path_type=Path),
               help="Allowlists: KEYS_DIR/workers/*.key and KEYS_DIR/clients/*.key (default STATE_DIR/keys).")
+@click.option("--peer", default=BROKER.peer,
+              help="A broker pair: the other broker's peer endpoint (tcp://OTHER:5553); see README \"A broker pair\".")
+@click.option("--peer-bind", default=BROKER.peer_bind, show_default=True, help="A broker pair: our peer endpoint to bind.")
+@click.option("--role", type=click.Choice(["primary", "backup"]), default=BROKER.role, show_default=True,
+              help="A broker pair: which of the two this one is.")
 @click.option("--log-level", default="info", show_default=True)
 @_limit_options
 def broker(state_dir, log_level, clients, workers, events, heartbeat_s, liveness, insecure, metrics, curve_secret,
-           keys_dir, **limits) -> None:
+           keys_dir, peer, peer_bind, role, **limits) -> None:
     """Run the broker daemon."""
     from nsd.broker.daemon import Broker
     from nsd.broker.limits import BrokerLimits
@@ -136,7 +141,7 @@ def broker(state_dir, log_level, clients, workers, events, heartbeat_s, liveness
     install_uvloop()
     config = BrokerConfig(clients=clients, workers=workers, events=events, heartbeat_s=heartbeat_s,
                           liveness=liveness, insecure=insecure, metrics=metrics, curve_secret=curve_secret,
-                          keys_dir=keys_dir, limits=BrokerLimits(**limits))
+                          keys_dir=keys_dir, limits=BrokerLimits(**limits), peer=peer, peer_bind=peer_bind, role=role)
     if state_dir:
         config.state_dir = Path(state_dir)
     try:
@@ -405,11 +410,16 @@ def logs(task_id, trial, as_json, broker) -> None:
 @broker_option
 def cluster(as_json, broker) -> None:
     """Show the workers: host, cores, slots, busy slots."""
+    from nsd.client.view import pair_line
+
     with _Errors(), _client(broker) as client:
-        workers = client.cluster()
+        view = client.cluster_status()
+    workers = view["workers"]
     if as_json:
-        _print_json({"workers": workers})
+        _print_json({"workers": workers, **({"pair": view["pair"]} if view.get("pair") else {})})
         return
+    if view.get("pair"):
+        click.echo(pair_line(view["pair"]))
     click.echo(f"{'worker':<24} {'host':<16} {'state':<8} {'cores':>5} {'slots':>5} {'busy':>4} {'seen':>6} "
                f"{'version':<8} running")
     for w in workers:

@@ -69,7 +69,10 @@ async def run_job(runner: RunnerProcess, trial_id: str, attempt: int, job: dict,
             await runner.stop(kill=True)  # a hung trial cannot be interrupted: end its runner
             raise RunnerDied(f"trial exceeded trial_timeout_s={limit:g}s; its runner was killed") from None
         if job["kind"] == "save" and answer.get("ok"):
-            answer["artifact"] = await upload(Path(answer.pop("artifact_dir")))
+            try:
+                answer["artifact"] = await upload(Path(answer.pop("artifact_dir")))
+            except (OSError, ValueError, asyncio.TimeoutError) as exc:  # the connection, not the job: again
+                answer = {"ok": False, "requeue": True, "error": f"the artifact's upload failed: {exc}"}
         if job["kind"] == "save":  # the task is decided: models its trials kept here are of no more use
             shutil.rmtree(kept_dir / task_id, ignore_errors=True)
     except RunnerDied as exc:

@@ -30,6 +30,13 @@ class Transfers:
         if waiter is not None and not waiter.done():
             waiter.set_result(body)
 
+    def drop(self, why: str) -> None:
+        """The connection ended: transfers waiting on it fail now (the job is requeued), not at their timeout."""
+        waiting, self._replies = self._replies, {}
+        for waiter in waiting.values():
+            if not waiter.done():
+                waiter.set_result({"error": why})
+
     def _request(self, key: tuple, cmd: Cmd, body: dict) -> asyncio.Future:
         fut = self._replies[key] = asyncio.get_running_loop().create_future()
         self._send(cmd, body)
