@@ -61,7 +61,7 @@ if str(ROOT) not in sys.path:
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
 
 # All of nsd now, at once (not lazily, minutes later), so that the broker, workers and client are one version.
-from nsd.client.api import prepare_spec, read_spec  # noqa: E402
+from nsd.client.specs import prepare_spec, read_spec  # noqa: E402
 from nsd.local import run_local  # noqa: E402
 from nsd.quant.inc import config_from_dict  # noqa: E402
 

@@ -17,7 +17,8 @@ from typing import Any, Callable
 
 from nsd.broker.config import BrokerConfig
 from nsd.broker.daemon import Broker
-from nsd.client.api import AsyncClient, prepare_spec
+from nsd.client.api import AsyncClient
+from nsd.client.specs import prepare_spec
 from nsd.worker.daemon import WorkerConfig, WorkerDaemon
 
 log = logging.getLogger("nsd.run")

@@ -118,7 +118,7 @@ def _alive(pid: int) -> bool:
 
 def digits_spec(**tuning) -> dict:
     """The digits example's spec with absolute paths and overrides in [tuning]."""
-    from nsd.client.api import read_spec
+    from nsd.client.specs import read_spec
 
     spec = read_spec(DIGITS / "task.toml")
     spec["tuning"].update(tuning)

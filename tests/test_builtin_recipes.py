@@ -270,7 +270,7 @@ def test_nsd_presets_prints_each_preset_as_spec_ready_toml():
 
     from click.testing import CliRunner
 
-    from nsd.client.cli import main
+    from nsd.cli import main
     from nsd.presets import PRESETS, config_set
 
     shown = json.loads(CliRunner().invoke(main, ["presets", "--json"]).output)["presets"]

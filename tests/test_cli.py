@@ -152,7 +152,7 @@ def test_each_daemon_option_defaults_to_its_config_field(daemon):
 
     from nsd.broker.config import BrokerConfig
     from nsd.broker.limits import BrokerLimits
-    from nsd.client.cli import main
+    from nsd.cli import main
     from nsd.worker.config import WorkerConfig
 
     command = main.commands[daemon]

@@ -27,3 +27,29 @@ def test_round_trip():
 def test_malformed_messages_are_refused_with_a_reason(frames, reason):
     with pytest.raises(ProtocolError, match=reason):
         unpack(frames, CLIENT_TO_BROKER)
+
+
+def test_job_ids_of_every_kind_round_trip_and_nothing_else_parses():
+    from nsd.protocol import JOB_KINDS, JobRef, parse_job_id
+
+    task = "0123456789ab"
+    for kind in JOB_KINDS.values():
+        ref = JobRef(kind.name, 17 if kind.per_trial else None)
+        assert parse_job_id(ref.id(task)) == (task, ref)
+    assert JobRef("trial", 3).id(task) == f"{task}/3" and JobRef("plan").id(task) == f"{task}/plan"
+    for bad in ("plan", f"{task}/01", f"{task}/-1", f"{task}/trial/3", f"{task}/plan/3", f"{task}/nope",
+                f"{task}/3/", f"{task}/12345678", f"{task.upper()}/plan", f"{task}/../x"):
+        with pytest.raises(ValueError):
+            parse_job_id(bad)
+
+
+def test_every_job_kind_has_its_handlers_in_the_broker():
+    from nsd.broker.core import Core
+    from nsd.broker.jobs import KINDS
+    from nsd.protocol import JOB_KINDS
+
+    assert KINDS.keys() == JOB_KINDS.keys()
+    for kind in KINDS.values():
+        for method in (kind.assign, kind.result, kind.give_up, kind.cached):
+            assert method is None or callable(getattr(Core, method)), (kind.name, method)
+        assert kind.give_up is not None or kind.in_trial  # a trial's give-up is its `error` state

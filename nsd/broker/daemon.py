@@ -8,8 +8,8 @@ sends what the batch produced: replies, acknowledgements, assignments, events. A
 batch's clients with the storage error and asks its workers to register again (they keep their results
 in their outboxes); the loop goes on serving reads. It never imports torch.
 
-Long module: the two ROUTER loops, the client requests and the worker messages are one I/O shell around
-the core; the requests read best next to the turn that commits them.
+Its parts: what a client request gets (nsd/broker/client_requests.py) and what a worker message does
+(nsd/broker/worker_messages.py); this module is the sockets, the loop turn and the timers.
 """
 
 from __future__ import annotations
@@ -19,25 +19,23 @@ import contextlib
 import logging
 import time
 from pathlib import Path
-from typing import Any
 
 import zmq
 import zmq.asyncio
 
 from nsd import __version__
-from nsd.blobs import parse_ref
 from nsd.broker import metrics as metrics_http
-from nsd.broker.blobs import BlobError, BlobStore
+from nsd.broker.blobs import BlobStore
+from nsd.broker.client_requests import ClientRequests
 from nsd.broker.config import BrokerConfig
 from nsd.broker.core import Core, Event, ToWorker
 from nsd.broker.metrics import Metrics
 from nsd.broker.store import StorageError, Store
+from nsd.broker.worker_messages import WorkerMessages
 from nsd.limits import raise_open_files_limit
 from nsd.net import OncePerPeer, Readable, configure, is_loopback, send_frames_now
-from nsd.protocol import (CLIENT_TO_BROKER, MAX_CHUNK_BYTES, PROTOCOL_VERSION, WORKER_TO_BROKER, Cmd, Message,
-                          ProtocolError, event_frames, pack, unpack)
+from nsd.protocol import CLIENT_TO_BROKER, WORKER_TO_BROKER, Cmd, Message, ProtocolError, event_frames, pack, unpack
 from nsd.security import SOCKET_DOMAINS, CurveServer
-from nsd.spec import SpecError, spec_blob_refs, validate
 from nsd.states import TaskState
 from nsd.systemd import notify, watchdog_interval
 
@@ -51,7 +49,7 @@ READS = frozenset({Cmd.HELLO, Cmd.STATUS, Cmd.LIST, Cmd.RESULT_GET, Cmd.CLUSTER,
 BLOB_WRITES = frozenset({Cmd.BLOB_PUT, Cmd.STORE})  # files, not SQLite
 
 
-class Broker:
+class Broker(ClientRequests, WorkerMessages):
     def __init__(self, config: BrokerConfig):
         self.config = config
         self.state_dir = Path(config.state_dir)
@@ -309,6 +307,11 @@ class Broker:
         if not (self._send("clients", frames) if now else self._out("clients", frames, blob)):
             self.metrics.dropped_sends += 1  # client gone or not reading: its queue is full
 
+    def _to_worker(self, identity: bytes, cmd: Cmd, body: dict, held: bool = False, blob: str | None = None) -> None:
+        frames = [identity, *pack(cmd, body)]
+        if not (self._out("workers", frames, blob) if held else self._send("workers", frames)):
+            self.metrics.dropped_sends += 1  # a peer that does not read: its queue is full
+
     def _flush(self) -> None:
         effects, self.core.effects = self.core.effects, []
         now = time.time()
@@ -328,116 +331,6 @@ class Broker:
                     self.metrics.dropped_sends += 1
             elif isinstance(effect, Event):
                 self._out("events", event_frames(effect.task_id, effect.body))  # a lagging subscriber re-snapshots
-
-    # ---- clients ---------------------------------------------------------------------------------
-
-    def _client_message(self, identity: bytes, key: str | None, msg: Message) -> tuple[bytes, Cmd, dict]:
-        req = msg.body["req"]
-        try:
-            with self.core.tx():  # a savepoint: a request that fails leaves nothing behind
-                answer = self._client_request(identity, key, msg)
-        except StorageError:
-            raise
-        except (SpecError, LookupError, ValueError) as exc:
-            return identity, Cmd.ERROR, {"req": req, "error": str(exc)}
-        except Exception:
-            log.exception("request %s failed", msg.cmd.name)
-            return identity, Cmd.ERROR, {"req": req, "error": "internal broker error (see its log)"}
-        return identity, Cmd.REPLY, {"req": req, **answer}
-
-    def _client_request(self, identity: bytes, key: str | None, msg: Message) -> dict[str, Any]:
-        body, core = msg.body, self.core
-        if msg.cmd is Cmd.HELLO:
-            return {"protocol": PROTOCOL_VERSION, "version": __version__, "events": self.endpoints["events"]}
-        if msg.cmd is Cmd.SUBMIT:
-            spec = validate(body["spec"]).to_dict()
-            missing = [ref for ref in spec_blob_refs(spec) if not self.blobs.has(parse_ref(ref)[0])]
-            if missing:
-                raise ValueError(f"blob(s) not uploaded: {', '.join(missing)}; upload them first (BLOB_PUT)")
-            return {"task_id": core.submit(spec, owner=key or "", submit_id=body.get("submit_id"))}
-        if msg.cmd is Cmd.BLOB_HAVE:
-            return {"missing": [h for h in body["sha256"] if not self.blobs.has(h)]}
-        if msg.cmd is Cmd.BLOB_PUT:
-            offset, complete = self.blobs.write(identity, body["sha256"], body["offset"], body["size"], body["data"])
-            return {"offset": offset, "complete": complete}
-        if msg.cmd is Cmd.BLOB_GET:
-            data, size = self.blobs.read(body["sha256"], body["offset"], body["length"])
-            return {"data": data, "size": size}
-        if msg.cmd is Cmd.LIST:
-            return {"tasks": [t.summary() for t in core.tasks.values()]}
-        if msg.cmd is Cmd.CLUSTER:
-            now = time.time()
-            return {"workers": [w.public(now) for w in core.workers.values()],
-                    **({"pair": self.pair.status()} if self.pair is not None else {})}
-        task = core.find(body["task_id"])
-        if msg.cmd in (Cmd.STATUS, Cmd.RESULT_GET):
-            return {"task": task.public()}
-        if msg.cmd is Cmd.LOGS:
-            return {"logs": self._logs(task.id, body.get("job"))}
-        if msg.cmd is Cmd.CANCEL_TASK:
-            core.cancel(task)
-            return {"task": task.summary()}
-        raise ValueError(f"unhandled request {msg.cmd.name}")  # pragma: no cover - CLIENT_TO_BROKER is exhaustive
-
-    def _logs(self, task_id: str, job: str | None) -> list[dict]:
-        """A task's job logs; the oldest are cut so that the reply fits one message (ask per job for those)."""
-        logs, budget = self.store.logs(task_id, job), MAX_CHUNK_BYTES * 3
-        for entry in reversed(logs):
-            budget -= len(entry["text"].encode()) + 256
-            if budget < 0:
-                entry["text"], entry["cut"] = "[cut: this reply holds at most 12 MiB of logs; ask for this job alone]", True
-        return logs
-
-    # ---- workers ---------------------------------------------------------------------------------
-
-    def _worker_message(self, identity: bytes, key: str | None, msg: Message) -> None:
-        core, now, b = self.core, time.time(), msg.body
-        worker = core.worker_for(identity, key)
-        if worker is not None:
-            worker.last_seen = now  # any traffic counts as a heartbeat
-        if msg.cmd is Cmd.FETCH:  # blobs are served to registered workers only; files, so sent at once
-            self._to_worker(identity, Cmd.CHUNK, self._chunk(b) if worker is not None else
-                            {"sha256": b["sha256"], "offset": b["offset"], "error": "register first"})
-        elif msg.cmd is Cmd.STORE:
-            if worker is None:
-                ack = {"sha256": b["sha256"], "offset": b["offset"], "error": "register first"}
-            else:
-                try:
-                    offset, complete = self.blobs.write(identity, b["sha256"], b["offset"], b["size"], b["data"])
-                    ack = {"sha256": b["sha256"], "offset": offset, "complete": complete}
-                except BlobError as exc:
-                    ack = {"sha256": b["sha256"], "offset": b["offset"], "error": str(exc)}
-            self._to_worker(identity, Cmd.STORE_ACK, ack, held=True, blob=b["sha256"] if ack.get("complete") else None)
-        elif msg.cmd is Cmd.READY:
-            with core.tx():
-                core.register(identity, b, key, now)
-        elif msg.cmd is Cmd.RESULT:
-            if worker is None:  # not registered (or not with this key): it holds no lease
-                core.ignored_results += 1
-                self.metrics.ignored_results += 1
-                core.send(identity, Cmd.DISCONNECT, {"reason": "unknown worker: register again"})
-                return
-            core._result_in_savepoint(worker, b)
-            core.send(worker, Cmd.RESULT_ACK, {"trial_id": b["trial_id"], "attempt": b["attempt"]})
-        elif worker is None:
-            # A heartbeat or goodbye from a worker we do not know (we restarted, or declared it dead).
-            if msg.cmd is not Cmd.BYE:
-                core.send(identity, Cmd.DISCONNECT, {"reason": "unknown worker: register again"})
-        elif msg.cmd is Cmd.BYE:
-            log.info("worker %s said goodbye", worker.id)
-            core.drop_worker(worker, "worker left", handback=b.get("handback") is True)
-
-    def _to_worker(self, identity: bytes, cmd: Cmd, body: dict, held: bool = False, blob: str | None = None) -> None:
-        frames = [identity, *pack(cmd, body)]
-        if not (self._out("workers", frames, blob) if held else self._send("workers", frames)):
-            self.metrics.dropped_sends += 1  # a peer that does not read: its queue is full
-
-    def _chunk(self, body: dict) -> dict:
-        try:
-            data, size = self.blobs.read(body["sha256"], body["offset"], body["length"])
-            return {"sha256": body["sha256"], "offset": body["offset"], "size": size, "data": data}
-        except BlobError as exc:
-            return {"sha256": body["sha256"], "offset": body["offset"], "error": str(exc)}
 
     # ---- time ---------------------------------------------------------------------------------------
 

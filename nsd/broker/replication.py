@@ -82,8 +82,9 @@ def replicated_tables(db: sqlite3.Connection) -> dict[str, list[str]]:
 
 
 def schema_id(tables: dict[str, list[str]]) -> str:
-    """Both brokers of a pair must replicate the same tables and columns (the same nsd version)."""
-    return hashlib.sha256(repr(sorted(tables.items())).encode()).hexdigest()[:16]
+    """Both brokers of a pair must replicate the same tables and columns (the same nsd version); the order
+    of columns may differ (a database created before a column was added has it last)."""
+    return hashlib.sha256(repr(sorted((t, sorted(c)) for t, c in tables.items())).encode()).hexdigest()[:16]
 
 
 # ---- this broker's place in the history ---------------------------------------------------------
@@ -173,13 +174,21 @@ class Applier:
     def __init__(self, db: sqlite3.Connection):
         self.db = db
         self.tables = replicated_tables(db)
-        self._upsert = {t: f'INSERT OR REPLACE INTO main."{t}" (rowid, {", ".join(chr(34) + c + chr(34) for c in cols)}) '
-                           f'VALUES ({", ".join("?" * (len(cols) + 1))})' for t, cols in self.tables.items()}
+        self._upserts: dict[tuple, str] = {}
+
+    def _upsert(self, table: str, columns: tuple[str, ...]) -> str:
+        """The statement for rows of `table` in the peer's column order (names already checked to be ours)."""
+        sql = self._upserts.get((table, columns))
+        if sql is None:
+            sql = self._upserts[(table, columns)] = (
+                f'INSERT OR REPLACE INTO main."{table}" (rowid, {", ".join(chr(34) + c + chr(34) for c in columns)}) '
+                f'VALUES ({", ".join("?" * (len(columns) + 1))})')
+        return sql
 
     def check(self, body: dict) -> None:
         """One PEER_TX part against this schema: known tables, the same columns, rows of the right width."""
         for table, columns in body["tables"].items():
-            if self.tables.get(table) != columns:
+            if table not in self.tables or sorted(self.tables[table]) != sorted(columns):
                 raise ReplicationError(f"the peer's table {table!r} is not this broker's (columns "
                                        f"{columns[:8]} against {self.tables.get(table, [])[:8]}): run the same "
                                        f"nsd version on both brokers")
@@ -191,15 +200,15 @@ class Applier:
 
     def apply(self, epoch: int, lsn: int, parts: list[dict]) -> None:
         """One record (its parts, each checked already) in one transaction, with the new (epoch, lsn)."""
-        rows = [row for body in parts for row in body["rows"]]
+        rows = [(row, tuple(body["tables"][row[0]])) for body in parts for row in body["rows"]]
         self.db.execute("BEGIN")
         try:
-            for table, rowid, values in rows:
+            for (table, rowid, values), _ in rows:
                 if values is None:
                     self.db.execute(f'DELETE FROM main."{table}" WHERE rowid = ?', (rowid,))
-            for table, rowid, values in rows:
+            for (table, rowid, values), columns in rows:
                 if values is not None:
-                    self.db.execute(self._upsert[table], (rowid, *values))
+                    self.db.execute(self._upsert(table, columns), (rowid, *values))
             write_pair(self.db, epoch=epoch, lsn=lsn)
             self.db.execute("COMMIT")
         except BaseException as exc:

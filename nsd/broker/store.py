@@ -98,11 +98,13 @@ MIGRATIONS = (  # columns added after the first release: (table, column, definit
     ("trials", "bound", "REAL"),  # early stop: the best metric a stopped trial could still have reached
     ("trials", "stopped_early", "INTEGER"),
     ("trials", "cached", "INTEGER"),  # answered from the metric cache
+    # job kinds (nsd.broker.jobs): the leases of the jobs other than trials, [[kind, index, attempt, worker]]
+    ("tasks", "jobs", "TEXT"),
     ("tasks", "submit_id", "TEXT"),  # the client's id for one submission: a SUBMIT retried after a failover
 )
 EVENTS_KEPT = 1000  # per task: the events table keeps the newest ones (clients re-snapshot; see README)
 TASK_COLUMNS = frozenset({"state", "started", "finished", "baseline", "winner", "met_goal", "error", "seq",
-                          "stage_attempt", "stage_worker", "plan_s", "artifact", "oplists"})
+                          "stage_attempt", "stage_worker", "plan_s", "artifact", "oplists", "jobs"})
 TRIAL_COLUMNS = frozenset({"state", "attempt", "metric", "worker", "started", "finished", "seconds", "error",
                            "bound", "stopped_early", "cached"})
 

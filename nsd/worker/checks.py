@@ -12,11 +12,12 @@ import math
 from typing import Any
 
 from nsd.blobs import CHUNK_BYTES, is_sha256
-from nsd.protocol import JOB_ID, MAX_ATTEMPT
+from nsd.protocol import JOB_ID, JOB_KINDS, MAX_ATTEMPT, parse_job_id
 from nsd.spec import SpecError, validate
 
-# A lease's job id is protocol.JOB_ID ("<12 hex>/<plan | save | trial index>"): the task id becomes a
-# folder name under the worker's logs, so nothing that could leave that folder is accepted.
+# A lease's job id is protocol.JOB_ID ("<12 hex>/<kind>", "<12 hex>/<trial index>", "<12 hex>/<kind>/<index>"):
+# the task id becomes a folder name under the worker's logs, so nothing that could leave that folder is
+# accepted. What each kind carries is protocol.JOB_KINDS.
 # Negotiated timing (READY_ACK): outside these bounds a value is a mistake or an attack, not a choice.
 HEARTBEAT_BOUNDS_S = (0.05, 60.0)
 LIVENESS_BOUNDS = (1, 100)
@@ -42,17 +43,17 @@ def job(trial_id: str, body: Any) -> str | None:
     cores are a sane count."""
     if not isinstance(body, dict):
         return "job is not a map"
-    task_id, _, index = trial_id.partition("/")
-    kind = {"plan": "plan", "save": "save"}.get(index, "trial")
-    if body.get("kind") != kind:
+    task_id, ref = parse_job_id(trial_id)
+    kind = JOB_KINDS[ref.kind]
+    if body.get("kind") != kind.name:
         return f"job kind {str(body.get('kind'))[:20]!r} does not match {trial_id}"
     if body.get("task_id") != task_id:
         return f"job task id does not match {trial_id}"
-    if kind == "trial" and body.get("index") != int(index):
+    if kind.per_trial and body.get("index") != ref.index:
         return f"job index does not match {trial_id}"
-    if kind == "save" and not _int(body.get("index")):
-        return "save job without the winner's index"
-    if kind in ("trial", "save") and (not isinstance(body.get("config"), dict) or len(body["config"]) != 1):
+    if kind.config and not _int(body.get("index")):
+        return f"{kind.name} job without its trial's index"
+    if kind.config and (not isinstance(body.get("config"), dict) or len(body["config"]) != 1):
         return "job config must map one INC config name to its parameters"
     problem = _perf_fields(body)
     if problem:

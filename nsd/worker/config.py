@@ -1,5 +1,5 @@
 """The worker's settings, in one place: the `nsd worker` options and `worker.toml` keys take their
-defaults from these fields (`nsd.client.cli`), and `WorkerDaemon` takes one `WorkerConfig`."""
+defaults from these fields (`nsd.cli.daemons`), and `WorkerDaemon` takes one `WorkerConfig`."""
 
 from __future__ import annotations
 

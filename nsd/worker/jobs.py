@@ -49,7 +49,8 @@ class Outbox:
 async def run_job(runner: RunnerProcess, trial_id: str, attempt: int, job: dict, cache_dir: Path,
                   upload: Callable[[Path], Awaitable[str]]) -> dict:
     """Run one job on a runner, within its time limit; the answer for the broker, with its log's tail."""
-    task_id, _, index = trial_id.partition("/")
+    task_id, _, name = trial_id.partition("/")
+    index = name.replace("/", "-")  # "3", "plan", or "<kind>-3": one file name
     kept_dir = cache_dir / "kept"  # passing trials' models, for their save job (runner.keep_model)
     log_path = cache_dir / "logs" / task_id / f"{index}-a{attempt}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
