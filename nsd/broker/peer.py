@@ -376,6 +376,7 @@ class Pair:
         elif body["version"] != PROTOCOL_VERSION or body["schema"] != self.schema:
             problem = "the peer runs another nsd version (protocol or state schema): run the same on both"
         if problem is not None:
+            self._bad.count += 1
             if problem not in self._problems:
                 self._problems.add(problem)
                 log.error("pair: ignoring the peer: %s", problem)
