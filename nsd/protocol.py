@@ -289,7 +289,8 @@ SHAPES: dict[Cmd, dict[str, Check]] = {
     Cmd.ERROR: {"req": integer(0, 1 << 62), "error": of_type(str, "a string")},
     Cmd.EVENT: {"task_id": of_type(str, "a string"), "seq": integer(0, 1 << 62), "kind": of_type(str, "a string")},
     Cmd.PEER_STATE: {"role": PAIR_ROLE, "state": PAIR_STATE, "epoch": EPOCH, "lsn": LSN, "caught_up": BOOL,
-                     "workers": integer(0, 1 << 31), "version": integer(0, 1 << 31), "schema": text(64)},
+                     "workers": integer(0, 1 << 31), "version": integer(0, 1 << 31), "schema": text(64),
+                     "hears_you": BOOL},  # I heard you within half the window
     Cmd.PEER_TX: {"epoch": EPOCH, "lsn": LSN, "part": integer(0, 1 << 20), "last": BOOL,
                   "tables": Check("a map of table names to column names", _tables_ok),
                   "rows": listof(MAX_TX_ROWS, Check("a [table, rowid, values] row", _row_ok))},

@@ -54,14 +54,14 @@ class Intruder:
 
 def peer_state(broker, **override) -> list[bytes]:
     body = {"role": "backup", "state": "solo", "epoch": 99, "lsn": 1000, "caught_up": True, "workers": 0,
-            "version": PROTOCOL_VERSION, "schema": broker.pair.schema, **override}
+            "version": PROTOCOL_VERSION, "schema": broker.pair.schema, "hears_you": True, **override}
     return pack(Cmd.PEER_STATE, body)
 
 
 async def test_only_the_configured_peer_is_heard_and_every_message_is_checked(pair):
     primary = await pair.start("primary")  # alone: pending, waiting for its backup
     endpoint = pair.address("primary", "peer")
-    strangers = [Intruder(endpoint, b"mallory"), Intruder(endpoint, b"backup"), Intruder(endpoint, b"backup")]
+    strangers = [Intruder(endpoint, b"mallory"), Intruder(endpoint, b"backup"), Intruder(endpoint, b"big")]
     try:
         # over the message limit: libzmq drops the connection before anything reads it
         await strangers[2].send([b"NSD1", bytes([Cmd.PEER_TX]), b"\x00" * (17 << 20)])

@@ -7,8 +7,8 @@ One broker serves (active or solo), the other holds a copy (passive). The rules 
   two hear each other, neither serves, and its history is the newer one. It never serves an older history
   than a witness has seen (the witness carries the highest epoch it knows).
 - A serving broker whose peer is silent acknowledges nothing (its effects wait) until the cluster shows it
-  is not the one cut off: workers that were with it before the silence still talk to it. Then it serves
-  alone (solo), as a single broker would.
+  is not the one cut off: workers that were with it before the silence (or come back carrying its epoch)
+  still talk to it. Then it serves alone (solo), as a single broker would, for as long as they do.
 - Two serving brokers that hear each other (a healed split) leave the older epoch serving no more.
 """
 
@@ -54,6 +54,7 @@ class Side:
     lsn: int  # its last committed (serving) or applied (passive) transaction
     whole: bool  # its database holds a whole history: a serving broker's, or a copy that had caught up
     workers: int = 0  # workers registered with it
+    hears: bool = True  # (the peer's) it heard the other broker within half a window when it sent this
 
 
 def history(side: Side) -> tuple:
@@ -64,31 +65,36 @@ def history(side: Side) -> tuple:
 
 def on_peer_state(me: Side, peer: Side, blobs_due: bool) -> PairState:
     """Our next state when the peer's PEER_STATE arrives. `blobs_due`: blobs we told the peer about that
-    it has not confirmed yet (it is not a whole copy until it has them)."""
+    it has not confirmed yet (it is not a whole copy until it has them). A state the peer sent while it did
+    not hear us says nothing about what it does next (it may be taking over as we read it): it moves us
+    only to give way, never to serve."""
     if me.state.serving:
-        if peer.state.serving:  # a split healed: the older term gives way
+        if peer.state.serving or peer.whole and peer.epoch > me.epoch:  # a split healed: the older term gives way
             return PairState.PENDING if (peer.epoch, peer.role is Role.PRIMARY) > (
                 me.epoch, me.role is Role.PRIMARY) else me.state
+        if not peer.hears:
+            return me.state
         if peer.state is PairState.PASSIVE and peer.whole and (me.state.holding or not blobs_due):
             return PairState.ACTIVE  # (while active, a blob the passive has not confirmed is only hidden)
         return PairState.SOLO
-    if peer.state.serving:
-        return PairState.PASSIVE
-    if me.whole and history(me) > history(peer):  # neither serves: the newer history does
+    if peer.state.serving:  # its copy, unless ours is of a newer term (then it gives way, above)
+        return me.state if me.whole and me.epoch > peer.epoch else PairState.PASSIVE
+    if me.whole and peer.hears and history(me) > history(peer):  # neither serves: the newer history does
         return PairState.SOLO
     return me.state
 
 
 def on_silence(me: Side, silent_s: float, window_s: float, still_heard: bool) -> PairState:
-    """A serving broker whose peer went quiet. Its effects wait from the first moment (nobody confirms
-    them); after half the window it calls itself cut off — before the passive broker, which counts the same
-    silence, may take over at the whole window — and once the window has passed it goes on alone if the
-    cluster still hears it (`cluster_still_hears`)."""
-    if not me.state.holding:
+    """A serving broker whose peer went quiet. An active one's effects wait from the first moment (nobody
+    confirms them). After half the window — before the passive broker, which counts the same silence from
+    about the same moment, may take over at the whole window — it is cut off unless the cluster still hears
+    it (`cluster_still_hears`); an active one goes on alone (solo) once the window has passed, and a solo
+    one for as long as its witnesses keep talking."""
+    if not me.state.serving or silent_s < window_s / 2:
         return me.state
-    if silent_s >= window_s and still_heard:
+    if still_heard and (me.state is PairState.SOLO or silent_s >= window_s):
         return PairState.SOLO
-    return PairState.CUT_OFF if silent_s >= window_s / 2 else me.state
+    return PairState.CUT_OFF
 
 
 def may_take_over(me: Side, silent_s: float, window_s: float, attests: bool, worker: bool, peer_workers: int,
@@ -107,17 +113,19 @@ def fenced(me: Side, carried_epoch: int) -> bool:
     return me.state.serving and carried_epoch > me.epoch
 
 
-def cluster_still_hears(peer_heard: float, heartbeat_s: float, workers: list[tuple[float, float]],
-                        workers_when_heard: int, last_client: float) -> bool:
-    """Whether a serving broker whose peer is silent is not the one cut off. `workers`: (registered,
-    last heard) of each registered worker; `workers_when_heard`: how many there were when the peer last
-    spoke. A worker that was with us before the silence and spoke well after it began says the cluster
-    still reaches us; with no workers then, a worker, or a client that has been with us (it carries our
-    epoch: `last_client`), does."""
-    after = peer_heard + 2 * heartbeat_s
+def cluster_still_hears(now: float, peer_heard: float, heartbeat_s: float, window_s: float, epoch: int,
+                        workers: list[tuple[float, float, int]], workers_when_heard: int, last_client: float) -> bool:
+    """Whether a serving broker whose peer is silent is not the one cut off. `workers`: (registered, last
+    heard, epoch it carried when it registered) of each registered worker; `workers_when_heard`: how many
+    there were when the peer last spoke. A worker that has not been with a newer term — with us since before
+    the silence, or back carrying our epoch — heard well after the silence began and within the window says
+    the cluster still reaches us; with no workers then, any worker, or a client that has been with us
+    (`last_client`: it carried our epoch), does."""
+    after = max(peer_heard + 2 * heartbeat_s, now - window_s)
     if workers_when_heard:
-        return any(registered <= peer_heard and seen > after for registered, seen in workers)
-    return last_client > after or any(seen > after for _, seen in workers)
+        return any((registered <= peer_heard or carried == epoch) and seen > after
+                   for registered, seen, carried in workers)
+    return last_client > after or any(seen > after for _, seen, _ in workers)
 
 
 def next_epoch(me: Side, peer: Side | None) -> int:

@@ -50,9 +50,11 @@ class Pair:
         self.state = PairState.PENDING
         self.peer: Side | None = None
         self.peer_heard = 0.0  # time.time() of the peer's last message
+        self.peer_confirmed = 0.0  # ... of its last one that showed it hears us too (the link works both ways)
         self.started = time.time()
         self.workers_when_heard = 0  # workers registered with us when the peer last spoke
         self.last_client = 0.0
+        self.carried: dict[bytes, int] = {}  # worker identity -> the epoch its READY carried
         self.held: collections.deque = collections.deque()  # (lsn, socket name, frames)
         self.blob_held: dict[str, list] = {}  # sha -> [(lsn, socket name, frames)]: waiting for the blob too
         self.takeovers = self.stepdowns = self.dropped = 0
@@ -83,7 +85,13 @@ class Pair:
         return Side(self.role, self.state, self.epoch, self.lsn, self.whole, workers)
 
     def silent_s(self, now: float) -> float:
+        """Since we last heard the peer: what a broker that does not serve may take over after."""
         return now - max(self.peer_heard, self.started)
+
+    def unconfirmed_s(self, now: float) -> float:
+        """Since the peer last showed it hears us: what a serving broker counts, since a peer that does not
+        hear us may take over however well we hear it."""
+        return now - max(self.peer_confirmed, self.started)
 
     # ---- lifecycle ------------------------------------------------------------------------------------
 
@@ -137,6 +145,8 @@ class Pair:
             carried = body.get("epoch", 0) if name == "clients" or msg.cmd is Cmd.READY else 0
             if name == "clients" and carried == self.epoch:
                 self.last_client = now  # a client that has been with us: a witness that we are not cut off
+            elif msg.cmd is Cmd.READY:
+                self.carried[identity] = carried
             if fenced(self.me(), carried):
                 self.step_down(f"a {name[:-1]} came with epoch {carried}, newer than ours ({self.epoch})")
             if not self.serving:
@@ -198,11 +208,11 @@ class Pair:
 
     def tick(self, now: float) -> None:
         self.send(Cmd.PEER_STATE, self._state_body())
-        silent = self.silent_s(now)
-        if self.state.holding and silent >= self.window_s / 2:
-            workers = [(w.registered, w.last_seen) for w in self.b.core.workers.values()]
-            still = cluster_still_hears(self.peer_heard, self.heartbeat_s, workers, self.workers_when_heard,
-                                        self.last_client)
+        silent = self.unconfirmed_s(now)
+        if self.serving and silent >= self.window_s / 2:
+            workers = [(w.registered, w.last_seen, self.carried.get(w.identity, 0)) for w in self.b.core.workers.values()]
+            still = cluster_still_hears(now, self.peer_confirmed, self.heartbeat_s, self.window_s, self.epoch, workers,
+                                        self.workers_when_heard, self.last_client)
             new = on_silence(self.me(), silent, self.window_s, still)
             if new is not self.state:
                 log.warning("pair: the peer has been silent for %.1fs: %s", silent,
@@ -210,7 +220,9 @@ class Pair:
                             "cut off, acknowledging nothing until it returns or our workers show we are not "
                             "the one cut off")
                 self.enter(new)
-        if silent >= self.window_s:
+        if len(self.carried) > 2 * len(self.b.core.workers) + 64:  # only registered workers' are of use
+            self.carried = {w.identity: self.carried.get(w.identity, 0) for w in self.b.core.workers.values()}
+        if self.silent_s(now) >= self.window_s:
             self.stream.lost()
         if self.serving:
             self.stream.tick(now)
@@ -319,6 +331,7 @@ class Pair:
         me = self.me()
         return {"role": me.role.value, "state": me.state.value, "epoch": me.epoch, "lsn": me.lsn,
                 "caught_up": me.whole, "workers": me.workers, "version": PROTOCOL_VERSION, "schema": self.schema,
+                "hears_you": time.time() - self.peer_heard < self.window_s / 2,
                 "resync": self.copy.wants_snapshot}
 
     async def _read(self) -> None:
@@ -349,16 +362,18 @@ class Pair:
             return self._peer_state(msg.body)
         if self.peer is None:
             return  # nothing but its state before we know what it is
-        self._heard()
+        self._heard(confirmed=True)  # an answer to something of ours: it hears us
         if self.serving:
             self.stream.message(msg)
         else:
             self.copy.message(msg)
 
-    def _heard(self) -> None:
+    def _heard(self, confirmed: bool) -> None:
         self.peer_heard = time.time()
-        if self.serving:
-            self.workers_when_heard = len(self.b.core.workers)
+        if confirmed:
+            self.peer_confirmed = self.peer_heard
+            if self.serving:
+                self.workers_when_heard = len(self.b.core.workers)
 
     def _from_peer(self, frame: zmq.Frame) -> bool:
         """Without CURVE, the sender's address must be the configured peer's (with CURVE, ZAP let in only
@@ -384,9 +399,9 @@ class Pair:
         now = time.time()
         reconnected = self.peer is None or now - self.peer_heard >= self.window_s
         peer = Side(Role(body["role"]), PairState(body["state"]), body["epoch"], body["lsn"], body["caught_up"],
-                    body["workers"])
+                    body["workers"], body["hears_you"])
         self.peer = peer
-        self._heard()
+        self._heard(confirmed=peer.hears)
         new = on_peer_state(self.me(), peer, bool(self.stream.due_blobs))
         if self.serving and new is PairState.PENDING:
             self.step_down(f"the peer serves epoch {peer.epoch}, newer than ours ({self.epoch})")

@@ -66,6 +66,10 @@ class WorkerDaemon:
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         self.worker_id = config.worker_id or self._persistent_id()
         self.endpoints = Endpoints(config.broker)  # one broker, or the two of a pair (nsd.endpoints)
+        self._epoch_file = self.cache_dir / "pair-epoch"  # the pair's term we last saw: we carry it across restarts
+        if self.endpoints.pair:
+            with contextlib.suppress(OSError, ValueError):
+                self.endpoints.epoch = int(self._epoch_file.read_text())
         self._not_active = False  # this session's broker said it is the passive one of a pair
         self.boot_id = uuid.uuid4().hex
         if bool(config.curve_key) != bool(config.server_key):
@@ -320,6 +324,9 @@ class WorkerDaemon:
                 self._ignore(msg.cmd.name, f"{why}; keeping {self.heartbeat_s:g}s x {self.liveness}")
             else:
                 self.heartbeat_s, self.liveness = float(body["heartbeat_s"]), liveness
+            if self.endpoints.pair and body.get("epoch", 0) > self.endpoints.epoch:
+                with contextlib.suppress(OSError):
+                    self._epoch_file.write_text(str(body["epoch"]))
             self.endpoints.heard(body)
             self.endpoints.answered()
             self._set_registered(True)
