@@ -268,3 +268,48 @@ async def test_a_submit_retried_with_its_id_makes_one_task(broker, client):
     again = await client.request(Cmd.SUBMIT, spec=raw, submit_id="a" * 32)
     other = await client.request(Cmd.SUBMIT, spec=raw, submit_id="b" * 32)
     assert first["task_id"] == again["task_id"] != other["task_id"] and len(await client.list()) == 2
+
+
+async def test_the_gateways_event_stream_and_cluster_view_follow_the_pair(pair, tmp_path):
+    pytest.importorskip("fastapi")
+    import httpx
+
+    from nsd.gateway.server import GatewayConfig, GatewayServer
+
+    await pair.start("primary")
+    backup = await pair.start("backup")
+    await pair.settled("primary")
+    gateway = GatewayServer(GatewayConfig(broker=pair.both("clients"), http="127.0.0.1:0", grpc=None, keepalive_s=0.5))
+    await gateway.start()
+    gateway.client.timeout_s, gateway.client.idle_resnapshot_s = 2, 0.3
+    client = AsyncClient(pair.both("clients"), timeout_s=2)
+    worker = await ScriptedWorker(pair.address("primary", "workers"), "w1", slots=1, answer=plan_then_hold(4)).start()
+    ids: list[int] = []
+    try:
+        async with httpx.AsyncClient(base_url=gateway.endpoints["http"], timeout=60) as http:
+            view = (await http.get("/v1/cluster")).json()
+            assert view["pair"]["state"] == "active" and view["pair"]["peer"]["state"] == "passive"
+            task_id = await client.submit(spec())
+
+            async def follow():
+                async with http.stream("GET", f"/v1/tasks/{task_id}/events") as answer:
+                    async for line in answer.aiter_lines():
+                        if line.startswith("id: "):
+                            ids.append(int(line[4:]))
+
+            follower = asyncio.create_task(follow())
+            await _answer_next(worker, 0.1)
+            await pair.kill("primary")
+            await wait_for(lambda: _silent_for(backup, pair.window_s), 10)
+            await worker.move(pair.address("backup", "workers"))
+            await _answer_next(worker, 0.2)
+            await _answer_next(worker, 0.99)
+            task = await done(client, task_id, 20)
+            await asyncio.wait_for(follower, 20)
+            assert ids == sorted(set(ids)) and ids[-1] == task["seq"]  # no gap it did not stand in for, no repeat
+            view = (await http.get("/v1/cluster")).json()
+            assert view["pair"]["role"] == "backup" and view["pair"]["state"] == "solo" and view["pair"]["epoch"] == 2
+    finally:
+        await worker.stop()
+        await client.close()
+        await gateway.stop()
