@@ -77,6 +77,26 @@ def render(metrics: Metrics, tasks_by_state: dict[str, int], workers: int, slots
     return "\n".join(lines) + "\n"
 
 
+def render_pair(status: dict, states: list[str], takeovers: int, stepdowns: int) -> str:
+    """A broker pair's lines (nsd.broker.peer.Pair.status)."""
+    peer = status["peer"] or {}
+    lines = ["# HELP nsd_pair_state This broker's state in its pair (1 for the current one).",
+             "# TYPE nsd_pair_state gauge"]
+    lines += [f'nsd_pair_state{{state="{s}"}} {int(s == status["state"])}' for s in states]
+    for name, kind, value, about in (
+            ("nsd_pair_epoch", "gauge", status["epoch"], "The active term this broker's history has reached."),
+            ("nsd_pair_lsn", "gauge", status["lsn"], "Transactions committed (serving) or applied (passive) here."),
+            ("nsd_pair_peer_behind", "gauge", peer.get("behind") or 0,
+             "Transactions the passive broker has not confirmed yet (on the serving broker)."),
+            ("nsd_pair_peer_heard_seconds", "gauge", peer.get("heard_s", -1),
+             "Seconds since the other broker was last heard (-1: never)."),
+            ("nsd_pair_held", "gauge", status["held"], "Effects waiting for the passive broker."),
+            ("nsd_pair_takeovers_total", "counter", takeovers, "Times this broker started to serve."),
+            ("nsd_pair_stepdowns_total", "counter", stepdowns, "Times this broker stopped serving.")):
+        lines += [f"# HELP {name} {about}", f"# TYPE {name} {kind}", f"{name} {value}"]
+    return "\n".join(lines) + "\n"
+
+
 async def serve(host: str, port: int, page: Callable[[], str]) -> asyncio.AbstractServer:
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:

@@ -9,6 +9,9 @@ The broker calls in at four points: `admit` (requests that reach a broker that d
 "not active", or make it take over; a newer epoch fences a serving one), `out` (every effect: sent now, or
 held until the passive broker has written the transaction it follows), `tick`, and `status`.
 Takeover is a restart: `Core.load()` from the copy, leases waiting one grace window for their workers.
+
+Long module: the link's life (sockets, the states each message moves, takeover and step-down) and the
+broker's four hooks into it read together: each hook's answer depends on the state the link keeps.
 """
 
 from __future__ import annotations
@@ -24,8 +27,8 @@ from urllib.parse import urlsplit
 
 import zmq
 
+from nsd.broker import metrics as metrics_http
 from nsd.broker import replication
-from nsd.broker.core import Core
 from nsd.broker.pair import (PairState, Role, Side, cluster_still_hears, fenced, may_take_over, next_epoch,
                              on_peer_state, on_silence)
 from nsd.broker.peer_sync import Copy, Stream
@@ -57,7 +60,7 @@ class Pair:
         self.carried: dict[bytes, int] = {}  # worker identity -> the epoch its READY carried
         self.held: collections.deque = collections.deque()  # (lsn, socket name, frames)
         self.blob_held: dict[str, list] = {}  # sha -> [(lsn, socket name, frames)]: waiting for the blob too
-        self.takeovers = self.stepdowns = self.dropped = 0
+        self.takeovers = self.stepdowns = 0
         self._bad = OncePerPeer(log)
         self._problems: set[str] = set()
         self._loop_task: asyncio.Task | None = None
@@ -175,8 +178,7 @@ class Pair:
         if not self.state.holding:
             return self.b._send(name, frames)
         if len(self.held) + len(self.blob_held) >= MAX_HELD:
-            self.dropped += 1
-            return False
+            return False  # counted as a dropped send
         entry = (self.lsn, name, frames)
         if blob is not None and blob in self.b.blobs.hidden:
             self.blob_held.setdefault(blob, []).append(entry)
@@ -241,22 +243,8 @@ class Pair:
         return view
 
     def metric_lines(self) -> str:
-        peer = self.status()["peer"] or {}
-        lines = ["# HELP nsd_pair_state This broker's state in its pair (1 for the current one).",
-                 "# TYPE nsd_pair_state gauge"]
-        lines += [f'nsd_pair_state{{state="{s.value}"}} {int(s is self.state)}' for s in PairState]
-        for name, kind, value, about in (
-                ("nsd_pair_epoch", "gauge", self.epoch, "The active term this broker's history has reached."),
-                ("nsd_pair_lsn", "gauge", self.lsn, "Transactions committed (serving) or applied (passive) here."),
-                ("nsd_pair_peer_behind", "gauge", peer.get("behind") or 0,
-                 "Transactions the passive broker has not confirmed yet (on the serving broker)."),
-                ("nsd_pair_peer_heard_seconds", "gauge", peer.get("heard_s", -1),
-                 "Seconds since the other broker was last heard (-1: never)."),
-                ("nsd_pair_held", "gauge", self.status()["held"], "Effects waiting for the passive broker."),
-                ("nsd_pair_takeovers_total", "counter", self.takeovers, "Times this broker started to serve."),
-                ("nsd_pair_stepdowns_total", "counter", self.stepdowns, "Times this broker stopped serving.")):
-            lines += [f"# HELP {name} {about}", f"# TYPE {name} {kind}", f"{name} {value}"]
-        return "\n".join(lines) + "\n"
+        return metrics_http.render_pair(self.status(), [st.value for st in PairState], self.takeovers,
+                                        self.stepdowns)
 
     # ---- transitions ------------------------------------------------------------------------------------
 
