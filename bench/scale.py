@@ -4,6 +4,7 @@
     python bench/scale.py                      # every scenario at full size (a few minutes)
     python bench/scale.py --quick              # every scenario, small (the CI smoke test)
     python bench/scale.py --scenario idle --workers 1000 --idle-s 30 --json out.json
+    python bench/scale.py --scenario throughput,latency --pair both   # a single broker, then a broker pair
 
 The broker runs as it does in production (`python -m nsd broker`, a subprocess, its own state dir).
 Simulated workers are DEALER sockets speaking the real protocol (nsd.protocol): READY with their slots,
@@ -450,11 +451,22 @@ class Proc:
         _STARTED.pop(self.pid, None)
 
 
-class Cluster:
-    """One broker and its simulators, in a scratch folder; `close` kills every one of them by PID."""
+def _port() -> int:
+    import socket
 
-    def __init__(self, scratch: Path, heartbeat_s: float, profile: Path | None, label: str):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Cluster:
+    """One broker (with `pair`, the primary of a broker pair and its backup) and its simulators, in a scratch
+    folder; `close` kills every one of them by PID. Simulated workers and the client talk to the primary."""
+
+    def __init__(self, scratch: Path, heartbeat_s: float, profile: Path | None, label: str, pair: bool = False):
         self.scratch, self.heartbeat_s, self.profile, self.label = scratch, heartbeat_s, profile, label
+        self.pair = pair
+        self.backup: Proc | None = None
         self.broker: Proc | None = None
         self.sims: list[Proc] = []
         self.endpoints: dict[str, str] = {}
@@ -465,6 +477,16 @@ class Cluster:
         argv = [sys.executable, "-m", "nsd", "broker", "--state-dir", str(state),
                 "--clients", "tcp://127.0.0.1:*", "--workers", "tcp://127.0.0.1:*",
                 "--events", "tcp://127.0.0.1:*", "--heartbeat", str(self.heartbeat_s), "--log-level", "info"]
+        if self.pair:  # the backup first: its own state dir and sockets, the pair's link on two fixed ports
+            a, b = f"tcp://127.0.0.1:{_port()}", f"tcp://127.0.0.1:{_port()}"
+            argv += ["--role", "primary", "--peer", b, "--peer-bind", a]
+            backup = [*argv[:5], str(self.scratch / "backup"), *argv[6:-6], "--role", "backup", "--peer", a,
+                      "--peer-bind", b]
+            with open(self.scratch / "backup.log", "wb") as log:
+                proc = await asyncio.create_subprocess_exec(
+                    sys.executable, "-c", _EXEC_PRELUDE, *backup, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                    stderr=log, cwd=str(ROOT), env={**os.environ, "PYTHONPATH": str(ROOT)})
+            self.backup = Proc("backup broker", proc)
         if self.profile is not None:
             self.profile.mkdir(parents=True, exist_ok=True)
             pyspy = shutil.which("py-spy") or (Path(sys.executable).parent / "py-spy")
@@ -521,7 +543,25 @@ class Cluster:
             await s.send(command)
         return list(await asyncio.gather(*(s.expect(answer, 60) for s in self.sims)))
 
+    async def settled(self, client) -> None:
+        """A pair: the primary active and the backup's copy whole (what every figure is then taken with)."""
+        from nsd.client.errors import BrokerError
+
+        deadline, pair = time.monotonic() + 60, None
+        while time.monotonic() < deadline:
+            try:
+                pair = (await client.cluster_status())["pair"]
+            except BrokerError:  # "not active" while the two are still finding each other
+                pair = None
+            if pair is not None and pair["state"] == "active" and (pair["peer"] or {}).get("whole"):
+                return
+            await asyncio.sleep(0.1)
+        raise RuntimeError(f"the broker pair did not settle: {pair}")
+
     async def close(self) -> None:
+        if self.backup is not None:
+            with contextlib.suppress(Exception):
+                await self.backup.stop(signal.SIGTERM, grace_s=5)
         for s in self.sims:
             with contextlib.suppress(Exception):
                 await s.stop()
@@ -538,7 +578,7 @@ class Cluster:
                     os.kill(self.broker_pid, signal.SIGKILL)
                 await asyncio.sleep(0.2)
             _STARTED.pop(self.broker_pid, None)
-        gone = [p.pid for p in (self.broker, *self.sims) if p is not None] + [self.broker_pid]
+        gone = [p.pid for p in (self.broker, self.backup, *self.sims) if p is not None] + [self.broker_pid]
         survivors = [pid for pid in gone if alive(pid)]
         if survivors:
             raise RuntimeError(f"processes survived: {survivors}")
@@ -575,16 +615,20 @@ def _children(pid: int) -> list[int]:
         return []
 
 
-async def run_scenario(sc: Scenario, args) -> dict[str, Any]:
+async def run_scenario(sc: Scenario, args, pair: bool = False) -> dict[str, Any]:
     from nsd.client.api import AsyncClient
 
-    result: dict[str, Any] = {"scenario": sc.name, **asdict(sc), "total_slots": sc.total_slots,
+    result: dict[str, Any] = {"scenario": sc.name + ("+pair" if pair else ""), **asdict(sc), "total_slots": sc.total_slots,
                               "loadavg_before": os.getloadavg()[0]}
     scratch = Path(tempfile.mkdtemp(prefix=f"nsd-scale-{sc.name}-"))
-    cluster = Cluster(scratch, args.heartbeat, args.profile, sc.name)
+    cluster = Cluster(scratch, args.heartbeat, args.profile, sc.name, pair)
     client = None
     try:
         await cluster.start_broker()
+        if pair:
+            client = AsyncClient(cluster.endpoints["clients"], timeout_s=120)
+            await cluster.settled(client)
+            result["name"] = sc.name
         result["broker_pid"] = cluster.broker_pid
         base = _proc_usage(cluster.broker_pid)
         result["broker_rss_start_mb"] = round(base["rss"] / 2**20, 1)
@@ -593,13 +637,17 @@ async def run_scenario(sc: Scenario, args) -> dict[str, Any]:
         result["register_s"] = round(time.monotonic() - t_reg, 2)
         result["sim_pids"] = [s.pid for s in cluster.sims]
         result["simulators"] = len(cluster.sims)
-        client = AsyncClient(cluster.endpoints["clients"], timeout_s=120)
+        client = client or AsyncClient(cluster.endpoints["clients"], timeout_s=120)
         workers = await client.cluster()
         result["workers_registered"] = len(workers)
+        backup0 = _proc_usage(cluster.backup.pid) if pair else None
         if sc.trials:
             await _run_task(sc, cluster, client, result, args.max_s)
         else:
             await _run_idle(sc, cluster, client, result)
+        if backup0 is not None:  # what the copy costs the other head
+            backup1 = _proc_usage(cluster.backup.pid)
+            result["backup_cpu_pct"] = round(100 * (backup1["cpu_s"] - backup0["cpu_s"]) / (backup1["t"] - backup0["t"]), 1)
         # Anything nsd did that it should not have, under this load:
         text = cluster.log_path.read_text(errors="replace")
         result["broker_log_warnings"] = sum(1 for line in text.splitlines()
@@ -763,7 +811,7 @@ def render(results: list[dict]) -> str:
             ("trial_s", "trial s"), ("completed_per_s", "done/s"), ("dispatched_per_s", "dispatch/s"),
             ("makespan_s", "makespan s"), ("ideal_s", "ideal s"), ("makespan_ratio", "ratio"),
             ("latency_p50_ms", "p50 ms"), ("latency_p99_ms", "p99 ms"), ("broker_cpu_pct", "broker CPU%"),
-            ("broker_rss_mb", "broker RSS MB"), ("client_rtt_max_ms", "client wait max ms"),
+            ("broker_rss_mb", "broker RSS MB"), ("backup_cpu_pct", "backup CPU%"), ("client_rtt_max_ms", "client wait max ms"),
             ("max_broker_silence_s", "max silence s"), ("sim_cpu_pct", "sim CPU%")]
     def cell(r: dict, k: str) -> str:
         if k == "makespan_ratio" and r.get("makespan_ratio_at_least") is not None:
@@ -797,11 +845,13 @@ async def amain(args) -> list[dict]:
         print(f"# {name}: {sc.workers} workers x {sc.slots} slots, "
               + (f"{sc.trials} trials of {sc.trial_s:g}s" if sc.trials else f"idle {sc.idle_s:g}s"),
               file=sys.stderr, flush=True)
-        r = await run_scenario(sc, args)
-        results.append(r)
-        brief = {k: r.get(k) for k in ("completed_per_s", "dispatched_per_s", "makespan_ratio", "latency_p50_ms",
-                                       "latency_p99_ms", "broker_cpu_pct", "broker_rss_mb") if r.get(k) is not None}
-        print(f"#   {brief}", file=sys.stderr, flush=True)
+        for pair in {"off": (False,), "on": (True,), "both": (False, True)}[args.pair]:
+            r = await run_scenario(sc, args, pair)
+            results.append(r)
+            brief = {k: r.get(k) for k in ("completed_per_s", "dispatched_per_s", "makespan_ratio", "latency_p50_ms",
+                                           "latency_p99_ms", "broker_cpu_pct", "backup_cpu_pct", "broker_rss_mb")
+                     if r.get(k) is not None}
+            print(f"#   {'pair' if pair else 'single'}: {brief}", file=sys.stderr, flush=True)
     return results
 
 
@@ -827,6 +877,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, help="also write the results here")
     p.add_argument("--profile", type=Path, help="profile the broker (py-spy if installed, else cProfile) into DIR")
     p.add_argument("--keep-scratch", action="store_true", help="keep each broker's state dir and log")
+    p.add_argument("--pair", choices=("off", "on", "both"), default="off",
+                   help="a broker pair (primary + backup, every commit confirmed by the backup); both: each "
+                        "scenario with a single broker, then with a pair, side by side")
     args = p.parse_args(argv)
     raise_nofile()  # inherited by the broker
     try:
