@@ -97,7 +97,7 @@ def broker(state_dir, log_level, clients, workers, events, heartbeat_s, liveness
 @click.command()
 @config_option("worker")
 @click.option("--broker", "broker_addr", envvar="NSD_WORKER_BROKER", default=WORKER.broker,
-              show_default=True, help="The broker's worker endpoint (env NSD_WORKER_BROKER).")
+              show_default=True, help="The broker's worker endpoint; a broker pair's two, comma-separated (env NSD_WORKER_BROKER).")
 @click.option("--cores", type=int, default=None,
               help="Use the first N cores this process may run on (lowest ids; default: all of them).")
 @click.option("--cpus", default=None,
@@ -165,7 +165,7 @@ def worker(broker_addr, cores, cpus, cores_per_trial, cache_dir, cache_size, wor
 @click.command()
 @config_option("gateway")
 @click.option("--broker", envvar="NSD_BROKER", default="tcp://127.0.0.1:5550", show_default=True,
-              help="The broker's client endpoint (env NSD_BROKER).")
+              help="The broker's client endpoint; a broker pair's two, comma-separated (env NSD_BROKER).")
 @click.option("--http", default="127.0.0.1:8550", show_default=True, help="REST, events and web view: HOST:PORT.")
 @click.option("--grpc", default="127.0.0.1:8551", show_default=True, help="gRPC: HOST:PORT.")
 @click.option("--tokens", type=click.Path(dir_okay=False), default=None,
