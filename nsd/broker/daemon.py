@@ -6,9 +6,8 @@ message against `nsd.protocol`'s schemas, applies the batch in one SQLite transa
 savepoint of its own, so one bad message cannot undo the others), schedules once, commits, and only then
 sends what the batch produced: replies, acknowledgements, assignments, events. A failed commit answers the
 batch's clients with the storage error and asks its workers to register again (they keep their results
-in their outboxes); the loop goes on serving reads. In a broker pair (nsd/broker/peer.py) a broker that does
-not serve answers "not active", and a serving one's effects wait until the passive broker has the commit.
-It never imports torch.
+in their outboxes); the loop goes on serving reads. In a broker pair (nsd/broker/peer.py) effects wait
+until the passive broker has the commit. It never imports torch.
 
 Its parts: what a client request gets (nsd/broker/client_requests.py) and what a worker message does
 (nsd/broker/worker_messages.py); this module is the sockets, the loop turn and the timers.
