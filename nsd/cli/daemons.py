@@ -120,13 +120,23 @@ def broker(state_dir, log_level, clients, workers, events, heartbeat_s, liveness
               help="This worker's key pair, allowed on the broker as a worker (env NSD_WORKER_CURVE_KEY).")
 @click.option("--server-key", envvar="NSD_WORKER_SERVER_KEY", default=None, type=click.Path(dir_okay=False),
               help="The broker's public key (env NSD_WORKER_SERVER_KEY).")
+@click.option("--shared-dir", "shared_dirs", multiple=True, type=click.Path(file_okay=False),
+              default=WORKER.shared_dirs, help="A shared-filesystem folder runners may read (model.shared = true "
+                                               "tasks name paths in it); repeat for more. Default: none.")
+@click.option("--runner-env", multiple=True, default=WORKER.runner_env,
+              help="An environment variable of ours that runners also get (they get only a few: PATH, LANG, "
+                   "OMP_*, ...); repeat for more.")
+@click.option("--no-sandbox", is_flag=True, default=not WORKER.sandbox,
+              help="Run runners without bubblewrap. Development only: a python recipe could then read this "
+                   "worker's keys, cache and other tasks' files.")
 @click.option("--log-level", default="info", show_default=True)
 def worker(broker_addr, cores, cpus, cores_per_trial, cache_dir, cache_size, worker_id, heartbeat, grace, preload,
-           curve_key, server_key, log_level) -> None:
+           curve_key, server_key, shared_dirs, runner_env, no_sandbox, log_level) -> None:
     """Run a worker daemon on this node."""
     from nsd.limits import raise_open_files_limit
     from nsd.net import install_uvloop
     from nsd.worker.daemon import WorkerDaemon, WorkerRefused
+    from nsd.worker.sandbox import SandboxError
 
     setup_logging(log_level)
     raise_open_files_limit()
@@ -141,13 +151,15 @@ def worker(broker_addr, cores, cpus, cores_per_trial, cache_dir, cache_size, wor
         fail(ValueError(f"--cores-per-trial must be between 1 and {len(cpus)}"))
     config = WorkerConfig(broker=broker_addr, cpus=cpus, cores_per_trial=cores_per_trial,
                           worker_id=worker_id, heartbeat_s=heartbeat, grace_s=grace, curve_key=curve_key,
-                          server_key=server_key, cache_max_bytes=int(cache_size * 1024**3), preload=preload)
+                          server_key=server_key, cache_max_bytes=int(cache_size * 1024**3), preload=preload,
+                          shared_dirs=[Path(d) for d in shared_dirs], runner_env=list(runner_env),
+                          sandbox=not no_sandbox)
     if cache_dir is not None:
         config.cache_dir = Path(cache_dir).resolve()  # runners work in their own folders
 
     try:
         daemon = WorkerDaemon(config)
-    except ValueError as exc:
+    except (ValueError, SandboxError) as exc:
         fail(exc)
 
     async def serve() -> None:
