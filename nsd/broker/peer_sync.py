@@ -230,7 +230,7 @@ class Copy:
         try:
             self.applier.check(body)
             self.partial.append(body)
-            self.partial_bytes += sum(len(str(r)) for r in body["rows"])
+            self.partial_bytes += sum(map(replication.row_bytes, body["rows"]))
             if self.partial_bytes > MAX_PARTIAL_BYTES:
                 raise replication.ReplicationError(f"transaction {lsn} is larger than {MAX_PARTIAL_BYTES} bytes")
             if not body["last"]:
@@ -245,7 +245,7 @@ class Copy:
         pair.epoch, pair.lsn = body["epoch"], lsn
         rows = [row for part in parts for row in part["rows"]]
         tables = {name: cols for part in parts for name, cols in part["tables"].items()}
-        pair.log.add(replication.Record(body["epoch"], lsn, tables, rows, sum(len(str(r)) for r in rows)))
+        pair.log.add(replication.Record(body["epoch"], lsn, tables, rows, sum(map(replication.row_bytes, rows))))
         self.confirmed = True
         pair.send(Cmd.PEER_ACK, {"epoch": body["epoch"], "lsn": lsn})
 
