@@ -26,7 +26,7 @@ import pytest
 
 from nsd.client.api import AsyncClient
 from nsd.client.view import apply_event
-from tests.conftest import RECIPES, digits_spec, kill_pid, wait_for
+from tests.conftest import RECIPES, ROOT, TEST_RUNNER_ENV, digits_spec, kill_pid, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("ip") is None,
@@ -123,7 +123,8 @@ class Hosts:
 
     def worker(self) -> subprocess.Popen:
         return self.run("worker", "w", "worker", "--broker", self.both(5551), "--cores", "1", "--id", "w1",
-                        "--cache-dir", str(self.tmp / "w1"), "--heartbeat", str(HEARTBEAT),
+                        "--cache-dir", str(self.tmp / "w1"), "--heartbeat", str(HEARTBEAT), "--shared-dir", str(ROOT),
+                        *(f"--runner-env={v}" for v in TEST_RUNNER_ENV),
                         env={"NSD_TEST_SLOW_S": "1.5", "LOGLEVEL": "WARNING"})
 
     def both(self, port: int) -> str:
