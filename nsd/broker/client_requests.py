@@ -40,7 +40,7 @@ class ClientRequests:
         if msg.cmd is Cmd.HELLO:
             return {"protocol": PROTOCOL_VERSION, "version": __version__, "events": self.endpoints["events"]}
         if msg.cmd is Cmd.SUBMIT:
-            spec = validate(body["spec"]).to_dict()
+            spec = validate(body["spec"])
             missing = [ref for ref in spec_blob_refs(spec) if not self.blobs.has(parse_ref(ref)[0])]
             if missing:
                 raise ValueError(f"blob(s) not uploaded: {', '.join(missing)}; upload them first (BLOB_PUT)")

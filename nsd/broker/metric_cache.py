@@ -18,30 +18,31 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import asdict
 from typing import Any
 
 from nsd.blobs import parse_ref
-from nsd.spec import PATH_FIELDS
+from nsd.spec import PATH_FIELDS, TaskSpec, TuningSpec
 from nsd.versions import VERSION_KEYS
 
 # Recipe fields that only say where files are: their content enters the key through the blob hash.
 _LOCATION_FIELDS = {"file", "data"}
 
 
-def task_basis(spec: dict, versions: dict | None) -> dict | None:
+def task_basis(spec: TaskSpec, versions: dict | None) -> dict | None:
     """What every key of this task shares, or None where the task must not be cached."""
-    if not spec["tuning"].get("cache", True) or spec["model"].get("shared") or not versions:
+    if not spec.tuning.cache or spec.model.shared or not versions:
         return None
     blobs = {}
     for section, key in PATH_FIELDS:
-        value = spec[section].get(key)
+        value = getattr(getattr(spec, section), key)
         if value is None:
             continue
         ref = parse_ref(value)
         if ref is None:  # a plain path: its content is not known to us
             return None
         blobs[f"{section}.{key}"] = ref[0]
-    recipe = {k: v for k, v in spec["recipe"].items() if k not in _LOCATION_FIELDS}
+    recipe = {k: v for k, v in asdict(spec.recipe).items() if k not in _LOCATION_FIELDS}
     return {"blobs": blobs, "recipe": recipe, "versions": {k: versions.get(k) for k in VERSION_KEYS}}
 
 
@@ -50,9 +51,9 @@ def _digest(kind: str, basis: dict, **more: Any) -> str:
     return f"{kind}:" + hashlib.sha256(text.encode()).hexdigest()
 
 
-def plan_key(basis: dict, tuning: dict) -> str:
-    return _digest("plan", basis, config_set=tuning["config_set"], max_trials=tuning["max_trials"],
-                   strategy=tuning.get("strategy"))
+def plan_key(basis: dict, tuning: TuningSpec) -> str:
+    return _digest("plan", basis, config_set=tuning.config_set, max_trials=tuning.max_trials,
+                   strategy=tuning.strategy)
 
 
 def trial_key(basis: dict, config: dict, fallback: Any = None) -> str:
@@ -84,34 +85,34 @@ class MetricCache:
             self.store.cache_put(key, body, self.clock())
 
     @staticmethod
-    def _plan_key(spec: dict, versions: dict | None) -> str | None:
+    def _plan_key(spec: TaskSpec, versions: dict | None) -> str | None:
         basis = task_basis(spec, versions)
-        return None if basis is None else plan_key(basis, spec["tuning"])
+        return None if basis is None else plan_key(basis, spec.tuning)
 
     @staticmethod
-    def _trial_key(spec: dict, versions: dict | None, config: dict, fallback: Any = None,
+    def _trial_key(spec: TaskSpec, versions: dict | None, config: dict, fallback: Any = None,
                    kind: str = "trial") -> str | None:
         basis = task_basis(spec, versions)
         if basis is None:
             return None
         return (trial_key if kind == "trial" else artifact_key)(basis, config, fallback)
 
-    def get_plan(self, spec: dict, versions: dict | None) -> dict | None:
+    def get_plan(self, spec: TaskSpec, versions: dict | None) -> dict | None:
         return self._get(self._plan_key(spec, versions))
 
-    def put_plan(self, spec: dict, versions: dict | None, baseline: float, configs: list, ops=None) -> None:
+    def put_plan(self, spec: TaskSpec, versions: dict | None, baseline: float, configs: list, ops=None) -> None:
         self._put(self._plan_key(spec, versions), {"baseline": baseline, "configs": configs, "ops": ops})
 
-    def get_trial(self, spec: dict, versions: dict | None, config: dict, fallback: Any = None) -> dict | None:
+    def get_trial(self, spec: TaskSpec, versions: dict | None, config: dict, fallback: Any = None) -> dict | None:
         return self._get(self._trial_key(spec, versions, config, fallback))
 
-    def put_trial(self, spec: dict, versions: dict | None, config: dict, fallback: Any, metric: float | None,
+    def put_trial(self, spec: TaskSpec, versions: dict | None, config: dict, fallback: Any, metric: float | None,
                   bound: float | None = None) -> None:
         self._put(self._trial_key(spec, versions, config, fallback), {"metric": metric, "bound": bound})
 
-    def get_artifact(self, spec: dict, versions: dict | None, config: dict, fallback: Any = None) -> str | None:
+    def get_artifact(self, spec: TaskSpec, versions: dict | None, config: dict, fallback: Any = None) -> str | None:
         found = self._get(self._trial_key(spec, versions, config, fallback, "artifact"))
         return found and found.get("sha256")
 
-    def put_artifact(self, spec: dict, versions: dict | None, config: dict, fallback: Any, sha256: str) -> None:
+    def put_artifact(self, spec: TaskSpec, versions: dict | None, config: dict, fallback: Any, sha256: str) -> None:
         self._put(self._trial_key(spec, versions, config, fallback, "artifact"), {"sha256": sha256})

@@ -27,7 +27,6 @@ from urllib.parse import urlsplit
 
 import zmq
 
-from nsd.broker import metrics as metrics_http
 from nsd.broker import replication
 from nsd.broker.pair import (PairState, Role, Side, cluster_still_hears, fenced, may_take_over, next_epoch,
                              on_peer_state, on_silence)
@@ -208,7 +207,8 @@ class Pair:
             self.held.append(entry)
         self.release()
 
-    def tick(self, now: float) -> None:
+    def tick(self, now: float) -> bool:
+        """Heartbeat the peer, judge its silence, move the stream or the copy on; whether we serve."""
         self.send(Cmd.PEER_STATE, self._state_body())
         silent = self.unconfirmed_s(now)
         if self.serving and silent >= self.window_s / 2:
@@ -230,6 +230,7 @@ class Pair:
             self.stream.tick(now)
         else:
             self.copy.tick(now)
+        return self.serving
 
     def status(self) -> dict:
         now, peer = time.time(), self.peer
@@ -242,9 +243,13 @@ class Pair:
                             "behind": max(0, self.lsn - applied) if self.serving else None}
         return view
 
-    def metric_lines(self) -> str:
-        return metrics_http.render_pair(self.status(), [st.value for st in PairState], self.takeovers,
-                                        self.stepdowns)
+    def metric_values(self) -> dict:
+        """What the pair's metrics show (nsd.broker.metrics.pair_families)."""
+        view = self.status()
+        peer = view["peer"] or {}
+        return {"states": [state.value for state in PairState], "state": view["state"], "epoch": view["epoch"],
+                "lsn": view["lsn"], "behind": peer.get("behind") or 0, "heard_s": peer.get("heard_s", -1),
+                "held": view["held"], "takeovers": self.takeovers, "stepdowns": self.stepdowns}
 
     # ---- transitions ------------------------------------------------------------------------------------
 

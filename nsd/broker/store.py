@@ -1,4 +1,4 @@
-"""SQLite persistence for the broker: tasks, trials, logs, events and worker keys, write-through, WAL.
+"""SQLite persistence for the broker: tasks, trials, logs, worker keys and the cache, write-through, WAL.
 
 Column names come from this module's own constants, never from a peer; values are always bound
 parameters. JSON columns hold plain data (spec, config, error details).
@@ -69,12 +69,7 @@ CREATE TABLE IF NOT EXISTS cache (
     body TEXT NOT NULL,
     created REAL NOT NULL
 );
-CREATE TABLE IF NOT EXISTS events (
-    task_id TEXT NOT NULL,
-    seq INTEGER NOT NULL,
-    body TEXT NOT NULL,
-    PRIMARY KEY (task_id, seq)
-);
+DROP TABLE IF EXISTS events;  -- events were kept here until 2026-12 and never read: clients re-snapshot
 """
 
 class StorageError(RuntimeError):
@@ -102,7 +97,6 @@ MIGRATIONS = (  # columns added after the first release: (table, column, definit
     ("tasks", "jobs", "TEXT"),
     ("tasks", "submit_id", "TEXT"),  # the client's id for one submission: a SUBMIT retried after a failover
 )
-EVENTS_KEPT = 1000  # per task: the events table keeps the newest ones (clients re-snapshot; see README)
 TASK_COLUMNS = frozenset({"state", "started", "finished", "baseline", "winner", "met_goal", "error", "seq",
                           "stage_attempt", "stage_worker", "plan_s", "artifact", "oplists", "jobs"})
 TRIAL_COLUMNS = frozenset({"state", "attempt", "metric", "worker", "started", "finished", "seconds", "error",
@@ -202,13 +196,10 @@ class Store:
     def update_trial(self, task_id: str, idx: int, **fields: Any) -> None:
         self._update("trials", TRIAL_COLUMNS, "task_id = ? AND idx = ?", (task_id, idx), fields)
 
-    def append_event(self, task_id: str, seq: int, body: dict) -> None:
+    def set_seq(self, task_id: str, seq: int) -> None:
+        """The task's latest event number: a client's snapshot carries it, and events continue from it."""
         with self._writing():
-            self.db.execute("INSERT INTO events (task_id, seq, body) VALUES (?, ?, ?)",
-                            (task_id, seq, json.dumps(body)))
             self.db.execute("UPDATE tasks SET seq = ? WHERE id = ?", (seq, task_id))
-            if seq % 100 == 0 and seq > EVENTS_KEPT:  # retention: the newest EVENTS_KEPT of each task
-                self.db.execute("DELETE FROM events WHERE task_id = ? AND seq <= ?", (task_id, seq - EVENTS_KEPT))
 
     def put_log(self, task_id: str, job: str, attempt: int, worker: str | None, text: str) -> None:
         with self._writing():

@@ -27,10 +27,10 @@ import zmq.asyncio
 
 from nsd import __version__
 from nsd.endpoints import Endpoints
-from nsd.liveness import heartbeat_due
+from nsd.liveness import heartbeat_due, timing_problem
 from nsd.net import configure, send_now
 from nsd.protocol import BROKER_TO_WORKER, PROTOCOL_VERSION, Cmd, ProtocolError, pack, unpack
-from nsd.security import ClientKeys, KeyFileError
+from nsd.security import ClientKeys, HandshakeWatch, KeyFileError
 from nsd.systemd import notify, watchdog_interval
 from nsd.worker import checks
 from nsd.worker.cache import BlobCache
@@ -68,11 +68,11 @@ class WorkerDaemon:
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         self.worker_id = config.worker_id or self._persistent_id()
         self.endpoints = Endpoints(config.broker)  # one broker, or the two of a pair (nsd.endpoints)
+        self._not_active = False  # this session's broker said it is the passive one of a pair
         self._epoch_file = self.cache_dir / "pair-epoch"  # the pair's term we last saw: we carry it across restarts
         if self.endpoints.pair:
             with contextlib.suppress(OSError, ValueError):
                 self.endpoints.epoch = int(self._epoch_file.read_text())
-        self._not_active = False  # this session's broker said it is the passive one of a pair
         self.boot_id = uuid.uuid4().hex
         if bool(config.curve_key) != bool(config.server_key):
             raise KeyFileError("CURVE needs both this worker's key (--curve-key) and the broker's public key "
@@ -92,6 +92,8 @@ class WorkerDaemon:
         self.backlog: list[tuple[str, int, dict]] = []  # jobs assigned while every slot was busy
         self.ctx = zmq.asyncio.Context()
         self.sock: zmq.asyncio.Socket | None = None
+        self._watch: HandshakeWatch | None = None  # the connection's handshake (a refused key says so)
+        self.refused: str | None = None  # why the broker refused the last connection's handshake, if it did
         self.state = WorkerState.CONNECTING
         self._refusal = ""  # the broker's reason, once REFUSED
         self._drain_deadline = 0.0  # monotonic time a DRAINING worker stops waiting for running jobs
@@ -150,11 +152,15 @@ class WorkerDaemon:
                     break
                 backoff = self.config.heartbeat_s if healthy else min(backoff * 2, self.config.backoff_max_s)
                 delay, lost = backoff, self.endpoints.current
-                if self.endpoints.pair:
+                if self.endpoints.pair and not self.refused:
                     delay, refused_since = self._next_endpoint(healthy, refused_since, backoff)
-                log.warning("%s %s; connecting to %s in %.1fs", "not the active broker:" if self._not_active else
-                            "lost the broker at", lost, self.endpoints.current, delay)
-                notify(f"STATUS=lost the broker at {lost}; reconnecting")
+                if self.refused:  # a key the broker does not (yet) allow: say so, and try again later
+                    log.error("%s (broker at %s); trying again in %.0fs", self.refused, lost, delay)
+                    notify(f"STATUS=refused by the broker at {lost}; retrying")
+                else:
+                    log.warning("%s %s; connecting to %s in %.1fs", "not the active broker:" if self._not_active else
+                                "lost the broker at", lost, self.endpoints.current, delay)
+                    notify(f"STATUS=lost the broker at {lost}; reconnecting")
                 if self._drained():
                     break
                 with contextlib.suppress(asyncio.TimeoutError):
@@ -217,6 +223,8 @@ class WorkerDaemon:
                 self._send(Cmd.BYE, {"handback": True})
             return session.was_registered
         finally:
+            self.refused = await self._watch.problem()
+            self._watch.close()
             self.sock.close(linger=200)
             self.sock = None
             self.transfers.drop("the connection to the broker ended")
@@ -231,6 +239,7 @@ class WorkerDaemon:
         self.sock.setsockopt(zmq.IDENTITY, self.worker_id.encode())
         if self.curve is not None:
             self.curve.apply(self.sock)
+        self._watch = HandshakeWatch(self.sock, "worker")  # before connecting: a refusal comes once
         self.sock.connect(self.endpoints.current)
         self.heartbeat_s, self.liveness = self.config.heartbeat_s, self.config.liveness
         self._send(Cmd.READY, self._ready_body())
@@ -258,6 +267,8 @@ class WorkerDaemon:
             if self._drained():
                 self._enter(WorkerState.STOPPING)
                 return True
+        if not self.registered.is_set() and await self._watch.problem() is not None:
+            return True  # the broker refused the handshake: no answer will come on this connection
         # Read each turn: READY_ACK may have changed them to the broker's.
         hb, deadline = self.heartbeat_s, self.heartbeat_s * self.liveness
         # At most a second: the systemd watchdog is fed from this loop, whatever the interval.
@@ -327,7 +338,7 @@ class WorkerDaemon:
             # Adopt the broker's timing: it declares us dead after heartbeat_s * liveness of silence and
             # pings at heartbeat_s, so our deadline and our own period must be the same numbers.
             liveness = body.get("liveness", self.liveness)
-            if (why := checks.timing(body["heartbeat_s"], liveness)) is not None:
+            if (why := timing_problem(body["heartbeat_s"], liveness)) is not None:
                 self._ignore(msg.cmd.name, f"{why}; keeping {self.heartbeat_s:g}s x {self.liveness}")
             else:
                 self.heartbeat_s, self.liveness = float(body["heartbeat_s"]), liveness
