@@ -13,7 +13,8 @@ import pytest
 from nsd.client.api import AsyncClient, BrokerError, BrokerUnavailable, prepare_spec
 from nsd.protocol import Cmd
 from tests.conftest import wait_for
-from tests.peers import PairOfBrokers, ScriptedWorker, count_assigned, done, metrics_answer, plan_then_hold, spec
+from tests.pairs import PairOfBrokers
+from tests.peers import ScriptedWorker, count_assigned, done, metrics_answer, plan_then_hold, spec
 
 METRICS = {0: 0.5, 1: 0.95, 2: 0.2, 3: 0.99, 4: 0.99, 5: 0.99}
 
@@ -44,7 +45,7 @@ async def test_the_primary_serves_and_the_backup_holds_a_row_for_row_copy(pair):
         task_id = await client.submit(spec())
         assert (await done(client, task_id))["winner"]["index"] == 1
         await wait_for(lambda: _same(pair, "SELECT * FROM trials ORDER BY task_id, idx"), 10)
-        assert await _same(pair, "SELECT * FROM tasks") and await _same(pair, "SELECT * FROM events")
+        assert await _same(pair, "SELECT * FROM tasks") and await _same(pair, "SELECT * FROM pair_terms")
         status = await client.request(Cmd.CLUSTER)
         assert status["pair"]["state"] == "active" and status["pair"]["peer"]["state"] == "passive"
     finally:
@@ -288,7 +289,7 @@ async def test_the_gateways_event_stream_and_cluster_view_follow_the_pair(pair, 
     try:
         async with httpx.AsyncClient(base_url=gateway.endpoints["http"], timeout=60) as http:
             view = (await http.get("/v1/cluster")).json()
-            assert view["pair"]["state"] == "active" and view["pair"]["peer"]["state"] == "passive"
+            assert view["pair"]["role"] == "primary" and view["pair"]["peer"]["state"] == "passive"
             task_id = await client.submit(spec())
 
             async def follow():

@@ -17,7 +17,8 @@ from nsd.net import configure
 from nsd.protocol import PEER_TO_PEER, PROTOCOL_VERSION, Cmd, pack, unpack
 from nsd.security import ClientKeys, allow, generate_keypair
 from tests.conftest import wait_for
-from tests.peers import PairOfBrokers, ScriptedWorker, done, metrics_answer, spec
+from tests.pairs import PairOfBrokers
+from tests.peers import ScriptedWorker, done, metrics_answer, spec
 
 
 @pytest.fixture
