@@ -129,6 +129,12 @@ class PairOfBrokers:
         self.brokers[role] = broker
         return broker
 
+    async def start_both(self) -> tuple:
+        """Both brokers, settled: the primary active, the backup's copy whole."""
+        brokers = await self.start("primary"), await self.start("backup")
+        await self.settled("primary")
+        return brokers
+
     async def kill(self, role: str) -> None:
         await self.brokers.pop(role).stop()
 

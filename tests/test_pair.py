@@ -35,9 +35,7 @@ def rows(path, sql: str) -> list[tuple]:
 
 
 async def test_the_primary_serves_and_the_backup_holds_a_row_for_row_copy(pair):
-    await pair.start("primary")
-    await pair.start("backup")
-    await pair.settled("primary")
+    await pair.start_both()
     client = AsyncClient(pair.both("clients"), timeout_s=5, idle_resnapshot_s=0.3)
     worker = await ScriptedWorker(pair.both("workers").split(",")[0], "w1", slots=2, delay_s=0.05,
                                   answer=metrics_answer(METRICS)).start()
@@ -59,9 +57,7 @@ async def _same(pair, sql: str) -> bool:
 
 
 async def test_a_result_is_acknowledged_only_once_the_passive_broker_has_written_it(pair):
-    await pair.start("primary")
-    backup = await pair.start("backup")
-    await pair.settled("primary")
+    _, backup = await pair.start_both()
     client = AsyncClient(pair.both("clients"), timeout_s=5)
     worker = await ScriptedWorker(pair.address("primary", "workers"), "w1", slots=1, answer=plan_then_hold(3)).start()
     try:
@@ -90,9 +86,7 @@ async def _acked(worker, job: str) -> bool:
 
 
 async def test_the_backup_takes_over_only_when_the_primary_is_silent_and_a_worker_lost_it(pair):
-    await pair.start("primary")
-    backup = await pair.start("backup")
-    await pair.settled("primary")
+    _, backup = await pair.start_both()
     client = AsyncClient(pair.both("clients"), timeout_s=2)
     worker = await ScriptedWorker(pair.address("primary", "workers"), "w1", slots=2, answer=plan_then_hold(4)).start()
     try:
@@ -135,9 +129,7 @@ async def linked(tmp_path):
 
 async def test_only_the_link_between_the_brokers_cut_leaves_exactly_one_active(linked):
     pair = linked
-    await pair.start("primary")
-    backup = await pair.start("backup")
-    await pair.settled("primary")
+    _, backup = await pair.start_both()
     client = AsyncClient(pair.both("clients"), timeout_s=5, idle_resnapshot_s=0.3)
     worker = await ScriptedWorker(pair.address("primary", "workers"), "w1", slots=1, delay_s=0.3,
                                   answer=metrics_answer(METRICS)).start()
@@ -161,9 +153,7 @@ async def test_only_the_link_between_the_brokers_cut_leaves_exactly_one_active(l
 
 async def test_a_cut_off_active_acknowledges_nothing_and_steps_down_on_a_newer_epoch(linked):
     pair = linked
-    primary = await pair.start("primary")
-    backup = await pair.start("backup")
-    await pair.settled("primary")
+    primary, backup = await pair.start_both()
     worker = await ScriptedWorker(pair.address("primary", "workers"), "w1", slots=1, answer=plan_then_hold(3)).start()
     client = AsyncClient(pair.both("clients"), timeout_s=2)
     seen: list = []
@@ -208,9 +198,7 @@ async def _state(broker, state: str) -> bool:
 
 
 async def test_a_returning_broker_comes_back_passive_catches_up_and_the_pair_fails_back(pair):
-    await pair.start("primary")
-    backup = await pair.start("backup")
-    await pair.settled("primary")
+    _, backup = await pair.start_both()
     client = AsyncClient(pair.both("clients"), timeout_s=2, idle_resnapshot_s=0.3)
     worker = await ScriptedWorker(pair.address("primary", "workers"), "w1", slots=1, answer=plan_then_hold(6)).start()
     seqs: list[int] = []
@@ -277,9 +265,7 @@ async def test_the_gateways_event_stream_and_cluster_view_follow_the_pair(pair, 
 
     from nsd.gateway.server import GatewayConfig, GatewayServer
 
-    await pair.start("primary")
-    backup = await pair.start("backup")
-    await pair.settled("primary")
+    _, backup = await pair.start_both()
     gateway = GatewayServer(GatewayConfig(broker=pair.both("clients"), http="127.0.0.1:0", grpc=None, keepalive_s=0.5))
     await gateway.start()
     gateway.client.timeout_s, gateway.client.idle_resnapshot_s = 2, 0.3

@@ -181,7 +181,8 @@ async def settled(client: AsyncClient, serving: str, timeout: float = 60) -> dic
     return await wait_for(ready, timeout, 0.3)
 
 
-async def test_the_active_head_cut_off_and_killed_mid_task_costs_a_pause_and_nothing_else(hosts):
+async def started(hosts: Hosts) -> AsyncClient:
+    """Both brokers and the worker started, the pair settled and the worker registered: a client of both."""
     hosts.broker("a")
     hosts.broker("b")
     hosts.worker()
@@ -189,6 +190,15 @@ async def test_the_active_head_cut_off_and_killed_mid_task_costs_a_pause_and_not
     try:
         await settled(client, "primary")
         await wait_for(lambda: _workers(client, 1), 90, 0.3)
+    except BaseException:
+        await client.close()
+        raise
+    return client
+
+
+async def test_the_active_head_cut_off_and_killed_mid_task_costs_a_pause_and_nothing_else(hosts):
+    client = await started(hosts)
+    try:
         task_id = await client.submit(slow_spec())
         view, seqs, trial_events = None, [], []
 
@@ -234,13 +244,8 @@ async def test_the_active_head_cut_off_and_killed_mid_task_costs_a_pause_and_not
 
 
 async def test_only_the_link_between_the_brokers_cut_leaves_exactly_one_active(hosts):
-    hosts.broker("a")
-    hosts.broker("b")
-    hosts.worker()
-    client = AsyncClient(hosts.both(5550), timeout_s=3, idle_resnapshot_s=0.5)
+    client = await started(hosts)
     try:
-        await settled(client, "primary")
-        await wait_for(lambda: _workers(client, 1), 90, 0.3)
         task_id = await client.submit(slow_spec())
         await wait_for(lambda: _finished(client, task_id, 1), 180, 0.2)
         hosts.set_link("a", "link0", False)  # only the pair's own wire
