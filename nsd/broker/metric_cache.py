@@ -10,6 +10,10 @@ the second from its `cache` table:
 - `trial_key`: a trial's metric, or, for a trial that stopped early, the bound it stopped at (reusable
   only where the new task's stop rule lets that bound stop it too);
 - `artifact_key`: the saved winner (a blob), keyed like its trial.
+- `figures_key`: deployment figures (the FP32 baseline's, config None; or a trial's), keyed like its trial
+  AND by the hardware they were measured on (`hardware_key`: the worker's CPU model, core count and ISA
+  features, and the cores the job ran on): a re-tune on the same kind of machine re-answers from them, and
+  figures from other hardware are never reused.
 
 Only tasks whose inputs are all blobs are cached: a `shared = true` path can change under the same name.
 """
@@ -64,6 +68,19 @@ def artifact_key(basis: dict, config: dict, fallback: Any = None) -> str:
     return _digest("artifact", basis, config=config, fallback=fallback)
 
 
+def hardware_key(hardware: dict | None, cores: int) -> dict | None:
+    """What deployment figures depend on besides the model: the CPU, its ISA features, the worker's cores and
+    the cores (threads) the figures were measured with. None: a worker that did not say (never cached)."""
+    if not hardware:
+        return None
+    return {"cpu": hardware.get("cpu"), "isa": sorted(hardware.get("isa") or []), "cores": hardware.get("cores"),
+            "threads": cores}
+
+
+def figures_key(basis: dict, hardware: dict, config: dict | None, fallback: Any = None) -> str:
+    return _digest("figures", basis, hardware=hardware, config=config, fallback=fallback)
+
+
 class MetricCache:
     """The broker's cache table (Store.cache_get/cache_put) in terms of tasks and trials. A task that may
     not be cached (task_basis None) neither reads nor writes."""
@@ -113,6 +130,21 @@ class MetricCache:
     def get_artifact(self, spec: TaskSpec, versions: dict | None, config: dict, fallback: Any = None) -> str | None:
         found = self._get(self._trial_key(spec, versions, config, fallback, "artifact"))
         return found and found.get("sha256")
+
+    def get_figures(self, spec: TaskSpec, versions: dict | None, hardware: dict | None, config: dict | None = None,
+                    fallback: Any = None) -> dict | None:
+        """{"figures": ... or None} measured on this hardware (hardware_key), or None where not known."""
+        key = self._figures_key(spec, versions, hardware, config, fallback)
+        return self._get(key)
+
+    def put_figures(self, spec: TaskSpec, versions: dict | None, hardware: dict | None, config: dict | None,
+                    fallback: Any, figures: dict | None) -> None:
+        self._put(self._figures_key(spec, versions, hardware, config, fallback), {"figures": figures})
+
+    @staticmethod
+    def _figures_key(spec, versions, hardware, config, fallback) -> str | None:
+        basis = task_basis(spec, versions)
+        return None if basis is None or hardware is None else figures_key(basis, hardware, config, fallback)
 
     def put_artifact(self, spec: TaskSpec, versions: dict | None, config: dict, fallback: Any, sha256: str) -> None:
         self._put(self._trial_key(spec, versions, config, fallback, "artifact"), {"sha256": sha256})

@@ -95,12 +95,15 @@ MIGRATIONS = (  # columns added after the first release: (table, column, definit
     ("trials", "cached", "INTEGER"),  # answered from the metric cache
     # job kinds (nsd.broker.jobs): the leases of the jobs other than trials, [[kind, index, attempt, worker]]
     ("tasks", "jobs", "TEXT"),
+    # deployment figures (nsd/figures.py), each [figures, the hardware they were measured on] (JSON)
+    ("tasks", "baseline_figures", "TEXT"), ("trials", "figures", "TEXT"),
+    ("trials", "pruned", "INTEGER"),  # not evaluated: its figures lost to a passing trial's
     ("tasks", "submit_id", "TEXT"),  # the client's id for one submission: a SUBMIT retried after a failover
 )
 TASK_COLUMNS = frozenset({"state", "started", "finished", "baseline", "winner", "met_goal", "error", "seq",
-                          "stage_attempt", "stage_worker", "plan_s", "artifact", "oplists", "jobs"})
+                          "stage_attempt", "stage_worker", "plan_s", "artifact", "oplists", "baseline_figures", "jobs"})
 TRIAL_COLUMNS = frozenset({"state", "attempt", "metric", "worker", "started", "finished", "seconds", "error",
-                           "bound", "stopped_early", "cached"})
+                           "bound", "stopped_early", "cached", "figures", "pruned"})
 
 
 class Store:

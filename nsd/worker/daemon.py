@@ -35,6 +35,7 @@ from nsd.systemd import notify, watchdog_interval
 from nsd.worker import checks
 from nsd.worker.cache import BlobCache
 from nsd.versions import installed_versions
+from nsd.worker.hardware import describe as describe_hardware
 from nsd.worker.config import WorkerConfig
 from nsd.worker.jobs import Outbox, run_job
 from nsd.worker.sandbox import runner_layout, shared_task_paths
@@ -107,6 +108,7 @@ class WorkerDaemon:
         self.heartbeat_s, self.liveness = config.heartbeat_s, config.liveness
         self.ignored = 0  # broker messages whose values failed a check (logged, then ignored)
         self.versions = installed_versions()
+        self.hardware = describe_hardware(len(self.cpus), config.label)  # deployment figures belong to it
 
     @property
     def slots(self) -> list[Slot]:
@@ -310,6 +312,7 @@ class WorkerDaemon:
                 "nsd_version": __version__, "running": self._running(), "outbox": self.outbox.results(),
                 "draining": draining,
                 "versions": self.versions,  # what its runners import: part of the broker's metric cache key
+                "hardware": self.hardware,
                 **self.endpoints.extra()}  # a pair: the highest epoch seen; whether we came as a failover witness
 
     def _running(self) -> list[list]:
