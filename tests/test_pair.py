@@ -266,9 +266,11 @@ async def test_the_gateways_event_stream_and_cluster_view_follow_the_pair(pair, 
     from nsd.gateway.server import GatewayConfig, GatewayServer
 
     _, backup = await pair.start_both()
-    gateway = GatewayServer(GatewayConfig(broker=pair.both("clients"), http="127.0.0.1:0", grpc=None, keepalive_s=0.5))
+    gateway = GatewayServer(GatewayConfig(broker=pair.both("clients"), http="127.0.0.1:0", grpc=None, keepalive_s=0.5,
+                                          no_auth=True))
     await gateway.start()
-    gateway.client.timeout_s, gateway.client.idle_resnapshot_s = 2, 0.3
+    for lane in (gateway.client, *gateway.client._lanes):
+        lane.timeout_s = 2
     client = AsyncClient(pair.both("clients"), timeout_s=2)
     worker = await ScriptedWorker(pair.address("primary", "workers"), "w1", slots=1, answer=plan_then_hold(4)).start()
     ids: list[int] = []

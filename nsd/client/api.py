@@ -54,6 +54,7 @@ class AsyncClient(Transfers, EventStream):
         self._own_ctx = ctx is None  # a shared context (the gateway's connections) is its owner's to end
         self.ctx = zmq.asyncio.Context() if ctx is None else ctx
         self._sock: zmq.asyncio.Socket | None = None
+        self._sock_at = ""  # the broker that socket is connected to
         self._watch: HandshakeWatch | None = None  # the request socket's handshakes and disconnects
         self._req = itertools.count(1)
         self._lock = asyncio.Lock()
@@ -121,8 +122,11 @@ class AsyncClient(Transfers, EventStream):
 
     async def _request(self, cmd: Cmd, body: dict[str, Any]) -> dict[str, Any]:
         """One request to the current broker (Lazy Pirate: a socket that timed out is dropped)."""
+        if self._sock is not None and self._sock_at != self.broker:  # another client sharing our endpoints moved
+            self._drop_socket()
         if self._sock is None:
             self._open_socket()
+            self._sock_at = self.broker
         self._disconnects()  # earlier ones (a broker restart between requests) are not this request's
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout_s
