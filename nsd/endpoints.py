@@ -8,6 +8,9 @@ off learns it from the first request that reaches it (README "A broker pair").
 
 from __future__ import annotations
 
+import contextlib
+from pathlib import Path
+
 
 def split_endpoints(value: str) -> list[str]:
     endpoints = [part.strip() for part in value.split(",") if part.strip()]
@@ -17,10 +20,14 @@ def split_endpoints(value: str) -> list[str]:
 
 
 class Endpoints:
-    def __init__(self, value: str):
+    def __init__(self, value: str, epoch_file: Path | None = None):
         self.all = split_endpoints(value)
         self.at = 0
         self.epoch = 0  # the highest epoch a broker of the pair has told us
+        self.epoch_file = epoch_file if self.pair else None  # a worker keeps it across restarts
+        if self.epoch_file is not None:
+            with contextlib.suppress(OSError, ValueError):
+                self.epoch = int(self.epoch_file.read_text())
         self.failover = False  # the endpoint we left did not answer: we are a witness that it is gone
         self.switches = 0  # how often we moved (an upload cut by a move starts over)
 
@@ -42,6 +49,9 @@ class Endpoints:
         epoch = body.get("epoch")
         if isinstance(epoch, int) and not isinstance(epoch, bool) and epoch > self.epoch:
             self.epoch = epoch
+            if self.epoch_file is not None:
+                with contextlib.suppress(OSError):
+                    self.epoch_file.write_text(str(epoch))
 
     def silent(self) -> None:
         """No answer: the other broker, as a witness that this one is gone."""

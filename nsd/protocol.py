@@ -8,12 +8,14 @@ checked on every decode; extra fields are allowed so that a newer peer can add s
 from __future__ import annotations
 
 import enum
-import math
 import re
 from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple
 
 import msgpack
+
+from nsd.fields import (BOOL, JSON_MAP, MAP, NUMBER, OPT_NUMBER, SHA256, SQL_NAME, Check,  # noqa: F401 (the wire's
+                        integer, is_json, listof, of_type, sql_row, sql_tables, text)  # field checks, re-exported)
 
 MAGIC = b"NSD1"
 PROTOCOL_VERSION = 1
@@ -81,9 +83,7 @@ MAX_OUTBOX = 1024  # unacknowledged results carried by READY
 MAX_TEXT = 256 * 1024  # a log tail, an error message
 MAX_CONFIGS = 100_000  # trials in one plan
 TASK_ID = re.compile(r"[0-9a-f]{12}")
-SHA256 = re.compile(r"[0-9a-f]{64}")  # blob names: nothing a peer sends becomes a path otherwise
 PEER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")  # worker ids (they are ZeroMQ identities)
-SQL_NAME = re.compile(r"[a-z_][a-z0-9_]{0,63}")  # a table or column of the state database (replication)
 MAX_TX_ROWS = 100_000  # rows in one part of a replicated transaction
 MAX_LSN = 1 << 62
 
@@ -147,58 +147,6 @@ def parse_job_name(name: str) -> JobRef:
     return JobRef(TRIAL, int(name)) if name.isdigit() else JobRef(name)
 
 
-@dataclass(frozen=True)
-class Check:
-    what: str  # for the error message: "an int in [1, 4096]"
-    ok: Callable[[Any], bool]
-
-
-def integer(lo: int, hi: int) -> Check:
-    return Check(f"an integer in [{lo}, {hi}]",
-                 lambda v: isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi)
-
-
-def text(max_len: int, pattern: re.Pattern | None = None) -> Check:
-    if pattern is SHA256:
-        return Check("a sha256 (64 lowercase hex characters)",
-                     lambda v: isinstance(v, str) and SHA256.fullmatch(v) is not None)
-    if pattern is None:
-        return Check(f"a string of at most {max_len} characters", lambda v: isinstance(v, str) and len(v) <= max_len)
-    return Check(f"a string matching {pattern.pattern}",
-                 lambda v: isinstance(v, str) and len(v) <= max_len and pattern.fullmatch(v) is not None)
-
-
-def listof(max_len: int, item: Check) -> Check:
-    return Check(f"a list of at most {max_len} of {item.what}",
-                 lambda v: isinstance(v, list) and len(v) <= max_len and all(item.ok(x) for x in v))
-
-
-def of_type(kind: type | tuple[type, ...], what: str) -> Check:
-    return Check(what, lambda v: isinstance(v, kind) and not (isinstance(v, bool) and kind is not bool))
-
-
-def is_json(value: Any, depth: int = 0) -> bool:
-    """Plain JSON data (what SQLite's JSON columns and the clients' JSON output hold): maps with string
-    keys, lists, strings, finite numbers, booleans, null; nested at most 32 deep; no raw bytes."""
-    if depth > 32:
-        return False
-    if value is None or isinstance(value, (bool, str, int)):
-        return True
-    if isinstance(value, float):
-        return math.isfinite(value)
-    if isinstance(value, list):
-        return all(is_json(v, depth + 1) for v in value)
-    if isinstance(value, dict):
-        return all(isinstance(k, str) and is_json(v, depth + 1) for k, v in value.items())
-    return False
-
-
-NUMBER = Check("a finite number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
-               and math.isfinite(v))
-OPT_NUMBER = Check("a finite number or null", lambda v: v is None or NUMBER.ok(v))
-BOOL = of_type(bool, "a boolean")
-MAP = of_type(dict, "a map")
-JSON_MAP = Check("a map of plain JSON data", lambda v: isinstance(v, dict) and is_json(v))
 ATTEMPT = integer(1, MAX_ATTEMPT)
 LEASE = Check("a [job id, attempt] pair", lambda v: isinstance(v, (list, tuple)) and len(v) == 2
               and text(40, JOB_ID).ok(v[0]) and ATTEMPT.ok(v[1]))
@@ -287,24 +235,6 @@ def _result_ok(v: Any) -> bool:
 OUTBOX_ENTRY = Check("a result map", _result_ok)
 
 
-def _sql_value(v: Any) -> bool:
-    return v is None or isinstance(v, (str, bytes)) or (isinstance(v, int) and not isinstance(v, bool)
-                                                         and -(1 << 63) <= v < (1 << 63)) or isinstance(v, float)
-
-
-def _row_ok(v: Any) -> bool:
-    """A replicated row: [table, rowid, values or null (deleted)]; values are what SQLite stores."""
-    return (isinstance(v, list) and len(v) == 3 and isinstance(v[0], str) and SQL_NAME.fullmatch(v[0]) is not None
-            and integer(-(1 << 63), (1 << 63) - 1).ok(v[1])
-            and (v[2] is None or (isinstance(v[2], list) and len(v[2]) <= 256 and all(_sql_value(x) for x in v[2]))))
-
-
-def _tables_ok(v: Any) -> bool:
-    return isinstance(v, dict) and len(v) <= 256 and all(
-        isinstance(k, str) and SQL_NAME.fullmatch(k) and isinstance(cols, list) and 0 < len(cols) <= 256
-        and all(isinstance(c, str) and SQL_NAME.fullmatch(c) for c in cols) for k, cols in v.items())
-
-
 LSN = integer(0, MAX_LSN)
 EPOCH = integer(0, MAX_LSN)
 PAIR_ROLE = text(16, re.compile(r"primary|backup"))
@@ -356,8 +286,8 @@ SHAPES: dict[Cmd, dict[str, Check]] = {
                      "workers": integer(0, 1 << 31), "version": integer(0, 1 << 31), "schema": text(64),
                      "hears_you": BOOL},  # I heard you within half the window
     Cmd.PEER_TX: {"epoch": EPOCH, "lsn": LSN, "part": integer(0, 1 << 20), "last": BOOL,
-                  "tables": Check("a map of table names to column names", _tables_ok),
-                  "rows": listof(MAX_TX_ROWS, Check("a [table, rowid, values] row", _row_ok))},
+                  "tables": Check("a map of table names to column names", sql_tables),
+                  "rows": listof(MAX_TX_ROWS, Check("a [table, rowid, values] row", sql_row))},
     Cmd.PEER_ACK: {"epoch": EPOCH, "lsn": LSN},
     Cmd.PEER_SNAPSHOT: {"id": text(32, SNAPSHOT_ID), "epoch": EPOCH, "lsn": LSN,
                         "size": integer(0, MAX_BLOB_OFFSET), "sha256": text(64, SHA256)},

@@ -68,12 +68,9 @@ class WorkerDaemon:
         self.cache_dir = Path(config.cache_dir)
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         self.worker_id = config.worker_id or self._persistent_id()
-        self.endpoints = Endpoints(config.broker)  # one broker, or the two of a pair (nsd.endpoints)
+        # One broker, or the two of a pair (nsd.endpoints); the pair's term we last saw is kept across restarts.
+        self.endpoints = Endpoints(config.broker, epoch_file=self.cache_dir / "pair-epoch")
         self._not_active = False  # this session's broker said it is the passive one of a pair
-        self._epoch_file = self.cache_dir / "pair-epoch"  # the pair's term we last saw: we carry it across restarts
-        if self.endpoints.pair:
-            with contextlib.suppress(OSError, ValueError):
-                self.endpoints.epoch = int(self._epoch_file.read_text())
         self.boot_id = uuid.uuid4().hex
         if bool(config.curve_key) != bool(config.server_key):
             raise KeyFileError("CURVE needs both this worker's key (--curve-key) and the broker's public key "
@@ -345,9 +342,6 @@ class WorkerDaemon:
                 self._ignore(msg.cmd.name, f"{why}; keeping {self.heartbeat_s:g}s x {self.liveness}")
             else:
                 self.heartbeat_s, self.liveness = float(body["heartbeat_s"]), liveness
-            if self.endpoints.pair and body.get("epoch", 0) > self.endpoints.epoch:
-                with contextlib.suppress(OSError):
-                    self._epoch_file.write_text(str(body["epoch"]))
             self.endpoints.heard(body)
             self.endpoints.answered()
             self._set_registered(True)
