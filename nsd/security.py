@@ -1,12 +1,21 @@
 """CURVE encryption and authentication (zmq.auth) with one key allowlist per role.
 
 README "Security (CURVE)": a client key cannot register as a worker and a worker key cannot submit. Every
-broker socket is a CURVE server in a ZAP domain, and each domain has its own allowlist directory:
+broker socket is a CURVE server in a ZAP domain, and each role has its own allowlist directory:
 
     ZAP domain "workers"  ->  KEYS_DIR/workers/*.key   (the workers ROUTER)
-    ZAP domain "clients"  ->  KEYS_DIR/clients/*.key   (the clients ROUTER and the events XPUB)
+    ZAP domain "clients"  ->  KEYS_DIR/clients/*.key   (the clients ROUTER and the events XPUB),
+                              KEYS_DIR/gateways/*.key  (keys that may act for any tenant: nsd.tenants)
+                              KEYS_DIR/admins/*.key    (keys that see every tenant)
 
 Key files are pyzmq/czmq certificates: `NAME.key` holds the public key, `NAME.key_secret` the key pair.
+An allowlist entry may carry flags in the certificate's `metadata` section: `code = "true"` (a client,
+admin or gateway may submit python recipes: README "Privacy") and `trusted = "true"` (a worker whose
+results other tenants may reuse when the broker shares its metric cache).
+
+The ZAP handler names each connection (its User-Id, which libzmq attaches to every message the peer
+sends): a worker by its public key (Z85, as the broker has always bound worker ids to keys), a key on
+the client socket by `ROLE:NAME[:code]` (`nsd.tenants.user_id`): the name is the tenant.
 
 Broker side::
 
@@ -57,14 +66,19 @@ from zmq.utils import z85
 from zmq.utils.monitor import recv_monitor_message
 
 from nsd.config import default_state_dir
+from nsd.tenants import user_id
 
 log = logging.getLogger("nsd.security")
 
-ROLES = ("worker", "client")
-#: ZAP domain of each role; also the name of its allowlist folder under the keys dir.
-ROLE_DOMAINS = {"worker": "workers", "client": "clients"}
+ROLES = ("worker", "client", "gateway", "admin")
+#: The allowlist folder of each role, under the keys dir.
+ROLE_FOLDERS = {"worker": "workers", "client": "clients", "gateway": "gateways", "admin": "admins"}
+#: The ZAP domain each role's keys are accepted on: gateways and admins are clients of the broker.
+ROLE_DOMAINS = {"worker": "workers", "client": "clients", "gateway": "clients", "admin": "clients"}
 #: ZAP domain for each broker socket (Broker.addresses' names). Workers never subscribe to events.
 SOCKET_DOMAINS = {"clients": "clients", "workers": "workers", "events": "clients"}
+#: Flags an allowlist entry may carry (`metadata` section), and the roles they mean something for.
+FLAGS = {"code": ("client", "gateway", "admin"), "trusted": ("worker",)}
 
 PUBLIC_SUFFIX = ".key"
 SECRET_SUFFIX = ".key_secret"
@@ -90,9 +104,9 @@ def default_key_dir() -> Path:
 
 
 def allowlist_dir(keys_dir: Path, role: str) -> Path:
-    if role not in ROLE_DOMAINS:
+    if role not in ROLE_FOLDERS:
         raise ValueError(f"unknown role {role!r}: expected one of {', '.join(ROLES)}")
-    return Path(keys_dir) / ROLE_DOMAINS[role]
+    return Path(keys_dir) / ROLE_FOLDERS[role]
 
 
 # ---- key files -------------------------------------------------------------------------------------
@@ -138,11 +152,28 @@ def _secret_cert(path: Path, what: str) -> tuple[bytes, bytes]:
     return public, secret
 
 
-def _public_cert_text(public: bytes, comment: str) -> str:
-    # The format pyzmq's zmq.auth.load_certificate(s) and czmq read.
+def _public_cert_text(public: bytes, comment: str, flags: frozenset[str] = frozenset()) -> str:
+    # The format pyzmq's zmq.auth.load_certificate(s) and czmq read (both skip the metadata lines).
     now = datetime.datetime.now().isoformat(timespec="seconds")
+    metadata = "".join(f"    {flag} = \"true\"\n" for flag in sorted(flags))
     return (f"#   ZeroMQ CURVE Public Certificate\n#   {comment}, {now}\n\n"
-            f"metadata\ncurve\n    public-key = \"{public.decode('ascii')}\"\n")
+            f"metadata\n{metadata}curve\n    public-key = \"{public.decode('ascii')}\"\n")
+
+
+_FLAG_LINE = re.compile(r'\s+([a-z_]+)\s*=\s*"?(true|false)"?\s*')
+
+
+def read_flags(path: Path) -> frozenset[str]:
+    """The flags (`code`, `trusted`) an allowlist entry's metadata section sets to true."""
+    flags, section = set(), None
+    for line in Path(path).read_text(errors="replace").splitlines():
+        if line and not line[0].isspace():
+            section = line.strip()
+            continue
+        match = _FLAG_LINE.fullmatch(line)
+        if section == "metadata" and match and match.group(1) in FLAGS and match.group(2) == "true":
+            flags.add(match.group(1))
+    return frozenset(flags)
 
 
 def _write_new(path: Path, data: bytes, mode: int) -> None:
@@ -187,15 +218,21 @@ def generate_keypair(directory: Path, name: str) -> tuple[Path, Path]:
     return public_path, secret_path
 
 
-def allow(keys_dir: Path, role: str, public_key_file: Path) -> Path:
+def allow(keys_dir: Path, role: str, public_key_file: Path, code: bool = False, trusted: bool = False) -> Path:
     """Add a key to a role's allowlist: writes `KEYS_DIR/<role>s/<name>.key` and returns its path.
 
     Only the public key is written, even if public_key_file is a secret certificate. `<name>` is the
-    file's name without `.key`/`.key_secret`. Adding a key that is already allowed for this role
-    returns the existing entry; a key allowed for the other role is refused (one key, one role), and
-    so is a different key under a name already taken.
+    file's name without `.key`/`.key_secret` (for clients, gateways and admins: the tenant). Adding a
+    key that is already allowed for this role returns the existing entry, with its flags set to these;
+    a key allowed for another role is refused (one key, one role), and so is a different key under a
+    name already taken. `code`: may submit python recipes (client, gateway, admin); `trusted`: a worker
+    whose results other tenants may reuse (README "Privacy").
     """
     target_dir = allowlist_dir(keys_dir, role)
+    flags = frozenset(f for f, wanted in (("code", code), ("trusted", trusted)) if wanted)
+    for flag in flags:
+        if role not in FLAGS[flag]:
+            raise ValueError(f"--{flag} is for {' and '.join(FLAGS[flag])} keys, not a {role}")
     public, _ = read_certificate(public_key_file)
     source = Path(public_key_file)
     name = source.name.removesuffix(SECRET_SUFFIX).removesuffix(PUBLIC_SUFFIX)
@@ -209,13 +246,18 @@ def allow(keys_dir: Path, role: str, public_key_file: Path) -> Path:
                                      f"one role only: make a separate pair with `nsd keys generate` for the {role}")
     for entry, key in _entries(target_dir):
         if key == public:
+            if read_flags(entry) != flags:  # the same key again, with other flags: they change
+                tmp = entry.with_name(f".{entry.name}.new")
+                tmp.unlink(missing_ok=True)
+                _write_new(tmp, _public_cert_text(public, f"nsd {role} key {entry.stem!r}", flags).encode(), 0o644)
+                os.replace(tmp, entry)
             return entry
     target_dir.mkdir(parents=True, exist_ok=True)
     target = target_dir / f"{name}{PUBLIC_SUFFIX}"
     if target.exists():
         raise FileExistsError(f"another {role} key is already allowed as {target}; rename {source} "
                               f"(or revoke the old one first)")
-    _write_new(target, _public_cert_text(public, f"nsd {role} key {name!r}").encode(), 0o644)
+    _write_new(target, _public_cert_text(public, f"nsd {role} key {name!r}", flags).encode(), 0o644)
     return target
 
 
@@ -231,17 +273,17 @@ def revoke(keys_dir: Path, role: str, name: str) -> Path:
     return path
 
 
-def list_keys(keys_dir: Path) -> dict[str, list[tuple[str, str]]]:
-    """{role: [(name, Z85 public key or a problem in brackets)]}, sorted by name."""
-    out: dict[str, list[tuple[str, str]]] = {}
+def list_keys(keys_dir: Path) -> dict[str, list[tuple[str, str, list[str]]]]:
+    """{role: [(name, Z85 public key or a problem in brackets, flags)]}, sorted by name."""
+    out: dict[str, list[tuple[str, str, list[str]]]] = {}
     for role in ROLES:
         rows = []
         folder = allowlist_dir(keys_dir, role)
         for path in sorted(folder.glob(f"*{PUBLIC_SUFFIX}")) if folder.is_dir() else []:
             try:
-                rows.append((path.stem, read_certificate(path)[0].decode("ascii")))
+                rows.append((path.stem, read_certificate(path)[0].decode("ascii"), sorted(read_flags(path))))
             except KeyFileError as exc:
-                rows.append((path.stem, f"[unreadable: {exc}]"))
+                rows.append((path.stem, f"[unreadable: {exc}]", []))
         out[role] = rows
     return out
 
@@ -260,11 +302,26 @@ def _entries(folder: Path) -> list[tuple[Path, bytes]]:
 # ---- broker side -----------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Entry:
+    """One allowlisted key: its role, its name (a tenant, for client-socket roles) and its flags."""
+
+    role: str
+    name: str
+    flags: frozenset[str] = frozenset()
+
+    def user_id(self, public: bytes) -> str:
+        if self.role == "worker":
+            return public.decode("ascii")  # workers: their key (the broker binds worker ids to keys)
+        return user_id(self.role, self.name, "code" in self.flags)
+
+
 class _Allowlists:
     """The credentials provider the authenticator calls for each CURVE handshake."""
 
     def __init__(self) -> None:
-        self.keys: dict[str, frozenset[bytes]] = {domain: frozenset() for domain in ROLE_DOMAINS.values()}
+        self.keys: dict[str, frozenset[bytes]] = {domain: frozenset() for domain in set(ROLE_DOMAINS.values())}
+        self.entries: dict[str, dict[bytes, Entry]] = {domain: {} for domain in self.keys}
         self._logged: set[tuple[str, bytes]] = set()
 
     def callback(self, domain: str, key: bytes) -> bool:
@@ -276,6 +333,27 @@ class _Allowlists:
             log.warning("refused CURVE key %s on the %s domain: not in its allowlist%s",
                         key.decode("ascii", "replace"), domain, why)
         return allowed
+
+
+class _Authenticator(Authenticator):
+    """pyzmq's authenticator, naming each connection after its allowlist entry (its User-Id).
+
+    pyzmq asks `curve_user_id(key)` right after `_authenticate_curve(domain, key)` allowed the key, in the
+    same coroutine with no await in between (handle_zap_message); the domain is remembered for it."""
+
+    def __init__(self, ctx, allowlists: _Allowlists, **kw):
+        super().__init__(ctx, **kw)
+        self._allowlists, self._domain = allowlists, ""
+
+    async def _authenticate_curve(self, domain: str, client_key: bytes):
+        self._domain = domain
+        return await super()._authenticate_curve(domain, client_key)
+
+    def curve_user_id(self, client_public_key: bytes) -> str:
+        public = z85.encode(client_public_key)
+        entry = self._allowlists.entries.get(self._domain, {}).get(public)
+        # Not in the allowlist any more (a reload raced the handshake): a name no tenant has.
+        return entry.user_id(public) if entry is not None else "client:\x00unknown"
 
 
 class CurveServer:
@@ -307,7 +385,7 @@ class CurveServer:
         self.ctx = ctx
         # The base Authenticator, driven by our own task (not AsyncioAuthenticator, whose stop() cancels
         # its task without awaiting it). No IP allow/deny: any address may try; the key decides.
-        auth = Authenticator(self.ctx, log=logging.getLogger("nsd.security.zap"))
+        auth = _Authenticator(self.ctx, self._allowlists, log=logging.getLogger("nsd.security.zap"))
         try:
             auth.start()  # binds inproc://zeromq.zap.01, one per context
         except zmq.ZMQError as exc:
@@ -336,25 +414,38 @@ class CurveServer:
         return sock
 
     def reload(self) -> dict[str, int]:
-        """Re-read both allowlists (creating empty folders); returns {role: number of keys}.
+        """Re-read every role's allowlist (creating empty folders); returns {role: number of keys}.
 
-        Unreadable entries are skipped with a warning. Affects new connections only.
+        Unreadable entries are skipped with a warning. Affects new connections only (a connection's
+        User-Id, and so its tenant and flags, is fixed at its handshake).
         """
-        keys, counts = {}, {}
+        entries: dict[str, dict[bytes, Entry]] = {domain: {} for domain in set(ROLE_DOMAINS.values())}
+        counts = {}
         for role, domain in ROLE_DOMAINS.items():
             folder = allowlist_dir(self.keys_dir, role)
             folder.mkdir(parents=True, exist_ok=True)
-            keys[domain] = frozenset(key for _, key in _entries(folder))
-            counts[role] = len(keys[domain])
-            if not keys[domain]:
+            found = _entries(folder)
+            counts[role] = len(found)
+            for path, key in found:
+                if key in entries[domain]:  # hand-copied into two folders: one key, one role
+                    log.warning("ignoring %s: this key is also allowed as a %s", path, entries[domain][key].role)
+                    continue
+                entries[domain][key] = Entry(role, path.stem, read_flags(path))
+            if not found and role in ("worker", "client"):
                 log.warning("no %s keys are allowed yet (%s is empty): no %s can connect; add one with "
                             "`nsd keys allow --role %s FILE.key --keys-dir %s`", role, folder, role, role,
                             self.keys_dir)
-        self._allowlists.keys = keys
+        self._allowlists.entries = entries
+        self._allowlists.keys = {domain: frozenset(found) for domain, found in entries.items()}
         self._allowlists._logged.clear()
-        log.info("CURVE allowlists: %d worker key(s), %d client key(s) from %s", counts["worker"],
-                 counts["client"], self.keys_dir)
+        log.info("CURVE allowlists: %s from %s", ", ".join(f"{n} {role} key(s)" for role, n in counts.items()),
+                 self.keys_dir)
         return counts
+
+    def trusted_worker(self, key: str | None) -> bool:
+        """Whether a worker's key (its User-Id) is allowed with `--trusted`."""
+        entry = self._allowlists.entries.get("workers", {}).get((key or "").encode("ascii", "replace"))
+        return entry is not None and "trusted" in entry.flags
 
     async def stop(self) -> None:
         """Stop the ZAP handler. Close the CURVE sockets first; call before ctx.term(). Idempotent."""
