@@ -36,6 +36,7 @@ class Cmd(enum.IntEnum):
     DISCONNECT = 0x15  # I do not know you or you spoke out of turn: re-register (or stop, if fatal)
     CHUNK = 0x16  # a blob range you asked for (or an error)
     STORE_ACK = 0x17  # chunk stored: next offset, and whether the blob is complete (or an error)
+    DROP = 0x18  # erase these blobs and these tasks' folders from your cache (a task was deleted)
     # client -> broker
     HELLO = 0x21  # versions and the events endpoint
     SUBMIT = 0x22  # a task spec; answered with the task id after commit
@@ -48,6 +49,9 @@ class Cmd(enum.IntEnum):
     BLOB_PUT = 0x29  # one chunk of an upload, in order; the last one is checked against its hash
     BLOB_GET = 0x2A  # a range of a stored blob
     LOGS = 0x2B  # the logs of a task's jobs (all, or one trial's)
+    DELETE_TASK = 0x2C  # erase a task and what is kept about it (README "Privacy")
+    AUDIT = 0x2D  # the audit log: who did what to which task (admins)
+    CACHE_PURGE = 0x2E  # drop metric cache entries: of a task, of a worker, or all
     # broker -> client
     REPLY = 0x31  # success; body carries `req` and the answer
     ERROR = 0x32  # failure; body carries `req` and a message for a person
@@ -71,6 +75,10 @@ TASK_ID = re.compile(r"[0-9a-f]{12}")
 JOB_ID = re.compile(r"([0-9a-f]{12})/(plan|save|0|[1-9][0-9]{0,6})")  # task/plan, task/save, task/<index>
 SHA256 = re.compile(r"[0-9a-f]{64}")  # blob names: nothing a peer sends becomes a path otherwise
 PEER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")  # worker ids (they are ZeroMQ identities)
+TENANT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}")  # nsd.tenants.TENANT: key and token names
+MAX_DROP = 1000  # blobs, and task ids, in one DROP
+MAX_PAGE = 10_000  # trials in one STATUS / RESULT_GET reply (README "Bounded views")
+DEFAULT_PAGE = 2_000  # ... when the request names no limit
 
 
 @dataclass(frozen=True)
@@ -171,6 +179,7 @@ SHAPES: dict[Cmd, dict[str, Check]] = {
     Cmd.DISCONNECT: {"reason": text(MAX_TEXT)},
     Cmd.CHUNK: {"sha256": text(64, SHA256), "offset": integer(0, MAX_BLOB_OFFSET)},
     Cmd.STORE_ACK: {"sha256": text(64, SHA256), "offset": integer(0, MAX_BLOB_OFFSET)},
+    Cmd.DROP: {"sha256": listof(MAX_DROP, text(64, SHA256)), "tasks": listof(MAX_DROP, text(12, TASK_ID))},
     Cmd.HELLO: {"req": integer(0, 1 << 62)},
     Cmd.SUBMIT: {"req": integer(0, 1 << 62), "spec": JSON_MAP},
     Cmd.STATUS: {"req": integer(0, 1 << 62), "task_id": text(64)},
@@ -184,6 +193,9 @@ SHAPES: dict[Cmd, dict[str, Check]] = {
     Cmd.BLOB_GET: {"req": integer(0, 1 << 62), "sha256": text(64, SHA256), "offset": integer(0, MAX_BLOB_OFFSET),
                    "length": integer(0, MAX_CHUNK_BYTES)},
     Cmd.LOGS: {"req": integer(0, 1 << 62), "task_id": text(64)},
+    Cmd.DELETE_TASK: {"req": integer(0, 1 << 62), "task_id": text(64)},
+    Cmd.AUDIT: {"req": integer(0, 1 << 62)},
+    Cmd.CACHE_PURGE: {"req": integer(0, 1 << 62)},
     Cmd.REPLY: {"req": integer(0, 1 << 62)},
     Cmd.ERROR: {"req": integer(0, 1 << 62), "error": of_type(str, "a string")},
     Cmd.EVENT: {"task_id": of_type(str, "a string"), "seq": integer(0, 1 << 62), "kind": of_type(str, "a string")},
@@ -196,6 +208,13 @@ OPTIONAL: dict[Cmd, dict[str, Check]] = {
     Cmd.BYE: {"handback": BOOL},
     Cmd.RESULT: RESULT_OPTIONAL,
     Cmd.LOGS: {"job": Check("null or a job name", lambda v: v is None or text(16, re.compile(r"plan|save|[0-9]{1,7}")).ok(v))},
+    # Bounded views: a page of the task's trials.
+    Cmd.STATUS: {"offset": integer(0, 1 << 31), "limit": integer(1, MAX_PAGE)},
+    Cmd.RESULT_GET: {"offset": integer(0, 1 << 31), "limit": integer(1, MAX_PAGE)},
+    Cmd.SUBMIT: {"code": BOOL},  # from a gateway: its user may submit python recipes (nsd.tenants)
+    Cmd.AUDIT: {"task_id": text(64), "owner": text(64, TENANT), "limit": integer(1, 1000),
+                "before": integer(0, 1 << 62)},
+    Cmd.CACHE_PURGE: {"task_id": text(64), "worker": text(128, PEER_NAME), "all": BOOL},
 }
 # The largest body each message may have (the sockets' MAXMSGSIZE is the bound for a whole message).
 _SMALL = 64 * 1024
@@ -204,6 +223,7 @@ MAX_BODY.update({Cmd.SUBMIT: 256 * 1024, Cmd.BLOB_PUT: MAX_CHUNK_BYTES + 1024, C
                  Cmd.RESULT: 8 * 1024 * 1024, Cmd.READY: MAX_MESSAGE_BYTES, Cmd.BLOB_HAVE: 128 * 1024,
                  # broker -> peers: a chunk, a job with its spec, a task with all its trials
                  Cmd.CHUNK: MAX_CHUNK_BYTES + 1024, Cmd.ASSIGN: 1024 * 1024, Cmd.REPLY: MAX_MESSAGE_BYTES,
+                 Cmd.DROP: 256 * 1024,
                  Cmd.EVENT: MAX_MESSAGE_BYTES})
 MAX_SPEC_BYTES = MAX_BODY[Cmd.SUBMIT] - 1024  # a task spec, packed (the client checks before sending)
 
@@ -231,10 +251,14 @@ def parse_job_id(value: str) -> tuple[str, str | int]:
 
 WORKER_TO_BROKER = frozenset({Cmd.READY, Cmd.HEARTBEAT, Cmd.RESULT, Cmd.BYE, Cmd.FETCH, Cmd.STORE})
 BROKER_TO_WORKER = frozenset({Cmd.READY_ACK, Cmd.ASSIGN, Cmd.RESULT_ACK, Cmd.CANCEL,
-                              Cmd.HEARTBEAT, Cmd.DISCONNECT, Cmd.CHUNK, Cmd.STORE_ACK})
+                              Cmd.HEARTBEAT, Cmd.DISCONNECT, Cmd.CHUNK, Cmd.STORE_ACK, Cmd.DROP})
 CLIENT_TO_BROKER = frozenset({Cmd.HELLO, Cmd.SUBMIT, Cmd.STATUS, Cmd.LIST, Cmd.CANCEL_TASK,
                               Cmd.RESULT_GET, Cmd.CLUSTER, Cmd.BLOB_HAVE, Cmd.BLOB_PUT, Cmd.BLOB_GET,
-                              Cmd.LOGS})
+                              Cmd.LOGS, Cmd.DELETE_TASK, Cmd.AUDIT, Cmd.CACHE_PURGE})
+# Every client request may name the tenant it acts for: honoured from gateway keys only (nsd.tenants).
+for _cmd in CLIENT_TO_BROKER:
+    OPTIONAL.setdefault(_cmd, {})["tenant"] = text(64, TENANT)
+del _cmd
 BROKER_TO_CLIENT = frozenset({Cmd.REPLY, Cmd.ERROR})
 
 

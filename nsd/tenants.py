@@ -26,7 +26,11 @@ ROLES_ON_CLIENT_SOCKET = ("client", "gateway", "admin")
 DEV = "dev"  # the role of every peer of a broker without CURVE
 
 
-class RefusedTenant(ValueError):
+class Refused(ValueError):
+    """A request its key may not make (audited: README "Privacy")."""
+
+
+class RefusedTenant(Refused):
     """A request names a tenant its key may not act for."""
 
 

@@ -141,8 +141,10 @@ class ScriptedWorker:
 
 # ---- specs and answers for the tests that use scripted workers, and small utilities ----------------------
 
+# Its config set holds every config a scripted plan lists (plan_answer: bits 0 .. n-1, in order), since the
+# broker refuses a plan that is not the expansion of the task's config set (nsd/broker/plan_check.py).
 SPEC = {"name": "scripted", "recipe": {"kind": "python", "file": os.path.abspath(__file__)},
-        "tuning": {"config_set": [{"rtn": {"bits": [1, 2, 3, 4, 5, 6]}}], "tolerable_loss": 0.1}}
+        "tuning": {"config_set": [{"rtn": {"bits": list(range(1000))}}], "tolerable_loss": 0.1}}
 
 
 def spec(**tuning) -> dict:

@@ -18,7 +18,7 @@ from tests.peers import ScriptedWorker, done, metrics_answer, spec
 async def secure(tmp_path):
     keys = tmp_path / "keys"
     made = {name: generate_keypair(tmp_path / "made", name) for name in ("broker", "alice", "node1", "mallory")}
-    allow(keys, "client", made["alice"][0])
+    allow(keys, "client", made["alice"][0], code=True)  # its tasks run a python recipe
     allow(keys, "worker", made["node1"][0])
     broker = Broker(BrokerConfig(state_dir=tmp_path / "state", clients="tcp://127.0.0.1:*", workers="tcp://127.0.0.1:*",
                     events="tcp://127.0.0.1:*", curve_secret=made["broker"][1], keys_dir=keys, heartbeat_s=0.5))

@@ -30,14 +30,18 @@ from nsd.broker import metrics as metrics_http
 from nsd.broker.blobs import BlobError, BlobStore
 from nsd.broker.config import BrokerConfig
 from nsd.broker.core import Core, Event, ToWorker
+from nsd.broker.erasure import Checkpoint, RemoveBlob
 from nsd.broker.metrics import Metrics
+from nsd.broker.metric_cache import tenant_scope
 from nsd.broker.store import StorageError, Store
+from nsd.broker.tenancy import STORED_BY, no_blob
 from nsd.limits import raise_open_files_limit
 from nsd.net import OncePerPeer, Readable, configure, is_loopback, send_frames_now
-from nsd.protocol import (CLIENT_TO_BROKER, MAX_CHUNK_BYTES, PROTOCOL_VERSION, WORKER_TO_BROKER, Cmd, Message,
-                          ProtocolError, event_frames, pack, unpack)
+from nsd.protocol import (CLIENT_TO_BROKER, DEFAULT_PAGE, MAX_CHUNK_BYTES, PROTOCOL_VERSION, WORKER_TO_BROKER, Cmd,
+                          Message, ProtocolError, event_frames, pack, unpack)
 from nsd.security import SOCKET_DOMAINS, CurveServer
-from nsd.spec import SpecError, spec_blob_refs, validate
+from nsd.spec import SpecError, validate
+from nsd.tenants import Acting, Principal, Refused, acting, principal
 from nsd.states import TaskState
 from nsd.systemd import notify, watchdog_interval
 
@@ -47,8 +51,10 @@ _IDLE_HEARTBEAT = pack(Cmd.HEARTBEAT, {"running": []})  # an idle worker's, byte
 _IDLE_GATHER_S = 0.02
 
 READS = frozenset({Cmd.HELLO, Cmd.STATUS, Cmd.LIST, Cmd.RESULT_GET, Cmd.CLUSTER, Cmd.BLOB_HAVE, Cmd.BLOB_GET,
-                   Cmd.LOGS})  # client requests that change nothing: answered again after a failed commit
-BLOB_WRITES = frozenset({Cmd.BLOB_PUT, Cmd.STORE})  # files, not SQLite
+                   Cmd.LOGS})  # client requests that change nothing (but the audit log): answered again after a
+# failed commit, without writing their audit entry then
+RETENTION_EVERY_S = 60.0  # how often finished tasks are checked against their retention
+NOBODY = Principal("client", "\x00unknown")  # a CURVE connection without a User-Id (never): sees nothing
 
 
 class Broker:
@@ -101,8 +107,11 @@ class Broker:
                                uploads_per_peer=self.limits.uploads_per_peer,
                                max_open_uploads=self.limits.max_open_uploads, referenced=self.store.referenced_blobs)
         self.core = Core(self.store, self.metrics, self.heartbeat_s, self.liveness, self.blobs, self.limits,
-                         curve=self.curve is not None)
+                         curve=self.curve is not None, share_cache=self.config.share_cache)
+        if self.curve is not None:
+            self.core.trusted_worker = self.curve.trusted_worker
         self.core.load()
+        self._next_retention = 0.0
         self.ctx = zmq.asyncio.Context()
         if self.curve is not None:
             self.curve.start(self.ctx)
@@ -110,6 +119,9 @@ class Broker:
         self.workers_sock = self._router()
         self.events = configure(self.ctx.socket(zmq.XPUB))
         self.events.setsockopt(zmq.SNDHWM, 10_000)  # a slow subscriber loses events (it re-snapshots), no more
+        # Each subscription reaches us, with its peer's User-Id, and counts only once we grant it
+        # (`_subscriptions`): a tenant's subscription to another tenant's task receives nothing.
+        self.events.setsockopt(zmq.XPUB_MANUAL, 1)
         for name, sock in (("clients", self.clients), ("workers", self.workers_sock), ("events", self.events)):
             if self.curve is not None:
                 self.curve.apply(sock, SOCKET_DOMAINS[name])
@@ -265,8 +277,12 @@ class Broker:
                 if name == "clients" and msg.cmd is Cmd.BLOB_GET:
                     continue  # answered already
                 if name == "clients" and msg.cmd in READS:  # answered again from the restored state
-                    replies[i] = self._client_message(identity, key, msg)
-                elif name == "clients" and msg.cmd not in BLOB_WRITES:  # (a chunk on disk stays written)
+                    core.auditing = False
+                    try:
+                        replies[i] = self._client_message(identity, key, msg)
+                    finally:
+                        core.auditing = True
+                elif name == "clients":  # an upload's chunk stays on disk, but not whose it is: sent again
                     replies[i] = (identity, Cmd.ERROR, {"req": msg.body["req"], "error": str(exc)})
                 elif msg.cmd in (Cmd.READY, Cmd.RESULT):  # it keeps unacknowledged results: it will resend them
                     worker = core.workers.get(identity.decode("ascii", "replace"))
@@ -300,16 +316,29 @@ class Broker:
                     self.metrics.dropped_sends += 1
             elif isinstance(effect, Event):
                 self._send("events", event_frames(effect.task_id, effect.body))  # a lagging subscriber re-snapshots
+            elif isinstance(effect, RemoveBlob):
+                self.blobs.remove(effect.sha256)
+            elif isinstance(effect, Checkpoint):
+                try:
+                    self.store.checkpoint()
+                except Exception as exc:  # a busy or failing disk: the WAL is truncated at a later one
+                    log.warning("WAL checkpoint after an erasure failed: %s", exc)
 
     # ---- clients ---------------------------------------------------------------------------------
 
     def _client_message(self, identity: bytes, key: str | None, msg: Message) -> tuple[bytes, Cmd, dict]:
         req = msg.body["req"]
+        who = self._principal(key)
         try:
             with self.core.tx():  # a savepoint: a request that fails leaves nothing behind
-                answer = self._client_request(identity, key, msg)
+                answer = self._client_request(identity, acting(who, msg.body), msg)
         except StorageError:
             raise
+        except Refused as exc:  # what a key tried and may not do is audited (after the rollback)
+            with self.core.tx():
+                self.core.audit(Acting(who, who.name, False), "refused", detail=f"{msg.cmd.name}: {exc}"[:500],
+                                tenant=msg.body.get("tenant", who.name))
+            return identity, Cmd.ERROR, {"req": req, "error": str(exc)}
         except (SpecError, LookupError, ValueError) as exc:
             return identity, Cmd.ERROR, {"req": req, "error": str(exc)}
         except Exception:
@@ -317,38 +346,108 @@ class Broker:
             return identity, Cmd.ERROR, {"req": req, "error": "internal broker error (see its log)"}
         return identity, Cmd.REPLY, {"req": req, **answer}
 
-    def _client_request(self, identity: bytes, key: str | None, msg: Message) -> dict[str, Any]:
+    def _principal(self, user: str | None) -> Principal:
+        """Who sent a client-socket message (its User-Id): under CURVE every connection has one."""
+        if self.curve is not None and user is None:
+            return NOBODY
+        return principal(user)
+
+    def _client_request(self, identity: bytes, who: Acting, msg: Message) -> dict[str, Any]:
+        """One request, answered for the tenant it acts for (nsd.broker.tenancy: another tenant's task or
+        blob is answered exactly as an unknown one)."""
         body, core = msg.body, self.core
         if msg.cmd is Cmd.HELLO:
-            return {"protocol": PROTOCOL_VERSION, "version": __version__, "events": self.endpoints["events"]}
+            return {"protocol": PROTOCOL_VERSION, "version": __version__, "events": self.endpoints["events"],
+                    "you": {"role": who.who.role, "name": who.who.name, "tenant": who.tenant, "code": who.code}}
         if msg.cmd is Cmd.SUBMIT:
             spec = validate(body["spec"]).to_dict()
-            missing = [ref for ref in spec_blob_refs(spec) if not self.blobs.has(parse_ref(ref)[0])]
+            if spec["recipe"]["kind"] == "python" and not who.code:
+                raise Refused(f"tenant {who.tenant!r} may not submit python recipes (code that workers run): the "
+                              f"broker's operator allows it with `nsd keys allow --role client KEY --code`; "
+                              f"built-in recipes need no such right")
+            missing = core.unowned_refs(who, spec)
             if missing:
                 raise ValueError(f"blob(s) not uploaded: {', '.join(missing)}; upload them first (BLOB_PUT)")
-            return {"task_id": core.submit(spec, owner=key or "")}
+            task = core.tasks[core.submit(spec, owner=who.tenant)]
+            core.audit(who, "submit", task, task.name[:200])
+            return {"task_id": task.id}
         if msg.cmd is Cmd.BLOB_HAVE:
-            return {"missing": [h for h in body["sha256"] if not self.blobs.has(h)]}
+            return {"missing": [h for h in body["sha256"] if not core.owns_blob(who, h)]}
         if msg.cmd is Cmd.BLOB_PUT:
-            offset, complete = self.blobs.write(identity, body["sha256"], body["offset"], body["size"], body["data"])
-            return {"offset": offset, "complete": complete}
+            return self._blob_put(identity, who, body)
         if msg.cmd is Cmd.BLOB_GET:
+            if not core.owns_blob(who, body["sha256"]):
+                raise no_blob(body["sha256"])
             data, size = self.blobs.read(body["sha256"], body["offset"], body["length"])
+            if body["offset"] == 0:
+                artifact = next((t for t in core.visible(who) if t.artifact and body["sha256"] in t.artifact), None)
+                core.audit(who, "download", artifact, body["sha256"][:12])
             return {"data": data, "size": size}
         if msg.cmd is Cmd.LIST:
-            return {"tasks": [t.summary() for t in core.tasks.values()]}
+            return {"tasks": [{**t.summary(), "owner": t.owner} for t in core.visible(who)]}
         if msg.cmd is Cmd.CLUSTER:
-            now = time.time()
-            return {"workers": [w.public(now) for w in core.workers.values()]}
-        task = core.find(body["task_id"])
+            return {"workers": self._cluster(who)}
+        if msg.cmd is Cmd.AUDIT:
+            if not who.sees_all:
+                raise Refused("the audit log is for admin keys (`nsd keys allow --role admin KEY`)")
+            return {"entries": self.store.audit_log(body.get("owner"), body.get("task_id"), body.get("before"),
+                                                    body.get("limit", 100))}
+        if msg.cmd is Cmd.CACHE_PURGE:
+            return self._cache_purge(who, body)
+        task = core.find_for(who, body["task_id"])
         if msg.cmd in (Cmd.STATUS, Cmd.RESULT_GET):
-            return {"task": task.public()}
+            offset = body.get("offset", 0)
+            if msg.cmd is Cmd.RESULT_GET and offset == 0:
+                core.audit(who, "result", task)
+            return {"task": task.public(offset, body.get("limit", DEFAULT_PAGE))}
         if msg.cmd is Cmd.LOGS:
+            core.audit(who, "logs", task, body.get("job"))
             return {"logs": self._logs(task.id, body.get("job"))}
         if msg.cmd is Cmd.CANCEL_TASK:
+            core.audit(who, "cancel", task)
             core.cancel(task)
             return {"task": task.summary()}
+        if msg.cmd is Cmd.DELETE_TASK:
+            core.audit(who, "delete", task, task.name[:200])
+            return {"task_id": task.id, "blobs_dropped": len(core.delete_task(task))}
         raise ValueError(f"unhandled request {msg.cmd.name}")  # pragma: no cover - CLIENT_TO_BROKER is exhaustive
+
+    def _blob_put(self, identity: bytes, who: Acting, body: dict) -> dict[str, Any]:
+        """One chunk of an upload. Bytes its tenant does not own are taken whole and checked, even where the
+        broker holds them already: an upload never tells one tenant what another has uploaded."""
+        sha, known = body["sha256"], self.core.owns_blob(who, body["sha256"])
+        uploader = identity + b"\x00" + who.tenant.encode()  # a gateway uploads for many tenants
+        offset, complete = self.blobs.write(uploader, sha, body["offset"], body["size"], body["data"], known=known)
+        if complete and not known:
+            self.core.add_owner(sha, who.tenant)
+        return {"offset": offset, "complete": complete}
+
+    def _cluster(self, who: Acting) -> list[dict]:
+        """Workers; what they run is shown only where the tasks are the asker's."""
+        now, workers = time.time(), []
+        for worker in self.core.workers.values():
+            view = worker.public(now)
+            if not who.sees_all:
+                view["running"] = [j for j in view["running"] if (t := self.core.tasks.get(j[:12])) and who.sees(t.owner)]
+            workers.append(view)
+        return workers
+
+    def _cache_purge(self, who: Acting, body: dict) -> dict[str, Any]:
+        given = [k for k in ("task_id", "worker", "all") if body.get(k) not in (None, False)]
+        if len(given) != 1:
+            raise ValueError("purge the cache entries of one task (task_id), of one worker (worker), or all")
+        if given == ["task_id"]:
+            task = self.core.find_for(who, body["task_id"])
+            purged = self.store.cache_purge(task_id=task.id)
+        elif not who.sees_all and given == ["worker"]:
+            raise Refused("purging a worker's cache entries is for admin keys (`nsd keys allow --role admin KEY`)")
+        elif given == ["worker"]:
+            purged = self.store.cache_purge(worker=body["worker"])
+        else:  # all: an admin's is the whole cache, a tenant's its own entries
+            purged = self.store.cache_purge() if who.sees_all else self.store.cache_purge(scope=tenant_scope(who.tenant))
+        self.core.audit(who, "cache purge", self.core.tasks.get(body.get("task_id") or ""),
+                        f"{given[0]}={body[given[0]]}; {purged} entries")
+        return {"purged": purged}
 
     def _logs(self, task_id: str, job: str | None) -> list[dict]:
         """A task's job logs; the oldest are cut so that the reply fits one message (ask per job for those)."""
@@ -366,15 +465,21 @@ class Broker:
         worker = core.worker_for(identity, key)
         if worker is not None:
             worker.last_seen = now  # any traffic counts as a heartbeat
-        if msg.cmd is Cmd.FETCH:  # blobs are served to registered workers only; files, so sent at once
-            self._to_worker(identity, Cmd.CHUNK, self._chunk(b) if worker is not None else
-                            {"sha256": b["sha256"], "offset": b["offset"], "error": "register first"})
+        if msg.cmd is Cmd.FETCH:  # only the blobs of the jobs it holds; files, so sent at once
+            refused = "register first" if worker is None else None if core.fetchable(worker, b["sha256"]) else \
+                f"no blob {b['sha256'][:12]}… among the jobs you hold"
+            self._to_worker(identity, Cmd.CHUNK, self._chunk(b) if refused is None else
+                            {"sha256": b["sha256"], "offset": b["offset"], "error": refused})
         elif msg.cmd is Cmd.STORE:
-            if worker is None:
-                ack = {"sha256": b["sha256"], "offset": b["offset"], "error": "register first"}
+            if worker is None or not core.may_store(worker):
+                why = "register first" if worker is None else "a worker stores blobs only for a save job it holds"
+                ack = {"sha256": b["sha256"], "offset": b["offset"], "error": why}
             else:
-                try:
-                    offset, complete = self.blobs.write(identity, b["sha256"], b["offset"], b["size"], b["data"])
+                try:  # every byte, even of bytes stored already: the artifact it names must be what it sent
+                    offset, complete = self.blobs.write(identity, b["sha256"], b["offset"], b["size"], b["data"],
+                                                        known=False)
+                    if complete:
+                        core.add_owner(b["sha256"], STORED_BY + worker.id)
                     ack = {"sha256": b["sha256"], "offset": offset, "complete": complete}
                 except BlobError as exc:
                     ack = {"sha256": b["sha256"], "offset": b["offset"], "error": str(exc)}
@@ -412,12 +517,25 @@ class Broker:
     # ---- time ---------------------------------------------------------------------------------------
 
     async def _drain_subscriptions(self) -> None:
+        """Decide each subscription (XPUB_MANUAL): granted only for a whole task id its peer may see
+        (`Core.may_subscribe`, by the User-Id libzmq attaches to the subscription message). A grant applies
+        to the peer whose message was read last, so each is decided before the next is read."""
         shadow, readable = self._shadows["events"], self._readable["events"]
-        while True:  # XPUB hands us (un)subscriptions; nothing to do with them but read them
+        while True:
             await readable.wait()
             with contextlib.suppress(zmq.Again):
                 while True:
-                    shadow.recv_multipart(zmq.NOBLOCK)
+                    frame = shadow.recv(zmq.NOBLOCK, copy=False)
+                    message = frame.bytes
+                    if message[:1] == b"\x00":  # an unsubscription (the peer's own, or its pipe closing)
+                        shadow.setsockopt(zmq.UNSUBSCRIBE, message[1:])
+                        continue
+                    try:
+                        user = frame.get("User-Id") if self.curve is not None else None
+                    except zmq.ZMQError:
+                        user = None
+                    if message[:1] == b"\x01" and self.core.may_subscribe(self._principal(user), message[1:]):
+                        shadow.setsockopt(zmq.SUBSCRIBE, message[1:])
 
     async def _tick(self) -> None:
         while True:
@@ -427,6 +545,9 @@ class Broker:
                 self.core.check_liveness(now)
                 self.core.check_timeouts(now)
                 self.blobs.expire(time.monotonic())
+                if now >= self._next_retention and (self.config.retention_days or self.config.tenant_retention):
+                    self._next_retention = now + RETENTION_EVERY_S
+                    self.core.expire(now, self.config.retention_days, self.config.tenant_retention)
                 with self.core.tx():
                     self.core.schedule()
             except StorageError as exc:

@@ -85,7 +85,7 @@ class Task:
     spec: dict
     state: TaskState
     created: float
-    owner: str = ""  # the client key that submitted it ("" without CURVE): per-key queue limits
+    owner: str = ""  # its tenant (nsd.tenants; "" without CURVE): who may see it, per-tenant queue limits
     started: float | None = None
     finished: float | None = None
     baseline: float | None = None
@@ -234,8 +234,9 @@ class Task:
                 "trials_done": done, "trials_total": len(self.trials), "met_goal": self.met_goal,
                 "winner": self.winner, "error": self.error}
 
-    def public(self) -> dict[str, Any]:
-        """The task as clients see it (STATUS, RESULT): stable, documented in the README."""
+    def public(self, offset: int = 0, limit: int | None = None) -> dict[str, Any]:
+        """The task as clients see it (STATUS, RESULT): stable, documented in the README. With a `limit`, its
+        trials are one page (`trials_page`), so that a task of any size is readable (README "Bounded views")."""
         winner = self.trials[self.winner] if self.winner is not None else None
         t = self.tuning
         now = time.time()
@@ -245,7 +246,9 @@ class Task:
             "goal": {"tolerable_loss": t["tolerable_loss"], "criterion": t["criterion"],
                      "higher_is_better": t["higher_is_better"], "max_trials": t["max_trials"]},
             "winner": None if winner is None else {**winner.described(), "metric": winner.metric},
-            "trials": [tr.public() for tr in self.trials],
+            "trials": [tr.public() for tr in self.trials[offset:None if limit is None else offset + limit]],
+            "trials_page": {"offset": offset, "limit": len(self.trials) if limit is None else limit,
+                            "total": len(self.trials)},
             "timings": {"created": self.created, "started": self.started, "finished": self.finished,
                         "elapsed_s": ((self.finished or now) - self.started) if self.started else None,
                         "plan_s": self.plan_s,
@@ -267,6 +270,7 @@ class Worker:
     registered: float
     last_seen: float
     key: str | None = None  # its CURVE public key (z85), under CURVE
+    trusted: bool = False  # allowed with `--trusted` (any worker without CURVE): its results may be shared
     last_sent: float = 0.0
     cores_per_trial: int = 1  # the shape of its slots, for tasks that leave cores_per_trial to the worker
     running: dict[str, int] = field(default_factory=dict)  # job id -> attempt: the leases it holds

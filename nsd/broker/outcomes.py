@@ -15,6 +15,7 @@ from typing import Any
 
 from nsd.blobs import make_ref
 from nsd.broker import search, tuner
+from nsd.broker.plan_check import check_plan
 from nsd.broker.model import PLAN, SAVE, STAGE_JOBS, Task, Trial, Worker, job_id
 from nsd.broker.store import StorageError
 from nsd.protocol import Cmd, parse_job_id
@@ -75,13 +76,13 @@ class Outcomes:
             task.note_metric(tr)
             if tr.state is TrialState.PASSED and body.get("kept"):
                 tr.kept = (worker.id, body["kept"])
-            self.cache.put_trial(task.spec, worker.versions, tr.config, fallback, tr.metric)
+            self.cache.put_trial(task, worker, tr.config, fallback, tr.metric)
         elif body["ok"] and body.get("stopped_early") is True and bound is not None \
                 and not tuner.meets_goal(float(bound), task.goal()):
             # It could neither meet the goal nor beat a finished trial (tuner.stop_rule): no metric needed.
             tr.bound, tr.stopped_early = float(bound), True
             task.set_state(tr, TrialState.FAILED_GOAL)
-            self.cache.put_trial(task.spec, worker.versions, tr.config, fallback, None, tr.bound)
+            self.cache.put_trial(task, worker, tr.config, fallback, None, tr.bound)
         else:
             task.set_state(tr, TrialState.ERROR)
             tr.error = (body.get("error") or "the runner returned no metric")[:4000]
@@ -101,7 +102,7 @@ class Outcomes:
         is left to send now (`schedule` places again: the task has moved on)."""
         versions = worker.versions
         if task.state in (TaskState.QUEUED, TaskState.PLANNING):
-            plan = self.cache.get_plan(task.spec, versions)
+            plan = self.cache.get_plan(task, versions)
             if plan is None:
                 return False
             if task.state is TaskState.QUEUED:
@@ -113,7 +114,7 @@ class Outcomes:
             return True
         if task.state is TaskState.FINALIZING:
             winner = task.trials[task.winner]
-            sha = self.cache.get_artifact(task.spec, versions, winner.config, getattr(winner, "fallback", None))
+            sha = self.cache.get_artifact(task, versions, winner.config, getattr(winner, "fallback", None))
             if sha is None or not self.blobs.has(sha):
                 return False
             self._save_result(task, {"ok": True, "artifact": sha})
@@ -124,7 +125,7 @@ class Outcomes:
             if tr.state is not TrialState.PENDING:
                 heapq.heappop(task.pending)  # a stale entry
                 continue
-            known = self.cache.get_trial(task.spec, versions, tr.config, getattr(tr, "fallback", None))
+            known = self.cache.get_trial(task, versions, tr.config, getattr(tr, "fallback", None))
             if known is None:
                 return answered
             metric, bound = finite(known.get("metric")), finite(known.get("bound"))
@@ -160,9 +161,14 @@ class Outcomes:
             return self.finish(task, TaskState.FAILED, error="planning returned a malformed plan")
         if not configs:
             return self.finish(task, TaskState.FAILED, error="the config set expanded to no configs")
+        wrong = check_plan(task.tuning["config_set"], configs)
+        if wrong is not None:  # a lease holder does not choose what is tried (issue 15)
+            log.warning("task %s: refused the plan of worker %s: %s", task.id, worker.id if worker else "-", wrong)
+            return self.finish(task, TaskState.FAILED, error=f"planning returned a plan that is not the config "
+                                                             f"set's expansion: {wrong}")
         configs = first_trials(configs, task.tuning["max_trials"])
         if worker is not None:  # a plan a worker ran (not one from the cache): remember it
-            self.cache.put_plan(task.spec, worker.versions, float(baseline), configs, body.get("ops"))
+            self.cache.put_plan(task, worker, float(baseline), configs, body.get("ops"))
         task.baseline, task.oplists = float(baseline), oplists
         task.trials = [Trial(index=i, config=c["config"], label=c.get("label", "")) for i, c in enumerate(configs)]
         task.index_trials()
@@ -177,16 +183,19 @@ class Outcomes:
 
     def _save_result(self, task: Task, body: dict, worker: Worker | None = None) -> None:
         sha = body.get("artifact")
-        if body["ok"] and sha is not None and self.blobs.has(sha):
+        # A worker's artifact must be bytes it stored itself (under this save's lease): naming any other blob
+        # would hand someone else's model out as this task's (issue 15).
+        if body["ok"] and sha is not None and self.blobs.has(sha) and (worker is None or self.stored_by(worker, sha)):
             if worker is not None:
                 winner = task.trials[task.winner]
-                self.cache.put_artifact(task.spec, worker.versions, winner.config, getattr(winner, "fallback", None),
-                                        sha)
+                self.cache.put_artifact(task, worker, winner.config, getattr(winner, "fallback", None), sha)
+            self.add_owner(sha, task.owner)
             task.artifact = make_ref(sha, "model")
             self._write_task(task, artifact=task.artifact)
             self.finish(task, TaskState.DONE, winner=task.winner, met_goal=task.met_goal, error=task.error)
         else:
-            why = body.get("error") or "the worker returned no artifact"
+            why = body.get("error") or ("the worker named an artifact it did not upload" if body["ok"] and sha
+                                        else "the worker returned no artifact")
             self.finish(task, TaskState.DONE, winner=task.winner, met_goal=task.met_goal,
                         error=f"the winner's artifact could not be saved: {why}")
 
