@@ -38,8 +38,9 @@ class ScriptedWorker:
 
     def __init__(self, endpoint: str, worker_id: str, slots: int = 1,
                  answer: Callable[[dict], dict | None] | None = None, delay_s: float = 0.0,
-                 version: int = PROTOCOL_VERSION, curve=None):
+                 version: int = PROTOCOL_VERSION, curve=None, versions: dict | None = None):
         self.endpoint, self.worker_id, self.slots = endpoint, worker_id, slots
+        self.versions = versions  # what it says it runs (the metric cache's key: none, no caching)
         self.answer, self.delay_s, self.version = answer, delay_s, version
         self.assigned: list[tuple[str, int, dict]] = []
         self.cancelled: list[tuple[str, int]] = []
@@ -47,6 +48,7 @@ class ScriptedWorker:
         self.acked: list[tuple[str, int]] = []
         self.running: set[tuple[str, int]] = set()
         self.store_acks: list[dict] = []
+        self.drops: list[dict] = []  # DROP bodies: what the broker told it to erase
         self.heartbeats: list[float] = []  # when each of the broker's HEARTBEATs arrived (loop time)
         self.max_running = 0
         self.silent = False  # stop heartbeating and answering: look dead
@@ -62,7 +64,8 @@ class ScriptedWorker:
     async def start(self, wait: bool = True) -> "ScriptedWorker":
         self.sock.connect(self.endpoint)
         self.send(Cmd.READY, {"worker_id": self.worker_id, "boot_id": "b1", "host": "scripted", "cores": self.slots,
-                              "slots": self.slots, "version": self.version, "running": [], "outbox": []})
+                              "slots": self.slots, "version": self.version, "running": [], "outbox": [],
+                              **({"versions": self.versions} if self.versions else {})})
         self._tasks = [asyncio.create_task(self._serve()), asyncio.create_task(self._heartbeat())]
         if wait:
             await asyncio.wait_for(self.registered.wait(), 5)
@@ -95,6 +98,8 @@ class ScriptedWorker:
                 self.disconnects.append(b)
             elif msg.cmd is Cmd.STORE_ACK:
                 self.store_acks.append(b)
+            elif msg.cmd is Cmd.DROP:
+                self.drops.append(b)
             elif msg.cmd is Cmd.HEARTBEAT:
                 self.heartbeats.append(asyncio.get_running_loop().time())
 

@@ -12,6 +12,8 @@ the twin is a line per method.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import itertools
 import json
 import os
@@ -33,6 +35,8 @@ from nsd.states import TaskState
 from nsd.transfer import Packed, packed, receive_chunks, send_chunks
 
 DEFAULT_BROKER = "tcp://127.0.0.1:5550"
+# The tenant requests act for (a gateway's client: `AsyncClient.acting_for`), per asyncio task / thread.
+_ACTING: contextvars.ContextVar[tuple[Any, dict] | None] = contextvars.ContextVar("nsd_acting_for", default=None)
 
 
 class _Disconnected(Exception):
@@ -149,7 +153,26 @@ class AsyncClient:
     async def __aexit__(self, *exc) -> None:
         await self.close()
 
+    @contextlib.contextmanager
+    def acting_for(self, tenant: str, code: bool = False):
+        """Within this block (this asyncio task, or this thread for `Client`), requests act for `tenant`,
+        and a submit carries the right to run a python recipe when `code`. The broker honours it only from a
+        key allowed with `nsd keys allow --role gateway` (README "Privacy"); any other key is refused."""
+        token = _ACTING.set((self, {"tenant": tenant, "code": bool(code)}))
+        try:
+            yield self
+        finally:
+            _ACTING.reset(token)
+
+    def _acting_fields(self, cmd: Cmd) -> dict[str, Any]:
+        acting = _ACTING.get()
+        if acting is None or acting[0] is not self:
+            return {}
+        fields = acting[1]
+        return {"tenant": fields["tenant"], **({"code": True} if cmd is Cmd.SUBMIT and fields["code"] else {})}
+
     async def request(self, cmd: Cmd, **body: Any) -> dict[str, Any]:
+        body = {**self._acting_fields(cmd), **body}
         async with self._lock:
             if self._sock is None:
                 self._open_socket()
@@ -266,8 +289,50 @@ class AsyncClient:
         (out / "README.md").write_text(loading_readme(task, ref[1]))
         return target
 
-    async def status(self, task_id: str) -> dict[str, Any]:
-        return (await self.request(Cmd.STATUS, task_id=task_id))["task"]
+    async def status(self, task_id: str, offset: int | None = None, limit: int | None = None) -> dict[str, Any]:
+        """The task's view. Its trials come in pages (README "Bounded views"): without `offset`/`limit`, every
+        page is read (each reply bounded) and the view holds them all; with them, that one page."""
+        return await self._paged(Cmd.STATUS, task_id, offset, limit)
+
+    async def _paged(self, cmd: Cmd, task_id: str, offset: int | None, limit: int | None) -> dict[str, Any]:
+        if offset is not None or limit is not None:
+            page = {k: v for k, v in (("offset", offset), ("limit", limit)) if v is not None}
+            return (await self.request(cmd, task_id=task_id, **page))["task"]
+        task = (await self.request(cmd, task_id=task_id))["task"]
+        page = task.get("trials_page")
+        if page is None:  # a broker from before paging: every trial, in one reply
+            return task
+        trials = list(task["trials"])
+        while len(trials) < page["total"]:
+            more = (await self.request(cmd, task_id=task["task_id"], offset=len(trials), limit=page["limit"]))["task"]
+            if not more["trials"]:
+                break  # the task was deleted meanwhile, or lost trials (it cannot): what we have
+            trials += more["trials"]
+            page = {**more["trials_page"], "limit": page["limit"]}
+        task["trials"] = trials
+        task["trials_page"] = {"offset": 0, "limit": len(trials), "total": len(trials)}
+        return task
+
+    async def delete(self, task_id: str) -> dict[str, Any]:
+        """Erase the task and what is kept about it on the broker and its workers (README "Privacy");
+        a running task is cancelled first. Answers {task_id, blobs_dropped}."""
+        return await self.request(Cmd.DELETE_TASK, task_id=task_id)
+
+    async def audit(self, task_id: str | None = None, owner: str | None = None, limit: int = 100,
+                    before: int | None = None) -> list[dict[str, Any]]:
+        """The audit log, newest first (admin keys): [{id, ts, tenant, actor, action, task_id, detail}]."""
+        filters = {k: v for k, v in (("task_id", task_id), ("owner", owner), ("before", before)) if v is not None}
+        return (await self.request(Cmd.AUDIT, limit=limit, **filters))["entries"]
+
+    async def cache_purge(self, task_id: str | None = None, worker: str | None = None, all: bool = False) -> int:
+        """Drop metric cache entries: one task's, one worker's (admins), or all (an admin: the whole cache;
+        anyone else: their tenant's). Returns how many went."""
+        which = {k: v for k, v in (("task_id", task_id), ("worker", worker), ("all", all or None)) if v is not None}
+        return (await self.request(Cmd.CACHE_PURGE, **which))["purged"]
+
+    async def whoami(self) -> dict[str, Any]:
+        """How the broker sees this connection: {role, name, tenant, code} (README "Privacy")."""
+        return (await self.hello()).get("you", {"role": "dev", "name": "", "tenant": "", "code": True})
 
     async def list(self) -> list[dict[str, Any]]:
         return (await self.request(Cmd.LIST))["tasks"]
@@ -299,12 +364,14 @@ class AsyncClient:
                 out.append(entry)
         return out
 
-    async def result(self, task_id: str, wait: bool = False) -> dict[str, Any]:
-        """The task's full result; with wait=True, once the task has ended."""
+    async def result(self, task_id: str, wait: bool = False, offset: int | None = None,
+                     limit: int | None = None) -> dict[str, Any]:
+        """The task's full result (every trial, page by page; or one page: `offset`, `limit`); with
+        wait=True, once the task has ended."""
         if wait:
             async for _ in self.events(task_id):
                 pass
-        return (await self.request(Cmd.RESULT_GET, task_id=task_id))["task"]
+        return await self._paged(Cmd.RESULT_GET, task_id, offset, limit)
 
     async def events(self, task_id: str) -> AsyncIterator[dict[str, Any]]:
         """A snapshot event (`kind == "snapshot"`, with the whole task), then every later event in seq
@@ -431,8 +498,24 @@ class Client:
     def submit(self, spec: dict | TaskSpec | str | os.PathLike) -> str:
         return self._run(self._async.submit(spec))
 
-    def status(self, task_id: str) -> dict[str, Any]:
-        return self._run(self._async.status(task_id))
+    def status(self, task_id: str, offset: int | None = None, limit: int | None = None) -> dict[str, Any]:
+        return self._run(self._async.status(task_id, offset, limit))
+
+    def delete(self, task_id: str) -> dict[str, Any]:
+        return self._run(self._async.delete(task_id))
+
+    def audit(self, task_id: str | None = None, owner: str | None = None, limit: int = 100,
+              before: int | None = None) -> list[dict[str, Any]]:
+        return self._run(self._async.audit(task_id, owner, limit, before))
+
+    def cache_purge(self, task_id: str | None = None, worker: str | None = None, all: bool = False) -> int:
+        return self._run(self._async.cache_purge(task_id, worker, all))
+
+    def whoami(self) -> dict[str, Any]:
+        return self._run(self._async.whoami())
+
+    def acting_for(self, tenant: str, code: bool = False):
+        return self._async.acting_for(tenant, code)
 
     def list(self) -> list[dict[str, Any]]:
         return self._run(self._async.list())
@@ -446,8 +529,9 @@ class Client:
     def logs(self, task_id: str, job: int | str | None = None) -> list[dict[str, Any]]:
         return self._run(self._async.logs(task_id, job))
 
-    def result(self, task_id: str, wait: bool = False) -> dict[str, Any]:
-        return self._run(self._async.result(task_id, wait=wait))
+    def result(self, task_id: str, wait: bool = False, offset: int | None = None,
+               limit: int | None = None) -> dict[str, Any]:
+        return self._run(self._async.result(task_id, wait=wait, offset=offset, limit=limit))
 
     def upload(self, path: str | os.PathLike) -> str:
         return self._run(self._async.upload(path))

@@ -121,10 +121,17 @@ def _limit_options(command):
               help="The broker's key pair: turns on CURVE on every socket (env NSD_CURVE_SECRET).")
 @click.option("--keys-dir", envvar="NSD_KEYS_DIR", default=BROKER.keys_dir, type=click.Path(file_okay=False, path_type=Path),
               help="Allowlists: KEYS_DIR/workers/*.key and KEYS_DIR/clients/*.key (default STATE_DIR/keys).")
+@click.option("--share-cache", is_flag=True, default=BROKER.share_cache,
+              help="Reuse cached results across tenants (only those workers allowed with --trusted produced).")
+@click.option("--retention-days", type=click.FloatRange(min=0), default=BROKER.retention_days, show_default=True,
+              help="Delete finished tasks (and their models, logs, events, cache entries) this many days after "
+                   "they end; 0 keeps them.")
+@click.option("--tenant-retention", multiple=True, callback=lambda ctx, param, value: _tenant_days(value),
+              metavar="TENANT=DAYS", help="retention-days for one tenant (repeatable).")
 @click.option("--log-level", default="info", show_default=True)
 @_limit_options
 def broker(state_dir, log_level, clients, workers, events, heartbeat_s, liveness, insecure, metrics, curve_secret,
-           keys_dir, **limits) -> None:
+           keys_dir, share_cache, retention_days, tenant_retention, **limits) -> None:
     """Run the broker daemon."""
     from nsd.broker.daemon import Broker
     from nsd.broker.limits import BrokerLimits
@@ -136,7 +143,8 @@ def broker(state_dir, log_level, clients, workers, events, heartbeat_s, liveness
     install_uvloop()
     config = BrokerConfig(clients=clients, workers=workers, events=events, heartbeat_s=heartbeat_s,
                           liveness=liveness, insecure=insecure, metrics=metrics, curve_secret=curve_secret,
-                          keys_dir=keys_dir, limits=BrokerLimits(**limits))
+                          keys_dir=keys_dir, limits=BrokerLimits(**limits), share_cache=share_cache,
+                          retention_days=retention_days, tenant_retention=tenant_retention)
     if state_dir:
         config.state_dir = Path(state_dir)
     try:
@@ -159,6 +167,20 @@ def broker(state_dir, log_level, clients, workers, events, heartbeat_s, liveness
         await daemon.stop()
 
     asyncio.run(serve())
+
+
+def _tenant_days(values) -> dict[str, float]:
+    """--tenant-retention NAME=DAYS (repeatable; a TOML list of such strings)."""
+    out = {}
+    for value in values:
+        name, _, days = str(value).partition("=")
+        try:
+            out[name.strip()] = float(days)
+            if not name.strip() or out[name.strip()] < 0:
+                raise ValueError
+        except ValueError:
+            raise click.BadParameter(f"{value!r}: expected TENANT=DAYS, e.g. alice=30") from None
+    return out
 
 
 @main.command()
@@ -305,17 +327,19 @@ def status(task_id, as_json, broker) -> None:
 @json_option
 @broker_option
 def list_tasks(as_json, broker) -> None:
-    """List all tasks."""
+    """List your tasks (an admin key: every tenant's, with its owner)."""
     with _Errors(), _client(broker) as client:
         tasks = client.list()
     if as_json:
         _print_json({"tasks": tasks})
         return
-    click.echo(f"{'task':<12}  {'state':<10} {'trials':>9}  {'met':<5} name")
+    owners = len({t.get("owner", "") for t in tasks}) > 1  # an admin's view: whose each task is
+    click.echo(f"{'task':<12}  {'state':<10} {'trials':>9}  {'met':<5} " + ("owner        " if owners else "") + "name")
     for t in tasks:
         met = "-" if t["met_goal"] is None else str(t["met_goal"]).lower()
+        owner = f"{t.get('owner', '')[:12]:<12} " if owners else ""
         click.echo(f"{t['task_id']:<12}  {t['state']:<10} {t['trials_done']:>4}/{t['trials_total']:<4}  "
-                   f"{met:<5} {t['name']}")
+                   f"{met:<5} {owner}{t['name']}")
 
 
 @main.command()
@@ -351,6 +375,57 @@ def cancel(task_id, broker) -> None:
     with _Errors(), _client(broker) as client:
         task = client.cancel(task_id)
     click.echo(f"{task['task_id']} {task['state']}")
+
+
+@main.command()
+@click.argument("task_id")
+@broker_option
+def delete(task_id, broker) -> None:
+    """Erase a task: its trials, logs, events, model and cache entries, on the broker and the workers."""
+    with _Errors(), _client(broker) as client:
+        answer = client.delete(task_id)
+    click.echo(f"deleted {answer['task_id']} ({answer['blobs_dropped']} blob(s) erased)")
+
+
+@main.command()
+@click.option("--task", "task_id", default=None, help="Only what was done to this task (its whole id).")
+@click.option("--tenant", "owner", default=None, help="Only what was done to this tenant's tasks.")
+@click.option("--limit", default=100, show_default=True, type=click.IntRange(1, 1000))
+@click.option("--before", type=int, default=None, help="Entries older than this id (the next page).")
+@json_option
+@broker_option
+def audit(task_id, owner, limit, before, as_json, broker) -> None:
+    """Who did what to which task, newest first (admin keys)."""
+    import datetime
+
+    with _Errors(), _client(broker) as client:
+        entries = client.audit(task_id=task_id, owner=owner, limit=limit, before=before)
+    if as_json:
+        _print_json({"entries": entries})
+        return
+    for e in entries:
+        when = datetime.datetime.fromtimestamp(e["ts"]).isoformat(sep=" ", timespec="seconds")
+        click.echo(f"{e['id']:>7} {when}  {e['tenant'] or '-':<12} {e['action']:<12} {e['task_id'] or '-':<12} "
+                   f"{e['actor']}" + (f"  ({e['detail']})" if e["detail"] else ""))
+
+
+@main.group()
+def cache() -> None:
+    """The broker's metric cache (results reused by later tasks of the same tenant)."""
+
+
+@cache.command("purge")
+@click.option("--task", "task_id", default=None, help="The entries one of your tasks produced.")
+@click.option("--worker", default=None, help="The entries one worker produced (admin keys).")
+@click.option("--all", "everything", is_flag=True, help="Every entry: yours, or (admin keys) everyone's.")
+@broker_option
+def cache_purge(task_id, worker, everything, broker) -> None:
+    """Drop cached baselines, metrics and models so that they are measured again."""
+    if sum(bool(x) for x in (task_id, worker, everything)) != 1:
+        _fail(ValueError("give exactly one of --task TASK, --worker WORKER or --all"))
+    with _Errors(), _client(broker) as client:
+        purged = client.cache_purge(task_id=task_id, worker=worker, all=everything)
+    click.echo(f"purged {purged} cache entr{'y' if purged == 1 else 'ies'}")
 
 
 @main.command()

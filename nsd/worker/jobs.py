@@ -40,6 +40,20 @@ class Outbox:
         if self._results.pop(f"{trial_id}#{attempt}", None) is not None:
             self._save()
 
+    def forget_task(self, task_id: str) -> None:
+        """Drop a deleted task's results (their logs): the broker has erased the task."""
+        gone = [key for key in self._results if key.startswith(f"{task_id}/")]
+        for key in gone:
+            del self._results[key]
+        if gone:
+            self._save()
+
+
+def erase_task_files(cache_dir: Path, task_id: str) -> None:
+    """A deleted task's folders on this worker: its job logs and the models its trials kept."""
+    for folder in (cache_dir / "logs" / task_id, cache_dir / "kept" / task_id):
+        shutil.rmtree(folder, ignore_errors=True)
+
     def _save(self) -> None:
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self._results))
