@@ -49,6 +49,7 @@ class ScriptedWorker:
         self.running: set[tuple[str, int]] = set()
         self.store_acks: list[dict] = []
         self.drops: list[dict] = []  # DROP bodies: what the broker told it to erase
+        self.chunks: list[dict] = []  # CHUNK replies to the FETCHes a test sent
         self.heartbeats: list[float] = []  # when each of the broker's HEARTBEATs arrived (loop time)
         self.max_running = 0
         self.silent = False  # stop heartbeating and answering: look dead
@@ -100,6 +101,8 @@ class ScriptedWorker:
                 self.store_acks.append(b)
             elif msg.cmd is Cmd.DROP:
                 self.drops.append(b)
+            elif msg.cmd is Cmd.CHUNK:
+                self.chunks.append(b)
             elif msg.cmd is Cmd.HEARTBEAT:
                 self.heartbeats.append(asyncio.get_running_loop().time())
 
@@ -127,7 +130,10 @@ class ScriptedWorker:
             if not self.silent:
                 self.send(Cmd.HEARTBEAT, {"running": [list(k) for k in self.running]})
 
-    async def stop(self) -> None:
+    async def stop(self, bye: bool = False) -> None:
+        """Stop; with `bye`, say goodbye first (the broker forgets it at once, not after its liveness)."""
+        if bye:
+            self.send(Cmd.BYE, {})
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
