@@ -404,6 +404,22 @@ def test_cli_generate_allow_list(tmp_path):
     result = runner.invoke(keys_group, ["revoke", "--role", "client", "alice", "--keys-dir", str(keys_dir)])
     assert result.exit_code == 0 and not (keys_dir / "clients" / "alice.key").exists()
 
+    # Gateways, admins and flags (README "Privacy").
+    runner.invoke(keys_group, ["generate", "gw", "--dir", str(mine)])
+    result = runner.invoke(keys_group, ["allow", "--role", "gateway", str(mine / "gw.key"), "--code",
+                                        "--keys-dir", str(keys_dir)])
+    assert result.exit_code == 0 and "allowed gateway key 'gw' (code)" in result.output
+    result = runner.invoke(keys_group, ["allow", "--role", "worker", str(mine / "w1.key"), "--trusted",
+                                        "--keys-dir", str(keys_dir)])
+    assert result.exit_code == 0 and "(trusted)" in result.output  # the same key again: its flags change
+    result = runner.invoke(keys_group, ["allow", "--role", "worker", str(mine / "w1.key"), "--code",
+                                        "--keys-dir", str(keys_dir)])
+    assert result.exit_code == 1 and "--code is for" in result.output
+    listing = json.loads(runner.invoke(keys_group, ["list", "--keys-dir", str(keys_dir), "--json"]).output)
+    assert listing["gateway"] == [{"name": "gw", "public_key": security.read_certificate(mine / "gw.key")[0].decode(),
+                                   "flags": ["code"]}]
+    assert listing["worker"][0]["flags"] == ["trusted"] and listing["admin"] == []
+
 
 def test_cli_errors_are_one_clear_line(tmp_path):
     runner = CliRunner()

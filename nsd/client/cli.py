@@ -330,10 +330,11 @@ def list_tasks(as_json, broker) -> None:
     """List your tasks (an admin key: every tenant's, with its owner)."""
     with _Errors(), _client(broker) as client:
         tasks = client.list()
+        me = client.whoami()["tenant"] if tasks else ""
     if as_json:
         _print_json({"tasks": tasks})
         return
-    owners = len({t.get("owner", "") for t in tasks}) > 1  # an admin's view: whose each task is
+    owners = any(t.get("owner", "") != me for t in tasks)  # an admin's view: whose each task is
     click.echo(f"{'task':<12}  {'state':<10} {'trials':>9}  {'met':<5} " + ("owner        " if owners else "") + "name")
     for t in tasks:
         met = "-" if t["met_goal"] is None else str(t["met_goal"]).lower()
