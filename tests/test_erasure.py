@@ -8,10 +8,12 @@ from __future__ import annotations
 import os
 import sqlite3
 
+import pytest
+
 from nsd.broker import daemon as broker_daemon
 from nsd.broker.store import Store
 from nsd.protocol import Cmd
-from tests.conftest import wait_for
+from tests.conftest import DIGITS, digits_spec, wait_for
 from tests.peers import ScriptedWorker, done, metrics_answer, spec
 
 ANSWERS = {0: 0.5, 1: 0.95, 2: 0.2, 3: 0.99, 4: 0.99, 5: 0.99}
@@ -155,3 +157,42 @@ async def _error(call):
     except Exception as exc:  # the broker's answer, as the client raises it
         return exc
     raise AssertionError("no error")
+
+
+def _slice(path, length: int = 64) -> bytes:
+    data = path.read_bytes()
+    return data[len(data) // 2:len(data) // 2 + length]
+
+
+def _files_holding(roots, needle: bytes) -> list[str]:
+    """Every file under the roots whose bytes contain needle (SQLite's main file, WAL and SHM included)."""
+    found = []
+    for root in roots:
+        for path in root.rglob("*"):
+            if path.is_file() and not path.is_symlink() and needle in path.read_bytes():
+                found.append(str(path))
+    return found
+
+
+@pytest.mark.slow
+async def test_a_deleted_task_leaves_no_byte_of_its_model_on_any_node(broker, client, start_workers, tmp_path):
+    """Issue 16 "Done means": after `delete`, neither the model's bytes nor its quantized model's are in any
+    file of the broker's state dir (blobs, SQLite and its WAL) or of the workers' cache dirs."""
+    workers = await start_workers(2)
+    task = await client.result(await client.submit(digits_spec()), wait=True)
+    assert task["state"] == "done" and task["artifact"], task
+    model = await client.fetch(task["task_id"], tmp_path / "fetched")  # outside every scanned folder
+    quantized = max((p for p in model.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    needles = {"model": _slice(DIGITS / "model.pt"), "quantized model": _slice(quantized)}
+    roots = [broker.state_dir, *(w.cache_dir for w in workers)]
+    for what, needle in needles.items():  # the scan finds them before...
+        assert _files_holding(roots, needle), f"the {what}'s bytes were never on a node: the scan proves nothing"
+    model_sha = blob_of(task["spec"]["model"]["path"])
+    await client.delete(task["task_id"])
+    await wait_for(lambda: _true(not any(w.blobs.entry(model_sha).exists() for w in workers)), 30)
+    for what, needle in needles.items():  # ...and not after
+        assert _files_holding(roots, needle) == [], f"the deleted {what}'s bytes are still there"
+
+
+async def _true(value):
+    return value

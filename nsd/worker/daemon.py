@@ -12,7 +12,6 @@ Its life is one `WorkerState`; `run()` is `startup`, one `_session` per connecti
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import enum
 import logging
@@ -35,7 +34,7 @@ from nsd.worker import checks
 from nsd.worker.cache import BlobCache
 from nsd.versions import installed_versions
 from nsd.worker.config import WorkerConfig
-from nsd.worker.jobs import Outbox, erase_task_files, run_job
+from nsd.worker.jobs import Erasures, Outbox, erase_task_files, run_job
 from nsd.worker.slots import Slot, SlotPool
 from nsd.worker.transfers import Transfers
 
@@ -77,8 +76,7 @@ class WorkerDaemon:
         self.transfers = Transfers(self._send, self.blobs, config.fetch_window, config.chunk_timeout_s)
         self.outbox = Outbox(self.cache_dir / f"outbox-{self.worker_id}.json")
         self.backlog: list[tuple[str, int, dict]] = []  # jobs assigned while every slot was busy
-        # Tasks the broker erased (DROP): a job of theirs still ending leaves nothing behind (bounded).
-        self.erased: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self.erased = Erasures(self.cache_dir, self.blobs, self.outbox)  # what the broker told us to erase
         self.ctx = zmq.asyncio.Context()
         self.sock: zmq.asyncio.Socket | None = None
         self.state = WorkerState.CONNECTING
@@ -319,8 +317,8 @@ class WorkerDaemon:
                 # A transfer waiting on this reply fails now with the reason, rather than at its timeout.
                 body = {"error": f"bad {msg.cmd.name} from the broker: {why}"}
             self.transfers.reply(msg.cmd, msg.body, body)
-        elif msg.cmd is Cmd.DROP:
-            self._erase(body["sha256"], body["tasks"])
+        elif msg.cmd is Cmd.DROP:  # a deleted task's (names checked at the door: hashes and task ids)
+            self.erased.drop(body["sha256"], body["tasks"])
         elif msg.cmd is Cmd.DISCONNECT:
             if (why := checks.disconnect(body)) is not None:
                 return self._ignore(msg.cmd.name, why)
@@ -375,21 +373,6 @@ class WorkerDaemon:
                 waiting, self.backlog = self.backlog, []
                 for item in waiting:  # in order; what still does not fit waits again; draining, all are dropped
                     self._accept(*item)
-
-    def _erase(self, blobs: list[str], tasks: list[str]) -> None:
-        """DROP: deleted tasks' blobs, folders and unacknowledged results leave this worker (README "Privacy").
-        Ids and hashes were checked at the door (protocol: 12 and 64 hex characters), so each is a plain name."""
-        for sha in blobs:
-            self.blobs.drop(sha)
-        for task_id in tasks:
-            self.erased[task_id] = None
-            self.erased.move_to_end(task_id)
-            erase_task_files(self.cache_dir, task_id)
-            self.outbox.forget_task(task_id)
-        while len(self.erased) > 10_000:
-            self.erased.popitem(last=False)
-        if blobs or tasks:
-            log.info("erased %d blob(s) and the files of %d task(s) at the broker's request", len(blobs), len(tasks))
 
     def _warm_up(self, slot: Slot) -> None:
         """A runner that died (crash, timeout, cancel) is replaced now, unless we are on our way out."""
