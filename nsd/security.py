@@ -442,6 +442,11 @@ class CurveServer:
                  self.keys_dir)
         return counts
 
+    def tenant_of(self, key: str) -> str | None:
+        """The tenant (client key name) a Z85 public key is allowed as: tasks from before tenants were owned by keys."""
+        entry = self._allowlists.entries.get("clients", {}).get(key.encode("ascii", "replace"))
+        return entry.name if entry is not None and entry.role == "client" else None
+
     def trusted_worker(self, key: str | None) -> bool:
         """Whether a worker's key (its User-Id) is allowed with `--trusted`."""
         entry = self._allowlists.entries.get("workers", {}).get((key or "").encode("ascii", "replace"))

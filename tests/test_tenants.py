@@ -239,3 +239,20 @@ async def test_cached_results_never_cross_tenants_unless_shared_and_trusted(tena
         assert sum(a[2]["kind"] == "plan" for a in honest.assigned) == plans  # answered without a worker
     finally:
         await honest.stop()
+
+
+async def test_tasks_from_before_tenants_belong_to_their_client_keys_tenant(tenants_keys):
+    """An upgrade: tasks submitted before tenants were owned by their client key (Z85); alice keeps hers."""
+    from nsd.broker.store import Store
+    from nsd.security import read_certificate
+    from nsd.spec import validate
+
+    t = tenants_keys
+    (t.tmp_path / "state").mkdir()
+    store = Store(t.tmp_path / "state" / "nsd.sqlite3")
+    key = read_certificate(t.secret["alice"])[0].decode()
+    store.insert_task("0123456789ab", "old", validate(spec(), local_paths=True).to_dict(), "done", 1.0, owner=key)
+    store.close()
+    await t.start()
+    assert [task["task_id"] for task in await t.client("alice").list()] == ["0123456789ab"]
+    assert await t.client("bob").list() == []

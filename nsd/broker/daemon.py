@@ -108,13 +108,15 @@ class Broker:
                                max_open_uploads=self.limits.max_open_uploads, referenced=self.store.referenced_blobs)
         self.core = Core(self.store, self.metrics, self.heartbeat_s, self.liveness, self.blobs, self.limits,
                          curve=self.curve is not None, share_cache=self.config.share_cache)
+        self.core.load()
         if self.curve is not None:
             self.core.trusted_worker = self.curve.trusted_worker
-        self.core.load()
         self._next_retention = 0.0
         self.ctx = zmq.asyncio.Context()
         if self.curve is not None:
             self.curve.start(self.ctx)
+            if moved := self.core.adopt_legacy_owners(self.curve.tenant_of):
+                log.info("%d task(s) from before tenants now belong to their client keys' tenants", moved)
         self.clients = self._router()
         self.workers_sock = self._router()
         self.events = configure(self.ctx.socket(zmq.XPUB))

@@ -85,6 +85,20 @@ class Erasure:
                 self.delete_task(task, "retention")
         return len(old)
 
+    def adopt_legacy_owners(self, tenant_of) -> int:
+        """Tasks from before tenants were owned by their client key (Z85): give each to its key's tenant."""
+        moved = 0
+        with self.tx():
+            for task in self.tasks.values():
+                name = tenant_of(task.owner) if len(task.owner) == 40 else None
+                if name is not None:
+                    self._unindex(task)
+                    task.owner = name
+                    self._index(task)
+                    self._write_task(task, owner=name)
+                    moved += 1
+        return moved
+
     def drops_for(self, worker) -> None:
         """What a worker that registers must drop: every erasure the broker remembers (it may have been away)."""
         erased = self.store.erasures()

@@ -132,7 +132,7 @@ AUDIT_KEPT = 100_000  # the newest audit entries kept (README "Privacy": bounded
 ERASURES_KEPT = 10_000  # erasures remembered for workers that were away when they happened
 EVENTS_KEPT = 1000  # per task: the events table keeps the newest ones (clients re-snapshot; see README)
 TASK_COLUMNS = frozenset({"state", "started", "finished", "baseline", "winner", "met_goal", "error", "seq",
-                          "stage_attempt", "stage_worker", "plan_s", "artifact", "oplists"})
+                          "stage_attempt", "stage_worker", "plan_s", "artifact", "oplists", "owner"})
 TRIAL_COLUMNS = frozenset({"state", "attempt", "metric", "worker", "started", "finished", "seconds", "error",
                            "bound", "stopped_early", "cached"})
 
