@@ -526,18 +526,21 @@ class Broker:
         while True:
             await readable.wait()
             with contextlib.suppress(zmq.Again):
-                while True:
+                for _ in range(self.limits.batch):  # then let the other loops run: a flood starves nothing
                     frame = shadow.recv(zmq.NOBLOCK, copy=False)
                     message = frame.bytes
                     if message[:1] == b"\x00":  # an unsubscription (the peer's own, or its pipe closing)
-                        shadow.setsockopt(zmq.UNSUBSCRIBE, message[1:])
+                        with contextlib.suppress(zmq.ZMQError):  # its peer may be gone already
+                            shadow.setsockopt(zmq.UNSUBSCRIBE, message[1:])
                         continue
                     try:
                         user = frame.get("User-Id") if self.curve is not None else None
                     except zmq.ZMQError:
                         user = None
                     if message[:1] == b"\x01" and self.core.may_subscribe(self._principal(user), message[1:]):
-                        shadow.setsockopt(zmq.SUBSCRIBE, message[1:])
+                        with contextlib.suppress(zmq.ZMQError):
+                            shadow.setsockopt(zmq.SUBSCRIBE, message[1:])
+            await asyncio.sleep(0)
 
     async def _tick(self) -> None:
         while True:
