@@ -28,7 +28,7 @@ os.environ.setdefault("LOGLEVEL", "WARNING")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nsd.client.api import prepare_spec, read_spec  # noqa: E402
+from nsd.client.specs import prepare_spec, read_spec  # noqa: E402
 from nsd.local import run_local  # noqa: E402
 
 PHASES = (("config",), ("block-wise", "op-wise"), ("accumulated",))

@@ -33,7 +33,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import sys
 
 # INC packs RTN weights with numba only where TBB loads, and the loader reads LD_LIBRARY_PATH at process
-# start: give this process (INC's side) what nsd's runners get (nsd.worker.slots.runner_env), so that
+# start: give this process (INC's side) what nsd's runners get (nsd.worker.sandbox.runner_env), so that
 # both sides use numba where it is installed.
 _LIB = os.path.join(sys.prefix, "lib")
 if os.path.exists(os.path.join(_LIB, "libtbb.so.12")) and _LIB not in os.environ.get("LD_LIBRARY_PATH", ""):
@@ -61,7 +61,7 @@ if str(ROOT) not in sys.path:
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
 
 # All of nsd now, at once (not lazily, minutes later), so that the broker, workers and client are one version.
-from nsd.client.api import prepare_spec, read_spec  # noqa: E402
+from nsd.client.specs import prepare_spec, read_spec  # noqa: E402
 from nsd.local import run_local  # noqa: E402
 from nsd.quant.inc import config_from_dict  # noqa: E402
 
@@ -214,16 +214,18 @@ class WarmCluster:
         from nsd.broker.config import BrokerConfig
         from nsd.broker.daemon import Broker
         from nsd.client.api import AsyncClient
-        from nsd.local import split_cpus
+        from nsd.local import sandbox_works, split_cpus
         from nsd.worker.daemon import WorkerConfig, WorkerDaemon
 
         d = self.dir
         self.broker = Broker(BrokerConfig(state_dir=d / "state", clients=f"ipc://{d}/clients", workers=f"ipc://{d}/workers",
                              events=f"ipc://{d}/events"))
         await self.broker.start()
+        sandbox = sandbox_works(d)  # as `nsd run`: sandboxed where bubblewrap works
         self.daemons = [WorkerDaemon(WorkerConfig(broker=self.broker.endpoints["workers"], cpus=cpus,
                                                   cores_per_trial=len(cpus), cache_dir=d / f"worker{i}",
-                                                  worker_id=f"local-{i}", preload=self.preload))
+                                                  worker_id=f"local-{i}", preload=self.preload,
+                                                  sandbox=sandbox))
                         for i, cpus in enumerate(split_cpus(sorted(os.sched_getaffinity(0)), self.workers))]
         self.running = [asyncio.create_task(daemon.run()) for daemon in self.daemons]
         await asyncio.gather(*(daemon.registered.wait() for daemon in self.daemons))

@@ -44,7 +44,7 @@ print(json.dumps({"numba": bool(can_pack_with_numba()), "rows": rows}))
 
 
 def main() -> int:
-    from nsd.worker.slots import runner_env
+    from nsd.worker.sandbox import runner_env
 
     env = {**runner_env(1), "LOGLEVEL": "ERROR", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     got = {}

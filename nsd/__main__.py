@@ -1,3 +1,3 @@
-from nsd.client.cli import main
+from nsd.cli import main
 
 main()

@@ -11,9 +11,10 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import stat
 import tarfile
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Iterator
 
 CHUNK_BYTES = 1024 * 1024
 REF_PREFIX = "nsd-blob:"
@@ -37,8 +38,11 @@ def parse_ref(value: object) -> tuple[str, str] | None:
     return match.group(1), match.group(2)
 
 
-def pack_tree(path: Path, out: BinaryIO) -> None:
-    """Write a deterministic tar of `path` (file or folder) to `out`; symlinks are followed."""
+def pack_tree(path: Path, out: BinaryIO, follow_links: bool = True) -> None:
+    """Write a deterministic tar of `path` (file or folder) to `out`. A client's folder is packed with its
+    symlinks followed (a Hugging Face snapshot is links); what a worker packs of a runner's output is not
+    (`follow_links=False`: only folders and regular files, opened without following any link, see
+    `plain_tree`), so a link a runner planted cannot take a file of the worker's into an artifact."""
     path = Path(path)
 
     def clean(info: tarfile.TarInfo) -> tarfile.TarInfo:
@@ -47,6 +51,19 @@ def pack_tree(path: Path, out: BinaryIO) -> None:
         return info
 
     with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT, dereference=True) as tar:
+        if not follow_links:
+            for rel, folder, name, st in plain_tree(path):
+                arcname = str(Path(path.name) / rel) if rel else path.name
+                info = tarfile.TarInfo(arcname)
+                info.mode = st.st_mode
+                if stat.S_ISDIR(st.st_mode):
+                    info.type = tarfile.DIRTYPE
+                    tar.addfile(clean(info))
+                    continue
+                with open_plain(name, folder) as f:
+                    info.size = os.fstat(f.fileno()).st_size
+                    tar.addfile(clean(info), f)
+            return
         if path.is_file():
             tar.add(path, arcname=path.name, filter=clean)
             return
@@ -56,6 +73,48 @@ def pack_tree(path: Path, out: BinaryIO) -> None:
             for name in sorted(dirs) + sorted(files):
                 full = Path(root) / name
                 tar.add(full, arcname=str(Path(path.name) / full.relative_to(path)), recursive=False, filter=clean)
+
+
+_NOFOLLOW_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def plain_tree(root: Path) -> Iterator[tuple[str, int, str, os.stat_result]]:
+    """Every folder and regular file of `root` (itself first, then sorted, depth first) as (path relative
+    to root, the descriptor of its folder, its name there, its lstat), never following a link: folders are
+    opened by descriptor with O_NOFOLLOW, so a link swapped in while we walk is never crossed. Anything
+    but a folder or a regular file raises BlobMemberError. Only `root`'s last component may be untrusted."""
+    root = Path(root)
+    parent = os.open(root.parent, _NOFOLLOW_DIR & ~os.O_NOFOLLOW)
+    try:
+        yield from _plain_entry("", parent, root.name)
+    finally:
+        os.close(parent)
+
+
+def _plain_entry(rel: str, folder: int, name: str) -> Iterator[tuple[str, int, str, os.stat_result]]:
+    st = os.stat(name, dir_fd=folder, follow_symlinks=False)
+    if stat.S_ISREG(st.st_mode):
+        yield rel, folder, name, st
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        raise BlobMemberError(f"{rel or name!r} is not a regular file or a folder")
+    yield rel, folder, name, st
+    fd = os.open(name, _NOFOLLOW_DIR, dir_fd=folder)
+    try:
+        for child in sorted(os.listdir(fd)):
+            yield from _plain_entry(f"{rel}/{child}" if rel else child, fd, child)
+    finally:
+        os.close(fd)
+
+
+def open_plain(name: str, folder: int) -> BinaryIO:
+    """A regular file `name` in the folder open as descriptor `folder`, opened without following a link
+    (and without blocking on a fifo); anything else raises BlobMemberError."""
+    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=folder)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise BlobMemberError(f"{name!r} is not a regular file")
+    return os.fdopen(fd, "rb")
 
 
 class BlobMemberError(ValueError):

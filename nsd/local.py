@@ -1,7 +1,9 @@
 """`nsd run`: a private broker and N workers in this process, one task, then a clean exit.
 
 Endpoints are ipc:// sockets in a fresh temporary folder, so nothing is reachable from outside and
-two `nsd run`s never collide. Runner processes are stopped (by PID) before this returns.
+two `nsd run`s never collide. Runner processes are stopped (by PID) before this returns. Runners are
+sandboxed where bubblewrap works (as for `nsd worker`); where it does not, they run without, with one log
+line saying so: this is the user's own code on their own machine (docs/design.md "Runner sandbox").
 """
 
 from __future__ import annotations
@@ -15,10 +17,14 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+from nsd.blobs import parse_ref
 from nsd.broker.config import BrokerConfig
 from nsd.broker.daemon import Broker
-from nsd.client.api import AsyncClient, prepare_spec
+from nsd.client.api import AsyncClient
+from nsd.client.specs import prepare_spec
+from nsd.spec import PATH_FIELDS
 from nsd.worker.daemon import WorkerConfig, WorkerDaemon
+from nsd.worker.sandbox import SandboxError, layout, probe
 
 log = logging.getLogger("nsd.run")
 
@@ -32,6 +38,23 @@ def split_cpus(cpus: list[int], n: int) -> list[list[int]]:
         bounds = [i * per + min(i, extra) for i in range(n + 1)]
         return [cpus[bounds[i]:bounds[i + 1]] for i in range(n)]
     return [[cpus[i % len(cpus)]] for i in range(n)]
+
+
+def shared_folders(spec: dict) -> list[str]:
+    """The folders of a model.shared spec's paths: what its runners must read."""
+    return [os.path.dirname(spec[a][b]) for a, b in PATH_FIELDS
+            if spec["model"].get("shared") and spec[a].get(b) and not parse_ref(spec[a][b])]
+
+
+def sandbox_works(tmp: Path, shared: list[str] = ()) -> bool:
+    """Whether local runners can be sandboxed here; if not, one log line says so."""
+    try:
+        why = probe(layout(shared, [str(tmp)]), tmp / "probe")
+    except SandboxError as exc:
+        why = str(exc)
+    if why is not None:
+        log.warning("runners run without a sandbox (%s): fine for your own recipe on your own machine", why)
+    return why is None
 
 
 def _report_crash(task: asyncio.Task) -> None:
@@ -51,10 +74,12 @@ async def run_local(spec: Any, workers: int = 2, on_event: Callable[[dict], None
     running: list[asyncio.Task] = []
     client = AsyncClient(broker.endpoints["clients"])
     try:
+        shared = shared_folders(spec_dict)
+        sandbox = sandbox_works(tmp, shared)
         for i, cpus in enumerate(split_cpus(sorted(os.sched_getaffinity(0)), workers)):
             daemon = WorkerDaemon(WorkerConfig(broker=broker.endpoints["workers"], cpus=cpus,
                                                cores_per_trial=len(cpus), cache_dir=tmp / f"worker{i}",
-                                               worker_id=f"local-{i}"))
+                                               worker_id=f"local-{i}", sandbox=sandbox, shared_dirs=shared))
             daemons.append(daemon)
             running.append(asyncio.create_task(daemon.run()))
             running[-1].add_done_callback(_report_crash)

@@ -11,7 +11,7 @@ import enum
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import msgpack
 
@@ -72,13 +72,71 @@ MAX_OUTBOX = 1024  # unacknowledged results carried by READY
 MAX_TEXT = 256 * 1024  # a log tail, an error message
 MAX_CONFIGS = 100_000  # trials in one plan
 TASK_ID = re.compile(r"[0-9a-f]{12}")
-JOB_ID = re.compile(r"([0-9a-f]{12})/(plan|save|0|[1-9][0-9]{0,6})")  # task/plan, task/save, task/<index>
 SHA256 = re.compile(r"[0-9a-f]{64}")  # blob names: nothing a peer sends becomes a path otherwise
 PEER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")  # worker ids (they are ZeroMQ identities)
 TENANT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}")  # nsd.tenants.TENANT: key and token names
 MAX_DROP = 1000  # blobs, and task ids, in one DROP
 MAX_PAGE = 10_000  # trials in one STATUS / RESULT_GET reply (README "Bounded views")
 DEFAULT_PAGE = 2_000  # ... when the request names no limit
+
+
+# ---- jobs: what a worker runs for a task ---------------------------------------------------------------
+# A job id is `<task>/<kind>` for a task-level job, `<task>/<index>` for a trial and `<task>/<kind>/<index>`
+# for any other job about one trial. The broker's table of job kinds (nsd.broker.jobs) and the worker's
+# checks (nsd.worker.checks) and runner both follow this one: a new kind is one row here and one there.
+
+
+@dataclass(frozen=True)
+class WireJob:
+    name: str
+    per_trial: bool  # its id names one trial's index
+    config: bool  # its ASSIGN carries one trial's `index` and `config` (a save: the winner's)
+
+
+TRIAL = "trial"  # the per-trial job whose id is just the index
+JOB_KINDS: dict[str, WireJob] = {k.name: k for k in (
+    WireJob("plan", per_trial=False, config=False),  # expand the config set, FP32 baseline, op lists
+    WireJob(TRIAL, per_trial=True, config=True),  # quantize one config and evaluate it
+    WireJob("save", per_trial=False, config=True),  # the winner's model, saved and uploaded
+)}
+
+
+def _job_name_pattern() -> str:
+    """The part of a job id after the task id, for every kind in JOB_KINDS."""
+    index = r"(?:0|[1-9][0-9]{0,6})"
+    names = [re.escape(k.name) for k in JOB_KINDS.values() if not k.per_trial]
+    names += [rf"{re.escape(k.name)}/{index}" for k in JOB_KINDS.values() if k.per_trial and k.name != TRIAL]
+    return "|".join([*names, index])
+
+
+JOB_NAME = re.compile(_job_name_pattern())  # "plan", "save", "3" (a trial), "<kind>/3"
+JOB_ID = re.compile(rf"([0-9a-f]{{12}})/({JOB_NAME.pattern})")
+
+
+class JobRef(NamedTuple):
+    """One job of a task: its kind and, for a per-trial kind, the trial's index."""
+    kind: str
+    index: int | None = None
+
+    @property
+    def name(self) -> str:
+        """The job id's part after the task id (also the job's name in logs)."""
+        if self.kind == TRIAL:
+            return str(self.index)
+        return self.kind if self.index is None else f"{self.kind}/{self.index}"
+
+    def id(self, task_id: str) -> str:
+        return f"{task_id}/{self.name}"
+
+
+def parse_job_name(name: str) -> JobRef:
+    """The JobRef of a checked job name ("plan", "3", "<kind>/3"); ValueError for anything else."""
+    if not isinstance(name, str) or JOB_NAME.fullmatch(name) is None:
+        raise ValueError(f"not a job name: {str(name)[:40]!r}")
+    kind, _, index = name.rpartition("/")
+    if kind:
+        return JobRef(kind, int(index))
+    return JobRef(TRIAL, int(name)) if name.isdigit() else JobRef(name)
 
 
 @dataclass(frozen=True)
@@ -135,11 +193,11 @@ MAP = of_type(dict, "a map")
 JSON_MAP = Check("a map of plain JSON data", lambda v: isinstance(v, dict) and is_json(v))
 ATTEMPT = integer(1, MAX_ATTEMPT)
 LEASE = Check("a [job id, attempt] pair", lambda v: isinstance(v, (list, tuple)) and len(v) == 2
-              and text(32, JOB_ID).ok(v[0]) and ATTEMPT.ok(v[1]))
+              and text(40, JOB_ID).ok(v[0]) and ATTEMPT.ok(v[1]))
 PLANNED = Check("a {config: map, label: string} entry", lambda v: isinstance(v, dict) and JSON_MAP.ok(v.get("config"))
                 and isinstance(v.get("label", ""), str) and len(v.get("label", "")) <= 500)
 RESULT_FIELDS: dict[str, Check] = {  # a RESULT body, also each entry of READY's outbox
-    "trial_id": text(32, JOB_ID), "attempt": ATTEMPT, "ok": BOOL,
+    "trial_id": text(40, JOB_ID), "attempt": ATTEMPT, "ok": BOOL,
 }
 RESULT_OPTIONAL: dict[str, Check] = {
     "metric": OPT_NUMBER, "baseline": OPT_NUMBER, "seconds": OPT_NUMBER, "quantize_s": OPT_NUMBER,
@@ -173,9 +231,9 @@ SHAPES: dict[Cmd, dict[str, Check]] = {
     Cmd.STORE: {"sha256": text(64, SHA256), "offset": integer(0, MAX_BLOB_OFFSET),
                 "size": integer(0, MAX_BLOB_OFFSET), "data": of_type(bytes, "bytes")},
     Cmd.READY_ACK: {"heartbeat_s": NUMBER},
-    Cmd.ASSIGN: {"trial_id": text(32, JOB_ID), "attempt": ATTEMPT, "job": MAP},
-    Cmd.RESULT_ACK: {"trial_id": text(32, JOB_ID), "attempt": ATTEMPT},
-    Cmd.CANCEL: {"trial_id": text(32, JOB_ID), "attempt": ATTEMPT},
+    Cmd.ASSIGN: {"trial_id": text(40, JOB_ID), "attempt": ATTEMPT, "job": MAP},
+    Cmd.RESULT_ACK: {"trial_id": text(40, JOB_ID), "attempt": ATTEMPT},
+    Cmd.CANCEL: {"trial_id": text(40, JOB_ID), "attempt": ATTEMPT},
     Cmd.DISCONNECT: {"reason": text(MAX_TEXT)},
     Cmd.CHUNK: {"sha256": text(64, SHA256), "offset": integer(0, MAX_BLOB_OFFSET)},
     Cmd.STORE_ACK: {"sha256": text(64, SHA256), "offset": integer(0, MAX_BLOB_OFFSET)},
@@ -207,7 +265,7 @@ OPTIONAL: dict[Cmd, dict[str, Check]] = {
     Cmd.HEARTBEAT: {"running": listof(MAX_LEASES, LEASE)},
     Cmd.BYE: {"handback": BOOL},
     Cmd.RESULT: RESULT_OPTIONAL,
-    Cmd.LOGS: {"job": Check("null or a job name", lambda v: v is None or text(16, re.compile(r"plan|save|[0-9]{1,7}")).ok(v))},
+    Cmd.LOGS: {"job": Check("null or a job name", lambda v: v is None or text(32, JOB_NAME).ok(v))},
     # Bounded views: a page of the task's trials.
     Cmd.STATUS: {"offset": integer(0, 1 << 31), "limit": integer(1, MAX_PAGE)},
     Cmd.RESULT_GET: {"offset": integer(0, 1 << 31), "limit": integer(1, MAX_PAGE)},
@@ -240,13 +298,13 @@ def _problem(body: dict, required: dict[str, Check], optional: dict[str, Check])
     return None
 
 
-def parse_job_id(value: str) -> tuple[str, str | int]:
-    """(task id, "plan" | "save" | trial index) of a checked job id; ValueError for anything else."""
+def parse_job_id(value: str) -> tuple[str, JobRef]:
+    """(task id, job) of a checked job id; ValueError for anything else."""
     match = JOB_ID.fullmatch(value) if isinstance(value, str) else None
     if match is None:
         raise ValueError(f"not a job id: {str(value)[:40]!r}")
-    task_id, job = match.groups()
-    return task_id, job if job in ("plan", "save") else int(job)
+    task_id, name = match.groups()
+    return task_id, parse_job_name(name)
 
 
 WORKER_TO_BROKER = frozenset({Cmd.READY, Cmd.HEARTBEAT, Cmd.RESULT, Cmd.BYE, Cmd.FETCH, Cmd.STORE})

@@ -55,10 +55,11 @@ class Packed:
 
 
 @contextmanager
-def packed(path: Path, tmp_dir: Path | None = None) -> Iterator[Packed]:
-    """Pack `path` into a temporary file (in `tmp_dir`: the same disk as what it packs, if given)."""
+def packed(path: Path, tmp_dir: Path | None = None, follow_links: bool = True) -> Iterator[Packed]:
+    """Pack `path` into a temporary file (in `tmp_dir`: the same disk as what it packs, if given); see
+    `pack_tree` for `follow_links`."""
     with tempfile.TemporaryFile(dir=tmp_dir) as f:
-        pack_tree(Path(path), f)
+        pack_tree(Path(path), f, follow_links)
         yield Packed(f, *size_and_sha(f))
 
 

@@ -24,6 +24,7 @@ from nsd.worker.daemon import WorkerConfig, WorkerDaemon
 ROOT = Path(__file__).resolve().parent.parent
 DIGITS = ROOT / "examples" / "digits"
 RECIPES = Path(__file__).resolve().parent / "recipes"
+TEST_RUNNER_ENV = ("NSD_TEST_SLOW_S", "NSD_TEST_HANG")  # what the test recipes read; runners get only what is named
 
 
 @pytest.fixture(autouse=True)
@@ -76,17 +77,20 @@ async def client(broker):
 
 
 @pytest.fixture
-async def start_workers(broker, tmp_path):
-    """start_workers(n): n real worker daemons (1 core each, round-robin), runners warm, registered."""
+async def start_workers(broker, tmp_path, tmp_path_factory):
+    """start_workers(n): n real worker daemons (1 core each, round-robin), runners warm (and sandboxed),
+    registered. Their runners may read this checkout and pytest's temporary folders (model.shared = true
+    tasks), less their worker's own cache."""
     started: list[tuple[WorkerDaemon, asyncio.Task]] = []
 
     async def start(n: int, **overrides) -> list[WorkerDaemon]:
         cpus = sorted(os.sched_getaffinity(0))
         new = []
         for i in range(len(started), len(started) + n):
-            config = WorkerConfig(broker=broker.endpoints["workers"], cpus=[cpus[i % len(cpus)]],
-                                  cache_dir=tmp_path / f"worker{i}", worker_id=f"w{i}", heartbeat_s=0.5,
-                                  **overrides)
+            settings = {"broker": broker.endpoints["workers"], "cpus": [cpus[i % len(cpus)]],
+                        "cache_dir": tmp_path / f"worker{i}", "worker_id": f"w{i}", "heartbeat_s": 0.5,
+                        "shared_dirs": [ROOT, tmp_path_factory.getbasetemp()], "runner_env": list(TEST_RUNNER_ENV), **overrides}
+            config = WorkerConfig(**settings)
             daemon = WorkerDaemon(config)
             started.append((daemon, asyncio.create_task(daemon.run())))
             new.append(daemon)
@@ -118,7 +122,7 @@ def _alive(pid: int) -> bool:
 
 def digits_spec(**tuning) -> dict:
     """The digits example's spec with absolute paths and overrides in [tuning]."""
-    from nsd.client.api import read_spec
+    from nsd.client.specs import read_spec
 
     spec = read_spec(DIGITS / "task.toml")
     spec["tuning"].update(tuning)

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import pytest
 
-from nsd.broker import daemon as broker_daemon
+from nsd.broker import client_requests
 from nsd.protocol import MAX_MESSAGE_BYTES, Cmd, pack
 from tests.conftest import wait_for
 from tests.peers import ScriptedWorker, count_assigned, plan_then_hold, spec
 
 
 async def test_trials_come_in_pages_and_the_client_reads_them_all(broker, client, monkeypatch):
-    monkeypatch.setattr(broker_daemon, "DEFAULT_PAGE", 64)  # the broker's page when none is asked for
+    monkeypatch.setattr(client_requests, "DEFAULT_PAGE", 64)  # the broker's page when none is asked for
     worker = await ScriptedWorker(broker.endpoints["workers"], "w", answer=plan_then_hold(300)).start()
     try:
         task_id = await client.submit(spec(max_trials=1000))

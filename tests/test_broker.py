@@ -10,7 +10,7 @@ from nsd.broker.config import BrokerConfig
 from nsd.broker.daemon import Broker
 from nsd.client.api import AsyncClient, BrokerError
 from nsd.client.view import apply_event
-from nsd.protocol import Cmd
+from nsd.protocol import Cmd, JobRef
 from tests.conftest import wait_for
 from tests.peers import SPEC, ScriptedWorker, count_assigned, done, metrics_answer, plan_answer, plan_then_hold, spec
 
@@ -229,17 +229,17 @@ async def _true(value) -> bool:
 
 
 def test_the_brokers_running_tally_agrees_with_the_pure_decision_functions(tmp_path):
-    """Task.set_state keeps counts so the broker never rescans trials; tuner's functions are the reference.
+    """Task.set_state keeps counts so the broker never rescans trials; the objective's functions are the reference.
     Random histories driven through the broker's real core (results, lost leases, its own settle and
     schedule, a real SQLite store) must agree with them at every step, and what SQLite holds must equal
     what memory holds."""
     import random
 
-    from nsd.broker import tuner
     from nsd.broker.blobs import BlobStore
     from nsd.broker.core import Core
     from nsd.broker.metrics import Metrics
     from nsd.broker.model import Worker
+    from nsd.broker.objective import First
     from nsd.broker.store import Store
     from nsd.spec import validate
     from nsd.states import TaskState, TrialState
@@ -259,18 +259,19 @@ def test_the_brokers_running_tally_agrees_with_the_pure_decision_functions(tmp_p
             with core.tx():
                 core.schedule()  # the plan job
             task = core.tasks[task_id]
-            core.result(worker, {"trial_id": f"{task_id}/plan", "attempt": task.stage_attempt, "ok": True,
+            core.result(worker, {"trial_id": f"{task_id}/plan", "attempt": task.lease(JobRef("plan"))[0], "ok": True,
                                  "baseline": 1.0, "configs": [{"config": {"rtn": {"bits": i}}} for i in range(n)]})
             for _ in range(60):
                 if task.state is not TaskState.TUNING:
                     break
                 views = task.views()
+                objective = First(True)
                 for limit in (0, 1, 2, 3):
-                    assert task.dispatchable(limit) == len(tuner.to_dispatch(views, limit))
+                    assert task.dispatchable(limit) == len(objective.to_dispatch(views, limit))
                 assert task.n_unfinished == sum(not v.state.finished for v in views)
-                assert task.lowest_passed == tuner.first_passed(views)
-                assert tuner.to_cancel(views) == []  # the core's settle cancelled them already
-                assert task.best_index == tuner.best(views, True)  # what early stop must beat (note_metric)
+                assert task.lowest_passed == objective.passed(views)
+                assert objective.to_cancel(views) == []  # the core's settle cancelled them already
+                assert task.best_index == objective.best(views)  # what early stop must beat (note_metric)
                 running = [t for t in task.trials if t.state is TrialState.RUNNING]
                 if rng.random() < 0.4 or not running:
                     with core.tx():
@@ -279,12 +280,12 @@ def test_the_brokers_running_tally_agrees_with_the_pure_decision_functions(tmp_p
                 tr = rng.choice(running)
                 with core.tx():
                     if rng.random() < 0.2:
-                        core.lost_lease(task, tr.index, "test")
+                        core.lost_lease(task, JobRef("trial", tr.index), "test")
                     else:
                         core.result(worker, {"trial_id": f"{task_id}/{tr.index}", "attempt": tr.attempt,
                                              "ok": rng.random() < 0.9, "metric": rng.choice([0.5, 0.99, 1.0])})
-            if task.state is TaskState.FINALIZING:  # it ended exactly when tuner says it is decided
-                decision = tuner.decide(task.views(), True)
+            if task.state is TaskState.FINALIZING:  # it ended exactly when the objective says it is decided
+                decision = First(True).decide(task.views())
                 assert decision is not None and (task.winner, task.met_goal) == (decision.winner, decision.met_goal)
                 decided += 1
             rows = {r["idx"]: (r["state"], r["attempt"], r["metric"]) for r in store.trials(task_id)}

@@ -270,7 +270,7 @@ def test_nsd_presets_prints_each_preset_as_spec_ready_toml():
 
     from click.testing import CliRunner
 
-    from nsd.client.cli import main
+    from nsd.cli import main
     from nsd.presets import PRESETS, config_set
 
     shown = json.loads(CliRunner().invoke(main, ["presets", "--json"]).output)["presets"]
@@ -527,6 +527,10 @@ async def test_builtin_recipe_early_stop_on_and_off_give_the_same_answer(client,
                 config_set=[{"rtn": {"bits": 4, "group_size": 32, "use_layer_wise": False}},
                             {"rtn": {"bits": 2, "group_size": [32, -1], "use_layer_wise": False}}],
                 tolerable_loss=0.0)
-    await start_workers(1)
+    (worker,) = await start_workers(1)
+    runner = worker.slots[0].runner
+    await runner.ready()
+    pid = runner.proc.pid
     on, off = await tune_on_and_off(client, spec)
     assert_same_answer_on_off(on, off)
+    assert runner.proc.pid == pid  # a built-in recipe's runner (our code) served both tasks, warm

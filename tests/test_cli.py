@@ -152,7 +152,7 @@ def test_each_daemon_option_defaults_to_its_config_field(daemon):
 
     from nsd.broker.config import BrokerConfig
     from nsd.broker.limits import BrokerLimits
-    from nsd.client.cli import main
+    from nsd.cli import main
     from nsd.worker.config import WorkerConfig
 
     command = main.commands[daemon]
@@ -165,5 +165,6 @@ def test_each_daemon_option_defaults_to_its_config_field(daemon):
         config = WorkerConfig()
         expected = {"broker_addr": config.broker, "cores_per_trial": config.cores_per_trial, "worker_id": config.worker_id,
                     "heartbeat": config.heartbeat_s, "grace": config.grace_s, "preload": config.preload,
-                    "cache_size": config.cache_max_bytes / 1024**3}
+                    "cache_size": config.cache_max_bytes / 1024**3, "shared_dirs": config.shared_dirs,
+                    "runner_env": config.runner_env, "no_sandbox": not config.sandbox}
     assert {name: defaults[name] for name in expected} == expected

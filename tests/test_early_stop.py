@@ -10,6 +10,7 @@ import random
 import pytest
 
 from nsd.broker import tuner
+from nsd.broker.objective import First
 from nsd.broker.tuner import Goal, TrialView
 from nsd.quant import scoring
 from nsd.states import TrialState
@@ -21,24 +22,28 @@ os.environ.setdefault("LOGLEVEL", "WARNING")
 F, P, R = TrialState.FAILED_GOAL, TrialState.PASSED, TrialState.RUNNING
 
 
+def stop_rule(goal: Goal, trials, index: int) -> dict:
+    return First(goal.higher_is_better).stop_rule(goal, trials, index)
+
+
 # ------------------------------------------------------------------------------------------------ pure
 
 def test_stop_rule_needs_a_finished_metric_and_keeps_ties_for_the_earlier_trial():
     goal = Goal(baseline=0.9, tolerable_loss=0.1)  # meets at >= 0.81
-    assert tuner.stop_rule(goal, [TrialView(0, R)], 1)["best"] is None  # nothing to beat: runs in full
-    rule = tuner.stop_rule(goal, [TrialView(0, F, 0.5), TrialView(1, F, 0.7), TrialView(2, R)], 3)
+    assert stop_rule(goal, [TrialView(0, R)], 1)["best"] is None  # nothing to beat: runs in full
+    rule = stop_rule(goal, [TrialView(0, F, 0.5), TrialView(1, F, 0.7), TrialView(2, R)], 3)
     assert rule == {"sign": 1, "need": tuner.goal_threshold(goal), "best": 0.7, "tie_stops": True}
     assert scoring.can_stop(0.0, 0.69, rule) and scoring.can_stop(0.0, 0.7, rule)  # a tie loses to trial 1
     assert not scoring.can_stop(0.0, 0.71, rule)  # might become the best
-    early = tuner.stop_rule(goal, [TrialView(1, F, 0.7)], 0)  # trial 0 would win a tie (earliest index)
+    early = stop_rule(goal, [TrialView(1, F, 0.7)], 0)  # trial 0 would win a tie (earliest index)
     assert not scoring.can_stop(0.0, 0.7, early) and scoring.can_stop(0.0, 0.6999, early)
-    high = tuner.stop_rule(goal, [TrialView(0, F, 0.95)], 1)  # a better finished metric, but not a pass
+    high = stop_rule(goal, [TrialView(0, F, 0.95)], 1)  # a better finished metric, but not a pass
     assert not scoring.can_stop(0.0, 0.9, high)  # 0.9 >= 0.81 might meet the goal: it may win
     # lower is better (perplexity): the best reachable is the interval's low end; signed space
     lower = Goal(baseline=10.0, tolerable_loss=0.01, higher_is_better=False)  # meets at <= 10.1
-    rule = tuner.stop_rule(lower, [TrialView(0, F, 12.0)], 1)
+    rule = stop_rule(lower, [TrialView(0, F, 12.0)], 1)
     assert scoring.can_stop(12.5, math.inf, rule) and not scoring.can_stop(11.0, math.inf, rule)
-    assert not scoring.can_stop(10.05, math.inf, tuner.stop_rule(lower, [TrialView(0, F, 9.0)], 1))
+    assert not scoring.can_stop(10.05, math.inf, stop_rule(lower, [TrialView(0, F, 9.0)], 1))
     for metric in (10.1, 10.2, 9.0):  # the goal test is the same arithmetic as meets_goal
         assert (-metric >= tuner.goal_threshold(lower)) == tuner.meets_goal(metric, lower)
 

@@ -12,7 +12,7 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from nsd.client.cli import main
+from nsd.cli import main
 from tests.conftest import ROOT, free_port, kill_pid
 
 from tests.test_service import NotifyListener

@@ -33,7 +33,7 @@ def test_gateway_sources_import_no_ml_library_and_no_broker_or_worker_internals(
 
 def test_a_running_gateways_modules_pull_in_no_torch():
     pytest.importorskip("fastapi")
-    code = ("import sys, nsd.client.cli, nsd.gateway.server, nsd.gateway.app, nsd.gateway.grpc_service;"
+    code = ("import sys, nsd.cli, nsd.gateway.server, nsd.gateway.app, nsd.gateway.grpc_service;"
             "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'neural_compressor')];"
             "print(bad); sys.exit(1 if bad else 0)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -62,7 +62,7 @@ def test_the_light_install_stays_light_and_the_gateway_extra_is_pinned():
     extra = project["optional-dependencies"]["gateway"]
     assert {d.split("==")[0] for d in extra} >= {"fastapi", "uvicorn", "grpcio", "protobuf"}
     assert all("==" in d for d in extra)
-    code = ("import sys, nsd.client.cli, nsd.client.api;"
+    code = ("import sys, nsd.cli, nsd.client.api;"
             "bad = [m for m in sys.modules if m.split('.')[0] in ('fastapi', 'grpc', 'uvicorn', 'starlette')];"
             "print(bad); sys.exit(1 if bad else 0)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

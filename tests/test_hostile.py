@@ -15,7 +15,7 @@ import zmq
 import zmq.asyncio
 
 from nsd.client.api import AsyncClient, BrokerError
-from nsd.protocol import BROKER_TO_WORKER, CLIENT_TO_BROKER, Cmd, ProtocolError, pack, unpack
+from nsd.protocol import BROKER_TO_WORKER, CLIENT_TO_BROKER, Cmd, ProtocolError, pack, unpack, JobRef
 from tests.conftest import hello, hello_ok, wait_for
 from tests.peers import ScriptedWorker, done, metrics_answer, plan_answer, spec
 
@@ -121,7 +121,7 @@ async def test_forged_plan_and_save_results_are_ignored(broker, client):
     task_id = await client.submit(spec())
     await wait_for(lambda: _true(first.assigned))
     first.silent = True  # it dies with the plan: the plan waits for another worker, with no lease holder
-    await wait_for(lambda: _true(broker.tasks[task_id].stage_attempt == 2), 20)
+    await wait_for(lambda: _true(broker.tasks[task_id].lease(JobRef("plan")) == (2, None)), 20)
     await first.stop()
 
     stranger = Peer(broker.endpoints["workers"])  # never registered

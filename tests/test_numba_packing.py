@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from nsd.worker.slots import runner_env
+from nsd.worker.sandbox import runner_env
 from tests.conftest import DIGITS, ROOT
 
 pytestmark = pytest.mark.slow

@@ -57,3 +57,29 @@ def test_a_drop_a_worker_acts_on_names_only_hashes_and_task_ids(body, reason):
     with pytest.raises(ProtocolError, match=reason):
         unpack(pack(Cmd.DROP, body), BROKER_TO_WORKER)
     assert unpack(pack(Cmd.DROP, {"sha256": ["c" * 64], "tasks": ["abcdefabcdef"]}), BROKER_TO_WORKER).body
+
+
+def test_job_ids_of_every_kind_round_trip_and_nothing_else_parses():
+    from nsd.protocol import JOB_KINDS, JobRef, parse_job_id
+
+    task = "0123456789ab"
+    for kind in JOB_KINDS.values():
+        ref = JobRef(kind.name, 17 if kind.per_trial else None)
+        assert parse_job_id(ref.id(task)) == (task, ref)
+    assert JobRef("trial", 3).id(task) == f"{task}/3" and JobRef("plan").id(task) == f"{task}/plan"
+    for bad in ("plan", f"{task}/01", f"{task}/-1", f"{task}/trial/3", f"{task}/plan/3", f"{task}/nope",
+                f"{task}/3/", f"{task}/12345678", f"{task.upper()}/plan", f"{task}/../x"):
+        with pytest.raises(ValueError):
+            parse_job_id(bad)
+
+
+def test_every_job_kind_has_its_handlers_in_the_broker():
+    from nsd.broker.core import Core
+    from nsd.broker.jobs import KINDS
+    from nsd.protocol import JOB_KINDS
+
+    assert KINDS.keys() == JOB_KINDS.keys()
+    for kind in KINDS.values():
+        for method in (kind.assign, kind.result, kind.give_up, kind.cached):
+            assert method is None or callable(getattr(Core, method)), (kind.name, method)
+        assert kind.give_up is not None or kind.in_trial  # a trial's give-up is its `error` state

@@ -14,7 +14,7 @@ import pytest
 
 from nsd.client.api import AsyncClient
 from nsd.client.view import apply_event
-from tests.conftest import RECIPES, digits_spec, free_port, kill_pid, wait_for
+from tests.conftest import RECIPES, ROOT, TEST_RUNNER_ENV, digits_spec, free_port, kill_pid, wait_for
 
 
 pytestmark = pytest.mark.slow
@@ -53,7 +53,8 @@ class Processes:
 
     def worker(self, name: str, *extra: str) -> subprocess.Popen:
         return self.start(name, "worker", "--broker", self.addr("workers"), "--cores", "1", "--id", name,
-                          "--cache-dir", str(self.tmp / name), "--heartbeat", "0.5", *extra)
+                          "--cache-dir", str(self.tmp / name), "--heartbeat", "0.5", "--shared-dir", str(ROOT),
+                          *(f"--runner-env={v}" for v in TEST_RUNNER_ENV), *extra)
 
     def runners_of(self, name: str) -> list[int]:
         out = subprocess.run(["pgrep", "-P", str(self.procs[name].pid)], capture_output=True, text=True).stdout

@@ -63,7 +63,7 @@ def distributed(layout: Layout, metric_of, passes, slots: int, rng: random.Rando
     finish in a random order."""
     steps = [Step(i, CONFIG, (), i) for i in range(min(len(layout.families), layout.max_trials))]
     while True:
-        lowest = tuner.first_passed(s.view() for s in steps)
+        lowest = layout.rules.passed(s.view() for s in steps)
         if lowest is not None:
             steps = [s if s.index <= lowest or s.state.finished else Step(s.index, s.stage, s.fallback, s.base,
                                                                           S.CANCELLED) for s in steps]

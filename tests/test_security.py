@@ -1,4 +1,4 @@
-"""CURVE + ZAP with per-role allowlists (nsd/security.py) over real loopback sockets, and `nsd keys`."""
+"""CURVE + ZAP with per-role allowlists (nsd/security/) over real loopback sockets, and `nsd keys`."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from zmq.utils.monitor import recv_monitor_message
 
 from nsd import security
-from nsd.client.keys_cli import keys as keys_group
+from nsd.cli.keys import keys as keys_group
 from nsd.security import ClientKeys, CurveServer, HandshakeWatch, KeyFileError, apply_client
 
 TIMEOUT_MS = 5000  # for things that must happen; refusals are observed, not waited out

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from nsd.client.cli import main
+from nsd.cli import main
 from tests.conftest import ROOT, free_port, kill_pid, wait_for
 from tests.peers import ScriptedWorker, done, metrics_answer, spec
 

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from nsd.client.api import prepare_spec, read_spec
+from nsd.client.specs import prepare_spec, read_spec
 from nsd.spec import SpecError, validate
 
 GOOD = {"name": "t", "model": {"shared": True}, "recipe": {"kind": "python", "file": "/r.py"},

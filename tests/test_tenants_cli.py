@@ -14,7 +14,7 @@ import time
 import pytest
 from click.testing import CliRunner
 
-from nsd.client.cli import main
+from nsd.cli import main
 from nsd.security import allow, generate_keypair
 from tests.conftest import ROOT, free_port, kill_pid
 from tests.peers import SPEC

@@ -1,8 +1,21 @@
 """The decision logic, pure: no sockets, no INC."""
 
-from nsd.broker.tuner import (Decision, Goal, TrialView, after_lost_lease, best, decide, meets_goal, to_cancel,
-                              to_dispatch)
+from nsd.broker.objective import First
+from nsd.broker.tuner import Decision, Goal, TrialView, after_lost_lease, meets_goal
 from nsd.states import TrialState as S
+
+FIRST, LOWER = First(True), First(False)
+
+
+def decide(trials, higher_is_better, exhausted=False):
+    return (FIRST if higher_is_better else LOWER).decide(trials, exhausted)
+
+
+def best(trials, higher_is_better):
+    return (FIRST if higher_is_better else LOWER).best(trials)
+
+
+to_cancel, to_dispatch = FIRST.to_cancel, FIRST.to_dispatch
 
 
 def trials(*states, metrics=None):

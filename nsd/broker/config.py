@@ -1,5 +1,5 @@
 """The broker's settings, in one place: the `nsd broker` options and `broker.toml` keys are built from
-these fields' defaults (`nsd.client.cli`), and `Broker` takes one `BrokerConfig`."""
+these fields' defaults (`nsd.cli.daemons`), and `Broker` takes one `BrokerConfig`."""
 
 from __future__ import annotations
 

@@ -8,11 +8,12 @@ from the database and the leases rebuilt from them, and its effects are dropped.
 state SQLite does not, no event announces what was not committed, and no result is acknowledged before
 its commit.
 
-Decisions are delegated to `tuner` and `search` (who won, what to cancel, requeue or give up, which stage
-comes next) and `scheduler` (which job goes where). What a job's result does to its task — and the lost
-leases, cancellations and endings that follow — is `nsd.broker.outcomes.Outcomes`, placing waiting jobs
-on free cores is `nsd.broker.placement.Placement`, what each tenant may see is `nsd.broker.tenancy.Tenancy`
-and deleting tasks `nsd.broker.erasure.Erasure`; `Core` inherits them. This module holds the rest:
+Decisions are delegated to the task's objective, `tuner` and `search` (who won, what to cancel, requeue
+or give up, which stage comes next) and `scheduler` (which job goes where). What a job's result does to
+its task — and the lost leases, cancellations and endings that follow — is `nsd.broker.outcomes.Outcomes`,
+placing waiting jobs on free cores is `nsd.broker.placement.Placement`, what each tenant may see is
+`nsd.broker.tenancy.Tenancy` and deleting tasks `nsd.broker.erasure.Erasure`; `Core` inherits them; each job
+kind's handlers there are named by its row in `nsd.broker.jobs`. This module holds the rest:
 transactions, loading, workers and leases, timers.
 """
 
@@ -28,18 +29,19 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-from nsd.broker import search, tuner
+from nsd.broker import search
 from nsd.broker.erasure import Erasure
 from nsd.broker.limits import BrokerLimits
 from nsd.broker.metric_cache import MetricCache
 from nsd.broker.metrics import Metrics
-from nsd.broker.model import Task, Trial, Worker
+from nsd.broker.jobs import PLAN
+from nsd.broker.model import Lease, Task, Trial, Worker
 from nsd.broker.outcomes import Outcomes
 from nsd.broker.placement import Placement
 from nsd.broker.store import StorageError, Store, storage_message
 from nsd.broker.tenancy import Tenancy
 from nsd.liveness import heartbeat_due
-from nsd.protocol import PROTOCOL_VERSION, Cmd, parse_job_id
+from nsd.protocol import PROTOCOL_VERSION, Cmd, JobRef, parse_job_id
 from nsd.states import TaskState, TrialState
 
 log = logging.getLogger("nsd.broker")
@@ -153,8 +155,7 @@ class Core(Outcomes, Placement, Tenancy, Erasure):
                     created=row["created"], started=row["started"], finished=row["finished"],
                     baseline=row["baseline"], winner=row["winner"],
                     met_goal=None if row["met_goal"] is None else bool(row["met_goal"]), error=row["error"],
-                    seq=row["seq"], stage_attempt=row["stage_attempt"], stage_worker=row["stage_worker"],
-                    plan_s=row["plan_s"], artifact=row["artifact"],
+                    seq=row["seq"], jobs=Task.jobs_from_row(row), plan_s=row["plan_s"], artifact=row["artifact"],
                     oplists=search.parse_oplists(json.loads(row["oplists"] or "null")) or {})
         task.trials = [Trial(index=r["idx"], config=json.loads(r["config"]), label=r["label"],
                              state=TrialState(r["state"]), attempt=r["attempt"], metric=r["metric"],
@@ -232,10 +233,12 @@ class Core(Outcomes, Placement, Tenancy, Erasure):
         if self.owners[owner] >= self.limits.queued_per_client:
             raise ValueError(f"this tenant already has {self.owners[owner]} unfinished tasks (the broker's "
                              f"limit is {self.limits.queued_per_client}); wait for some to finish")
-        task = Task(id=uuid.uuid4().hex[:12], spec=spec, state=TaskState.QUEUED, created=time.time(), owner=owner)
+        task = Task(id=uuid.uuid4().hex[:12], spec=spec, state=TaskState.QUEUED, created=time.time(), owner=owner,
+                    jobs={JobRef(PLAN.name): Lease()})
         with self.tx():
             self._touch(task)
             self.store.insert_task(task.id, task.name, spec, task.state.value, task.created, owner)
+            self._write_task(task, jobs=task.jobs_plain())
             self._adopt(task)
             self.emit(task, "state", state=task.state.value)
         log.info("task %s (%s) queued", task.id, task.name)
@@ -390,5 +393,5 @@ class Core(Outcomes, Placement, Tenancy, Erasure):
             budget = task.tuning["timeout_s"]
             if task.state is TaskState.TUNING and budget and task.started and now - task.started > budget:
                 with self.tx():
-                    decision = tuner.decide(task.views(), task.tuning["higher_is_better"], exhausted=True)
+                    decision = task.objective.decide(task.views(), exhausted=True)
                     self.conclude(task, decision, note=f"wall-clock budget of {budget:g}s ran out")

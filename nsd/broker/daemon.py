@@ -8,40 +8,34 @@ sends what the batch produced: replies, acknowledgements, assignments, events. A
 batch's clients with the storage error and asks its workers to register again (they keep their results
 in their outboxes); the loop goes on serving reads. It never imports torch.
 
-Long module: the two ROUTER loops, the client requests and the worker messages are one I/O shell around
-the core; the requests read best next to the turn that commits them.
+Its parts: what a client request gets (nsd/broker/client_requests.py) and what a worker message does
+(nsd/broker/worker_messages.py); this module is the sockets, the loop turn and the timers.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from pathlib import Path
-from typing import Any
 
 import zmq
 import zmq.asyncio
 
 from nsd import __version__
-from nsd.blobs import parse_ref
 from nsd.broker import metrics as metrics_http
-from nsd.broker.blobs import BlobError, BlobStore
+from nsd.broker.blobs import BlobStore
+from nsd.broker.client_requests import ClientRequests
 from nsd.broker.config import BrokerConfig
 from nsd.broker.core import Core, Event, ToWorker
 from nsd.broker.erasure import Checkpoint, RemoveBlob
 from nsd.broker.metrics import Metrics
-from nsd.broker.metric_cache import tenant_scope
 from nsd.broker.store import StorageError, Store
-from nsd.broker.tenancy import STORED_BY, no_blob
+from nsd.broker.worker_messages import WorkerMessages
 from nsd.limits import raise_open_files_limit
 from nsd.net import OncePerPeer, Readable, configure, is_loopback, send_frames_now
-from nsd.protocol import (CLIENT_TO_BROKER, DEFAULT_PAGE, MAX_CHUNK_BYTES, PROTOCOL_VERSION, WORKER_TO_BROKER, Cmd,
-                          Message, ProtocolError, event_frames, pack, unpack)
+from nsd.protocol import CLIENT_TO_BROKER, WORKER_TO_BROKER, Cmd, Message, ProtocolError, event_frames, pack, unpack
 from nsd.security import SOCKET_DOMAINS, CurveServer
-from nsd.spec import SpecError, validate
-from nsd.tenants import Acting, Principal, Refused, acting, principal
 from nsd.states import TaskState
 from nsd.systemd import notify, watchdog_interval
 
@@ -54,10 +48,9 @@ READS = frozenset({Cmd.HELLO, Cmd.STATUS, Cmd.LIST, Cmd.RESULT_GET, Cmd.CLUSTER,
                    Cmd.LOGS})  # client requests that change nothing (but the audit log): answered again after a
 # failed commit, without writing their audit entry then
 RETENTION_EVERY_S = 60.0  # how often finished tasks are checked against their retention
-NOBODY = Principal("client", "\x00unknown")  # a CURVE connection without a User-Id (never): sees nothing
 
 
-class Broker:
+class Broker(ClientRequests, WorkerMessages):
     def __init__(self, config: BrokerConfig):
         self.config = config
         self.state_dir = Path(config.state_dir)
@@ -109,12 +102,11 @@ class Broker:
         self.core = Core(self.store, self.metrics, self.heartbeat_s, self.liveness, self.blobs, self.limits,
                          curve=self.curve is not None, share_cache=self.config.share_cache)
         self.core.load()
-        if self.curve is not None:
-            self.core.trusted_worker = self.curve.trusted_worker
         self._next_retention = 0.0
         self.ctx = zmq.asyncio.Context()
         if self.curve is not None:
             self.curve.start(self.ctx)
+            self.core.trusted_worker = self.curve.trusted_worker
             if moved := self.core.adopt_legacy_owners(self.curve.tenant_of):
                 log.info("%d task(s) from before tenants now belong to their client keys' tenants", moved)
         self.clients = self._router()
@@ -122,7 +114,7 @@ class Broker:
         self.events = configure(self.ctx.socket(zmq.XPUB))
         self.events.setsockopt(zmq.SNDHWM, 10_000)  # a slow subscriber loses events (it re-snapshots), no more
         # Each subscription reaches us, with its peer's User-Id, and counts only once we grant it
-        # (`_subscriptions`): a tenant's subscription to another tenant's task receives nothing.
+        # (`_drain_subscriptions`): a tenant's subscription to another tenant's task receives nothing.
         self.events.setsockopt(zmq.XPUB_MANUAL, 1)
         for name, sock in (("clients", self.clients), ("workers", self.workers_sock), ("events", self.events)):
             if self.curve is not None:
@@ -304,6 +296,10 @@ class Broker:
         if not self._send("clients", [identity, *pack(cmd, body)]):
             self.metrics.dropped_sends += 1  # client gone or not reading: its queue is full
 
+    def _to_worker(self, identity: bytes, cmd: Cmd, body: dict) -> None:
+        if not self._send("workers", [identity, *pack(cmd, body)]):
+            self.metrics.dropped_sends += 1  # a peer that does not read: its queue is full
+
     def _flush(self) -> None:
         effects, self.core.effects = self.core.effects, []
         now = time.time()
@@ -326,221 +322,7 @@ class Broker:
                 except Exception as exc:  # a busy or failing disk: the WAL is truncated at a later one
                     log.warning("WAL checkpoint after an erasure failed: %s", exc)
 
-    # ---- clients ---------------------------------------------------------------------------------
-
-    def _client_message(self, identity: bytes, key: str | None, msg: Message) -> tuple[bytes, Cmd, dict]:
-        req = msg.body["req"]
-        who = self._principal(key)
-        try:
-            with self.core.tx():  # a savepoint: a request that fails leaves nothing behind
-                answer = self._client_request(identity, acting(who, msg.body), msg)
-        except StorageError:
-            raise
-        except Refused as exc:  # what a key tried and may not do is audited (after the rollback)
-            with self.core.tx():
-                self.core.audit(Acting(who, who.name, False), "refused", detail=f"{msg.cmd.name}: {exc}"[:500],
-                                tenant=msg.body.get("tenant", who.name))
-            return identity, Cmd.ERROR, {"req": req, "error": str(exc)}
-        except (SpecError, LookupError, ValueError) as exc:
-            return identity, Cmd.ERROR, {"req": req, "error": str(exc)}
-        except Exception:
-            log.exception("request %s failed", msg.cmd.name)
-            return identity, Cmd.ERROR, {"req": req, "error": "internal broker error (see its log)"}
-        return identity, Cmd.REPLY, {"req": req, **answer}
-
-    def _principal(self, user: str | None) -> Principal:
-        """Who sent a client-socket message (its User-Id): under CURVE every connection has one."""
-        if self.curve is not None and user is None:
-            return NOBODY
-        return principal(user)
-
-    def _client_request(self, identity: bytes, who: Acting, msg: Message) -> dict[str, Any]:
-        """One request, answered for the tenant it acts for (nsd.broker.tenancy: another tenant's task or
-        blob is answered exactly as an unknown one)."""
-        body, core = msg.body, self.core
-        if msg.cmd is Cmd.HELLO:
-            return {"protocol": PROTOCOL_VERSION, "version": __version__, "events": self.endpoints["events"],
-                    "you": {"role": who.who.role, "name": who.who.name, "tenant": who.tenant, "code": who.code}}
-        if msg.cmd is Cmd.SUBMIT:
-            spec = validate(body["spec"]).to_dict()
-            if spec["recipe"]["kind"] == "python" and not who.code:
-                raise Refused(f"tenant {who.tenant!r} may not submit python recipes (code that workers run): the "
-                              f"broker's operator allows it with `nsd keys allow --role client KEY --code`; "
-                              f"built-in recipes need no such right")
-            missing = core.unowned_refs(who, spec)
-            if missing:
-                raise ValueError(f"blob(s) not uploaded: {', '.join(missing)}; upload them first (BLOB_PUT)")
-            task = core.tasks[core.submit(spec, owner=who.tenant)]
-            core.audit(who, "submit", task, task.name[:200])
-            return {"task_id": task.id}
-        if msg.cmd is Cmd.BLOB_HAVE:
-            return {"missing": [h for h in body["sha256"] if not core.owns_blob(who, h)]}
-        if msg.cmd is Cmd.BLOB_PUT:
-            return self._blob_put(identity, who, body)
-        if msg.cmd is Cmd.BLOB_GET:
-            if not core.owns_blob(who, body["sha256"]):
-                raise no_blob(body["sha256"])
-            data, size = self.blobs.read(body["sha256"], body["offset"], body["length"])
-            if body["offset"] == 0:
-                artifact = next((t for t in core.visible(who) if t.artifact and body["sha256"] in t.artifact), None)
-                core.audit(who, "download", artifact, body["sha256"][:12])
-            return {"data": data, "size": size}
-        if msg.cmd is Cmd.LIST:
-            return {"tasks": [{**t.summary(), "owner": t.owner} for t in core.visible(who)]}
-        if msg.cmd is Cmd.CLUSTER:
-            return {"workers": self._cluster(who)}
-        if msg.cmd is Cmd.AUDIT:
-            if not who.sees_all:
-                raise Refused("the audit log is for admin keys (`nsd keys allow --role admin KEY`)")
-            return {"entries": self.store.audit_log(body.get("owner"), body.get("task_id"), body.get("before"),
-                                                    body.get("limit", 100))}
-        if msg.cmd is Cmd.CACHE_PURGE:
-            return self._cache_purge(who, body)
-        task = core.find_for(who, body["task_id"])
-        if msg.cmd in (Cmd.STATUS, Cmd.RESULT_GET):
-            offset = body.get("offset", 0)
-            if msg.cmd is Cmd.RESULT_GET and offset == 0:
-                core.audit(who, "result", task)
-            return {"task": task.public(offset, body.get("limit", DEFAULT_PAGE))}
-        if msg.cmd is Cmd.LOGS:
-            core.audit(who, "logs", task, body.get("job"))
-            return {"logs": self._logs(task.id, body.get("job"))}
-        if msg.cmd is Cmd.CANCEL_TASK:
-            core.audit(who, "cancel", task)
-            core.cancel(task)
-            return {"task": task.summary()}
-        if msg.cmd is Cmd.DELETE_TASK:
-            core.audit(who, "delete", task, task.name[:200])
-            return {"task_id": task.id, "blobs_dropped": len(core.delete_task(task))}
-        raise ValueError(f"unhandled request {msg.cmd.name}")  # pragma: no cover - CLIENT_TO_BROKER is exhaustive
-
-    def _blob_put(self, identity: bytes, who: Acting, body: dict) -> dict[str, Any]:
-        """One chunk of an upload. Bytes its tenant does not own are taken whole and checked, even where the
-        broker holds them already: an upload never tells one tenant what another has uploaded."""
-        sha, known = body["sha256"], self.core.owns_blob(who, body["sha256"])
-        uploader = identity + b"\x00" + who.tenant.encode()  # a gateway uploads for many tenants
-        offset, complete = self.blobs.write(uploader, sha, body["offset"], body["size"], body["data"], known=known)
-        if complete and not known:
-            self.core.add_owner(sha, who.tenant)
-        return {"offset": offset, "complete": complete}
-
-    def _cluster(self, who: Acting) -> list[dict]:
-        """Workers; what they run is shown only where the tasks are the asker's."""
-        now, workers = time.time(), []
-        for worker in self.core.workers.values():
-            view = worker.public(now)
-            if not who.sees_all:
-                view["running"] = [j for j in view["running"] if (t := self.core.tasks.get(j[:12])) and who.sees(t.owner)]
-            workers.append(view)
-        return workers
-
-    def _cache_purge(self, who: Acting, body: dict) -> dict[str, Any]:
-        given = [k for k in ("task_id", "worker", "all") if body.get(k) not in (None, False)]
-        if len(given) != 1:
-            raise ValueError("purge the cache entries of one task (task_id), of one worker (worker), or all")
-        if given == ["task_id"]:
-            task = self.core.find_for(who, body["task_id"])
-            purged = self.store.cache_purge(task_id=task.id)
-        elif not who.sees_all and given == ["worker"]:
-            raise Refused("purging a worker's cache entries is for admin keys (`nsd keys allow --role admin KEY`)")
-        elif given == ["worker"]:
-            purged = self.store.cache_purge(worker=body["worker"])
-        else:  # all: an admin's is the whole cache, a tenant's its own entries
-            purged = self.store.cache_purge() if who.sees_all else self.store.cache_purge(scope=tenant_scope(who.tenant))
-        self.core.audit(who, "cache purge", self.core.tasks.get(body.get("task_id") or ""),
-                        f"{given[0]}={body[given[0]]}; {purged} entries")
-        return {"purged": purged}
-
-    def _logs(self, task_id: str, job: str | None) -> list[dict]:
-        """A task's job logs; the oldest are cut so that the reply fits one message (ask per job for those)."""
-        logs, budget = self.store.logs(task_id, job), MAX_CHUNK_BYTES * 3
-        for entry in reversed(logs):
-            budget -= len(entry["text"].encode()) + 256
-            if budget < 0:
-                entry["text"], entry["cut"] = "[cut: this reply holds at most 12 MiB of logs; ask for this job alone]", True
-        return logs
-
-    # ---- workers ---------------------------------------------------------------------------------
-
-    def _worker_message(self, identity: bytes, key: str | None, msg: Message) -> None:
-        core, now, b = self.core, time.time(), msg.body
-        worker = core.worker_for(identity, key)
-        if worker is not None:
-            worker.last_seen = now  # any traffic counts as a heartbeat
-        if msg.cmd is Cmd.FETCH:  # only the blobs of the jobs it holds; files, so sent at once
-            refused = "register first" if worker is None else None if core.fetchable(worker, b["sha256"]) else \
-                f"no blob {b['sha256'][:12]}… among the jobs you hold"
-            self._to_worker(identity, Cmd.CHUNK, self._chunk(b) if refused is None else
-                            {"sha256": b["sha256"], "offset": b["offset"], "error": refused})
-        elif msg.cmd is Cmd.STORE:
-            if worker is None or not core.may_store(worker):
-                why = "register first" if worker is None else "a worker stores blobs only for a save job it holds"
-                ack = {"sha256": b["sha256"], "offset": b["offset"], "error": why}
-            else:
-                try:  # every byte, even of bytes stored already: the artifact it names must be what it sent
-                    offset, complete = self.blobs.write(identity, b["sha256"], b["offset"], b["size"], b["data"],
-                                                        known=False)
-                    if complete:
-                        core.add_owner(b["sha256"], STORED_BY + worker.id)
-                    ack = {"sha256": b["sha256"], "offset": offset, "complete": complete}
-                except BlobError as exc:
-                    ack = {"sha256": b["sha256"], "offset": b["offset"], "error": str(exc)}
-            self._to_worker(identity, Cmd.STORE_ACK, ack)
-        elif msg.cmd is Cmd.READY:
-            with core.tx():
-                core.register(identity, b, key, now)
-        elif msg.cmd is Cmd.RESULT:
-            if worker is None:  # not registered (or not with this key): it holds no lease
-                core.ignored_results += 1
-                self.metrics.ignored_results += 1
-                core.send(identity, Cmd.DISCONNECT, {"reason": "unknown worker: register again"})
-                return
-            core._result_in_savepoint(worker, b)
-            core.send(worker, Cmd.RESULT_ACK, {"trial_id": b["trial_id"], "attempt": b["attempt"]})
-        elif worker is None:
-            # A heartbeat or goodbye from a worker we do not know (we restarted, or declared it dead).
-            if msg.cmd is not Cmd.BYE:
-                core.send(identity, Cmd.DISCONNECT, {"reason": "unknown worker: register again"})
-        elif msg.cmd is Cmd.BYE:
-            log.info("worker %s said goodbye", worker.id)
-            core.drop_worker(worker, "worker left", handback=b.get("handback") is True)
-
-    def _to_worker(self, identity: bytes, cmd: Cmd, body: dict) -> None:
-        if not self._send("workers", [identity, *pack(cmd, body)]):
-            self.metrics.dropped_sends += 1  # a peer that does not read: its queue is full
-
-    def _chunk(self, body: dict) -> dict:
-        try:
-            data, size = self.blobs.read(body["sha256"], body["offset"], body["length"])
-            return {"sha256": body["sha256"], "offset": body["offset"], "size": size, "data": data}
-        except BlobError as exc:
-            return {"sha256": body["sha256"], "offset": body["offset"], "error": str(exc)}
-
     # ---- time ---------------------------------------------------------------------------------------
-
-    async def _drain_subscriptions(self) -> None:
-        """Decide each subscription (XPUB_MANUAL): granted only for a whole task id its peer may see
-        (`Core.may_subscribe`, by the User-Id libzmq attaches to the subscription message). A grant applies
-        to the peer whose message was read last, so each is decided before the next is read."""
-        shadow, readable = self._shadows["events"], self._readable["events"]
-        while True:
-            await readable.wait()
-            with contextlib.suppress(zmq.Again):
-                for _ in range(self.limits.batch):  # then let the other loops run: a flood starves nothing
-                    frame = shadow.recv(zmq.NOBLOCK, copy=False)
-                    message = frame.bytes
-                    if message[:1] == b"\x00":  # an unsubscription (the peer's own, or its pipe closing)
-                        with contextlib.suppress(zmq.ZMQError):  # its peer may be gone already
-                            shadow.setsockopt(zmq.UNSUBSCRIBE, message[1:])
-                        continue
-                    try:
-                        user = frame.get("User-Id") if self.curve is not None else None
-                    except zmq.ZMQError:
-                        user = None
-                    if message[:1] == b"\x01" and self.core.may_subscribe(self._principal(user), message[1:]):
-                        with contextlib.suppress(zmq.ZMQError):
-                            shadow.setsockopt(zmq.SUBSCRIBE, message[1:])
-            await asyncio.sleep(0)
 
     async def _tick(self) -> None:
         while True:

@@ -1,34 +1,40 @@
 """The broker's model: tasks, their trials, workers, and the one lease rule — plain data, no I/O.
 
-A *job* is what a worker runs for a task: its plan (`<task>/plan`), a trial (`<task>/<index>`) or the save of
-the winner (`<task>/save`). Each job has at most one *lease* at a time, `(attempt, worker id)`, and
-`Task.lease()` is the only place that says who holds it. A result counts only from the registered worker
+A *job* is what a worker runs for a task; its kinds are one table (`nsd.broker.jobs`): the plan
+(`<task>/plan`), a trial (`<task>/<index>`), the save of the winner (`<task>/save`), ... Each job has at most
+one *lease* at a time, `(attempt, worker id)`, and `Task.lease()` is the only place that says who holds it:
+a trial's lease is the trial's own attempt and worker while it runs; any other job's is its `Lease` in
+`Task.jobs`, present exactly while the task wants that job. A result counts only from the registered worker
 that holds that lease now (`nsd.broker.core.Core.holds`).
 
 Every task and trial state change goes through `Task.move` / `Task.set_state`, checked against the
 transition tables in `nsd.states`; `Task` keeps a running tally of its trials so that the hot path (every
-result, every scheduling pass) never rescans thousands of them. `tuner`'s pure functions are the reference
-(`tests/test_broker.py` drives the real settle path against them).
+result, every scheduling pass) never rescans thousands of them. The task's objective
+(`nsd.broker.objective`) is the reference (`tests/test_broker.py` drives the real settle path against it).
 """
 
 from __future__ import annotations
 
+import functools
 import heapq
+import json
 import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from nsd.broker import search, tuner
+from nsd.broker.jobs import KINDS, PLAN, SAVE
+from nsd.broker.objective import Objective, objective_for
+from nsd.protocol import TRIAL, JobRef
 from nsd.states import TASK_TRANSITIONS, TRIAL_TRANSITIONS, TaskState, TrialState, check_transition
 
-PLAN = "plan"  # the job of a `planning` task: load, evaluate FP32 once, expand the config set
-SAVE = "save"  # the job of a `finalizing` task: quantize the winner again, save it, upload the artifact
-STAGE_JOBS = {TaskState.PLANNING: PLAN, TaskState.FINALIZING: SAVE}
 
-
-def job_id(task_id: str, job: int | str) -> str:
-    return f"{task_id}/{job}"
+@dataclass
+class Lease:
+    """A job's lease other than a trial's: its attempt, and the worker running it (None: waiting for a slot)."""
+    attempt: int = 1
+    worker: str | None = None
 
 
 @dataclass
@@ -93,8 +99,7 @@ class Task:
     met_goal: bool | None = None
     error: str | None = None
     seq: int = 0
-    stage_attempt: int = 1  # attempt of the task-level job (plan or save) of the current state
-    stage_worker: str | None = None  # who holds its lease
+    jobs: dict[JobRef, Lease] = field(default_factory=dict)  # the jobs other than trials it wants now
     plan_s: float | None = None
     artifact: str | None = None  # blob reference of the saved winner
     oplists: dict[str, search.OpList] = field(default_factory=dict)  # the plan's ops per config family
@@ -106,32 +111,50 @@ class Task:
     n_unfinished: int = 0
     lowest_passed: int | None = None
     cancelled_above: int | None = None  # the lowest pass whose higher trials were already cancelled
-    best_index: int | None = None  # tuner.best() over the finished trials, kept by note_metric()
+    best_index: int | None = None  # objective.best() over the finished trials, kept by note_metric()
 
     # ---- leases ------------------------------------------------------------------------------
 
-    def lease(self, job: int | str) -> tuple[int, str | None] | None:
+    def lease(self, job: JobRef) -> tuple[int, str | None] | None:
         """(attempt, worker id or None while it waits for one) of the job's current lease; None when the
         job is not running or not wanted (a finished trial, a plan of a task already tuning, ...)."""
-        if job in (PLAN, SAVE):
-            if STAGE_JOBS.get(self.state) != job:
-                return None
-            return self.stage_attempt, self.stage_worker
-        if not isinstance(job, int) or not 0 <= job < len(self.trials):
+        kind = KINDS.get(job.kind)
+        if kind is None or self.state not in kind.states:
             return None
-        tr = self.trials[job]
+        if not kind.in_trial:
+            lease = self.jobs.get(job)
+            return None if lease is None else (lease.attempt, lease.worker)
+        if not isinstance(job.index, int) or not 0 <= job.index < len(self.trials):
+            return None
+        tr = self.trials[job.index]
         return (tr.attempt, tr.worker) if tr.state is TrialState.RUNNING else None
 
     def leases(self) -> list[tuple[str, int, str]]:
         """(job id, attempt, worker id) of every job of this task held by a worker now."""
-        out = []
-        stage = STAGE_JOBS.get(self.state)
-        if stage and self.stage_worker:
-            out.append((job_id(self.id, stage), self.stage_attempt, self.stage_worker))
+        out = [(ref.id(self.id), lease.attempt, lease.worker) for ref, lease in self.jobs.items() if lease.worker]
         if self.n_running:
-            out.extend((job_id(self.id, t.index), t.attempt, t.worker) for t in self.trials
+            out.extend((JobRef(TRIAL, t.index).id(self.id), t.attempt, t.worker) for t in self.trials
                        if t.state is TrialState.RUNNING and t.worker)
         return out
+
+    def waiting(self) -> list[JobRef]:
+        """Jobs other than trials that wait for a slot, in the order they are placed."""
+        return sorted((ref for ref, lease in self.jobs.items() if lease.worker is None),
+                      key=lambda ref: (KINDS[ref.kind].order, ref.index or 0))
+
+    def jobs_plain(self) -> list[list]:
+        """Task.jobs as the `jobs` column stores it."""
+        return [[ref.kind, ref.index, lease.attempt, lease.worker] for ref, lease in self.jobs.items()]
+
+    @staticmethod
+    def jobs_from_row(row) -> dict[JobRef, Lease]:
+        """Task.jobs from its tasks row; a row from before the `jobs` column kept the lease of its state's job
+        (plan or save) in stage_attempt/stage_worker."""
+        if row["jobs"] is not None:
+            return {JobRef(kind, index): Lease(attempt, worker)
+                    for kind, index, attempt, worker in json.loads(row["jobs"])}
+        stage = {"queued": PLAN, "planning": PLAN, "finalizing": SAVE}.get(row["state"])
+        return {JobRef(stage.name): Lease(row["stage_attempt"], row["stage_worker"])} if stage else {}
 
     # ---- state changes -------------------------------------------------------------------------
 
@@ -145,28 +168,34 @@ class Task:
         self.n_pending = len(self.pending)
         self.n_running = sum(t.state is TrialState.RUNNING for t in self.trials)
         self.n_unfinished = sum(not t.state.finished for t in self.trials)
-        self.lowest_passed = tuner.first_passed(self.views())
-        self.best_index = tuner.best(self.views(), self._higher_is_better)
+        self.lowest_passed = self.objective.passed(self.views())
+        self.best_index = self.objective.best(self.views())
 
-    @property
-    def _higher_is_better(self) -> bool:
-        return self.spec.get("tuning", {}).get("higher_is_better", True)
+    @functools.cached_property
+    def objective(self) -> Objective:
+        """Who wins, what is cancelled, when it is decided (the spec never changes)."""
+        return objective_for(self.spec.get("tuning", {}))
 
     def note_metric(self, tr: Trial) -> None:
-        """A trial finished with a metric: keep best_index equal to tuner.best() (earliest on ties)."""
+        """A trial finished with a metric: keep best_index equal to objective.best() (earliest on ties)."""
         if tr.metric is None or not math.isfinite(tr.metric):
             return
-        sign = 1 if self._higher_is_better else -1
+        sign = 1 if self.objective.higher_is_better else -1
         top = None if self.best_index is None else self.trials[self.best_index]
         if top is None or sign * tr.metric > sign * top.metric or (tr.metric == top.metric and tr.index < top.index):
             self.best_index = tr.index
 
     def stop_rule(self, index: int) -> dict:
-        """The rule trial `index` runs under (tuner.stop_rule): early stopping off leaves nothing to beat, and
-        so does a fallback stage's trial (the search ranks ops by those metrics: they run in full)."""
+        """The rule trial `index` runs under (the objective's stop_rule): early stopping off leaves nothing to
+        beat, and so does a fallback stage's trial (the search ranks ops by those metrics: they run in full)."""
         top = [] if self.best_index is None or not self.tuning.get("early_stop", True) \
             or self.trials[index].stage != search.CONFIG else [self.trials[self.best_index].view()]
-        return tuner.stop_rule(self.goal(), top, index)
+        return self.objective.stop_rule(self.goal(), top, index)
+
+    def keeps(self, index: int) -> bool:
+        """Whether trial `index` keeps its model should it pass (the objective's keeps)."""
+        return self.objective.keeps([] if self.lowest_passed is None else [self.trials[self.lowest_passed].view()],
+                                    index)
 
     def set_state(self, tr: Trial, state: TrialState) -> None:
         old = tr.state
@@ -195,7 +224,7 @@ class Task:
 
     def wants_worker(self) -> bool:
         """Whether a job of this task waits for a slot now."""
-        if self.state is TaskState.QUEUED or (self.state in STAGE_JOBS and self.stage_worker is None):
+        if self.state is TaskState.QUEUED or any(lease.worker is None for lease in self.jobs.values()):
             return True
         return self.state is TaskState.TUNING and self.n_pending > 0
 
@@ -219,7 +248,8 @@ class Task:
     def layout(self) -> search.Layout:
         families = tuple(next(iter(t.config)) for t in self.trials if t.stage == search.CONFIG)
         return search.Layout(families, self.oplists, self.tuning["max_trials"], self.tuning["higher_is_better"],
-                             self.tuning.get("strategy", "list"))  # tasks from before the search: "list"
+                             self.tuning.get("strategy", "list"),  # tasks from before the search: "list"
+                             self.objective)
 
     def steps(self) -> list[search.Step]:
         return [t.step() for t in self.trials]

@@ -15,10 +15,11 @@ from typing import Any
 
 from nsd.blobs import make_ref
 from nsd.broker import search, tuner
+from nsd.broker.jobs import KINDS, SAVE
+from nsd.broker.model import Lease, Task, Trial, Worker
 from nsd.broker.plan_check import check_plan
-from nsd.broker.model import PLAN, SAVE, STAGE_JOBS, Task, Trial, Worker, job_id
 from nsd.broker.store import StorageError
-from nsd.protocol import Cmd, parse_job_id
+from nsd.protocol import TRIAL, Cmd, JobRef, parse_job_id
 from nsd.quant.scoring import can_stop
 from nsd.spec import first_trials
 from nsd.states import TaskState, TrialState
@@ -51,21 +52,20 @@ class Outcomes:
         task = self.tasks[task_id]
         self._release(worker, jid)
         worker.freed_at = time.monotonic()
-        self._keep_log(task, str(job), body, worker.id)
+        self._keep_log(task, job.name, body, worker.id)
         if body.get("handback") is True:  # a draining worker returns a job it did not run to the end
             self.lost_lease(task, job, "handed back by a draining worker", handback=True)
         elif body.get("requeue") is True:  # the worker could not get the task's files
             self.lost_lease(task, job, body.get("error") or "worker could not start the job")
-        elif job == PLAN:
-            task.stage_worker = None
-            self._plan_result(task, body, worker)
-        elif job == SAVE:
-            task.stage_worker = None
-            self._save_result(task, body, worker)
         else:
-            self._trial_result(task, task.trials[job], body, worker)
+            kind = KINDS[job.kind]
+            if not kind.in_trial:  # done with: the handler may want another job of the kind
+                del task.jobs[job]
+                self._write_task(task, jobs=task.jobs_plain())
+            getattr(self, kind.result)(task, job, body, worker)
 
-    def _trial_result(self, task: Task, tr: Trial, body: dict, worker: Worker) -> None:
+    def _trial_result(self, task: Task, ref: JobRef, body: dict, worker: Worker) -> None:
+        tr = task.trials[ref.index]
         tr.finished = time.time()
         tr.seconds = body.get("seconds")
         metric, bound = body.get("metric"), body.get("bound")
@@ -79,7 +79,7 @@ class Outcomes:
             self.cache.put_trial(task, worker, tr.config, fallback, tr.metric)
         elif body["ok"] and body.get("stopped_early") is True and bound is not None \
                 and not tuner.meets_goal(float(bound), task.goal()):
-            # It could neither meet the goal nor beat a finished trial (tuner.stop_rule): no metric needed.
+            # It could neither meet the goal nor beat a finished trial (First.stop_rule): no metric needed.
             tr.bound, tr.stopped_early = float(bound), True
             task.set_state(tr, TrialState.FAILED_GOAL)
             self.cache.put_trial(task, worker, tr.config, fallback, None, tr.bound)
@@ -98,27 +98,39 @@ class Outcomes:
 
     def _answer_from_cache(self, task: Task, worker: Worker) -> bool:
         """Answer the job `_assign` would give `worker` from the metric cache (nsd.broker.metric_cache), as
-        far as it can: the plan, then trials in order until one is not known, or the save. True: nothing
-        is left to send now (`schedule` places again: the task has moved on)."""
+        far as it can (its kind's `cached` handler). True: nothing is left to send now (`schedule` places
+        again: the task has moved on)."""
+        waiting = task.waiting()
+        kind = KINDS[waiting[0].kind] if waiting else KINDS[TRIAL]
+        if kind.cached is None:
+            return False
+        return getattr(self, kind.cached)(task, waiting[0] if waiting else None, worker)
+
+    def _plan_from_cache(self, task: Task, ref: JobRef, worker: Worker) -> bool:
+        plan = self.cache.get_plan(task, worker.versions)
+        if plan is None:
+            return False
+        if task.state is TaskState.QUEUED:
+            self._move(task, TaskState.PLANNING)
+        task.started = task.started or time.time()
+        self._write_task(task, state=task.state.value, started=task.started)
+        del task.jobs[ref]
+        self._plan_result(task, ref, {"ok": True, "baseline": plan["baseline"], "configs": plan["configs"],
+                                      "ops": plan.get("ops"), "seconds": 0.0})
+        return True
+
+    def _save_from_cache(self, task: Task, ref: JobRef, worker: Worker) -> bool:
+        winner = task.trials[task.winner]
+        sha = self.cache.get_artifact(task, worker.versions, winner.config, getattr(winner, "fallback", None))
+        if sha is None or not self.blobs.has(sha):
+            return False
+        del task.jobs[ref]
+        self._save_result(task, ref, {"ok": True, "artifact": sha})
+        return True
+
+    def _trials_from_cache(self, task: Task, ref: None, worker: Worker) -> bool:
+        """Pending trials in order until one is not known."""
         versions = worker.versions
-        if task.state in (TaskState.QUEUED, TaskState.PLANNING):
-            plan = self.cache.get_plan(task, versions)
-            if plan is None:
-                return False
-            if task.state is TaskState.QUEUED:
-                self._move(task, TaskState.PLANNING)
-            task.started = task.started or time.time()
-            self._write_task(task, state=task.state.value, started=task.started)
-            self._plan_result(task, {"ok": True, "baseline": plan["baseline"], "configs": plan["configs"],
-                                     "ops": plan.get("ops"), "seconds": 0.0})
-            return True
-        if task.state is TaskState.FINALIZING:
-            winner = task.trials[task.winner]
-            sha = self.cache.get_artifact(task, versions, winner.config, getattr(winner, "fallback", None))
-            if sha is None or not self.blobs.has(sha):
-                return False
-            self._save_result(task, {"ok": True, "artifact": sha})
-            return True
         answered = False
         while task.state is TaskState.TUNING and task.n_pending:
             tr = task.trials[task.pending[0]]
@@ -151,7 +163,7 @@ class Outcomes:
         if text:
             self.store.put_log(task.id, job, body["attempt"], worker, text[-LOG_LIMIT:])
 
-    def _plan_result(self, task: Task, body: dict, worker: Worker | None = None) -> None:
+    def _plan_result(self, task: Task, ref: JobRef, body: dict, worker: Worker | None = None) -> None:
         task.plan_s = body.get("seconds")
         baseline, configs = body.get("baseline"), body.get("configs")
         if not body["ok"]:
@@ -173,15 +185,14 @@ class Outcomes:
         task.trials = [Trial(index=i, config=c["config"], label=c.get("label", "")) for i, c in enumerate(configs)]
         task.index_trials()
         self._move(task, TaskState.TUNING)  # (marks scheduling dirty: new trials wait)
-        task.stage_attempt = 1
         self.store.insert_trials(task.id, [t.row() for t in task.trials])
-        self._write_task(task, baseline=task.baseline, state=task.state.value, stage_worker=None, stage_attempt=1,
+        self._write_task(task, baseline=task.baseline, state=task.state.value, jobs=task.jobs_plain(),
                          plan_s=task.plan_s, oplists=search.oplists_to_plain(oplists))
         self.emit(task, "plan", baseline=task.baseline, trials=[t.described() for t in task.trials])
         self.emit(task, "state", state=task.state.value)
         log.info("task %s: baseline %.6g, %d trials", task.id, task.baseline, len(task.trials))
 
-    def _save_result(self, task: Task, body: dict, worker: Worker | None = None) -> None:
+    def _save_result(self, task: Task, ref: JobRef, body: dict, worker: Worker | None = None) -> None:
         sha = body.get("artifact")
         # A worker's artifact must be bytes it stored itself (under this save's lease): naming any other blob
         # would hand someone else's model out as this task's (issue 15).
@@ -202,14 +213,13 @@ class Outcomes:
     # ---- decisions -------------------------------------------------------------------------------
 
     def settle(self, task: Task) -> None:
-        """After any trial change: cancel what can no longer win (tuner.to_cancel), add the fallback search's
+        """After any trial change: cancel what can no longer win (objective.to_cancel), add the fallback search's
         next stage once it is known (search.next_stage), and end the task once decided (search.decide) —
         which, with those cancelled, is when no trial is left unfinished and no stage is left to add."""
         passed = task.lowest_passed
-        if passed is not None and passed != task.cancelled_above:
-            for tr in task.trials[passed + 1:]:
-                if not tr.state.finished:
-                    self._cancel_trial(task, tr, "a lower-index trial met the goal")
+        if passed is not None and passed != task.cancelled_above:  # (cancellations follow a new pass only)
+            for index in task.objective.to_cancel(task.views()):
+                self._cancel_trial(task, task.trials[index], "a lower-index trial met the goal")
             task.cancelled_above = passed
         if task.state is not TaskState.TUNING:
             return
@@ -245,13 +255,13 @@ class Outcomes:
                 self._cancel_trial(task, tr, "the task is decided")
         self._move(task, TaskState.FINALIZING)
         task.winner, task.met_goal, task.error = decision.winner, decision.met_goal, note
-        task.stage_attempt, task.stage_worker = 1, None
+        task.jobs[JobRef(SAVE.name)] = Lease()
         self._write_task(task, state=task.state.value, winner=task.winner, met_goal=task.met_goal, error=note,
-                         stage_attempt=1, stage_worker=None)
+                         jobs=task.jobs_plain())
         self.emit(task, "state", state=task.state.value, winner=task.winner, met_goal=task.met_goal, error=note)
 
     def _cancel_trial(self, task: Task, tr: Trial, why: str) -> None:
-        jid = job_id(task.id, tr.index)
+        jid = JobRef(TRIAL, tr.index).id(task.id)
         if tr.state is TrialState.RUNNING:
             self._stop_job(task, jid, tr.attempt, tr.worker)
         task.set_state(tr, TrialState.CANCELLED)
@@ -270,48 +280,48 @@ class Outcomes:
         for tr in task.trials:
             if not tr.state.finished:
                 self._cancel_trial(task, tr, "task ended")
-        stage = STAGE_JOBS.get(task.state)
-        if stage:
-            self._stop_job(task, job_id(task.id, stage), task.stage_attempt, task.stage_worker)
-        task.stage_worker = None
+        for ref, lease in task.jobs.items():
+            self._stop_job(task, ref.id(task.id), lease.attempt, lease.worker)
+        task.jobs.clear()
         self._move(task, state)
         task.winner, task.met_goal, task.error = winner, met_goal, error
         task.finished = time.time()
         self._write_task(task, state=state.value, winner=winner, met_goal=met_goal, error=error,
-                         finished=task.finished, stage_worker=None)
+                         finished=task.finished, jobs=[])
         self.emit(task, "state", state=state.value, winner=winner, met_goal=met_goal, error=error)
         log.info("task %s %s%s", task.id, state.value,
                  f": winner trial {winner} (met goal: {met_goal})" if winner is not None else
                  f": {error}" if error else "")
 
-    def lost_lease(self, task: Task, job: int | str, why: str = "worker lost", handback: bool = False) -> None:
+    def lost_lease(self, task: Task, job: JobRef, why: str = "worker lost", handback: bool = False) -> None:
         """A job's worker died, forgot it or handed it back: run it again (attempt + 1), or give up after
-        max_attempts. A hand-back (`handback`: a draining worker returning work it never finished) runs
-        it again without using up an attempt: it was not the job's fault."""
+        max_attempts (its kind's `give_up`; a trial is `error`). A hand-back (`handback`: a draining worker
+        returning work it never finished) runs it again without using up an attempt: it was not the job's
+        fault."""
         lease = task.lease(job)
         if lease is None:
             return
         self._dirty = True
-        self.orphans.pop(job_id(task.id, job), None)
+        jid = job.id(task.id)
+        self.orphans.pop(jid, None)
         holder = self.workers.get(lease[1] or "")
         if holder is not None:
-            self._release(holder, job_id(task.id, job))
+            self._release(holder, jid)
         if handback:  # same attempt, any worker: the lease rule still refuses the old holder's answers
             state, attempt = TrialState.PENDING, lease[0]
         else:
             state, attempt = tuner.after_lost_lease(lease[0], task.tuning["max_attempts"])
-        if job in (PLAN, SAVE):
-            if state is TrialState.ERROR and job == PLAN:
-                self.finish(task, TaskState.FAILED, error=f"planning failed {attempt} times: {why}")
-            elif state is TrialState.ERROR:
-                self.finish(task, TaskState.DONE, winner=task.winner, met_goal=task.met_goal,
-                            error=f"the winner's artifact could not be saved ({attempt} attempts): {why}")
-            else:
-                task.stage_attempt, task.stage_worker = attempt, None
-                self._write_task(task, stage_attempt=attempt, stage_worker=None)
-                self.emit(task, "state", state=task.state.value, reason=why)
+        kind = KINDS[job.kind]
+        if not kind.in_trial:
+            if state is TrialState.ERROR:
+                del task.jobs[job]
+                self._write_task(task, jobs=task.jobs_plain())
+                return getattr(self, kind.give_up)(task, job, attempt, why)
+            task.jobs[job] = Lease(attempt)
+            self._write_task(task, jobs=task.jobs_plain())
+            self.emit(task, "state", state=task.state.value, reason=why)
             return
-        tr = task.trials[job]
+        tr = task.trials[job.index]
         self.metrics.trials_requeued += state is TrialState.PENDING
         task.set_state(tr, state)
         tr.attempt, tr.worker = attempt, None
@@ -321,6 +331,13 @@ class Outcomes:
                           finished=tr.finished)
         self.emit(task, "trial", **tr.event())
         self.settle(task)
+
+    def _plan_gave_up(self, task: Task, ref: JobRef, attempt: int, why: str) -> None:
+        self.finish(task, TaskState.FAILED, error=f"planning failed {attempt} times: {why}")
+
+    def _save_gave_up(self, task: Task, ref: JobRef, attempt: int, why: str) -> None:
+        self.finish(task, TaskState.DONE, winner=task.winner, met_goal=task.met_goal,
+                    error=f"the winner's artifact could not be saved ({attempt} attempts): {why}")
 
 
 def finite(value: Any) -> float | None:

@@ -1,6 +1,7 @@
 """Placing waiting jobs on free cores: which job goes to which worker now (`scheduler.place`, pure), and
-the ASSIGN that follows — a plan, a trial with its early-stop rule, or the save of the winner (sent to
-the worker that kept the winner's model when it can take it), or an answer from the metric cache.
+the ASSIGN that follows — built by the job's kind (`nsd.broker.jobs`): a plan, a trial with its early-stop
+rule, or the save of the winner (sent to the worker that kept the winner's model when it can take it) —
+or an answer from the metric cache.
 
 A mixin of `nsd.broker.core.Core` (it uses Core's indexes, writes, effects and transactions): split out so
 that each file reads in one sitting.
@@ -12,8 +13,9 @@ import itertools
 import time
 
 from nsd.broker import scheduler
-from nsd.broker.model import PLAN, SAVE, STAGE_JOBS, Task, Worker, job_id
-from nsd.protocol import Cmd
+from nsd.broker.jobs import KINDS
+from nsd.broker.model import Task, Worker
+from nsd.protocol import TRIAL, Cmd, JobRef
 from nsd.states import TaskState, TrialState
 
 
@@ -39,11 +41,11 @@ class Placement:
             if not task.wants_worker():
                 continue
             cores = task.resources.get("cores_per_trial", 0)
-            if task.state in STAGE_JOBS:
-                demands.append(scheduler.Demand(task.id, 1, self.priority(task), cores=cores))
-            elif task.dispatchable(task.resources["workers"]):
-                demands.append(scheduler.Demand(task.id, task.dispatchable(task.resources["workers"]),
-                                                self.priority(task), task.n_running, cores))
+            # Jobs other than trials are not counted against the task's `workers` limit.
+            waiting = len(task.waiting()) + (task.dispatchable(task.resources["workers"])
+                                             if task.state is TaskState.TUNING else 0)
+            if waiting:
+                demands.append(scheduler.Demand(task.id, waiting, self.priority(task), task.n_running, cores))
         demands.sort(key=lambda d: self.tasks[d.task_id].created)  # the scheduler's "age" is list order
         if demands:
             free = {w.id: w.free_cores for w in self.free.values()}
@@ -65,45 +67,17 @@ class Placement:
                 worker.freed_at = None
 
     def _assign(self, task: Task, worker: Worker) -> None:
-        now = time.time()
+        """Send `worker` the task's next job: a waiting job other than a trial (by its kind's order), else
+        the lowest pending trial — or answer it from the metric cache."""
         if task.tuning.get("cache", True) and self._answer_from_cache(task, worker):
             self._answered_from_cache = True
             return
-        if task.state is TaskState.FINALIZING:  # the save job goes where the winner's model was kept, if free
-            kept = task.trials[task.winner].kept
-            holder = self.workers.get(kept[0]) if kept else None
-            if holder is not None and holder is not worker and holder.free_cores >= self.job_cores(task, holder):
-                worker = holder
         if task.state is TaskState.QUEUED:
             self._move(task, TaskState.PLANNING)
-        if task.state is TaskState.PLANNING:
-            task.stage_worker = worker.id
-            task.started = task.started or now
-            jid, attempt = job_id(task.id, PLAN), task.stage_attempt
-            job = {"kind": "plan", "task_id": task.id, "spec": task.spec}
-            self._write_task(task, state=task.state.value, stage_worker=worker.id, started=task.started)
-            self.emit(task, "state", state=task.state.value, worker=worker.id)
-        elif task.state is TaskState.FINALIZING:
-            task.stage_worker = worker.id
-            jid, attempt = job_id(task.id, SAVE), task.stage_attempt
-            winner = task.trials[task.winner]
-            job = {"kind": "save", "task_id": task.id, "spec": task.spec, "index": winner.index,
-                   "config": winner.config, "fallback": winner.fallback}
-            if winner.kept and winner.kept[0] == worker.id:
-                job["kept"] = winner.kept[1]  # upload the model its trial kept instead of quantizing again
-            self._write_task(task, stage_worker=worker.id)
-        else:
-            tr = task.next_pending()
-            task.set_state(tr, TrialState.RUNNING)
-            tr.worker, tr.started = worker.id, now
-            jid, attempt = job_id(task.id, tr.index), tr.attempt
-            job = {"kind": "trial", "task_id": task.id, "spec": task.spec, "index": tr.index, "config": tr.config,
-                   "fallback": tr.fallback,
-                   # What it must reach to matter (early stop), and whether a pass should keep its model.
-                   "rule": task.stop_rule(tr.index),
-                   "keep": task.lowest_passed is None or task.lowest_passed > tr.index}
-            self._write_trial(task, tr, state=tr.state.value, worker=worker.id, started=now)
-            self.emit(task, "trial", **tr.event())
+        waiting = task.waiting()
+        ref = waiting[0] if waiting else JobRef(TRIAL, task.next_pending().index)
+        worker, job = getattr(self, KINDS[ref.kind].assign)(task, ref, worker)
+        jid, attempt = ref.id(task.id), task.lease(ref)[0]
         job["cores"] = self.job_cores(task, worker)
         self._take(worker, jid, attempt, job["cores"])
         self.metrics.jobs_dispatched += 1
@@ -111,6 +85,43 @@ class Placement:
             self.metrics.dispatch_latency.observe(time.monotonic() - worker.freed_at)
             worker.freed_at = None
         self.send(worker, Cmd.ASSIGN, {"trial_id": jid, "attempt": attempt, "job": job})
+
+    def _lease_to(self, task: Task, ref: JobRef, worker: Worker) -> None:
+        """A waiting job other than a trial is now `worker`'s."""
+        task.jobs[ref].worker = worker.id
+        self._write_task(task, jobs=task.jobs_plain())
+
+    # ---- the ASSIGN of each job kind (nsd.broker.jobs) ---------------------------------------------------
+
+    def _plan_job(self, task: Task, ref: JobRef, worker: Worker) -> tuple[Worker, dict]:
+        self._lease_to(task, ref, worker)
+        task.started = task.started or time.time()
+        self._write_task(task, state=task.state.value, started=task.started)
+        self.emit(task, "state", state=task.state.value, worker=worker.id)
+        return worker, {"kind": "plan", "task_id": task.id, "spec": task.spec}
+
+    def _trial_job(self, task: Task, ref: JobRef, worker: Worker) -> tuple[Worker, dict]:
+        tr = task.trials[ref.index]
+        task.set_state(tr, TrialState.RUNNING)
+        tr.worker, tr.started = worker.id, time.time()
+        self._write_trial(task, tr, state=tr.state.value, worker=worker.id, started=tr.started)
+        self.emit(task, "trial", **tr.event())
+        return worker, {"kind": "trial", "task_id": task.id, "spec": task.spec, "index": tr.index,
+                        "config": tr.config, "fallback": tr.fallback,
+                        # What it must reach to matter (early stop), and whether a pass should keep its model.
+                        "rule": task.stop_rule(tr.index), "keep": task.keeps(tr.index)}
+
+    def _save_job(self, task: Task, ref: JobRef, worker: Worker) -> tuple[Worker, dict]:
+        winner = task.trials[task.winner]
+        holder = self.workers.get(winner.kept[0]) if winner.kept else None
+        if holder is not None and holder is not worker and holder.free_cores >= self.job_cores(task, holder):
+            worker = holder  # the save job goes where the winner's model was kept, if free
+        self._lease_to(task, ref, worker)
+        job = {"kind": "save", "task_id": task.id, "spec": task.spec, "index": winner.index,
+               "config": winner.config, "fallback": winner.fallback}
+        if winner.kept and winner.kept[0] == worker.id:
+            job["kept"] = winner.kept[1]  # upload the model its trial kept instead of quantizing again
+        return worker, job
 
     @staticmethod
     def job_cores(task: Task, worker: Worker) -> int:

@@ -11,8 +11,9 @@ if nothing passes, the best metric over every trial wins (earliest on ties).
 
 The distributed form keeps one invariant that makes the answer identical to the sequential one: a trial's
 broker index IS its position in the global order. Stages are appended whole (cut at `max_trials`) as soon
-as their content is known, so `tuner`'s rules — lowest passing index wins once everything below it has
-finished, cancel above it, best metric earliest index otherwise — decide over all stages unchanged:
+as their content is known, so the objective's rules (`nsd.broker.objective.First`: lowest passing index wins
+once everything below it has finished, cancel above it, best metric earliest index otherwise) decide over
+all stages unchanged:
   - block-wise and op-wise are known once every config trial has finished and none passed (`best` known);
   - accumulated is known once every op-wise trial has finished, if nothing has passed yet (block-wise trials
     may still run: the accumulated prefixes are dispatched speculatively, lowest first).
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
 from nsd.broker import tuner
+from nsd.broker.objective import First, Objective
 from nsd.states import TrialState
 
 CONFIG, BLOCK_WISE, OP_WISE, ACCUMULATED = "config", "block-wise", "op-wise", "accumulated"
@@ -49,6 +51,11 @@ class Layout:
     max_trials: int = 100
     higher_is_better: bool = True
     strategy: str = "basic"
+    objective: Objective | None = None  # who wins over all stages; None: INC's (First)
+
+    @property
+    def rules(self) -> Objective:
+        return self.objective or First(self.higher_is_better)
 
 
 @dataclass(frozen=True)
@@ -124,7 +131,7 @@ def sequential(layout: Layout, metric_of: Callable[[str, int, tuple[str, ...]], 
     def answer() -> tuple[list[Step], int | None, bool]:
         if run and run[-1].state is TrialState.PASSED:
             return run, run[-1].index, True
-        return run, tuner.best([s.view() for s in run], layout.higher_is_better), False
+        return run, layout.rules.best([s.view() for s in run]), False
 
     for i in range(len(layout.families)):
         if trial(CONFIG, i, ()):
@@ -181,11 +188,11 @@ def next_stage(layout: Layout, steps: Sequence[Step]) -> list[NewTrial]:
 
 
 def decide(layout: Layout, steps: Sequence[Step], exhausted: bool = False) -> tuner.Decision | None:
-    """The outcome, or None while unknown: tuner's rule, once no stage is left to add."""
+    """The outcome, or None while unknown: the objective's, once no stage is left to add."""
     views = [s.view() for s in steps]
     if not exhausted and next_stage(layout, steps):
         return None
-    return tuner.decide(views, layout.higher_is_better, exhausted)
+    return layout.rules.decide(views, exhausted)
 
 
 def fallback_label(base_label: str, fallback: Sequence[str]) -> str:

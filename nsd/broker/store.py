@@ -122,6 +122,8 @@ MIGRATIONS = (  # columns added after the first release: (table, column, definit
     ("trials", "bound", "REAL"),  # early stop: the best metric a stopped trial could still have reached
     ("trials", "stopped_early", "INTEGER"),
     ("trials", "cached", "INTEGER"),  # answered from the metric cache
+    # job kinds (nsd.broker.jobs): the leases of the jobs other than trials, [[kind, index, attempt, worker]]
+    ("tasks", "jobs", "TEXT"),
     # the metric cache per tenant (README "Privacy"): whose entry, and which task and worker produced it
     ("cache", "scope", "TEXT NOT NULL DEFAULT ''"), ("cache", "task_id", "TEXT"), ("cache", "worker", "TEXT"),
 )
@@ -132,7 +134,7 @@ AUDIT_KEPT = 100_000  # the newest audit entries kept (README "Privacy": bounded
 ERASURES_KEPT = 10_000  # erasures remembered for workers that were away when they happened
 EVENTS_KEPT = 1000  # per task: the events table keeps the newest ones (clients re-snapshot; see README)
 TASK_COLUMNS = frozenset({"state", "started", "finished", "baseline", "winner", "met_goal", "error", "seq",
-                          "stage_attempt", "stage_worker", "plan_s", "artifact", "oplists", "owner"})
+                          "stage_attempt", "stage_worker", "plan_s", "artifact", "oplists", "jobs", "owner"})
 TRIAL_COLUMNS = frozenset({"state", "attempt", "metric", "worker", "started", "finished", "seconds", "error",
                            "bound", "stopped_early", "cached"})
 

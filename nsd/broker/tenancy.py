@@ -12,7 +12,8 @@ import time
 from typing import Iterator
 
 from nsd.blobs import parse_ref
-from nsd.broker.model import SAVE, Task, Worker
+from nsd.broker.jobs import SAVE
+from nsd.broker.model import Task, Worker
 from nsd.protocol import TASK_ID, parse_job_id
 from nsd.spec import spec_blob_refs
 from nsd.tenants import Acting, Principal
@@ -97,7 +98,7 @@ class Tenancy:
 
     def may_store(self, worker: Worker) -> bool:
         """A worker may STORE (upload an artifact) only while it holds a save job."""
-        return any(parse_job_id(jid)[1] == SAVE for jid in worker.running)
+        return any(parse_job_id(jid)[1].kind == SAVE.name for jid in worker.running)
 
     def stored_by(self, worker: Worker, sha256: str) -> bool:
         return self.store.owns(sha256, STORED_BY + worker.id)

@@ -1,5 +1,8 @@
 """The thin client: `Client` (blocking) and `AsyncClient` (asyncio). No torch."""
 
-from nsd.client.api import AsyncClient, BrokerError, BrokerUnavailable, Client, ReplyTooLarge, read_spec
+from nsd.client.api import AsyncClient
+from nsd.client.errors import BrokerError, BrokerUnavailable, ReplyTooLarge
+from nsd.client.specs import read_spec
+from nsd.client.sync import Client
 
 __all__ = ["AsyncClient", "BrokerError", "BrokerUnavailable", "Client", "ReplyTooLarge", "read_spec"]

@@ -18,7 +18,7 @@ Sums of floats may round differently than the bound's arithmetic, so bounds of f
 trial only stops a hair later than it could. Integer counts (accuracy) and perplexity (a running sum of
 non-negative terms, rounding is monotone) are exact without it.
 
-`can_stop` decides with the rule the broker puts in each trial job (`nsd.broker.tuner.stop_rule`).
+`can_stop` decides with the rule the broker puts in each trial job (`nsd.broker.objective.First.stop_rule`).
 Pure python: no torch.
 """
 

@@ -1,9 +1,11 @@
-"""What the worker checks in every broker message before acting on it. Pure: no sockets, no I/O.
+"""What the worker checks in every broker message before acting on it, and in every runner answer before
+passing it on. Pure: no sockets, no I/O.
 
 `nsd.protocol.unpack` already checks each body's required fields and their msgpack types; these
 functions check their values (an id that could name a path, a negative offset, a chunk that does not
 fit its blob, a job whose spec is not one the broker would have accepted). Each returns None when the
-message is usable, else a reason a person can read: the daemon logs it and ignores the message.
+message is usable, else a reason a person can read: the daemon logs it and ignores the message. A
+runner runs a recipe's code, so its answers are checked the same way (`runner_answer`, `result`).
 """
 
 from __future__ import annotations
@@ -11,12 +13,17 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from nsd.blobs import CHUNK_BYTES, is_sha256
-from nsd.protocol import JOB_ID, MAX_ATTEMPT
-from nsd.spec import SpecError, validate
+import msgpack
 
-# A lease's job id is protocol.JOB_ID ("<12 hex>/<plan | save | trial index>"): the task id becomes a
-# folder name under the worker's logs, so nothing that could leave that folder is accepted.
+from nsd.blobs import CHUNK_BYTES, is_sha256
+from nsd.protocol import (BOOL, JOB_ID, JOB_KINDS, MAX_ATTEMPT, MAX_BODY, OUTBOX_ENTRY, RESULT_OPTIONAL, Cmd,
+                          parse_job_id, text)
+from nsd.spec import SpecError, validate
+from nsd.worker.sandbox import under
+
+# A lease's job id is protocol.JOB_ID ("<12 hex>/<kind>", "<12 hex>/<trial index>", "<12 hex>/<kind>/<index>"):
+# the task id becomes a folder name under the worker's logs, so nothing that could leave that folder is
+# accepted. What each kind carries is protocol.JOB_KINDS.
 # Negotiated timing (READY_ACK): outside these bounds a value is a mistake or an attack, not a choice.
 HEARTBEAT_BOUNDS_S = (0.05, 60.0)
 LIVENESS_BOUNDS = (1, 100)
@@ -42,17 +49,17 @@ def job(trial_id: str, body: Any) -> str | None:
     cores are a sane count."""
     if not isinstance(body, dict):
         return "job is not a map"
-    task_id, _, index = trial_id.partition("/")
-    kind = {"plan": "plan", "save": "save"}.get(index, "trial")
-    if body.get("kind") != kind:
+    task_id, ref = parse_job_id(trial_id)
+    kind = JOB_KINDS[ref.kind]
+    if body.get("kind") != kind.name:
         return f"job kind {str(body.get('kind'))[:20]!r} does not match {trial_id}"
     if body.get("task_id") != task_id:
         return f"job task id does not match {trial_id}"
-    if kind == "trial" and body.get("index") != int(index):
+    if kind.per_trial and body.get("index") != ref.index:
         return f"job index does not match {trial_id}"
-    if kind == "save" and not _int(body.get("index")):
-        return "save job without the winner's index"
-    if kind in ("trial", "save") and (not isinstance(body.get("config"), dict) or len(body["config"]) != 1):
+    if kind.config and not _int(body.get("index")):
+        return f"{kind.name} job without its trial's index"
+    if kind.config and (not isinstance(body.get("config"), dict) or len(body["config"]) != 1):
         return "job config must map one INC config name to its parameters"
     problem = _perf_fields(body)
     if problem:
@@ -136,4 +143,49 @@ def store_ack(body: dict) -> str | None:
 def disconnect(body: dict) -> str | None:
     if "fatal" in body and not isinstance(body["fatal"], bool):
         return "disconnect 'fatal' is not true or false"
+    return None
+
+
+# What a runner's answer may hold: a result's fields, less those only the worker sets (a runner asking for
+# a requeue would get its trial run again and again), and the folder a save job made.
+RUNNER_FIELDS = {**{k: c for k, c in RESULT_OPTIONAL.items() if k not in ("requeue", "handback", "artifact", "log")},
+                 "ok": BOOL, "artifact_dir": text(4096)}
+
+
+def runner_answer(answer: Any) -> dict:
+    """A runner's answer, checked like a peer's message: a runner runs a recipe's code, which may have
+    replaced ours. Fields a result does not carry, or of the wrong type, are dropped (and named in the
+    error); an answer without a boolean `ok` is a failure."""
+    if not isinstance(answer, dict):
+        return {"ok": False, "error": "the runner's answer is not a map"}
+    clean = {k: v for k, v in answer.items() if k in RUNNER_FIELDS and RUNNER_FIELDS[k].ok(v)}
+    dropped = sorted(str(k)[:40] for k in answer if k not in clean)
+    if "ok" not in clean:
+        clean = {"ok": False, "error": "the runner's answer has no ok: true or false"}
+    if dropped:
+        clean["error"] = (f"{clean.get('error') or ''} (dropped from the runner's answer: "
+                          f"{', '.join(dropped[:20])})").strip()[:2000]
+    return clean
+
+
+def result(body: dict) -> dict:
+    """A RESULT as the broker will check it (and READY's outbox will carry it): one that would be refused
+    there, whatever a runner put in it, becomes a plain failure, so that no answer can keep this worker
+    from registering again."""
+    problem = None if OUTBOX_ENTRY.ok(body) else "a field of the wrong type"
+    if problem is None and len(msgpack.packb(body, use_bin_type=True)) > MAX_BODY[Cmd.RESULT] - 4096:
+        problem = "over the size of a result"
+    if problem is None:
+        return body
+    return {key: body[key] for key in ("trial_id", "attempt", "worker_id")} | {
+        "ok": False, "error": f"the job's answer could not be sent: {problem}"}
+
+
+def shared_paths(paths: dict[str, str], shared_dirs: list[str]) -> str | None:
+    """A model.shared task's paths ({field: path with links resolved}) against the folders this worker's
+    runners may read: None when each is inside one, else why not."""
+    for name, path in paths.items():
+        if not any(under(path, d) for d in shared_dirs):
+            where = ", ".join(shared_dirs) if shared_dirs else "none; see nsd worker --shared-dir"
+            return f"{name} {path} is not in a folder this worker shares with its runners ({where})"
     return None

@@ -1,5 +1,5 @@
 """The worker's settings, in one place: the `nsd worker` options and `worker.toml` keys take their
-defaults from these fields (`nsd.client.cli`), and `WorkerDaemon` takes one `WorkerConfig`."""
+defaults from these fields (`nsd.cli.daemons`), and `WorkerDaemon` takes one `WorkerConfig`."""
 
 from __future__ import annotations
 
@@ -25,3 +25,6 @@ class WorkerConfig:
     grace_s: float = 30.0  # on SIGTERM: how long running trials may take to finish before being handed back
     curve_key: Path | None = None  # this worker's key pair (nsd keys generate), allowed on the broker as a worker
     server_key: Path | None = None  # the broker's public key
+    sandbox: bool = True  # runners in bubblewrap (nsd.worker.sandbox); false only for development (--no-sandbox)
+    shared_dirs: list[Path] = field(default_factory=list)  # shared-filesystem folders runners read (model.shared)
+    runner_env: list[str] = field(default_factory=list)  # names of our environment variables runners also get

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import enum
 import logging
+import os
 import socket
 import time
 import uuid
@@ -35,7 +36,8 @@ from nsd.worker.cache import BlobCache
 from nsd.versions import installed_versions
 from nsd.worker.config import WorkerConfig
 from nsd.worker.jobs import Erasures, Outbox, erase_task_files, run_job
-from nsd.worker.slots import Slot, SlotPool
+from nsd.worker.sandbox import runner_layout, shared_task_paths
+from nsd.worker.slots import RunnerSetup, Slot, SlotPool
 from nsd.worker.transfers import Transfers
 
 log = logging.getLogger("nsd.worker")
@@ -70,7 +72,12 @@ class WorkerDaemon:
                                "(--server-key)")
         self.curve = ClientKeys.load(Path(config.curve_key), Path(config.server_key)) if config.curve_key else None
         self.cpus = list(config.cpus)
-        self.pool = SlotPool(self.cpus, config.cores_per_trial, self.cache_dir, self.worker_id, config.preload)
+        self.shared_dirs = [os.path.realpath(d) for d in config.shared_dirs]
+        lay = runner_layout(config.sandbox, config.shared_dirs, [self.cache_dir, config.curve_key, config.server_key],
+                            self.cache_dir / "runners" / f"probe-{self.worker_id}")  # what runners see
+        setup = RunnerSetup(lay, self.cache_dir / "blobs", self.cache_dir / "numba", config.preload,
+                            tuple(config.runner_env))
+        self.pool = SlotPool(self.cpus, config.cores_per_trial, self.cache_dir, self.worker_id, setup)
         self.blobs = BlobCache(self.cache_dir / "blobs", config.cache_max_bytes)
         self.blobs.clear_partial()
         self.transfers = Transfers(self._send, self.blobs, config.fetch_window, config.chunk_timeout_s)
@@ -354,10 +361,12 @@ class WorkerDaemon:
                 log.warning("could not fetch the files of %s: %s", trial_id, exc)
                 answer = {"ok": False, "requeue": True, "error": f"worker could not fetch the task's files: {exc}"}
             else:
-                if job["kind"] == "plan":
+                why = checks.shared_paths(shared_task_paths(job["spec"]), self.shared_dirs)
+                if why is None and job["kind"] == "plan":
                     self.pool.warm_others(slot, job)
-                answer = await run_job(slot.runner, trial_id, attempt, job, self.cache_dir, self.transfers.upload)
-            result = {**answer, "trial_id": trial_id, "attempt": attempt, "worker_id": self.worker_id}
+                answer = {"ok": False, "error": why} if why else await run_job(
+                    slot.runner, trial_id, attempt, job, self.cache_dir, self.transfers.upload)
+            result = checks.result({**answer, "trial_id": trial_id, "attempt": attempt, "worker_id": self.worker_id})
             if job["task_id"] in self.erased:  # deleted while it ran: its answer and files go too
                 erase_task_files(self.cache_dir, job["task_id"])
             else:

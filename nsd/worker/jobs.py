@@ -11,9 +11,12 @@ import logging
 import os
 import shutil
 import time
+import uuid
 from pathlib import Path
 from typing import Awaitable, Callable
 
+from nsd.worker import checks
+from nsd.worker.sandbox import take
 from nsd.worker.slots import RunnerDied, RunnerProcess
 
 
@@ -91,28 +94,37 @@ class Erasures:
 
 async def run_job(runner: RunnerProcess, trial_id: str, attempt: int, job: dict, cache_dir: Path,
                   upload: Callable[[Path], Awaitable[str]]) -> dict:
-    """Run one job on a runner, within its time limit; the answer for the broker, with its log's tail."""
-    task_id, _, index = trial_id.partition("/")
+    """Run one job on a runner, within its time limit; the answer for the broker, with its log's tail. The
+    runner's answer is checked like a peer's (`checks.runner_answer`), and what it made (a kept model, an
+    artifact) is taken out of its scratch before the worker uses it (`sandbox.take`)."""
+    task_id, _, name = trial_id.partition("/")
+    index = name.replace("/", "-")  # "3", "plan", or "<kind>-3": one file name
     kept_dir = cache_dir / "kept"  # passing trials' models, for their save job (runner.keep_model)
     log_path = cache_dir / "logs" / task_id / f"{index}-a{attempt}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    log_path.touch()
     job = {**job, "log": str(log_path)}
-    if job["kind"] == "trial" and job.get("keep"):
-        job["keep_dir"] = str(_keep_dir(kept_dir, task_id, index, attempt))
     if job.get("kept") and not Path(job["kept"]).resolve().is_relative_to((kept_dir / task_id).resolve()):
         job.pop("kept")  # only a folder this worker kept for this task is uploaded as its artifact
     limit = None
     if job["kind"] == "trial" and job["spec"]["tuning"].get("trial_timeout_s"):
         limit = job["spec"]["tuning"]["trial_timeout_s"]
     try:
-        await runner.ready()  # a runner's start-up is not the trial's time
+        # A runner's start-up (a fresh one where another task's recipe ran) is not the trial's time.
+        await runner.prepare(task_id)
+        if job["kind"] == "trial" and job.get("keep"):
+            job["keep_dir"] = str(runner.scratch / KEEP)
         try:
-            answer = await asyncio.wait_for(runner.run(job), limit)
+            answer = checks.runner_answer(await asyncio.wait_for(runner.run(job), limit))
         except asyncio.TimeoutError:
             await runner.stop(kill=True)  # a hung trial cannot be interrupted: end its runner
             raise RunnerDied(f"trial exceeded trial_timeout_s={limit:g}s; its runner was killed") from None
+        if answer.get("kept"):
+            kept = _take_kept(runner, answer.pop("kept"), _keep_dir(kept_dir, task_id, index, attempt))
+            answer.update({"kept": kept} if kept else {})
+        artifact = answer.pop("artifact_dir", None)
         if job["kind"] == "save" and answer.get("ok"):
-            answer["artifact"] = await upload(Path(answer.pop("artifact_dir")))
+            answer["artifact"] = await _upload_artifact(runner, artifact, cache_dir / "uploads", upload)
         if job["kind"] == "save":  # the task is decided: models its trials kept here are of no more use
             shutil.rmtree(kept_dir / task_id, ignore_errors=True)
     except RunnerDied as exc:
@@ -125,6 +137,31 @@ async def run_job(runner: RunnerProcess, trial_id: str, attempt: int, job: dict,
         answer["error"] = f"{answer.get('error') or 'failed'}\n--- last lines of its log ---\n{last}"
     answer["log"] = tail
     return answer
+
+
+KEEP = "kept"  # where in its scratch a runner keeps a passing trial's model (job["keep_dir"])
+
+
+def _take_kept(runner: RunnerProcess, kept: str, dest: Path) -> str | None:
+    """The folder a trial kept, moved out of its runner's scratch to `dest`; None where the runner named
+    anything but the folder it was given."""
+    if kept != str(runner.scratch / KEEP / "model"):
+        return None
+    return str(take(runner.scratch, KEEP, dest) / "model")
+
+
+async def _upload_artifact(runner: RunnerProcess, artifact: str | None, uploads: Path,
+                           upload: Callable[[Path], Awaitable[str]]) -> str:
+    """Upload the save job's model folder (<scratch>/<folder>/model), taken out of the runner's scratch
+    first; packed without following links (a link a recipe planted never takes a file of ours along)."""
+    folder = Path(os.path.normpath(artifact or ""))
+    if folder.name != "model" or folder.parent.parent != runner.scratch:
+        raise ValueError(f"the runner named {str(artifact)[:200]!r} as the saved model, not a folder of its own")
+    staged = take(runner.scratch, folder.parent.name, uploads / uuid.uuid4().hex)
+    try:
+        return await upload(staged / "model")
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
 
 
 def _keep_dir(kept_dir: Path, task_id: str, index: str, attempt: int) -> Path:

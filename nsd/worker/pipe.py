@@ -28,10 +28,21 @@ def read_blocking(stream: BinaryIO) -> Any | None:
     return msgpack.unpackb(body, raw=False)
 
 
-async def read_async(reader: asyncio.StreamReader) -> Any | None:
-    """The next message from a runner's stdout, or None if the runner is gone."""
+async def read_async(reader: asyncio.StreamReader, max_bytes: int = 1 << 32) -> Any | None:
+    """The next message from a runner's stdout, or None if the runner is gone. A runner runs a recipe's
+    code, so what it sends is bounded: a message over `max_bytes`, one that is not msgpack, or anything but
+    a map raises ValueError."""
     try:
         (size,) = _HEADER.unpack(await reader.readexactly(_HEADER.size))
-        return msgpack.unpackb(await reader.readexactly(size), raw=False)
+        if size > max_bytes:
+            raise ValueError(f"a {size}-byte message, over the {max_bytes}-byte limit")
+        body = await reader.readexactly(size)
     except asyncio.IncompleteReadError:
         return None
+    try:
+        message = msgpack.unpackb(body, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several types for garbage
+        raise ValueError(f"not a msgpack message: {type(exc).__name__}") from None
+    if not isinstance(message, dict):
+        raise ValueError(f"a {type(message).__name__}, not a map")
+    return message

@@ -168,17 +168,10 @@ def run_job(job: dict, cache: TaskCache) -> dict[str, Any]:
         print(f"nsd: {job['kind']} job on cpus {','.join(map(str, sorted(os.sched_getaffinity(0))))} "
               f"(pid {os.getpid()}, {torch.get_num_threads()} torch threads)", flush=True)
     try:
-        if job["kind"] == "plan":
-            answer = plan(job, cache)
-        elif job["kind"] == "trial":
-            answer = trial(job, cache)
-        elif job["kind"] == "save":
-            answer = save(job, cache)
-        elif job["kind"] == "warm":  # load the task's recipe and model now, before its first trial
-            cache.get(job["task_id"], job["spec"])
-            answer = {}
-        else:
+        run = RUNS.get(job["kind"])
+        if run is None:
             raise ValueError(f"unknown job kind {job['kind']!r}")
+        answer = run(job, cache)
         answer["ok"] = True
     except Exception as exc:  # the traceback goes to the job's log; the answer carries the one-line error
         print("".join(traceback.format_exception(exc)), file=sys.stderr, flush=True)
@@ -250,7 +243,7 @@ def trial(job: dict, cache: TaskCache) -> dict[str, Any]:
 
 def evaluate_trial(recipe, q_model, rule: dict | None) -> dict[str, Any]:
     """The trial's metric; or, once its best reachable metric can neither meet the goal nor beat a finished
-    trial (`rule`, from `nsd.broker.tuner.stop_rule`), no metric and that bound (`stopped_early`). Recipes
+    trial (`rule`, from `nsd.broker.objective.First.stop_rule`), no metric and that bound (`stopped_early`). Recipes
     with evaluate_steps give the same metric either way (nsd.quant.scoring)."""
     if recipe.evaluate_steps is None:
         return {"metric": _metric(recipe.evaluate(q_model))}
@@ -334,6 +327,16 @@ def save(job: dict, cache: TaskCache) -> dict[str, Any]:
     write_model(q_model, folder, job, cache, answer["metric"])
     print(f"nsd: quantized trial {job['index']} again for the artifact", flush=True)
     return {"artifact_dir": folder, "metric": answer["metric"], "requantized": True}
+
+
+def warm(job: dict, cache: TaskCache) -> dict[str, Any]:
+    """Load the task's recipe and model now, before its first trial (the worker's idea, not the broker's)."""
+    cache.get(job["task_id"], job["spec"])
+    return {}
+
+
+# Each job kind (nsd.protocol.JOB_KINDS) and what runs it here.
+RUNS = {"plan": plan, "trial": trial, "save": save, "warm": warm}
 
 
 def _metric(value: Any) -> float:

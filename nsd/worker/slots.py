@@ -1,7 +1,7 @@
 """The worker's runner processes: `RunnerProcess` (the worker's handle on one runner child, whose own code
-is `nsd.worker.runner`), `Slot` (a runner pinned to cores and the job it runs) and `SlotPool` (which
-slots exist: a trial of k cores gets a runner on k cores of one NUMA node, idle runners in its way are
-retired). No torch here: the children import it.
+is `nsd.worker.runner`, in its sandbox: `nsd.worker.sandbox`), `Slot` (a runner pinned to cores and the job
+it runs) and `SlotPool` (which slots exist: a trial of k cores gets a runner on k cores of one NUMA node,
+idle runners in its way are retired). No torch here: the children import it.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import itertools
 import os
+import shutil
 import signal
 import sys
 import time
@@ -20,15 +21,19 @@ from typing import Awaitable, Callable, Coroutine
 
 from nsd.worker import pipe
 from nsd.worker.cores import allocate, numa_nodes
+from nsd.worker.sandbox import Layout, RunnerDirs, bwrap_argv, expose, link_tree, runner_env
 
 
 class RunnerDied(RuntimeError):
     """The runner process ended while it held a job."""
 
 
-def describe_exit(returncode: int | None) -> str:
+def describe_exit(returncode: int | None, sandboxed: bool = False) -> str:
+    """Why a runner ended. bwrap reports a child killed by signal N as exit code 128 + N."""
     if returncode is None:
         return "runner stopped answering"
+    if sandboxed and returncode > 128:
+        returncode = 128 - returncode
     if returncode < 0:
         try:
             name = signal.Signals(-returncode).name
@@ -39,44 +44,61 @@ def describe_exit(returncode: int | None) -> str:
     return f"runner exited with code {returncode}"
 
 
-def runner_env(n_cpus: int, cache_dir: Path | None = None, preload: str = "") -> dict[str, str]:
-    """A runner's environment. INC packs RTN weights with numba only where TBB loads (its
-    `can_pack_with_numba`): the `tbb` wheel puts libtbb in <venv>/lib, which the dynamic loader searches
-    only if LD_LIBRARY_PATH names it before the process starts. numba's threads = the runner's cores; its
-    compiled packers are cached under the worker's cache dir (runner.preload); NSD_RUNNER_PRELOAD names
-    modules a runner imports before its first job."""
-    env = dict(os.environ)
-    if cache_dir is not None:
-        env.setdefault("NUMBA_CACHE_DIR", str(cache_dir / "numba"))
-    if preload:
-        env["NSD_RUNNER_PRELOAD"] = preload
-    lib = os.path.join(sys.prefix, "lib")
-    if os.path.exists(os.path.join(lib, "libtbb.so.12")):
-        env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (lib, env.get("LD_LIBRARY_PATH")) if p)
-    env.setdefault("NUMBA_NUM_THREADS", str(n_cpus))
-    return env
+@dataclass(frozen=True)
+class RunnerSetup:
+    """What every runner of a worker shares: its sandbox layout (None: runners run unsandboxed), the blob
+    cache its jobs' files come from, the numba cache that fresh runners start from, and their settings."""
+    layout: Layout | None
+    blobs: Path
+    numba: Path  # packers compiled by runners before their first job (no recipe code had run in them yet)
+    preload: str = ""
+    passed_env: tuple[str, ...] = ()
+
+
+MAX_ANSWER_BYTES = 16 * 1024 * 1024  # a runner's answer (it may be a recipe's doing): more ends the runner
 
 
 class RunnerProcess:
-    """The worker's handle on one slot's persistent runner process (`python -m nsd.worker.runner`)."""
+    """The worker's handle on one slot's persistent runner process (`python -m nsd.worker.runner`), in its
+    sandbox (`nsd.worker.sandbox`). A runner where a python recipe ran serves that recipe's task only: a
+    job of another task gets a fresh process (nothing a recipe changed in memory or on disk survives);
+    built-in recipes are our code, and their runners stay warm across tasks."""
 
-    def __init__(self, cpus: list[int], workdir: Path, log_path: Path, env: dict[str, str] | None = None):
-        self.cpus, self.workdir, self.log_path = cpus, workdir, log_path
-        self.env = env if env is not None else runner_env(len(cpus))
+    def __init__(self, cpus: list[int], home: Path, log_path: Path, setup: RunnerSetup):
+        self.cpus, self.log_path, self.setup = list(cpus), log_path, setup
+        self.dirs = RunnerDirs(Path(os.path.realpath(home)))  # as the runner's own getcwd() names it
+        self.env = runner_env(len(cpus), self.dirs.scratch, setup.preload, setup.passed_env)
         self.proc: asyncio.subprocess.Process | None = None
+        self.serving: str | None = None  # the task whose python recipe ran in this process
         self._ready: asyncio.Future | None = None
+        self._harvest = False  # a fresh process: its compiled packers go to the worker's numba cache once ready
         self._lock = asyncio.Lock()
         self._one_job = asyncio.Lock()  # the pipe carries one job at a time (a warm-up, then a trial)
 
+    @property
+    def scratch(self) -> Path:
+        return self.dirs.scratch
+
+    @property
+    def sandboxed(self) -> bool:
+        return self.setup.layout is not None
+
     async def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.dirs.fresh()
+        if self.setup.numba.is_dir():  # a copy: what this runner writes never reaches the worker's
+            link_tree(self.setup.numba, self.dirs.scratch / "numba", copy=True)
+        self.serving, self._harvest = None, True
+        command = [sys.executable, "-m", "nsd.worker.runner", "--cpus", ",".join(map(str, self.cpus)),
+                   "--workdir", str(self.dirs.scratch)]
+        if self.sandboxed:
+            command = bwrap_argv(self.setup.layout, str(self.dirs.scratch), str(self.dirs.files), command)
         with open(self.log_path, "ab") as log_file:
             # A fresh interpreter (never a fork of a process that holds a zmq Context).
             self.proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "nsd.worker.runner", "--cpus", ",".join(map(str, self.cpus)),
-                "--workdir", str(self.workdir), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-                stderr=log_file, start_new_session=True, env=self.env)
-        self._ready = asyncio.ensure_future(pipe.read_async(self.proc.stdout))
+                *command, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=log_file,
+                start_new_session=True, env=self.env, cwd=self.dirs.scratch)
+        self._ready = asyncio.ensure_future(pipe.read_async(self.proc.stdout, MAX_ANSWER_BYTES))
 
     @property
     def alive(self) -> bool:
@@ -89,36 +111,62 @@ class RunnerProcess:
                 await self.start()
             if await self._ready is None:
                 raise RunnerDied(await self._death())
+            if self._harvest:  # no job has run in it yet: what it compiled is ours
+                self._harvest = False
+                with contextlib.suppress(OSError, ValueError):
+                    link_tree(self.dirs.scratch / "numba", self.setup.numba, copy=True)
+
+    async def prepare(self, task_id: str) -> None:
+        """Ready for a job of `task_id`; where another task's python recipe ran, in a fresh process."""
+        async with self._one_job:
+            await self._prepare(task_id)
+
+    async def _prepare(self, task_id: str) -> None:
+        if self.serving not in (None, task_id):
+            await self.stop(kill=True)
+        await self.ready()
 
     async def run(self, job: dict) -> dict:
         async with self._one_job:
-            await self.ready()
-            self.proc.stdin.write(pipe.encode(job))
-            await self.proc.stdin.drain()
-            answer = await pipe.read_async(self.proc.stdout)
-            if answer is None:
-                raise RunnerDied(await self._death())
-            return answer
+            await self._prepare(job["task_id"])
+            if job["spec"]["recipe"]["kind"] == "python":
+                self.serving = job["task_id"]  # its code runs here from now on
+            try:
+                self.proc.stdin.write(pipe.encode(expose(job, self.setup.blobs, self.dirs)))
+                await self.proc.stdin.drain()
+                try:
+                    answer = await pipe.read_async(self.proc.stdout, MAX_ANSWER_BYTES)
+                except ValueError as exc:  # out of step with us: it cannot be trusted with another job
+                    await self.stop(kill=True)
+                    raise RunnerDied(f"runner sent a malformed answer ({exc})") from None
+                if answer is None:
+                    raise RunnerDied(await self._death())
+                return answer
+            finally:
+                with contextlib.suppress(OSError):
+                    self.dirs.clear_files()
 
     async def _death(self) -> str:
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self.proc.wait(), 5)
-        return describe_exit(self.proc.returncode)
+        return describe_exit(self.proc.returncode, self.sandboxed)
 
     async def stop(self, kill: bool = False) -> None:
-        if not self.alive:
-            return
-        if kill:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)  # its whole session: INC may start children
-        else:
-            self.proc.stdin.close()  # end of jobs: the runner exits by itself
-        try:
-            await asyncio.wait_for(self.proc.wait(), 10)
-        except asyncio.TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            await self.proc.wait()
+        """End the process (its whole sandbox) and wipe its folders."""
+        if self.alive:
+            if kill:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)  # its whole session: INC may start children
+            else:
+                self.proc.stdin.close()  # end of jobs: the runner exits by itself
+            try:
+                await asyncio.wait_for(self.proc.wait(), 10)
+            except asyncio.TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                await self.proc.wait()
+        if self.proc is not None:
+            self.dirs.remove()
 
 
 @dataclass
@@ -139,8 +187,10 @@ class Slot:
 class SlotPool:
     """This worker's slots, and the background work on their runners (starts, warm-ups, retirements)."""
 
-    def __init__(self, cpus: list[int], cores_per_trial: int, cache_dir: Path, worker_id: str, preload: str = ""):
-        self.cpus, self.cache_dir, self.worker_id, self.preload = list(cpus), cache_dir, worker_id, preload
+    def __init__(self, cpus: list[int], cores_per_trial: int, cache_dir: Path, worker_id: str, setup: RunnerSetup):
+        self.cpus, self.cache_dir, self.worker_id, self.setup = list(cpus), cache_dir, worker_id, setup
+        self.homes = cache_dir / "runners" / worker_id  # one folder per runner (RunnerDirs)
+        shutil.rmtree(self.homes, ignore_errors=True)  # a crashed worker's runners left theirs
         self.nodes = numa_nodes(self.cpus)
         self.default_k = max(1, min(cores_per_trial, len(self.cpus)))
         self._runner_ids = itertools.count()
@@ -166,9 +216,8 @@ class SlotPool:
 
     def _new_slot(self, cores: tuple[int, ...]) -> Slot:
         i = next(self._runner_ids)
-        return Slot(RunnerProcess(list(cores), self.cache_dir / "scratch" / f"runner{i}",
-                                  self.cache_dir / "logs" / f"{self.worker_id}-runner{i}.log",
-                                  runner_env(len(cores), self.cache_dir, self.preload)))
+        return Slot(RunnerProcess(list(cores), self.homes / str(i),
+                                  self.cache_dir / "logs" / f"{self.worker_id}-runner{i}.log", self.setup))
 
     async def start(self) -> None:
         """Start every runner: their imports are paid before work arrives."""
@@ -176,11 +225,14 @@ class SlotPool:
 
     def slot_for(self, job: dict) -> Slot | None:
         """A runner on `job["cores"]` free cores: an idle one of that shape (one that has this task's model
-        cached first), else a new one on freshly allocated cores, retiring idle runners in its way."""
+        cached first, then one that need not be replaced first), else a new one on freshly allocated cores,
+        retiring idle runners in its way."""
         k = max(1, min(int(job.get("cores") or self.default_k), len(self.cpus)))
         free = set(self.cpus) - {c for s in self.slots if s.job for c in s.cpus}
         idle = sorted((s for s in self.slots if s.job is None and len(s.cpus) == k),
-                      key=lambda s: (s.last_task_id != job["task_id"], -s.last_used))
+                      key=lambda s: (s.last_task_id != job["task_id"],  # its model cached
+                                     s.runner.serving not in (None, job["task_id"]),  # else: no restart needed
+                                     -s.last_used))
         cores = allocate(free, self.nodes, k, [s.cpus for s in idle])
         if cores is None:
             return None

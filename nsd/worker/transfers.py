@@ -70,9 +70,10 @@ class Transfers:
 
     async def upload(self, path: Path) -> str:
         """Pack a folder into a blob and store it on the broker, chunk by chunk; returns its sha256. The
-        folder is removed either way (a saved model is of no more use here)."""
+        folder is removed either way (a saved model is of no more use here). A runner made it: links in it
+        are refused, never followed (nsd.blobs.pack_tree)."""
         try:
-            with packed(path, path.parent) as blob:
+            with packed(path, path.parent, follow_links=False) as blob:
                 async def put(offset: int, data: bytes) -> dict:
                     body = {"sha256": blob.sha256, "offset": offset, "size": blob.size, "data": data}
                     ack = await asyncio.wait_for(self._request(("store", blob.sha256), Cmd.STORE, body),

@@ -1,6 +1,6 @@
-"""`nsd keys ...`: CURVE key pairs and the broker's per-role allowlists (nsd/security.py).
+"""`nsd keys ...`: CURVE key pairs and the broker's per-role allowlists (nsd/security/keys.py).
 
-Wired into the main command with `main.add_command(keys)` in nsd/client/cli.py.
+Wired into the main command in nsd/cli/__init__.py.
 """
 
 from __future__ import annotations

@@ -1,0 +1,15 @@
+"""What a client call raises when the broker cannot or will not answer."""
+
+
+class BrokerUnavailable(ConnectionError):
+    """No answer from the broker in time."""
+
+
+class BrokerError(RuntimeError):
+    """The broker answered with an error (bad spec, unknown task, ...)."""
+
+
+class ReplyTooLarge(BrokerError):
+    """The broker answered, but with a message over this client's MAXMSGSIZE: ZeroMQ drops such a
+    message and closes the connection, so without this the request would end as BrokerUnavailable."""
+
