@@ -13,7 +13,7 @@ import re
 import shutil
 import stat
 import tarfile
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Iterator
 
 CHUNK_BYTES = 1024 * 1024
@@ -140,6 +140,19 @@ def check_member(member: tarfile.TarInfo) -> None:
                               f"regular files and folders are accepted")
 
 
+# PEP 706's extraction filter came with Python 3.11.4; Debian 12's python3 is 3.11.2. Where it is missing,
+# its checks that matter here are ours: check_member allows only files and folders, _check_path keeps each
+# inside the destination, and modes are cut to what pack_tree writes.
+_DATA_FILTER = hasattr(tarfile, "data_filter")
+
+
+def _check_path(member: tarfile.TarInfo) -> None:
+    parts = PurePosixPath(member.name).parts
+    if member.name.startswith(("/", "\\")) or ".." in parts or not parts:
+        raise BlobMemberError(f"blob member {member.name[:200]!r} would land outside the destination folder")
+    member.mode = 0o755 if member.isdir() or member.mode & 0o111 else 0o644
+
+
 def disk_bytes(path: Path) -> int:
     """Bytes a tree takes on disk (allocated blocks, links not followed): what a cache must count."""
     total = os.lstat(path).st_blocks * 512
@@ -160,7 +173,12 @@ def unpack_tree(tar_path: Path, dest: Path) -> None:
         with tarfile.open(tar_path, mode="r:") as tar:
             for member in tar.getmembers():
                 check_member(member)
-            tar.extractall(tmp, filter="data")  # 'data' refuses absolute paths, '..' and device files
+                if not _DATA_FILTER:
+                    _check_path(member)
+            if _DATA_FILTER:
+                tar.extractall(tmp, filter="data")  # 'data' refuses absolute paths, '..' and device files
+            else:
+                tar.extractall(tmp)  # every member checked above
         os.replace(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -10,6 +10,24 @@ broker send a heartbeat every 2 s instead of every second: half the messages of 
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
+# Outside these a value is a mistake or an attack, not a choice: a broker refuses to start with them, and a
+# worker ignores a READY_ACK that carries them.
+HEARTBEAT_BOUNDS_S = (0.05, 60.0)
+LIVENESS_BOUNDS = (1, 100)
+
+def timing_problem(heartbeat_s: Any, liveness: Any) -> str | None:
+    """What is wrong with a heartbeat interval and liveness (the broker's settings, READY_ACK's values), or None."""
+    low, high = HEARTBEAT_BOUNDS_S
+    if isinstance(heartbeat_s, bool) or not isinstance(heartbeat_s, (int, float)) or \
+            not math.isfinite(heartbeat_s) or not low <= heartbeat_s <= high:
+        return f"heartbeat_s {str(heartbeat_s)[:20]!r} is not between {low} and {high}"
+    if isinstance(liveness, bool) or not isinstance(liveness, int) or not LIVENESS_BOUNDS[0] <= liveness <= LIVENESS_BOUNDS[1]:
+        return f"liveness {str(liveness)[:20]!r} is not between {LIVENESS_BOUNDS[0]} and {LIVENESS_BOUNDS[1]}"
+    return None
+
 
 def idle_interval(heartbeat_s: float, liveness: int) -> float:
     """The heartbeat period between idle peers: every other interval, where that still leaves at least

@@ -18,6 +18,9 @@ import msgpack
 MAGIC = b"NSD1"
 PROTOCOL_VERSION = 1
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # the sockets' MAXMSGSIZE: libzmq disconnects a peer that sends more
+# Where a broker binds by default, and so where clients and workers look for it: one table for both sides.
+DEFAULT_ENDPOINTS = {"clients": "tcp://127.0.0.1:5550", "workers": "tcp://127.0.0.1:5551",
+                     "events": "tcp://127.0.0.1:5552"}
 
 
 class Cmd(enum.IntEnum):

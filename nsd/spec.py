@@ -110,6 +110,14 @@ class TaskSpec:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TaskSpec:
+        """`to_dict`'s inverse, for a spec validated before (the broker's stored tasks): a field that a spec
+        of an older nsd lacks takes its default here, and a field nsd no longer has is dropped."""
+        sections = {key: section(**{k: v for k, v in data.get(key, {}).items() if k in section.__dataclass_fields__})
+                    for key, section in _SECTIONS.items()}
+        return cls(name=data.get("name", cls.name), **sections)
+
 
 PATH_FIELDS = (("model", "path"), ("recipe", "file"), ("recipe", "data"))  # uploaded unless model.shared
 
@@ -121,9 +129,10 @@ def first_trials(trials: Iterable[T], max_trials: int) -> list[T]:
     return list(itertools.islice(trials, max_trials))
 
 
-def spec_blob_refs(spec: dict) -> list[str]:
+def spec_blob_refs(spec: TaskSpec) -> list[str]:
     """The blob references among a validated spec's path fields."""
-    return [spec[a][b] for a, b in PATH_FIELDS if parse_ref(spec[a][b])]
+    paths = (getattr(getattr(spec, section), key) for section, key in PATH_FIELDS)
+    return [path for path in paths if parse_ref(path)]
 
 
 _SECTIONS = {"model": ModelSpec, "recipe": RecipeSpec, "tuning": TuningSpec, "resources": ResourcesSpec}

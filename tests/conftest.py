@@ -7,6 +7,7 @@ teardown checks) and runner processes are killed by PID.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import signal
 import socket
@@ -20,6 +21,8 @@ from nsd.broker.config import BrokerConfig
 from nsd.broker.daemon import Broker
 from nsd.client.api import AsyncClient
 from nsd.worker.daemon import WorkerConfig, WorkerDaemon
+
+pytest_plugins = ["tests.gateway_fixtures"]  # the gateway fixtures, for every test module
 
 ROOT = Path(__file__).resolve().parent.parent
 DIGITS = ROOT / "examples" / "digits"
@@ -56,6 +59,25 @@ def _scripted_workers_are_stopped(request):
         worker.close()
     if left and not getattr(request.node, "call_failed", True):
         pytest.fail(f"the test left {len(left)} scripted worker(s) running: {[w.worker_id for w in left]}")
+
+
+@pytest.fixture(autouse=True)
+def _runner_processes_only_in_slow_tests(request, monkeypatch):
+    """`make test-fast` is the cheap tests: one that starts a runner process (seconds each: torch and INC
+    imports) must be marked slow. Runners start as they always do; one started here fails the test after."""
+    from nsd.worker.slots import RunnerProcess
+
+    started = []
+    start = RunnerProcess.start
+
+    async def counted(runner):
+        started.append(runner)
+        return await start(runner)
+
+    monkeypatch.setattr(RunnerProcess, "start", counted)
+    yield
+    if started and request.node.get_closest_marker("slow") is None and not getattr(request.node, "call_failed", True):
+        pytest.fail(f"this test started {len(started)} runner process(es): mark it @pytest.mark.slow")
 
 
 @pytest.fixture
@@ -129,6 +151,17 @@ def digits_spec(**tuning) -> dict:
     return spec
 
 
+UNDISTURBED_WINNER = (2, 350 / 360)  # digits example: trial 2 (rtn bits=3, per channel): 350 of 360 right
+
+
+def slow_spec(seconds: float) -> dict:
+    spec = digits_spec()
+    spec["recipe"]["file"] = str(RECIPES / "slow.py")
+    spec["model"]["shared"] = True
+    spec["tuning"]["max_trials"] = 6
+    return spec
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -136,10 +169,13 @@ def free_port() -> int:
 
 
 async def wait_for(predicate, timeout: float = 60, interval: float = 0.05):
+    """Wait until `predicate()` (a plain function or a coroutine function) gives something true; return it."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while True:
-        value = await predicate()
+        value = predicate()
+        if inspect.isawaitable(value):
+            value = await value
         if value:
             return value
         if loop.time() > deadline:
@@ -248,3 +284,43 @@ async def tenants_keys(tmp_path):
     t = Tenants(tmp_path)
     yield t
     await t.close()
+
+
+@pytest.fixture
+async def secure(tmp_path):
+    """A CURVE broker: (broker, {name: secret key file}, the broker's public key file); alice may connect as a
+    client and node1 as a worker, mallory's key is allowed nowhere."""
+    from nsd.security import allow, generate_keypair
+
+    keys = tmp_path / "keys"
+    made = {name: generate_keypair(tmp_path / "made", name) for name in ("broker", "alice", "node1", "mallory")}
+    allow(keys, "client", made["alice"][0], code=True)  # its tasks run a python recipe
+    allow(keys, "worker", made["node1"][0])
+    broker = Broker(BrokerConfig(state_dir=tmp_path / "state", clients="tcp://127.0.0.1:*", workers="tcp://127.0.0.1:*",
+                    events="tcp://127.0.0.1:*", curve_secret=made["broker"][1], keys_dir=keys, heartbeat_s=0.5))
+    await broker.start()
+    yield broker, {name: secret for name, (_, secret) in made.items()}, made["broker"][0]
+    await broker.stop()
+
+
+@pytest.fixture
+async def fake_and_worker(tmp_path):
+    """A real worker daemon registered with a fake broker (tests.peers.FakeBroker): (fake, daemon, its task)."""
+    from nsd.protocol import Cmd
+    from tests.peers import FakeBroker
+
+    fake = FakeBroker()
+    config = WorkerConfig(broker=fake.endpoint, cpus=[sorted(os.sched_getaffinity(0))[0]],
+                          cache_dir=tmp_path / "worker", worker_id="victim", chunk_timeout_s=30)
+    daemon = WorkerDaemon(config)
+    run = asyncio.create_task(daemon.run())
+    await wait_for(lambda: bool(fake.of(Cmd.READY)), 30)
+    # Long liveness: the fake broker does not ping, and the worker must not reconnect mid-test.
+    fake.send(Cmd.READY_ACK, {"heartbeat_s": 1.0, "liveness": 100})
+    await asyncio.wait_for(daemon.registered.wait(), 10)
+    yield fake, daemon, run
+    pids = [s.runner.proc.pid for s in daemon.slots if s.runner.proc is not None]
+    daemon.stop(grace_s=0)
+    await asyncio.wait_for(run, 30)  # raises if the daemon crashed
+    await fake.close()
+    assert daemon.ctx.closed and not any(_alive(pid) for pid in pids)

@@ -1,14 +1,19 @@
-"""A real gateway (uvicorn + grpc.aio on random loopback ports) in front of the real test broker."""
+"""A real gateway (uvicorn + grpc.aio on random loopback ports) in front of the real test broker, and what
+its tests share to talk to it. tests/conftest.py loads this module as a plugin: every test module has the
+`gateway` and `http` fixtures without importing them."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
-from tests.conftest import DIGITS
+from tests.conftest import DIGITS, digits_spec
 
 TOKEN = "alice-token-0123456789abcdef"
 LIMITS = {"max_body": 64 << 10, "max_upload": 4 << 20}
 KEEPALIVE_S = 0.5
+AUTH = (("authorization", f"Bearer {TOKEN}"),)  # gRPC metadata
 
 
 @pytest.fixture
@@ -39,11 +44,54 @@ async def http(gateway):
 
 async def upload_digits(http) -> dict:
     """The digits spec with its model and recipe uploaded through REST, as a curl user would."""
-    from tests.conftest import digits_spec
-
     spec = digits_spec()
     for section, key, path in (("model", "path", DIGITS / "model.pt"), ("recipe", "file", DIGITS / "recipe.py")):
         answer = await http.post("/v1/uploads", params={"name": path.name}, content=path.read_bytes())
         assert answer.status_code == 201, answer.text
         spec[section][key] = answer.json()["ref"]
+    return spec
+
+
+async def read_sse(http, task_id: str, last_event_id: int | None = None, stop_after: int | None = None) -> list[dict]:
+    """Events from the SSE stream (checking each `id:` equals its seq), until it ends or `stop_after` events."""
+    headers = {} if last_event_id is None else {"Last-Event-ID": str(last_event_id)}
+    events: list[dict] = []
+    async with http.stream("GET", f"/v1/tasks/{task_id}/events", headers=headers) as answer:
+        assert answer.status_code == 200
+        assert answer.headers["content-type"].startswith("text/event-stream")
+        fields: dict[str, str] = {}
+        async for line in answer.aiter_lines():
+            if line.startswith(":"):
+                continue  # a keep-alive comment
+            if line:
+                key, _, value = line.partition(": ")
+                fields[key] = value
+                continue
+            if not fields:
+                continue
+            event = json.loads(fields["data"])
+            assert int(fields["id"]) == event["seq"] and fields["event"] == event["kind"]
+            events.append(event)
+            fields = {}
+            if stop_after is not None and len(events) >= stop_after:
+                break
+    return events
+
+
+def pb():
+    from nsd.gateway import nsd_pb2
+
+    return nsd_pb2
+
+
+def upload_parts(name: str, data: bytes, tar: bool = False, sha256: str = "", chunk: int = 1 << 16):
+    yield pb().UploadPart(header=pb().UploadHeader(name=name, tar=tar, sha256=sha256))
+    for i in range(0, len(data), chunk):
+        yield pb().UploadPart(data=data[i:i + chunk])
+
+
+async def grpc_upload_digits(stub) -> dict:
+    spec = digits_spec()
+    for section, key, path in (("model", "path", DIGITS / "model.pt"), ("recipe", "file", DIGITS / "recipe.py")):
+        spec[section][key] = (await stub.Upload(upload_parts(path.name, path.read_bytes()), metadata=AUTH)).ref
     return spec

@@ -1,5 +1,6 @@
 """Helpers the tests share. A scripted worker peer: a real DEALER speaking the real protocol, answering
-jobs from a table; the specs and answers tests give it (`spec`, `metrics_answer`, `done`).
+jobs from a table; the specs and answers tests give it (`spec`, `metrics_answer`, `done`). The other peers:
+a fake broker for a real worker (`FakeBroker`, with `trial_job`), and what systemd hears (`NotifyListener`).
 
 It lets broker tests drive dispatch, cancellation, requeue and decisions over real sockets in
 milliseconds, without INC; the end-to-end tests use real workers and real INC.
@@ -11,6 +12,9 @@ import asyncio
 import contextlib
 import hashlib
 import os
+import socket
+import time
+from pathlib import Path
 from typing import Callable
 
 import zmq
@@ -18,7 +22,7 @@ import zmq.asyncio
 
 from nsd.client.api import AsyncClient
 from nsd.net import configure
-from nsd.protocol import BROKER_TO_WORKER, PROTOCOL_VERSION, Cmd, pack, unpack
+from nsd.protocol import BROKER_TO_WORKER, PROTOCOL_VERSION, WORKER_TO_BROKER, Cmd, ProtocolError, pack, unpack
 from nsd.states import TaskState
 from tests.conftest import wait_for
 
@@ -216,3 +220,83 @@ def assert_same_answer_on_off(on: dict, off: dict) -> None:
             assert a["state"] == "failed_goal" and a["metric"] is None and sign * b["metric"] <= sign * a["bound"]
         else:
             assert (a["state"], a["metric"]) == (b["state"], b["metric"])
+
+
+class FakeBroker:
+    """A ROUTER that records what the worker sends and sends whatever the test says."""
+
+    def __init__(self):
+        self.ctx = zmq.asyncio.Context()
+        self.sock = configure(self.ctx.socket(zmq.ROUTER))
+        self.sock.bind("tcp://127.0.0.1:*")
+        self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.identity: bytes | None = None
+        self.received: list[tuple[Cmd, dict]] = []
+        self.times: list[float] = []  # when each of `received` arrived (loop time)
+        self._task = asyncio.create_task(self._serve())
+
+    async def _serve(self) -> None:
+        while True:
+            identity, *frames = await self.sock.recv_multipart()
+            try:
+                msg = unpack(frames, WORKER_TO_BROKER)
+            except ProtocolError:
+                continue
+            self.identity = identity
+            self.received.append((msg.cmd, msg.body))
+            self.times.append(asyncio.get_running_loop().time())
+
+    def of(self, cmd: Cmd) -> list[dict]:
+        return [body for c, body in self.received if c is cmd]
+
+    def send(self, cmd: Cmd, body: dict) -> None:
+        self.raw(pack(cmd, body))
+
+    def raw(self, frames: list[bytes]) -> None:
+        self.sock.send_multipart([self.identity, *frames])
+
+    async def close(self) -> None:
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        self.sock.close(linger=0)
+        self.ctx.term()
+
+
+def job_spec(**model) -> dict:
+    from nsd.spec import validate
+
+    return validate({"name": "h", "model": {"shared": True, **model},
+                     "recipe": {"kind": "python", "file": "/nonexistent/recipe.py"},
+                     "tuning": {"config_set": [{"rtn": {"bits": 4}}]}}).to_dict()
+
+
+def trial_job(task_id: str = "abc123abc123", index: int = 0, **changes) -> dict:
+    return {"kind": "trial", "task_id": task_id, "spec": job_spec(), "index": index,
+            "config": {"rtn": {"bits": 4}}, "cores": 1, **changes}
+
+
+class NotifyListener:
+    """What systemd would receive on $NOTIFY_SOCKET."""
+
+    def __init__(self, path: Path):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.2)
+        self.messages: list[dict[str, str]] = []
+
+    def read_until(self, key: str, timeout: float) -> dict[str, str]:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            try:
+                data = self.sock.recv(4096).decode()
+            except socket.timeout:
+                continue
+            fields = dict(line.split("=", 1) for line in data.splitlines() if "=" in line)
+            self.messages.append(fields)
+            if key in fields:
+                return fields
+        raise AssertionError(f"no {key} within {timeout}s; got {self.messages}")
+
+    def close(self) -> None:
+        self.sock.close()

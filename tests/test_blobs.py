@@ -217,3 +217,62 @@ async def test_cache_counts_the_bytes_its_entries_take_on_disk(tmp_path):
     recorded = int((cache.entry("f" * 64) / "size").read_text())
     assert recorded == disk_bytes(cache.entry("f" * 64) / "tree") > 0
     assert recorded == sum(os.lstat(p).st_blocks * 512 for p in [path.parent, *path.parent.rglob("*")])
+
+
+def _python_without_the_tar_data_filter() -> str | None:
+    """A Python 3.11 here whose tarfile predates PEP 706 (3.11.0-3.11.3; Debian 12's python3 is 3.11.2)."""
+    import shutil
+    import subprocess
+
+    for python in ("/usr/bin/python3", "/usr/bin/python3.11", shutil.which("python3")):
+        if python and os.path.exists(python):
+            out = subprocess.run([python, "-c", "import sys, tarfile; print(sys.version_info[:2] >= (3, 11) and "
+                                  "not hasattr(tarfile, 'data_filter'))"], capture_output=True, text=True)
+            if out.stdout.strip() == "True":
+                return python
+    return None
+
+
+OLD_PYTHON = _python_without_the_tar_data_filter()
+_UNPACK_ON_AN_OLD_PYTHON = r"""
+import io, os, sys, tarfile
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+from nsd.blobs import BlobMemberError, pack_tree, unpack_tree
+tmp = Path(sys.argv[2])
+(tmp / "model" / "sub").mkdir(parents=True)
+(tmp / "model" / "sub" / "w.bin").write_bytes(b"weights")
+(tmp / "model" / "run.sh").write_text("echo")
+os.chmod(tmp / "model" / "run.sh", 0o4777)
+with open(tmp / "blob.tar", "wb") as out:
+    pack_tree(tmp / "model", out)
+unpack_tree(tmp / "blob.tar", tmp / "out")
+assert (tmp / "out" / "model" / "sub" / "w.bin").read_bytes() == b"weights"
+assert oct(os.stat(tmp / "out" / "model" / "run.sh").st_mode & 0o7777) == oct(0o755)
+for name in ("../escaped.txt", "model/../../escaped.txt", "/tmp/absolute.txt"):
+    with tarfile.open(tmp / "evil.tar", "w") as tar:
+        info = tarfile.TarInfo(name)
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"bad"))
+    try:
+        unpack_tree(tmp / "evil.tar", tmp / "dest" / "x")
+    except BlobMemberError as exc:
+        assert "outside the destination" in str(exc), exc
+    else:
+        raise AssertionError(name + " was unpacked")
+assert not list(tmp.rglob("escaped.txt")) and not (tmp / "dest" / "x").exists()
+assert not Path("/tmp/absolute.txt").exists()
+print("ok")
+"""
+
+
+@pytest.mark.skipif(OLD_PYTHON is None, reason="no Python 3.11 without tarfile's data filter here")
+def test_unpacking_is_as_safe_on_a_python_without_the_tar_data_filter(tmp_path):
+    """`make demo` on Debian 12's own python3 (3.11.2): blobs unpack, and nothing escapes its folder."""
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([OLD_PYTHON, "-c", _UNPACK_ON_AN_OLD_PYTHON, str(root), str(tmp_path)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr

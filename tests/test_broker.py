@@ -120,7 +120,7 @@ async def test_cancel_mid_run_stops_running_trials(broker, client):
         assert summary["state"] == "cancelled"
         task = await client.status(task_id)
         assert {t["state"] for t in task["trials"]} == {"cancelled"}
-        await wait_for(lambda: _true(len(w.cancelled) == 2))
+        await wait_for(lambda: len(w.cancelled) == 2)
         assert sorted(w.cancelled) == sorted((a[0], a[1]) for a in w.assigned if a[2]["kind"] == "trial")
         assert (await client.cluster())[0]["busy"] == 0
     finally:
@@ -157,7 +157,7 @@ async def test_results_are_idempotent(broker, client):
         w.result((trial_id, attempt), {"ok": True, "metric": 0.2})
         w.result((trial_id, attempt), {"ok": True, "metric": 0.99})  # a duplicate must not change the outcome
         w.result((trial_id, attempt + 5), {"ok": True, "metric": 0.99})  # nor a stale attempt
-        await wait_for(lambda: _true(w.acked.count((trial_id, attempt)) == 2))
+        await wait_for(lambda: w.acked.count((trial_id, attempt)) == 2)
         task = await client.status(task_id)
         assert task["trials"][0]["metric"] == 0.2 and task["trials"][0]["state"] == "failed_goal"
     finally:
@@ -194,7 +194,7 @@ async def test_invalid_spec_and_unknown_task_get_clear_errors(broker, client):
 async def test_wrong_protocol_version_is_refused(broker):
     w = await ScriptedWorker(broker.endpoints["workers"], "old", version=99).start(wait=False)
     try:
-        await wait_for(lambda: _true(w.disconnects))
+        await wait_for(lambda: w.disconnects)
         assert w.disconnects[0]["fatal"] and "protocol version 99" in w.disconnects[0]["reason"]
     finally:
         await w.stop()
@@ -224,10 +224,6 @@ async def test_state_survives_a_broker_restart(tmp_path):
         await b2.stop()
 
 
-async def _true(value) -> bool:
-    return bool(value)
-
-
 def test_the_brokers_running_tally_agrees_with_the_pure_decision_functions(tmp_path):
     """Task.set_state keeps counts so the broker never rescans trials; the objective's functions are the reference.
     Random histories driven through the broker's real core (results, lost leases, its own settle and
@@ -255,7 +251,7 @@ def test_the_brokers_running_tally_agrees_with_the_pure_decision_functions(tmp_p
         for round_ in range(120):
             n = rng.randint(1, 10)
             body = {**spec(max_attempts=rng.randint(1, 3)), "resources": {"workers": rng.choice([0, 1, 2, 3])}}
-            task_id = core.submit(validate(body, local_paths=True).to_dict())
+            task_id = core.submit(validate(body, local_paths=True))
             with core.tx():
                 core.schedule()  # the plan job
             task = core.tasks[task_id]
@@ -310,7 +306,7 @@ async def test_a_result_kept_in_the_outbox_counts_when_its_worker_registers_agai
         w.send(Cmd.READY, {"worker_id": "s1", "boot_id": "b2", "host": "scripted", "cores": 1, "slots": 1,
                            "version": 1, "running": [],
                            "outbox": [{"trial_id": trial_id_, "attempt": attempt, "ok": True, "metric": 0.3}]})
-        await wait_for(lambda: _true((trial_id_, attempt) in w.acked))
+        await wait_for(lambda: (trial_id_, attempt) in w.acked)
         trial = (await client.status(task_id))["trials"][0]
         assert (trial["state"], trial["metric"], trial["attempt"]) == ("failed_goal", 0.3, 1)
     finally:

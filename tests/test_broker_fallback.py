@@ -145,7 +145,7 @@ async def test_a_restarted_broker_continues_the_search(tmp_path):
     c = AsyncClient(b.endpoints["clients"])
     w = await ScriptedWorker(b.endpoints["workers"], "s1", slots=2, answer=hold_op_wise).start()
     task_id = await c.submit(spec(tolerable_loss=0.1))
-    await wait_for(lambda: _async(len(held) >= 2), 10)
+    await wait_for(lambda: len(held) >= 2, 10)
     await w.stop()
     await c.close()
     await b.stop()
@@ -163,10 +163,6 @@ async def test_a_restarted_broker_continues_the_search(tmp_path):
         await w2.stop()
         await c2.close()
         await b2.stop()
-
-
-async def _async(value):
-    return value
 
 
 OLD_SCHEMA = """

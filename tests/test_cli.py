@@ -1,4 +1,5 @@
-"""The `nsd` command line as a user runs it: real daemons in real processes, stopped by PID."""
+"""The `nsd` command line as a user runs it: real daemons in real processes, stopped by PID (those tests
+are marked slow: they start runners), and the cheap checks of its options and errors (not slow)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,6 @@ import pytest
 
 from tests.conftest import DIGITS, ROOT, free_port, kill_pid
 
-
-pytestmark = pytest.mark.slow
 NSD = [sys.executable, "-m", "nsd"]
 
 
@@ -57,6 +56,7 @@ def cluster(tmp_path):
                 p.wait(10)
 
 
+@pytest.mark.slow
 def test_submit_watch_status_result_list_cluster_and_clean_stop(cluster):
     env, broker, worker, logs = cluster
     task_id = nsd("submit", str(DIGITS / "task.toml"), env=env).stdout.strip()
@@ -85,6 +85,7 @@ def test_submit_watch_status_result_list_cluster_and_clean_stop(cluster):
         assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
 
 
+@pytest.mark.slow
 def test_submit_wait_json_and_errors_a_person_can_read(cluster, tmp_path):
     env, *_ = cluster
     out = nsd("submit", str(DIGITS / "task.toml"), "--wait", "--json", env=env)
@@ -101,6 +102,7 @@ def test_submit_wait_json_and_errors_a_person_can_read(cluster, tmp_path):
     assert proc.returncode == 1 and "no answer from the nsd broker" in proc.stderr
 
 
+@pytest.mark.slow
 def test_nsd_run_leaves_no_process_behind(tmp_path):
     env = {**os.environ, "TMPDIR": str(tmp_path)}
     proc = subprocess.Popen([*NSD, "run", str(DIGITS / "task.toml"), "--workers", "2", "--json"], env=env,
@@ -144,15 +146,18 @@ def test_a_json_spec_that_is_not_an_object_is_one_clear_line(tmp_path):
     assert "a task spec is a table (a JSON object), not list" in proc.stderr
 
 
-@pytest.mark.parametrize("daemon", ["broker", "worker"])
+@pytest.mark.parametrize("daemon", ["broker", "worker", "gateway"])
 def test_each_daemon_option_defaults_to_its_config_field(daemon):
-    """One source for every default: `nsd broker` / `nsd worker` options take theirs from BrokerConfig /
-    WorkerConfig (and BrokerLimits)."""
+    """One source for every default: `nsd broker` / `nsd worker` / `nsd gateway` options take theirs from
+    BrokerConfig / WorkerConfig / GatewayConfig (and BrokerLimits), endpoints from one table."""
     from dataclasses import fields
 
     from nsd.broker.config import BrokerConfig
     from nsd.broker.limits import BrokerLimits
     from nsd.cli import main
+    from nsd.client.api import DEFAULT_BROKER
+    from nsd.gateway.config import GatewayConfig
+    from nsd.protocol import DEFAULT_ENDPOINTS
     from nsd.worker.config import WorkerConfig
 
     command = main.commands[daemon]
@@ -161,10 +166,34 @@ def test_each_daemon_option_defaults_to_its_config_field(daemon):
         config, limits = BrokerConfig(), BrokerLimits()
         expected = {f.name: getattr(config, f.name) for f in fields(config) if f.name not in ("state_dir", "limits")}
         expected.update({f.name: getattr(limits, f.name) for f in fields(limits)})
+        assert config.clients == DEFAULT_BROKER  # a client looks where a broker binds by default
+    elif daemon == "gateway":
+        config = GatewayConfig()
+        expected = {f.name: getattr(config, f.name) for f in fields(config) if f.name not in ("limits", "keepalive_s")}
+        expected.update(broker=config.broker or DEFAULT_BROKER, max_upload=config.limits.max_upload / 1024**3)
     else:
         config = WorkerConfig()
+        assert config.broker == DEFAULT_ENDPOINTS["workers"] == BrokerConfig().workers
         expected = {"broker_addr": config.broker, "cores_per_trial": config.cores_per_trial, "worker_id": config.worker_id,
                     "heartbeat": config.heartbeat_s, "grace": config.grace_s, "preload": config.preload,
                     "cache_size": config.cache_max_bytes / 1024**3, "shared_dirs": config.shared_dirs,
                     "runner_env": config.runner_env, "no_sandbox": not config.sandbox}
     assert {name: defaults[name] for name in expected} == expected
+
+
+@pytest.mark.parametrize("args, problem", [(["--heartbeat", "0.01"], "'--heartbeat': 0.01 is not in the range"),
+                                           (["--heartbeat", "61"], "'--heartbeat': 61.0 is not in the range"),
+                                           (["--liveness", "0"], "'--liveness': 0 is not in the range")])
+def test_the_broker_refuses_a_heartbeat_its_workers_would_refuse(tmp_path, args, problem):
+    """One range for both sides (nsd/liveness.py): a broker at 0.01 s would have every worker ignore its
+    READY_ACK and be declared dead."""
+    from click.testing import CliRunner
+
+    from nsd.broker.config import BrokerConfig
+    from nsd.broker.daemon import Broker
+    from nsd.cli import main
+
+    result = CliRunner().invoke(main, ["broker", "--state-dir", str(tmp_path), *args])
+    assert result.exit_code == 2 and problem in result.output, result.output
+    with pytest.raises(ValueError, match="heartbeat_s '0.01' is not between 0.05 and 60.0"):
+        Broker(BrokerConfig(state_dir=tmp_path, heartbeat_s=0.01))

@@ -4,27 +4,17 @@ a worker key cannot submit, plaintext gets nothing)."""
 from __future__ import annotations
 
 
+import asyncio
+
 import pytest
 
 from nsd.broker.config import BrokerConfig
 from nsd.broker.daemon import Broker
-from nsd.client.api import AsyncClient, BrokerUnavailable
-from nsd.security import ClientKeys, HandshakeWatch, allow, generate_keypair
+from nsd.client.api import AsyncClient
+from nsd.client.errors import BrokerRefused
+from nsd.security import ClientKeys, HandshakeWatch, generate_keypair
 from tests.conftest import wait_for
 from tests.peers import ScriptedWorker, done, metrics_answer, spec
-
-
-@pytest.fixture
-async def secure(tmp_path):
-    keys = tmp_path / "keys"
-    made = {name: generate_keypair(tmp_path / "made", name) for name in ("broker", "alice", "node1", "mallory")}
-    allow(keys, "client", made["alice"][0], code=True)  # its tasks run a python recipe
-    allow(keys, "worker", made["node1"][0])
-    broker = Broker(BrokerConfig(state_dir=tmp_path / "state", clients="tcp://127.0.0.1:*", workers="tcp://127.0.0.1:*",
-                    events="tcp://127.0.0.1:*", curve_secret=made["broker"][1], keys_dir=keys, heartbeat_s=0.5))
-    await broker.start()
-    yield broker, {name: secret for name, (_, secret) in made.items()}, made["broker"][0]
-    await broker.stop()
 
 
 def client_as(broker, secret, server_public, **kw) -> AsyncClient:
@@ -47,13 +37,18 @@ async def test_allowed_keys_run_a_task_end_to_end(secure):
         await client.close()
 
 
-@pytest.mark.parametrize("who", ["node1", "mallory", None])
-async def test_a_worker_key_an_unknown_key_and_plaintext_cannot_use_the_client_socket(secure, who):
+@pytest.mark.parametrize("who, why", [("node1", "the broker refused this client's CURVE key"),
+                                      ("mallory", "the broker refused this client's CURVE key"),
+                                      (None, "the broker refused a connection without CURVE")])
+async def test_a_worker_key_an_unknown_key_and_plaintext_cannot_use_the_client_socket(secure, who, why):
+    """Refused at the handshake, and told so at once: not a timeout that blames the network."""
     broker, secret, server = secure
-    client = client_as(broker, secret[who], server) if who else AsyncClient(broker.endpoints["clients"], timeout_s=2)
+    client = client_as(broker, secret[who], server, timeout_s=30) if who else \
+        AsyncClient(broker.endpoints["clients"], timeout_s=30)
     try:
-        with pytest.raises(BrokerUnavailable):
-            await client.hello()
+        for _ in range(2):  # and again on a fresh connection
+            with pytest.raises(BrokerRefused, match=why):
+                await client.hello()
     finally:
         await client.close()
 
@@ -78,3 +73,19 @@ def test_curve_allows_binding_beyond_loopback(tmp_path):
     Broker(BrokerConfig(state_dir=tmp_path / "state", clients="tcp://0.0.0.0:5550", curve_secret=made[1]))  # no error: CURVE protects it
     with pytest.raises(ValueError, match="--curve-secret"):
         Broker(BrokerConfig(state_dir=tmp_path / "state", clients="tcp://0.0.0.0:5550"))
+
+
+async def test_a_worker_with_a_key_the_broker_refuses_says_so(secure, tmp_path):
+    """A worker's refused handshake ends its connection at once and reads as the refusal, not as a broker
+    that went quiet (one session, driven directly: no runner is needed to see it)."""
+    from nsd.worker.daemon import WorkerConfig, WorkerDaemon
+
+    broker, secret, server = secure
+    daemon = WorkerDaemon(WorkerConfig(broker=broker.endpoints["workers"], cpus=[0], cache_dir=tmp_path / "w",
+                                       worker_id="intruder", curve_key=secret["mallory"], server_key=server))
+    try:
+        registered = await asyncio.wait_for(daemon._session(), 30)
+        assert registered is False and "the broker refused this worker's CURVE key" in daemon.refused
+        assert "nsd keys allow --role worker" in daemon.refused and broker.workers == {}
+    finally:
+        daemon.ctx.term()

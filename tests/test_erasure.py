@@ -19,6 +19,11 @@ from tests.peers import ScriptedWorker, done, metrics_answer, spec
 ANSWERS = {0: 0.5, 1: 0.95, 2: 0.2, 3: 0.99, 4: 0.99, 5: 0.99}
 
 
+def logged(answer):
+    """An answer that also sends a log, as a real worker's results do."""
+    return lambda job: {**answer(job), "log": f"the log of {job['kind']} {job.get('index')}"}
+
+
 def spec_with_model(path) -> dict:
     return {**spec(), "model": {"path": str(path)}}
 
@@ -37,7 +42,7 @@ async def test_delete_removes_the_task_its_blobs_and_what_workers_cached(tenants
     broker = tenants.broker
     alice, bob = tenants.client("alice"), tenants.client("bob")
     worker = await ScriptedWorker(broker.endpoints["workers"], "node1", slots=2, curve=tenants.keys("node1"),
-                                  answer=metrics_answer(ANSWERS)).start()
+                                  answer=logged(metrics_answer(ANSWERS))).start()
     try:
         shared_model, own_model = tmp_path / "shared.bin", tmp_path / "own.bin"
         shared_model.write_bytes(os.urandom(2048))
@@ -50,12 +55,12 @@ async def test_delete_removes_the_task_its_blobs_and_what_workers_cached(tenants
         task = await alice.result(doomed)
         model, artifact = blob_of(task["spec"]["model"]["path"]), blob_of(task["artifact"])
         recipe = blob_of(task["spec"]["recipe"]["file"])  # named by `kept` too
-        assert rows(broker.state_dir, "events", doomed) > 0 and rows(broker.state_dir, "trials", doomed) == 6
+        assert rows(broker.state_dir, "logs", doomed) > 0 and rows(broker.state_dir, "trials", doomed) == 6
 
         answer = await alice.delete(doomed[:6])
         assert answer["task_id"] == doomed
         assert f"no task {doomed!r}" in str(await _error(alice.status(doomed)))
-        for table in ("tasks", "trials", "logs", "events", "cache"):
+        for table in ("tasks", "trials", "logs", "cache"):
             assert rows(broker.state_dir, table, doomed) == 0, table
         # Its model is bob's bytes too, and its artifact the same stand-in bytes as other tasks': they stay
         # on the broker (their other owners hold them), but no longer for alice.

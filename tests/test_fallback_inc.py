@@ -71,6 +71,7 @@ def inc_sequential(weights_path, tuning: dict, monkeypatch):
     return (baseline, *search.sequential(layout, metric_of, lambda m: tuner.meets_goal(m, goal)))
 
 
+@pytest.mark.slow  # trains the MLP and quantizes it with INC, here
 def test_rtn_fallback_keeps_exactly_the_named_ops_float(weights, monkeypatch):
     import_inc()
     import torch
@@ -107,6 +108,7 @@ def _tiny_bert():
 
 # torch's and INC's own deprecation notices while exporting, copying and converting graphs in this process
 @pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning")
+@pytest.mark.slow  # exports and quantizes with INC, here
 def test_pt2e_excluded_op_stays_float_in_the_converted_graph():
     from neural_compressor.torch.export import export
     from neural_compressor.torch.quantization import quantize
@@ -201,7 +203,7 @@ async def test_rtn_search_with_3_workers_equals_a_sequential_inc_run(client, sta
 
 @pytest.mark.slow
 async def test_static_pt2e_search_runs_end_to_end_on_a_tiny_bert(client, start_workers, tmp_path):
-    from tests.test_builtin_recipes import build_assets
+    from tests.tiny_models import build_assets
 
     assets = build_assets(tmp_path / "assets")
     # Cosine against FP32 (1.0) with no loss allowed: the static config misses it, so the search goes on with

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from nsd.cli import main
 from tests.conftest import ROOT, free_port, kill_pid
 
-from tests.test_service import NotifyListener
+from tests.peers import NotifyListener
 
 pytest.importorskip("fastapi")
 NSD = [sys.executable, "-m", "nsd"]

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from tests.test_curve import secure  # noqa: F401  (fixture: a CURVE broker and keys)
-
 pytest.importorskip("fastapi")
 
 

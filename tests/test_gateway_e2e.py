@@ -15,8 +15,7 @@ import pytest
 from nsd.blobs import unpack_tree
 from nsd.client.view import apply_event
 from tests.conftest import digits_spec
-from tests.gateway_fixtures import TOKEN, gateway, http, upload_digits  # noqa: F401  (fixtures)
-from tests.test_gateway_rest import read_sse
+from tests.gateway_fixtures import TOKEN, read_sse, upload_digits
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("fastapi")
@@ -110,7 +109,9 @@ async def test_old_screen_websocket_streams_progress_lines_to_the_end(gateway, c
 async def test_grpc_end_to_end_with_watch_resume_matches_the_python_client(gateway, client, start_workers, tmp_path):
     from nsd.gateway import nsd_pb2 as pb
     from nsd.gateway import nsd_pb2_grpc
-    from tests.test_gateway_grpc import AUTH, grpc, grpc_upload_digits
+    import grpc
+
+    from tests.gateway_fixtures import AUTH, grpc_upload_digits
 
     await start_workers(1)
     reference = await client.result(await client.submit(digits_spec()), wait=True)

@@ -10,10 +10,9 @@ import tarfile
 import pytest
 
 from tests.conftest import DIGITS, digits_spec
-from tests.gateway_fixtures import LIMITS, TOKEN, gateway  # noqa: F401  (fixtures)
+from tests.gateway_fixtures import AUTH, LIMITS, TOKEN, grpc_upload_digits, pb, upload_parts
 
 grpc = pytest.importorskip("grpc")
-AUTH = (("authorization", f"Bearer {TOKEN}"),)
 
 
 @pytest.fixture
@@ -22,25 +21,6 @@ async def stub(gateway):
 
     async with grpc.aio.insecure_channel(gateway.endpoints["grpc"]) as channel:
         yield nsd_pb2_grpc.NsdStub(channel)
-
-
-def pb():
-    from nsd.gateway import nsd_pb2
-
-    return nsd_pb2
-
-
-def upload_parts(name: str, data: bytes, tar: bool = False, sha256: str = "", chunk: int = 1 << 16):
-    yield pb().UploadPart(header=pb().UploadHeader(name=name, tar=tar, sha256=sha256))
-    for i in range(0, len(data), chunk):
-        yield pb().UploadPart(data=data[i:i + chunk])
-
-
-async def grpc_upload_digits(stub) -> dict:
-    spec = digits_spec()
-    for section, key, path in (("model", "path", DIGITS / "model.pt"), ("recipe", "file", DIGITS / "recipe.py")):
-        spec[section][key] = (await stub.Upload(upload_parts(path.name, path.read_bytes()), metadata=AUTH)).ref
-    return spec
 
 
 async def test_ping(stub, broker):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import digits_spec
-from tests.gateway_fixtures import TOKEN, gateway, http  # noqa: F401  (fixtures)
+from tests.conftest import digits_spec, wait_for
+from tests.gateway_fixtures import TOKEN
 
 pytest.importorskip("fastapi")
 
@@ -48,3 +48,31 @@ async def test_screen_websocket_refuses_a_missing_token_and_an_unknown_task(gate
     assert closed.value.rcvd.code == 1008 and "no task" in closed.value.rcvd.reason
     async with connect(f"{base}/task/screen/{task_id}", additional_headers={"Authorization": f"Bearer {TOKEN}"}) as ws:
         assert (await ws.recv()).startswith(task_id)  # the queued task's progress line
+
+
+async def test_screen_websocket_stops_following_a_quiet_task_when_its_client_leaves(gateway, client, monkeypatch):
+    """A queued task sends nothing, so no send would ever notice the client gone: the handler must, and
+    stop its event stream (which polls the broker for the task) at once."""
+    from websockets.asyncio.client import connect
+
+    broker_client = gateway.gateway.client
+    following: list[str] = []  # the task ids whose event stream the gateway runs now
+    events = broker_client.events
+
+    async def counted(task_id: str):
+        following.append(task_id)
+        try:
+            async for event in events(task_id):
+                yield event
+        finally:
+            following.remove(task_id)
+
+    monkeypatch.setattr(broker_client, "events", counted)
+    spec = digits_spec()
+    spec["model"]["shared"] = True
+    task_id = await client.submit(spec)  # no worker: it stays queued, and its stream quiet
+    url = gateway.endpoints["http"].replace("http://", "ws://") + f"/task/screen/{task_id}"
+    async with connect(url, additional_headers={"Authorization": f"Bearer {TOKEN}"}) as ws:
+        assert (await ws.recv()).startswith(task_id)
+        assert following == [task_id]
+    await wait_for(lambda: following == [], 10)

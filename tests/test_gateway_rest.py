@@ -5,14 +5,13 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
-import json
 import tarfile
 
 import pytest
 
 from nsd.protocol import Cmd
 from tests.conftest import DIGITS, digits_spec
-from tests.gateway_fixtures import LIMITS, TOKEN, gateway, http, upload_digits  # noqa: F401  (fixtures)
+from tests.gateway_fixtures import LIMITS, TOKEN, read_sse, upload_digits
 
 pytest.importorskip("fastapi")
 
@@ -256,32 +255,6 @@ async def test_events_of_an_ended_task_resume_without_repeats(http, client):
     assert await read_sse(http, task_id, last_event_id=seq) == []  # nothing new: nothing sent again
     bad = await http.get(f"/v1/tasks/{task_id}/events", headers={"Last-Event-ID": "soon"})
     assert bad.status_code == 422
-
-
-async def read_sse(http, task_id: str, last_event_id: int | None = None, stop_after: int | None = None) -> list[dict]:
-    """Events from the SSE stream (checking each `id:` equals its seq), until it ends or `stop_after` events."""
-    headers = {} if last_event_id is None else {"Last-Event-ID": str(last_event_id)}
-    events: list[dict] = []
-    async with http.stream("GET", f"/v1/tasks/{task_id}/events", headers=headers) as answer:
-        assert answer.status_code == 200
-        assert answer.headers["content-type"].startswith("text/event-stream")
-        fields: dict[str, str] = {}
-        async for line in answer.aiter_lines():
-            if line.startswith(":"):
-                continue  # a keep-alive comment
-            if line:
-                key, _, value = line.partition(": ")
-                fields[key] = value
-                continue
-            if not fields:
-                continue
-            event = json.loads(fields["data"])
-            assert int(fields["id"]) == event["seq"] and fields["event"] == event["kind"]
-            events.append(event)
-            fields = {}
-            if stop_after is not None and len(events) >= stop_after:
-                break
-    return events
 
 
 async def test_quiet_event_streams_carry_keep_alive_comments(http, client):

@@ -10,7 +10,7 @@ import shutil
 import pytest
 
 from tests.conftest import RECIPES, ROOT, digits_spec
-from tests.gateway_fixtures import TOKEN, gateway, http  # noqa: F401  (fixtures)
+from tests.gateway_fixtures import TOKEN
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("fastapi")

@@ -8,98 +8,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import os
 from pathlib import Path
 
 import msgpack
 import pytest
-import zmq
-import zmq.asyncio
 
 from nsd.blobs import make_ref
-from nsd.net import configure
-from nsd.protocol import MAGIC, WORKER_TO_BROKER, Cmd, ProtocolError, pack, unpack
-from nsd.worker.daemon import WorkerConfig, WorkerDaemon
-from tests.conftest import _alive, wait_for
+from nsd.protocol import MAGIC, Cmd
+from tests.conftest import wait_for
+from tests.peers import job_spec, trial_job
+
+pytestmark = pytest.mark.slow  # a real worker daemon: its runner processes start
 
 SHA = "d" * 64
-
-
-class FakeBroker:
-    """A ROUTER that records what the worker sends and sends whatever the test says."""
-
-    def __init__(self):
-        self.ctx = zmq.asyncio.Context()
-        self.sock = configure(self.ctx.socket(zmq.ROUTER))
-        self.sock.bind("tcp://127.0.0.1:*")
-        self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
-        self.identity: bytes | None = None
-        self.received: list[tuple[Cmd, dict]] = []
-        self.times: list[float] = []  # when each of `received` arrived (loop time)
-        self._task = asyncio.create_task(self._serve())
-
-    async def _serve(self) -> None:
-        while True:
-            identity, *frames = await self.sock.recv_multipart()
-            try:
-                msg = unpack(frames, WORKER_TO_BROKER)
-            except ProtocolError:
-                continue
-            self.identity = identity
-            self.received.append((msg.cmd, msg.body))
-            self.times.append(asyncio.get_running_loop().time())
-
-    def of(self, cmd: Cmd) -> list[dict]:
-        return [body for c, body in self.received if c is cmd]
-
-    def send(self, cmd: Cmd, body: dict) -> None:
-        self.raw(pack(cmd, body))
-
-    def raw(self, frames: list[bytes]) -> None:
-        self.sock.send_multipart([self.identity, *frames])
-
-    async def close(self) -> None:
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
-        self.sock.close(linger=0)
-        self.ctx.term()
-
-
-def job_spec(**model) -> dict:
-    from nsd.spec import validate
-
-    return validate({"name": "h", "model": {"shared": True, **model},
-                     "recipe": {"kind": "python", "file": "/nonexistent/recipe.py"},
-                     "tuning": {"config_set": [{"rtn": {"bits": 4}}]}}).to_dict()
-
-
-def trial_job(task_id: str = "abc123abc123", index: int = 0, **changes) -> dict:
-    return {"kind": "trial", "task_id": task_id, "spec": job_spec(), "index": index,
-            "config": {"rtn": {"bits": 4}}, "cores": 1, **changes}
-
-
-@pytest.fixture
-async def fake_and_worker(tmp_path):
-    fake = FakeBroker()
-    config = WorkerConfig(broker=fake.endpoint, cpus=[sorted(os.sched_getaffinity(0))[0]],
-                          cache_dir=tmp_path / "worker", worker_id="victim", chunk_timeout_s=30)
-    daemon = WorkerDaemon(config)
-    run = asyncio.create_task(daemon.run())
-    await wait_for(lambda: _now(bool(fake.of(Cmd.READY))), 30)
-    # Long liveness: the fake broker does not ping, and the worker must not reconnect mid-test.
-    fake.send(Cmd.READY_ACK, {"heartbeat_s": 1.0, "liveness": 100})
-    await asyncio.wait_for(daemon.registered.wait(), 10)
-    yield fake, daemon, run
-    pids = [s.runner.proc.pid for s in daemon.slots if s.runner.proc is not None]
-    daemon.stop(grace_s=0)
-    await asyncio.wait_for(run, 30)  # raises if the daemon crashed
-    await fake.close()
-    assert daemon.ctx.closed and not any(_alive(pid) for pid in pids)
-
-
-async def _now(value):
-    return value
 
 
 def tree(root: Path) -> set[str]:
@@ -187,7 +108,7 @@ async def test_hostile_values_are_ignored_and_the_worker_keeps_serving(fake_and_
 
     # Still serving: it heartbeats, and a valid job runs on its runner (and fails there, for a real reason).
     beats = len(fake.of(Cmd.HEARTBEAT))
-    await wait_for(lambda: _now(len(fake.of(Cmd.HEARTBEAT)) > beats + 2), 10)
+    await wait_for(lambda: len(fake.of(Cmd.HEARTBEAT)) > beats + 2, 10)
     fake.send(Cmd.ASSIGN, {"trial_id": "abc123abc123/0", "attempt": 1, "job": trial_job()})
 
     async def ran():
@@ -279,7 +200,7 @@ async def test_random_hostile_field_values_never_reach_past_the_checks(fake_and_
             await asyncio.sleep(0)
     fake.send(Cmd.READY_ACK, base[Cmd.READY_ACK])  # answers the READY a valid DISCONNECT asked for
     beats = len(fake.of(Cmd.HEARTBEAT))
-    await wait_for(lambda: _now(len(fake.of(Cmd.HEARTBEAT)) > beats + 2), 30)
+    await wait_for(lambda: len(fake.of(Cmd.HEARTBEAT)) > beats + 2, 30)
     assert not run.done() and daemon.fatal is None and daemon.registered.is_set()
     assert daemon.ignored > 100
     assert not [r for r in caplog.records if "could not act on" in r.getMessage()]

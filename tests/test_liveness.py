@@ -10,8 +10,7 @@ import pytest
 from nsd.liveness import heartbeat_due, idle_interval
 from nsd.protocol import Cmd
 from tests.conftest import wait_for
-from tests.peers import ScriptedWorker, plan_then_hold, spec
-from tests.test_hostile_worker import fake_and_worker, trial_job  # noqa: F401 (a fixture)
+from tests.peers import ScriptedWorker, plan_then_hold, spec, trial_job
 
 
 @pytest.mark.parametrize("liveness, every", [(1, 1), (2, 1), (3, 1), (4, 2), (5, 2), (6, 2), (100, 2)])
@@ -40,7 +39,7 @@ async def test_the_broker_pings_an_idle_worker_every_idle_interval_and_a_busy_on
     idle = list(worker.heartbeats)
     assert 2 <= len(idle) <= 5, gaps(idle)  # at most one a second (every 0.5 s would make 8 or 9)
     task_id = await client.submit(spec())
-    await wait_for(lambda: _now(any(a[0] == f"{task_id}/0" for a in worker.assigned)), 10)  # held: busy
+    await wait_for(lambda: any(a[0] == f"{task_id}/0" for a in worker.assigned), 10)  # held: busy
     start = len(worker.heartbeats)
     await asyncio.sleep(3.0)
     busy = worker.heartbeats[start:]
@@ -48,6 +47,7 @@ async def test_the_broker_pings_an_idle_worker_every_idle_interval_and_a_busy_on
     await worker.stop()
 
 
+@pytest.mark.slow  # a real worker daemon: its runner processes start
 async def test_an_idle_worker_heartbeats_every_other_interval_and_a_busy_one_every_interval(fake_and_worker):  # noqa: F811
     """The fake broker negotiated 1 s × 100: idle, the worker heartbeats every 2 s; holding an
     unacknowledged result, every second."""
@@ -57,7 +57,7 @@ async def test_an_idle_worker_heartbeats_every_other_interval_and_a_busy_one_eve
     idle = beats(fake, start)
     assert 2 <= len(idle) <= 3, gaps(idle)  # at most one per 2 s (every second would make 5 or 6)
     fake.send(Cmd.ASSIGN, {"trial_id": "abc123abc123/0", "attempt": 1, "job": trial_job()})
-    await wait_for(lambda: _now(bool(fake.of(Cmd.RESULT))), 60)  # it fails (no recipe); never acknowledged
+    await wait_for(lambda: bool(fake.of(Cmd.RESULT)), 60)  # it fails (no recipe); never acknowledged
     start = len(fake.times)
     await asyncio.sleep(4.0)
     busy = beats(fake, start)
@@ -68,7 +68,3 @@ async def test_an_idle_worker_heartbeats_every_other_interval_and_a_busy_one_eve
 def beats(fake, start: int) -> list[float]:
     """When the fake broker received each HEARTBEAT since its `start`-th message."""
     return [t for t, (cmd, _) in zip(fake.times[start:], fake.received[start:]) if cmd is Cmd.HEARTBEAT]
-
-
-async def _now(value):
-    return value

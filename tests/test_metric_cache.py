@@ -10,6 +10,7 @@ import pytest
 
 from nsd.broker import metric_cache as mc
 from nsd.broker.store import Store
+from nsd.spec import TaskSpec
 from tests.conftest import DIGITS, digits_spec
 
 os.environ.setdefault("LOGLEVEL", "WARNING")
@@ -18,7 +19,7 @@ SHA = {name: digit * 64 for name, digit in (("model", "a"), ("recipe", "b"), ("d
 VERSIONS = {"nsd": "0.1.0", "neural-compressor-pt": "3.10", "torch": "2.13.0", "transformers": "4.57.6"}
 
 
-def blob_spec(**changes) -> dict:
+def blob_spec(**changes) -> TaskSpec:
     spec = {"model": {"path": f"nsd-blob:{SHA['model']}/model.pt", "shared": False},
             "recipe": {"kind": "python", "file": f"nsd-blob:{SHA['recipe']}/recipe.py", "data": None, "metric": None,
                        "eval_samples": 256},
@@ -27,12 +28,12 @@ def blob_spec(**changes) -> dict:
     for path, value in changes.items():
         section, key = path.split(".")
         spec[section] = {**spec[section], key: value}
-    return spec
+    return TaskSpec.from_dict(spec)  # as the broker holds it (a plain path, refused at submit, is kept here)
 
 
-def keys(spec: dict, versions: dict = VERSIONS, config: dict | None = None, fallback=None) -> tuple:
+def keys(spec: TaskSpec, versions: dict = VERSIONS, config: dict | None = None, fallback=None) -> tuple:
     basis = mc.task_basis(spec, versions)
-    return (mc.plan_key(basis, spec["tuning"]), mc.trial_key(basis, config or {"rtn": {"bits": 4}}, fallback))
+    return (mc.plan_key(basis, spec.tuning), mc.trial_key(basis, config or {"rtn": {"bits": 4}}, fallback))
 
 
 def test_keys_change_with_every_input_and_only_with_them():

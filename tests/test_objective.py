@@ -8,6 +8,7 @@ import random
 import pytest
 
 from nsd.broker.objective import First, objective_for
+from nsd.spec import TuningSpec
 from nsd.broker.tuner import Decision, Goal, TrialView, meets_goal
 from nsd.quant.scoring import can_stop
 from nsd.states import TrialState as S
@@ -80,8 +81,8 @@ def test_first_gives_incs_answer_on_random_tables(slots):
 
 
 def test_objective_for_a_task_follows_its_direction():
-    assert objective_for({"higher_is_better": False}) == First(False)
-    assert objective_for({}).name == "first"
+    assert objective_for(TuningSpec(higher_is_better=False)) == First(False)
+    assert objective_for(TuningSpec()).name == "first"
     lower = First(False)
     views = [TrialView(0, S.FAILED_GOAL, 3.0), TrialView(1, S.FAILED_GOAL, 2.0), TrialView(2, S.FAILED_GOAL, 2.0)]
     assert lower.best(views) == 1 and First(True).best(views) == 0

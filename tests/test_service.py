@@ -7,18 +7,16 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
 from nsd.cli import main
 from tests.conftest import ROOT, free_port, kill_pid, wait_for
-from tests.peers import ScriptedWorker, done, metrics_answer, spec
+from tests.peers import NotifyListener, ScriptedWorker, done, metrics_answer, spec
 
 UNITS = ROOT / "systemd"
 NSD = [sys.executable, "-m", "nsd"]
@@ -41,32 +39,6 @@ def test_units_pass_systemd_analyze_verify(tmp_path):
     proc = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "typo.service")], capture_output=True,
                           text=True, timeout=60)
     assert "Unknown key" in proc.stderr  # the check above can fail
-
-
-class NotifyListener:
-    """What systemd would receive on $NOTIFY_SOCKET."""
-
-    def __init__(self, path: Path):
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(str(path))
-        self.sock.settimeout(0.2)
-        self.messages: list[dict[str, str]] = []
-
-    def read_until(self, key: str, timeout: float) -> dict[str, str]:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            try:
-                data = self.sock.recv(4096).decode()
-            except socket.timeout:
-                continue
-            fields = dict(line.split("=", 1) for line in data.splitlines() if "=" in line)
-            self.messages.append(fields)
-            if key in fields:
-                return fields
-        raise AssertionError(f"no {key} within {timeout}s; got {self.messages}")
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 @pytest.mark.slow
@@ -147,14 +119,17 @@ async def test_prometheus_metrics(tmp_path):
         page = (await reader.read()).decode()
         writer.close()
         await writer.wait_closed()
-        assert page.startswith("HTTP/1.1 200 OK")
-        values = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in page.split("\r\n\r\n")[1]
-                  .splitlines() if line and not line.startswith("#")}
+        head, body = page.split("\r\n\r\n", 1)
+        assert head.split(" ", 2)[1] == "200" and "text/plain; version=0.0.4" in head
+        values = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in body.splitlines()
+                  if line and not line.startswith("#")}
         assert values['nsd_tasks{state="done"}'] == 1 and values["nsd_workers_alive"] == 1
         assert values['nsd_trials_finished_total{state="failed_goal"}'] >= 1
         assert values["nsd_jobs_dispatched_total"] >= 4  # plan, trials, save
         assert values["nsd_slots"] == 2 and values["nsd_slots_busy"] == 0 and values["nsd_queue_depth"] == 0
         assert values['nsd_dispatch_latency_seconds_bucket{le="+Inf"}'] == values["nsd_dispatch_latency_seconds_count"]
+        assert values["nsd_bad_messages_total"] == 0 and values["nsd_trials_requeued_total"] == 0
+        assert values["process_resident_memory_bytes"] > 0  # prometheus_client's process metrics
     finally:
         await w.stop()
         await client.close()
@@ -175,15 +150,11 @@ async def test_runners_are_pinned_to_their_slots_cores(tmp_path, broker):
         assert len(daemon.slots) == len(cpus)
         for slot, cpu in zip(daemon.slots, cpus):
             assert os.sched_getaffinity(slot.runner.proc.pid) == {cpu}
-        await wait_for(lambda: _true(broker.workers.get("pin")), 10)
+        await wait_for(lambda: broker.workers.get("pin"), 10)
         assert broker.workers["pin"].slots == len(cpus) and broker.workers["pin"].cores == len(cpus)
     finally:
         daemon.stop(grace_s=0)
         await task
-
-
-async def _true(value) -> bool:
-    return bool(value)
 
 
 @pytest.mark.slow

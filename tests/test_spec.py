@@ -133,3 +133,21 @@ def test_unshared_specs_reach_the_broker_with_blob_references_only(tmp_path):
     (tmp_path / "r.py").write_text("")
     (tmp_path / "t.toml").write_text('[recipe]\nfile = "r.py"\n[tuning]\nconfig_set = [{rtn = {bits = 4}}]\n')
     assert prepare_spec(tmp_path / "t.toml")["recipe"]["file"] == str(tmp_path / "r.py")  # uploaded next
+
+
+def test_the_broker_gets_a_stored_spec_back_whole_and_an_old_one_with_its_old_meaning():
+    import json
+
+    from nsd.broker.core import stored_spec
+
+    spec = validate({"model": {"path": "m", "shared": True}, "recipe": {"file": "r.py"},
+                     "tuning": {"config_set": [{"rtn": {"bits": [4, 8]}}], "early_stop": False},
+                     "resources": {"priority": 3}})
+    assert stored_spec(json.dumps(spec.to_dict())) == spec
+    old = spec.to_dict()
+    del old["tuning"]["strategy"], old["tuning"]["cache"], old["resources"]["cores_per_trial"]  # an older nsd's
+    old["recipe"]["retired_field"] = 1
+    back = stored_spec(json.dumps(old))
+    assert back.tuning.strategy == "list"  # tasks from before the fallback search ran the config set only
+    assert back.tuning.cache is True and back.resources.cores_per_trial == 0 and back.tuning.early_stop is False
+    assert back.resources.priority == 3 and back.tuning.config_set == spec.tuning.config_set

@@ -70,7 +70,7 @@ async def test_a_full_disk_refuses_writes_keeps_serving_reads_and_recovers(small
         assert refused == 30
         listed = await client.list()  # reads are still served, and nothing refused was kept
         assert [t["task_id"] for t in listed] == [first] and list(broker.tasks) == [first]
-        assert broker.metrics.storage_errors >= 30 and broker.healthy()
+        assert broker.metrics.value("nsd_storage_errors_total") >= 30 and broker.healthy()
         filler.unlink()
         w = await ScriptedWorker(broker.endpoints["workers"], "w", slots=2,
                                  answer=metrics_answer({i: 0.99 for i in range(6)})).start()
@@ -106,3 +106,20 @@ async def test_the_watchdog_stops_when_the_broker_cannot_serve(broker):
     broker._loops[0].cancel()
     await asyncio.gather(broker._loops[0], return_exceptions=True)
     assert not broker.healthy()
+
+
+def test_an_older_state_dirs_events_table_is_dropped(tmp_path):
+    """Events were stored until 2026-12 and never read back (clients re-snapshot): the table goes."""
+    from nsd.broker.store import Store
+
+    old = sqlite3.connect(tmp_path / "nsd.sqlite3")
+    old.execute("CREATE TABLE events (task_id TEXT NOT NULL, seq INTEGER NOT NULL, body TEXT NOT NULL)")
+    old.execute("INSERT INTO events VALUES ('t', 1, '{}')")
+    old.commit()
+    old.close()
+    store = Store(tmp_path / "nsd.sqlite3")
+    try:
+        tables = {row[0] for row in store.db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        assert "events" not in tables and {"tasks", "trials", "logs", "cache"} <= tables
+    finally:
+        store.close()

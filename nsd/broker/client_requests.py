@@ -110,8 +110,8 @@ class ClientRequests:
     def _submit(self, who: Acting, raw: dict) -> dict[str, Any]:
         """A spec, checked as every door checks it, naming only its tenant's blobs; python recipes need the
         code right (README "Privacy")."""
-        spec = validate(raw).to_dict()
-        if spec["recipe"]["kind"] == "python" and not who.code:
+        spec = validate(raw)
+        if spec.recipe.kind == "python" and not who.code:
             raise Refused(f"tenant {who.tenant!r} may not submit python recipes (code that workers run): the "
                           f"broker's operator allows it with `nsd keys allow --role client KEY --code`; "
                           f"built-in recipes need no such right")

@@ -8,14 +8,15 @@ from pathlib import Path
 
 from nsd.broker.limits import BrokerLimits
 from nsd.config import default_state_dir
+from nsd.protocol import DEFAULT_ENDPOINTS
 
 
 @dataclass
 class BrokerConfig:
     state_dir: Path = field(default_factory=default_state_dir)  # SQLite state, blobs, key allowlists
-    clients: str = "tcp://127.0.0.1:5550"  # endpoints to bind: clients (ROUTER), workers (ROUTER), events (XPUB)
-    workers: str = "tcp://127.0.0.1:5551"
-    events: str = "tcp://127.0.0.1:5552"
+    clients: str = DEFAULT_ENDPOINTS["clients"]  # endpoints to bind: clients (ROUTER), workers (ROUTER), events (XPUB)
+    workers: str = DEFAULT_ENDPOINTS["workers"]
+    events: str = DEFAULT_ENDPOINTS["events"]
     heartbeat_s: float = 1.0  # a worker silent for heartbeat_s × liveness is dead; workers adopt both
     liveness: int = 5
     insecure: bool = False  # allow a non-loopback bind without CURVE

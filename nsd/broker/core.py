@@ -42,6 +42,7 @@ from nsd.broker.store import StorageError, Store, storage_message
 from nsd.broker.tenancy import Tenancy
 from nsd.liveness import heartbeat_due
 from nsd.protocol import PROTOCOL_VERSION, Cmd, JobRef, parse_job_id
+from nsd.spec import TaskSpec
 from nsd.states import TaskState, TrialState
 
 log = logging.getLogger("nsd.broker")
@@ -57,6 +58,13 @@ class ToWorker:
 class Event:
     task_id: str
     body: dict
+
+
+def stored_spec(text: str) -> TaskSpec:
+    """A task's spec as the store holds it (validated at submit), back as a TaskSpec."""
+    data = json.loads(text)
+    data.setdefault("tuning", {}).setdefault("strategy", "list")  # tasks from before the fallback search
+    return TaskSpec.from_dict(data)
 
 
 class Core(Outcomes, Placement, Tenancy, Erasure):
@@ -151,7 +159,7 @@ class Core(Outcomes, Placement, Tenancy, Erasure):
             log.info("reloaded %d tasks", len(self.tasks))
 
     def _task_from_row(self, row) -> Task:
-        task = Task(id=row["id"], spec=json.loads(row["spec"]), state=TaskState(row["state"]), owner=row["owner"],
+        task = Task(id=row["id"], spec=stored_spec(row["spec"]), state=TaskState(row["state"]), owner=row["owner"],
                     created=row["created"], started=row["started"], finished=row["finished"],
                     baseline=row["baseline"], winner=row["winner"],
                     met_goal=None if row["met_goal"] is None else bool(row["met_goal"]), error=row["error"],
@@ -189,7 +197,7 @@ class Core(Outcomes, Placement, Tenancy, Erasure):
 
     @staticmethod
     def priority(task: Task) -> int:
-        return task.resources.get("priority", 0)
+        return task.resources.priority
 
     def active(self) -> Iterator[Task]:
         for tier in self.queued.values():
@@ -220,7 +228,7 @@ class Core(Outcomes, Placement, Tenancy, Erasure):
         self._touch(task)
         task.seq += 1
         body = {"task_id": task.id, "seq": task.seq, "ts": time.time(), "kind": kind, **data}
-        self.store.append_event(task.id, task.seq, body)
+        self.store.set_seq(task.id, task.seq)
         self.effects.append(Event(task.id, body))
 
     def send(self, worker: Worker | bytes, cmd: Cmd, body: dict | None = None) -> None:
@@ -229,7 +237,7 @@ class Core(Outcomes, Placement, Tenancy, Erasure):
 
     # ---- clients -----------------------------------------------------------------------------------
 
-    def submit(self, spec: dict, owner: str = "") -> str:
+    def submit(self, spec: TaskSpec, owner: str = "") -> str:
         if self.owners[owner] >= self.limits.queued_per_client:
             raise ValueError(f"this tenant already has {self.owners[owner]} unfinished tasks (the broker's "
                              f"limit is {self.limits.queued_per_client}); wait for some to finish")
@@ -237,7 +245,7 @@ class Core(Outcomes, Placement, Tenancy, Erasure):
                     jobs={JobRef(PLAN.name): Lease()})
         with self.tx():
             self._touch(task)
-            self.store.insert_task(task.id, task.name, spec, task.state.value, task.created, owner)
+            self.store.insert_task(task.id, task.name, task.spec_dict, task.state.value, task.created, owner)
             self._write_task(task, jobs=task.jobs_plain())
             self._adopt(task)
             self.emit(task, "state", state=task.state.value)
@@ -268,7 +276,7 @@ class Core(Outcomes, Placement, Tenancy, Erasure):
         if self.curve:
             owner = self.store.worker_key(wid)
             if owner is not None and owner != key:
-                self.metrics.refused_workers += 1
+                self.metrics.refused_workers.inc()
                 log.warning("refused worker id %s from key %s: it belongs to key %s", wid, key, owner)
                 return self._refuse(identity, f"worker id {wid!r} is bound to another key")
             if owner is None:
@@ -390,7 +398,7 @@ class Core(Outcomes, Placement, Tenancy, Erasure):
 
     def check_timeouts(self, now: float) -> None:
         for task in list(self.started.values()):
-            budget = task.tuning["timeout_s"]
+            budget = task.tuning.timeout_s
             if task.state is TaskState.TUNING and budget and task.started and now - task.started > budget:
                 with self.tx():
                     decision = task.objective.decide(task.views(), exhausted=True)

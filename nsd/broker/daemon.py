@@ -23,16 +23,16 @@ import zmq
 import zmq.asyncio
 
 from nsd import __version__
-from nsd.broker import metrics as metrics_http
 from nsd.broker.blobs import BlobStore
 from nsd.broker.client_requests import ClientRequests
 from nsd.broker.config import BrokerConfig
 from nsd.broker.core import Core, Event, ToWorker
 from nsd.broker.erasure import Checkpoint, RemoveBlob
-from nsd.broker.metrics import Metrics
+from nsd.broker.metrics import BrokerState, Metrics, MetricsServer
 from nsd.broker.store import StorageError, Store
 from nsd.broker.worker_messages import WorkerMessages
 from nsd.limits import raise_open_files_limit
+from nsd.liveness import timing_problem
 from nsd.net import OncePerPeer, Readable, configure, is_loopback, send_frames_now
 from nsd.protocol import CLIENT_TO_BROKER, WORKER_TO_BROKER, Cmd, Message, ProtocolError, event_frames, pack, unpack
 from nsd.security import SOCKET_DOMAINS, CurveServer
@@ -62,17 +62,18 @@ class Broker(ClientRequests, WorkerMessages):
                 raise ValueError(f"refusing to bind {endpoint}: it is reachable from other hosts and CURVE is not "
                                  f"set up; give --curve-secret (see `nsd keys`), bind 127.0.0.1, or pass "
                                  f"--insecure on a trusted network")
+        if (why := timing_problem(config.heartbeat_s, config.liveness)) is not None:
+            raise ValueError(f"refusing to start: {why} (the range every worker accepts)")
         self.addresses = {"clients": config.clients, "workers": config.workers, "events": config.events}
         self.heartbeat_s, self.liveness = config.heartbeat_s, config.liveness
         self.limits = config.limits
         self.metrics_address = config.metrics  # "host:port" for Prometheus, or None
         self.metrics = Metrics()
-        self._metrics_server: asyncio.AbstractServer | None = None
+        self._metrics_server: MetricsServer | None = None
         self._watchdog_s = watchdog_interval()
         self._last_watchdog = 0.0
         self.endpoints: dict[str, str] = {}
         self._bad = OncePerPeer(log)
-        self.metrics.bad_messages = lambda: self._bad.count
         self._loops: list[asyncio.Task] = []
         self._shadows: dict[str, zmq.Socket] = {}
         self._readable: dict[str, Readable] = {}
@@ -134,8 +135,9 @@ class Broker(ClientRequests, WorkerMessages):
             self._drain_subscriptions(), self._tick())]
         if self.metrics_address:
             host, _, port = self.metrics_address.rpartition(":")
-            self._metrics_server = await metrics_http.serve(host or "127.0.0.1", int(port), self.metrics_page)
-            self.endpoints["metrics"] = "http://{}:{}/metrics".format(*self._metrics_server.sockets[0].getsockname()[:2])
+            self.metrics.registry.register(BrokerState(self.metrics_state, asyncio.get_running_loop()))
+            self._metrics_server = MetricsServer(self.metrics.registry, host or "127.0.0.1", int(port))
+            self.endpoints["metrics"] = "http://{}:{}/metrics".format(*self._metrics_server.address)
         log.info("broker %s serving clients %s, workers %s, events %s (state in %s)", __version__,
                  self.endpoints["clients"], self.endpoints["workers"], self.endpoints["events"], self.state_dir)
         notify("READY=1", f"STATUS=serving clients on {self.endpoints['clients']}")
@@ -156,8 +158,7 @@ class Broker(ClientRequests, WorkerMessages):
     async def stop(self) -> None:
         notify("STOPPING=1")
         if self._metrics_server is not None:
-            self._metrics_server.close()
-            await self._metrics_server.wait_closed()
+            await self._metrics_server.close()
             self._metrics_server = None
         for loop in self._loops:
             loop.cancel()
@@ -190,6 +191,7 @@ class Broker(ClientRequests, WorkerMessages):
         """One socket's loop: wait for a message, take what else is already waiting (at most `batch`), and
         handle them as one turn. Frames are copied to bytes, unless CURVE needs each frame's User-Id."""
         shadow, readable, copy = self._shadows[name], self._readable[name], self.curve is None
+        idle_heartbeats = copy and name == "workers"  # on the clients socket a HEARTBEAT is refused at the door
         while True:
             await readable.wait()
             batch = []
@@ -198,7 +200,7 @@ class Broker(ClientRequests, WorkerMessages):
                     frames = shadow.recv_multipart(zmq.NOBLOCK, copy=copy)
                 except zmq.Again:
                     break
-                if copy and frames[1:] == _IDLE_HEARTBEAT:  # most of an idle cluster's traffic: no decoding
+                if idle_heartbeats and frames[1:] == _IDLE_HEARTBEAT:  # most of an idle cluster's traffic: no decoding
                     self._heard(frames[0], None)
                     continue
                 batch.append(self._check(name, frames, allowed))
@@ -265,7 +267,7 @@ class Broker(ClientRequests, WorkerMessages):
                         self._worker_message(identity, key, msg)
                 core.schedule()
         except StorageError as exc:
-            self.metrics.storage_errors += 1
+            self.metrics.storage_errors.inc()
             log.error("%s: %d messages of this turn were not applied", exc, len(batch))
             for i, (name, identity, key, msg) in enumerate(batch):
                 if name == "clients" and msg.cmd is Cmd.BLOB_GET:
@@ -294,11 +296,11 @@ class Broker(ClientRequests, WorkerMessages):
 
     def _to_client(self, identity: bytes, cmd: Cmd, body: dict) -> None:
         if not self._send("clients", [identity, *pack(cmd, body)]):
-            self.metrics.dropped_sends += 1  # client gone or not reading: its queue is full
+            self.metrics.dropped_sends.inc()  # client gone or not reading: its queue is full
 
     def _to_worker(self, identity: bytes, cmd: Cmd, body: dict) -> None:
         if not self._send("workers", [identity, *pack(cmd, body)]):
-            self.metrics.dropped_sends += 1  # a peer that does not read: its queue is full
+            self.metrics.dropped_sends.inc()  # a peer that does not read: its queue is full
 
     def _flush(self) -> None:
         effects, self.core.effects = self.core.effects, []
@@ -311,7 +313,7 @@ class Broker(ClientRequests, WorkerMessages):
                     if worker is not None:
                         worker.last_sent = now
                 else:
-                    self.metrics.dropped_sends += 1
+                    self.metrics.dropped_sends.inc()
             elif isinstance(effect, Event):
                 self._send("events", event_frames(effect.task_id, effect.body))  # a lagging subscriber re-snapshots
             elif isinstance(effect, RemoveBlob):
@@ -338,7 +340,7 @@ class Broker(ClientRequests, WorkerMessages):
                 with self.core.tx():
                     self.core.schedule()
             except StorageError as exc:
-                self.metrics.storage_errors += 1
+                self.metrics.storage_errors.inc()
                 log.error("%s (timers will try again)", exc)
             except Exception:
                 log.exception("tick failed")
@@ -367,11 +369,12 @@ class Broker(ClientRequests, WorkerMessages):
             notify("WATCHDOG=1", f"STATUS={self.core.n_active()} active tasks, {len(self.core.workers)} workers, "
                                  f"{busy}/{sum(w.slots for w in self.core.workers.values())} slots busy")
 
-    def metrics_page(self) -> str:
+    def metrics_state(self) -> dict:
+        """What the metrics' gauges show (nsd/broker/metrics.py `BrokerState`), read on the loop."""
         by_state: dict[str, int] = {s.value: 0 for s in TaskState}
         for task in self.core.tasks.values():
             by_state[task.state.value] += 1
-        queue = sum((t.state is TaskState.QUEUED) + t.n_pending for t in self.core.active())
-        return metrics_http.render(self.metrics, by_state, len(self.core.workers),
-                                   sum(w.slots for w in self.core.workers.values()),
-                                   sum(len(w.running) for w in self.core.workers.values()), queue)
+        workers = self.core.workers.values()
+        return {"tasks": by_state, "workers": len(workers), "slots": sum(w.slots for w in workers),
+                "busy": sum(len(w.running) for w in workers), "bad_messages": self._bad.count,
+                "queue_depth": sum((t.state is TaskState.QUEUED) + t.n_pending for t in self.core.active())}

@@ -25,10 +25,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import asdict
 from typing import Any
 
 from nsd.blobs import parse_ref
-from nsd.spec import PATH_FIELDS
+from nsd.spec import PATH_FIELDS, TaskSpec, TuningSpec
 from nsd.versions import VERSION_KEYS
 
 # Recipe fields that only say where files are: their content enters the key through the blob hash.
@@ -42,20 +43,20 @@ def tenant_scope(tenant: str) -> str:
     return f"tenant:{tenant}"
 
 
-def task_basis(spec: dict, versions: dict | None, scope: str = "") -> dict | None:
+def task_basis(spec: TaskSpec, versions: dict | None, scope: str = "") -> dict | None:
     """What every key of this task shares, or None where the task must not be cached."""
-    if not spec["tuning"].get("cache", True) or spec["model"].get("shared") or not versions:
+    if not spec.tuning.cache or spec.model.shared or not versions:
         return None
     blobs = {}
     for section, key in PATH_FIELDS:
-        value = spec[section].get(key)
+        value = getattr(getattr(spec, section), key)
         if value is None:
             continue
         ref = parse_ref(value)
         if ref is None:  # a plain path: its content is not known to us
             return None
         blobs[f"{section}.{key}"] = ref[0]
-    recipe = {k: v for k, v in spec["recipe"].items() if k not in _LOCATION_FIELDS}
+    recipe = {k: v for k, v in asdict(spec.recipe).items() if k not in _LOCATION_FIELDS}
     return {"blobs": blobs, "recipe": recipe, "versions": {k: versions.get(k) for k in VERSION_KEYS}, "scope": scope}
 
 
@@ -64,9 +65,9 @@ def _digest(kind: str, basis: dict, **more: Any) -> str:
     return f"{kind}:" + hashlib.sha256(text.encode()).hexdigest()
 
 
-def plan_key(basis: dict, tuning: dict) -> str:
-    return _digest("plan", basis, config_set=tuning["config_set"], max_trials=tuning["max_trials"],
-                   strategy=tuning.get("strategy"))
+def plan_key(basis: dict, tuning: TuningSpec) -> str:
+    return _digest("plan", basis, config_set=tuning.config_set, max_trials=tuning.max_trials,
+                   strategy=tuning.strategy)
 
 
 def trial_key(basis: dict, config: dict, fallback: Any = None) -> str:
@@ -94,13 +95,13 @@ class MetricCache:
         return [tenant_scope(task.owner)] + ([SHARED] if self.share and getattr(worker, "trusted", False) else [])
 
     @staticmethod
-    def key(kind: str, spec: dict, versions: dict | None, scope: str, config: dict | None = None,
+    def key(kind: str, spec: TaskSpec, versions: dict | None, scope: str, config: dict | None = None,
             fallback: Any = None) -> str | None:
         basis = task_basis(spec, versions, scope)
         if basis is None:
             return None
         if kind == "plan":
-            return plan_key(basis, spec["tuning"])
+            return plan_key(basis, spec.tuning)
         return (trial_key if kind == "trial" else artifact_key)(basis, config, fallback)
 
     def _get(self, kind: str, task, versions: dict | None, config: dict | None = None,

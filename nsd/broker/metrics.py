@@ -1,98 +1,113 @@
-"""Prometheus text exposition for the broker (`nsd broker --metrics 127.0.0.1:9550`), on a tiny
-asyncio HTTP endpoint: no client library, nothing but GET /metrics."""
+"""The broker's Prometheus metrics (`nsd broker --metrics HOST:PORT`), with prometheus_client: its counters
+and histogram, its text exposition and HTTP server (a daemon thread), and its `process_*` metrics.
+
+What the broker's code counts goes into `Metrics`, one registry per broker (tests run several brokers in
+one process). What describes the broker's state now (tasks by state, workers, slots, queue) is read from
+the core when Prometheus scrapes, on the broker's own event loop: the core is not thread-safe, and the
+hot path then pays nothing for those gauges.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import bisect
-from dataclasses import dataclass, field
+import socket
+import threading
 from typing import Callable
+from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+from prometheus_client import (CollectorRegistry, Counter, Histogram, ProcessCollector, disable_created_metrics,
+                               make_wsgi_app)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import ThreadingWSGIServer
+from prometheus_client.registry import Collector
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+SCRAPE_TIMEOUT_S = 5.0  # a scrape waits this long for the broker's loop, and a silent HTTP client is dropped after it
 
 
-@dataclass
-class Histogram:
-    buckets: tuple[float, ...] = LATENCY_BUCKETS
-    counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))
-    total: float = 0.0
-    n: int = 0
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.buckets, value)] += 1
-        self.total += value
-        self.n += 1
-
-    def lines(self, name: str) -> list[str]:
-        out, running = [], 0
-        for bound, count in zip(self.buckets, self.counts):
-            running += count
-            out.append(f'{name}_bucket{{le="{bound}"}} {running}')
-        out += [f'{name}_bucket{{le="+Inf"}} {self.n}', f"{name}_sum {self.total:.6f}", f"{name}_count {self.n}"]
-        return out
-
-
-@dataclass
 class Metrics:
-    trials_finished: dict[str, int] = field(default_factory=dict)  # by final state
-    trials_requeued: int = 0
-    jobs_dispatched: int = 0
-    ignored_results: int = 0  # results not from the lease holder (duplicates, late, forged)
-    refused_workers: int = 0  # registrations refused (a worker id bound to another key)
-    storage_errors: int = 0  # transactions SQLite could not commit
-    dropped_sends: int = 0  # messages not queued for a peer that does not read (its queue is full)
-    bad_messages: Callable[[], int] = lambda: 0
-    dispatch_latency: Histogram = field(default_factory=Histogram)  # slot freed -> its next job assigned
+    """The broker's counters and its dispatch-latency histogram (README "Metrics" names each)."""
+
+    def __init__(self) -> None:
+        disable_created_metrics()  # no `*_created` series: the page shows what it always showed
+        self.registry = registry = CollectorRegistry()
+        self.trials_finished = Counter("nsd_trials_finished", "Trials finished, by final state.", ["state"],
+                                       registry=registry)
+        self.trials_requeued = Counter("nsd_trials_requeued", "Trials run again after losing a worker.",
+                                       registry=registry)
+        self.jobs_dispatched = Counter("nsd_jobs_dispatched", "Jobs assigned to workers.", registry=registry)
+        self.ignored_results = Counter("nsd_ignored_results", "Results not from the worker holding the lease "
+                                       "(duplicate, late or forged).", registry=registry)
+        self.refused_workers = Counter("nsd_refused_workers", "Registrations refused: worker id bound to another "
+                                       "key.", registry=registry)
+        self.storage_errors = Counter("nsd_storage_errors", "Transactions SQLite could not commit.",
+                                      registry=registry)
+        self.dropped_sends = Counter("nsd_dropped_sends", "Messages dropped because the peer's send queue was "
+                                     "full.", registry=registry)
+        self.dispatch_latency = Histogram("nsd_dispatch_latency_seconds", "From a slot freeing to its next job "
+                                          "being assigned.", buckets=LATENCY_BUCKETS, registry=registry)
+        ProcessCollector(registry=registry)
+        self._finished_in: dict[str, Counter] = {}  # a label's child, looked up once (labels() costs microseconds)
 
     def trial_finished(self, state: str) -> None:
-        self.trials_finished[state] = self.trials_finished.get(state, 0) + 1
+        child = self._finished_in.get(state)
+        if child is None:
+            child = self._finished_in[state] = self.trials_finished.labels(state)
+        child.inc()
+
+    def value(self, name: str, **labels: str) -> float:
+        """One sample's value as a scrape would show it (0 when it has none yet), e.g.
+        `value("nsd_storage_errors_total")`."""
+        return self.registry.get_sample_value(name, labels) or 0.0
 
 
-def render(metrics: Metrics, tasks_by_state: dict[str, int], workers: int, slots: int, busy: int,
-           queue_depth: int) -> str:
-    lines = ["# HELP nsd_tasks Tasks by state.", "# TYPE nsd_tasks gauge"]
-    lines += [f'nsd_tasks{{state="{s}"}} {n}' for s, n in sorted(tasks_by_state.items())]
-    lines += ["# HELP nsd_trials_finished_total Trials finished, by final state.",
-              "# TYPE nsd_trials_finished_total counter"]
-    lines += [f'nsd_trials_finished_total{{state="{s}"}} {n}' for s, n in sorted(metrics.trials_finished.items())]
-    for name, kind, value, about in (
-            ("nsd_trials_requeued_total", "counter", metrics.trials_requeued, "Trials run again after losing a worker."),
-            ("nsd_jobs_dispatched_total", "counter", metrics.jobs_dispatched, "Jobs assigned to workers."),
-            ("nsd_bad_messages_total", "counter", metrics.bad_messages(), "Malformed messages dropped."),
-            ("nsd_ignored_results_total", "counter", metrics.ignored_results,
-             "Results not from the worker holding the lease (duplicate, late or forged)."),
-            ("nsd_refused_workers_total", "counter", metrics.refused_workers,
-             "Registrations refused: worker id bound to another key."),
-            ("nsd_storage_errors_total", "counter", metrics.storage_errors, "Transactions SQLite could not commit."),
-            ("nsd_dropped_sends_total", "counter", metrics.dropped_sends,
-             "Messages dropped because the peer's send queue was full."),
-            ("nsd_workers_alive", "gauge", workers, "Registered, heartbeating workers."),
-            ("nsd_slots", "gauge", slots, "Slots across the cluster."),
-            ("nsd_slots_busy", "gauge", busy, "Slots running a job."),
-            ("nsd_queue_depth", "gauge", queue_depth, "Jobs waiting for a slot.")):
-        lines += [f"# HELP {name} {about}", f"# TYPE {name} {kind}", f"{name} {value}"]
-    lines += ["# HELP nsd_dispatch_latency_seconds From a slot freeing to its next job being assigned.",
-              "# TYPE nsd_dispatch_latency_seconds histogram"]
-    lines += metrics.dispatch_latency.lines("nsd_dispatch_latency_seconds")
-    return "\n".join(lines) + "\n"
+class BrokerState(Collector):
+    """The gauges (and the bad-message counter) read from the broker at scrape time, on its loop.
+
+    `read` returns {"tasks": {state: n}, "workers", "slots", "busy", "queue_depth", "bad_messages"}."""
+
+    def __init__(self, read: Callable[[], dict], loop: asyncio.AbstractEventLoop):
+        self._read, self._loop = read, loop
+
+    async def _read_on_loop(self) -> dict:
+        return self._read()
+
+    def collect(self):
+        state = asyncio.run_coroutine_threadsafe(self._read_on_loop(), self._loop).result(SCRAPE_TIMEOUT_S)
+        tasks = GaugeMetricFamily("nsd_tasks", "Tasks by state.", labels=["state"])
+        for name, n in sorted(state["tasks"].items()):
+            tasks.add_metric([name], n)
+        yield tasks
+        yield CounterMetricFamily("nsd_bad_messages", "Malformed messages dropped.", value=state["bad_messages"])
+        for name, key, about in (("nsd_workers_alive", "workers", "Registered, heartbeating workers."),
+                                 ("nsd_slots", "slots", "Slots across the cluster."),
+                                 ("nsd_slots_busy", "busy", "Slots running a job."),
+                                 ("nsd_queue_depth", "queue_depth", "Jobs waiting for a slot.")):
+            yield GaugeMetricFamily(name, about, value=state[key])
+
+    def describe(self):
+        return []  # nothing to check at registration: reading the state there would wait on the loop itself
 
 
-async def serve(host: str, port: int, page: Callable[[], str]) -> asyncio.AbstractServer:
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            request = await asyncio.wait_for(reader.readline(), 5)
-            while (await asyncio.wait_for(reader.readline(), 5)) not in (b"\r\n", b"\n", b""):
-                pass
-            if request.split(b" ")[:2] == [b"GET", b"/metrics"]:
-                body, status = page().encode(), "200 OK"
-            else:
-                body, status = b"try GET /metrics\n", "404 Not Found"
-            writer.write(f"HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\n"
-                         f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
-            await writer.drain()
-        except (asyncio.TimeoutError, ConnectionError, ValueError):
-            pass
-        finally:
-            writer.close()
+class _Handler(WSGIRequestHandler):
+    timeout = SCRAPE_TIMEOUT_S  # a client that sends nothing does not hold its thread for ever
 
-    return await asyncio.start_server(handle, host, port)
+    def log_message(self, format, *args) -> None:  # noqa: A002 - the base class's signature
+        pass  # Prometheus scrapes every few seconds: not worth a log line each
+
+
+class MetricsServer:
+    """prometheus_client's WSGI app on a threading HTTP server (a daemon thread) for one registry."""
+
+    def __init__(self, registry: CollectorRegistry, host: str, port: int):
+        server_class = ThreadingWSGIServer if ":" not in host else \
+            type("ThreadingWSGIServer6", (ThreadingWSGIServer,), {"address_family": socket.AF_INET6})
+        self._server = make_server(host, port, make_wsgi_app(registry), server_class, handler_class=_Handler)
+        self.address = self._server.server_address[:2]
+        self._thread = threading.Thread(target=self._server.serve_forever, name="nsd-metrics", daemon=True)
+        self._thread.start()
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self._server.shutdown)  # returns once serve_forever has
+        self._thread.join()
+        self._server.server_close()

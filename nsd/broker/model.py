@@ -21,12 +21,14 @@ import json
 import math
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from nsd.broker import search, tuner
 from nsd.broker.jobs import KINDS, PLAN, SAVE
 from nsd.broker.objective import Objective, objective_for
 from nsd.protocol import TRIAL, JobRef
+from nsd.spec import ResourcesSpec, TaskSpec, TuningSpec
 from nsd.states import TASK_TRANSITIONS, TRIAL_TRANSITIONS, TaskState, TrialState, check_transition
 
 
@@ -88,7 +90,7 @@ class Trial:
 @dataclass
 class Task:
     id: str
-    spec: dict
+    spec: TaskSpec  # validated: every field is there, with its default where the submitter gave none
     state: TaskState
     created: float
     owner: str = ""  # its tenant (nsd.tenants; "" without CURVE): who may see it, per-tenant queue limits
@@ -174,7 +176,7 @@ class Task:
     @functools.cached_property
     def objective(self) -> Objective:
         """Who wins, what is cancelled, when it is decided (the spec never changes)."""
-        return objective_for(self.spec.get("tuning", {}))
+        return objective_for(self.spec.tuning)
 
     def note_metric(self, tr: Trial) -> None:
         """A trial finished with a metric: keep best_index equal to objective.best() (earliest on ties)."""
@@ -188,7 +190,7 @@ class Task:
     def stop_rule(self, index: int) -> dict:
         """The rule trial `index` runs under (the objective's stop_rule): early stopping off leaves nothing to
         beat, and so does a fallback stage's trial (the search ranks ops by those metrics: they run in full)."""
-        top = [] if self.best_index is None or not self.tuning.get("early_stop", True) \
+        top = [] if self.best_index is None or not self.tuning.early_stop \
             or self.trials[index].stage != search.CONFIG else [self.trials[self.best_index].view()]
         return self.objective.stop_rule(self.goal(), top, index)
 
@@ -232,23 +234,28 @@ class Task:
 
     @property
     def name(self) -> str:
-        return self.spec["name"]
+        return self.spec.name
 
     @property
-    def tuning(self) -> dict:
-        return self.spec["tuning"]
+    def tuning(self) -> TuningSpec:
+        return self.spec.tuning
 
     @property
-    def resources(self) -> dict:
-        return self.spec["resources"]
+    def resources(self) -> ResourcesSpec:
+        return self.spec.resources
+
+    @cached_property
+    def spec_dict(self) -> dict[str, Any]:
+        """The spec as plain data (what jobs and the task view carry), made once: it does not change."""
+        return self.spec.to_dict()
 
     def views(self) -> list[tuner.TrialView]:
         return [t.view() for t in self.trials]
 
     def layout(self) -> search.Layout:
         families = tuple(next(iter(t.config)) for t in self.trials if t.stage == search.CONFIG)
-        return search.Layout(families, self.oplists, self.tuning["max_trials"], self.tuning["higher_is_better"],
-                             self.tuning.get("strategy", "list"),  # tasks from before the search: "list"
+        return search.Layout(families, self.oplists, self.tuning.max_trials, self.tuning.higher_is_better,
+                             self.tuning.strategy,
                              self.objective)
 
     def steps(self) -> list[search.Step]:
@@ -256,7 +263,7 @@ class Task:
 
     def goal(self) -> tuner.Goal:
         t = self.tuning
-        return tuner.Goal(self.baseline, t["tolerable_loss"], t["criterion"], t["higher_is_better"])
+        return tuner.Goal(self.baseline, t.tolerable_loss, t.criterion, t.higher_is_better)
 
     def summary(self) -> dict[str, Any]:
         done = len(self.trials) - self.n_unfinished
@@ -273,8 +280,8 @@ class Task:
         return {
             "task_id": self.id, "name": self.name, "state": self.state.value, "seq": self.seq,
             "met_goal": self.met_goal, "baseline": self.baseline, "error": self.error,
-            "goal": {"tolerable_loss": t["tolerable_loss"], "criterion": t["criterion"],
-                     "higher_is_better": t["higher_is_better"], "max_trials": t["max_trials"]},
+            "goal": {"tolerable_loss": t.tolerable_loss, "criterion": t.criterion,
+                     "higher_is_better": t.higher_is_better, "max_trials": t.max_trials},
             "winner": None if winner is None else {**winner.described(), "metric": winner.metric},
             "trials": [tr.public() for tr in self.trials[offset:None if limit is None else offset + limit]],
             "trials_page": {"offset": offset, "limit": len(self.trials) if limit is None else limit,
@@ -284,7 +291,7 @@ class Task:
                         "plan_s": self.plan_s,
                         "trial_s_total": sum(tr.seconds or 0.0 for tr in self.trials)},
             "artifact": self.artifact,
-            "spec": self.spec,
+            "spec": self.spec_dict,
         }
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import ClassVar, Iterable, Protocol, Sequence
 
 from nsd.broker.tuner import Decision, Goal, TrialView, goal_threshold
+from nsd.spec import TuningSpec
 from nsd.states import TrialState
 
 OBJECTIVES = ("first",)
@@ -110,6 +111,6 @@ class First:
         return rule
 
 
-def objective_for(tuning: dict) -> Objective:
+def objective_for(tuning: TuningSpec) -> Objective:
     """A task's objective from its (validated) tuning section."""
-    return First(tuning.get("higher_is_better", True))
+    return First(tuning.higher_is_better)

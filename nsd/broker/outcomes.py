@@ -46,7 +46,7 @@ class Outcomes:
         jid, attempt = body["trial_id"], body["attempt"]
         if not self.holds(worker, jid, attempt):
             self.ignored_results += 1
-            self.metrics.ignored_results += 1
+            self.metrics.ignored_results.inc()
             return  # a duplicate, a late answer to a lease requeued or cancelled, or not this peer's to give
         task_id, job = parse_job_id(jid)
         task = self.tasks[task_id]
@@ -71,22 +71,31 @@ class Outcomes:
         metric, bound = body.get("metric"), body.get("bound")
         fallback = getattr(tr, "fallback", None)
         if body["ok"] and metric is not None:
-            tr.metric = float(metric)
-            task.set_state(tr, TrialState.PASSED if tuner.meets_goal(tr.metric, task.goal()) else TrialState.FAILED_GOAL)
-            task.note_metric(tr)
+            self._score(task, tr, float(metric), None)
             if tr.state is TrialState.PASSED and body.get("kept"):
                 tr.kept = (worker.id, body["kept"])
             self.cache.put_trial(task, worker, tr.config, fallback, tr.metric)
         elif body["ok"] and body.get("stopped_early") is True and bound is not None \
                 and not tuner.meets_goal(float(bound), task.goal()):
             # It could neither meet the goal nor beat a finished trial (First.stop_rule): no metric needed.
-            tr.bound, tr.stopped_early = float(bound), True
-            task.set_state(tr, TrialState.FAILED_GOAL)
+            self._score(task, tr, None, float(bound))
             self.cache.put_trial(task, worker, tr.config, fallback, None, tr.bound)
         else:
             task.set_state(tr, TrialState.ERROR)
             tr.error = (body.get("error") or "the runner returned no metric")[:4000]
         self._finish_trial(task, tr)
+
+    @staticmethod
+    def _score(task: Task, tr: Trial, metric: float | None, bound: float | None) -> None:
+        """Metric -> trial state, for a result and a cache answer alike: its metric passes or fails the goal;
+        without one, the bound it stopped early at fails it."""
+        if metric is not None:
+            tr.metric = metric
+            task.set_state(tr, TrialState.PASSED if tuner.meets_goal(metric, task.goal()) else TrialState.FAILED_GOAL)
+            task.note_metric(tr)
+        else:
+            tr.bound, tr.stopped_early = bound, True
+            task.set_state(tr, TrialState.FAILED_GOAL)
 
     def _finish_trial(self, task: Task, tr: Trial) -> None:
         self._write_trial(task, tr, state=tr.state.value, metric=tr.metric, seconds=tr.seconds,
@@ -146,14 +155,7 @@ class Outcomes:
             task.next_pending()
             now = time.time()
             tr.cached, tr.worker, tr.started, tr.finished, tr.seconds = True, None, now, now, 0.0
-            if metric is not None:
-                tr.metric = metric
-                task.set_state(tr, TrialState.PASSED if tuner.meets_goal(metric, task.goal())
-                               else TrialState.FAILED_GOAL)
-                task.note_metric(tr)
-            else:
-                tr.bound, tr.stopped_early = bound, True
-                task.set_state(tr, TrialState.FAILED_GOAL)
+            self._score(task, tr, metric, bound)
             self._finish_trial(task, tr)
             answered = True
         return True
@@ -173,12 +175,12 @@ class Outcomes:
             return self.finish(task, TaskState.FAILED, error="planning returned a malformed plan")
         if not configs:
             return self.finish(task, TaskState.FAILED, error="the config set expanded to no configs")
-        wrong = check_plan(task.tuning["config_set"], configs)
+        wrong = check_plan(task.tuning.config_set, configs)
         if wrong is not None:  # a lease holder does not choose what is tried (issue 15)
             log.warning("task %s: refused the plan of worker %s: %s", task.id, worker.id if worker else "-", wrong)
             return self.finish(task, TaskState.FAILED, error=f"planning returned a plan that is not the config "
                                                              f"set's expansion: {wrong}")
-        configs = first_trials(configs, task.tuning["max_trials"])
+        configs = first_trials(configs, task.tuning.max_trials)
         if worker is not None:  # a plan a worker ran (not one from the cache): remember it
             self.cache.put_plan(task, worker, float(baseline), configs, body.get("ops"))
         task.baseline, task.oplists = float(baseline), oplists
@@ -224,7 +226,7 @@ class Outcomes:
         if task.state is not TaskState.TUNING:
             return
         last = task.trials[-1].stage if task.trials else None
-        if passed is None and task.tuning.get("strategy") == "basic" and last != search.ACCUMULATED \
+        if passed is None and task.tuning.strategy == "basic" and last != search.ACCUMULATED \
                 and (last != search.CONFIG or task.n_unfinished == 0):  # cheap gates: most results add nothing
             self._add_stage(task, search.next_stage(task.layout(), task.steps()))
         if task.n_unfinished == 0:
@@ -310,7 +312,7 @@ class Outcomes:
         if handback:  # same attempt, any worker: the lease rule still refuses the old holder's answers
             state, attempt = TrialState.PENDING, lease[0]
         else:
-            state, attempt = tuner.after_lost_lease(lease[0], task.tuning["max_attempts"])
+            state, attempt = tuner.after_lost_lease(lease[0], task.tuning.max_attempts)
         kind = KINDS[job.kind]
         if not kind.in_trial:
             if state is TrialState.ERROR:
@@ -322,7 +324,8 @@ class Outcomes:
             self.emit(task, "state", state=task.state.value, reason=why)
             return
         tr = task.trials[job.index]
-        self.metrics.trials_requeued += state is TrialState.PENDING
+        if state is TrialState.PENDING:
+            self.metrics.trials_requeued.inc()
         task.set_state(tr, state)
         tr.attempt, tr.worker = attempt, None
         if state is TrialState.ERROR:

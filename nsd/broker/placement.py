@@ -36,13 +36,13 @@ class Placement:
         demands = []
         for tier in sorted(self.queued, reverse=True):
             for task in itertools.islice(self.queued[tier].values(), room):
-                demands.append(scheduler.Demand(task.id, 1, tier, cores=task.resources.get("cores_per_trial", 0)))
+                demands.append(scheduler.Demand(task.id, 1, tier, cores=task.resources.cores_per_trial))
         for task in self.started.values():
             if not task.wants_worker():
                 continue
-            cores = task.resources.get("cores_per_trial", 0)
+            cores = task.resources.cores_per_trial
             # Jobs other than trials are not counted against the task's `workers` limit.
-            waiting = len(task.waiting()) + (task.dispatchable(task.resources["workers"])
+            waiting = len(task.waiting()) + (task.dispatchable(task.resources.workers)
                                              if task.state is TaskState.TUNING else 0)
             if waiting:
                 demands.append(scheduler.Demand(task.id, waiting, self.priority(task), task.n_running, cores))
@@ -69,7 +69,7 @@ class Placement:
     def _assign(self, task: Task, worker: Worker) -> None:
         """Send `worker` the task's next job: a waiting job other than a trial (by its kind's order), else
         the lowest pending trial — or answer it from the metric cache."""
-        if task.tuning.get("cache", True) and self._answer_from_cache(task, worker):
+        if task.tuning.cache and self._answer_from_cache(task, worker):
             self._answered_from_cache = True
             return
         if task.state is TaskState.QUEUED:
@@ -80,7 +80,7 @@ class Placement:
         jid, attempt = ref.id(task.id), task.lease(ref)[0]
         job["cores"] = self.job_cores(task, worker)
         self._take(worker, jid, attempt, job["cores"])
-        self.metrics.jobs_dispatched += 1
+        self.metrics.jobs_dispatched.inc()
         if worker.freed_at is not None:
             self.metrics.dispatch_latency.observe(time.monotonic() - worker.freed_at)
             worker.freed_at = None
@@ -98,7 +98,7 @@ class Placement:
         task.started = task.started or time.time()
         self._write_task(task, state=task.state.value, started=task.started)
         self.emit(task, "state", state=task.state.value, worker=worker.id)
-        return worker, {"kind": "plan", "task_id": task.id, "spec": task.spec}
+        return worker, {"kind": "plan", "task_id": task.id, "spec": task.spec_dict}
 
     def _trial_job(self, task: Task, ref: JobRef, worker: Worker) -> tuple[Worker, dict]:
         tr = task.trials[ref.index]
@@ -106,7 +106,7 @@ class Placement:
         tr.worker, tr.started = worker.id, time.time()
         self._write_trial(task, tr, state=tr.state.value, worker=worker.id, started=tr.started)
         self.emit(task, "trial", **tr.event())
-        return worker, {"kind": "trial", "task_id": task.id, "spec": task.spec, "index": tr.index,
+        return worker, {"kind": "trial", "task_id": task.id, "spec": task.spec_dict, "index": tr.index,
                         "config": tr.config, "fallback": tr.fallback,
                         # What it must reach to matter (early stop), and whether a pass should keep its model.
                         "rule": task.stop_rule(tr.index), "keep": task.keeps(tr.index)}
@@ -117,7 +117,7 @@ class Placement:
         if holder is not None and holder is not worker and holder.free_cores >= self.job_cores(task, holder):
             worker = holder  # the save job goes where the winner's model was kept, if free
         self._lease_to(task, ref, worker)
-        job = {"kind": "save", "task_id": task.id, "spec": task.spec, "index": winner.index,
+        job = {"kind": "save", "task_id": task.id, "spec": task.spec_dict, "index": winner.index,
                "config": winner.config, "fallback": winner.fallback}
         if winner.kept and winner.kept[0] == worker.id:
             job["kept"] = winner.kept[1]  # upload the model its trial kept instead of quantizing again
@@ -125,4 +125,4 @@ class Placement:
 
     @staticmethod
     def job_cores(task: Task, worker: Worker) -> int:
-        return task.resources.get("cores_per_trial") or worker.cores_per_trial
+        return task.resources.cores_per_trial or worker.cores_per_trial

@@ -1,5 +1,5 @@
-"""SQLite persistence for the broker: tasks, trials, logs, events, worker keys, the metric cache, who owns
-which blob, the audit log and what workers must erase; write-through, WAL.
+"""SQLite persistence for the broker: tasks, trials, logs, worker keys, the metric cache, who owns which
+blob, the audit log and what workers must erase; write-through, WAL.
 
 Column names come from this module's own constants, never from a peer; values are always bound
 parameters. JSON columns hold plain data (spec, config, error details). Deleted rows are overwritten
@@ -72,12 +72,7 @@ CREATE TABLE IF NOT EXISTS cache (
     body TEXT NOT NULL,
     created REAL NOT NULL
 );
-CREATE TABLE IF NOT EXISTS events (
-    task_id TEXT NOT NULL,
-    seq INTEGER NOT NULL,
-    body TEXT NOT NULL,
-    PRIMARY KEY (task_id, seq)
-);
+DROP TABLE IF EXISTS events;  -- events were kept here until 2026-12 and never read: clients re-snapshot
 CREATE TABLE IF NOT EXISTS blob_owners (
     sha256 TEXT NOT NULL,
     owner TEXT NOT NULL,  -- a tenant that uploaded these bytes or whose artifact they are; `worker:ID` that stored them
@@ -132,7 +127,6 @@ INDEXES = ("CREATE INDEX IF NOT EXISTS cache_by_task ON cache (task_id)",
            "CREATE INDEX IF NOT EXISTS audit_by_task ON audit (task_id)")
 AUDIT_KEPT = 100_000  # the newest audit entries kept (README "Privacy": bounded)
 ERASURES_KEPT = 10_000  # erasures remembered for workers that were away when they happened
-EVENTS_KEPT = 1000  # per task: the events table keeps the newest ones (clients re-snapshot; see README)
 TASK_COLUMNS = frozenset({"state", "started", "finished", "baseline", "winner", "met_goal", "error", "seq",
                           "stage_attempt", "stage_worker", "plan_s", "artifact", "oplists", "jobs", "owner"})
 TRIAL_COLUMNS = frozenset({"state", "attempt", "metric", "worker", "started", "finished", "seconds", "error",
@@ -222,13 +216,10 @@ class Store:
     def update_trial(self, task_id: str, idx: int, **fields: Any) -> None:
         self._update("trials", TRIAL_COLUMNS, "task_id = ? AND idx = ?", (task_id, idx), fields)
 
-    def append_event(self, task_id: str, seq: int, body: dict) -> None:
+    def set_seq(self, task_id: str, seq: int) -> None:
+        """The task's latest event number: a client's snapshot carries it, and events continue from it."""
         with self._writing():
-            self.db.execute("INSERT INTO events (task_id, seq, body) VALUES (?, ?, ?)",
-                            (task_id, seq, json.dumps(body)))
             self.db.execute("UPDATE tasks SET seq = ? WHERE id = ?", (seq, task_id))
-            if seq % 100 == 0 and seq > EVENTS_KEPT:  # retention: the newest EVENTS_KEPT of each task
-                self.db.execute("DELETE FROM events WHERE task_id = ? AND seq <= ?", (task_id, seq - EVENTS_KEPT))
 
     def put_log(self, task_id: str, job: str, attempt: int, worker: str | None, text: str) -> None:
         with self._writing():
@@ -309,9 +300,9 @@ class Store:
                             (sha256, owner, owner))
 
     def delete_task(self, task_id: str) -> None:
-        """A task and everything kept about it: trials, logs, events, the cache entries it produced."""
+        """A task and everything kept about it: trials, logs, the cache entries it produced."""
         with self._writing():
-            for table in ("trials", "logs", "events", "cache"):
+            for table in ("trials", "logs", "cache"):
                 self.db.execute(f"DELETE FROM {table} WHERE task_id = ?", (task_id,))
             self.db.execute("DELETE FROM tasks WHERE id = ?", (task_id,))
 

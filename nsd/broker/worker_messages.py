@@ -48,7 +48,7 @@ class WorkerMessages:
         elif msg.cmd is Cmd.RESULT:
             if worker is None:  # not registered (or not with this key): it holds no lease
                 core.ignored_results += 1
-                self.metrics.ignored_results += 1
+                self.metrics.ignored_results.inc()
                 core.send(identity, Cmd.DISCONNECT, {"reason": "unknown worker: register again"})
                 return
             core._result_in_savepoint(worker, b)

@@ -10,6 +10,8 @@ from typing import Any
 
 import click
 
+from nsd.protocol import DEFAULT_ENDPOINTS
+
 
 def _remember(ctx: click.Context, param: click.Parameter, value):
     ctx.meta[f"nsd.{param.name}"] = value
@@ -25,7 +27,7 @@ def broker_option(command):
             click.option("--curve-key", envvar="NSD_CURVE_KEY", default=None, expose_value=False,
                          callback=_remember, type=click.Path(dir_okay=False),
                          help="Your key pair (nsd keys generate), allowed as a client (env NSD_CURVE_KEY)."),
-            click.option("--broker", envvar="NSD_BROKER", default="tcp://127.0.0.1:5550", show_default=True,
+            click.option("--broker", envvar="NSD_BROKER", default=DEFAULT_ENDPOINTS["clients"], show_default=True,
                          help="The broker's client endpoint (env NSD_BROKER).")):
         command = decorator(command)
     return command

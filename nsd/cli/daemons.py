@@ -14,9 +14,12 @@ import click
 from nsd.broker.config import BrokerConfig
 from nsd.cli.common import fail, setup_logging
 from nsd.config import config_option
+from nsd.gateway.config import GatewayConfig, Limits
+from nsd.liveness import HEARTBEAT_BOUNDS_S, LIVENESS_BOUNDS
+from nsd.protocol import DEFAULT_ENDPOINTS
 from nsd.worker.config import WorkerConfig
 
-BROKER, WORKER = BrokerConfig(), WorkerConfig()  # the options' defaults are these (one source: the configs)
+BROKER, WORKER, GATEWAY = BrokerConfig(), WorkerConfig(), GatewayConfig()  # the options' defaults (one source)
 
 
 def _tenant_days(values) -> dict[str, float]:
@@ -52,8 +55,8 @@ def _limit_options(command):
 @click.option("--workers", default=BROKER.workers, show_default=True, help="Worker endpoint to bind.")
 @click.option("--events", default=BROKER.events, show_default=True, help="Event (XPUB) endpoint to bind.")
 @click.option("--heartbeat", "heartbeat_s", default=BROKER.heartbeat_s, show_default=True,
-              help="Heartbeat interval, seconds (workers adopt it).")
-@click.option("--liveness", default=BROKER.liveness, show_default=True,
+              type=click.FloatRange(*HEARTBEAT_BOUNDS_S), help="Heartbeat interval, seconds (workers adopt it).")
+@click.option("--liveness", default=BROKER.liveness, show_default=True, type=click.IntRange(*LIVENESS_BOUNDS),
               help="Missed heartbeats before a worker is dead (workers adopt it).")
 @click.option("--insecure", is_flag=True, default=BROKER.insecure,
               help="Allow binding a non-loopback address without CURVE.")
@@ -127,7 +130,7 @@ def broker(state_dir, log_level, clients, workers, events, heartbeat_s, liveness
 @click.option("--cache-size", default=WORKER.cache_max_bytes / 1024**3, show_default=True,
               help="GiB of fetched models and data to keep; least recently used are evicted first.")
 @click.option("--id", "worker_id", default=WORKER.worker_id, help="Worker id (default: host name + a persisted suffix).")
-@click.option("--heartbeat", default=WORKER.heartbeat_s, show_default=True,
+@click.option("--heartbeat", default=WORKER.heartbeat_s, show_default=True, type=click.FloatRange(*HEARTBEAT_BOUNDS_S),
               help="Heartbeat interval, seconds, until the broker's is adopted at registration.")
 @click.option("--grace", default=WORKER.grace_s, show_default=True,
               help="On SIGTERM, seconds running trials may take to finish before they are handed back.")
@@ -194,27 +197,29 @@ def worker(broker_addr, cores, cpus, cores_per_trial, cache_dir, cache_size, wor
 
 @click.command()
 @config_option("gateway")
-@click.option("--broker", envvar="NSD_BROKER", default="tcp://127.0.0.1:5550", show_default=True,
-              help="The broker's client endpoint (env NSD_BROKER).")
-@click.option("--http", default="127.0.0.1:8550", show_default=True, help="REST, events and web view: HOST:PORT.")
-@click.option("--grpc", default="127.0.0.1:8551", show_default=True, help="gRPC: HOST:PORT.")
-@click.option("--tokens", type=click.Path(dir_okay=False), default=None,
+@click.option("--broker", envvar="NSD_BROKER", default=GATEWAY.broker or DEFAULT_ENDPOINTS["clients"],
+              show_default=True, help="The broker's client endpoint (env NSD_BROKER).")
+@click.option("--http", default=GATEWAY.http, show_default=True, help="REST, events and web view: HOST:PORT.")
+@click.option("--grpc", default=GATEWAY.grpc, show_default=True, help="gRPC: HOST:PORT.")
+@click.option("--tokens", type=click.Path(dir_okay=False), default=GATEWAY.tokens,
               help="Bearer tokens, one `name token` per line (re-read on SIGHUP); without it nothing is asked.")
-@click.option("--tls-cert", type=click.Path(dir_okay=False), default=None, help="TLS certificate (PEM), both doors.")
-@click.option("--tls-key", type=click.Path(dir_okay=False), default=None, help="TLS private key (PEM).")
-@click.option("--insecure", is_flag=True, help="Allow a non-loopback bind without tokens and TLS.")
-@click.option("--max-upload", default=16.0, show_default=True, help="Largest upload, GiB.")
-@click.option("--curve-key", envvar="NSD_CURVE_KEY", default=None, type=click.Path(dir_okay=False),
+@click.option("--tls-cert", type=click.Path(dir_okay=False), default=GATEWAY.tls_cert,
+              help="TLS certificate (PEM), both doors.")
+@click.option("--tls-key", type=click.Path(dir_okay=False), default=GATEWAY.tls_key, help="TLS private key (PEM).")
+@click.option("--insecure", is_flag=True, default=GATEWAY.insecure,
+              help="Allow a non-loopback bind without tokens and TLS.")
+@click.option("--max-upload", default=GATEWAY.limits.max_upload / 1024**3, show_default=True,
+              help="Largest upload, GiB.")
+@click.option("--curve-key", envvar="NSD_CURVE_KEY", default=GATEWAY.curve_key, type=click.Path(dir_okay=False),
               help="The gateway's own client key pair, for a CURVE broker (env NSD_CURVE_KEY).")
-@click.option("--server-key", envvar="NSD_SERVER_KEY", default=None, type=click.Path(dir_okay=False),
+@click.option("--server-key", envvar="NSD_SERVER_KEY", default=GATEWAY.server_key, type=click.Path(dir_okay=False),
               help="The broker's public key, for a CURVE broker (env NSD_SERVER_KEY).")
 @click.option("--log-level", default="info", show_default=True)
 def gateway(broker, http, grpc, tokens, tls_cert, tls_key, insecure, max_upload, curve_key, server_key,
             log_level) -> None:
     """Run the REST + gRPC gateway and web view (needs `pip install 'nsd[gateway]'`)."""
     try:
-        from nsd.gateway.app import Limits
-        from nsd.gateway.server import GatewayConfig, serve
+        from nsd.gateway.server import serve
     except ImportError as exc:
         fail(ImportError(f"the gateway needs its extra: pip install 'nsd[gateway]' ({exc})"))
     from nsd.net import install_uvloop

@@ -18,17 +18,17 @@ import zmq
 import zmq.asyncio
 
 from nsd.blobs import parse_ref
-from nsd.client.errors import BrokerError, BrokerUnavailable, ReplyTooLarge
+from nsd.client.errors import BrokerError, BrokerRefused, BrokerUnavailable, ReplyTooLarge
 from nsd.client.events import EventStream
 from nsd.client.privacy import Privacy
 from nsd.client.specs import prepare_spec
 from nsd.client.transfers import Transfers
 from nsd.net import configure
-from nsd.protocol import BROKER_TO_CLIENT, MAX_BODY, MAX_MESSAGE_BYTES, Cmd, ProtocolError, pack, unpack
-from nsd.security import ClientKeys, KeyFileError
+from nsd.protocol import BROKER_TO_CLIENT, DEFAULT_ENDPOINTS, MAX_BODY, MAX_MESSAGE_BYTES, Cmd, ProtocolError, pack, unpack
+from nsd.security import ClientKeys, HandshakeWatch, KeyFileError
 from nsd.spec import PATH_FIELDS, TaskSpec
 
-DEFAULT_BROKER = "tcp://127.0.0.1:5550"
+DEFAULT_BROKER = DEFAULT_ENDPOINTS["clients"]  # where `nsd broker` binds by default
 
 
 class _Disconnected(Exception):
@@ -53,7 +53,7 @@ class AsyncClient(Transfers, EventStream, Privacy):
         self.idle_resnapshot_s = idle_resnapshot_s
         self.ctx = zmq.asyncio.Context()
         self._sock: zmq.asyncio.Socket | None = None
-        self._monitor: zmq.asyncio.Socket | None = None  # the request socket's disconnect events
+        self._watch: HandshakeWatch | None = None  # the request socket's handshakes and disconnects
         self._req = itertools.count(1)
         self._lock = asyncio.Lock()
         self._events_endpoint: str | None = None
@@ -67,25 +67,24 @@ class AsyncClient(Transfers, EventStream, Privacy):
         self._sock = configure(self.ctx.socket(zmq.DEALER))
         if self._curve is not None:
             self._curve.apply(self._sock)
-        self._monitor = self._sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self._watch = HandshakeWatch(self._sock, "client", also=zmq.EVENT_DISCONNECTED)
         self._sock.connect(self.broker)
 
     def _drop_socket(self) -> None:
         if self._sock is not None:
-            self._sock.disable_monitor()
-            self._monitor.close(linger=0)
+            self._watch.close()
             self._sock.close(linger=0)
-            self._sock = self._monitor = None
+            self._sock = self._watch = None
 
     def _disconnects(self) -> int:
-        """Disconnect events seen since the last call."""
-        events, count = zmq.Socket.shadow(self._monitor.underlying), 0  # plain, non-blocking reads
-        while True:
-            try:
-                events.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return count
-            count += 1
+        """Disconnect events seen since the last call; a refused handshake raises BrokerRefused (no answer
+        will come on this socket: the next request tries a fresh one)."""
+        count = self._watch.take()
+        if self._watch.last is not None:
+            refused = self._watch.last
+            self._drop_socket()
+            raise BrokerRefused(f"{refused} (broker at {self.broker})")
+        return count
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -110,6 +109,8 @@ class AsyncClient(Transfers, EventStream, Privacy):
                 self._open_socket()
                 try:
                     await self._exchange(Cmd.HELLO, {}, deadline)
+                except BrokerRefused:
+                    raise
                 except (_Disconnected, BrokerUnavailable):
                     pass
                 else:
@@ -132,11 +133,12 @@ class AsyncClient(Transfers, EventStream, Privacy):
         await self._sock.send_multipart(frames)
         poller = zmq.asyncio.Poller()
         poller.register(self._sock, zmq.POLLIN)
-        poller.register(self._monitor, zmq.POLLIN)
+        poller.register(self._watch.monitor, zmq.POLLIN)
         while True:
             remaining = deadline - loop.time()
             ready = dict(await poller.poll(timeout=int(remaining * 1000))) if remaining > 0 else {}
             if not ready:
+                self._disconnects()  # a refused handshake says so, rather than "no answer"
                 self._drop_socket()  # Lazy Pirate: a stale request must not answer the next one
                 raise BrokerUnavailable(f"no answer from the nsd broker at {self.broker} within "
                                         f"{self.timeout_s:g}s (is `nsd broker` running? set --broker or "

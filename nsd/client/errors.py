@@ -5,6 +5,11 @@ class BrokerUnavailable(ConnectionError):
     """No answer from the broker in time."""
 
 
+class BrokerRefused(BrokerUnavailable):
+    """The broker refused this client's connection at the handshake: its CURVE key is not allowed there,
+    or the two sides do not agree on CURVE. The message says which and what to do."""
+
+
 class BrokerError(RuntimeError):
     """The broker answered with an error (bad spec, unknown task, ...)."""
 

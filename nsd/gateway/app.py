@@ -8,7 +8,6 @@ the page asks for a token and sends it with each call).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request
@@ -20,18 +19,13 @@ from swagger_ui_bundle import swagger_ui_path
 from nsd import __version__
 from nsd.client.api import BrokerError
 from nsd.gateway.auth import Tokens
+from nsd.gateway.config import Limits
 from nsd.gateway.service import Gateway, Invalid, NoArtifact, NotFound, Unavailable
 from nsd.gateway.streams import sse_stream, stream_archive
 from nsd.gateway.uploads import BadUpload, UploadTooLarge
 
 STATIC = Path(__file__).resolve().parent / "static"
 TAR_TYPES = ("application/x-tar", "application/tar")
-
-
-@dataclass(frozen=True)
-class Limits:
-    max_body: int = 1 << 20  # a JSON request: a task spec is a few KiB
-    max_upload: int = 16 << 30  # one uploaded file or folder (a tar), spooled to disk, never to memory
 
 
 class Unauthorized(Exception):

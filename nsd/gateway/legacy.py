@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from fastapi import APIRouter, Depends, WebSocket, WebSocketDisconnect
@@ -67,15 +68,34 @@ def legacy_router(gateway: Gateway, authorized, tokens: Tokens) -> APIRouter:
             await websocket.close(code=1008, reason="missing or unknown bearer token")
             return
         await websocket.accept()
-        try:
+
+        async def follow() -> None:
             task = None
             async for event in gateway.events(task_id):
                 task = apply_event(task, event)
                 await websocket.send_text(progress_line(task))
+
+        async def departure() -> None:  # the old clients send nothing: a receive returns when they leave
+            while (await websocket.receive())["type"] != "websocket.disconnect":
+                pass
+
+        # A quiet task sends nothing, so a send would never notice a client gone: wait on both, and stop
+        # following the task (and polling the broker for it) as soon as the client leaves.
+        following, leaving = asyncio.create_task(follow()), asyncio.create_task(departure())
+        try:
+            await asyncio.wait({following, leaving}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (following, leaving):
+                task.cancel()
+            await asyncio.gather(following, leaving, return_exceptions=True)
+        if leaving.done() and not leaving.cancelled() and leaving.exception() is None:
+            return  # gone
+        try:
+            following.result()
             await websocket.close()
         except NotFound as exc:
             await websocket.close(code=1008, reason=str(exc)[:120])
-        except WebSocketDisconnect:
+        except (WebSocketDisconnect, asyncio.CancelledError):
             pass
 
     return legacy

@@ -10,34 +10,19 @@ import contextlib
 import ipaddress
 import logging
 import socket
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import uvicorn
 
 from nsd.client.api import AsyncClient
-from nsd.gateway.app import Limits, create_app
+from nsd.gateway.app import create_app
 from nsd.gateway.auth import Tokens
+from nsd.gateway.config import GatewayConfig
 from nsd.gateway.grpc_service import add_to_server
 from nsd.gateway.service import Gateway
 
 log = logging.getLogger("nsd.gateway")
-
-
-@dataclass
-class GatewayConfig:
-    broker: str | None = None
-    http: str | None = "127.0.0.1:8550"
-    grpc: str | None = "127.0.0.1:8551"
-    tokens: str | Path | None = None
-    tls_cert: str | Path | None = None
-    tls_key: str | Path | None = None
-    insecure: bool = False
-    curve_key: str | Path | None = None
-    server_key: str | Path | None = None
-    limits: Limits = Limits()
-    keepalive_s: float = 15.0  # an SSE comment after this long without an event
 
 
 def split_hostport(value: str) -> tuple[str, int]:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import zmq
 import zmq.asyncio
-from zmq.utils.monitor import recv_monitor_message
+from zmq.utils.monitor import parse_monitor_message
 
 from nsd.security.keys import PUBLIC_SUFFIX, read_certificate, read_secret_certificate
 
@@ -57,21 +57,36 @@ class HandshakeWatch:
     """Why a connecting asyncio socket has no broker: turns a silent timeout into an actionable line.
 
     Attach before connect (a refused key is not retried, so its one failure must be seen); ask
-    `await watch.problem()` when a request times out; `close()` before closing the socket.
+    `await watch.problem()` (or `take()`, then `last`) when no answer comes; `close()` before closing the
+    socket. A socket has one monitor: `also` adds events its owner wants to count (`take()` returns how
+    many came), e.g. the client's EVENT_DISCONNECTED; `monitor` is there to poll.
     """
 
-    def __init__(self, sock: zmq.asyncio.Socket, role: str = "client"):
+    def __init__(self, sock: zmq.asyncio.Socket, role: str = "client", also: int = 0):
         self.role = role
         self._sock = sock
-        self._mon = sock.get_monitor_socket(_HANDSHAKE_EVENTS)
-        self._last: str | None = None
+        self.monitor = sock.get_monitor_socket(_HANDSHAKE_EVENTS | also)
+        self._events = zmq.Socket.shadow(self.monitor.underlying)  # plain, non-blocking reads
+        self.last: str | None = None  # the latest handshake failure as a sentence (None: none, or a success since)
+
+    def take(self) -> int:
+        """Read what the monitor holds now, without waiting: note each handshake's outcome in `last`, and
+        return how many of the `also` events came."""
+        others = 0
+        while True:
+            try:
+                event = parse_monitor_message(self._events.recv_multipart(zmq.NOBLOCK))
+            except zmq.Again:
+                return others
+            if event["event"] & _HANDSHAKE_EVENTS:
+                self.last = self._describe(event["event"], event["value"])
+            else:
+                others += 1
 
     async def problem(self) -> str | None:
         """The latest handshake failure as a sentence, or None (none yet, or a success since)."""
-        while await self._mon.poll(0):
-            event = await recv_monitor_message(self._mon)
-            self._last = self._describe(event["event"], event["value"])
-        return self._last
+        self.take()
+        return self.last
 
     def _describe(self, event: int, value: int) -> str | None:
         if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
@@ -91,4 +106,4 @@ class HandshakeWatch:
     def close(self) -> None:
         with contextlib.suppress(zmq.ZMQError):
             self._sock.disable_monitor()
-        self._mon.close(linger=0)
+        self.monitor.close(linger=0)

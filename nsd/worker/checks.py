@@ -24,9 +24,6 @@ from nsd.worker.sandbox import under
 # A lease's job id is protocol.JOB_ID ("<12 hex>/<kind>", "<12 hex>/<trial index>", "<12 hex>/<kind>/<index>"):
 # the task id becomes a folder name under the worker's logs, so nothing that could leave that folder is
 # accepted. What each kind carries is protocol.JOB_KINDS.
-# Negotiated timing (READY_ACK): outside these bounds a value is a mistake or an attack, not a choice.
-HEARTBEAT_BOUNDS_S = (0.05, 60.0)
-LIVENESS_BOUNDS = (1, 100)
 MAX_JOB_CORES = 4096  # the spec's bound on cores_per_trial; the daemon clamps a job to its own cores
 
 
@@ -94,17 +91,6 @@ def _perf_fields(body: dict) -> str | None:
         return "job keep must be a boolean"
     if body.get("kept") is not None and not (isinstance(body["kept"], str) and len(body["kept"]) < 4096):
         return "job kept must be a path"
-    return None
-
-
-def timing(heartbeat_s: Any, liveness: Any) -> str | None:
-    """READY_ACK's negotiated heartbeat interval and liveness."""
-    low, high = HEARTBEAT_BOUNDS_S
-    if isinstance(heartbeat_s, bool) or not isinstance(heartbeat_s, (int, float)) or \
-            not math.isfinite(heartbeat_s) or not low <= heartbeat_s <= high:
-        return f"heartbeat_s {str(heartbeat_s)[:20]!r} is not between {low} and {high}"
-    if not _int(liveness) or not LIVENESS_BOUNDS[0] <= liveness <= LIVENESS_BOUNDS[1]:
-        return f"liveness {str(liveness)[:20]!r} is not between {LIVENESS_BOUNDS[0]} and {LIVENESS_BOUNDS[1]}"
     return None
 
 

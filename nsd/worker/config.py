@@ -7,10 +7,12 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from nsd.protocol import DEFAULT_ENDPOINTS
+
 
 @dataclass
 class WorkerConfig:
-    broker: str = "tcp://127.0.0.1:5551"
+    broker: str = DEFAULT_ENDPOINTS["workers"]
     cpus: list[int] = field(default_factory=lambda: sorted(os.sched_getaffinity(0)))
     cores_per_trial: int = 1
     cache_dir: Path = Path.home() / ".cache" / "nsd" / "worker"

@@ -26,10 +26,10 @@ import zmq
 import zmq.asyncio
 
 from nsd import __version__
-from nsd.liveness import heartbeat_due
+from nsd.liveness import heartbeat_due, timing_problem
 from nsd.net import configure, send_now
 from nsd.protocol import BROKER_TO_WORKER, PROTOCOL_VERSION, Cmd, ProtocolError, pack, unpack
-from nsd.security import ClientKeys, KeyFileError
+from nsd.security import ClientKeys, HandshakeWatch, KeyFileError
 from nsd.systemd import notify, watchdog_interval
 from nsd.worker import checks
 from nsd.worker.cache import BlobCache
@@ -86,6 +86,8 @@ class WorkerDaemon:
         self.erased = Erasures(self.cache_dir, self.blobs, self.outbox)  # what the broker told us to erase
         self.ctx = zmq.asyncio.Context()
         self.sock: zmq.asyncio.Socket | None = None
+        self._watch: HandshakeWatch | None = None  # the connection's handshake (a refused key says so)
+        self.refused: str | None = None  # why the broker refused the last connection's handshake, if it did
         self.state = WorkerState.CONNECTING
         self._refusal = ""  # the broker's reason, once REFUSED
         self._drain_deadline = 0.0  # monotonic time a DRAINING worker stops waiting for running jobs
@@ -142,8 +144,12 @@ class WorkerDaemon:
                 if self._leaving.is_set():
                     break
                 backoff = self.config.heartbeat_s if healthy else min(backoff * 2, self.config.backoff_max_s)
-                log.warning("lost the broker at %s; reconnecting in %.0fs", self.config.broker, backoff)
-                notify(f"STATUS=lost the broker at {self.config.broker}; reconnecting")
+                if self.refused:  # a key the broker does not (yet) allow: say so, and try again later
+                    log.error("%s (broker at %s); trying again in %.0fs", self.refused, self.config.broker, backoff)
+                    notify(f"STATUS=refused by the broker at {self.config.broker}; retrying")
+                else:
+                    log.warning("lost the broker at %s; reconnecting in %.0fs", self.config.broker, backoff)
+                    notify(f"STATUS=lost the broker at {self.config.broker}; reconnecting")
                 if self._drained():
                     break
                 with contextlib.suppress(asyncio.TimeoutError):
@@ -191,6 +197,8 @@ class WorkerDaemon:
                 self._send(Cmd.BYE, {"handback": True})
             return session.was_registered
         finally:
+            self.refused = await self._watch.problem()
+            self._watch.close()
             self.sock.close(linger=200)
             self.sock = None
 
@@ -204,6 +212,7 @@ class WorkerDaemon:
         self.sock.setsockopt(zmq.IDENTITY, self.worker_id.encode())
         if self.curve is not None:
             self.curve.apply(self.sock)
+        self._watch = HandshakeWatch(self.sock, "worker")  # before connecting: a refusal comes once
         self.sock.connect(self.config.broker)
         self.heartbeat_s, self.liveness = self.config.heartbeat_s, self.config.liveness
         self._send(Cmd.READY, self._ready_body())
@@ -229,6 +238,8 @@ class WorkerDaemon:
             if self._drained():
                 self._enter(WorkerState.STOPPING)
                 return True
+        if not self.registered.is_set() and await self._watch.problem() is not None:
+            return True  # the broker refused the handshake: no answer will come on this connection
         # Read each turn: READY_ACK may have changed them to the broker's.
         hb, deadline = self.heartbeat_s, self.heartbeat_s * self.liveness
         # At most a second: the systemd watchdog is fed from this loop, whatever the interval.
@@ -297,7 +308,7 @@ class WorkerDaemon:
             # Adopt the broker's timing: it declares us dead after heartbeat_s * liveness of silence and
             # pings at heartbeat_s, so our deadline and our own period must be the same numbers.
             liveness = body.get("liveness", self.liveness)
-            if (why := checks.timing(body["heartbeat_s"], liveness)) is not None:
+            if (why := timing_problem(body["heartbeat_s"], liveness)) is not None:
                 self._ignore(msg.cmd.name, f"{why}; keeping {self.heartbeat_s:g}s x {self.liveness}")
             else:
                 self.heartbeat_s, self.liveness = float(body["heartbeat_s"]), liveness
