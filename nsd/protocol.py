@@ -101,6 +101,7 @@ JOB_KINDS: dict[str, WireJob] = {k.name: k for k in (
     WireJob("plan", per_trial=False, config=False),  # expand the config set, FP32 baseline, op lists
     WireJob(TRIAL, per_trial=True, config=True),  # quantize one config and evaluate it
     WireJob("save", per_trial=False, config=True),  # the winner's model, saved and uploaded
+    WireJob("verify", per_trial=False, config=True),  # the saved model loaded and its metric measured again
 )}
 
 

@@ -54,6 +54,7 @@ class ScriptedWorker:
         self.store_acks: list[dict] = []
         self.drops: list[dict] = []  # DROP bodies: what the broker told it to erase
         self.chunks: list[dict] = []  # CHUNK replies to the FETCHes a test sent
+        self.reported: dict[str, float] = {}  # trial job id -> the metric it reported (what it verifies against)
         self.heartbeats: list[float] = []  # when each of the broker's HEARTBEATs arrived (loop time)
         self.max_running = 0
         self.silent = False  # stop heartbeating and answering: look dead
@@ -119,13 +120,21 @@ class ScriptedWorker:
             self.send(Cmd.STORE, {"sha256": sha, "offset": 0, "size": len(data), "data": data})
             self.result(key, {"ok": True, "artifact": sha})
             return
-        body = self.answer(job)
+        if job["kind"] == "verify":  # an honest verifier: the winning trial's metric, as it reported or answers it
+            trial_id = f"{job['task_id']}/{job['index']}"
+            trial = {"metric": self.reported[trial_id]} if trial_id in self.reported else \
+                self.answer({**job, "kind": "trial"})
+            body = None if trial is None else {"ok": True, "metric": trial.get("metric")}
+        else:
+            body = self.answer(job)
         if body is None:
             return  # hold this one: the test finishes it
         self.result(key, body)
 
     def result(self, key: tuple[str, int], body: dict) -> None:
         self.running.discard(key)
+        if body.get("metric") is not None:
+            self.reported[key[0]] = body["metric"]
         self.send(Cmd.RESULT, {"trial_id": key[0], "attempt": key[1], "seconds": 0.01, **body})
 
     async def _heartbeat(self) -> None:

@@ -40,6 +40,7 @@ from nsd.broker.outcomes import Outcomes
 from nsd.broker.placement import Placement
 from nsd.broker.store import StorageError, Store, storage_message
 from nsd.broker.tenancy import Tenancy
+from nsd.broker.verification import Verification
 from nsd.liveness import heartbeat_due
 from nsd.protocol import PROTOCOL_VERSION, Cmd, JobRef, parse_job_id
 from nsd.spec import TaskSpec
@@ -67,7 +68,7 @@ def stored_spec(text: str) -> TaskSpec:
     return TaskSpec.from_dict(data)
 
 
-class Core(Outcomes, Placement, Tenancy, Erasure):
+class Core(Outcomes, Placement, Tenancy, Erasure, Verification):
     def __init__(self, store: Store, metrics: Metrics, heartbeat_s: float, liveness: int, blobs,
                  limits: BrokerLimits | None = None, curve: bool = False, share_cache: bool = False):
         self.store, self.metrics, self.blobs = store, metrics, blobs
@@ -163,7 +164,7 @@ class Core(Outcomes, Placement, Tenancy, Erasure):
                     created=row["created"], started=row["started"], finished=row["finished"],
                     baseline=row["baseline"], winner=row["winner"],
                     met_goal=None if row["met_goal"] is None else bool(row["met_goal"]), error=row["error"],
-                    seq=row["seq"], jobs=Task.jobs_from_row(row), plan_s=row["plan_s"], artifact=row["artifact"],
+                    seq=row["seq"], jobs=Task.jobs_from_row(row), plan_s=row["plan_s"], artifact=row["artifact"], candidate=row["candidate"],
                     oplists=search.parse_oplists(json.loads(row["oplists"] or "null")) or {})
         task.trials = [Trial(index=r["idx"], config=json.loads(r["config"]), label=r["label"],
                              state=TrialState(r["state"]), attempt=r["attempt"], metric=r["metric"],

@@ -103,7 +103,9 @@ class Task:
     seq: int = 0
     jobs: dict[JobRef, Lease] = field(default_factory=dict)  # the jobs other than trials it wants now
     plan_s: float | None = None
-    artifact: str | None = None  # blob reference of the saved winner
+    artifact: str | None = None  # blob reference of the saved winner (once verified: handed out)
+    candidate: str | None = None  # the saved winner's blob while its verify job runs (not handed out yet)
+    saved_by: str | None = None  # the worker that saved it (not persisted): verified elsewhere where possible
     oplists: dict[str, search.OpList] = field(default_factory=dict)  # the plan's ops per config family
     trials: list[Trial] = field(default_factory=list)
     # The running tally (see the module docstring).

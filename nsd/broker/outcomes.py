@@ -13,7 +13,6 @@ import math
 import time
 from typing import Any
 
-from nsd.blobs import make_ref
 from nsd.broker import search, tuner
 from nsd.broker.jobs import KINDS, SAVE
 from nsd.broker.model import Lease, Task, Trial, Worker
@@ -199,13 +198,9 @@ class Outcomes:
         # A worker's artifact must be bytes it stored itself (under this save's lease): naming any other blob
         # would hand someone else's model out as this task's (issue 15).
         if body["ok"] and sha is not None and self.blobs.has(sha) and (worker is None or self.stored_by(worker, sha)):
-            if worker is not None:
-                winner = task.trials[task.winner]
-                self.cache.put_artifact(task, worker, winner.config, getattr(winner, "fallback", None), sha)
-            self.add_owner(sha, task.owner)
-            task.artifact = make_ref(sha, "model")
-            self._write_task(task, artifact=task.artifact)
-            self.finish(task, TaskState.DONE, winner=task.winner, met_goal=task.met_goal, error=task.error)
+            if worker is not None:  # checked before it is handed out (nsd.broker.verification)
+                return self._to_verify(task, sha, worker)
+            self._hand_out(task, sha)  # from the cache: verified when it was first saved
         else:
             why = body.get("error") or ("the worker named an artifact it did not upload" if body["ok"] and sha
                                         else "the worker returned no artifact")

@@ -121,6 +121,7 @@ MIGRATIONS = (  # columns added after the first release: (table, column, definit
     ("tasks", "jobs", "TEXT"),
     # the metric cache per tenant (README "Privacy"): whose entry, and which task and worker produced it
     ("cache", "scope", "TEXT NOT NULL DEFAULT ''"), ("cache", "task_id", "TEXT"), ("cache", "worker", "TEXT"),
+    ("tasks", "candidate", "TEXT"),  # the saved winner while it is verified (nsd.broker.verification)
 )
 INDEXES = ("CREATE INDEX IF NOT EXISTS cache_by_task ON cache (task_id)",
            "CREATE INDEX IF NOT EXISTS cache_by_worker ON cache (worker)",
@@ -128,7 +129,7 @@ INDEXES = ("CREATE INDEX IF NOT EXISTS cache_by_task ON cache (task_id)",
 AUDIT_KEPT = 100_000  # the newest audit entries kept (README "Privacy": bounded)
 ERASURES_KEPT = 10_000  # erasures remembered for workers that were away when they happened
 TASK_COLUMNS = frozenset({"state", "started", "finished", "baseline", "winner", "met_goal", "error", "seq",
-                          "stage_attempt", "stage_worker", "plan_s", "artifact", "oplists", "jobs", "owner"})
+                          "stage_attempt", "stage_worker", "plan_s", "artifact", "oplists", "jobs", "owner", "candidate"})
 TRIAL_COLUMNS = frozenset({"state", "attempt", "metric", "worker", "started", "finished", "seconds", "error",
                            "bound", "stopped_early", "cached"})
 

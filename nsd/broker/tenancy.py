@@ -30,11 +30,11 @@ def no_blob(sha256: str) -> LookupError:
 
 
 def task_blobs(task: Task) -> set[str]:
-    """The blob hashes a task names: its spec's files and its artifact."""
+    """The blob hashes a task names: its spec's files and its artifact (or the saved winner being verified)."""
     shas = {parse_ref(ref)[0] for ref in spec_blob_refs(task.spec)}
-    artifact = parse_ref(task.artifact)
-    if artifact is not None:
-        shas.add(artifact[0])
+    for ref in (task.artifact, task.candidate):
+        if parse_ref(ref) is not None:
+            shas.add(parse_ref(ref)[0])
     return shas
 
 
