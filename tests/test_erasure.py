@@ -201,3 +201,21 @@ async def test_a_deleted_task_leaves_no_byte_of_its_model_on_any_node(broker, cl
 
 async def _true(value):
     return value
+
+
+def test_the_audit_log_is_bounded_and_newest_first(tmp_path, monkeypatch):
+    from nsd.broker import store as store_module
+
+    monkeypatch.setattr(store_module, "AUDIT_KEPT", 1500)
+    store = Store(tmp_path / "nsd.sqlite3")
+    with store.tx():
+        for i in range(3000):
+            store.audit(float(i), "alice" if i % 2 else "bob", "client:x", "result", f"{i:012x}")
+    entries = store.audit_log(limit=1000)
+    assert entries[0]["task_id"] == f"{2999:012x}" and len(entries) == 1000
+    kept = store.db.execute("SELECT COUNT(*) FROM audit").fetchone()[0]
+    assert 1500 <= kept <= 2500  # trimmed every 1,000 entries to the newest AUDIT_KEPT
+    assert {e["tenant"] for e in store.audit_log(tenant="alice")} == {"alice"}
+    older = store.audit_log(before=entries[-1]["id"], limit=5)
+    assert [e["id"] for e in older] == [entries[-1]["id"] - k for k in range(1, 6)]
+    store.close()

@@ -103,7 +103,7 @@ async def test_hostile_values_are_ignored_and_the_worker_keeps_serving(fake_and_
     for folder in ("logs", "kept"):
         (daemon.cache_dir / folder / "abc123abc999").mkdir(parents=True, exist_ok=True)
     fake.send(Cmd.DROP, {"sha256": [SHA], "tasks": ["abc123abc999"]})
-    await wait_for(lambda: _now(not (daemon.cache_dir / "logs" / "abc123abc999").exists()), 10)
+    await wait_for(lambda: not (daemon.cache_dir / "logs" / "abc123abc999").exists(), 10)
     assert not (daemon.cache_dir / "kept" / "abc123abc999").exists() and "abc123abc999" in daemon.erased
 
     # Still serving: it heartbeats, and a valid job runs on its runner (and fails there, for a real reason).

@@ -114,14 +114,14 @@ def answer(result: dict) -> tuple:
 async def test_a_retune_with_another_tolerance_runs_no_known_trial_and_equals_a_cold_run(client, start_workers):
     (worker,) = await start_workers(1)
     first = await client.result(await client.submit(digits_spec()), wait=True)  # tolerance 0.5 %: trial 2 wins
-    assert first["winner"]["index"] == 2 and jobs_run(worker, first["task_id"]) == ["0", "1", "2", "plan", "save"]
+    assert first["winner"]["index"] == 2 and jobs_run(worker, first["task_id"]) == ["0", "1", "2", "plan", "save", "verify"]
     assert not any(t["cached"] for t in first["trials"])
     # 15 %: trial 1 (0.83) passes. The plan and trials 0-1 are known: only the new winner's save job runs.
     retune = await client.result(await client.submit(digits_spec(tolerable_loss=0.15)), wait=True)
-    assert jobs_run(worker, retune["task_id"]) == ["save"]
+    assert jobs_run(worker, retune["task_id"]) == ["save", "verify"]  # a new winner's model: saved, verified
     assert [t["cached"] for t in retune["trials"][:2]] == [True, True] and retune["winner"]["index"] == 1
     cold = await client.result(await client.submit(digits_spec(tolerable_loss=0.15, cache=False)), wait=True)
-    assert jobs_run(worker, cold["task_id"]) == ["0", "1", "plan", "save"]
+    assert jobs_run(worker, cold["task_id"]) == ["0", "1", "plan", "save", "verify"]
     assert answer(retune) == answer(cold)
     # The same task once more: its artifact is known too: no job at all.
     again = await client.result(await client.submit(digits_spec(tolerable_loss=0.15)), wait=True)
@@ -138,7 +138,7 @@ async def test_a_changed_recipe_misses_the_cache(client, start_workers, tmp_path
     spec = digits_spec()
     spec["model"]["path"], spec["recipe"]["file"] = str(tmp_path / "model.pt"), str(tmp_path / "recipe.py")
     changed = await client.result(await client.submit(spec), wait=True)
-    assert jobs_run(worker, changed["task_id"]) == ["0", "1", "2", "plan", "save"]
+    assert jobs_run(worker, changed["task_id"]) == ["0", "1", "2", "plan", "save", "verify"]
     assert not any(t["cached"] for t in changed["trials"]) and answer(changed) == answer(first)
 
 

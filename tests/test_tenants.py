@@ -133,12 +133,14 @@ async def test_a_forged_subscription_to_another_tenants_task_receives_nothing(te
     alice, bob = tenants.client("alice"), tenants.client("bob")
     endpoint = (await alice.hello())["events"].replace("0.0.0.0", "127.0.0.1")
     task_id = await alice.submit(spec_with_model(model_file(tmp_path)))
-    own, forged, everything = (Subscriber(tenants, "alice", endpoint), Subscriber(tenants, "bob", endpoint),
-                               Subscriber(tenants, "bob", endpoint))
+    own, forged, everything, gateway = (Subscriber(tenants, "alice", endpoint), Subscriber(tenants, "bob", endpoint),
+                                        Subscriber(tenants, "bob", endpoint), Subscriber(tenants, "gw", endpoint))
     try:
         own.sock.subscribe(task_id.encode())
         forged.sock.subscribe(task_id.encode())  # B knows A's id (say it leaked): still nothing
         everything.sock.subscribe(b"")  # every topic
+        everything.sock.subscribe(task_id[:6].encode())  # a prefix of A's id
+        gateway.sock.subscribe(task_id.encode())  # a gateway key: trusted to have checked its user's tenant
         await asyncio.sleep(0.3)  # the subscriptions reach the broker (a grant is decided there)
         worker = await ScriptedWorker(tenants.broker.endpoints["workers"], "node1", slots=2,
                                       curve=tenants.keys("node1"), answer=metrics_answer(ANSWERS)).start()
@@ -147,13 +149,14 @@ async def test_a_forged_subscription_to_another_tenants_task_receives_nothing(te
             events = await wait_for(lambda: _events_until_done(own), 10)
             assert {e["kind"] for e in events} >= {"state", "plan", "trial"}
             assert await forged.drain() == [] and await everything.drain() == []
+            assert [e["seq"] for e in await gateway.drain()] == [e["seq"] for e in events]
             assert "no task" in await error_of(anext(bob.events(task_id)))  # nor through the client
             streamed = [e async for e in alice.events(task_id)]  # the owner's own stream still works
             assert streamed[0]["kind"] == "snapshot"
         finally:
             await worker.stop()
     finally:
-        for s in (own, forged, everything):
+        for s in (own, forged, everything, gateway):
             s.close()
 
 
