@@ -18,7 +18,7 @@ from typing import BinaryIO, Iterator
 
 CHUNK_BYTES = 1024 * 1024
 REF_PREFIX = "nsd-blob:"
-_REF = re.compile(r"^nsd-blob:([0-9a-f]{64})/([^/\x00]{1,255})$")
+_REF = re.compile(r"^nsd-blob:([0-9a-f]{64})/([^/\x00-\x1f\x7f]{1,255})$")  # a name: no separator, no control character
 _SHA = re.compile(r"^[0-9a-f]{64}$")
 
 

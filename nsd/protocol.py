@@ -200,6 +200,64 @@ LEASE = Check("a [job id, attempt] pair", lambda v: isinstance(v, (list, tuple))
               and text(40, JOB_ID).ok(v[0]) and ATTEMPT.ok(v[1]))
 PLANNED = Check("a {config: map, label: string} entry", lambda v: isinstance(v, dict) and JSON_MAP.ok(v.get("config"))
                 and isinstance(v.get("label", ""), str) and len(v.get("label", "")) <= 500)
+
+
+# ---- deployment figures (nsd/figures.py says what they mean) -------------------------------------------
+# Exact shapes, unknown keys refused: figures are stored, cached and shown to people as they came.
+
+MAX_FORMS = 4  # measured forms in one figures map (FP32: eager and compiled)
+HARDWARE_LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # a worker's --label (nsd.spec's too)
+ISA_FLAG = re.compile(r"[a-z0-9_]{1,32}")
+
+
+def _nonneg(v: Any) -> bool:
+    return NUMBER.ok(v) and v >= 0
+
+
+def _count(v: Any, hi: int = 1 << 62) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= hi
+
+
+def _opt(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda v: v is None or check(v)
+
+
+def _short(n: int) -> Callable[[Any], bool]:
+    return lambda v: isinstance(v, str) and len(v) <= n
+
+
+def _exactly(v: Any, fields: dict[str, Callable[[Any], bool]]) -> bool:
+    return isinstance(v, dict) and set(v) == set(fields) and all(ok(v[k]) for k, ok in fields.items())
+
+
+_FORM = {
+    "form": _short(32), "runtime": _short(200), "p50_ms": lambda v: _nonneg(v) and v > 0, "p90_ms": _nonneg,
+    "spread": _nonneg, "repeats": lambda v: _count(v, 1 << 31) and v >= 1, "throughput": _nonneg,
+    "batch": lambda v: _count(v, 1 << 31) and v >= 1, "load_s": _nonneg, "compile_s": _opt(_nonneg),
+    "peak_bytes": _opt(_count), "run_bytes": _opt(_count),
+    "cores": lambda v: isinstance(v, list) and 1 <= len(v) <= MAX_CORES and all(_count(c, 1 << 20) for c in v),
+    "threads": lambda v: _count(v, MAX_CORES) and v >= 1, "exclusive": lambda v: isinstance(v, bool),
+    "paused": lambda v: _count(v, MAX_CORES), "note": _opt(_short(500)),
+}
+_INPUT = {
+    "names": lambda v: isinstance(v, list) and len(v) <= 64 and all(_short(64)(n) for n in v),
+    "shapes": lambda v: isinstance(v, list) and len(v) <= 64 and all(
+        s is None or (isinstance(s, list) and len(s) <= 8 and all(_count(d, 1 << 40) for d in s)) for s in v),
+}
+_FIGURES = {
+    "size_bytes": _opt(_count), "size_of": _short(200),
+    "forms": lambda v: isinstance(v, list) and 1 <= len(v) <= MAX_FORMS and all(_exactly(f, _FORM) for f in v),
+    "input": lambda v: _exactly(v, _INPUT),
+    "notes": lambda v: isinstance(v, list) and len(v) <= 8 and all(_short(300)(n) for n in v),
+}
+FIGURES = Check("a figures map (nsd/figures.py: size_bytes, size_of, forms, input, notes)",
+                lambda v: _exactly(v, _FIGURES))
+HARDWARE = Check("a hardware map {cpu, cores, isa, label}", lambda v: _exactly(v, {
+    "cpu": _short(256), "cores": lambda c: _count(c, MAX_CORES) and c >= 1,
+    "isa": lambda f: isinstance(f, list) and len(f) <= 32 and all(isinstance(x, str) and ISA_FLAG.fullmatch(x)
+                                                                   for x in f),
+    "label": lambda x: x is None or (isinstance(x, str) and HARDWARE_LABEL.fullmatch(x) is not None)}))
+
 RESULT_FIELDS: dict[str, Check] = {  # a RESULT body, also each entry of READY's outbox
     "trial_id": text(40, JOB_ID), "attempt": ATTEMPT, "ok": BOOL,
 }
@@ -212,6 +270,9 @@ RESULT_OPTIONAL: dict[str, Check] = {
     # early stop (nsd.quant.scoring), the winner kept on its worker (runner.keep_model)
     "bound": OPT_NUMBER, "stopped_early": BOOL, "batches": integer(0, 1 << 31), "kept": text(4096),
     "requantized": BOOL,
+    # deployment figures (a plan's: FP32; a trial's: its deployed form), and a trial not evaluated because
+    # its figures already lost to a passing trial's by more than the objective's margin
+    "figures": FIGURES, "pruned": BOOL,
 }
 
 
@@ -265,7 +326,8 @@ SHAPES: dict[Cmd, dict[str, Check]] = {
 OPTIONAL: dict[Cmd, dict[str, Check]] = {
     Cmd.READY: {"draining": BOOL, "cores_per_trial": integer(1, MAX_CORES), "nsd_version": text(64),
                 "versions": Check("a map of up to 16 package names to versions", lambda v: isinstance(v, dict)
-                                  and len(v) <= 16 and all(text(64).ok(k) and text(64).ok(x) for k, x in v.items()))},
+                                  and len(v) <= 16 and all(text(64).ok(k) and text(64).ok(x) for k, x in v.items())),
+                "hardware": HARDWARE},
     Cmd.HEARTBEAT: {"running": listof(MAX_LEASES, LEASE)},
     Cmd.BYE: {"handback": BOOL},
     Cmd.RESULT: RESULT_OPTIONAL,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import itertools
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, TypeVar
 
@@ -38,6 +39,13 @@ def default_metric(kind: str) -> str | None:
     metrics = BUILTIN_RECIPES.get(kind, ())
     return metrics[0] if metrics else None
 
+
+# tuning.objective: "first" is INC's answer (the lowest passing trial); the others rank the passing trials by
+# their deployment figures (nsd/figures.py), alone or weighted (INC 2.x's form: { latency = 0.7, size = 0.3 }).
+FIGURE_OBJECTIVES = ("latency", "throughput", "memory", "size")
+OBJECTIVES = ("first", *FIGURE_OBJECTIVES)
+MEASURE = ("passing", "all", "none")  # tuning.measure: which trials get deployment figures (with the baseline)
+HARDWARE_LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # a worker's --label, resources.hardware
 
 LOWER_IS_BETTER_METRICS = frozenset({"perplexity"})
 CRITERIA = ("relative", "absolute")
@@ -90,6 +98,11 @@ class TuningSpec:
     max_attempts: int = 3  # a trial whose runner dies this often is marked error
     early_stop: bool = True  # stop evaluating a trial once it can neither meet the goal nor be the best
     cache: bool = True  # reuse baselines and trial metrics already measured on the same inputs (blob inputs only)
+    # Deployment figures (nsd/figures.py): which trials are measured, and what picks the winner among passing ones.
+    measure: str = "passing"  # passing: the baseline and every trial meeting the goal; all: every scored one; none
+    measure_budget_s: float = 3.0  # wall time of timed batches per measured form (after warm-up)
+    objective: Any = "first"  # first (INC's answer) | latency | throughput | memory | size | {figure: weight}
+    objective_margin: float = 0.05  # figures within this fraction of the best tie; the earliest trial wins ties
 
 
 @dataclass(frozen=True)
@@ -97,6 +110,7 @@ class ResourcesSpec:
     workers: int = 0  # trials at once; 0: as many as there are free slots
     cores_per_trial: int = 0  # cores each trial runs on (one runner pinned to them); 0: the worker's slot size
     priority: int = 0  # higher is served first; equal priorities share free slots in turns
+    hardware: str | None = None  # only workers started with this --label run the task (its figures are theirs)
 
 
 @dataclass(frozen=True)
@@ -224,13 +238,24 @@ def validate(raw: Any, *, local_paths: bool = False) -> TaskSpec:
         max_attempts=int(ts.number("max_attempts", 1, 100, integer=True)),
         early_stop=ts.boolean("early_stop"),
         cache=ts.boolean("cache"),
+        measure=ts.choice("measure", MEASURE),
+        measure_budget_s=ts.number("measure_budget_s", 0.0, 3600.0),
+        objective=_objective(t.get("objective", TuningSpec.objective), problems),
+        objective_margin=ts.number("objective_margin", 0.0, 1.0),
     )
+    if tuning.objective != "first" and tuning.measure == "none":
+        problems.append(f"tuning.measure: the objective {_objective_text(tuning.objective)} ranks trials by their "
+                        f"deployment figures; leave measure out (passing) or set it to all, not none")
     r = _Section(parts["resources"], ResourcesSpec, problems)
     resources = ResourcesSpec(
         workers=int(r.number("workers", 0, 100_000, integer=True)),
         cores_per_trial=int(r.number("cores_per_trial", 0, 4096, integer=True)),
         priority=int(r.number("priority", -1000, 1000, integer=True)),
+        hardware=r.opt_str("hardware"),
     )
+    if resources.hardware is not None and not HARDWARE_LABEL.fullmatch(resources.hardware):
+        problems.append(f"resources.hardware: a worker label (letters, digits, '.', '_', '-'; at most 64), got "
+                        f"{resources.hardware[:80]!r}")
     if problems:
         raise SpecError(problems)
     return TaskSpec(name=name.strip(), model=model, recipe=recipe, tuning=tuning, resources=resources)
@@ -306,6 +331,42 @@ def _number(section: dict, key: str, default: float, low: float | None, high: fl
         problems.append(f"{prefix}{key}: must be {bounds}, got {value!r}")
         return default
     return value
+
+
+def _objective(value: Any, problems: list[str]) -> Any:
+    """tuning.objective: one of OBJECTIVES, or a table of positive weights over FIGURE_OBJECTIVES."""
+    where = "tuning.objective"
+    if isinstance(value, str):
+        if value in OBJECTIVES:
+            return value
+        hint = difflib.get_close_matches(value, OBJECTIVES, n=1)
+        problems.append(f"{where}: unknown objective {value[:80]!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                        + f"; one of {', '.join(OBJECTIVES)}, or weights such as {{ latency = 0.7, size = 0.3 }}")
+        return "first"
+    if not isinstance(value, dict) or not value:
+        problems.append(f"{where}: must be one of {', '.join(OBJECTIVES)}, or a table of weights over "
+                        f"{', '.join(FIGURE_OBJECTIVES)} such as {{ latency = 0.7, size = 0.3 }}")
+        return "first"
+    weights, ok = {}, True
+    for name, weight in value.items():
+        if name not in FIGURE_OBJECTIVES:
+            hint = difflib.get_close_matches(str(name), FIGURE_OBJECTIVES, n=1)
+            problems.append(f"{where}.{str(name)[:80]}: unknown figure" + (f" (did you mean {hint[0]!r}?)" if hint
+                            else "") + f"; weights go on {', '.join(FIGURE_OBJECTIVES)}")
+            ok = False
+        elif isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) \
+                or weight <= 0:
+            problems.append(f"{where}.{name}: a weight must be a positive number, got {weight!r}"[:300])
+            ok = False
+        else:
+            weights[name] = float(weight)
+    return weights if ok else "first"
+
+
+def _objective_text(objective: Any) -> str:
+    if isinstance(objective, dict):
+        return "{ " + ", ".join(f"{k} = {v:g}" for k, v in objective.items()) + " }"
+    return repr(objective)
 
 
 def _config_set(value: Any, problems: list[str]) -> list[dict[str, dict[str, Any]]]:

@@ -12,7 +12,7 @@ import nsd
 # nsd-code: a hash of the code that computes metrics (nsd/quant, the runner), so that a change to it
 # without a version bump still misses the cache.
 VERSION_KEYS = ("nsd", "nsd-code", "neural-compressor-pt", "neural-compressor", "torch", "transformers")
-_METRIC_CODE = ("quant/*.py", "worker/runner.py")
+_METRIC_CODE = ("quant/*.py", "worker/runner.py", "worker/measuring.py")
 
 
 def code_hash() -> str:

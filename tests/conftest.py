@@ -324,3 +324,28 @@ async def fake_and_worker(tmp_path):
     await asyncio.wait_for(run, 30)  # raises if the daemon crashed
     await fake.close()
     assert daemon.ctx.closed and not any(_alive(pid) for pid in pids)
+
+
+def tiny_encoder(root: Path, hidden: int = 128, layers: int = 2) -> dict[str, Path]:
+    """A small BERT encoder with random weights, its tokenizer and sentences of one length (every evaluation
+    batch has one shape): for the feature-extraction recipe, whose cosine to FP32 needs no training."""
+    import random
+
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    words = ("the cat dog sat on a mat and ran far away from home very quickly slowly red blue green big small "
+             "old new bird tree").split()
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    tokenizer = BertTokenizerFast(vocab_file=str(root / "vocab.txt"), model_max_length=64)
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers,
+                                 num_attention_heads=4, intermediate_size=4 * hidden, max_position_embeddings=64),
+                      add_pooling_layer=False)
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    rng = random.Random(0)
+    (root / "sentences.txt").write_text("\n".join(" ".join(rng.choice(words) for _ in range(10))
+                                                  for _ in range(64)) + "\n")
+    return {"model": root / "model", "sentences": root / "sentences.txt"}

@@ -1,32 +1,44 @@
 """A real gateway (uvicorn + grpc.aio on random loopback ports) in front of the real test broker, and what
-its tests share to talk to it. tests/conftest.py loads this module as a plugin: every test module has the
-`gateway` and `http` fixtures without importing them."""
+its tests share to talk to it (uploads as curl sends them, an SSE reader, gRPC upload parts, chromium).
+tests/conftest.py loads this module as a plugin: every test module has the `gateway` and `http` fixtures
+without importing them."""
 
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
 from tests.conftest import DIGITS, digits_spec
 
 TOKEN = "alice-token-0123456789abcdef"
-LIMITS = {"max_body": 64 << 10, "max_upload": 4 << 20}
+BOB_TOKEN = "bob-token-0123456789abcdefgh"
+LIMITS = {"max_body": 64 << 10, "max_upload": 4 << 20, "max_tar_members": 200, "max_tar_header": 4096}
 KEEPALIVE_S = 0.5
-AUTH = (("authorization", f"Bearer {TOKEN}"),)  # gRPC metadata
+OCTETS = {"Content-Type": "application/octet-stream"}
+AUTH = (("authorization", f"Bearer {TOKEN}"),)
+
+
+def gateway_config(broker_daemon, tmp_path, **overrides):
+    from nsd.gateway.config import GatewayConfig, Limits
+
+    tokens = tmp_path / "tokens"
+    if not tokens.exists():
+        tokens.write_text(f"# name token [code]\nalice {TOKEN} code\nbob {BOB_TOKEN}\n")
+    settings = dict(broker=broker_daemon.endpoints["clients"], http="127.0.0.1:0", grpc="127.0.0.1:0", tokens=tokens,
+                    limits=Limits(**LIMITS), keepalive_s=KEEPALIVE_S)
+    if overrides.get("no_auth"):
+        settings.pop("tokens")
+    return GatewayConfig(**{**settings, **overrides})
 
 
 @pytest.fixture
 async def gateway(broker, tmp_path):
     pytest.importorskip("fastapi")
-    from nsd.gateway.app import Limits
-    from nsd.gateway.server import GatewayConfig, GatewayServer
+    from nsd.gateway.server import GatewayServer
 
-    tokens = tmp_path / "tokens"
-    tokens.write_text(f"# name token\nalice {TOKEN}\n")
-    server = GatewayServer(GatewayConfig(broker=broker.endpoints["clients"], http="127.0.0.1:0",
-                                         grpc="127.0.0.1:0", tokens=tokens, limits=Limits(**LIMITS),
-                                         keepalive_s=KEEPALIVE_S))
+    server = GatewayServer(gateway_config(broker, tmp_path))
     await server.start()
     yield server
     await server.stop()
@@ -46,7 +58,7 @@ async def upload_digits(http) -> dict:
     """The digits spec with its model and recipe uploaded through REST, as a curl user would."""
     spec = digits_spec()
     for section, key, path in (("model", "path", DIGITS / "model.pt"), ("recipe", "file", DIGITS / "recipe.py")):
-        answer = await http.post("/v1/uploads", params={"name": path.name}, content=path.read_bytes())
+        answer = await http.post("/v1/uploads", params={"name": path.name}, content=path.read_bytes(), headers=OCTETS)
         assert answer.status_code == 201, answer.text
         spec[section][key] = answer.json()["ref"]
     return spec
@@ -78,6 +90,17 @@ async def read_sse(http, task_id: str, last_event_id: int | None = None, stop_af
     return events
 
 
+def without_page(view: dict) -> dict:
+    """A gateway task view as the Python client's: the page note removed (a small task is one page)."""
+    assert view["trials_page"]["total"] == len(view["trials"]), view["trials_page"]
+    return {k: v for k, v in view.items() if k != "trials_page"}
+
+
+def files_under(root) -> dict[str, bytes | None]:
+    """Every path under root with its bytes (None: a folder): two trees compare equal file by file."""
+    return {p.relative_to(root).as_posix(): (p.read_bytes() if p.is_file() else None) for p in root.rglob("*")}
+
+
 def pb():
     from nsd.gateway import nsd_pb2
 
@@ -91,7 +114,21 @@ def upload_parts(name: str, data: bytes, tar: bool = False, sha256: str = "", ch
 
 
 async def grpc_upload_digits(stub) -> dict:
+    from tests.conftest import digits_spec
+
     spec = digits_spec()
     for section, key, path in (("model", "path", DIGITS / "model.pt"), ("recipe", "file", DIGITS / "recipe.py")):
         spec[section][key] = (await stub.Upload(upload_parts(path.name, path.read_bytes()), metadata=AUTH)).ref
     return spec
+
+
+CHROMIUM = "/usr/bin/chromium"  # Debian's, installed by the Makefile's test set-up; never Playwright's download
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+async def launch_chromium(playwright, *extra_args: str):
+    if not os.path.exists(CHROMIUM):
+        pytest.fail(f"{CHROMIUM} is missing: `make setup` installs Debian's chromium")
+    return await playwright.chromium.launch(executable_path=CHROMIUM, args=[*CHROMIUM_ARGS, *extra_args],
+                                            headless=True)

@@ -42,9 +42,11 @@ class ScriptedWorker:
 
     def __init__(self, endpoint: str, worker_id: str, slots: int = 1,
                  answer: Callable[[dict], dict | None] | None = None, delay_s: float = 0.0,
-                 version: int = PROTOCOL_VERSION, curve=None, versions: dict | None = None):
+                 version: int = PROTOCOL_VERSION, curve=None, hardware: dict | None = None,
+                 versions: dict | None = None):
         self.endpoint, self.worker_id, self.slots = endpoint, worker_id, slots
-        self.versions = versions  # what it says it runs (the metric cache's key: none, no caching)
+        # READY's hardware (deployment figures' key, the --label) and versions (the metric cache's), if given
+        self.hardware, self.versions = hardware, versions
         self.answer, self.delay_s, self.version = answer, delay_s, version
         self.assigned: list[tuple[str, int, dict]] = []
         self.cancelled: list[tuple[str, int]] = []
@@ -71,6 +73,7 @@ class ScriptedWorker:
         self.sock.connect(self.endpoint)
         self.send(Cmd.READY, {"worker_id": self.worker_id, "boot_id": "b1", "host": "scripted", "cores": self.slots,
                               "slots": self.slots, "version": self.version, "running": [], "outbox": [],
+                              **({"hardware": self.hardware} if self.hardware else {}),
                               **({"versions": self.versions} if self.versions else {})})
         self._tasks = [asyncio.create_task(self._serve()), asyncio.create_task(self._heartbeat())]
         if wait:
@@ -309,3 +312,36 @@ class NotifyListener:
 
     def close(self) -> None:
         self.sock.close()
+
+
+# ---- deployment figures (issue 17): shared by tests/test_broker_figures.py and tests/test_gateway_figures.py ----
+
+HW = {"cpu": "Scripted CPU", "cores": 2, "isa": ["avx512_vnni"], "label": None}
+VERSIONS = {"nsd": "scripted", "nsd-code": "x", "torch": "2.13.0"}
+
+
+def figures(p50: float, size: int = 1000, form: str = "int8-compiled") -> dict:
+    return {"size_bytes": size, "size_of": "scripted", "input": {"names": ["x"], "shapes": [[8, 4]]}, "notes": [],
+            "forms": [{"form": form, "runtime": "scripted", "p50_ms": p50, "p90_ms": p50 * 1.1, "spread": 0.01,
+                       "repeats": 20, "throughput": 8000 / p50, "batch": 8, "load_s": 0.1, "compile_s": 1.0,
+                       "peak_bytes": 5000, "run_bytes": 4000, "cores": [0], "threads": 1, "exclusive": True,
+                       "paused": 0, "note": None}]}
+
+
+FP32_FIGURES = figures(100.0, 4000, "fp32-compiled")
+
+
+def figures_answers(table: dict[int, tuple], pruned: dict[int, float] | None = None, n: int = 4):
+    """Plan n trials (FP32 measured); trial i: (metric, p50 ms) — figures for passing ones, as a runner does; a
+    job with a prune rule is measured first and answered `pruned` where `pruned` says so."""
+    def answer(job: dict) -> dict:
+        if job["kind"] == "plan":
+            return {**plan_answer(1.0, n), "figures": FP32_FIGURES}
+        metric, p50 = table[job["index"]]
+        if job.get("prune") and pruned and job["index"] in pruned:
+            return {"ok": True, "metric": None, "pruned": True, "figures": figures(pruned[job["index"]])}
+        body = {"ok": True, "metric": metric}
+        if metric >= 0.9:  # passes (goal: 1.0 x (1 - 0.1))
+            body["figures"] = figures(p50)
+        return body
+    return answer

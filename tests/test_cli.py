@@ -42,7 +42,7 @@ def cluster(tmp_path):
     broker = start("broker", "--state-dir", str(tmp_path / "state"), "--clients", addr[0], "--workers", addr[1],
                    "--events", addr[2], "--heartbeat", "0.5")
     worker = start("worker", "--broker", addr[1], "--cores", "1", "--cache-dir", str(tmp_path / "cache"),
-                   "--heartbeat", "0.5")
+                   "--heartbeat", "0.5", "--label", "cli-test")
     try:
         deadline = time.time() + 60
         while json.loads(nsd("cluster", "--json", env=env).stdout)["workers"] == []:
@@ -72,6 +72,8 @@ def test_submit_watch_status_result_list_cluster_and_clean_stop(cluster):
     assert [t["task_id"] for t in listed] == [task_id]
     workers = json.loads(nsd("cluster", "--json", env=env).stdout)["workers"]
     assert workers[0]["cores"] == 1 and workers[0]["slots"] == 1 and workers[0]["busy"] == 0
+    assert workers[0]["hardware"]["cores"] == 1 and workers[0]["hardware"]["label"] == "cli-test"
+    assert "label cli-test: " in nsd("cluster", env=env).stdout  # the kind of machine its figures belong to
     text = nsd("result", task_id[:6], env=env).stdout  # a unique prefix is enough
     assert "passed" in text and "failed_goal" in text
     # A clean stop on SIGTERM: exit 0, and the worker's runner goes with it.

@@ -21,17 +21,20 @@ pytest.importorskip("fastapi")
 NSD = [sys.executable, "-m", "nsd"]
 
 
-@pytest.mark.parametrize("args", [
-    ["--http", "0.0.0.0:0"],
-    ["--grpc", "0.0.0.0:0", "--tokens", "{tokens}"],  # tokens without TLS: still refused
-    ["--http", "192.0.2.1:0", "--tls-cert", "{tokens}", "--tls-key", "{tokens}"],  # TLS without tokens
+@pytest.mark.parametrize("args, why", [
+    ([], "refusing to start without --tokens"),  # the default: no token file, no start
+    (["--http", "0.0.0.0:0"], "refusing to start without --tokens"),
+    (["--no-auth", "--http", "0.0.0.0:0", "--insecure"], "with --no-auth: it is for development on loopback"),
+    (["--no-auth", "--grpc", "192.0.2.1:0", "--http", ""], "with --no-auth"),
+    (["--no-auth", "--tokens", "{tokens}"], "contradict"),
+    (["--grpc", "0.0.0.0:0", "--tokens", "{tokens}"], "without --tls-cert/--tls-key; pass --insecure"),
 ])
-def test_non_loopback_bind_without_tokens_and_tls_is_refused(tmp_path, args):
+def test_gateway_refuses_to_start_without_tokens_or_with_no_auth_off_loopback(tmp_path, args, why):
     tokens = tmp_path / "tokens"
     tokens.write_text("alice alice-token-0123456789abcdef\n")
     args = [a.replace("{tokens}", str(tokens)) for a in args]
     result = CliRunner().invoke(main, ["gateway", "--broker", "tcp://127.0.0.1:1", *args])
-    assert result.exit_code == 1 and "refusing to serve" in result.output and "--insecure" in result.output
+    assert result.exit_code == 1 and why in result.output, result.output
 
 
 def test_bad_token_file_and_half_tls_are_clear_errors(tmp_path):

@@ -12,10 +12,9 @@ import zipfile
 
 import pytest
 
-from nsd.blobs import unpack_tree
 from nsd.client.view import apply_event
 from tests.conftest import digits_spec
-from tests.gateway_fixtures import TOKEN, read_sse, upload_digits
+from tests.gateway_fixtures import AUTH, TOKEN, files_under, grpc_upload_digits, read_sse, upload_digits
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("fastapi")
@@ -40,6 +39,7 @@ def assert_no_gap_no_repeat(events: list[dict]) -> dict:
     for event in events:
         task = apply_event(task, event)
     return task
+
 
 
 def load_and_score(spec: dict, folder) -> float:
@@ -75,9 +75,12 @@ async def test_rest_end_to_end_with_sse_resume_matches_the_python_client(http, c
         with open(tmp_path / "artifact.tar", "wb") as out:
             async for chunk in got.aiter_bytes():
                 out.write(chunk)
-    unpack_tree(tmp_path / "artifact.tar", tmp_path / "rest")
-    (folder,) = (tmp_path / "rest").iterdir()
-    assert await asyncio.to_thread(load_and_score, digits_spec(), folder) == result["winner"]["metric"]
+    with tarfile.open(tmp_path / "artifact.tar") as tar:
+        tar.extractall(tmp_path / "rest", filter="data")
+    await client.fetch(task_id, tmp_path / "fetched")  # the tar holds what `nsd fetch` writes, byte for byte
+    assert files_under(tmp_path / "rest") == files_under(tmp_path / "fetched")
+    assert {"model", "result.json", "README.md"} <= set(files_under(tmp_path / "rest"))
+    assert await asyncio.to_thread(load_and_score, digits_spec(), tmp_path / "rest" / "model") == result["winner"]["metric"]
 
     # The old service's paths over the same task.
     status = (await http.get(f"/task/status/{task_id}")).json()
@@ -111,8 +114,6 @@ async def test_grpc_end_to_end_with_watch_resume_matches_the_python_client(gatew
     from nsd.gateway import nsd_pb2_grpc
     import grpc
 
-    from tests.gateway_fixtures import AUTH, grpc_upload_digits
-
     await start_workers(1)
     reference = await client.result(await client.submit(digits_spec()), wait=True)
     async with grpc.aio.insecure_channel(gateway.endpoints["grpc"]) as channel:
@@ -134,5 +135,7 @@ async def test_grpc_end_to_end_with_watch_resume_matches_the_python_client(gatew
             async for chunk in stub.Fetch(pb.TaskRequest(task_id=task_id), metadata=AUTH):
                 name = name or chunk.name
                 out.write(chunk.data)
-    unpack_tree(tmp_path / "artifact.tar", tmp_path / "grpc")
-    assert await asyncio.to_thread(load_and_score, digits_spec(), tmp_path / "grpc" / name) == result["winner"]["metric"]
+    assert name == f"{task_id}.tar"
+    with tarfile.open(tmp_path / "artifact.tar") as tar:
+        tar.extractall(tmp_path / "grpc", filter="data")
+    assert await asyncio.to_thread(load_and_score, digits_spec(), tmp_path / "grpc" / "model") == result["winner"]["metric"]

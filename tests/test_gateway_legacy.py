@@ -50,29 +50,16 @@ async def test_screen_websocket_refuses_a_missing_token_and_an_unknown_task(gate
         assert (await ws.recv()).startswith(task_id)  # the queued task's progress line
 
 
-async def test_screen_websocket_stops_following_a_quiet_task_when_its_client_leaves(gateway, client, monkeypatch):
-    """A queued task sends nothing, so no send would ever notice the client gone: the handler must, and
-    stop its event stream (which polls the broker for the task) at once."""
+async def test_screen_stops_following_the_task_when_its_client_leaves(gateway, client):
+    """Issue 19, item 7: the old handler kept polling the broker for a client that had gone."""
     from websockets.asyncio.client import connect
 
-    broker_client = gateway.gateway.client
-    following: list[str] = []  # the task ids whose event stream the gateway runs now
-    events = broker_client.events
-
-    async def counted(task_id: str):
-        following.append(task_id)
-        try:
-            async for event in events(task_id):
-                yield event
-        finally:
-            following.remove(task_id)
-
-    monkeypatch.setattr(broker_client, "events", counted)
-    spec = digits_spec()
-    spec["model"]["shared"] = True
-    task_id = await client.submit(spec)  # no worker: it stays queued, and its stream quiet
-    url = gateway.endpoints["http"].replace("http://", "ws://") + f"/task/screen/{task_id}"
-    async with connect(url, additional_headers={"Authorization": f"Bearer {TOKEN}"}) as ws:
+    task_id = await client.submit({**digits_spec(), "model": {"path": digits_spec()["model"]["path"], "shared": True}})
+    base = gateway.endpoints["http"].replace("http://", "ws://")
+    async with connect(f"{base}/task/screen/{task_id}", additional_headers={"Authorization": f"Bearer {TOKEN}"}) as ws:
         assert (await ws.recv()).startswith(task_id)
-        assert following == [task_id]
-    await wait_for(lambda: following == [], 10)
+        assert gateway.feeds.streams["alice"] == 1 and len(gateway.feeds.feeds) == 1
+
+    async def released():
+        return not gateway.feeds.feeds and not gateway.feeds.streams
+    await wait_for(released, 30)  # the task (queued, quiet) is no longer followed for anyone

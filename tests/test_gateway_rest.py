@@ -11,19 +11,19 @@ import pytest
 
 from nsd.protocol import Cmd
 from tests.conftest import DIGITS, digits_spec
-from tests.gateway_fixtures import LIMITS, TOKEN, read_sse, upload_digits
+from tests.gateway_fixtures import LIMITS, OCTETS, TOKEN, read_sse, upload_digits, without_page
 
 pytest.importorskip("fastapi")
 
 
 async def test_upload_gives_the_same_ref_as_the_python_client(http, client, gateway):
-    answer = await http.post("/v1/uploads", params={"name": "recipe.py"}, content=(DIGITS / "recipe.py").read_bytes())
+    answer = await http.post("/v1/uploads", params={"name": "recipe.py"}, content=(DIGITS / "recipe.py").read_bytes(), headers=OCTETS)
     assert answer.status_code == 201
     sent = gateway.gateway.uploaded_bytes
     assert sent > 0
     assert answer.json()["ref"] == await client.upload(DIGITS / "recipe.py")
     assert client.uploaded_bytes == 0  # the broker had it already: the same blob, hash for hash
-    again = await http.post("/v1/uploads", params={"name": "recipe.py"}, content=(DIGITS / "recipe.py").read_bytes())
+    again = await http.post("/v1/uploads", params={"name": "recipe.py"}, content=(DIGITS / "recipe.py").read_bytes(), headers=OCTETS)
     assert again.json() == answer.json() and gateway.gateway.uploaded_bytes == sent  # not sent a second time
 
 
@@ -47,7 +47,7 @@ async def test_submit_get_list_cancel_and_logs(http, client):
     assert answer.status_code == 201, answer.text
     task_id = answer.json()["task_id"]
     view = (await http.get(f"/v1/tasks/{task_id}")).json()
-    assert view == await client.result(task_id)
+    assert without_page(view) == await client.result(task_id)
     assert view["spec"]["recipe"]["file"] == spec["recipe"]["file"]
     assert [t["task_id"] for t in (await http.get("/v1/tasks")).json()["tasks"]] == [task_id]
     assert (await http.get(f"/v1/tasks/{task_id}/logs")).json() == {"logs": await client.logs(task_id)}
@@ -63,7 +63,9 @@ async def test_cluster_presets_healthz(http, client):
     presets = (await http.get("/v1/presets")).json()["presets"]
     assert {p["name"] for p in presets} >= {"static", "dynamic", "woq", "auto"}
     health = await http.get("/healthz", headers={"Authorization": ""})
-    assert health.status_code == 200 and health.json()["ok"] is True
+    assert health.status_code == 200 and health.json() == {"ok": True}  # without a token: nothing more
+    detailed = (await http.get("/healthz")).json()
+    assert detailed["ok"] is True and detailed["broker"] and detailed["broker_version"]
 
 
 async def test_openapi_document_and_docs_are_served(http):
@@ -164,9 +166,9 @@ async def test_oversize_upload_is_413_and_nothing_is_stored(http, gateway):
         for i in range(0, len(big), 1 << 16):
             yield big[i:i + (1 << 16)]
 
-    answer = await http.post("/v1/uploads", params={"name": "big.bin"}, content=chunks())
+    answer = await http.post("/v1/uploads", params={"name": "big.bin"}, content=chunks(), headers=OCTETS)
     assert answer.status_code == 413
-    declared = await http.post("/v1/uploads", params={"name": "big.bin"}, content=big)
+    declared = await http.post("/v1/uploads", params={"name": "big.bin"}, content=big, headers=OCTETS)
     assert declared.status_code == 413
     assert gateway.gateway.uploaded_bytes == 0
 
@@ -174,13 +176,13 @@ async def test_oversize_upload_is_413_and_nothing_is_stored(http, gateway):
 async def test_body_not_matching_its_sha256_is_refused_and_nothing_is_stored(http, client, tmp_path):
     data = (DIGITS / "recipe.py").read_bytes() + b"# changed in transit\n"
     claimed = hashlib.sha256((DIGITS / "recipe.py").read_bytes()).hexdigest()
-    answer = await http.post("/v1/uploads", params={"name": "recipe.py", "sha256": claimed}, content=data)
+    answer = await http.post("/v1/uploads", params={"name": "recipe.py", "sha256": claimed}, content=data, headers=OCTETS)
     assert answer.status_code == 400 and "does not match its sha256" in answer.json()["error"]
     (tmp_path / "recipe.py").write_bytes(data)
     ref = await client.upload(tmp_path / "recipe.py")  # what it would have been stored as
     assert client.uploaded_bytes > 0  # the broker lacked it: the refused body left nothing behind
     good = await http.post("/v1/uploads", params={"name": "recipe.py", "sha256": hashlib.sha256(data).hexdigest()},
-                           content=data)
+                           content=data, headers=OCTETS)
     assert good.status_code == 201 and good.json()["ref"] == ref
 
 
@@ -238,7 +240,7 @@ async def test_body_that_is_not_a_tar_is_400(http):
 
 @pytest.mark.parametrize("name", ["../x", "a/b", ".", "..", ""])
 async def test_upload_names_that_are_not_plain_names_are_400(http, name):
-    answer = await http.post("/v1/uploads", params={"name": name}, content=b"x")
+    answer = await http.post("/v1/uploads", params={"name": name}, content=b"x", headers=OCTETS)
     assert answer.status_code in (400, 422)
 
 
@@ -254,7 +256,7 @@ async def test_events_of_an_ended_task_resume_without_repeats(http, client):
     assert again[0]["task"]["state"] == "cancelled"
     assert await read_sse(http, task_id, last_event_id=seq) == []  # nothing new: nothing sent again
     bad = await http.get(f"/v1/tasks/{task_id}/events", headers={"Last-Event-ID": "soon"})
-    assert bad.status_code == 422
+    assert bad.status_code == 400 and bad.json()["error"].startswith("Last-Event-ID 'soon' is not an event id")
 
 
 async def test_quiet_event_streams_carry_keep_alive_comments(http, client):
@@ -285,9 +287,84 @@ async def test_a_client_that_stops_reading_holds_the_event_stream_back():
             yield {"seq": pulled, "kind": "trial"}
             await asyncio.sleep(0)
 
-    stream = sse_stream(endless(), keepalive_s=60)
-    assert (await anext(stream)).startswith("id: 1\n")
+    stream = sse_stream(endless(), keepalive_s=60, coalesce_s=0)
+    assert bytes(await anext(stream)).startswith(b"id: 1\n")
     await asyncio.sleep(0.5)  # the reader stalls; thousands of events would be ready by now
     assert pulled <= 20, pulled
-    assert (await anext(stream)).startswith("id: 2\n")  # nothing lost: it resumes in order
+    assert bytes(await anext(stream)).startswith(b"id: 2\n")  # nothing lost: it resumes in order
+    await stream.aclose()
+
+
+def _tar_bytes(fill) -> bytes:
+    body = io.BytesIO()
+    with tarfile.open(fileobj=body, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        fill(tar)
+    return body.getvalue()
+
+
+def _huge_pax_header(tar) -> None:  # issue 15, attack 6: tarfile would hold the header whole (3.3x the body)
+    info = tarfile.TarInfo("ok.txt")
+    info.pax_headers = {"comment": "x" * (1 << 20)}
+    tar.addfile(info, io.BytesIO(b""))
+
+
+def _many_empty_members(tar) -> None:  # ... and spends time on each member
+    for i in range(LIMITS["max_tar_members"] + 1):
+        tar.addfile(tarfile.TarInfo(f"f{i}"), io.BytesIO(b""))
+
+
+def _sparse_member(tar) -> None:
+    info = tarfile.TarInfo("sparse")
+    info.type = tarfile.GNUTYPE_SPARSE
+    tar.addfile(info)
+
+
+def _control_character_name(tar) -> None:
+    tar.addfile(tarfile.TarInfo("evil\x1b[2Jname.txt"), io.BytesIO(b""))
+
+
+@pytest.mark.parametrize("fill, why", [
+    (_huge_pax_header, "extended header"),
+    (_many_empty_members, f"more than {LIMITS['max_tar_members']} entries"),
+    (_sparse_member, "sparse"),
+    (_control_character_name, "control character"),
+])
+async def test_tar_headers_and_members_are_bounded(http, gateway, fill, why):
+    answer = await http.post("/v1/uploads", params={"name": "model"}, content=_tar_bytes(fill),
+                             headers={"Content-Type": "application/x-tar"})
+    assert answer.status_code == 400 and why in answer.json()["error"], answer.text
+    assert gateway.gateway.uploaded_bytes == 0
+
+
+@pytest.mark.parametrize("name", ["re\ncipe.py", "tab\tname", "bell\x07", "del\x7f"])
+async def test_upload_names_with_control_characters_are_refused(http, name):
+    answer = await http.post("/v1/uploads", params={"name": name}, content=b"x", headers=OCTETS)
+    assert answer.status_code == 400 and "control characters" in answer.json()["error"]
+
+
+async def test_refs_with_control_characters_are_not_refs(http):
+    from nsd.blobs import parse_ref
+
+    ref = "nsd-blob:" + "a" * 64 + "/model\x1b[31m.pt"
+    assert parse_ref(ref) is None
+    spec = digits_spec()
+    spec["model"]["path"] = ref
+    answer = await http.post("/v1/tasks", json=spec)
+    assert answer.status_code == 422 and any("must be a blob reference" in p for p in answer.json()["problems"])
+
+
+async def test_events_close_together_share_one_write():
+    """Each write costs the gateway's one loop more than its bytes: events arriving within the coalescing
+    window go out as one chunk, in order, each still its own SSE event."""
+    from nsd.gateway.streams import sse_stream
+
+    async def burst():
+        for seq in range(1, 6):
+            yield {"seq": seq, "kind": "trial"}
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(60)
+
+    stream = sse_stream(burst(), keepalive_s=60, coalesce_s=0.5)
+    chunk = bytes(await anext(stream))
+    assert [line for line in chunk.decode().splitlines() if line.startswith("id: ")] == [f"id: {i}" for i in range(1, 6)]
     await stream.aclose()

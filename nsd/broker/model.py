@@ -27,6 +27,9 @@ from typing import Any
 from nsd.broker import search, tuner
 from nsd.broker.jobs import KINDS, PLAN, SAVE
 from nsd.broker.objective import Objective, objective_for
+from nsd.figures import cost as figures_cost
+from nsd.figures import pareto_of
+from nsd.figures import summary as figures_summary
 from nsd.protocol import TRIAL, JobRef
 from nsd.spec import ResourcesSpec, TaskSpec, TuningSpec
 from nsd.states import TASK_TRANSITIONS, TRIAL_TRANSITIONS, TaskState, TrialState, check_transition
@@ -59,13 +62,17 @@ class Trial:
     stopped_early: bool = False
     cached: bool = False  # answered from the metric cache, not run
     kept: tuple[str, str] | None = None  # (worker, folder) where its passing model was kept (not persisted)
+    figures: dict | None = None  # deployment figures (nsd/figures.py), measured on the hardware `measured_on`
+    measured_on: dict | None = None  # READY's `hardware` of the worker that measured them
+    pruned: bool = False  # not evaluated: its figures already lost to a passing trial's (ByFigures.prune)
+    cost: float | None = None  # its cost under the task's figures objective (Task.set_figures), lower is better
 
     def view(self) -> tuner.TrialView:
-        return tuner.TrialView(self.index, self.state, self.metric)
+        return tuner.TrialView(self.index, self.state, self.metric, self.cost)
 
     def step(self) -> search.Step:
         return search.Step(self.index, self.stage, tuple(self.fallback),
-                           self.index if self.base is None else self.base, self.state, self.metric)
+                           self.index if self.base is None else self.base, self.state, self.metric, self.cost)
 
     def described(self) -> dict[str, Any]:
         """What a trial is (in `plan` and `stage` events and in the task view)."""
@@ -76,15 +83,18 @@ class Trial:
         """Its row for `Store.insert_trials`."""
         return self.index, self.config, self.label, self.state.value, self.stage, self.fallback, self.base
 
-    def public(self) -> dict[str, Any]:
-        return {**self.described(), "state": self.state.value, "metric": self.metric, "attempt": self.attempt,
-                "worker": self.worker, "seconds": self.seconds, "error": self.error, "bound": self.bound,
-                "stopped_early": self.stopped_early, "cached": self.cached}
+    def public(self, baseline_figures: dict | None = None) -> dict[str, Any]:
+        return {**self.described(), **self.event(baseline_figures)}
 
-    def event(self) -> dict[str, Any]:
+    def event(self, baseline_figures: dict | None = None) -> dict[str, Any]:
         return {"index": self.index, "state": self.state.value, "metric": self.metric, "attempt": self.attempt,
                 "worker": self.worker, "seconds": self.seconds, "error": self.error, "bound": self.bound,
-                "stopped_early": self.stopped_early, "cached": self.cached}
+                "stopped_early": self.stopped_early, "cached": self.cached, **self.deployed(baseline_figures)}
+
+    def deployed(self, baseline_figures: dict | None) -> dict[str, Any]:
+        """Its deployment figures, what they say against FP32 (`deploy`: nsd.figures.summary) and where."""
+        return {"figures": self.figures, "measured_on": self.measured_on, "pruned": self.pruned,
+                "deploy": figures_summary(self.figures, baseline_figures)}
 
 
 @dataclass
@@ -116,6 +126,8 @@ class Task:
     lowest_passed: int | None = None
     cancelled_above: int | None = None  # the lowest pass whose higher trials were already cancelled
     best_index: int | None = None  # objective.best() over the finished trials, kept by note_metric()
+    baseline_figures: dict | None = None  # the FP32 model's deployment figures (the plan's), and where measured
+    baseline_on: dict | None = None
 
     # ---- leases ------------------------------------------------------------------------------
 
@@ -196,6 +208,21 @@ class Task:
             or self.trials[index].stage != search.CONFIG else [self.trials[self.best_index].view()]
         return self.objective.stop_rule(self.goal(), top, index)
 
+    def set_figures(self, tr: Trial, figures: dict | None, on: dict | None) -> None:
+        """A trial's deployment figures, and its cost under the objective (weights need the FP32 figures)."""
+        tr.figures, tr.measured_on = figures, on
+        tr.cost = figures_cost(figures, self.tuning.objective, self.baseline_figures)
+
+    def prune_rule(self) -> dict | None:
+        """What a trial's figures must tie before it is evaluated (a figures objective with a passing trial
+        measured), for the runner (`nsd.figures.loses`); None: evaluate it."""
+        low = getattr(self.objective, "prune", lambda _: None)(
+            [] if self.lowest_passed is None else (t.view() for t in self.trials if t.state is TrialState.PASSED))
+        if low is None:
+            return None
+        return {"objective": self.tuning.objective, "best": low, "margin": self.objective.margin,
+                "baseline": self.baseline_figures}
+
     def keeps(self, index: int) -> bool:
         """Whether trial `index` keeps its model should it pass (the objective's keeps)."""
         return self.objective.keeps([] if self.lowest_passed is None else [self.trials[self.lowest_passed].view()],
@@ -267,6 +294,10 @@ class Task:
         t = self.tuning
         return tuner.Goal(self.baseline, t.tolerable_loss, t.criterion, t.higher_is_better)
 
+    def pareto(self) -> list[int]:
+        return pareto_of([{"index": t.index, "metric": t.metric, "figures": t.figures} for t in self.trials
+                          if t.figures], self.tuning.objective, self.baseline_figures, self.tuning.higher_is_better)
+
     def summary(self) -> dict[str, Any]:
         done = len(self.trials) - self.n_unfinished
         return {"task_id": self.id, "name": self.name, "state": self.state.value, "created": self.created,
@@ -284,10 +315,18 @@ class Task:
             "met_goal": self.met_goal, "baseline": self.baseline, "error": self.error,
             "goal": {"tolerable_loss": t.tolerable_loss, "criterion": t.criterion,
                      "higher_is_better": t.higher_is_better, "max_trials": t.max_trials},
-            "winner": None if winner is None else {**winner.described(), "metric": winner.metric},
-            "trials": [tr.public() for tr in self.trials[offset:None if limit is None else offset + limit]],
+            "winner": None if winner is None else {**winner.described(), "metric": winner.metric,
+                                                   **winner.deployed(self.baseline_figures)},
+            "trials": [tr.public(self.baseline_figures)
+                       for tr in self.trials[offset:None if limit is None else offset + limit]],
             "trials_page": {"offset": offset, "limit": len(self.trials) if limit is None else limit,
                             "total": len(self.trials)},
+            # Deployment figures (README "JSON output"): FP32's, the objective, and the trials no other beats on
+            # both metric and cost (cost: the objective's, or latency under "first").
+            "baseline_figures": self.baseline_figures, "baseline_on": self.baseline_on,
+            "baseline_deploy": figures_summary(self.baseline_figures, self.baseline_figures),
+            "objective": t.objective, "objective_margin": t.objective_margin,
+            "pareto": self.pareto(),
             "timings": {"created": self.created, "started": self.started, "finished": self.finished,
                         "elapsed_s": ((self.finished or now) - self.started) if self.started else None,
                         "plan_s": self.plan_s,
@@ -318,6 +357,7 @@ class Worker:
     freed_at: float | None = None  # when a slot last came free (for the dispatch latency metric)
     draining: bool = False  # finishing what it runs before it leaves; takes nothing new
     versions: dict[str, str] | None = None  # nsd/INC/torch versions it runs (the metric cache's key)
+    hardware: dict | None = None  # READY's: CPU model, cores, ISA features, label (deployment figures' key)
 
     @property
     def free_cores(self) -> int:
@@ -339,4 +379,5 @@ class Worker:
         state = "draining" if self.draining else "busy" if self.running else "idle"
         return {"worker_id": self.id, "host": self.host, "cores": self.cores, "slots": self.slots,
                 "busy": len(self.running), "running": sorted(self.running), "version": self.version,
-                "state": state, "registered": self.registered, "last_seen_s": round(now - self.last_seen, 3)}
+                "state": state, "registered": self.registered, "last_seen_s": round(now - self.last_seen, 3),
+                "hardware": self.hardware}

@@ -23,13 +23,14 @@ from nsd.broker.tuner import Decision, Goal, TrialView, goal_threshold
 from nsd.spec import TuningSpec
 from nsd.states import TrialState
 
-OBJECTIVES = ("first",)
+OBJECTIVES = ("first", "latency", "throughput", "memory", "size")  # and weights over the last four (nsd.spec)
 
 
 class Objective(Protocol):
     """What every objective answers (First is the reference; issue 17 adds others on this seam)."""
     name: ClassVar[str]
     higher_is_better: bool
+    speculates: ClassVar[bool]
 
     def passed(self, trials: Iterable[TrialView]) -> int | None: ...
     def best(self, trials: Iterable[TrialView]) -> int | None: ...
@@ -45,6 +46,7 @@ class First:
     """INC's objective: the lowest-index passing trial wins; with none passing, the best metric (earliest)."""
     higher_is_better: bool = True
     name: ClassVar[str] = "first"
+    speculates: ClassVar[bool] = True  # the search may add a stage before the one before it has finished
 
     @property
     def sign(self) -> int:
@@ -111,6 +113,66 @@ class First:
         return rule
 
 
+@dataclass(frozen=True)
+class ByFigures(First):
+    """`tuning.objective` other than "first" (issue 17): among the trials that meet the goal, the one with the
+    lowest cost by its deployment figures (`TrialView.cost`, from `nsd.figures.cost`) wins; costs within
+    `margin` of the lowest tie, and ties go to the earliest trial, so the answer is reproducible. A passing
+    trial without figures ranks after every measured one (the earliest of them wins if none was measured).
+
+    Nothing passing is First's answer (the best metric, earliest on ties), and so is the early-stop rule: a
+    trial that can neither meet the goal nor become the best has nothing to win. What differs: the answer
+    waits for every trial (a later one may be cheaper), nothing is cancelled by a pass, every passing trial
+    keeps its model, and a trial whose figures already lose is not evaluated (`prune`, on the trial job)."""
+    margin: float = 0.05
+    name: ClassVar[str] = "figures"
+    speculates: ClassVar[bool] = False  # a speculative trial could win on cost: stages follow each other
+
+    def winner(self, trials: Iterable[TrialView]) -> int | None:
+        """The earliest passing trial whose cost ties the lowest passing cost."""
+        passing = [t for t in trials if t.state is TrialState.PASSED]
+        costed = [t for t in passing if t.cost is not None]
+        if not costed:
+            return min((t.index for t in passing), default=None)
+        low = min(t.cost for t in costed)
+        return min(t.index for t in costed if ties(t.cost, low, self.margin))
+
+    def decide(self, trials: Sequence[TrialView], exhausted: bool = False) -> Decision | None:
+        """Once every trial has finished (or the budget ran out: over what has): the winner among the passing
+        ones, else the best metric with met_goal false."""
+        if not exhausted and any(not t.state.finished for t in trials):
+            return None
+        won = self.winner(trials)
+        return Decision(won, True) if won is not None else Decision(self.best(trials), False)
+
+    def to_cancel(self, trials: Sequence[TrialView]) -> list[int]:
+        return []  # a pass decides nothing about the others: any of them may cost less
+
+    def to_dispatch(self, trials: Sequence[TrialView], limit: int) -> list[int]:
+        pending = sorted(t.index for t in trials if t.state is TrialState.PENDING)
+        if limit <= 0:
+            return pending
+        running = sum(t.state is TrialState.RUNNING for t in trials)
+        return pending[: max(0, limit - running)]
+
+    def keeps(self, trials: Iterable[TrialView], index: int) -> bool:
+        return True  # any passing trial may win
+
+    def prune(self, trials: Iterable[TrialView]) -> float | None:
+        """The cost a trial's figures must tie to matter (the lowest passing cost; None: nothing to beat). A
+        trial beyond its margin cannot win whatever its metric (costs only fall as trials pass), so the
+        runner need not evaluate it (`nsd.figures.loses`)."""
+        costs = [t.cost for t in trials if t.state is TrialState.PASSED and t.cost is not None]
+        return min(costs, default=None)
+
+
+def ties(cost: float, low: float, margin: float) -> bool:
+    """nsd.figures.ties, for costs (non-negative): within the margin of the lowest."""
+    return cost <= low * (1 + margin)
+
+
 def objective_for(tuning: TuningSpec) -> Objective:
     """A task's objective from its (validated) tuning section."""
-    return First(tuning.higher_is_better)
+    if tuning.objective in ("first", None):
+        return First(tuning.higher_is_better)
+    return ByFigures(tuning.higher_is_better, float(tuning.objective_margin))

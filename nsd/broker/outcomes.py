@@ -15,8 +15,10 @@ from typing import Any
 
 from nsd.broker import search, tuner
 from nsd.broker.jobs import KINDS, SAVE
+from nsd.broker.metric_cache import hardware_key
 from nsd.broker.model import Lease, Task, Trial, Worker
 from nsd.broker.plan_check import check_plan
+from nsd.figures import loses
 from nsd.broker.store import StorageError
 from nsd.protocol import TRIAL, Cmd, JobRef, parse_job_id
 from nsd.quant.scoring import can_stop
@@ -69,7 +71,20 @@ class Outcomes:
         tr.seconds = body.get("seconds")
         metric, bound = body.get("metric"), body.get("bound")
         fallback = getattr(tr, "fallback", None)
-        if body["ok"] and metric is not None:
+        figures = body.get("figures") if body["ok"] and task.tuning.measure != "none" else None
+        if figures is not None:
+            task.set_figures(tr, figures, worker.hardware)
+            self.cache.put_figures(task, worker, hardware_key(worker.hardware, self.job_cores(task, worker)),
+                                   tr.config, fallback, figures)
+        if body["ok"] and body.get("pruned") is True and metric is None:
+            prune = task.prune_rule()
+            if prune is not None and loses(figures, prune):  # checked here too: a worker's word is not enough
+                tr.pruned, tr.error = True, "not evaluated: its figures lose to a passing trial's by more than the margin"
+                task.set_state(tr, TrialState.CANCELLED)
+                return self._finish_trial(task, tr)
+            task.set_state(tr, TrialState.ERROR)
+            tr.error = "the worker did not evaluate it, but its figures do not lose to a passing trial's"
+        elif body["ok"] and metric is not None:
             self._score(task, tr, float(metric), None)
             if tr.state is TrialState.PASSED and body.get("kept"):
                 tr.kept = (worker.id, body["kept"])
@@ -99,9 +114,10 @@ class Outcomes:
     def _finish_trial(self, task: Task, tr: Trial) -> None:
         self._write_trial(task, tr, state=tr.state.value, metric=tr.metric, seconds=tr.seconds,
                           finished=tr.finished, error=tr.error, bound=tr.bound, stopped_early=tr.stopped_early,
-                          cached=tr.cached)
+                          cached=tr.cached, pruned=tr.pruned,
+                          figures=None if tr.figures is None else [tr.figures, tr.measured_on])
         self.metrics.trial_finished(tr.state.value)
-        self.emit(task, "trial", **tr.event())
+        self.emit(task, "trial", **tr.event(task.baseline_figures))
         self.settle(task)
 
     def _answer_from_cache(self, task: Task, worker: Worker) -> bool:
@@ -118,6 +134,13 @@ class Outcomes:
         plan = self.cache.get_plan(task, worker.versions)
         if plan is None:
             return False
+        fp32 = None
+        if task.tuning.measure != "none":  # FP32's figures on this kind of machine, or run it
+            fp32 = self.cache.get_figures(task, worker.versions,
+                                          hardware_key(worker.hardware, self.job_cores(task, worker)))
+            if fp32 is None:
+                return False
+            task.baseline_figures, task.baseline_on = fp32["figures"], worker.hardware if fp32["figures"] else None
         if task.state is TaskState.QUEUED:
             self._move(task, TaskState.PLANNING)
         task.started = task.started or time.time()
@@ -151,6 +174,13 @@ class Outcomes:
             metric, bound = finite(known.get("metric")), finite(known.get("bound"))
             if metric is None and not (bound is not None and can_stop(bound, bound, task.stop_rule(tr.index))):
                 return answered  # it stopped early under a stricter rule than this task's: run it
+            if self._wants_figures(task, metric):
+                known = self.cache.get_figures(task, versions, hardware_key(worker.hardware,
+                                                                                 self.job_cores(task, worker)),
+                                               tr.config, getattr(tr, "fallback", None))
+                if known is None or known["figures"] is None:
+                    return answered  # not measured on this kind of machine: run it here
+                task.set_figures(tr, known["figures"], worker.hardware)
             task.next_pending()
             now = time.time()
             tr.cached, tr.worker, tr.started, tr.finished, tr.seconds = True, None, now, now, 0.0
@@ -159,6 +189,15 @@ class Outcomes:
             answered = True
         return True
 
+    @staticmethod
+    def _wants_figures(task: Task, metric: float | None) -> bool:
+        """Whether a trial with this metric carries figures in this task (tuning.measure; none where the
+        recipe gave FP32 no benchmark batch)."""
+        mode = task.tuning.measure
+        if metric is None or mode == "none" or task.baseline_figures is None:
+            return False
+        return mode == "all" or tuner.meets_goal(metric, task.goal())
+
     def _keep_log(self, task: Task, job: str, body: dict, worker: str) -> None:
         text = body.get("log")
         if text:
@@ -166,6 +205,11 @@ class Outcomes:
 
     def _plan_result(self, task: Task, ref: JobRef, body: dict, worker: Worker | None = None) -> None:
         task.plan_s = body.get("seconds")
+        if worker is not None and body["ok"] and task.tuning.measure != "none":
+            task.baseline_figures = body.get("figures")  # None: the recipe gives no benchmark batch
+            task.baseline_on = worker.hardware if task.baseline_figures else None
+            self.cache.put_figures(task, worker, hardware_key(worker.hardware, self.job_cores(task, worker)),
+                                   None, None, task.baseline_figures)
         baseline, configs = body.get("baseline"), body.get("configs")
         if not body["ok"]:
             return self.finish(task, TaskState.FAILED, error=f"planning failed: {body.get('error') or 'unknown error'}")
@@ -188,8 +232,10 @@ class Outcomes:
         self._move(task, TaskState.TUNING)  # (marks scheduling dirty: new trials wait)
         self.store.insert_trials(task.id, [t.row() for t in task.trials])
         self._write_task(task, baseline=task.baseline, state=task.state.value, jobs=task.jobs_plain(),
-                         plan_s=task.plan_s, oplists=search.oplists_to_plain(oplists))
-        self.emit(task, "plan", baseline=task.baseline, trials=[t.described() for t in task.trials])
+                         plan_s=task.plan_s, oplists=search.oplists_to_plain(oplists),
+                         baseline_figures=[task.baseline_figures, task.baseline_on])
+        self.emit(task, "plan", baseline=task.baseline, trials=[t.described() for t in task.trials],
+                  baseline_figures=task.baseline_figures, baseline_on=task.baseline_on)
         self.emit(task, "state", state=task.state.value)
         log.info("task %s: baseline %.6g, %d trials", task.id, task.baseline, len(task.trials))
 
@@ -264,7 +310,7 @@ class Outcomes:
         task.set_state(tr, TrialState.CANCELLED)
         tr.error, tr.finished = why, time.time()
         self._write_trial(task, tr, state=tr.state.value, error=why, finished=tr.finished)
-        self.emit(task, "trial", **tr.event())
+        self.emit(task, "trial", **tr.event(task.baseline_figures))
 
     def _stop_job(self, task: Task, jid: str, attempt: int, wid: str | None) -> None:
         self.orphans.pop(jid, None)
@@ -327,7 +373,7 @@ class Outcomes:
             tr.error, tr.finished = f"{why} on each of {attempt} attempts", time.time()
         self._write_trial(task, tr, state=state.value, attempt=attempt, worker=None, error=tr.error,
                           finished=tr.finished)
-        self.emit(task, "trial", **tr.event())
+        self.emit(task, "trial", **tr.event(task.baseline_figures))
         self.settle(task)
 
     def _plan_gave_up(self, task: Task, ref: JobRef, attempt: int, why: str) -> None:

@@ -36,7 +36,8 @@ class Placement:
         demands = []
         for tier in sorted(self.queued, reverse=True):
             for task in itertools.islice(self.queued[tier].values(), room):
-                demands.append(scheduler.Demand(task.id, 1, tier, cores=task.resources.cores_per_trial))
+                demands.append(scheduler.Demand(task.id, 1, tier, cores=task.resources.cores_per_trial,
+                                                label=task.resources.hardware))
         for task in self.started.values():
             if not task.wants_worker():
                 continue
@@ -45,11 +46,13 @@ class Placement:
             waiting = len(task.waiting()) + (task.dispatchable(task.resources.workers)
                                              if task.state is TaskState.TUNING else 0)
             if waiting:
-                demands.append(scheduler.Demand(task.id, waiting, self.priority(task), task.n_running, cores))
+                demands.append(scheduler.Demand(task.id, waiting, self.priority(task), task.n_running, cores,
+                                                task.resources.hardware))
         demands.sort(key=lambda d: self.tasks[d.task_id].created)  # the scheduler's "age" is list order
         if demands:
             free = {w.id: w.free_cores for w in self.free.values()}
-            placements = scheduler.place(free, demands, {w.id: w.cores_per_trial for w in self.free.values()})
+            placements = scheduler.place(free, demands, {w.id: w.cores_per_trial for w in self.free.values()},
+                                         {w.id: (w.hardware or {}).get("label") for w in self.free.values()})
             self._answered_from_cache = False
             with self.tx():
                 for task_id, worker_id in placements:
@@ -105,11 +108,15 @@ class Placement:
         task.set_state(tr, TrialState.RUNNING)
         tr.worker, tr.started = worker.id, time.time()
         self._write_trial(task, tr, state=tr.state.value, worker=worker.id, started=tr.started)
-        self.emit(task, "trial", **tr.event())
-        return worker, {"kind": "trial", "task_id": task.id, "spec": task.spec_dict, "index": tr.index,
-                        "config": tr.config, "fallback": tr.fallback,
-                        # What it must reach to matter (early stop), and whether a pass should keep its model.
-                        "rule": task.stop_rule(tr.index), "keep": task.keeps(tr.index)}
+        self.emit(task, "trial", **tr.event(task.baseline_figures))
+        job = {"kind": "trial", "task_id": task.id, "spec": task.spec_dict, "index": tr.index, "config": tr.config,
+               "fallback": tr.fallback,
+               # What it must reach to matter (early stop), and whether a pass should keep its model.
+               "rule": task.stop_rule(tr.index), "keep": task.keeps(tr.index)}
+        prune = task.prune_rule()
+        if prune is not None:  # a figures objective with a passing trial: the figures to tie first
+            job["prune"] = prune
+        return worker, job
 
     def _save_job(self, task: Task, ref: JobRef, worker: Worker) -> tuple[Worker, dict]:
         winner = task.trials[task.winner]

@@ -19,6 +19,10 @@ all stages unchanged:
     may still run: the accumulated prefixes are dispatched speculatively, lowest first).
 Speculation only ever runs trials at positions < max_trials, so it never adds to `max_trials`; a trial
 that ran after the winner's position is reported (cancelled, or with its metric) but cannot win.
+An objective that ranks every passing trial (`ByFigures`, `speculates = False`) could be won by such a trial,
+so under it the accumulated stage waits until the block-wise and op-wise trials have all finished with none
+passing: the candidates are then the passing trials of the first stage group that has any, whatever the
+finishing order (`tests/test_objective_figures.py`).
 """
 
 from __future__ import annotations
@@ -67,9 +71,10 @@ class Step:
     base: int
     state: TrialState = TrialState.PENDING
     metric: float | None = None
+    cost: float | None = None  # under a figures objective (nsd.broker.objective.ByFigures)
 
     def view(self) -> tuner.TrialView:
-        return tuner.TrialView(self.index, self.state, self.metric)
+        return tuner.TrialView(self.index, self.state, self.metric, self.cost)
 
 
 @dataclass(frozen=True)
@@ -179,6 +184,8 @@ def next_stage(layout: Layout, steps: Sequence[Step]) -> list[NewTrial]:
     op_wise = [s for s in steps if s.stage == OP_WISE]
     if any(s.stage == ACCUMULATED for s in steps) or not op_wise:
         return []
+    if not layout.rules.speculates and not all(s.state.finished for s in steps):
+        return []  # an objective that ranks every passing trial: a stage is added only after the last one
     base = op_wise[0].base
     oplist = layout.oplists.get(layout.families[base], OpList())
     if len(op_wise) < len(oplist.ops) or not all(s.state.finished for s in op_wise):

@@ -119,6 +119,9 @@ MIGRATIONS = (  # columns added after the first release: (table, column, definit
     ("trials", "cached", "INTEGER"),  # answered from the metric cache
     # job kinds (nsd.broker.jobs): the leases of the jobs other than trials, [[kind, index, attempt, worker]]
     ("tasks", "jobs", "TEXT"),
+    # deployment figures (nsd/figures.py), each [figures, the hardware they were measured on] (JSON)
+    ("tasks", "baseline_figures", "TEXT"), ("trials", "figures", "TEXT"),
+    ("trials", "pruned", "INTEGER"),  # not evaluated: its figures lost to a passing trial's
     # the metric cache per tenant (README "Privacy"): whose entry, and which task and worker produced it
     ("cache", "scope", "TEXT NOT NULL DEFAULT ''"), ("cache", "task_id", "TEXT"), ("cache", "worker", "TEXT"),
     ("tasks", "candidate", "TEXT"),  # the saved winner while it is verified (nsd.broker.verification)
@@ -129,9 +132,10 @@ INDEXES = ("CREATE INDEX IF NOT EXISTS cache_by_task ON cache (task_id)",
 AUDIT_KEPT = 100_000  # the newest audit entries kept (README "Privacy": bounded)
 ERASURES_KEPT = 10_000  # erasures remembered for workers that were away when they happened
 TASK_COLUMNS = frozenset({"state", "started", "finished", "baseline", "winner", "met_goal", "error", "seq",
-                          "stage_attempt", "stage_worker", "plan_s", "artifact", "oplists", "jobs", "owner", "candidate"})
+                          "stage_attempt", "stage_worker", "plan_s", "artifact", "oplists", "baseline_figures", "jobs",
+                          "owner", "candidate"})
 TRIAL_COLUMNS = frozenset({"state", "attempt", "metric", "worker", "started", "finished", "seconds", "error",
-                           "bound", "stopped_early", "cached"})
+                           "bound", "stopped_early", "cached", "figures", "pruned"})
 
 
 class Store:

@@ -24,6 +24,7 @@ class TrialView:
     index: int
     state: TrialState
     metric: float | None = None
+    cost: float | None = None  # under a figures objective: its cost (nsd.figures.cost), lower is better
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
 """The daemons: `nsd broker`, `nsd worker` and `nsd gateway`. Every option's default is its config's field
-(BrokerConfig, WorkerConfig): one source."""
+(BrokerConfig, WorkerConfig, GatewayConfig): one source."""
 
 from __future__ import annotations
 
@@ -150,9 +150,11 @@ def broker(state_dir, log_level, clients, workers, events, heartbeat_s, liveness
 @click.option("--no-sandbox", is_flag=True, default=not WORKER.sandbox,
               help="Run runners without bubblewrap. Development only: a python recipe could then read this "
                    "worker's keys, cache and other tasks' files.")
+@click.option("--label", default=WORKER.label,
+              help="A kind of machine, e.g. spr-64: tasks with resources.hardware = LABEL run only on such workers.")
 @click.option("--log-level", default="info", show_default=True)
 def worker(broker_addr, cores, cpus, cores_per_trial, cache_dir, cache_size, worker_id, heartbeat, grace, preload,
-           curve_key, server_key, shared_dirs, runner_env, no_sandbox, log_level) -> None:
+           curve_key, server_key, shared_dirs, runner_env, no_sandbox, label, log_level) -> None:
     """Run a worker daemon on this node."""
     from nsd.limits import raise_open_files_limit
     from nsd.net import install_uvloop
@@ -170,11 +172,15 @@ def worker(broker_addr, cores, cpus, cores_per_trial, cache_dir, cache_size, wor
         fail(exc)
     if not 1 <= cores_per_trial <= len(cpus):
         fail(ValueError(f"--cores-per-trial must be between 1 and {len(cpus)}"))
+    from nsd.spec import HARDWARE_LABEL
+
+    if label is not None and not HARDWARE_LABEL.fullmatch(label):
+        fail(ValueError(f"--label must be letters, digits, '.', '_' or '-' (at most 64), got {label[:80]!r}"))
     config = WorkerConfig(broker=broker_addr, cpus=cpus, cores_per_trial=cores_per_trial,
                           worker_id=worker_id, heartbeat_s=heartbeat, grace_s=grace, curve_key=curve_key,
                           server_key=server_key, cache_max_bytes=int(cache_size * 1024**3), preload=preload,
                           shared_dirs=[Path(d) for d in shared_dirs], runner_env=list(runner_env),
-                          sandbox=not no_sandbox)
+                          sandbox=not no_sandbox, label=label)
     if cache_dir is not None:
         config.cache_dir = Path(cache_dir).resolve()  # runners work in their own folders
 
@@ -195,6 +201,28 @@ def worker(broker_addr, cores, cpus, cores_per_trial, cache_dir, cache_size, wor
         fail(exc)
 
 
+GATEWAY_BOUNDS = {  # GatewayConfig field: (option, help): what one client may hold of the gateway, and for how long
+    "header_timeout_s": ("--header-timeout", "Seconds a client has to send each request's head."),
+    "body_idle_s": ("--body-idle", "Seconds a request body may send nothing before it is given up (408)."),
+    "max_connections": ("--max-connections", "HTTP connections in all (past it: 503)."),
+    "max_connections_per_client": ("--max-connections-per-client",
+                                   "HTTP connections one address (IPv6: /64) may hold; raise it behind a proxy."),
+    "max_streams": ("--max-streams", "Event streams (SSE, gRPC Watch, /task/screen) in all."),
+    "max_streams_per_token": ("--max-streams-per-token", "Event streams one token name may hold open."),
+    "events_probe_s": ("--events-probe", "Seconds a followed task may be quiet before its seq is asked for."),
+    "broker_connections": ("--broker-connections", "Requests to the broker in flight at once."),
+    "broker_timeout_s": ("--broker-timeout", "Seconds to wait for the broker's answer (then 503)."),
+}
+
+
+def _gateway_bounds(command):
+    for name, (option, help_text) in reversed(GATEWAY_BOUNDS.items()):
+        default = getattr(GATEWAY, name)
+        kind = click.IntRange(min=1) if isinstance(default, int) else click.FloatRange(min=0.05)
+        command = click.option(option, name, type=kind, default=default, show_default=True, help=help_text)(command)
+    return command
+
+
 @click.command()
 @config_option("gateway")
 @click.option("--broker", envvar="NSD_BROKER", default=GATEWAY.broker or DEFAULT_ENDPOINTS["clients"],
@@ -202,21 +230,25 @@ def worker(broker_addr, cores, cpus, cores_per_trial, cache_dir, cache_size, wor
 @click.option("--http", default=GATEWAY.http, show_default=True, help="REST, events and web view: HOST:PORT.")
 @click.option("--grpc", default=GATEWAY.grpc, show_default=True, help="gRPC: HOST:PORT.")
 @click.option("--tokens", type=click.Path(dir_okay=False), default=GATEWAY.tokens,
-              help="Bearer tokens, one `name token` per line (re-read on SIGHUP); without it nothing is asked.")
+              help="Bearer tokens, one `name token [code]` per line (re-read on SIGHUP); required unless --no-auth.")
+@click.option("--no-auth", is_flag=True, default=GATEWAY.no_auth,
+              help="Development on loopback only: no tokens, one tenant, every right.")
+@click.option("--allowed-hosts", multiple=True, default=GATEWAY.allowed_hosts,
+              help="A Host name served besides the bind address and loopback (repeat; '*': any, behind a proxy).")
 @click.option("--tls-cert", type=click.Path(dir_okay=False), default=GATEWAY.tls_cert,
               help="TLS certificate (PEM), both doors.")
 @click.option("--tls-key", type=click.Path(dir_okay=False), default=GATEWAY.tls_key, help="TLS private key (PEM).")
-@click.option("--insecure", is_flag=True, default=GATEWAY.insecure,
-              help="Allow a non-loopback bind without tokens and TLS.")
+@click.option("--insecure", is_flag=True, default=GATEWAY.insecure, help="Allow a non-loopback bind without TLS.")
 @click.option("--max-upload", default=GATEWAY.limits.max_upload / 1024**3, show_default=True,
               help="Largest upload, GiB.")
+@_gateway_bounds
 @click.option("--curve-key", envvar="NSD_CURVE_KEY", default=GATEWAY.curve_key, type=click.Path(dir_okay=False),
-              help="The gateway's own client key pair, for a CURVE broker (env NSD_CURVE_KEY).")
+              help="The gateway's own key pair for a CURVE broker, allowed there as a gateway (env NSD_CURVE_KEY).")
 @click.option("--server-key", envvar="NSD_SERVER_KEY", default=GATEWAY.server_key, type=click.Path(dir_okay=False),
               help="The broker's public key, for a CURVE broker (env NSD_SERVER_KEY).")
 @click.option("--log-level", default="info", show_default=True)
-def gateway(broker, http, grpc, tokens, tls_cert, tls_key, insecure, max_upload, curve_key, server_key,
-            log_level) -> None:
+def gateway(broker, http, grpc, tokens, no_auth, allowed_hosts, tls_cert, tls_key, insecure, max_upload,
+            curve_key, server_key, log_level, **bounds) -> None:
     """Run the REST + gRPC gateway and web view (needs `pip install 'nsd[gateway]'`)."""
     try:
         from nsd.gateway.server import serve
@@ -226,9 +258,10 @@ def gateway(broker, http, grpc, tokens, tls_cert, tls_key, insecure, max_upload,
 
     setup_logging(log_level)
     install_uvloop()
-    config = GatewayConfig(broker=broker, http=http or None, grpc=grpc or None, tokens=tokens,
+    config = GatewayConfig(broker=broker, http=http or None, grpc=grpc or None, tokens=tokens, no_auth=no_auth,
                            tls_cert=tls_cert, tls_key=tls_key, insecure=insecure, curve_key=curve_key,
-                           server_key=server_key, limits=Limits(max_upload=int(max_upload * 1024**3)))
+                           server_key=server_key, allowed_hosts=tuple(allowed_hosts),
+                           limits=Limits(max_upload=int(max_upload * 1024**3)), **bounds)
     try:
         asyncio.run(serve(config))
     except (ValueError, OSError) as exc:

@@ -27,6 +27,10 @@ def cluster(as_json, broker) -> None:
                    f"{w['busy']:>4} {w['last_seen_s']:>5.1f}s {w['version'][:8]:<8} {' '.join(w['running']) or '-'}")
     click.echo(f"{len(workers)} workers, {sum(w['slots'] for w in workers)} slots, "
                f"{sum(w['busy'] for w in workers)} busy")
+    kinds = sorted({(hw.get("label") or "-", hw.get("cpu", "?"), " ".join(hw.get("isa") or []) or "-")
+                    for hw in (w.get("hardware") for w in workers) if hw})
+    for label, cpu, isa in kinds:  # the kinds of machine figures are measured on (resources.hardware = label)
+        click.echo(f"  label {label}: {cpu} ({isa})")
 
 
 @click.command()

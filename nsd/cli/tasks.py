@@ -71,7 +71,7 @@ def list_tasks(as_json, broker) -> None:
 @broker_option
 def watch(task_id, broker) -> None:
     """Follow a task live until it ends."""
-    from nsd.client.view import apply_event, exit_code, progress_line, result_text
+    from nsd.client.view import apply_event, deploy_text, exit_code, progress_line, result_text
 
     task = None
     with Errors(), open_client(broker) as client:
@@ -80,7 +80,8 @@ def watch(task_id, broker) -> None:
             if event["kind"] == "trial" and TrialState(event["state"]).finished:
                 metric = "-" if event["metric"] is None else f"{event['metric']:.6g}"
                 tr = task["trials"][event["index"]]
-                click.echo(f"  trial {event['index']:>3} {event['state']:<11} metric {metric}  "
+                deployed = f"  {deploy_text(tr['deploy'])}" if tr.get("deploy") else ""
+                click.echo(f"  trial {event['index']:>3} {event['state']:<11} metric {metric}{deployed}  "
                            f"{tr.get('stage', 'config')}: {tr['label']}")
             elif event["kind"] == "stage":
                 stages = sorted({t["stage"] for t in event["trials"]})

@@ -42,7 +42,7 @@ def broker_address(address: str | None = None) -> str:
 class AsyncClient(Transfers, EventStream, Privacy):
     def __init__(self, broker: str | None = None, timeout_s: float = 10.0, idle_resnapshot_s: float = 2.0,
                  reconnect_s: float = 300.0, curve_key: str | os.PathLike | None = None,
-                 server_key: str | os.PathLike | None = None):
+                 server_key: str | os.PathLike | None = None, ctx: zmq.asyncio.Context | None = None):
         self.broker = broker_address(broker)
         if bool(curve_key) != bool(server_key):
             raise KeyFileError("CURVE needs both your key (--curve-key / NSD_CURVE_KEY) and the broker's public "
@@ -51,7 +51,8 @@ class AsyncClient(Transfers, EventStream, Privacy):
         self.timeout_s = timeout_s
         self.reconnect_s = reconnect_s  # how long an event stream waits out a broker that went away
         self.idle_resnapshot_s = idle_resnapshot_s
-        self.ctx = zmq.asyncio.Context()
+        self._own_ctx = ctx is None  # a shared context (the gateway's connections) is its owner's to end
+        self.ctx = zmq.asyncio.Context() if ctx is None else ctx
         self._sock: zmq.asyncio.Socket | None = None
         self._watch: HandshakeWatch | None = None  # the request socket's handshakes and disconnects
         self._req = itertools.count(1)
@@ -61,7 +62,8 @@ class AsyncClient(Transfers, EventStream, Privacy):
 
     async def close(self) -> None:
         self._drop_socket()
-        self.ctx.term()
+        if self._own_ctx:
+            self.ctx.term()
 
     def _open_socket(self) -> None:
         self._sock = configure(self.ctx.socket(zmq.DEALER))

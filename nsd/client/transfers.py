@@ -14,8 +14,8 @@ from typing import Any
 
 from nsd.blobs import CHUNK_BYTES, make_ref, parse_ref, unpack_tree
 from nsd.client.errors import BrokerError
+from nsd.client.readme import loading_readme  # noqa: F401 - also importable from here (the README's one writer)
 from nsd.protocol import Cmd
-from nsd.spec import PT2E_CONFIGS
 from nsd.transfer import Packed, packed, receive_chunks, send_chunks
 
 
@@ -65,27 +65,3 @@ class Transfers:
         (out / "result.json").write_text(json.dumps(task, indent=2, sort_keys=True))
         (out / "README.md").write_text(loading_readme(task, ref[1]))
         return target
-
-
-def loading_readme(task: dict, name: str) -> str:
-    winner = task["winner"]
-    (config_name, _), = winner["config"].items()
-    weight_only = config_name not in PT2E_CONFIGS
-    load = ("from neural_compressor.torch.quantization import load\n"
-            "fp32_model = ...  # the same FP32 model the task tuned (your recipe's load_model())\n"
-            f"model = load('{name}', original_model=fp32_model)" if weight_only else
-            "from neural_compressor.torch.quantization import load\n"
-            f"model = load('{name}')  # a PT2E graph; for int8 speed, torch.compile it with "
-            "torch._inductor.config.freezing = True")
-    ops = winner.get("fallback") or []
-    fallback = (f"The fallback search ({winner.get('stage')} stage) kept these {len(ops)} ops in FP32; they are "
-                f"plain float modules in the saved model:\n\n" + "".join(f"- `{op}`\n" for op in ops) + "\n"
-                if ops else "")
-    return (f"# {task['name']}: quantized by nsd\n\n"
-            f"Task `{task['task_id']}` ran {len(task['trials'])} trials; trial {winner['index']} won "
-            f"(`{winner['label']}`, metric {winner['metric']:.6g} against an FP32 baseline of "
-            f"{task['baseline']:.6g}; goal met: {str(task['met_goal']).lower()}).\n\n"
-            f"{fallback}`{name}/` was written by INC's `save` (with `nsd.json` describing the trial); "
-            f"`result.json` is the whole task result.\n\n"
-            f"Load it (needs `pip install neural-compressor-pt==3.10 torch==2.13.0`):\n\n"
-            f"```python\n{load}\n```\n")

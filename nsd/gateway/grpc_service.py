@@ -1,27 +1,39 @@
-"""The gRPC door (nsd.proto): the same operations as REST, with gRPC status codes for the same errors."""
+"""The gRPC door (nsd.proto): the same operations as REST, with gRPC status codes for the same errors.
+
+No browser reaches it (a page cannot speak gRPC's HTTP/2 with trailers), so the REST door's browser
+guard has nothing to guard here; the token is the caller, as on REST."""
 
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 from typing import Any, AsyncIterator
 
 import grpc
 
 from nsd import __version__
-from nsd.client.api import BrokerError
+from nsd.client.errors import BrokerError
 from nsd.gateway import nsd_pb2 as pb
 from nsd.gateway import nsd_pb2_grpc as pb_grpc
-from nsd.gateway.auth import Tokens
-from nsd.gateway.service import Gateway, Invalid, NoArtifact, NotFound, Unavailable, file_chunks
+from nsd.gateway.auth import Caller, Tokens
+from nsd.gateway.broker import PAGE
+from nsd.gateway.fanout import TooManyStreams, event_json
+from nsd.gateway.service import (BadRequest, Forbidden, Gateway, Invalid, NoArtifact, NotFound, Unavailable,
+                                 Unsupported)
+from nsd.gateway.streams import tar_entries, tar_stream
 from nsd.gateway.uploads import BadUpload, UploadTooLarge
 
-CODES = {  # the gateway's errors, as REST answers them with 422 / 404 / 413 / 400 / 409 / 503 / 400
+CODES = {  # the gateway's errors, as REST answers them with 422 / 404 / 400 / 403 / 413 / 400 / 409 / 429 / 501 / 503
     Invalid: grpc.StatusCode.INVALID_ARGUMENT,
     NotFound: grpc.StatusCode.NOT_FOUND,
+    BadRequest: grpc.StatusCode.INVALID_ARGUMENT,
+    Forbidden: grpc.StatusCode.PERMISSION_DENIED,
     UploadTooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
     BadUpload: grpc.StatusCode.INVALID_ARGUMENT,
     NoArtifact: grpc.StatusCode.FAILED_PRECONDITION,
+    TooManyStreams: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Unsupported: grpc.StatusCode.UNIMPLEMENTED,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
     BrokerError: grpc.StatusCode.INVALID_ARGUMENT,
 }
@@ -32,11 +44,10 @@ def _details(exc: Exception) -> str:
 
 
 def rpc(method):
-    """Check the token, then run; a gateway error becomes its status code. Works for unary and streaming
-    answers alike (an async generator method is wrapped as one)."""
-    import inspect
+    """Find the caller by its token, then run with it; a gateway error becomes its status code. Works for
+    unary and streaming answers alike (an async generator method is wrapped as one)."""
 
-    async def refuse_or_abort(self, context, exc: Exception | None) -> None:
+    async def refuse(context, exc: Exception | None) -> None:
         if exc is None:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or unknown bearer token")
         await context.abort(CODES[type(exc)], _details(exc))
@@ -44,23 +55,25 @@ def rpc(method):
     if inspect.isasyncgenfunction(method):
         @functools.wraps(method)
         async def stream(self, request, context):
-            if not self._allowed(context):
-                await refuse_or_abort(self, context, None)
+            caller = self._caller(context)
+            if caller is None:
+                await refuse(context, None)
             try:
-                async for item in method(self, request, context):
+                async for item in method(self, request, context, caller):
                     yield item
             except tuple(CODES) as exc:
-                await refuse_or_abort(self, context, exc)
+                await refuse(context, exc)
         return stream
 
     @functools.wraps(method)
     async def unary(self, request, context):
-        if not self._allowed(context):
-            await refuse_or_abort(self, context, None)
+        caller = self._caller(context)
+        if caller is None:
+            await refuse(context, None)
         try:
-            return await method(self, request, context)
+            return await method(self, request, context, caller)
         except tuple(CODES) as exc:
-            await refuse_or_abort(self, context, exc)
+            await refuse(context, exc)
     return unary
 
 
@@ -73,60 +86,71 @@ class NsdServicer(pb_grpc.NsdServicer):
     def __init__(self, gateway: Gateway, tokens: Tokens):
         self.gateway, self.tokens = gateway, tokens
 
-    def _allowed(self, context: grpc.aio.ServicerContext) -> bool:
+    def _caller(self, context: grpc.aio.ServicerContext) -> Caller | None:
         metadata = dict(context.invocation_metadata() or ())
-        return self.tokens.who(metadata.get("authorization")) is not None
+        return self.tokens.who(metadata.get("authorization"))
 
     @rpc
-    async def Ping(self, request, context):
+    async def Ping(self, request, context, caller):
         await self.gateway.ping()
         return pb.PingReply(gateway_version=__version__, broker=self.gateway.client.broker)
 
     @rpc
-    async def Submit(self, request, context):
+    async def Submit(self, request, context, caller):
         try:
             raw = json.loads(request.spec_json)
         except ValueError as exc:
             raise Invalid([f"spec_json is not JSON: {exc}"]) from None
-        return pb.SubmitReply(task_id=await self.gateway.submit(raw))
+        return pb.SubmitReply(task_id=await self.gateway.submit(caller, raw))
 
     @rpc
-    async def Get(self, request, context):
-        return _task(await self.gateway.get(request.task_id))
+    async def Get(self, request, context, caller):
+        offset = request.offset if request.HasField("offset") else 0
+        limit = request.limit if request.HasField("limit") else PAGE
+        return _task(await self.gateway.get(caller, request.task_id, offset, limit))
 
     @rpc
-    async def List(self, request, context):
-        return pb.TaskList(tasks=[_task(t) for t in await self.gateway.list()])
+    async def List(self, request, context, caller):
+        return pb.TaskList(tasks=[_task(t) for t in await self.gateway.list(caller)])
 
     @rpc
-    async def Cancel(self, request, context):
-        return _task(await self.gateway.cancel(request.task_id))
+    async def Cancel(self, request, context, caller):
+        return _task(await self.gateway.cancel(caller, request.task_id))
 
     @rpc
-    async def Watch(self, request, context):
+    async def Delete(self, request, context, caller):
+        answer = await self.gateway.delete(caller, request.task_id)
+        view = answer.get("task", answer)
+        return pb.Task(task_id=str(view.get("task_id", request.task_id)), state=str(view.get("state", "deleted")),
+                       json=json.dumps(answer, sort_keys=True))
+
+    @rpc
+    async def Watch(self, request, context, caller):
         after = request.after_seq if request.HasField("after_seq") else None
-        await self.gateway.get(request.task_id)  # NOT_FOUND before the stream starts
-        async for event in self.gateway.events(request.task_id, after):
-            yield pb.Event(seq=event["seq"], kind=event["kind"], task_id=event["task_id"],
-                           json=json.dumps(event, sort_keys=True))
+        events = await self.gateway.watch(caller, request.task_id, after)  # NOT_FOUND before the stream starts
+        try:
+            async for event in events:
+                yield pb.Event(seq=event["seq"], kind=event["kind"], task_id=event["task_id"], json=event_json(event))
+        finally:
+            await events.aclose()
 
     @rpc
-    async def Logs(self, request, context):
-        logs = await self.gateway.logs(request.task_id, request.trial or None)
+    async def Logs(self, request, context, caller):
+        logs = await self.gateway.logs(caller, request.task_id, request.trial or None)
         return pb.LogsReply(logs=[pb.LogEntry(job=str(e["job"]), attempt=int(e.get("attempt") or 0),
                                               worker=str(e.get("worker") or ""), text=e["text"]) for e in logs])
 
     @rpc
-    async def Fetch(self, request, context):
-        async with self.gateway.artifact(request.task_id) as (task, name, path):
-            size = path.stat().st_size
+    async def Fetch(self, request, context, caller):
+        async with self.gateway.fetched(caller, request.task_id) as (task, folder):
+            size, chunks = tar_stream(tar_entries(folder))
             first = True
-            for chunk in file_chunks(path):
-                yield pb.Chunk(data=chunk, name=name if first else "", size=size if first else 0)
+            for chunk in chunks:
+                yield pb.Chunk(data=chunk, name=f"{task['task_id']}.tar" if first else "", size=size if first else 0)
                 first = False
 
     @rpc
-    async def Upload(self, request_iterator, context):
+    async def Upload(self, request_iterator, context, caller):
         parts = request_iterator.__aiter__()
         try:
             first = await parts.__anext__()
@@ -142,12 +166,12 @@ class NsdServicer(pb_grpc.NsdServicer):
                     raise BadUpload("only one header per upload")
                 yield part.data
 
-        ref = await self.gateway.upload(chunks(), header.name, header.tar, header.sha256 or None)
+        ref = await self.gateway.upload(caller, chunks(), header.name, header.tar, header.sha256 or None)
         return pb.UploadReply(ref=ref)
 
     @rpc
-    async def Cluster(self, request, context):
-        return pb.ClusterReply(workers_json=json.dumps(await self.gateway.cluster(), sort_keys=True))
+    async def Cluster(self, request, context, caller):
+        return pb.ClusterReply(workers_json=json.dumps(await self.gateway.cluster(caller), sort_keys=True))
 
 
 def add_to_server(server: grpc.aio.Server, gateway: Gateway, tokens: Tokens) -> None:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15nsd/gateway/nsd.proto\x12\x06nsd.v1\"\r\n\x0bPingRequest\"4\n\tPingReply\x12\x17\n\x0fgateway_version\x18\x01 \x01(\t\x12\x0e\n\x06\x62roker\x18\x02 \x01(\t\"\"\n\rSubmitRequest\x12\x11\n\tspec_json\x18\x01 \x01(\t\"\x1e\n\x0bSubmitReply\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"\x1e\n\x0bTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"A\n\x04Task\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x0b\n\x03seq\x18\x03 \x01(\x04\x12\x0c\n\x04json\x18\x04 \x01(\t\"\r\n\x0bListRequest\"\'\n\x08TaskList\x12\x1b\n\x05tasks\x18\x01 \x03(\x0b\x32\x0c.nsd.v1.Task\"E\n\x0cWatchRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x16\n\tafter_seq\x18\x02 \x01(\x04H\x00\x88\x01\x01\x42\x0c\n\n_after_seq\"A\n\x05\x45vent\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0f\n\x07task_id\x18\x03 \x01(\t\x12\x0c\n\x04json\x18\x04 \x01(\t\"-\n\x0bLogsRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\r\n\x05trial\x18\x02 \x01(\t\"F\n\x08LogEntry\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x0e\n\x06worker\x18\x03 \x01(\t\x12\x0c\n\x04text\x18\x04 \x01(\t\"+\n\tLogsReply\x12\x1e\n\x04logs\x18\x01 \x03(\x0b\x32\x10.nsd.v1.LogEntry\"1\n\x05\x43hunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04size\x18\x03 \x01(\x04\"9\n\x0cUploadHeader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03tar\x18\x02 \x01(\x08\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"L\n\nUploadPart\x12&\n\x06header\x18\x01 \x01(\x0b\x32\x14.nsd.v1.UploadHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"\x1a\n\x0bUploadReply\x12\x0b\n\x03ref\x18\x01 \x01(\t\"\x10\n\x0e\x43lusterRequest\"$\n\x0c\x43lusterReply\x12\x14\n\x0cworkers_json\x18\x01 \x01(\t2\xee\x03\n\x03Nsd\x12.\n\x04Ping\x12\x13.nsd.v1.PingRequest\x1a\x11.nsd.v1.PingReply\x12\x34\n\x06Submit\x12\x15.nsd.v1.SubmitRequest\x1a\x13.nsd.v1.SubmitReply\x12(\n\x03Get\x12\x13.nsd.v1.TaskRequest\x1a\x0c.nsd.v1.Task\x12-\n\x04List\x12\x13.nsd.v1.ListRequest\x1a\x10.nsd.v1.TaskList\x12+\n\x06\x43\x61ncel\x12\x13.nsd.v1.TaskRequest\x1a\x0c.nsd.v1.Task\x12.\n\x05Watch\x12\x14.nsd.v1.WatchRequest\x1a\r.nsd.v1.Event0\x01\x12.\n\x04Logs\x12\x13.nsd.v1.LogsRequest\x1a\x11.nsd.v1.LogsReply\x12-\n\x05\x46\x65tch\x12\x13.nsd.v1.TaskRequest\x1a\r.nsd.v1.Chunk0\x01\x12\x33\n\x06Upload\x12\x12.nsd.v1.UploadPart\x1a\x13.nsd.v1.UploadReply(\x01\x12\x37\n\x07\x43luster\x12\x16.nsd.v1.ClusterRequest\x1a\x14.nsd.v1.ClusterReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15nsd/gateway/nsd.proto\x12\x06nsd.v1\"\r\n\x0bPingRequest\"4\n\tPingReply\x12\x17\n\x0fgateway_version\x18\x01 \x01(\t\x12\x0e\n\x06\x62roker\x18\x02 \x01(\t\"\"\n\rSubmitRequest\x12\x11\n\tspec_json\x18\x01 \x01(\t\"\x1e\n\x0bSubmitReply\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"\\\n\x0bTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x13\n\x06offset\x18\x02 \x01(\rH\x00\x88\x01\x01\x12\x12\n\x05limit\x18\x03 \x01(\rH\x01\x88\x01\x01\x42\t\n\x07_offsetB\x08\n\x06_limit\"A\n\x04Task\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x0b\n\x03seq\x18\x03 \x01(\x04\x12\x0c\n\x04json\x18\x04 \x01(\t\"\r\n\x0bListRequest\"\'\n\x08TaskList\x12\x1b\n\x05tasks\x18\x01 \x03(\x0b\x32\x0c.nsd.v1.Task\"E\n\x0cWatchRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x16\n\tafter_seq\x18\x02 \x01(\x04H\x00\x88\x01\x01\x42\x0c\n\n_after_seq\"A\n\x05\x45vent\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0f\n\x07task_id\x18\x03 \x01(\t\x12\x0c\n\x04json\x18\x04 \x01(\t\"-\n\x0bLogsRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\r\n\x05trial\x18\x02 \x01(\t\"F\n\x08LogEntry\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x0e\n\x06worker\x18\x03 \x01(\t\x12\x0c\n\x04text\x18\x04 \x01(\t\"+\n\tLogsReply\x12\x1e\n\x04logs\x18\x01 \x03(\x0b\x32\x10.nsd.v1.LogEntry\"1\n\x05\x43hunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04size\x18\x03 \x01(\x04\"9\n\x0cUploadHeader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03tar\x18\x02 \x01(\x08\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"L\n\nUploadPart\x12&\n\x06header\x18\x01 \x01(\x0b\x32\x14.nsd.v1.UploadHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"\x1a\n\x0bUploadReply\x12\x0b\n\x03ref\x18\x01 \x01(\t\"\x10\n\x0e\x43lusterRequest\"$\n\x0c\x43lusterReply\x12\x14\n\x0cworkers_json\x18\x01 \x01(\t2\x9b\x04\n\x03Nsd\x12.\n\x04Ping\x12\x13.nsd.v1.PingRequest\x1a\x11.nsd.v1.PingReply\x12\x34\n\x06Submit\x12\x15.nsd.v1.SubmitRequest\x1a\x13.nsd.v1.SubmitReply\x12(\n\x03Get\x12\x13.nsd.v1.TaskRequest\x1a\x0c.nsd.v1.Task\x12-\n\x04List\x12\x13.nsd.v1.ListRequest\x1a\x10.nsd.v1.TaskList\x12+\n\x06\x43\x61ncel\x12\x13.nsd.v1.TaskRequest\x1a\x0c.nsd.v1.Task\x12+\n\x06\x44\x65lete\x12\x13.nsd.v1.TaskRequest\x1a\x0c.nsd.v1.Task\x12.\n\x05Watch\x12\x14.nsd.v1.WatchRequest\x1a\r.nsd.v1.Event0\x01\x12.\n\x04Logs\x12\x13.nsd.v1.LogsRequest\x1a\x11.nsd.v1.LogsReply\x12-\n\x05\x46\x65tch\x12\x13.nsd.v1.TaskRequest\x1a\r.nsd.v1.Chunk0\x01\x12\x33\n\x06Upload\x12\x12.nsd.v1.UploadPart\x1a\x13.nsd.v1.UploadReply(\x01\x12\x37\n\x07\x43luster\x12\x16.nsd.v1.ClusterRequest\x1a\x14.nsd.v1.ClusterReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,35 +40,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SUBMITREPLY']._serialized_start=138
   _globals['_SUBMITREPLY']._serialized_end=168
   _globals['_TASKREQUEST']._serialized_start=170
-  _globals['_TASKREQUEST']._serialized_end=200
-  _globals['_TASK']._serialized_start=202
-  _globals['_TASK']._serialized_end=267
-  _globals['_LISTREQUEST']._serialized_start=269
-  _globals['_LISTREQUEST']._serialized_end=282
-  _globals['_TASKLIST']._serialized_start=284
-  _globals['_TASKLIST']._serialized_end=323
-  _globals['_WATCHREQUEST']._serialized_start=325
-  _globals['_WATCHREQUEST']._serialized_end=394
-  _globals['_EVENT']._serialized_start=396
-  _globals['_EVENT']._serialized_end=461
-  _globals['_LOGSREQUEST']._serialized_start=463
-  _globals['_LOGSREQUEST']._serialized_end=508
-  _globals['_LOGENTRY']._serialized_start=510
-  _globals['_LOGENTRY']._serialized_end=580
-  _globals['_LOGSREPLY']._serialized_start=582
-  _globals['_LOGSREPLY']._serialized_end=625
-  _globals['_CHUNK']._serialized_start=627
-  _globals['_CHUNK']._serialized_end=676
-  _globals['_UPLOADHEADER']._serialized_start=678
-  _globals['_UPLOADHEADER']._serialized_end=735
-  _globals['_UPLOADPART']._serialized_start=737
-  _globals['_UPLOADPART']._serialized_end=813
-  _globals['_UPLOADREPLY']._serialized_start=815
-  _globals['_UPLOADREPLY']._serialized_end=841
-  _globals['_CLUSTERREQUEST']._serialized_start=843
-  _globals['_CLUSTERREQUEST']._serialized_end=859
-  _globals['_CLUSTERREPLY']._serialized_start=861
-  _globals['_CLUSTERREPLY']._serialized_end=897
-  _globals['_NSD']._serialized_start=900
-  _globals['_NSD']._serialized_end=1394
+  _globals['_TASKREQUEST']._serialized_end=262
+  _globals['_TASK']._serialized_start=264
+  _globals['_TASK']._serialized_end=329
+  _globals['_LISTREQUEST']._serialized_start=331
+  _globals['_LISTREQUEST']._serialized_end=344
+  _globals['_TASKLIST']._serialized_start=346
+  _globals['_TASKLIST']._serialized_end=385
+  _globals['_WATCHREQUEST']._serialized_start=387
+  _globals['_WATCHREQUEST']._serialized_end=456
+  _globals['_EVENT']._serialized_start=458
+  _globals['_EVENT']._serialized_end=523
+  _globals['_LOGSREQUEST']._serialized_start=525
+  _globals['_LOGSREQUEST']._serialized_end=570
+  _globals['_LOGENTRY']._serialized_start=572
+  _globals['_LOGENTRY']._serialized_end=642
+  _globals['_LOGSREPLY']._serialized_start=644
+  _globals['_LOGSREPLY']._serialized_end=687
+  _globals['_CHUNK']._serialized_start=689
+  _globals['_CHUNK']._serialized_end=738
+  _globals['_UPLOADHEADER']._serialized_start=740
+  _globals['_UPLOADHEADER']._serialized_end=797
+  _globals['_UPLOADPART']._serialized_start=799
+  _globals['_UPLOADPART']._serialized_end=875
+  _globals['_UPLOADREPLY']._serialized_start=877
+  _globals['_UPLOADREPLY']._serialized_end=903
+  _globals['_CLUSTERREQUEST']._serialized_start=905
+  _globals['_CLUSTERREQUEST']._serialized_end=921
+  _globals['_CLUSTERREPLY']._serialized_start=923
+  _globals['_CLUSTERREPLY']._serialized_end=959
+  _globals['_NSD']._serialized_start=962
+  _globals['_NSD']._serialized_end=1501
 # @@protoc_insertion_point(module_scope)

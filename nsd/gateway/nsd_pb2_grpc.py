@@ -59,6 +59,11 @@ class NsdStub:
                 request_serializer=nsd_dot_gateway_dot_nsd__pb2.TaskRequest.SerializeToString,
                 response_deserializer=nsd_dot_gateway_dot_nsd__pb2.Task.FromString,
                 _registered_method=True)
+        self.Delete = channel.unary_unary(
+                '/nsd.v1.Nsd/Delete',
+                request_serializer=nsd_dot_gateway_dot_nsd__pb2.TaskRequest.SerializeToString,
+                response_deserializer=nsd_dot_gateway_dot_nsd__pb2.Task.FromString,
+                _registered_method=True)
         self.Watch = channel.unary_stream(
                 '/nsd.v1.Nsd/Watch',
                 request_serializer=nsd_dot_gateway_dot_nsd__pb2.WatchRequest.SerializeToString,
@@ -103,7 +108,9 @@ class NsdServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Get(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """The task view with one page of its trials (offset, limit <= 1000; the view's "trials_page" says
+        {offset, limit, total}).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -116,6 +123,13 @@ class NsdServicer:
 
     def Cancel(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Delete(self, request, context):
+        """Erase the task: its model, logs, events and the blobs only it uses (json: the broker's answer).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -135,7 +149,8 @@ class NsdServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Fetch(self, request, context):
-        """The quantized model folder as a tar, in chunks (the first carries its name).
+        """The folder `nsd fetch` writes (model/, result.json, README.md) as a tar, in chunks (the first carries
+        a file name for it and the tar's size).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -180,6 +195,11 @@ def add_NsdServicer_to_server(servicer, server):
             ),
             'Cancel': grpc.unary_unary_rpc_method_handler(
                     servicer.Cancel,
+                    request_deserializer=nsd_dot_gateway_dot_nsd__pb2.TaskRequest.FromString,
+                    response_serializer=nsd_dot_gateway_dot_nsd__pb2.Task.SerializeToString,
+            ),
+            'Delete': grpc.unary_unary_rpc_method_handler(
+                    servicer.Delete,
                     request_deserializer=nsd_dot_gateway_dot_nsd__pb2.TaskRequest.FromString,
                     response_serializer=nsd_dot_gateway_dot_nsd__pb2.Task.SerializeToString,
             ),
@@ -342,6 +362,33 @@ class Nsd:
             request,
             target,
             '/nsd.v1.Nsd/Cancel',
+            nsd_dot_gateway_dot_nsd__pb2.TaskRequest.SerializeToString,
+            nsd_dot_gateway_dot_nsd__pb2.Task.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Delete(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nsd.v1.Nsd/Delete',
             nsd_dot_gateway_dot_nsd__pb2.TaskRequest.SerializeToString,
             nsd_dot_gateway_dot_nsd__pb2.Task.FromString,
             options,

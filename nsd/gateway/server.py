@@ -1,7 +1,8 @@
 """Running the gateway: the broker client, uvicorn for REST/SSE/web and grpc.aio, on one event loop.
 
-Like the broker, a non-loopback bind is refused unless it has both tokens and TLS (or --insecure):
-bearer tokens over plain HTTP on a network are as good as none.
+Safe by default: no tokens, no start (unless --no-auth, for development, on loopback only); and, like the
+broker, a non-loopback bind needs TLS too (or --insecure): bearer tokens over plain HTTP on a network
+are as good as none.
 """
 
 from __future__ import annotations
@@ -15,11 +16,14 @@ from pathlib import Path
 import grpc
 import uvicorn
 
-from nsd.client.api import AsyncClient
 from nsd.gateway.app import create_app
 from nsd.gateway.auth import Tokens
-from nsd.gateway.config import GatewayConfig
+from nsd.gateway.broker import BrokerPool
+from nsd.gateway.door import DoorLimits, guarded_protocol
+from nsd.gateway.fanout import Feeds
 from nsd.gateway.grpc_service import add_to_server
+from nsd.gateway.guard import served_hosts
+from nsd.gateway.config import GatewayConfig
 from nsd.gateway.service import Gateway
 
 log = logging.getLogger("nsd.gateway")
@@ -46,12 +50,23 @@ def check_binds(config: GatewayConfig) -> None:
         raise ValueError("TLS needs both --tls-cert and --tls-key")
     if config.http is None and config.grpc is None:
         raise ValueError("nothing to serve: give --http and/or --grpc")
+    if config.no_auth and config.tokens:
+        raise ValueError("--no-auth and --tokens contradict each other: choose one")
+    if not config.no_auth and not config.tokens:
+        raise ValueError("refusing to start without --tokens (a file of `name token [code]` lines): anyone who "
+                         "reaches the gateway could run code on the workers; pass --no-auth for development "
+                         "on loopback")
     for door in (config.http, config.grpc):
         if door is None:
             continue
         host, _ = split_hostport(door)
-        if not is_loopback(host) and not (config.tokens and config.tls_cert) and not config.insecure:
-            raise ValueError(f"refusing to serve {door} (not loopback) without --tokens and --tls-cert/--tls-key; "
+        if is_loopback(host):
+            continue
+        if config.no_auth:
+            raise ValueError(f"refusing to serve {door} (not loopback) with --no-auth: it is for development "
+                             "on loopback only")
+        if not config.tls_cert and not config.insecure:
+            raise ValueError(f"refusing to serve {door} (not loopback) without --tls-cert/--tls-key; "
                              "pass --insecure to do it anyway")
 
 
@@ -66,7 +81,9 @@ class GatewayServer:
         check_binds(config)
         self.config = config
         self.tokens = Tokens(config.tokens)
-        self.client: AsyncClient | None = None
+        self.door = DoorLimits(config.header_timeout_s, config.max_connections_per_client)
+        self.client: BrokerPool | None = None
+        self.feeds: Feeds | None = None
         self.gateway: Gateway | None = None
         self.endpoints: dict[str, str] = {}
         self._http: _Uvicorn | None = None
@@ -80,10 +97,20 @@ class GatewayServer:
         import asyncio
 
         config = self.config
-        self.client = AsyncClient(config.broker, curve_key=config.curve_key, server_key=config.server_key)
-        self.gateway = gateway = Gateway(self.client, config.limits.max_upload)
+        # Tenants are named to the broker only where it has them: under CURVE (the gateway's key in its
+        # gateway allowlist). Without CURVE the broker is one tenant, whatever the tokens' names.
+        name_tenant = bool(config.curve_key) and self.tokens.required
+        if self.tokens.required and not name_tenant and len(self.tokens.tenants) > 1:
+            log.warning("gateway: the tokens name %d tenants, but without CURVE to the broker they share one "
+                        "(README: Privacy)", len(self.tokens.tenants))
+        self.client = BrokerPool(config.broker, size=config.broker_connections, timeout_s=config.broker_timeout_s,
+                                 curve_key=config.curve_key, server_key=config.server_key, name_tenant=name_tenant)
+        self.feeds = Feeds(self.client, config.max_streams, config.max_streams_per_token, config.events_probe_s)
+        self.gateway = gateway = Gateway(self.client, self.feeds, config.limits)
         if config.grpc is not None:
-            self._grpc = grpc.aio.server(options=[("grpc.max_receive_message_length", 8 << 20)])
+            self._grpc = grpc.aio.server(options=[
+                ("grpc.max_receive_message_length", 8 << 20),
+                ("grpc.server_handshake_timeout_ms", int(config.header_timeout_s * 1000))])
             add_to_server(self._grpc, gateway, self.tokens)
             host, port = split_hostport(config.grpc)
             address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -101,12 +128,13 @@ class GatewayServer:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind((host, port))
             sock.set_inheritable(True)
-            app = create_app(gateway, self.tokens, config.limits, config.keepalive_s)
+            app = create_app(gateway, self.tokens, config.limits, config.keepalive_s,
+                             served_hosts(host, config.allowed_hosts), config.body_idle_s)
             self._http = _Uvicorn(uvicorn.Config(
                 app, lifespan="off", log_level="warning", access_log=False, ws="websockets-sansio",
-                ssl_certfile=config.tls_cert and str(config.tls_cert),
-                ssl_keyfile=config.tls_key and str(config.tls_key),
-                timeout_keep_alive=30, limit_concurrency=1000, timeout_graceful_shutdown=5))
+                http=guarded_protocol(self.door), ssl_certfile=config.tls_cert and str(config.tls_cert),
+                ssl_keyfile=config.tls_key and str(config.tls_key), timeout_keep_alive=30,
+                limit_concurrency=config.max_connections, timeout_graceful_shutdown=5))
             self._http_task = asyncio.create_task(self._http.serve(sockets=[sock]))
             while not self._http.started:
                 if self._http_task.done():
@@ -125,6 +153,9 @@ class GatewayServer:
         if self._grpc is not None:
             await self._grpc.stop(grace_s)
             self._grpc = None
+        if self.feeds is not None:
+            await self.feeds.close()
+            self.feeds = None
         if self.client is not None:
             await self.client.close()
             self.client = None
@@ -135,9 +166,13 @@ async def serve(config: GatewayConfig) -> None:
     import asyncio
     import signal
 
+    from nsd.limits import raise_open_files_limit
     from nsd.systemd import notify, watchdog_interval
 
     server = GatewayServer(config)
+    soft, _ = raise_open_files_limit()  # a descriptor per connection: the unit's LimitNOFILE is the hard one
+    if soft < 4 * config.max_connections_per_client:
+        log.warning("gateway: only %d open files allowed (raise LimitNOFILE)", soft)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -1,18 +1,23 @@
-"""What both doors do, over the broker's client protocol: one place that turns broker answers into
-the gateway's own errors (NotFound, Invalid, Unavailable, NoArtifact), so REST and gRPC agree."""
+"""What both doors do, over the broker's client protocol, for one caller at a time: one place that turns
+broker answers into the gateway's own errors (NotFound, Invalid, Unavailable, NoArtifact, ...), so REST
+and gRPC agree. Every call names its caller: its requests go to the broker for the caller's tenant."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import Any, AsyncIterator
 
 from nsd import __version__
-from nsd.blobs import CHUNK_BYTES, parse_ref, unpack_tree
-from nsd.client.api import AsyncClient, BrokerError, BrokerUnavailable
+from nsd.blobs import CHUNK_BYTES
+from nsd.client.errors import BrokerError, BrokerUnavailable
 from nsd.gateway import uploads
+from nsd.gateway.auth import Caller
+from nsd.gateway.broker import PAGE, BrokerPool, acting_for
+from nsd.gateway.config import Limits
+from nsd.gateway.fanout import Feeds
 from nsd.presets import PRESETS, config_set
 from nsd.protocol import Cmd
 from nsd.spec import SpecError, validate
@@ -28,11 +33,23 @@ class Invalid(ValueError):
         super().__init__("invalid task spec:\n" + "\n".join(f"  - {p}" for p in problems))
 
 
+class BadRequest(ValueError):
+    """A parameter that is not what it must be (not a spec problem): the message says which and why."""
+
+
+class Forbidden(PermissionError):
+    pass
+
+
 class Unavailable(ConnectionError):
     pass
 
 
 class NoArtifact(RuntimeError):
+    pass
+
+
+class Unsupported(NotImplementedError):
     pass
 
 
@@ -50,14 +67,29 @@ def broker_errors():
         raise
 
 
-class Gateway:
-    def __init__(self, client: AsyncClient, max_upload: int):
-        self.client = client
-        self.max_upload = max_upload
-        self.uploaded_bytes = 0  # blob bytes sent on to the broker (content it had already counts 0)
+@contextlib.contextmanager
+def serving(caller: Caller):
+    """Requests made inside are the caller's tenant's, and broker answers become gateway errors."""
+    with acting_for(caller.tenant), broker_errors():
+        yield
 
-    async def upload(self, chunks: AsyncIterator[bytes], name: str, is_tar: bool, sha256: str | None = None) -> str:
-        ref, sent = await uploads.upload(self.client, chunks, name, is_tar, self.max_upload, sha256)
+
+def check_page(offset: int, limit: int) -> None:
+    if offset < 0 or not 0 <= limit <= PAGE:
+        raise BadRequest(f"offset must be 0 or more and limit between 0 and {PAGE} (got {offset}, {limit})")
+
+
+class Gateway:
+    def __init__(self, client: BrokerPool, feeds: Feeds, limits: Limits = Limits()):
+        self.client, self.feeds, self.limits = client, feeds, limits
+        self.uploaded_bytes = 0  # blob bytes sent on to the broker (content it had already counts 0)
+        self._finding: dict[tuple[str, str], asyncio.Future] = {}  # (tenant, id) -> its task's full id
+
+    async def upload(self, caller: Caller, chunks: AsyncIterator[bytes], name: str, is_tar: bool,
+                     sha256: str | None = None) -> str:
+        with serving(caller):
+            async with self.client.own_connection() as connection:
+                ref, sent = await uploads.upload(connection, chunks, name, is_tar, self.limits, sha256)
         self.uploaded_bytes += sent
         return ref
 
@@ -67,39 +99,59 @@ class Gateway:
         return {"ok": True, "broker": self.client.broker, "gateway_version": __version__,
                 "broker_version": hello.get("version")}
 
-    async def submit(self, raw: Any) -> str:
+    async def submit(self, caller: Caller, raw: Any) -> str:
         """Validate as the broker does: file fields must be upload refs (POST /v1/uploads, gRPC Upload)
-        unless the model is shared."""
+        unless the model is shared. A python recipe is code: only a token with the `code` right sends one."""
         try:
             spec = validate(raw).to_dict()
         except SpecError as exc:
             raise Invalid(exc.problems) from None
+        if spec["recipe"]["kind"] == "python" and not caller.code:
+            raise Forbidden(f"token {caller.tenant!r} may not submit python recipes (code that runs on the "
+                            "workers): its line in the token file has no `code`; use a built-in recipe")
         try:
-            with broker_errors():
+            with serving(caller):
                 # Not client.submit: that checks paths on this machine, and a shared path need only exist
                 # on the workers.
-                return (await self.client.request(Cmd.SUBMIT, spec=spec))["task_id"]
+                # `code`: the token's right, forwarded; a broker honours it only from a gateway key allowed
+                # to forward it (README "Privacy").
+                return (await self.client.request(Cmd.SUBMIT, spec=spec, code=caller.code))["task_id"]
         except BrokerError as exc:  # e.g. a ref whose blob was never uploaded
             raise Invalid([str(exc)]) from None
 
-    async def get(self, task_id: str) -> dict[str, Any]:
-        with broker_errors():
-            return await self.client.result(task_id)
+    async def get(self, caller: Caller, task_id: str, offset: int = 0, limit: int = PAGE) -> dict[str, Any]:
+        """The task view with one page of its trials (`trials_page`: offset, limit, total)."""
+        check_page(offset, limit)
+        with serving(caller):
+            return await self.client.page(task_id, offset, limit)
 
-    async def list(self) -> list[dict[str, Any]]:
-        with broker_errors():
+    async def find(self, caller: Caller, task_id: str) -> str:
+        """The full id of the caller's task (NotFound otherwise), at the cost of a page of no trials."""
+        with serving(caller):
+            return (await self.client.page(task_id, 0, 0, Cmd.STATUS))["task_id"]
+
+    async def list(self, caller: Caller) -> list[dict[str, Any]]:
+        with serving(caller):
             return await self.client.list()
 
-    async def cancel(self, task_id: str) -> dict[str, Any]:
-        with broker_errors():
+    async def cancel(self, caller: Caller, task_id: str) -> dict[str, Any]:
+        with serving(caller):
             return await self.client.cancel(task_id)
 
-    async def logs(self, task_id: str, trial: str | None = None) -> list[dict[str, Any]]:
-        with broker_errors():
+    async def delete(self, caller: Caller, task_id: str) -> dict[str, Any]:
+        """Erase the task and what only it holds (README "Privacy"): the broker's DELETE."""
+        delete = getattr(self.client, "delete", None)
+        if delete is None:
+            raise Unsupported("this gateway's broker client cannot delete tasks yet (nsd delete)")
+        with serving(caller):
+            return await delete(task_id)
+
+    async def logs(self, caller: Caller, task_id: str, trial: str | None = None) -> list[dict[str, Any]]:
+        with serving(caller):
             return await self.client.logs(task_id, trial)
 
-    async def cluster(self) -> list[dict[str, Any]]:
-        with broker_errors():
+    async def cluster(self, caller: Caller) -> list[dict[str, Any]]:
+        with serving(caller):
             return await self.client.cluster()
 
     @staticmethod
@@ -107,43 +159,48 @@ class Gateway:
         return [{"name": name, "about": preset["about"], "config_set": config_set(name)}
                 for name, preset in PRESETS.items()]
 
-    async def events(self, task_id: str, after: int | None = None) -> AsyncIterator[dict[str, Any]]:
-        """The Clone stream, resumed after seq `after`: what the caller already has is not sent again.
+    async def watch(self, caller: Caller, task_id: str, after: int | None = None) -> AsyncIterator[dict[str, Any]]:
+        """The task's events, resumed after seq `after`: checked here (an unknown task, a stream over the
+        caps), delivered by the iterator returned (the caps are counted while it runs).
 
-        On resume the broker's snapshot is skipped when it is no newer than `after`; when it is newer the
-        caller missed events while away, and gets that snapshot (the whole task) in their place, so the
-        stream has no gap and no repeat, and its ids (the seq) only grow."""
-        with broker_errors():
-            async for event in self.client.events(task_id):
-                if after is not None and event["seq"] <= after:
-                    continue
-                yield event
+        On resume a snapshot no newer than `after` is skipped; a newer one means the caller missed events
+        while away, and stands in for them, so the stream has no gap and no repeat, and its ids only grow."""
+        self.feeds.check(caller.tenant)
+        # A task this tenant's feed follows is known to be this tenant's: no broker read per joining
+        # stream; and streams that join at once share one read (300 of them were 300 reads of the task).
+        key = (caller.tenant, task_id)
+        followed = self.feeds.feeds.get(key)
+        if followed is not None and followed.error is None:
+            full_id = task_id
+        else:
+            finding = self._finding.get(key)
+            if finding is None:
+                finding = self._finding[key] = asyncio.ensure_future(self.find(caller, task_id))
+                finding.add_done_callback(lambda _: self._finding.pop(key, None))
+            full_id = await asyncio.shield(finding)
+        return self._deliver(caller, full_id, after)
+
+    async def _deliver(self, caller: Caller, task_id: str, after: int | None) -> AsyncIterator[dict[str, Any]]:
+        with self.feeds.subscribe(caller.tenant, caller.tenant, task_id) as subscription, broker_errors():
+            while (event := await subscription.next()) is not None:
+                if after is None or event["seq"] > after:
+                    yield event
 
     @contextlib.asynccontextmanager
-    async def artifact(self, task_id: str):
-        """(name, path of the artifact's tar), the blob downloaded from the broker and hash-checked."""
-        task = await self.get(task_id)
-        ref = parse_ref(task.get("artifact"))
-        if ref is None:
+    async def fetched(self, caller: Caller, task_id: str):
+        """(task, folder): the folder `nsd fetch` writes (model/, result.json, README.md), in a temp folder,
+        written by the client's own fetch so that both give the same files."""
+        with serving(caller):
+            task = await self.client.page(task_id, 0, 0)
+        if task.get("artifact") is None:
             raise NoArtifact(f"task {task['task_id']} has no quantized model "
                              f"({task.get('error') or 'it is ' + task['state']})")
+        # The context is left by whoever ends the download, maybe in another task: hold no tenant across it.
         with tempfile.TemporaryDirectory(prefix="nsd-gateway-") as tmp:
-            path = Path(tmp) / "artifact.tar"
-            with broker_errors():
-                await self.client.download(ref[0], path)
-            yield task, ref[1], path
-
-    @contextlib.asynccontextmanager
-    async def artifact_zip(self, task_id: str):
-        """The artifact folder as a zip (the old service's /download), built in a temp file."""
-        async with self.artifact(task_id) as (task, name, tar):
-            tree = tar.parent / "tree"
-            unpack_tree(tar, tree)
-            archive = tar.parent / "artifact.zip"
-            with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED, strict_timestamps=False) as zf:  # blobs have mtime 0
-                for path in sorted(tree.rglob("*")):
-                    zf.write(path, path.relative_to(tree).as_posix())
-            yield task, name, archive
+            folder = Path(tmp) / "fetched"
+            with serving(caller):
+                await self.client.fetch(task["task_id"], folder)
+            yield task, folder
 
 
 def file_chunks(path: Path, size: int = CHUNK_BYTES):

@@ -57,6 +57,7 @@ class TextClassification(HFRecipe):
             ev, cal = split(len(rows), self.eval_samples, self.calibration_samples)
             pick = (lambda seq, idx: [seq[i] for i in idx] if seq is not None else None)
             self._data = {
+                "texts": (pick(texts, ev), pick(pairs, ev)),
                 "eval": self._encode(pick(texts, ev), pick(pairs, ev)),
                 "labels": pick(labels, ev),
                 "calib": self._encode(pick(texts, cal), pick(pairs, cal)),
@@ -87,6 +88,9 @@ class TextClassification(HFRecipe):
 
     def _calibration_batches(self) -> list[dict]:
         return self._prepared()["calib"]
+
+    def _benchmark_texts(self):
+        return self._prepared()["texts"]
 
     def _predictions(self, model):
         import torch
@@ -138,6 +142,9 @@ class FeatureExtraction(HFRecipe):
     def _calibration_batches(self) -> list[dict]:
         return self._prepared()["calib"]
 
+    def _benchmark_texts(self):
+        return self._prepared()["texts"], None
+
     def _on_first_load(self, model) -> None:
         self.score.on_first_load(model)
 
@@ -180,7 +187,8 @@ class CosineToFP32:
         if not texts:
             raise ValueError(f"{r.data_path} has no sentences")
         ev, cal = split(len(texts), r.eval_samples, r.calibration_samples)
-        return {"eval": r._encode([texts[i] for i in ev]), "calib": r._encode([texts[i] for i in cal])}
+        return {"eval": r._encode([texts[i] for i in ev]), "calib": r._encode([texts[i] for i in cal]),
+                "texts": [texts[i] for i in ev]}
 
     def on_first_load(self, model) -> None:
         self.reference = self.recipe._embed(model, self.recipe._prepared()["eval"])
@@ -224,7 +232,7 @@ class PairSpearman:
         ev, cal = split(len(rows), r.eval_samples, r.calibration_samples)
         calib_texts = [t for i in cal for t in (first[i], second[i])][:max(1, r.calibration_samples)]
         return {"eval": (r._encode([first[i] for i in ev]), r._encode([second[i] for i in ev])),
-                "scores": [scores[i] for i in ev], "calib": r._encode(calib_texts)}
+                "scores": [scores[i] for i in ev], "calib": r._encode(calib_texts), "texts": [first[i] for i in ev]}
 
     def on_first_load(self, model) -> None:
         pass
@@ -288,6 +296,16 @@ class CausalLM(HFRecipe):
 
     def _calibration_batches(self) -> list[dict]:
         return self._prepared()["calib"]
+
+    def benchmark_inputs(self) -> tuple:
+        """batch_size evaluation blocks of seq_len tokens (cycled where there are fewer)."""
+        import torch
+
+        if self._arg_names is None:
+            self.load_model()
+        blocks = torch.cat([b["input_ids"] for b in self._prepared()["eval"]])
+        pick = torch.tensor([i % blocks.shape[0] for i in range(self.batch_size)])
+        return self._args({"input_ids": blocks[pick]})
 
     def evaluate_steps(self, model):
         import torch

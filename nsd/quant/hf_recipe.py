@@ -78,6 +78,27 @@ class HFRecipe:
             batch = {k: torch.cat([v, v]) for k, v in batch.items()}
         return self._args(batch)
 
+    def benchmark_inputs(self) -> tuple:
+        """What deployment figures time (`nsd.quant.deploy`): a batch of batch_size evaluation samples (cycled
+        where there are fewer), each padded to max_length() tokens, as the model's positional inputs."""
+        if self._arg_names is None:
+            self.load_model()
+        texts, pairs = self._benchmark_texts()
+        pick = [i % len(texts) for i in range(self.batch_size)]
+        enc = self.tokenizer([texts[i] for i in pick], [pairs[i] for i in pick] if pairs else None,
+                             padding="max_length", truncation=True, max_length=self.max_length(), return_tensors="pt")
+        return self._args(dict(enc))
+
+    def input_names(self) -> list[str]:
+        """The names of the positional inputs `_args` gives the model (in its forward's order)."""
+        if self._arg_names is None:
+            self.load_model()
+        return list(self._arg_names)
+
+    def _benchmark_texts(self) -> tuple[list[str], list[str] | None]:
+        """The evaluation texts (and their pairs) benchmark_inputs() draws from."""
+        raise NotImplementedError
+
     def calibrate(self, model) -> None:
         import torch
 

@@ -17,9 +17,11 @@ NOISE = {
     # torchao registers its enums as pytree constants; torch 2.1x deprecates that for enums (torchao's to fix).
     "torch.utils._pytree": re.compile(r"<enum '\w+'> is an Enum subclass and is now natively supported by "
                                       r"torch\.compile as an opaque value type\. Calling register_constant\(\)"),
-    # INC's load() first tries a PT2 archive on the saved quantized_weight.pt, then loads it as what it is.
-    "torch.export.pt2_archive._package": re.compile(r"Unable to load package\. f must be a buffer or a file "
-                                                    r"ending in \.pt2\. Instead got \{\S*quantized_weight\.pt\}"),
+    # INC's load() first tries a PT2 archive on the saved quantized_weight.pt, then loads it as what it is;
+    # its save() writes that archive under INC's own file name.
+    "torch.export.pt2_archive._package": re.compile(
+        r"(Unable to load package\. f must be a buffer or a file ending in \.pt2\.|Expect archive file to be a "
+        r"file ending in \.pt2, or is a buffer\.) Instead got \{\S*quantized_weight\.pt\}"),
 }
 
 

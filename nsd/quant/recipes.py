@@ -6,6 +6,9 @@ is quantized as is by every config, as INC's autotune does (a recipe wanting PT2
 The built-in recipes (`nsd.quant.builtin`) add `export`: configs that need a PT2E graph get the exported
 model, weight-only configs the plain module. `Recipe` is the protocol both satisfy.
 
+`benchmark_inputs()` (optional) gives the positional inputs of one batch that deployment figures time
+(`nsd.quant.deploy`); built-in recipes draw it from their data, a python recipe defines it or gets no figures.
+
 `evaluate_steps(model)` (optional) evaluates in batches and bounds the final metric after each one, so that
 a trial that can no longer matter stops early (`nsd.quant.scoring`). Built-in recipes have it for their
 bounded metrics; a python recipe opts in with `score_batches(model)` and `SCORE_RANGE` (and, optionally,
@@ -36,6 +39,8 @@ class Recipe(Protocol):
     export: Callable[[Any, Any], Any] | None
     # Optional: batched evaluation with bounds (nsd.quant.scoring); None: evaluate() in one go.
     evaluate_steps: Callable[[Any], Any] | None
+    # Optional: one batch's positional inputs for deployment figures; None: no figures can be measured.
+    benchmark_inputs: Callable[[], Any] | None
 
     def load_model(self) -> Any: ...
 
@@ -56,6 +61,7 @@ class FunctionRecipe:
     evaluate: Callable[[Any], float]
     export: Callable[[Any, Any], Any] | None = None
     evaluate_steps: Callable[[Any], Any] | None = None
+    benchmark_inputs: Callable[[], Any] | None = None
 
 
 def needs_export(recipe: Recipe, config: dict[str, Any]) -> bool:
@@ -84,6 +90,8 @@ def load_python_recipe(path: str) -> FunctionRecipe:
         raise AttributeError(f"recipe {path} does not define {', '.join(missing)} (a python recipe defines "
                              f"{', '.join(REQUIRED)})")
     recipe = FunctionRecipe(*(getattr(module, f) for f in REQUIRED))
+    if callable(getattr(module, "benchmark_inputs", None)):
+        recipe.benchmark_inputs = module.benchmark_inputs
     if callable(getattr(module, "score_batches", None)):
         from nsd.quant.scoring import PythonScorer
 

@@ -16,9 +16,9 @@ from typing import Any
 import msgpack
 
 from nsd.blobs import CHUNK_BYTES, is_sha256, parse_ref
-from nsd.protocol import (BOOL, JOB_ID, JOB_KINDS, MAX_ATTEMPT, MAX_BODY, OUTBOX_ENTRY, RESULT_OPTIONAL, Cmd,
-                          parse_job_id, text)
-from nsd.spec import SpecError, validate
+from nsd.protocol import (BOOL, FIGURES, JOB_ID, JOB_KINDS, MAX_ATTEMPT, MAX_BODY, OUTBOX_ENTRY, RESULT_OPTIONAL,
+                          Cmd, parse_job_id, text)
+from nsd.spec import FIGURE_OBJECTIVES, SpecError, validate
 from nsd.worker.sandbox import under
 
 # A lease's job id is protocol.JOB_ID ("<12 hex>/<kind>", "<12 hex>/<trial index>", "<12 hex>/<kind>/<index>"):
@@ -93,6 +93,21 @@ def _perf_fields(body: dict) -> str | None:
         return "job keep must be a boolean"
     if body.get("kept") is not None and not (isinstance(body["kept"], str) and len(body["kept"]) < 4096):
         return "job kept must be a path"
+    return _prune(body.get("prune"))
+
+
+def _prune(prune: Any) -> str | None:
+    """A trial's `prune`: the figures to beat before it is evaluated (nsd.figures.loses)."""
+    if prune is None:
+        return None
+    objective = prune.get("objective") if isinstance(prune, dict) else None
+    if not (isinstance(prune, dict) and set(prune) == {"objective", "best", "margin", "baseline"}
+            and (objective in FIGURE_OBJECTIVES or (isinstance(objective, dict) and objective
+                                                    and all(k in FIGURE_OBJECTIVES and _number(w) and w > 0
+                                                            for k, w in objective.items())))
+            and _number(prune["best"]) and _number(prune["margin"]) and 0 <= prune["margin"] <= 1
+            and (prune["baseline"] is None or FIGURES.ok(prune["baseline"]))):
+        return "job prune must be {objective: a figure or weights, best: number, margin: 0..1, baseline: figures}"
     return None
 
 

@@ -30,3 +30,4 @@ class WorkerConfig:
     sandbox: bool = True  # runners in bubblewrap (nsd.worker.sandbox); false only for development (--no-sandbox)
     shared_dirs: list[Path] = field(default_factory=list)  # shared-filesystem folders runners read (model.shared)
     runner_env: list[str] = field(default_factory=list)  # names of our environment variables runners also get
+    label: str | None = None  # a kind of machine (e.g. "spr-64"): tasks with resources.hardware = label run here

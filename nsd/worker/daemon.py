@@ -34,6 +34,7 @@ from nsd.systemd import notify, watchdog_interval
 from nsd.worker import checks
 from nsd.worker.cache import BlobCache
 from nsd.versions import installed_versions
+from nsd.worker.hardware import describe as describe_hardware
 from nsd.worker.config import WorkerConfig
 from nsd.worker.jobs import Erasures, Outbox, erase_task_files, run_job
 from nsd.worker.sandbox import runner_layout, shared_task_paths
@@ -101,6 +102,7 @@ class WorkerDaemon:
         self.heartbeat_s, self.liveness = config.heartbeat_s, config.liveness
         self.ignored = 0  # broker messages whose values failed a check (logged, then ignored)
         self.versions = installed_versions()
+        self.hardware = describe_hardware(len(self.cpus), config.label)  # deployment figures belong to it
 
     @property
     def slots(self) -> list[Slot]:
@@ -280,7 +282,8 @@ class WorkerDaemon:
                 "version": PROTOCOL_VERSION,
                 "nsd_version": __version__, "running": self._running(), "outbox": self.outbox.results(),
                 "draining": draining,
-                "versions": self.versions}  # what its runners import: part of the broker's metric cache key
+                "versions": self.versions,  # what its runners import: part of the broker's metric cache key
+                "hardware": self.hardware}
 
     def _running(self) -> list[list]:
         return [list(s.job) for s in self.slots if s.job] + [[t, a] for t, a, _ in self.backlog]

@@ -19,6 +19,8 @@ import time
 import traceback
 from typing import Any
 
+from nsd.worker import measuring
+
 
 def main() -> None:
     parser = argparse.ArgumentParser()
@@ -37,6 +39,9 @@ def main() -> None:
     os.chdir(args.workdir)
     os.sched_setaffinity(0, cpus)
     os.environ.setdefault("LOGLEVEL", "WARNING")  # INC logs at INFO otherwise; read when INC is imported
+    # torch.compile (deployment figures): no pool of compile processes beside us, and its cache in our folder.
+    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(os.getcwd(), "inductor"))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no model hub on these machines
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     from nsd.quant import quiet
@@ -49,6 +54,7 @@ def main() -> None:
     import neural_compressor.torch.quantization  # noqa: F401 - pay INC's import cost before the first job
 
     preload()
+    measuring.exclusive.connect(answers, jobs)
     answers.write(pipe.encode({"ready": True, "pid": os.getpid()}))
     cache = TaskCache()
     while True:
@@ -101,6 +107,7 @@ class TaskCache:
         self.task_id: str | None = None
         self.recipe = self.model = self.example_inputs = None
         self.exported = self.export_error = None
+        self.bench: tuple | None = None  # (benchmark inputs, their names) for deployment figures
 
     def get(self, task_id: str, spec: dict):
         if self.task_id != task_id:
@@ -108,7 +115,7 @@ class TaskCache:
 
             self.task_id = None
             self.recipe = self.model = self.example_inputs = None
-            self.exported = self.export_error = None
+            self.exported = self.export_error = self.bench = None
             # Where this worker holds the task's files (fetched blobs, or shared paths), for python recipes.
             for var, path in (("NSD_MODEL_PATH", spec["model"]["path"]), ("NSD_DATA_PATH", spec["recipe"]["data"])):
                 if path:
@@ -120,6 +127,18 @@ class TaskCache:
             self.example_inputs = recipe.example_inputs()
             self.recipe, self.task_id = recipe, task_id
         return self.recipe, self.model, self.example_inputs
+
+    def benchmark(self) -> tuple | None:
+        """(positional inputs, their names) of the batch deployment figures time; None where the recipe has
+        no benchmark_inputs() (a python recipe that defines none)."""
+        if self.recipe.benchmark_inputs is None:
+            return None
+        if self.bench is None:
+            inputs = self.recipe.benchmark_inputs()
+            inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+            names = self.recipe.input_names() if hasattr(self.recipe, "input_names") else None
+            self.bench = (inputs, names)
+        return self.bench
 
     def model_for(self, config: dict):
         """The FP32 model a trial of `config` quantizes: the recipe's PT2E export for the configs that need
@@ -195,6 +214,9 @@ def plan(job: dict, cache: TaskCache) -> dict[str, Any]:
     answer = {"baseline": baseline, "configs": configs}
     if spec["tuning"]["strategy"] == "basic":
         answer["ops"] = op_lists(configs, cache)
+    figures = measuring.fp32_figures(spec, cache)
+    if figures is not None:
+        answer["figures"] = figures
     return answer
 
 
@@ -216,8 +238,10 @@ def op_lists(configs: list[dict], cache: TaskCache) -> dict[str, dict]:
 
 def trial(job: dict, cache: TaskCache) -> dict[str, Any]:
     """One trial as INC's autotune runs it: quantize a copy of the FP32 model in place, then evaluate —
-    stopping early where the job's `rule` allows (see `evaluate_trial`), and keeping the quantized model
-    where it may win (see `keep_model`)."""
+    stopping early where the job's `rule` allows (see `evaluate_trial`). Deployment figures: measured before
+    the evaluation where the job says what to beat (`prune`: a trial that already loses on its figures is not
+    evaluated), else after it for a passing trial (or every scored one, `tuning.measure = "all"`). A passing
+    trial that may win keeps its saved model (`keep_dir`): the very files that were measured."""
     from neural_compressor.torch.quantization import quantize
     from neural_compressor.torch.quantization.autotune import _deepcopy_warp
 
@@ -232,12 +256,29 @@ def trial(job: dict, cache: TaskCache) -> dict[str, Any]:
     q_model = quantize(_deepcopy_warp(model), quant_config=config, run_fn=recipe.calibrate, inplace=True,
                        example_inputs=example_inputs)
     t1 = time.perf_counter()
-    answer = evaluate_trial(recipe, q_model, job.get("rule") if job["kind"] == "trial" else None)
-    answer.update(quantize_s=t1 - t0, eval_s=time.perf_counter() - t1)
     if job["kind"] == "save":
-        answer["model"] = q_model
-    elif job.get("keep_dir") and answer["metric"] is not None and _meets(answer["metric"], job.get("rule")):
-        answer["kept"] = keep_model(q_model, job, cache, answer["metric"])
+        answer = evaluate_trial(recipe, q_model, None)
+        answer.update(quantize_s=t1 - t0, eval_s=time.perf_counter() - t1, model=q_model)
+        return answer
+    measured = measuring.Measured(job, cache)
+    if job.get("prune") and measured.possible:
+        from nsd.figures import loses
+
+        figures = measured.take(q_model)
+        if loses(figures, job["prune"]):
+            print("nsd: not evaluated: its figures lose to a passing trial's by more than the margin", flush=True)
+            measured.discard()
+            return {"metric": None, "pruned": True, "figures": figures, "quantize_s": t1 - t0}
+        t1 = time.perf_counter()
+    answer = evaluate_trial(recipe, q_model, job.get("rule"))
+    answer.update(quantize_s=t1 - t0, eval_s=time.perf_counter() - t1)
+    passed = answer["metric"] is not None and _meets(answer["metric"], job.get("rule"))
+    mode = job["spec"]["tuning"].get("measure", "passing")
+    if measured.possible and (passed and mode != "none" or mode == "all" and answer["metric"] is not None):
+        answer["figures"] = measured.take(q_model)
+    if job.get("keep_dir") and passed:
+        answer["kept"] = measured.keep(q_model, answer["metric"])
+    measured.discard()
     return answer
 
 
@@ -262,35 +303,11 @@ def _meets(metric: float, rule: dict | None) -> bool:
 
 
 def write_model(q_model, folder: str, job: dict, cache: TaskCache, metric: float) -> None:
-    """INC's `save` of a quantized model into `folder`, beside a description (nsd.json)."""
-    import json
+    """The quantized model saved into `folder` in its deployed form (nsd.quant.deploy), beside nsd.json."""
+    from nsd.quant import deploy
 
-    from neural_compressor.torch.quantization import save as inc_save
-
-    from nsd.spec import PT2E_CONFIGS
-
-    (name, _), = job["config"].items()
-    if name in PT2E_CONFIGS:  # INC's save() passes the folder where PT2E's save wants example inputs
-        q_model.save(example_inputs=cache.example_inputs, output_dir=folder)
-    else:
-        inc_save(q_model, folder)
-    with open(os.path.join(folder, "nsd.json"), "w") as f:
-        json.dump({"task_id": job["task_id"], "trial": job["index"], "config": job["config"],
-                   "fallback": list(job.get("fallback") or []), "metric": metric,
-                   "weight_only": name not in PT2E_CONFIGS,
-                   "recipe": job["spec"]["recipe"]["kind"]}, f, indent=2)
-
-
-def keep_model(q_model, job: dict, cache: TaskCache, metric: float) -> str:
-    """Save a passing trial's model where the worker told us (job["keep_dir"]): if it wins, the save job
-    uploads it instead of quantizing (and calibrating) again. The worker discards it otherwise."""
-    import shutil
-
-    folder = os.path.join(job["keep_dir"], "model")
-    shutil.rmtree(job["keep_dir"], ignore_errors=True)
-    os.makedirs(job["keep_dir"])
-    write_model(q_model, folder, job, cache, metric)
-    return folder
+    deploy.write_artifact(q_model, folder, job["config"], cache.example_inputs)
+    deploy.describe(folder, job, metric, None)
 
 
 def kept_model(job: dict) -> tuple[str, float] | None:

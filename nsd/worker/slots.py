@@ -62,10 +62,16 @@ class RunnerProcess:
     """The worker's handle on one slot's persistent runner process (`python -m nsd.worker.runner`), in its
     sandbox (`nsd.worker.sandbox`). A runner where a python recipe ran serves that recipe's task only: a
     job of another task gets a fresh process (nothing a recipe changed in memory or on disk survives);
-    built-in recipes are our code, and their runners stay warm across tasks."""
+    built-in recipes are our code, and their runners stay warm across tasks.
 
-    def __init__(self, cpus: list[int], home: Path, log_path: Path, setup: RunnerSetup):
+    While it runs a job, a runner may ask for its cores to itself (a measurement's timed calls,
+    `nsd.quant.deploy.measure_form`): a frame `{"exclusive": true}` before, `{"exclusive": false}` after, each
+    answered with `{"paused": n}` once `on_exclusive` has paused (or resumed) the worker's other runners."""
+
+    def __init__(self, cpus: list[int], home: Path, log_path: Path, setup: RunnerSetup,
+                 on_exclusive: Callable[[RunnerProcess, bool], Awaitable[int]] | None = None):
         self.cpus, self.log_path, self.setup = list(cpus), log_path, setup
+        self.on_exclusive = on_exclusive
         self.dirs = RunnerDirs(Path(os.path.realpath(home)))  # as the runner's own getcwd() names it
         self.env = runner_env(len(cpus), self.dirs.scratch, setup.preload, setup.passed_env)
         self.proc: asyncio.subprocess.Process | None = None
@@ -93,6 +99,8 @@ class RunnerProcess:
                    "--workdir", str(self.dirs.scratch)]
         if self.sandboxed:
             command = bwrap_argv(self.setup.layout, str(self.dirs.scratch), str(self.dirs.files), command)
+        # Pinned from its first instruction, sandbox included (the runner pins itself again, and its threads).
+        command = ["taskset", "--cpu-list", ",".join(map(str, self.cpus)), *command]
         with open(self.log_path, "ab") as log_file:
             # A fresh interpreter (never a fork of a process that holds a zmq Context).
             self.proc = await asyncio.create_subprocess_exec(
@@ -131,18 +139,27 @@ class RunnerProcess:
             await self._prepare(job["task_id"])
             if job["spec"]["recipe"]["kind"] == "python":
                 self.serving = job["task_id"]  # its code runs here from now on
+            exclusive = False
             try:
                 self.proc.stdin.write(pipe.encode(expose(job, self.setup.blobs, self.dirs)))
                 await self.proc.stdin.drain()
-                try:
-                    answer = await pipe.read_async(self.proc.stdout, MAX_ANSWER_BYTES)
-                except ValueError as exc:  # out of step with us: it cannot be trusted with another job
-                    await self.stop(kill=True)
-                    raise RunnerDied(f"runner sent a malformed answer ({exc})") from None
-                if answer is None:
-                    raise RunnerDied(await self._death())
-                return answer
+                while True:
+                    try:
+                        answer = await pipe.read_async(self.proc.stdout, MAX_ANSWER_BYTES)
+                    except ValueError as exc:  # out of step with us: it cannot be trusted with another job
+                        await self.stop(kill=True)
+                        raise RunnerDied(f"runner sent a malformed answer ({exc})") from None
+                    if answer is None:
+                        raise RunnerDied(await self._death())
+                    if not (isinstance(answer, dict) and set(answer) == {"exclusive"}):
+                        return answer
+                    exclusive = answer["exclusive"] is True
+                    paused = await self.on_exclusive(self, exclusive) if self.on_exclusive else 0
+                    self.proc.stdin.write(pipe.encode({"paused": paused}))
+                    await self.proc.stdin.drain()
             finally:
+                if exclusive and self.on_exclusive:  # it died, or was cancelled, while the others were paused
+                    await self.on_exclusive(self, False)
                 with contextlib.suppress(OSError):
                     self.dirs.clear_files()
 
@@ -197,6 +214,9 @@ class SlotPool:
         self.slots: list[Slot] = []
         self._background: set[asyncio.Task] = set()
         self._retired: list[RunnerProcess] = []  # runners whose cores went to trials of another shape
+        self._measuring = asyncio.Lock()  # one runner's measurement at a time has the machine (_exclusive)
+        self._paused: list[int] = []  # the processes it stopped
+        self._measurer: RunnerProcess | None = None
         free = set(self.cpus)
         while (cores := allocate(free, self.nodes, self.default_k)) is not None:  # the default shape, warm
             self.slots.append(self._new_slot(cores))
@@ -217,7 +237,32 @@ class SlotPool:
     def _new_slot(self, cores: tuple[int, ...]) -> Slot:
         i = next(self._runner_ids)
         return Slot(RunnerProcess(list(cores), self.homes / str(i),
-                                  self.cache_dir / "logs" / f"{self.worker_id}-runner{i}.log", self.setup))
+                                  self.cache_dir / "logs" / f"{self.worker_id}-runner{i}.log", self.setup,
+                                  self._exclusive))
+
+    async def _exclusive(self, runner: RunnerProcess, on: bool) -> int:
+        """A runner measuring (on) or done (off): the worker's other runners are stopped (SIGSTOP to each
+        process of theirs: a sandboxed runner is in a session of its own, below bwrap) while it times its
+        batches, so that no neighbour of this worker shares the machine with the figures. One measurement at a
+        time: a second waits for the first to resume the others. Returns how many runners were paused."""
+        if on:
+            await self._measuring.acquire()
+            self._measurer = runner
+            others = [r for r in self._all_runners() if r is not runner and r.alive]
+            self._paused = [pid for r in others for pid in process_tree(r.proc.pid)]
+            for pid in self._paused:
+                _signal(pid, signal.SIGSTOP)
+            await _stopped(self._paused)  # delivered, not only sent, before it times
+            return len(others)
+        if self._measurer is runner:
+            for pid in self._paused:
+                _signal(pid, signal.SIGCONT)
+            self._paused, self._measurer = [], None
+            self._measuring.release()
+        return 0
+
+    def _all_runners(self) -> list[RunnerProcess]:
+        return [s.runner for s in self.slots] + self._retired
 
     async def start(self) -> None:
         """Start every runner: their imports are paid before work arrives."""
@@ -295,6 +340,47 @@ class SlotPool:
                 slot.task.cancel()
         await asyncio.gather(*(s.runner.stop(kill=s.job is not None) for s in self.slots),
                              *(r.stop(kill=True) for r in self._retired), return_exceptions=True)
+
+
+def process_tree(root: int) -> list[int]:
+    """`root` and every process below it (read from /proc: children may sit in other sessions and namespaces)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo.extend(children.get(pid, []))
+    return tree
+
+
+def _signal(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(pid, sig)
+
+
+async def _stopped(pids: list[int], timeout_s: float = 2.0) -> None:
+    """Wait until these processes show as stopped (`T` in /proc/PID/stat), or gone, or the timeout passes."""
+    deadline = time.monotonic() + timeout_s
+    while pids and time.monotonic() < deadline:
+        pids = [pid for pid in pids if _state(pid) not in ("T", "t", "Z", None)]
+        if pids:
+            await asyncio.sleep(0.005)
+
+
+def _state(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
 
 
 async def _quietly(work: Callable[[], Awaitable]) -> None:

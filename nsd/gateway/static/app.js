@@ -53,10 +53,13 @@ function applyEvent(task, ev) {
     for (const k of ["met_goal", "error"]) if (k in ev) task[k] = ev[k];
     if (ev.winner !== null && ev.winner !== undefined) {
       const w = task.trials[ev.winner];
-      task.winner = { index: w.index, config: w.config, label: w.label, stage: w.stage, fallback: w.fallback, metric: w.metric };
+      task.winner = { index: w.index, config: w.config, label: w.label, stage: w.stage, fallback: w.fallback, metric: w.metric,
+                      figures: w.figures, measured_on: w.measured_on, pruned: w.pruned, deploy: w.deploy };
     }
   } else if (ev.kind === "plan") {
     task.baseline = ev.baseline;
+    task.baseline_figures = ev.baseline_figures || null;
+    task.baseline_on = ev.baseline_on || null;
     task.trials = ev.trials.map(t => Object.assign({}, t, { state: "pending", metric: null, attempt: 1, worker: null,
                                                              seconds: null, error: null }));
   } else if (ev.kind === "stage") {  // the fallback search added a stage's trials (README: the fallback search)
@@ -64,9 +67,22 @@ function applyEvent(task, ev) {
                                                                                worker: null, seconds: null, error: null })));
   } else if (ev.kind === "trial") {
     const t = task.trials[ev.index];
-    for (const k of ["state", "metric", "attempt", "worker", "seconds", "error"]) if (k in ev) t[k] = ev[k];
+    for (const k of ["state", "metric", "attempt", "worker", "seconds", "error",
+                     "figures", "measured_on", "pruned", "deploy"]) if (k in ev) t[k] = ev[k];  // deployment figures
   }
   return task;
+}
+
+/* Deployment figures (README "Deployment figures"): the fastest measured form of a figures map, and bytes for people. */
+function fastest(figures) {
+  const forms = (figures && figures.forms) || [];
+  return forms.length ? forms.reduce((a, b) => (b.p50_ms < a.p50_ms ? b : a)) : null;
+}
+function bytes(n) {
+  if (n === null || n === undefined) return "–";
+  const units = ["B", "KB", "MB", "GB"]; let i = 0;
+  while (Math.abs(n) >= 1000 && i < units.length - 1) { n /= 1000; i++; }
+  return i ? `${n.toFixed(1)} ${units[i]}` : `${n} B`;
 }
 
 /* Server-Sent Events read from a fetch body; on a dropped connection it resumes with Last-Event-ID. */
@@ -139,10 +155,12 @@ function showTask(taskId) {
   let task = null;
   const facts = h("div", { class: "facts" }), chart = document.createElementNS("http://www.w3.org/2000/svg", "svg");
   chart.id = "chart";
+  const tradeoff = document.createElementNS("http://www.w3.org/2000/svg", "svg");
+  tradeoff.id = "tradeoff";  // metric against latency, size as the marker, the Pareto set drawn (chart.js)
   const cancel = h("button", { class: "danger", id: "cancel" }, "Cancel");
   const download = h("button", { id: "download", disabled: "" }, "Download model (tar)");
   const table = h("table", { id: "trials" });
-  main.replaceChildren(h("h1", {}, "Task ", h("span", { id: "task-id" }, taskId)), facts, h("div", { class: "actions" }, cancel, download), chart, table);
+  main.replaceChildren(h("h1", {}, "Task ", h("span", { id: "task-id" }, taskId)), facts, h("div", { class: "actions" }, cancel, download), chart, tradeoff, table);
   cancel.onclick = async () => { cancel.disabled = true; try { await api(`/v1/tasks/${encodeURIComponent(taskId)}/cancel`, { method: "POST" }); } catch (e) { cancel.disabled = false; } };
   download.onclick = async () => {
     const r = await fetch(`/v1/tasks/${encodeURIComponent(taskId)}/artifact`, { headers: headers() });
@@ -159,28 +177,53 @@ function showTask(taskId) {
       fact("baseline", fmt(task.baseline)), fact("goal", `${task.goal.criterion} loss ≤ ${task.goal.tolerable_loss}`),
       fact("best so far", fmt(best(task)), "best"),
       fact("winner", task.winner ? `#${task.winner.index} ${task.winner.label} (${fmt(task.winner.metric)})` : "–", "winner", true),
-      fact("met goal", fmt(task.met_goal)), ...(task.error ? [fact("error", task.error)] : []));
+      fact("met goal", fmt(task.met_goal)), ...(task.error ? [fact("error", task.error)] : []),
+      ...figureFacts(task, fact));
     cancel.disabled = TERMINAL.has(task.state);
     if (task.artifact) download.removeAttribute("disabled"); else download.setAttribute("disabled", "");
     const extra = ["stage", "fallback"].filter(k => task.trials.some(t => t[k] !== undefined && t[k] !== null
                                                                        && !(Array.isArray(t[k]) && !t[k].length) && t[k] !== "config"));
+    const measured = task.trials.some(t => t.deploy);
+    const front = new Set(paretoFront(task).map(t => t.index));
+    const figureCells = t => !measured ? [] : [
+      h("td", { class: "num latency" }, t.deploy ? `${fmt(t.deploy.latency_ms)} ms` : "–"),
+      h("td", { class: "num speedup" }, t.deploy && t.deploy.speedup ? `${t.deploy.speedup.toFixed(2)}×` : "–"),
+      h("td", { class: "num size" }, t.deploy ? bytes(t.deploy.size_bytes) : "–"),
+      h("td", { class: "num memory" }, t.deploy ? bytes(t.deploy.peak_bytes) : "–"),
+      h("td", { class: "pareto" }, front.has(t.index) ? "★" : (t.pruned ? "not evaluated" : ""))];
     table.replaceChildren(
-      h("thead", {}, h("tr", {}, ["#", "config", ...extra, "state", "metric", "worker", "seconds", "attempt"].map(c => h("th", {}, c)))),
+      h("thead", {}, h("tr", {}, ["#", "config", ...extra, "state", "metric",
+                                  ...(measured ? ["latency", "speed-up", "size", "peak memory", "Pareto"] : []),
+                                  "worker", "seconds", "attempt"].map(c => h("th", {}, c)))),
       h("tbody", {}, task.trials.map(t => h("tr", { "data-index": t.index, "data-state": t.state, class: task.winner && task.winner.index === t.index ? "winner" : null },
         h("td", { class: "num" }, t.index), h("td", {}, t.label), ...extra.map(k => h("td", {}, fmt(Array.isArray(t[k]) ? t[k].join(", ") : t[k]))),
-        h("td", {}, badge(t.state)), h("td", { class: "num" }, fmt(t.metric)), h("td", {}, fmt(t.worker)),
+        h("td", {}, badge(t.state)), h("td", { class: "num" }, fmt(t.metric)), ...figureCells(t), h("td", {}, fmt(t.worker)),
         h("td", { class: "num" }, t.seconds === null ? "–" : t.seconds.toFixed(2)), h("td", { class: "num" }, t.attempt)))));
     drawChart(chart, task);
+    tradeoff.style.display = measured ? "" : "none";
+    if (measured) drawTradeoff(tradeoff, task);
   };
   return follow(taskId, ev => {
     task = applyEvent(task, ev);
     if (ev.kind === "state" && TERMINAL.has(ev.state) && !task.artifact) {
-      // The final event does not carry the artifact: one read of the full view fills it in.
-      api(`/v1/tasks/${encodeURIComponent(taskId)}`).then(full => { task = full; render(); }).catch(() => {});
+      // The final event does not carry the artifact: one read of the view (no trials: they are paged) fills it in.
+      api(`/v1/tasks/${encodeURIComponent(taskId)}?limit=0`).then(v => { task.artifact = v.artifact; render(); }).catch(() => {});
     }
     render();
     return TERMINAL.has(task.state);
   });
+}
+
+/* The facts the figures add: FP32's latency and size, the objective, the winner's speed-up (README "JSON output"). */
+function figureFacts(task, fact) {
+  const fp32 = fastest(task.baseline_figures), w = task.winner && task.winner.deploy;
+  const out = [];
+  if (task.objective && task.objective !== "first") out.push(fact("objective", typeof task.objective === "string" ? task.objective
+    : Object.entries(task.objective).map(([k, v]) => `${v}×${k}`).join(" + "), "objective"));
+  if (fp32) out.push(fact("FP32", `${fmt(fp32.p50_ms)} ms, ${bytes(task.baseline_figures.size_bytes)}`, "fp32"));
+  if (w) out.push(fact("winner deployed", `${fmt(w.latency_ms)} ms${w.speedup ? `, ${w.speedup.toFixed(2)}× FP32` : ""}, ${bytes(w.size_bytes)}`,
+                       "deployed", true));
+  return out;
 }
 
 async function showCluster() {
