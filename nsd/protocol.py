@@ -78,9 +78,7 @@ TASK_ID = re.compile(r"[0-9a-f]{12}")
 SHA256 = re.compile(r"[0-9a-f]{64}")  # blob names: nothing a peer sends becomes a path otherwise
 PEER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")  # worker ids (they are ZeroMQ identities)
 TENANT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}")  # nsd.tenants.TENANT: key and token names
-MAX_DROP = 1000  # blobs, and task ids, in one DROP
-MAX_PAGE = 10_000  # trials in one STATUS / RESULT_GET reply (README "Bounded views")
-DEFAULT_PAGE = 2_000  # ... when the request names no limit
+MAX_DROP, MAX_PAGE, DEFAULT_PAGE = 1000, 10_000, 2_000  # a DROP's names; trials a STATUS/RESULT_GET page holds
 
 
 # ---- jobs: what a worker runs for a task ---------------------------------------------------------------
@@ -317,8 +315,7 @@ SHAPES: dict[Cmd, dict[str, Check]] = {
                    "length": integer(0, MAX_CHUNK_BYTES)},
     Cmd.LOGS: {"req": integer(0, 1 << 62), "task_id": text(64)},
     Cmd.DELETE_TASK: {"req": integer(0, 1 << 62), "task_id": text(64)},
-    Cmd.AUDIT: {"req": integer(0, 1 << 62)},
-    Cmd.CACHE_PURGE: {"req": integer(0, 1 << 62)},
+    Cmd.AUDIT: {"req": integer(0, 1 << 62)}, Cmd.CACHE_PURGE: {"req": integer(0, 1 << 62)},
     Cmd.REPLY: {"req": integer(0, 1 << 62)},
     Cmd.ERROR: {"req": integer(0, 1 << 62), "error": of_type(str, "a string")},
     Cmd.EVENT: {"task_id": of_type(str, "a string"), "seq": integer(0, 1 << 62), "kind": of_type(str, "a string")},
@@ -332,12 +329,10 @@ OPTIONAL: dict[Cmd, dict[str, Check]] = {
     Cmd.BYE: {"handback": BOOL},
     Cmd.RESULT: RESULT_OPTIONAL,
     Cmd.LOGS: {"job": Check("null or a job name", lambda v: v is None or text(32, JOB_NAME).ok(v))},
-    # Bounded views: a page of the task's trials.
-    Cmd.STATUS: {"offset": integer(0, 1 << 31), "limit": integer(1, MAX_PAGE)},
+    Cmd.STATUS: {"offset": integer(0, 1 << 31), "limit": integer(1, MAX_PAGE)},  # a page of the task's trials
     Cmd.RESULT_GET: {"offset": integer(0, 1 << 31), "limit": integer(1, MAX_PAGE)},
     Cmd.SUBMIT: {"code": BOOL},  # from a gateway: its user may submit python recipes (nsd.tenants)
-    Cmd.AUDIT: {"task_id": text(64), "owner": text(64, TENANT), "limit": integer(1, 1000),
-                "before": integer(0, 1 << 62)},
+    Cmd.AUDIT: {"task_id": text(64), "owner": text(64, TENANT), "limit": integer(1, 1000), "before": integer(0, 1 << 62)},
     Cmd.CACHE_PURGE: {"task_id": text(64), "worker": text(128, PEER_NAME), "all": BOOL},
 }
 # The largest body each message may have (the sockets' MAXMSGSIZE is the bound for a whole message).
@@ -347,8 +342,7 @@ MAX_BODY.update({Cmd.SUBMIT: 256 * 1024, Cmd.BLOB_PUT: MAX_CHUNK_BYTES + 1024, C
                  Cmd.RESULT: 8 * 1024 * 1024, Cmd.READY: MAX_MESSAGE_BYTES, Cmd.BLOB_HAVE: 128 * 1024,
                  # broker -> peers: a chunk, a job with its spec, a task with all its trials
                  Cmd.CHUNK: MAX_CHUNK_BYTES + 1024, Cmd.ASSIGN: 1024 * 1024, Cmd.REPLY: MAX_MESSAGE_BYTES,
-                 Cmd.DROP: 256 * 1024,
-                 Cmd.EVENT: MAX_MESSAGE_BYTES})
+                 Cmd.EVENT: MAX_MESSAGE_BYTES, Cmd.DROP: 256 * 1024})
 MAX_SPEC_BYTES = MAX_BODY[Cmd.SUBMIT] - 1024  # a task spec, packed (the client checks before sending)
 
 
@@ -379,10 +373,8 @@ BROKER_TO_WORKER = frozenset({Cmd.READY_ACK, Cmd.ASSIGN, Cmd.RESULT_ACK, Cmd.CAN
 CLIENT_TO_BROKER = frozenset({Cmd.HELLO, Cmd.SUBMIT, Cmd.STATUS, Cmd.LIST, Cmd.CANCEL_TASK,
                               Cmd.RESULT_GET, Cmd.CLUSTER, Cmd.BLOB_HAVE, Cmd.BLOB_PUT, Cmd.BLOB_GET,
                               Cmd.LOGS, Cmd.DELETE_TASK, Cmd.AUDIT, Cmd.CACHE_PURGE})
-# Every client request may name the tenant it acts for: honoured from gateway keys only (nsd.tenants).
-for _cmd in CLIENT_TO_BROKER:
+for _cmd in CLIENT_TO_BROKER:  # any client request may name its tenant: honoured from gateway keys only
     OPTIONAL.setdefault(_cmd, {})["tenant"] = text(64, TENANT)
-del _cmd
 BROKER_TO_CLIENT = frozenset({Cmd.REPLY, Cmd.ERROR})
 
 

@@ -25,7 +25,7 @@ async def test_trials_come_in_pages_and_the_client_reads_them_all(broker, client
         for read in (client.status, client.result):
             whole = await read(task_id)
             assert [t["index"] for t in whole["trials"]] == list(range(300))
-            assert whole["trials_page"] == {"offset": 0, "limit": 300, "total": 300}
+            assert "trials_page" not in whole  # the whole view
         assert (await client.status(task_id, offset=299))["trials"][0]["index"] == 299
         assert (await client.status(task_id, offset=5000))["trials"] == []
     finally:

@@ -30,9 +30,11 @@ class Verification:
         self._write_task(task, candidate=task.candidate, jobs=task.jobs_plain())
 
     def _verify_job(self, task: Task, ref: JobRef, worker: Worker) -> tuple[Worker, dict]:
-        if worker.id == task.saved_by:  # another worker reproduces it where one is free
+        if worker.id == task.saved_by:  # another worker reproduces it where one is free (and may run the task)
+            label = task.resources.hardware
             other = next((w for w in self.free.values() if w.id != task.saved_by and w is not worker
-                          and w.free_cores >= self.job_cores(task, w)), None)
+                          and w.free_cores >= self.job_cores(task, w)
+                          and label in (None, (w.hardware or {}).get("label"))), None)
             worker = other or worker
         self._lease_to(task, ref, worker)
         winner = task.trials[task.winner]

@@ -173,7 +173,8 @@ class AsyncClient(Transfers, EventStream, Privacy):
 
     async def status(self, task_id: str, offset: int | None = None, limit: int | None = None) -> dict[str, Any]:
         """The task's view. Its trials come in pages (README "Bounded views"): without `offset`/`limit`, every
-        page is read (each reply bounded) and the view holds them all; with them, that one page."""
+        page is read (each reply bounded) and the view holds them all; with them, that one page (and its
+        `trials_page`)."""
         return await self._paged(Cmd.STATUS, task_id, offset, limit)
 
     async def _paged(self, cmd: Cmd, task_id: str, offset: int | None, limit: int | None) -> dict[str, Any]:
@@ -192,7 +193,7 @@ class AsyncClient(Transfers, EventStream, Privacy):
             trials += more["trials"]
             page = {**more["trials_page"], "limit": page["limit"]}
         task["trials"] = trials
-        task["trials_page"] = {"offset": 0, "limit": len(trials), "total": len(trials)}
+        del task["trials_page"]  # the whole view: every trial (as the gateway's views are)
         return task
 
     async def list(self) -> list[dict[str, Any]]:
