@@ -41,6 +41,7 @@ class Cmd(enum.IntEnum):
     DISCONNECT = 0x15  # I do not know you or you spoke out of turn: re-register (or stop, if fatal)
     CHUNK = 0x16  # a blob range you asked for (or an error)
     STORE_ACK = 0x17  # chunk stored: next offset, and whether the blob is complete (or an error)
+    DROP = 0x18  # erase these blobs and these tasks' folders from your cache (a task was deleted)
     # client -> broker
     HELLO = 0x21  # versions and the events endpoint
     SUBMIT = 0x22  # a task spec; answered with the task id after commit
@@ -53,6 +54,9 @@ class Cmd(enum.IntEnum):
     BLOB_PUT = 0x29  # one chunk of an upload, in order; the last one is checked against its hash
     BLOB_GET = 0x2A  # a range of a stored blob
     LOGS = 0x2B  # the logs of a task's jobs (all, or one trial's)
+    DELETE_TASK = 0x2C  # erase a task and what is kept about it (README "Privacy")
+    AUDIT = 0x2D  # the audit log: who did what to which task (admins)
+    CACHE_PURGE = 0x2E  # drop metric cache entries: of a task, of a worker, or all
     # broker -> client
     REPLY = 0x31  # success; body carries `req` and the answer
     ERROR = 0x32  # failure; body carries `req` and a message for a person
@@ -86,6 +90,8 @@ TASK_ID = re.compile(r"[0-9a-f]{12}")
 PEER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")  # worker ids (they are ZeroMQ identities)
 MAX_TX_ROWS = 100_000  # rows in one part of a replicated transaction
 MAX_LSN = 1 << 62
+TENANT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}")  # nsd.tenants.TENANT: key and token names
+MAX_DROP, MAX_PAGE, DEFAULT_PAGE = 1000, 10_000, 2_000  # a DROP's names; trials a STATUS/RESULT_GET page holds
 
 
 # ---- jobs: what a worker runs for a task ---------------------------------------------------------------
@@ -106,6 +112,7 @@ JOB_KINDS: dict[str, WireJob] = {k.name: k for k in (
     WireJob("plan", per_trial=False, config=False),  # expand the config set, FP32 baseline, op lists
     WireJob(TRIAL, per_trial=True, config=True),  # quantize one config and evaluate it
     WireJob("save", per_trial=False, config=True),  # the winner's model, saved and uploaded
+    WireJob("verify", per_trial=False, config=True),  # the saved model loaded and its metric measured again
 )}
 
 
@@ -266,6 +273,7 @@ SHAPES: dict[Cmd, dict[str, Check]] = {
     Cmd.DISCONNECT: {"reason": text(MAX_TEXT)},
     Cmd.CHUNK: {"sha256": text(64, SHA256), "offset": integer(0, MAX_BLOB_OFFSET)},
     Cmd.STORE_ACK: {"sha256": text(64, SHA256), "offset": integer(0, MAX_BLOB_OFFSET)},
+    Cmd.DROP: {"sha256": listof(MAX_DROP, text(64, SHA256)), "tasks": listof(MAX_DROP, text(12, TASK_ID))},
     Cmd.HELLO: {"req": integer(0, 1 << 62)},
     Cmd.SUBMIT: {"req": integer(0, 1 << 62), "spec": JSON_MAP},
     Cmd.STATUS: {"req": integer(0, 1 << 62), "task_id": text(64)},
@@ -279,6 +287,8 @@ SHAPES: dict[Cmd, dict[str, Check]] = {
     Cmd.BLOB_GET: {"req": integer(0, 1 << 62), "sha256": text(64, SHA256), "offset": integer(0, MAX_BLOB_OFFSET),
                    "length": integer(0, MAX_CHUNK_BYTES)},
     Cmd.LOGS: {"req": integer(0, 1 << 62), "task_id": text(64)},
+    Cmd.DELETE_TASK: {"req": integer(0, 1 << 62), "task_id": text(64)},
+    Cmd.AUDIT: {"req": integer(0, 1 << 62)}, Cmd.CACHE_PURGE: {"req": integer(0, 1 << 62)},
     Cmd.REPLY: {"req": integer(0, 1 << 62)},
     Cmd.ERROR: {"req": integer(0, 1 << 62), "error": of_type(str, "a string")},
     Cmd.EVENT: {"task_id": of_type(str, "a string"), "seq": integer(0, 1 << 62), "kind": of_type(str, "a string")},
@@ -307,7 +317,8 @@ OPTIONAL: dict[Cmd, dict[str, Check]] = {
     Cmd.BYE: {"handback": BOOL},
     Cmd.RESULT: RESULT_OPTIONAL,
     Cmd.LOGS: {"job": Check("null or a job name", lambda v: v is None or text(32, JOB_NAME).ok(v))},
-    Cmd.SUBMIT: {"submit_id": text(32, re.compile(r"[0-9a-f]{32}"))},  # a retried SUBMIT gets the same task
+    # submit_id: a retried SUBMIT gets the same task; code: from a gateway, its user may submit python recipes
+    Cmd.SUBMIT: {"submit_id": text(32, re.compile(r"[0-9a-f]{32}")), "code": BOOL},
     Cmd.REPLY: {"epoch": EPOCH},
     Cmd.ERROR: {"epoch": EPOCH, "not_active": BOOL},  # not_active: a passive broker; ask the other one
     Cmd.READY_ACK: {"epoch": EPOCH},
@@ -315,9 +326,13 @@ OPTIONAL: dict[Cmd, dict[str, Check]] = {
     Cmd.PEER_CHUNK: {"size": integer(0, MAX_BLOB_OFFSET), "data": of_type(bytes, "bytes"), "error": text(MAX_TEXT)},
     Cmd.PEER_BLOBS: {"listing": BOOL, "more": BOOL},  # listing: an answer to PEER_LIST (more: ask again)
     Cmd.PEER_STATE: {"nsd_version": text(64), "resync": BOOL},  # resync: my copy failed; send a snapshot
+    Cmd.STATUS: {"offset": integer(0, 1 << 31), "limit": integer(1, MAX_PAGE)},  # a page of the task's trials
+    Cmd.RESULT_GET: {"offset": integer(0, 1 << 31), "limit": integer(1, MAX_PAGE)},
+    Cmd.AUDIT: {"task_id": text(64), "owner": text(64, TENANT), "limit": integer(1, 1000), "before": integer(0, 1 << 62)},
+    Cmd.CACHE_PURGE: {"task_id": text(64), "worker": text(128, PEER_NAME), "all": BOOL},
 }
 for _cmd in (Cmd.HELLO, Cmd.SUBMIT, Cmd.STATUS, Cmd.LIST, Cmd.CANCEL_TASK, Cmd.RESULT_GET, Cmd.CLUSTER,
-             Cmd.BLOB_HAVE, Cmd.BLOB_PUT, Cmd.BLOB_GET, Cmd.LOGS):
+             Cmd.BLOB_HAVE, Cmd.BLOB_PUT, Cmd.BLOB_GET, Cmd.LOGS, Cmd.DELETE_TASK, Cmd.AUDIT, Cmd.CACHE_PURGE):
     OPTIONAL[_cmd] = {**OPTIONAL.get(_cmd, {}), **CLIENT_OPTIONAL}
 OPTIONAL[Cmd.READY] = {**OPTIONAL[Cmd.READY], **CLIENT_OPTIONAL}
 # The largest body each message may have (the sockets' MAXMSGSIZE is the bound for a whole message).
@@ -327,7 +342,7 @@ MAX_BODY.update({Cmd.SUBMIT: 256 * 1024, Cmd.BLOB_PUT: MAX_CHUNK_BYTES + 1024, C
                  Cmd.RESULT: 8 * 1024 * 1024, Cmd.READY: MAX_MESSAGE_BYTES, Cmd.BLOB_HAVE: 128 * 1024,
                  # broker -> peers: a chunk, a job with its spec, a task with all its trials
                  Cmd.CHUNK: MAX_CHUNK_BYTES + 1024, Cmd.ASSIGN: 1024 * 1024, Cmd.REPLY: MAX_MESSAGE_BYTES,
-                 Cmd.EVENT: MAX_MESSAGE_BYTES,
+                 Cmd.EVENT: MAX_MESSAGE_BYTES, Cmd.DROP: 256 * 1024,
                  # the pair's link: a transaction's part, a chunk, a page of blob names
                  Cmd.PEER_TX: MAX_MESSAGE_BYTES - 65536, Cmd.PEER_CHUNK: MAX_CHUNK_BYTES + 1024,
                  Cmd.PEER_BLOBS: 128 * 1024, Cmd.PEER_HAVE: 128 * 1024})
@@ -357,10 +372,12 @@ def parse_job_id(value: str) -> tuple[str, JobRef]:
 
 WORKER_TO_BROKER = frozenset({Cmd.READY, Cmd.HEARTBEAT, Cmd.RESULT, Cmd.BYE, Cmd.FETCH, Cmd.STORE})
 BROKER_TO_WORKER = frozenset({Cmd.READY_ACK, Cmd.ASSIGN, Cmd.RESULT_ACK, Cmd.CANCEL,
-                              Cmd.HEARTBEAT, Cmd.DISCONNECT, Cmd.CHUNK, Cmd.STORE_ACK})
+                              Cmd.HEARTBEAT, Cmd.DISCONNECT, Cmd.CHUNK, Cmd.STORE_ACK, Cmd.DROP})
 CLIENT_TO_BROKER = frozenset({Cmd.HELLO, Cmd.SUBMIT, Cmd.STATUS, Cmd.LIST, Cmd.CANCEL_TASK,
                               Cmd.RESULT_GET, Cmd.CLUSTER, Cmd.BLOB_HAVE, Cmd.BLOB_PUT, Cmd.BLOB_GET,
-                              Cmd.LOGS})
+                              Cmd.LOGS, Cmd.DELETE_TASK, Cmd.AUDIT, Cmd.CACHE_PURGE})
+for _cmd in CLIENT_TO_BROKER:  # any client request may name its tenant: honoured from gateway keys only
+    OPTIONAL.setdefault(_cmd, {})["tenant"] = text(64, TENANT)
 BROKER_TO_CLIENT = frozenset({Cmd.REPLY, Cmd.ERROR})
 PEER_TO_PEER = frozenset({Cmd.PEER_STATE, Cmd.PEER_TX, Cmd.PEER_ACK, Cmd.PEER_SNAPSHOT, Cmd.PEER_FETCH,
                           Cmd.PEER_CHUNK, Cmd.PEER_BLOBS, Cmd.PEER_HAVE, Cmd.PEER_LIST})

@@ -54,6 +54,9 @@ class ScriptedWorker:
         self.acked: list[tuple[str, int]] = []
         self.running: set[tuple[str, int]] = set()
         self.store_acks: list[dict] = []
+        self.drops: list[dict] = []  # DROP bodies: what the broker told it to erase
+        self.chunks: list[dict] = []  # CHUNK replies to the FETCHes a test sent
+        self.reported: dict[str, float] = {}  # trial job id -> the metric it reported (what it verifies against)
         self.heartbeats: list[float] = []  # when each of the broker's HEARTBEATs arrived (loop time)
         self.max_running = 0
         self.silent = False  # stop heartbeating and answering: look dead
@@ -124,6 +127,10 @@ class ScriptedWorker:
                 self.disconnects.append(b)
             elif msg.cmd is Cmd.STORE_ACK:
                 self.store_acks.append(b)
+            elif msg.cmd is Cmd.DROP:
+                self.drops.append(b)
+            elif msg.cmd is Cmd.CHUNK:
+                self.chunks.append(b)
             elif msg.cmd is Cmd.HEARTBEAT:
                 self.heartbeats.append(asyncio.get_running_loop().time())
 
@@ -136,13 +143,21 @@ class ScriptedWorker:
             self.send(Cmd.STORE, {"sha256": sha, "offset": 0, "size": len(data), "data": data})
             self.result(key, {"ok": True, "artifact": sha})
             return
-        body = self.answer(job)
+        if job["kind"] == "verify":  # an honest verifier: the winning trial's metric, as it reported or answers it
+            trial_id = f"{job['task_id']}/{job['index']}"
+            trial = {"metric": self.reported[trial_id]} if trial_id in self.reported else \
+                self.answer({**job, "kind": "trial"})
+            body = None if trial is None else {"ok": True, "metric": trial.get("metric")}
+        else:
+            body = self.answer(job)
         if body is None:
             return  # hold this one: the test finishes it
         self.result(key, body)
 
     def result(self, key: tuple[str, int], body: dict) -> None:
         self.running.discard(key)
+        if body.get("metric") is not None:
+            self.reported[key[0]] = body["metric"]
         self.outbox[key] = {"trial_id": key[0], "attempt": key[1], "seconds": 0.01, **body}
         self.send(Cmd.RESULT, self.outbox[key])
 
@@ -152,7 +167,10 @@ class ScriptedWorker:
             if not self.silent:
                 self.send(Cmd.HEARTBEAT, {"running": [list(k) for k in self.running]})
 
-    async def stop(self) -> None:
+    async def stop(self, bye: bool = False) -> None:
+        """Stop; with `bye`, say goodbye first (the broker forgets it at once, not after its liveness)."""
+        if bye:
+            self.send(Cmd.BYE, {})
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
@@ -171,8 +189,10 @@ class ScriptedWorker:
 
 # ---- specs and answers for the tests that use scripted workers, and small utilities ----------------------
 
+# Its config set holds every config a scripted plan lists (plan_answer: bits 0 .. n-1, in order), since the
+# broker refuses a plan that is not the expansion of the task's config set (nsd/broker/plan_check.py).
 SPEC = {"name": "scripted", "recipe": {"kind": "python", "file": os.path.abspath(__file__)},
-        "tuning": {"config_set": [{"rtn": {"bits": [1, 2, 3, 4, 5, 6]}}], "tolerable_loss": 0.1}}
+        "tuning": {"config_set": [{"rtn": {"bits": list(range(1000))}}], "tolerable_loss": 0.1}}
 
 
 def spec(**tuning) -> dict:

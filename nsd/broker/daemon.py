@@ -16,7 +16,6 @@ Its parts: what a client request gets (nsd/broker/client_requests.py) and what a
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ from nsd.broker.blobs import BlobStore
 from nsd.broker.client_requests import ClientRequests
 from nsd.broker.config import BrokerConfig
 from nsd.broker.core import Core, Event, ToWorker
+from nsd.broker.erasure import Checkpoint, RemoveBlob
 from nsd.broker.metrics import BrokerState, Metrics, MetricsServer
 from nsd.broker.store import StorageError, Store
 from nsd.broker.worker_messages import WorkerMessages
@@ -46,8 +46,9 @@ _IDLE_HEARTBEAT = pack(Cmd.HEARTBEAT, {"running": []})  # an idle worker's, byte
 _IDLE_GATHER_S = 0.02
 
 READS = frozenset({Cmd.HELLO, Cmd.STATUS, Cmd.LIST, Cmd.RESULT_GET, Cmd.CLUSTER, Cmd.BLOB_HAVE, Cmd.BLOB_GET,
-                   Cmd.LOGS})  # client requests that change nothing: answered again after a failed commit
-BLOB_WRITES = frozenset({Cmd.BLOB_PUT, Cmd.STORE})  # files, not SQLite
+                   Cmd.LOGS})  # client requests that change nothing (but the audit log): answered again after a
+# failed commit, without writing their audit entry then
+RETENTION_EVERY_S = 60.0  # how often finished tasks are checked against their retention
 
 
 class Broker(ClientRequests, WorkerMessages):
@@ -107,13 +108,20 @@ class Broker(ClientRequests, WorkerMessages):
             self.pair = Pair(self)
         else:
             self.core.load()
+        self._next_retention = 0.0
         self.ctx = zmq.asyncio.Context()
         if self.curve is not None:
             self.curve.start(self.ctx)
+            self.core.trusted_worker = self.curve.trusted_worker
+            if moved := self.core.adopt_legacy_owners(self.curve.tenant_of):
+                log.info("%d task(s) from before tenants now belong to their client keys' tenants", moved)
         self.clients = self._router()
         self.workers_sock = self._router()
         self.events = configure(self.ctx.socket(zmq.XPUB))
         self.events.setsockopt(zmq.SNDHWM, 10_000)  # a slow subscriber loses events (it re-snapshots), no more
+        # Each subscription reaches us, with its peer's User-Id, and counts only once we grant it
+        # (`_drain_subscriptions`): a tenant's subscription to another tenant's task receives nothing.
+        self.events.setsockopt(zmq.XPUB_MANUAL, 1)
         for name, sock in (("clients", self.clients), ("workers", self.workers_sock), ("events", self.events)):
             if self.curve is not None:
                 self.curve.apply(sock, SOCKET_DOMAINS[name])
@@ -143,7 +151,7 @@ class Broker(ClientRequests, WorkerMessages):
 
     def new_core(self) -> Core:
         return Core(self.store, self.metrics, self.heartbeat_s, self.liveness, self.blobs, self.limits,
-                    curve=self.curve is not None)
+                    curve=self.curve is not None, share_cache=self.config.share_cache)
 
     def _router(self) -> zmq.asyncio.Socket:
         sock = configure(self.ctx.socket(zmq.ROUTER))
@@ -280,8 +288,12 @@ class Broker(ClientRequests, WorkerMessages):
                 if name == "clients" and msg.cmd is Cmd.BLOB_GET:
                     continue  # answered already
                 if name == "clients" and msg.cmd in READS:  # answered again from the restored state
-                    replies[i] = self._client_message(identity, key, msg)
-                elif name == "clients" and msg.cmd not in BLOB_WRITES:  # (a chunk on disk stays written)
+                    core.auditing = False
+                    try:
+                        replies[i] = self._client_message(identity, key, msg)
+                    finally:
+                        core.auditing = True
+                elif name == "clients":  # an upload's chunk stays on disk, but not whose it is: sent again
                     replies[i] = (identity, Cmd.ERROR, {"req": msg.body["req"], "error": str(exc)})
                 elif msg.cmd in (Cmd.READY, Cmd.RESULT):  # it keeps unacknowledged results: it will resend them
                     worker = core.workers.get(identity.decode("ascii", "replace"))
@@ -334,16 +346,15 @@ class Broker(ClientRequests, WorkerMessages):
                     self.metrics.dropped_sends.inc()
             elif isinstance(effect, Event):
                 self._out("events", event_frames(effect.task_id, effect.body))  # a lagging subscriber re-snapshots
+            elif isinstance(effect, RemoveBlob):
+                self.blobs.remove(effect.sha256)
+            elif isinstance(effect, Checkpoint):
+                try:
+                    self.store.checkpoint()
+                except Exception as exc:  # a busy or failing disk: the WAL is truncated at a later one
+                    log.warning("WAL checkpoint after an erasure failed: %s", exc)
 
     # ---- time ---------------------------------------------------------------------------------------
-
-    async def _drain_subscriptions(self) -> None:
-        shadow, readable = self._shadows["events"], self._readable["events"]
-        while True:  # XPUB hands us (un)subscriptions; nothing to do with them but read them
-            await readable.wait()
-            with contextlib.suppress(zmq.Again):
-                while True:
-                    shadow.recv_multipart(zmq.NOBLOCK)
 
     async def _tick(self) -> None:
         while True:
@@ -356,6 +367,9 @@ class Broker(ClientRequests, WorkerMessages):
                 self.core.check_liveness(now)
                 self.core.check_timeouts(now)
                 self.blobs.expire(time.monotonic())
+                if now >= self._next_retention and (self.config.retention_days or self.config.tenant_retention):
+                    self._next_retention = now + RETENTION_EVERY_S
+                    self.core.expire(now, self.config.retention_days, self.config.tenant_retention)
                 with self.core.tx():
                     self.core.schedule()
             except StorageError as exc:

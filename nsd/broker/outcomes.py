@@ -13,11 +13,11 @@ import math
 import time
 from typing import Any
 
-from nsd.blobs import make_ref
 from nsd.broker import search, tuner
 from nsd.broker.jobs import KINDS, SAVE
 from nsd.broker.metric_cache import hardware_key
 from nsd.broker.model import Lease, Task, Trial, Worker
+from nsd.broker.plan_check import check_plan
 from nsd.figures import loses
 from nsd.broker.store import StorageError
 from nsd.protocol import TRIAL, Cmd, JobRef, parse_job_id
@@ -74,7 +74,7 @@ class Outcomes:
         figures = body.get("figures") if body["ok"] and task.tuning.measure != "none" else None
         if figures is not None:
             task.set_figures(tr, figures, worker.hardware)
-            self.cache.put_figures(task.spec, worker.versions, hardware_key(worker.hardware, self.job_cores(task, worker)),
+            self.cache.put_figures(task, worker, hardware_key(worker.hardware, self.job_cores(task, worker)),
                                    tr.config, fallback, figures)
         if body["ok"] and body.get("pruned") is True and metric is None:
             prune = task.prune_rule()
@@ -88,12 +88,12 @@ class Outcomes:
             self._score(task, tr, float(metric), None)
             if tr.state is TrialState.PASSED and body.get("kept"):
                 tr.kept = (worker.id, body["kept"])
-            self.cache.put_trial(task.spec, worker.versions, tr.config, fallback, tr.metric)
+            self.cache.put_trial(task, worker, tr.config, fallback, tr.metric)
         elif body["ok"] and body.get("stopped_early") is True and bound is not None \
                 and not tuner.meets_goal(float(bound), task.goal()):
             # It could neither meet the goal nor beat a finished trial (First.stop_rule): no metric needed.
             self._score(task, tr, None, float(bound))
-            self.cache.put_trial(task.spec, worker.versions, tr.config, fallback, None, tr.bound)
+            self.cache.put_trial(task, worker, tr.config, fallback, None, tr.bound)
         else:
             task.set_state(tr, TrialState.ERROR)
             tr.error = (body.get("error") or "the runner returned no metric")[:4000]
@@ -131,12 +131,12 @@ class Outcomes:
         return getattr(self, kind.cached)(task, waiting[0] if waiting else None, worker)
 
     def _plan_from_cache(self, task: Task, ref: JobRef, worker: Worker) -> bool:
-        plan = self.cache.get_plan(task.spec, worker.versions)
+        plan = self.cache.get_plan(task, worker.versions)
         if plan is None:
             return False
         fp32 = None
         if task.tuning.measure != "none":  # FP32's figures on this kind of machine, or run it
-            fp32 = self.cache.get_figures(task.spec, worker.versions,
+            fp32 = self.cache.get_figures(task, worker.versions,
                                           hardware_key(worker.hardware, self.job_cores(task, worker)))
             if fp32 is None:
                 return False
@@ -152,7 +152,7 @@ class Outcomes:
 
     def _save_from_cache(self, task: Task, ref: JobRef, worker: Worker) -> bool:
         winner = task.trials[task.winner]
-        sha = self.cache.get_artifact(task.spec, worker.versions, winner.config, getattr(winner, "fallback", None))
+        sha = self.cache.get_artifact(task, worker.versions, winner.config, getattr(winner, "fallback", None))
         if sha is None or not self.blobs.has(sha):
             return False
         del task.jobs[ref]
@@ -168,14 +168,14 @@ class Outcomes:
             if tr.state is not TrialState.PENDING:
                 heapq.heappop(task.pending)  # a stale entry
                 continue
-            known = self.cache.get_trial(task.spec, versions, tr.config, getattr(tr, "fallback", None))
+            known = self.cache.get_trial(task, versions, tr.config, getattr(tr, "fallback", None))
             if known is None:
                 return answered
             metric, bound = finite(known.get("metric")), finite(known.get("bound"))
             if metric is None and not (bound is not None and can_stop(bound, bound, task.stop_rule(tr.index))):
                 return answered  # it stopped early under a stricter rule than this task's: run it
             if self._wants_figures(task, metric):
-                known = self.cache.get_figures(task.spec, versions, hardware_key(worker.hardware,
+                known = self.cache.get_figures(task, versions, hardware_key(worker.hardware,
                                                                                  self.job_cores(task, worker)),
                                                tr.config, getattr(tr, "fallback", None))
                 if known is None or known["figures"] is None:
@@ -208,7 +208,7 @@ class Outcomes:
         if worker is not None and body["ok"] and task.tuning.measure != "none":
             task.baseline_figures = body.get("figures")  # None: the recipe gives no benchmark batch
             task.baseline_on = worker.hardware if task.baseline_figures else None
-            self.cache.put_figures(task.spec, worker.versions, hardware_key(worker.hardware, self.job_cores(task, worker)),
+            self.cache.put_figures(task, worker, hardware_key(worker.hardware, self.job_cores(task, worker)),
                                    None, None, task.baseline_figures)
         baseline, configs = body.get("baseline"), body.get("configs")
         if not body["ok"]:
@@ -218,9 +218,14 @@ class Outcomes:
             return self.finish(task, TaskState.FAILED, error="planning returned a malformed plan")
         if not configs:
             return self.finish(task, TaskState.FAILED, error="the config set expanded to no configs")
+        wrong = check_plan(task.tuning.config_set, configs)
+        if wrong is not None:  # a lease holder does not choose what is tried (issue 15)
+            log.warning("task %s: refused the plan of worker %s: %s", task.id, worker.id if worker else "-", wrong)
+            return self.finish(task, TaskState.FAILED, error=f"planning returned a plan that is not the config "
+                                                             f"set's expansion: {wrong}")
         configs = first_trials(configs, task.tuning.max_trials)
         if worker is not None:  # a plan a worker ran (not one from the cache): remember it
-            self.cache.put_plan(task.spec, worker.versions, float(baseline), configs, body.get("ops"))
+            self.cache.put_plan(task, worker, float(baseline), configs, body.get("ops"))
         task.baseline, task.oplists = float(baseline), oplists
         task.trials = [Trial(index=i, config=c["config"], label=c.get("label", "")) for i, c in enumerate(configs)]
         task.index_trials()
@@ -236,16 +241,15 @@ class Outcomes:
 
     def _save_result(self, task: Task, ref: JobRef, body: dict, worker: Worker | None = None) -> None:
         sha = body.get("artifact")
-        if body["ok"] and sha is not None and self.blobs.has(sha):
-            if worker is not None:
-                winner = task.trials[task.winner]
-                self.cache.put_artifact(task.spec, worker.versions, winner.config, getattr(winner, "fallback", None),
-                                        sha)
-            task.artifact = make_ref(sha, "model")
-            self._write_task(task, artifact=task.artifact)
-            self.finish(task, TaskState.DONE, winner=task.winner, met_goal=task.met_goal, error=task.error)
+        # A worker's artifact must be bytes it stored itself (under this save's lease): naming any other blob
+        # would hand someone else's model out as this task's (issue 15).
+        if body["ok"] and sha is not None and self.blobs.has(sha) and (worker is None or self.stored_by(worker, sha)):
+            if worker is not None:  # checked before it is handed out (nsd.broker.verification)
+                return self._to_verify(task, sha, worker)
+            self._hand_out(task, sha)  # from the cache: verified when it was first saved
         else:
-            why = body.get("error") or "the worker returned no artifact"
+            why = body.get("error") or ("the worker named an artifact it did not upload" if body["ok"] and sha
+                                        else "the worker returned no artifact")
             self.finish(task, TaskState.DONE, winner=task.winner, met_goal=task.met_goal,
                         error=f"the winner's artifact could not be saved: {why}")
 

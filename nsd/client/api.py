@@ -2,7 +2,8 @@
 call, a timeout after which the socket is dropped and `BrokerUnavailable` raised.
 
 Its other parts: uploads, downloads and fetch (nsd/client/transfers.py), the event stream
-(nsd/client/events.py); its blocking twin `Client` is nsd/client/sync.py.
+(nsd/client/events.py), erasure, audit and acting for a tenant (nsd/client/privacy.py); its blocking twin
+`Client` is nsd/client/sync.py.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import zmq.asyncio
 from nsd.blobs import parse_ref
 from nsd.client.errors import BrokerError, BrokerRefused, BrokerUnavailable, NotActive, ReplyTooLarge
 from nsd.client.events import EventStream
+from nsd.client.privacy import Privacy
 from nsd.client.specs import prepare_spec
 from nsd.client.transfers import Transfers
 from nsd.endpoints import Endpoints
@@ -39,7 +41,7 @@ def broker_address(address: str | None = None) -> str:
     return address or os.environ.get("NSD_BROKER") or DEFAULT_BROKER
 
 
-class AsyncClient(Transfers, EventStream):
+class AsyncClient(Transfers, EventStream, Privacy):
     def __init__(self, broker: str | None = None, timeout_s: float = 10.0, idle_resnapshot_s: float = 2.0,
                  reconnect_s: float = 300.0, curve_key: str | os.PathLike | None = None,
                  server_key: str | os.PathLike | None = None, ctx: zmq.asyncio.Context | None = None):
@@ -101,6 +103,7 @@ class AsyncClient(Transfers, EventStream):
         await self.close()
 
     async def request(self, cmd: Cmd, **body: Any) -> dict[str, Any]:
+        body = {**self._acting_fields(cmd), **body}  # the tenant a gateway acts for (Privacy.acting_for)
         async with self._lock:
             if not self.endpoints.pair:
                 return await self._request(cmd, body)
@@ -203,8 +206,30 @@ class AsyncClient(Transfers, EventStream):
                     raw[section][key] = await self.upload(raw[section][key])
         return (await self.request(Cmd.SUBMIT, spec=raw))["task_id"]
 
-    async def status(self, task_id: str) -> dict[str, Any]:
-        return (await self.request(Cmd.STATUS, task_id=task_id))["task"]
+    async def status(self, task_id: str, offset: int | None = None, limit: int | None = None) -> dict[str, Any]:
+        """The task's view. Its trials come in pages (README "Bounded views"): without `offset`/`limit`, every
+        page is read (each reply bounded) and the view holds them all; with them, that one page (and its
+        `trials_page`)."""
+        return await self._paged(Cmd.STATUS, task_id, offset, limit)
+
+    async def _paged(self, cmd: Cmd, task_id: str, offset: int | None, limit: int | None) -> dict[str, Any]:
+        if offset is not None or limit is not None:
+            page = {k: v for k, v in (("offset", offset), ("limit", limit)) if v is not None}
+            return (await self.request(cmd, task_id=task_id, **page))["task"]
+        task = (await self.request(cmd, task_id=task_id))["task"]
+        page = task.get("trials_page")
+        if page is None:  # a broker from before paging: every trial, in one reply
+            return task
+        trials = list(task["trials"])
+        while len(trials) < page["total"]:
+            more = (await self.request(cmd, task_id=task["task_id"], offset=len(trials), limit=page["limit"]))["task"]
+            if not more["trials"]:
+                break  # the task was deleted meanwhile: what we have
+            trials += more["trials"]
+            page = {**more["trials_page"], "limit": page["limit"]}
+        task["trials"] = trials
+        del task["trials_page"]  # the whole view: every trial (as the gateway's views are)
+        return task
 
     async def list(self) -> list[dict[str, Any]]:
         return (await self.request(Cmd.LIST))["tasks"]
@@ -241,9 +266,11 @@ class AsyncClient(Transfers, EventStream):
                 out.append(entry)
         return out
 
-    async def result(self, task_id: str, wait: bool = False) -> dict[str, Any]:
-        """The task's full result; with wait=True, once the task has ended."""
+    async def result(self, task_id: str, wait: bool = False, offset: int | None = None,
+                     limit: int | None = None) -> dict[str, Any]:
+        """The task's full result (every trial, page by page; or one page: `offset`, `limit`); with
+        wait=True, once the task has ended."""
         if wait:
             async for _ in self.events(task_id):
                 pass
-        return (await self.request(Cmd.RESULT_GET, task_id=task_id))["task"]
+        return await self._paged(Cmd.RESULT_GET, task_id, offset, limit)

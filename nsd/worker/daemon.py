@@ -37,7 +37,7 @@ from nsd.worker.cache import BlobCache
 from nsd.versions import installed_versions
 from nsd.worker.hardware import describe as describe_hardware
 from nsd.worker.config import WorkerConfig
-from nsd.worker.jobs import Outbox, run_job
+from nsd.worker.jobs import Erasures, Outbox, erase_task_files, run_job
 from nsd.worker.sandbox import runner_layout, shared_task_paths
 from nsd.worker.slots import RunnerSetup, Slot, SlotPool
 from nsd.worker.transfers import Transfers
@@ -88,6 +88,7 @@ class WorkerDaemon:
         self.transfers = Transfers(self._send, self.blobs, config.fetch_window, config.chunk_timeout_s)
         self.outbox = Outbox(self.cache_dir / f"outbox-{self.worker_id}.json")
         self.backlog: list[tuple[str, int, dict]] = []  # jobs assigned while every slot was busy
+        self.erased = Erasures(self.cache_dir, self.blobs, self.outbox)  # what the broker told us to erase
         self.ctx = zmq.asyncio.Context()
         self.sock: zmq.asyncio.Socket | None = None
         self._watch: HandshakeWatch | None = None  # the connection's handshake (a refused key says so)
@@ -367,6 +368,8 @@ class WorkerDaemon:
                 # A transfer waiting on this reply fails now with the reason, rather than at its timeout.
                 body = {"error": f"bad {msg.cmd.name} from the broker: {why}"}
             self.transfers.reply(msg.cmd, msg.body, body)
+        elif msg.cmd is Cmd.DROP:  # a deleted task's (names checked at the door: hashes and task ids)
+            self.erased.drop(body["sha256"], body["tasks"])
         elif msg.cmd is Cmd.DISCONNECT:
             if (why := checks.disconnect(body)) is not None:
                 return self._ignore(msg.cmd.name, why)
@@ -410,8 +413,11 @@ class WorkerDaemon:
                 answer = {"ok": False, "error": why} if why else await run_job(
                     slot.runner, trial_id, attempt, job, self.cache_dir, self.transfers.upload)
             result = checks.result({**answer, "trial_id": trial_id, "attempt": attempt, "worker_id": self.worker_id})
-            self.outbox.keep(result)
-            self._send(Cmd.RESULT, result)
+            if job["task_id"] in self.erased:  # deleted while it ran: its answer and files go too
+                erase_task_files(self.cache_dir, job["task_id"])
+            else:
+                self.outbox.keep(result)
+                self._send(Cmd.RESULT, result)
         finally:
             slot.job, slot.task = None, None
             self._warm_up(slot)

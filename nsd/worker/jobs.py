@@ -1,11 +1,13 @@
-"""Running one job on a runner (its log, its keep folder, its time limit, the answer the broker gets) and
-the outbox where answers wait until the broker acknowledges them."""
+"""Running one job on a runner (its log, its keep folder, its time limit, the answer the broker gets), the
+outbox where answers wait until the broker acknowledges them, and erasing a deleted task's traces."""
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -43,10 +45,51 @@ class Outbox:
         if self._results.pop(f"{trial_id}#{attempt}", None) is not None:
             self._save()
 
+    def forget_task(self, task_id: str) -> None:
+        """Drop a deleted task's results (their logs): the broker has erased the task."""
+        gone = [key for key in self._results if key.startswith(f"{task_id}/")]
+        for key in gone:
+            del self._results[key]
+        if gone:
+            self._save()
+
     def _save(self) -> None:
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self._results))
         os.replace(tmp, self.path)
+
+
+def erase_task_files(cache_dir: Path, task_id: str) -> None:
+    """A deleted task's folders on this worker: its job logs and the models its trials kept."""
+    for folder in (cache_dir / "logs" / task_id, cache_dir / "kept" / task_id):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+class Erasures:
+    """DROP (README "Privacy"): a deleted task's blobs, folders and unacknowledged results leave this worker.
+    The erased task ids are remembered (the newest 10,000), so that a job of theirs still ending when the
+    DROP came leaves nothing behind either (`WorkerDaemon._execute` asks `task_id in erasures`)."""
+
+    def __init__(self, cache_dir: Path, blobs, outbox: Outbox):
+        self.cache_dir, self.blobs, self.outbox = cache_dir, blobs, outbox
+        self.tasks: collections.OrderedDict[str, None] = collections.OrderedDict()
+
+    def __contains__(self, task_id: str) -> bool:
+        return task_id in self.tasks
+
+    def drop(self, blobs: list[str], tasks: list[str]) -> None:
+        for sha in blobs:
+            self.blobs.drop(sha)
+        for task_id in tasks:
+            self.tasks[task_id] = None
+            self.tasks.move_to_end(task_id)
+            erase_task_files(self.cache_dir, task_id)
+            self.outbox.forget_task(task_id)
+        while len(self.tasks) > 10_000:
+            self.tasks.popitem(last=False)
+        if blobs or tasks:
+            logging.getLogger("nsd.worker").info("erased %d blob(s) and the files of %d task(s) at the broker's "
+                                                 "request", len(blobs), len(tasks))
 
 
 async def run_job(runner: RunnerProcess, trial_id: str, attempt: int, job: dict, cache_dir: Path,

@@ -43,8 +43,13 @@ class Transfers:
         return fut
 
     async def materialize(self, job: dict, pins: list[str]) -> dict:
-        """The job with every blob reference in its spec replaced by a path in the local cache; each blob
-        is pinned (its sha appended to `pins`) until the caller unpins it."""
+        """The job with every blob reference in its spec (and a verify job's `artifact`) replaced by a path in
+        the local cache; each blob is pinned (its sha appended to `pins`) until the caller unpins it."""
+        if parse_ref(job.get("artifact")) is not None:  # a verify job: the saved model it loads
+            sha, name = parse_ref(job["artifact"])
+            self.blobs.pin(sha)
+            pins.append(sha)
+            job = {**job, "artifact": str(await self.blobs.path(sha, name, self.download))}
         spec = job["spec"]
         refs = [(a, b, parse_ref(spec[a].get(b))) for a, b in PATH_FIELDS if parse_ref(spec[a].get(b))]
         if not refs:
