@@ -74,22 +74,17 @@ class Cmd(enum.IntEnum):
     PEER_LIST = 0x59  # passive -> active: list your blobs after this name
 
 
-# ---- field checks ---------------------------------------------------------------------------------
-# Every field a peer sends is checked here, before any handler sees it: type, range, pattern, size.
-# A check is a predicate with a name a person can read in the error.
+# ---- bounds: every field a peer sends is checked against these before any handler sees it (nsd.fields) ----
 
 MAX_BLOB_OFFSET = 1 << 46  # 64 TiB: larger than any blob a broker accepts (its own limit is lower)
 MAX_CHUNK_BYTES = 4 * 1024 * 1024  # one BLOB_PUT/STORE chunk, one BLOB_GET/FETCH range
 MAX_CORES = 4096  # cores or slots a worker may declare (larger machines do not exist yet)
-MAX_ATTEMPT = 1000
-MAX_LEASES = 4096  # `running` entries in READY/HEARTBEAT
-MAX_OUTBOX = 1024  # unacknowledged results carried by READY
+MAX_ATTEMPT, MAX_LEASES, MAX_OUTBOX = 1000, 4096, 1024  # a job's attempts; READY's `running` and `outbox` entries
 MAX_TEXT = 256 * 1024  # a log tail, an error message
 MAX_CONFIGS = 100_000  # trials in one plan
 TASK_ID = re.compile(r"[0-9a-f]{12}")
 PEER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")  # worker ids (they are ZeroMQ identities)
-MAX_TX_ROWS = 100_000  # rows in one part of a replicated transaction
-MAX_LSN = 1 << 62
+MAX_TX_ROWS, MAX_LSN = 100_000, 1 << 62  # rows in one part of a replicated transaction; its number
 TENANT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}")  # nsd.tenants.TENANT: key and token names
 MAX_DROP, MAX_PAGE, DEFAULT_PAGE = 1000, 10_000, 2_000  # a DROP's names; trials a STATUS/RESULT_GET page holds
 

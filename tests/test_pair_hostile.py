@@ -134,7 +134,7 @@ async def _next_state(listener) -> list[bytes]:
 async def test_under_curve_the_link_is_encrypted_and_only_the_pairs_key_reaches_it(tmp_path):
     made = {name: generate_keypair(tmp_path / "made", name) for name in ("broker", "alice", "node1")}
     keys = tmp_path / "keys"
-    allow(keys, "client", made["alice"][0])
+    allow(keys, "client", made["alice"][0], code=True)  # its task runs a python recipe
     allow(keys, "worker", made["node1"][0])
     pair = PairOfBrokers(tmp_path, curve_secret=made["broker"][1], keys_dir=keys)
     await pair.start("primary")

@@ -46,13 +46,13 @@ def ship(records: list, applier: Applier) -> None:
 
 def test_every_committed_write_reaches_the_copy_row_for_row(tmp_path):
     active, passive, records = pair_of_stores(
-        tmp_path, "CREATE TABLE audit (id INTEGER PRIMARY KEY, who TEXT NOT NULL, what TEXT, data BLOB);")
+        tmp_path, "CREATE TABLE later_lane (id INTEGER PRIMARY KEY, who TEXT NOT NULL, what TEXT, data BLOB);")
     applier = Applier(passive.db)
     with active.tx():
         active.insert_task("0123456789ab", "t", {"a": 1}, "queued", 1.0, "alice")
         active.insert_trials("0123456789ab", [(i, {"rtn": {"bits": i}}, f"b{i}", "pending", "config", [], None)
                                               for i in range(3)])
-        active.db.execute("INSERT INTO audit (who, what, data) VALUES ('alice', 'submit', x'00ff')")
+        active.db.execute("INSERT INTO later_lane (who, what, data) VALUES ('alice', 'submit', x'00ff')")
     with active.tx():
         active.update_trial("0123456789ab", 1, state="running", attempt=2, worker="w1")
         for seq in range(1, 205):
@@ -70,13 +70,13 @@ def test_every_committed_write_reaches_the_copy_row_for_row(tmp_path):
     with active.tx():
         with pytest.raises(RuntimeError):
             with active.tx():  # a savepoint rolled back inside a committed transaction
-                active.db.execute("DELETE FROM audit")
+                active.db.execute("DELETE FROM later_lane")
                 raise RuntimeError("one message failed")
         active.update_task("0123456789ab", state="planning")
     assert [r.lsn for r in records] == [1, 2, 3]
     ship(records, applier)
     assert dump(passive.db) == dump(active.db)
-    assert dump(passive.db)["audit"] == [(1, 1, "alice", "submit", b"\x00\xff")]
+    assert dump(passive.db)["later_lane"] == [(1, 1, "alice", "submit", b"\x00\xff")]
     assert passive.task("0123456789ab")["state"] == "planning"
     assert replication.read_pair(passive.db).lsn == replication.read_pair(active.db).lsn == 3
     active.close(), passive.close()
