@@ -4,6 +4,7 @@
     python bench/scale.py                      # every scenario at full size (a few minutes)
     python bench/scale.py --quick              # every scenario, small (the CI smoke test)
     python bench/scale.py --scenario idle --workers 1000 --idle-s 30 --json out.json
+    python bench/scale.py --scenario throughput,latency --pair both   # a single broker, then a broker pair
 
 The broker runs as it does in production (`python -m nsd broker`, a subprocess, its own state dir).
 Simulated workers are DEALER sockets speaking the real protocol (nsd.protocol): READY with their slots,
@@ -86,16 +87,19 @@ QUICK = {
     "idle": Scenario("idle", workers=50, idle_s=3.0),
 }
 
-async def run_scenario(sc: Scenario, args) -> dict[str, Any]:
+async def run_scenario(sc: Scenario, args, pair: bool = False) -> dict[str, Any]:
     from nsd.client.api import AsyncClient
 
-    result: dict[str, Any] = {"scenario": sc.name, **asdict(sc), "total_slots": sc.total_slots,
+    result: dict[str, Any] = {"scenario": sc.name + ("+pair" if pair else ""), **asdict(sc), "total_slots": sc.total_slots,
                               "loadavg_before": os.getloadavg()[0]}
     scratch = Path(tempfile.mkdtemp(prefix=f"nsd-scale-{sc.name}-"))
-    cluster = Cluster(scratch, args.heartbeat, args.profile, sc.name)
+    cluster = Cluster(scratch, args.heartbeat, args.profile, sc.name, pair)
     client = None
     try:
         await cluster.start_broker()
+        if pair:
+            client = AsyncClient(cluster.endpoints["clients"], timeout_s=120)
+            await cluster.settled(client)
         result["broker_pid"] = cluster.broker_pid
         base = proc_usage(cluster.broker_pid)
         result["broker_rss_start_mb"] = round(base["rss"] / 2**20, 1)
@@ -104,13 +108,17 @@ async def run_scenario(sc: Scenario, args) -> dict[str, Any]:
         result["register_s"] = round(time.monotonic() - t_reg, 2)
         result["sim_pids"] = [s.pid for s in cluster.sims]
         result["simulators"] = len(cluster.sims)
-        client = AsyncClient(cluster.endpoints["clients"], timeout_s=120)
+        client = client or AsyncClient(cluster.endpoints["clients"], timeout_s=120)
         workers = await client.cluster()
         result["workers_registered"] = len(workers)
+        backup0 = proc_usage(cluster.backup.pid) if pair else None
         if sc.trials:
             await _run_task(sc, cluster, client, result, args.max_s)
         else:
             await _run_idle(sc, cluster, client, result)
+        if backup0 is not None:  # what the copy costs the other head
+            backup1 = proc_usage(cluster.backup.pid)
+            result["backup_cpu_pct"] = round(100 * (backup1["cpu_s"] - backup0["cpu_s"]) / (backup1["t"] - backup0["t"]), 1)
         # Anything nsd did that it should not have, under this load:
         text = cluster.log_path.read_text(errors="replace")
         result["broker_log_warnings"] = sum(1 for line in text.splitlines()
@@ -274,7 +282,7 @@ def render(results: list[dict]) -> str:
             ("trial_s", "trial s"), ("completed_per_s", "done/s"), ("dispatched_per_s", "dispatch/s"),
             ("makespan_s", "makespan s"), ("ideal_s", "ideal s"), ("makespan_ratio", "ratio"),
             ("latency_p50_ms", "p50 ms"), ("latency_p99_ms", "p99 ms"), ("broker_cpu_pct", "broker CPU%"),
-            ("broker_rss_mb", "broker RSS MB"), ("client_rtt_max_ms", "client wait max ms"),
+            ("broker_rss_mb", "broker RSS MB"), ("backup_cpu_pct", "backup CPU%"), ("client_rtt_max_ms", "client wait max ms"),
             ("max_broker_silence_s", "max silence s"), ("sim_cpu_pct", "sim CPU%")]
     def cell(r: dict, k: str) -> str:
         if k == "makespan_ratio" and r.get("makespan_ratio_at_least") is not None:
@@ -308,11 +316,13 @@ async def amain(args) -> list[dict]:
         print(f"# {name}: {sc.workers} workers x {sc.slots} slots, "
               + (f"{sc.trials} trials of {sc.trial_s:g}s" if sc.trials else f"idle {sc.idle_s:g}s"),
               file=sys.stderr, flush=True)
-        r = await run_scenario(sc, args)
-        results.append(r)
-        brief = {k: r.get(k) for k in ("completed_per_s", "dispatched_per_s", "makespan_ratio", "latency_p50_ms",
-                                       "latency_p99_ms", "broker_cpu_pct", "broker_rss_mb") if r.get(k) is not None}
-        print(f"#   {brief}", file=sys.stderr, flush=True)
+        for pair in {"off": (False,), "on": (True,), "both": (False, True)}[args.pair]:
+            r = await run_scenario(sc, args, pair)
+            results.append(r)
+            brief = {k: r.get(k) for k in ("completed_per_s", "dispatched_per_s", "makespan_ratio", "latency_p50_ms",
+                                           "latency_p99_ms", "broker_cpu_pct", "backup_cpu_pct", "broker_rss_mb")
+                     if r.get(k) is not None}
+            print(f"#   {'pair' if pair else 'single'}: {brief}", file=sys.stderr, flush=True)
     return results
 
 
@@ -335,6 +345,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, help="also write the results here")
     p.add_argument("--profile", type=Path, help="profile the broker (py-spy if installed, else cProfile) into DIR")
     p.add_argument("--keep-scratch", action="store_true", help="keep each broker's state dir and log")
+    p.add_argument("--pair", choices=("off", "on", "both"), default="off",
+                   help="a broker pair (primary + backup, every commit confirmed by the backup); both: each "
+                        "scenario with a single broker, then with a pair, side by side")
     args = p.parse_args(argv)
     raise_nofile()  # inherited by the broker
     try:

@@ -121,11 +121,22 @@ class Proc:
         STARTED.pop(self.pid, None)
 
 
-class Cluster:
-    """One broker and its simulators, in a scratch folder; `close` kills every one of them by PID."""
+def _port() -> int:
+    import socket
 
-    def __init__(self, scratch: Path, heartbeat_s: float, profile: Path | None, label: str):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Cluster:
+    """One broker (with `pair`, the primary of a broker pair and its backup) and its simulators, in a scratch
+    folder; `close` kills every one of them by PID. Simulated workers and the client talk to the primary."""
+
+    def __init__(self, scratch: Path, heartbeat_s: float, profile: Path | None, label: str, pair: bool = False):
         self.scratch, self.heartbeat_s, self.profile, self.label = scratch, heartbeat_s, profile, label
+        self.pair = pair
+        self.backup: Proc | None = None
         self.broker: Proc | None = None
         self.sims: list[Proc] = []
         self.endpoints: dict[str, str] = {}
@@ -136,6 +147,16 @@ class Cluster:
         argv = [sys.executable, "-m", "nsd", "broker", "--state-dir", str(state),
                 "--clients", "tcp://127.0.0.1:*", "--workers", "tcp://127.0.0.1:*",
                 "--events", "tcp://127.0.0.1:*", "--heartbeat", str(self.heartbeat_s), "--log-level", "info"]
+        if self.pair:  # the backup first: its own state dir and sockets, the pair's link on two fixed ports
+            a, b = f"tcp://127.0.0.1:{_port()}", f"tcp://127.0.0.1:{_port()}"
+            argv += ["--role", "primary", "--peer", b, "--peer-bind", a]
+            backup = [*argv[:5], str(self.scratch / "backup"), *argv[6:-6], "--role", "backup", "--peer", a,
+                      "--peer-bind", b]
+            with open(self.scratch / "backup.log", "wb") as log:
+                proc = await asyncio.create_subprocess_exec(
+                    sys.executable, "-c", EXEC_PRELUDE, *backup, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                    stderr=log, cwd=str(ROOT), env={**os.environ, "PYTHONPATH": str(ROOT)})
+            self.backup = Proc("backup broker", proc)
         if self.profile is not None:
             self.profile.mkdir(parents=True, exist_ok=True)
             pyspy = shutil.which("py-spy") or (Path(sys.executable).parent / "py-spy")
@@ -192,7 +213,25 @@ class Cluster:
             await s.send(command)
         return list(await asyncio.gather(*(s.expect(answer, 60) for s in self.sims)))
 
+    async def settled(self, client) -> None:
+        """A pair: the primary active and the backup's copy whole (what every figure is then taken with)."""
+        from nsd.client.errors import BrokerError
+
+        deadline, pair = time.monotonic() + 60, None
+        while time.monotonic() < deadline:
+            try:
+                pair = (await client.cluster_status())["pair"]
+            except BrokerError:  # "not active" while the two are still finding each other
+                pair = None
+            if pair is not None and pair["state"] == "active" and (pair["peer"] or {}).get("whole"):
+                return
+            await asyncio.sleep(0.1)
+        raise RuntimeError(f"the broker pair did not settle: {pair}")
+
     async def close(self) -> None:
+        if self.backup is not None:
+            with contextlib.suppress(Exception):
+                await self.backup.stop(signal.SIGTERM, grace_s=5)
         for s in self.sims:
             with contextlib.suppress(Exception):
                 await s.stop()
@@ -209,7 +248,7 @@ class Cluster:
                     os.kill(self.broker_pid, signal.SIGKILL)
                 await asyncio.sleep(0.2)
             STARTED.pop(self.broker_pid, None)
-        gone = [p.pid for p in (self.broker, *self.sims) if p is not None] + [self.broker_pid]
+        gone = [p.pid for p in (self.broker, self.backup, *self.sims) if p is not None] + [self.broker_pid]
         survivors = [pid for pid in gone if alive(pid)]
         if survivors:
             raise RuntimeError(f"processes survived: {survivors}")

@@ -8,12 +8,14 @@ checked on every decode; extra fields are allowed so that a newer peer can add s
 from __future__ import annotations
 
 import enum
-import math
 import re
 from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple
 
 import msgpack
+
+from nsd.fields import (BOOL, JSON_MAP, MAP, NUMBER, OPT_NUMBER, SHA256, SQL_NAME, Check,  # noqa: F401 (the wire's
+                        integer, is_json, listof, of_type, sql_row, sql_tables, text)  # field checks, re-exported)
 
 MAGIC = b"NSD1"
 PROTOCOL_VERSION = 1
@@ -39,7 +41,8 @@ class Cmd(enum.IntEnum):
     DISCONNECT = 0x15  # I do not know you or you spoke out of turn: re-register (or stop, if fatal)
     CHUNK = 0x16  # a blob range you asked for (or an error)
     STORE_ACK = 0x17  # chunk stored: next offset, and whether the blob is complete (or an error)
-    RULE = 0x18  # the early-stop rule of a trial you run, now that the goal is known (the baseline landed)
+    DROP = 0x18  # erase these blobs and these tasks' folders from your cache (a task was deleted)
+    RULE = 0x19  # the early-stop rule of a trial you run, now that the goal is known (the baseline landed)
     # client -> broker
     HELLO = 0x21  # versions and the events endpoint
     SUBMIT = 0x22  # a task spec; answered with the task id after commit
@@ -52,28 +55,39 @@ class Cmd(enum.IntEnum):
     BLOB_PUT = 0x29  # one chunk of an upload, in order; the last one is checked against its hash
     BLOB_GET = 0x2A  # a range of a stored blob
     LOGS = 0x2B  # the logs of a task's jobs (all, or one trial's)
+    DELETE_TASK = 0x2C  # erase a task and what is kept about it (README "Privacy")
+    AUDIT = 0x2D  # the audit log: who did what to which task (admins)
+    CACHE_PURGE = 0x2E  # drop metric cache entries: of a task, of a worker, or all
     # broker -> client
     REPLY = 0x31  # success; body carries `req` and the answer
     ERROR = 0x32  # failure; body carries `req` and a message for a person
     # broker -> subscribers (XPUB)
     EVENT = 0x41  # something happened to a task; carries (task_id, seq)
+    # broker <-> broker, the pair's link (nsd.broker.peer): each side sends on its DEALER, reads its ROUTER
+    PEER_STATE = 0x51  # heartbeat and Binary Star event: my role, state, epoch, lsn, whether my copy is whole
+    PEER_TX = 0x52  # active -> passive: one committed transaction's rows (or one part of them), numbered lsn
+    PEER_ACK = 0x53  # passive -> active: every transaction up to lsn is written here
+    PEER_SNAPSHOT = 0x54  # active -> passive: a snapshot of the state database is ready to be fetched
+    PEER_FETCH = 0x55  # passive -> active: send me this range of the snapshot or of a blob
+    PEER_CHUNK = 0x56  # active -> passive: a range of the snapshot or of a blob (or an error)
+    PEER_BLOBS = 0x57  # active -> passive: blobs I hold (a page of a listing, or ones just completed)
+    PEER_HAVE = 0x58  # passive -> active: these blobs are stored here now
+    PEER_LIST = 0x59  # passive -> active: list your blobs after this name
 
 
-# ---- field checks ---------------------------------------------------------------------------------
-# Every field a peer sends is checked here, before any handler sees it: type, range, pattern, size.
-# A check is a predicate with a name a person can read in the error.
+# ---- bounds: every field a peer sends is checked against these before any handler sees it (nsd.fields) ----
 
 MAX_BLOB_OFFSET = 1 << 46  # 64 TiB: larger than any blob a broker accepts (its own limit is lower)
 MAX_CHUNK_BYTES = 4 * 1024 * 1024  # one BLOB_PUT/STORE chunk, one BLOB_GET/FETCH range
 MAX_CORES = 4096  # cores or slots a worker may declare (larger machines do not exist yet)
-MAX_ATTEMPT = 1000
-MAX_LEASES = 4096  # `running` entries in READY/HEARTBEAT
-MAX_OUTBOX = 1024  # unacknowledged results carried by READY
+MAX_ATTEMPT, MAX_LEASES, MAX_OUTBOX = 1000, 4096, 1024  # a job's attempts; READY's `running` and `outbox` entries
 MAX_TEXT = 256 * 1024  # a log tail, an error message
 MAX_CONFIGS = 100_000  # trials in one plan
 TASK_ID = re.compile(r"[0-9a-f]{12}")
-SHA256 = re.compile(r"[0-9a-f]{64}")  # blob names: nothing a peer sends becomes a path otherwise
 PEER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")  # worker ids (they are ZeroMQ identities)
+MAX_TX_ROWS, MAX_LSN = 100_000, 1 << 62  # rows in one part of a replicated transaction; its number
+TENANT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}")  # nsd.tenants.TENANT: key and token names
+MAX_DROP, MAX_PAGE, DEFAULT_PAGE = 1000, 10_000, 2_000  # a DROP's names; trials a STATUS/RESULT_GET page holds
 
 
 # ---- jobs: what a worker runs for a task ---------------------------------------------------------------
@@ -96,18 +110,13 @@ JOB_KINDS: dict[str, WireJob] = {k.name: k for k in (
     WireJob(TRIAL, per_trial=True, config=True),  # quantize one config and evaluate it
     WireJob("refine", per_trial=True, config=True),  # a trial that stopped early, evaluated again in full
     WireJob("save", per_trial=False, config=True),  # the winner's model, saved and uploaded
+    WireJob("verify", per_trial=False, config=True),  # the saved model loaded and its metric measured again
 )}
 
 
-def _job_name_pattern() -> str:
-    """The part of a job id after the task id, for every kind in JOB_KINDS."""
-    index = r"(?:0|[1-9][0-9]{0,6})"
-    names = [re.escape(k.name) for k in JOB_KINDS.values() if not k.per_trial]
-    names += [rf"{re.escape(k.name)}/{index}" for k in JOB_KINDS.values() if k.per_trial and k.name != TRIAL]
-    return "|".join([*names, index])
-
-
-JOB_NAME = re.compile(_job_name_pattern())  # "plan", "save", "3" (a trial), "<kind>/3"
+_INDEX = r"(?:0|[1-9][0-9]{0,6})"  # the part of a job id after the task id, for every kind in JOB_KINDS:
+JOB_NAME = re.compile("|".join([*(k.name if not k.per_trial else f"{k.name}/{_INDEX}" for k in JOB_KINDS.values()
+                                  if k.name != TRIAL), _INDEX]))  # "plan", "save", "3" (a trial), "<kind>/3"
 JOB_ID = re.compile(rf"([0-9a-f]{{12}})/({JOB_NAME.pattern})")
 
 
@@ -119,9 +128,7 @@ class JobRef(NamedTuple):
     @property
     def name(self) -> str:
         """The job id's part after the task id (also the job's name in logs)."""
-        if self.kind == TRIAL:
-            return str(self.index)
-        return self.kind if self.index is None else f"{self.kind}/{self.index}"
+        return str(self.index) if self.kind == TRIAL else self.kind if self.index is None else f"{self.kind}/{self.index}"
 
     def id(self, task_id: str) -> str:
         return f"{task_id}/{self.name}"
@@ -137,58 +144,6 @@ def parse_job_name(name: str) -> JobRef:
     return JobRef(TRIAL, int(name)) if name.isdigit() else JobRef(name)
 
 
-@dataclass(frozen=True)
-class Check:
-    what: str  # for the error message: "an int in [1, 4096]"
-    ok: Callable[[Any], bool]
-
-
-def integer(lo: int, hi: int) -> Check:
-    return Check(f"an integer in [{lo}, {hi}]",
-                 lambda v: isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi)
-
-
-def text(max_len: int, pattern: re.Pattern | None = None) -> Check:
-    if pattern is SHA256:
-        return Check("a sha256 (64 lowercase hex characters)",
-                     lambda v: isinstance(v, str) and SHA256.fullmatch(v) is not None)
-    if pattern is None:
-        return Check(f"a string of at most {max_len} characters", lambda v: isinstance(v, str) and len(v) <= max_len)
-    return Check(f"a string matching {pattern.pattern}",
-                 lambda v: isinstance(v, str) and len(v) <= max_len and pattern.fullmatch(v) is not None)
-
-
-def listof(max_len: int, item: Check) -> Check:
-    return Check(f"a list of at most {max_len} of {item.what}",
-                 lambda v: isinstance(v, list) and len(v) <= max_len and all(item.ok(x) for x in v))
-
-
-def of_type(kind: type | tuple[type, ...], what: str) -> Check:
-    return Check(what, lambda v: isinstance(v, kind) and not (isinstance(v, bool) and kind is not bool))
-
-
-def is_json(value: Any, depth: int = 0) -> bool:
-    """Plain JSON data (what SQLite's JSON columns and the clients' JSON output hold): maps with string
-    keys, lists, strings, finite numbers, booleans, null; nested at most 32 deep; no raw bytes."""
-    if depth > 32:
-        return False
-    if value is None or isinstance(value, (bool, str, int)):
-        return True
-    if isinstance(value, float):
-        return math.isfinite(value)
-    if isinstance(value, list):
-        return all(is_json(v, depth + 1) for v in value)
-    if isinstance(value, dict):
-        return all(isinstance(k, str) and is_json(v, depth + 1) for k, v in value.items())
-    return False
-
-
-NUMBER = Check("a finite number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
-               and math.isfinite(v))
-OPT_NUMBER = Check("a finite number or null", lambda v: v is None or NUMBER.ok(v))
-BOOL = of_type(bool, "a boolean")
-MAP = of_type(dict, "a map")
-JSON_MAP = Check("a map of plain JSON data", lambda v: isinstance(v, dict) and is_json(v))
 ATTEMPT = integer(1, MAX_ATTEMPT)
 LEASE = Check("a [job id, attempt] pair", lambda v: isinstance(v, (list, tuple)) and len(v) == 2
               and text(40, JOB_ID).ok(v[0]) and ATTEMPT.ok(v[1]))
@@ -278,6 +233,18 @@ def _result_ok(v: Any) -> bool:
 
 OUTBOX_ENTRY = Check("a result map", _result_ok)
 
+
+LSN = integer(0, MAX_LSN)
+EPOCH = integer(0, MAX_LSN)
+PAIR_ROLE = text(16, re.compile(r"primary|backup"))
+PAIR_STATE = text(16, re.compile(r"pending|passive|active|solo|cut-off"))
+FETCHABLE = text(16, re.compile(r"snapshot|blob"))
+SNAPSHOT_ID = re.compile(r"[0-9a-f]{32}")
+SHA_LIST = listof(1000, text(64, SHA256))
+# Every client request may carry these (a broker pair, README "A broker pair"): the highest epoch the
+# client has seen, and whether it came here because the other broker did not answer.
+CLIENT_OPTIONAL: dict[str, Check] = {"epoch": EPOCH, "failover": BOOL}
+
 # Required fields (and optional ones, checked when present) for each body. Extra fields are allowed,
 # so that a newer peer can add some; handlers read only checked fields.
 SHAPES: dict[Cmd, dict[str, Check]] = {
@@ -298,6 +265,7 @@ SHAPES: dict[Cmd, dict[str, Check]] = {
     Cmd.DISCONNECT: {"reason": text(MAX_TEXT)},
     Cmd.CHUNK: {"sha256": text(64, SHA256), "offset": integer(0, MAX_BLOB_OFFSET)},
     Cmd.STORE_ACK: {"sha256": text(64, SHA256), "offset": integer(0, MAX_BLOB_OFFSET)},
+    Cmd.DROP: {"sha256": listof(MAX_DROP, text(64, SHA256)), "tasks": listof(MAX_DROP, text(12, TASK_ID))},
     Cmd.RULE: {"trial_id": text(40, JOB_ID), "attempt": ATTEMPT, "rule": MAP},
     Cmd.HELLO: {"req": integer(0, 1 << 62)},
     Cmd.SUBMIT: {"req": integer(0, 1 << 62), "spec": JSON_MAP},
@@ -312,9 +280,26 @@ SHAPES: dict[Cmd, dict[str, Check]] = {
     Cmd.BLOB_GET: {"req": integer(0, 1 << 62), "sha256": text(64, SHA256), "offset": integer(0, MAX_BLOB_OFFSET),
                    "length": integer(0, MAX_CHUNK_BYTES)},
     Cmd.LOGS: {"req": integer(0, 1 << 62), "task_id": text(64)},
+    Cmd.DELETE_TASK: {"req": integer(0, 1 << 62), "task_id": text(64)},
+    Cmd.AUDIT: {"req": integer(0, 1 << 62)}, Cmd.CACHE_PURGE: {"req": integer(0, 1 << 62)},
     Cmd.REPLY: {"req": integer(0, 1 << 62)},
     Cmd.ERROR: {"req": integer(0, 1 << 62), "error": of_type(str, "a string")},
     Cmd.EVENT: {"task_id": of_type(str, "a string"), "seq": integer(0, 1 << 62), "kind": of_type(str, "a string")},
+    Cmd.PEER_STATE: {"role": PAIR_ROLE, "state": PAIR_STATE, "epoch": EPOCH, "lsn": LSN, "caught_up": BOOL,
+                     "workers": integer(0, 1 << 31), "version": integer(0, 1 << 31), "schema": text(64),
+                     "hears_you": BOOL},  # I heard you within half the window
+    Cmd.PEER_TX: {"epoch": EPOCH, "lsn": LSN, "part": integer(0, 1 << 20), "last": BOOL,
+                  "tables": Check("a map of table names to column names", sql_tables),
+                  "rows": listof(MAX_TX_ROWS, Check("a [table, rowid, values] row", sql_row))},
+    Cmd.PEER_ACK: {"epoch": EPOCH, "lsn": LSN},
+    Cmd.PEER_SNAPSHOT: {"id": text(32, SNAPSHOT_ID), "epoch": EPOCH, "lsn": LSN,
+                        "size": integer(0, MAX_BLOB_OFFSET), "sha256": text(64, SHA256)},
+    Cmd.PEER_FETCH: {"kind": FETCHABLE, "name": text(64), "offset": integer(0, MAX_BLOB_OFFSET),
+                     "length": integer(0, MAX_CHUNK_BYTES)},
+    Cmd.PEER_CHUNK: {"kind": FETCHABLE, "name": text(64), "offset": integer(0, MAX_BLOB_OFFSET)},
+    Cmd.PEER_BLOBS: {"sha256": SHA_LIST},
+    Cmd.PEER_HAVE: {"sha256": SHA_LIST},
+    Cmd.PEER_LIST: {"after": Check("an empty string or a sha256", lambda v: v == "" or text(64, SHA256).ok(v))},
 }
 OPTIONAL: dict[Cmd, dict[str, Check]] = {
     Cmd.READY: {"draining": BOOL, "cores_per_trial": integer(1, MAX_CORES), "nsd_version": text(64),
@@ -325,7 +310,24 @@ OPTIONAL: dict[Cmd, dict[str, Check]] = {
     Cmd.BYE: {"handback": BOOL},
     Cmd.RESULT: RESULT_OPTIONAL,
     Cmd.LOGS: {"job": Check("null or a job name", lambda v: v is None or text(32, JOB_NAME).ok(v))},
+    # submit_id: a retried SUBMIT gets the same task; code: from a gateway, its user may submit python recipes
+    Cmd.SUBMIT: {"submit_id": text(32, re.compile(r"[0-9a-f]{32}")), "code": BOOL},
+    Cmd.REPLY: {"epoch": EPOCH},
+    Cmd.ERROR: {"epoch": EPOCH, "not_active": BOOL},  # not_active: a passive broker; ask the other one
+    Cmd.READY_ACK: {"epoch": EPOCH},
+    Cmd.DISCONNECT: {"not_active": BOOL},
+    Cmd.PEER_CHUNK: {"size": integer(0, MAX_BLOB_OFFSET), "data": of_type(bytes, "bytes"), "error": text(MAX_TEXT)},
+    Cmd.PEER_BLOBS: {"listing": BOOL, "more": BOOL},  # listing: an answer to PEER_LIST (more: ask again)
+    Cmd.PEER_STATE: {"nsd_version": text(64), "resync": BOOL},  # resync: my copy failed; send a snapshot
+    Cmd.STATUS: {"offset": integer(0, 1 << 31), "limit": integer(1, MAX_PAGE)},  # a page of the task's trials
+    Cmd.RESULT_GET: {"offset": integer(0, 1 << 31), "limit": integer(1, MAX_PAGE)},
+    Cmd.AUDIT: {"task_id": text(64), "owner": text(64, TENANT), "limit": integer(1, 1000), "before": integer(0, 1 << 62)},
+    Cmd.CACHE_PURGE: {"task_id": text(64), "worker": text(128, PEER_NAME), "all": BOOL},
 }
+for _cmd in (Cmd.HELLO, Cmd.SUBMIT, Cmd.STATUS, Cmd.LIST, Cmd.CANCEL_TASK, Cmd.RESULT_GET, Cmd.CLUSTER,
+             Cmd.BLOB_HAVE, Cmd.BLOB_PUT, Cmd.BLOB_GET, Cmd.LOGS, Cmd.DELETE_TASK, Cmd.AUDIT, Cmd.CACHE_PURGE):
+    OPTIONAL[_cmd] = {**OPTIONAL.get(_cmd, {}), **CLIENT_OPTIONAL}
+OPTIONAL[Cmd.READY] = {**OPTIONAL[Cmd.READY], **CLIENT_OPTIONAL}
 # The largest body each message may have (the sockets' MAXMSGSIZE is the bound for a whole message).
 _SMALL = 64 * 1024
 MAX_BODY: dict[Cmd, int] = {cmd: _SMALL for cmd in Cmd}
@@ -333,7 +335,10 @@ MAX_BODY.update({Cmd.SUBMIT: 256 * 1024, Cmd.BLOB_PUT: MAX_CHUNK_BYTES + 1024, C
                  Cmd.RESULT: 8 * 1024 * 1024, Cmd.READY: MAX_MESSAGE_BYTES, Cmd.BLOB_HAVE: 128 * 1024,
                  # broker -> peers: a chunk, a job with its spec, a task with all its trials
                  Cmd.CHUNK: MAX_CHUNK_BYTES + 1024, Cmd.ASSIGN: 1024 * 1024, Cmd.REPLY: MAX_MESSAGE_BYTES,
-                 Cmd.EVENT: MAX_MESSAGE_BYTES})
+                 Cmd.EVENT: MAX_MESSAGE_BYTES, Cmd.DROP: 256 * 1024,
+                 # the pair's link: a transaction's part, a chunk, a page of blob names
+                 Cmd.PEER_TX: MAX_MESSAGE_BYTES - 65536, Cmd.PEER_CHUNK: MAX_CHUNK_BYTES + 1024,
+                 Cmd.PEER_BLOBS: 128 * 1024, Cmd.PEER_HAVE: 128 * 1024})
 MAX_SPEC_BYTES = MAX_BODY[Cmd.SUBMIT] - 1024  # a task spec, packed (the client checks before sending)
 
 
@@ -360,11 +365,15 @@ def parse_job_id(value: str) -> tuple[str, JobRef]:
 
 WORKER_TO_BROKER = frozenset({Cmd.READY, Cmd.HEARTBEAT, Cmd.RESULT, Cmd.BYE, Cmd.FETCH, Cmd.STORE})
 BROKER_TO_WORKER = frozenset({Cmd.READY_ACK, Cmd.ASSIGN, Cmd.RESULT_ACK, Cmd.CANCEL,
-                              Cmd.HEARTBEAT, Cmd.DISCONNECT, Cmd.CHUNK, Cmd.STORE_ACK, Cmd.RULE})
+                              Cmd.HEARTBEAT, Cmd.DISCONNECT, Cmd.CHUNK, Cmd.STORE_ACK, Cmd.DROP, Cmd.RULE})
 CLIENT_TO_BROKER = frozenset({Cmd.HELLO, Cmd.SUBMIT, Cmd.STATUS, Cmd.LIST, Cmd.CANCEL_TASK,
                               Cmd.RESULT_GET, Cmd.CLUSTER, Cmd.BLOB_HAVE, Cmd.BLOB_PUT, Cmd.BLOB_GET,
-                              Cmd.LOGS})
+                              Cmd.LOGS, Cmd.DELETE_TASK, Cmd.AUDIT, Cmd.CACHE_PURGE})
+for _cmd in CLIENT_TO_BROKER:  # any client request may name its tenant: honoured from gateway keys only
+    OPTIONAL.setdefault(_cmd, {})["tenant"] = text(64, TENANT)
 BROKER_TO_CLIENT = frozenset({Cmd.REPLY, Cmd.ERROR})
+PEER_TO_PEER = frozenset({Cmd.PEER_STATE, Cmd.PEER_TX, Cmd.PEER_ACK, Cmd.PEER_SNAPSHOT, Cmd.PEER_FETCH,
+                          Cmd.PEER_CHUNK, Cmd.PEER_BLOBS, Cmd.PEER_HAVE, Cmd.PEER_LIST})
 
 
 class ProtocolError(ValueError):

@@ -38,7 +38,8 @@ TASK_TRANSITIONS: dict[TaskState, frozenset[TaskState]] = {
     TaskState.QUEUED: frozenset({TaskState.PLANNING, TaskState.CANCELLED}),
     TaskState.PLANNING: frozenset({TaskState.TUNING, TaskState.FAILED, TaskState.CANCELLED}),
     TaskState.TUNING: frozenset({TaskState.FINALIZING, TaskState.FAILED, TaskState.CANCELLED}),
-    TaskState.FINALIZING: frozenset({TaskState.DONE, TaskState.CANCELLED}),
+    TaskState.FINALIZING: frozenset({TaskState.DONE, TaskState.FAILED,  # failed: the saved model failed verification
+                                     TaskState.CANCELLED}),
     TaskState.DONE: frozenset(), TaskState.FAILED: frozenset(), TaskState.CANCELLED: frozenset(),
 }
 TRIAL_TRANSITIONS: dict[TrialState, frozenset[TrialState]] = {

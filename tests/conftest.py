@@ -221,6 +221,71 @@ async def hello_ok(endpoint: str) -> bool:
         return False
 
 
+class Tenants:
+    """A CURVE broker with a key per role (README "Privacy"): clients alice and bob (code), mallory (no code),
+    gateways gw (code) and gw0, admin root, workers node1 (trusted) and evil. `client(name)` connects as
+    that key; `keys(name)` is its ClientKeys (for scripted workers and raw sockets). Closed at teardown."""
+
+    ROLES = {"alice": ("client", True), "bob": ("client", True), "mallory": ("client", False),
+             "gw": ("gateway", True), "gw0": ("gateway", False), "root": ("admin", False),
+             "node1": ("worker", False), "evil": ("worker", False)}
+
+    def __init__(self, tmp_path: Path):
+        from nsd.security import allow, generate_keypair
+
+        self.tmp_path, self.keys_dir = tmp_path, tmp_path / "keys"
+        made = {name: generate_keypair(tmp_path / "made", name) for name in ("broker", *self.ROLES)}
+        for name, (role, code) in self.ROLES.items():
+            allow(self.keys_dir, role, made[name][0], code=code, trusted=name == "node1")
+        self.secret = {name: secret for name, (_, secret) in made.items()}
+        self.server = made["broker"][0]
+        self.broker: Broker | None = None
+        self.clients: list[AsyncClient] = []
+
+    async def start(self, **config) -> Broker:
+        self.broker = Broker(BrokerConfig(state_dir=self.tmp_path / "state", clients="tcp://127.0.0.1:*",
+                                          workers="tcp://127.0.0.1:*", events="tcp://127.0.0.1:*",
+                                          curve_secret=self.secret["broker"], keys_dir=self.keys_dir,
+                                          heartbeat_s=0.5, liveness=6, **config))
+        await self.broker.start()
+        return self.broker
+
+    def client(self, name: str, timeout_s: float = 10) -> AsyncClient:
+        c = AsyncClient(self.broker.endpoints["clients"], timeout_s=timeout_s, idle_resnapshot_s=0.3,
+                        curve_key=self.secret[name], server_key=self.server)
+        self.clients.append(c)
+        return c
+
+    def keys(self, name: str):
+        from nsd.security import ClientKeys
+
+        return ClientKeys.load(self.secret[name], self.server)
+
+    async def close(self) -> None:
+        for c in self.clients:
+            await c.close()
+        if self.broker is not None:
+            await self.broker.stop()
+
+
+@pytest.fixture
+async def tenants(tmp_path):
+    """Tenants(tmp_path), its broker started with the default settings (`tenants.start(**config)` again
+    for others is not supported: use the `tenants_keys` fixture and start it yourself)."""
+    t = Tenants(tmp_path)
+    await t.start()
+    yield t
+    await t.close()
+
+
+@pytest.fixture
+async def tenants_keys(tmp_path):
+    """Tenants(tmp_path) whose broker the test starts (`await tenants_keys.start(share_cache=True)`)."""
+    t = Tenants(tmp_path)
+    yield t
+    await t.close()
+
+
 @pytest.fixture
 async def secure(tmp_path):
     """A CURVE broker: (broker, {name: secret key file}, the broker's public key file); alice may connect as a
@@ -229,7 +294,7 @@ async def secure(tmp_path):
 
     keys = tmp_path / "keys"
     made = {name: generate_keypair(tmp_path / "made", name) for name in ("broker", "alice", "node1", "mallory")}
-    allow(keys, "client", made["alice"][0])
+    allow(keys, "client", made["alice"][0], code=True)  # its tasks run a python recipe
     allow(keys, "worker", made["node1"][0])
     broker = Broker(BrokerConfig(state_dir=tmp_path / "state", clients="tcp://127.0.0.1:*", workers="tcp://127.0.0.1:*",
                     events="tcp://127.0.0.1:*", curve_secret=made["broker"][1], keys_dir=keys, heartbeat_s=0.5))

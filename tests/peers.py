@@ -55,29 +55,50 @@ class ScriptedWorker:
         self.acked: list[tuple[str, int]] = []
         self.running: set[tuple[str, int]] = set()
         self.store_acks: list[dict] = []
+        self.drops: list[dict] = []  # DROP bodies: what the broker told it to erase
+        self.chunks: list[dict] = []  # CHUNK replies to the FETCHes a test sent
+        self.reported: dict[str, float] = {}  # trial job id -> the metric it reported (what it verifies against)
         self.heartbeats: list[float] = []  # when each of the broker's HEARTBEATs arrived (loop time)
         self.max_running = 0
         self.silent = False  # stop heartbeating and answering: look dead
+        self.outbox: dict[tuple[str, int], dict] = {}  # results sent and not acknowledged (a real worker's outbox)
+        self.epoch = 0  # the highest a broker of a pair told us (READY_ACK)
+        self.curve = curve
         self.ctx = zmq.asyncio.Context()
-        self.sock = configure(self.ctx.socket(zmq.DEALER))
-        self.sock.setsockopt(zmq.IDENTITY, worker_id.encode())
-        if curve is not None:  # nsd.security.ClientKeys
-            curve.apply(self.sock)
+        self.sock = self._socket()
         self._tasks: list[asyncio.Task] = []
         self.registered = asyncio.Event()
         ScriptedWorker.live.add(self)
 
-    async def start(self, wait: bool = True) -> "ScriptedWorker":
+    def _socket(self) -> zmq.asyncio.Socket:
+        sock = configure(self.ctx.socket(zmq.DEALER))
+        sock.setsockopt(zmq.IDENTITY, self.worker_id.encode())
+        if self.curve is not None:  # nsd.security.ClientKeys
+            self.curve.apply(sock)
+        return sock
+
+    async def start(self, wait: bool = True, **ready) -> "ScriptedWorker":
         self.sock.connect(self.endpoint)
         self.send(Cmd.READY, {"worker_id": self.worker_id, "boot_id": "b1", "host": "scripted", "cores": self.slots,
-                              "slots": self.slots, "version": self.version, "running": [], "outbox": [],
+                              "slots": self.slots, "version": self.version, "running": [list(k) for k in self.running],
+                              "outbox": list(self.outbox.values()), **({"epoch": self.epoch} if self.epoch else {}),
                               **({"hardware": self.hardware} if self.hardware else {}),
-                              **({"versions": self.versions} if self.versions else {})})
+                              **({"versions": self.versions} if self.versions else {}), **ready})
         self._tasks = [asyncio.create_task(self._serve()), asyncio.create_task(self._heartbeat())]
         if wait:
             await asyncio.wait_for(self.registered.wait(), 5)
         return self
 
+    async def move(self, endpoint: str, failover: bool = True, wait: bool = True) -> "ScriptedWorker":
+        """What a real worker does when its broker goes silent: a new connection to the other broker of a
+        pair, registering with what it runs and its unacknowledged results."""
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.sock.close(linger=0)
+        self.sock, self.endpoint = self._socket(), endpoint
+        self.registered.clear()
+        return await self.start(wait, failover=failover)
     def send(self, cmd: Cmd, body: dict) -> None:
         self.sock.send_multipart(pack(cmd, body))
 
@@ -88,6 +109,7 @@ class ScriptedWorker:
                 continue
             b = msg.body
             if msg.cmd is Cmd.READY_ACK:
+                self.epoch = max(self.epoch, b.get("epoch", 0))
                 self.registered.set()
             elif msg.cmd is Cmd.ASSIGN:
                 key = (b["trial_id"], b["attempt"])
@@ -103,10 +125,15 @@ class ScriptedWorker:
                 self.running.discard((b["trial_id"], b["attempt"]))
             elif msg.cmd is Cmd.RESULT_ACK:
                 self.acked.append((b["trial_id"], b["attempt"]))
+                self.outbox.pop((b["trial_id"], b["attempt"]), None)
             elif msg.cmd is Cmd.DISCONNECT:
                 self.disconnects.append(b)
             elif msg.cmd is Cmd.STORE_ACK:
                 self.store_acks.append(b)
+            elif msg.cmd is Cmd.DROP:
+                self.drops.append(b)
+            elif msg.cmd is Cmd.CHUNK:
+                self.chunks.append(b)
             elif msg.cmd is Cmd.HEARTBEAT:
                 self.heartbeats.append(asyncio.get_running_loop().time())
 
@@ -119,14 +146,23 @@ class ScriptedWorker:
             self.send(Cmd.STORE, {"sha256": sha, "offset": 0, "size": len(data), "data": data})
             self.result(key, {"ok": True, "artifact": sha})
             return
-        body = self.answer(job)
+        if job["kind"] == "verify":  # an honest verifier: the winning trial's metric, as it reported or answers it
+            trial_id = f"{job['task_id']}/{job['index']}"
+            trial = {"metric": self.reported[trial_id]} if trial_id in self.reported else \
+                self.answer({**job, "kind": "trial"})
+            body = None if trial is None else {"ok": True, "metric": trial.get("metric")}
+        else:
+            body = self.answer(job)
         if body is None:
             return  # hold this one: the test finishes it
         self.result(key, body)
 
     def result(self, key: tuple[str, int], body: dict) -> None:
         self.running.discard(key)
-        self.send(Cmd.RESULT, {"trial_id": key[0], "attempt": key[1], "seconds": 0.01, **body})
+        if body.get("metric") is not None:
+            self.reported[key[0]] = body["metric"]
+        self.outbox[key] = {"trial_id": key[0], "attempt": key[1], "seconds": 0.01, **body}
+        self.send(Cmd.RESULT, self.outbox[key])
 
     async def _heartbeat(self) -> None:
         while True:
@@ -134,7 +170,10 @@ class ScriptedWorker:
             if not self.silent:
                 self.send(Cmd.HEARTBEAT, {"running": [list(k) for k in self.running]})
 
-    async def stop(self) -> None:
+    async def stop(self, bye: bool = False) -> None:
+        """Stop; with `bye`, say goodbye first (the broker forgets it at once, not after its liveness)."""
+        if bye:
+            self.send(Cmd.BYE, {})
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
@@ -153,8 +192,10 @@ class ScriptedWorker:
 
 # ---- specs and answers for the tests that use scripted workers, and small utilities ----------------------
 
+# Its config set holds every config a scripted plan lists (plan_answer: bits 0 .. n-1, in order), since the
+# broker refuses a plan that is not the expansion of the task's config set (nsd/broker/plan_check.py).
 SPEC = {"name": "scripted", "recipe": {"kind": "python", "file": os.path.abspath(__file__)},
-        "tuning": {"config_set": [{"rtn": {"bits": [1, 2, 3, 4, 5, 6]}}], "tolerable_loss": 0.1}}
+        "tuning": {"config_set": [{"rtn": {"bits": list(range(1000))}}], "tolerable_loss": 0.1}}
 
 
 def spec(**tuning) -> dict:

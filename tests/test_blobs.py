@@ -124,6 +124,16 @@ async def test_cache_evicts_least_recently_used_but_never_a_pinned_blob(tmp_path
     assert cache.fetched == 3  # served from the cache
     await cache.path(blobs["two"], "two", download)
     assert cache.fetched == 4  # evicted, so fetched again
+    # Erased (DROP: its task was deleted): at once, or when the last job using it lets go.
+    cache.drop(blobs["three"])
+    assert not cache.entry(blobs["three"]).exists()
+    cache.pin(blobs["two"])
+    cache.pin(blobs["two"])
+    cache.drop(blobs["two"])
+    cache.unpin(blobs["two"])
+    assert cache.entry(blobs["two"]).exists()  # still in use by one job
+    cache.unpin(blobs["two"])
+    assert not cache.entry(blobs["two"]).exists() and not cache.doomed
 
 
 def _sparse_blob(tmp_path, fmt: str, claimed: int = 15 * 10**9):

@@ -24,7 +24,7 @@ async def run(client, broker, table, slots=4, **tuning) -> tuple[dict, ScriptedW
     w = await ScriptedWorker(broker.endpoints["workers"], f"run{next(RUNS)}", slots=slots, answer=answers(table), hardware=HW,
                              versions=VERSIONS).start()
     try:
-        task = await done(client, await client.submit(spec(config_set=[{"rtn": {"bits": [1, 2, 3, 4]}}],
+        task = await done(client, await client.submit(spec(config_set=[{"rtn": {"bits": [0, 1, 2, 3]}}],
                                                            **tuning)))
     finally:
         await leave(w)
@@ -77,7 +77,7 @@ async def test_a_trial_whose_figures_lose_is_not_evaluated_and_a_false_claim_is_
     w = await ScriptedWorker(broker.endpoints["workers"], "s1", slots=1, hardware=HW, versions=VERSIONS,
                              answer=answers(table, pruned={1: 30.0, 2: 10.2})).start()
     try:
-        task = await done(client, await client.submit(spec(config_set=[{"rtn": {"bits": [1, 2, 3, 4]}}],
+        task = await done(client, await client.submit(spec(config_set=[{"rtn": {"bits": [0, 1, 2, 3]}}],
                                                            objective="latency")))
     finally:
         await w.stop()
@@ -102,7 +102,7 @@ async def test_figures_are_reused_only_on_the_same_kind_of_machine(broker, clien
     w = await ScriptedWorker(broker.endpoints["workers"], "s2", slots=4, answer=answers(TABLE), hardware=other,
                              versions=VERSIONS).start()
     try:
-        third = await done(client, await client.submit(spec(config_set=[{"rtn": {"bits": [1, 2, 3, 4]}}],
+        third = await done(client, await client.submit(spec(config_set=[{"rtn": {"bits": [0, 1, 2, 3]}}],
                                                             objective="latency", objective_margin=0.2)))
     finally:
         await w.stop()
@@ -115,7 +115,7 @@ async def test_a_task_pinned_to_a_label_waits_for_such_a_worker(broker, client):
     plain = await ScriptedWorker(broker.endpoints["workers"], "plain", slots=2, answer=answers(TABLE),
                                  hardware=HW).start()
     try:
-        task_id = await client.submit({**spec(config_set=[{"rtn": {"bits": [1, 2, 3, 4]}}]),
+        task_id = await client.submit({**spec(config_set=[{"rtn": {"bits": [0, 1, 2, 3]}}]),
                                        "resources": {"hardware": "spr"}})
         await asyncio.sleep(0.5)
         assert plain.assigned == [] and (await client.status(task_id))["state"] == "queued"
@@ -138,7 +138,7 @@ async def test_events_fold_into_the_same_figures_as_the_result(broker, client):
     w = await ScriptedWorker(broker.endpoints["workers"], "s1", slots=2, answer=answers(TABLE), hardware=HW,
                              delay_s=0.01).start()
     try:
-        task_id = await client.submit(spec(config_set=[{"rtn": {"bits": [1, 2, 3, 4]}}], objective="latency"))
+        task_id = await client.submit(spec(config_set=[{"rtn": {"bits": [0, 1, 2, 3]}}], objective="latency"))
         view = None
         async for event in client.events(task_id):
             view = apply_event(view, event)
@@ -160,7 +160,7 @@ async def test_a_worker_cannot_skip_a_trial_nor_give_figures_nobody_asked_for(br
 
     w = await ScriptedWorker(broker.endpoints["workers"], "hostile", slots=2, answer=answer, hardware=HW).start()
     try:
-        task = await done(client, await client.submit(spec(config_set=[{"rtn": {"bits": [1, 2]}}], measure="none")))
+        task = await done(client, await client.submit(spec(config_set=[{"rtn": {"bits": [0, 1]}}], measure="none")))
     finally:
         await leave(w)
     assert task["trials"][0]["state"] == "error" and task["trials"][0]["pruned"] is False

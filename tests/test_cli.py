@@ -125,8 +125,9 @@ def test_nsd_run_leaves_no_process_behind(tmp_path):
 def test_the_shipped_example_configs_are_accepted(tmp_path):
     """systemd/*.toml use the options' long names (`broker`, `id`): each daemon accepts its file."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    for daemon in ("broker", "worker"):
-        proc = subprocess.run([*NSD, daemon, "--config", str(ROOT / "systemd" / f"{daemon}.toml"), "--help"],
+    for daemon, config in (("broker", "broker"), ("worker", "worker"), ("broker", "broker-pair-primary"),
+                           ("broker", "broker-pair-backup")):
+        proc = subprocess.run([*NSD, daemon, "--config", str(ROOT / "systemd" / f"{config}.toml"), "--help"],
                               env=env, capture_output=True, text=True, timeout=60)
         assert proc.returncode == 0, proc.stderr
     (tmp_path / "w.toml").write_text('broker = "tcp://127.0.0.1:1"\nid = "node-7"\n')

@@ -80,7 +80,8 @@ async def test_fetched_model_loads_and_reproduces_the_winners_metric(client, sta
     spec = digits_spec()
     (worker,) = await start_workers(1)
     result = await client.result(await client.submit(spec), wait=True)
-    assert worker.blobs.fetched == 2  # model.pt and recipe.py came through the broker, not a shared path
+    # model.pt and recipe.py came through the broker, not a shared path; and the saved model, for its verify job
+    assert worker.blobs.fetched == 3
     path = await client.fetch(result["task_id"], tmp_path / "out")
     assert (tmp_path / "out" / "result.json").is_file() and "load(" in (tmp_path / "out" / "README.md").read_text()
     recipe = load_recipe(spec)

@@ -31,7 +31,8 @@ def hostile(rng: random.Random, cmd: Cmd, body: dict) -> list[bytes]:
         body[key] = rng.choice(HOSTILE_VALUES)
     if rng.random() < 0.3:  # and optional fields the handlers read
         body[rng.choice(["metric", "baseline", "configs", "artifact", "log", "error", "requeue", "handback",
-                         "cores_per_trial", "draining", "job", "running"])] = rng.choice(HOSTILE_VALUES)
+                         "cores_per_trial", "draining", "job", "running", "tenant", "code", "offset", "limit",
+                         "owner", "before", "worker", "all"])] = rng.choice(HOSTILE_VALUES)
     return pack(cmd, body)
 
 
@@ -50,6 +51,8 @@ def valid_bodies() -> dict[Cmd, dict]:
         Cmd.BLOB_HAVE: {"req": 8, "sha256": [sha]},
         Cmd.BLOB_PUT: {"req": 9, "sha256": sha, "offset": 0, "size": 8, "data": b"abcd"},
         Cmd.BLOB_GET: {"req": 10, "sha256": sha, "offset": 0, "length": 4}, Cmd.LOGS: {"req": 11, "task_id": "z"},
+        Cmd.DELETE_TASK: {"req": 12, "task_id": "abcd", "tenant": "alice"}, Cmd.AUDIT: {"req": 13, "limit": 5},
+        Cmd.CACHE_PURGE: {"req": 14, "all": True},
     }
 
 

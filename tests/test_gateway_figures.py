@@ -46,7 +46,7 @@ async def test_the_web_view_shows_figures_and_the_tradeoff_chart(gateway, http, 
     w = await ScriptedWorker(broker.endpoints["workers"], "s1", slots=4, answer=figures_answers(TABLE),
                              hardware=HW).start()
     try:
-        task_id = await client.submit(spec(config_set=[{"rtn": {"bits": [1, 2, 3, 4]}}], objective="latency"))
+        task_id = await client.submit(spec(config_set=[{"rtn": {"bits": [0, 1, 2, 3]}}], objective="latency"))
         await done(client, task_id)
     finally:
         await w.stop()

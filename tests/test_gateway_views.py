@@ -11,6 +11,8 @@ import zipfile
 
 import pytest
 
+from nsd.protocol import Cmd
+from nsd.transfer import packed
 from tests.conftest import wait_for
 from tests.gateway_fixtures import AUTH, files_under
 from tests.peers import ScriptedWorker, metrics_answer, plan_then_hold, spec
@@ -61,13 +63,16 @@ async def test_rest_and_grpc_page_a_task_of_many_trials(http, gateway, client, b
 
 
 class SavingWorker(ScriptedWorker):
-    """Plans and scores like its parent; its save job names a blob the test uploaded (a real INC-like
-    folder, not the parent's stand-in bytes), as a worker that saved that folder would."""
+    """Plans and scores like its parent; its save job stores a real INC-like folder (packed as nsd packs
+    one, not the parent's stand-in bytes) and names it, as a worker that saved that folder does."""
 
     artifact_sha: str = ""
+    artifact_data: bytes = b""
 
     def _finish(self, key, job) -> None:
         if job["kind"] == "save" and key in self.running:
+            self.send(Cmd.STORE, {"sha256": self.artifact_sha, "offset": 0, "size": len(self.artifact_data),
+                                  "data": self.artifact_data})  # a worker may name only bytes it stored
             self.result(key, {"ok": True, "artifact": self.artifact_sha})
             return
         super()._finish(key, job)
@@ -79,9 +84,10 @@ async def done_with_artifact(client, broker, tmp_path) -> tuple[str, SavingWorke
     (model / "qconfig.json").write_text('{"rtn": {"bits": 4}}')
     (model / "model.pt").write_bytes(bytes(range(256)) * 5000)
     (model / "sub" / "nsd.json").write_text('{"trial": 1}')
-    ref = await client.upload(model)
     worker = SavingWorker(broker.endpoints["workers"], "w-save", answer=metrics_answer({i: 0.99 for i in range(6)}))
-    worker.artifact_sha = ref.split(":", 1)[1].split("/")[0]
+    with packed(model) as blob:
+        blob.file.seek(0)
+        worker.artifact_sha, worker.artifact_data = blob.sha256, blob.file.read()
     await worker.start()
     task_id = await client.submit(spec())
 

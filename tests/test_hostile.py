@@ -196,7 +196,7 @@ async def test_curve_worker_ids_are_bound_to_the_key_that_first_registered_them(
 
     made = {name: generate_keypair(tmp_path / "made", name) for name in ("broker", "alice", "node1", "node2")}
     keys = tmp_path / "state" / "keys"
-    allow(keys, "client", made["alice"][0])
+    allow(keys, "client", made["alice"][0], code=True)  # its tasks run a python recipe
     for name in ("node1", "node2"):
         allow(keys, "worker", made[name][0])
     broker = Broker(BrokerConfig(state_dir=tmp_path / "state", clients="tcp://127.0.0.1:*", workers="tcp://127.0.0.1:*",

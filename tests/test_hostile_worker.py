@@ -65,6 +65,14 @@ async def test_hostile_values_are_ignored_and_the_worker_keeps_serving(fake_and_
                  {"sha256": SHA, "offset": 2**63, "data": b"x", "size": 2**64 - 1}]:
         fake.send(Cmd.CHUNK, body)
     fake.send(Cmd.STORE_ACK, {"sha256": SHA, "offset": -5, "complete": "yes"})
+    # Erasures (DROP) whose names would leave the cache: refused at the door, nothing outside is touched.
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "keep").write_text("precious")
+    for body in [{"sha256": ["../../victim"], "tasks": []}, {"sha256": [], "tasks": ["../../victim"]},
+                 {"sha256": [], "tasks": ["../" * 6]}, {"sha256": [str(victim)], "tasks": [str(victim)]}]:
+        fake.send(Cmd.DROP, body)
+    outside_before = tree(tmp_path)
     # Frames that do not decode, or decode to the wrong types.
     fake.raw([MAGIC, bytes([Cmd.ASSIGN]), msgpack.packb({"trial_id": 1, "attempt": "1", "job": []})])
     fake.raw([MAGIC, bytes([Cmd.ASSIGN]), b"\xc1"])
@@ -106,6 +114,13 @@ async def test_hostile_values_are_ignored_and_the_worker_keeps_serving(fake_and_
     assert not any(s.job for s in daemon.slots) and not daemon.backlog  # nothing hostile runs
     assert tree(tmp_path) - outside_before <= {p for p in tree(tmp_path) if p.startswith("worker")}
     assert not Path("/tmp/nsd-pwned").exists()
+    assert (victim / "keep").read_text() == "precious"
+    # A well-formed DROP erases what it names inside the cache: a task's logs and kept models.
+    for folder in ("logs", "kept"):
+        (daemon.cache_dir / folder / "abc123abc999").mkdir(parents=True, exist_ok=True)
+    fake.send(Cmd.DROP, {"sha256": [SHA], "tasks": ["abc123abc999"]})
+    await wait_for(lambda: not (daemon.cache_dir / "logs" / "abc123abc999").exists(), 10)
+    assert not (daemon.cache_dir / "kept" / "abc123abc999").exists() and "abc123abc999" in daemon.erased
 
     # Still serving: it heartbeats, and a valid job runs on its runner (and fails there, for a real reason).
     beats = len(fake.of(Cmd.HEARTBEAT))

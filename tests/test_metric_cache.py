@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from types import SimpleNamespace
 
 import pytest
 
@@ -61,15 +62,40 @@ def test_only_blob_inputs_with_known_versions_are_cached():
     assert mc.task_basis(blob_spec(), None) is None
 
 
+def task_of(owner: str, task_id: str = "t1") -> SimpleNamespace:
+    return SimpleNamespace(id=task_id, owner=owner, spec=blob_spec())
+
+
+def worker_of(wid: str = "w1", trusted: bool = False, versions: dict = VERSIONS) -> SimpleNamespace:
+    return SimpleNamespace(id=wid, trusted=trusted, versions=versions)
+
+
 def test_the_cache_table_survives_a_restart(tmp_path):
     store = Store(tmp_path / "db")
     cache = mc.MetricCache(store, lambda: 1.0)
-    cache.put_trial(blob_spec(), VERSIONS, {"rtn": {"bits": 4}}, None, 0.93)
+    cache.put_trial(task_of("alice"), worker_of(), {"rtn": {"bits": 4}}, None, 0.93)
     store.close()
     cache = mc.MetricCache(Store(tmp_path / "db"), lambda: 2.0)
-    assert cache.get_trial(blob_spec(), VERSIONS, {"rtn": {"bits": 4}}) == {"metric": 0.93, "bound": None}
-    assert cache.get_trial(blob_spec(), {**VERSIONS, "torch": "2.14.0"}, {"rtn": {"bits": 4}}) is None
+    assert cache.get_trial(task_of("alice"), VERSIONS, {"rtn": {"bits": 4}}) == {"metric": 0.93, "bound": None}
+    assert cache.get_trial(task_of("alice"), {**VERSIONS, "torch": "2.14.0"}, {"rtn": {"bits": 4}}) is None
     cache.store.close()
+
+
+def test_entries_are_per_tenant_unless_shared_and_produced_by_a_trusted_worker(tmp_path):
+    """Issue 16 item 4 / issue 15 item 2: a tenant's entry is never another's answer; with share_cache, only
+    a trusted worker's results are shared; the versions a worker reports buy it no trust."""
+    bits4 = {"rtn": {"bits": 4}}
+    for share in (False, True):
+        store = Store(tmp_path / f"db-{share}")
+        cache = mc.MetricCache(store, lambda: 1.0, share=share)
+        cache.put_trial(task_of("alice"), worker_of("evil"), bits4, None, 0.99)  # an untrusted worker
+        assert cache.get_trial(task_of("alice", "t2"), VERSIONS, bits4) == {"metric": 0.99, "bound": None}
+        assert cache.get_trial(task_of("bob"), VERSIONS, bits4) is None  # neither shared nor bob's
+        cache.put_plan(task_of("carol"), worker_of("node1", trusted=True), 0.9, [{"config": bits4}])
+        assert (cache.get_plan(task_of("dave"), VERSIONS) is not None) is share
+        assert store.cache_purge(worker="node1") == (2 if share else 1)  # both scopes of a trusted result
+        assert cache.get_plan(task_of("carol"), VERSIONS) is None
+        store.close()
 
 
 def jobs_run(worker, task_id: str) -> list[str]:
@@ -89,7 +115,7 @@ async def test_a_retune_with_another_tolerance_runs_only_what_the_cache_cannot_d
     (worker,) = await start_workers(1)
     first = await client.result(await client.submit(digits_spec()), wait=True)  # tolerance 0.5 %: trial 2 wins
     assert first["winner"]["index"] == 2
-    assert jobs_run(worker, first["task_id"]) == ["0", "1", "2", "baseline", "plan", "save"]
+    assert jobs_run(worker, first["task_id"]) == ["0", "1", "2", "baseline", "plan", "save", "verify"]
     assert not any(t["cached"] for t in first["trials"]) and first["trials"][0]["stopped_early"]
     # A stricter goal: the 2-bit trials' intervals (below the 0.5 % goal, so below this one too) and trial 2's
     # metric are known: none of them runs again.
@@ -97,11 +123,12 @@ async def test_a_retune_with_another_tolerance_runs_only_what_the_cache_cannot_d
     assert all(t["cached"] for t in strict["trials"][:3])
     assert not {"0", "1", "2", "baseline", "plan"} & set(jobs_run(worker, strict["task_id"]))
     # 15 %: trial 1 (0.83) passes. The 2-bit trials stopped below 0.5 % loss, which does not say whether they
-    # pass 15 %: they run again (lazily: trial 0 stops once it cannot pass); the rest is known.
+    # pass 15 %: they run again (lazily: trial 0 stops once it cannot pass); the rest is known. The new
+    # winner's model is saved and verified.
     retune = await client.result(await client.submit(digits_spec(tolerable_loss=0.15)), wait=True)
-    assert jobs_run(worker, retune["task_id"]) == ["0", "1", "save"] and retune["winner"]["index"] == 1
+    assert jobs_run(worker, retune["task_id"]) == ["0", "1", "save", "verify"] and retune["winner"]["index"] == 1
     cold = await client.result(await client.submit(digits_spec(tolerable_loss=0.15, cache=False)), wait=True)
-    assert jobs_run(worker, cold["task_id"]) == ["0", "1", "baseline", "plan", "save"]
+    assert jobs_run(worker, cold["task_id"]) == ["0", "1", "baseline", "plan", "save", "verify"]
     assert answer(retune) == answer(cold)
     # The same task once more: trial 0's interval now decides, trial 1's metric and the artifact are known.
     again = await client.result(await client.submit(digits_spec(tolerable_loss=0.15)), wait=True)
@@ -118,7 +145,7 @@ async def test_a_changed_recipe_misses_the_cache(client, start_workers, tmp_path
     spec = digits_spec()
     spec["model"]["path"], spec["recipe"]["file"] = str(tmp_path / "model.pt"), str(tmp_path / "recipe.py")
     changed = await client.result(await client.submit(spec), wait=True)
-    assert jobs_run(worker, changed["task_id"]) == ["0", "1", "2", "baseline", "plan", "save"]
+    assert jobs_run(worker, changed["task_id"]) == ["0", "1", "2", "baseline", "plan", "save", "verify"]
     assert not any(t["cached"] for t in changed["trials"]) and answer(changed) == answer(first)
 
 

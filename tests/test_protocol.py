@@ -23,10 +23,40 @@ def test_round_trip():
     ([MAGIC, bytes([Cmd.SUBMIT]), msgpack.packb({"req": True, "spec": {}})], "wrong type"),
     ([MAGIC, bytes([Cmd.STATUS]), msgpack.packb({"req": 1, "task_id": 5})], "wrong type"),
     ([MAGIC, bytes([Cmd.LIST]), msgpack.packb({1: 2})], "not valid msgpack"),
+    # tenants (issue 16): the tenant a request names, paging, the new requests' fields
+    ([MAGIC, bytes([Cmd.LIST]), msgpack.packb({"req": 1, "tenant": "../alice"})], "field 'tenant'"),
+    ([MAGIC, bytes([Cmd.LIST]), msgpack.packb({"req": 1, "tenant": ""})], "field 'tenant'"),
+    ([MAGIC, bytes([Cmd.LIST]), msgpack.packb({"req": 1, "tenant": "a" * 65})], "field 'tenant'"),
+    ([MAGIC, bytes([Cmd.LIST]), msgpack.packb({"req": 1, "tenant": ["alice"]})], "field 'tenant'"),
+    ([MAGIC, bytes([Cmd.SUBMIT]), msgpack.packb({"req": 1, "spec": {}, "code": "yes"})], "field 'code'"),
+    ([MAGIC, bytes([Cmd.STATUS]), msgpack.packb({"req": 1, "task_id": "a", "limit": 10**6})], "field 'limit'"),
+    ([MAGIC, bytes([Cmd.STATUS]), msgpack.packb({"req": 1, "task_id": "a", "limit": 0})], "field 'limit'"),
+    ([MAGIC, bytes([Cmd.RESULT_GET]), msgpack.packb({"req": 1, "task_id": "a", "offset": -1})], "field 'offset'"),
+    ([MAGIC, bytes([Cmd.DELETE_TASK]), msgpack.packb({"req": 1})], "missing field 'task_id'"),
+    ([MAGIC, bytes([Cmd.AUDIT]), msgpack.packb({"req": 1, "limit": 10**9})], "field 'limit'"),
+    ([MAGIC, bytes([Cmd.AUDIT]), msgpack.packb({"req": 1, "owner": "x y"})], "field 'owner'"),
+    ([MAGIC, bytes([Cmd.CACHE_PURGE]), msgpack.packb({"req": 1, "worker": "../w"})], "field 'worker'"),
+    ([MAGIC, bytes([Cmd.CACHE_PURGE]), msgpack.packb({"req": 1, "all": 1})], "field 'all'"),
 ])
 def test_malformed_messages_are_refused_with_a_reason(frames, reason):
     with pytest.raises(ProtocolError, match=reason):
         unpack(frames, CLIENT_TO_BROKER)
+
+
+@pytest.mark.parametrize("body, reason", [
+    ({"sha256": ["../../etc"], "tasks": []}, "field 'sha256'"),
+    ({"sha256": ["c" * 64] * 1001, "tasks": []}, "field 'sha256'"),
+    ({"sha256": [], "tasks": ["../abcdefabcd"]}, "field 'tasks'"),
+    ({"sha256": [], "tasks": ["abcdefabcdef/0"]}, "field 'tasks'"),
+    ({"sha256": []}, "missing field 'tasks'"),
+])
+def test_a_drop_a_worker_acts_on_names_only_hashes_and_task_ids(body, reason):
+    """DROP (broker -> worker) makes a worker delete folders named after its fields: checked at the door."""
+    from nsd.protocol import BROKER_TO_WORKER
+
+    with pytest.raises(ProtocolError, match=reason):
+        unpack(pack(Cmd.DROP, body), BROKER_TO_WORKER)
+    assert unpack(pack(Cmd.DROP, {"sha256": ["c" * 64], "tasks": ["abcdefabcdef"]}), BROKER_TO_WORKER).body
 
 
 def test_job_ids_of_every_kind_round_trip_and_nothing_else_parses():

@@ -264,7 +264,7 @@ async def curve_cluster(tmp_path, monkeypatch):
     (share / "public.txt").write_text("shared with runners")
     made = {name: generate_keypair(tmp_path / "keys", name) for name in ("broker", "alice")}
     made["node1"] = generate_keypair(share / "keys", "node1")
-    allow(tmp_path / "allow", "client", made["alice"][0])
+    allow(tmp_path / "allow", "client", made["alice"][0], code=True)  # its tasks run python recipes
     allow(tmp_path / "allow", "worker", made["node1"][0])
     broker = Broker(BrokerConfig(state_dir=tmp_path / "state", clients="tcp://127.0.0.1:*", workers="tcp://127.0.0.1:*",
                                  events="tcp://127.0.0.1:*", curve_secret=made["broker"][1], keys_dir=tmp_path / "allow",

@@ -135,6 +135,21 @@ async def test_allowed_worker_round_trip_and_user_id(server, peers, keys):
     assert body.get("User-Id") == security.read_certificate(keys.worker[0])[0].decode()
 
 
+async def test_client_socket_user_ids_name_the_role_the_tenant_and_the_code_flag(server, peers, keys, tmp_path):
+    """On the client socket a key's User-Id is ROLE:NAME[:code] (nsd.tenants): the name is its tenant."""
+    gateway = security.generate_keypair(tmp_path / "mine", "gw")
+    security.allow(keys.dir, "gateway", gateway[0], code=True)
+    server.curve.reload()
+    seen = []
+    for pair in (keys.client, gateway):
+        dealer = peers(zmq.DEALER, server.endpoints["clients"], pair, keys.broker[0])
+        await dealer.send(b"hello")
+        assert await server.socks["clients"].poll(TIMEOUT_MS)
+        _, body = await server.socks["clients"].recv_multipart(copy=False)
+        seen.append(body.get("User-Id"))
+    assert seen == ["client:client", "gateway:gw:code"]
+
+
 async def test_unknown_key_is_refused(server, peers, keys):
     dealer = peers(zmq.DEALER, server.endpoints["clients"], keys.stranger, keys.broker[0])
     await assert_refused(server, "clients", dealer, zmq.EVENT_HANDSHAKE_FAILED_AUTH)
@@ -191,7 +206,7 @@ async def test_reload_allows_new_keys_and_drops_revoked_ones(server, peers, keys
     first = peers(zmq.DEALER, server.endpoints["clients"], keys.stranger, keys.broker[0])
     await assert_refused(server, "clients", first, zmq.EVENT_HANDSHAKE_FAILED_AUTH)
     security.allow(keys.dir, "client", keys.stranger[0])
-    assert server.curve.reload() == {"worker": 1, "client": 2}
+    assert server.curve.reload() == {"worker": 1, "client": 2, "gateway": 0, "admin": 0}
     # A ZAP-refused connection is not retried by libzmq: a new socket is needed.
     second = peers(zmq.DEALER, server.endpoints["clients"], keys.stranger, keys.broker[0])
     assert await roundtrip(server, "clients", second) == b"ping/pong"
@@ -329,7 +344,17 @@ def test_allow_copies_only_the_public_key_and_keeps_roles_apart(keys):
     with pytest.raises(FileExistsError, match="already allowed"):
         security.allow(keys.dir, "client", other / "stranger.key")
     with pytest.raises(ValueError, match="unknown role"):
-        security.allow(keys.dir, "admin", keys.stranger[0])
+        security.allow(keys.dir, "root", keys.stranger[0])
+    with pytest.raises(ValueError, match="already allowed as a client"):
+        security.allow(keys.dir, "admin", keys.stranger[0])  # one key, one role: also for the new roles
+    # Flags: set on the entry, changed by allowing the same key again, and only where they mean something.
+    assert security.read_flags(security.allow(keys.dir, "client", keys.stranger[0], code=True)) == {"code"}
+    assert security.read_certificate(entry)[0] == security.read_certificate(keys.stranger[0])[0]
+    assert security.read_flags(security.allow(keys.dir, "client", keys.stranger[0])) == frozenset()
+    with pytest.raises(ValueError, match="--trusted is for worker"):
+        security.allow(keys.dir, "client", keys.stranger[0], trusted=True)
+    with pytest.raises(ValueError, match="--code is for"):
+        security.allow(keys.dir, "worker", keys.worker[0], code=True)
 
 
 def test_default_keys_dir_is_the_brokers_state_dir(monkeypatch, tmp_path):
@@ -373,11 +398,27 @@ def test_cli_generate_allow_list(tmp_path):
     public = security.read_certificate(mine / "w1.key")[0].decode()
     assert f"w1  {public}" in result.output and "alice" in result.output
     listing = json.loads(runner.invoke(keys_group, ["list", "--keys-dir", str(keys_dir), "--json"]).output)
-    assert listing["worker"] == [{"name": "w1", "public_key": public}]
+    assert listing["worker"] == [{"name": "w1", "public_key": public, "flags": []}]
     assert [k["name"] for k in listing["client"]] == ["alice"]
 
     result = runner.invoke(keys_group, ["revoke", "--role", "client", "alice", "--keys-dir", str(keys_dir)])
     assert result.exit_code == 0 and not (keys_dir / "clients" / "alice.key").exists()
+
+    # Gateways, admins and flags (README "Privacy").
+    runner.invoke(keys_group, ["generate", "gw", "--dir", str(mine)])
+    result = runner.invoke(keys_group, ["allow", "--role", "gateway", str(mine / "gw.key"), "--code",
+                                        "--keys-dir", str(keys_dir)])
+    assert result.exit_code == 0 and "allowed gateway key 'gw' (code)" in result.output
+    result = runner.invoke(keys_group, ["allow", "--role", "worker", str(mine / "w1.key"), "--trusted",
+                                        "--keys-dir", str(keys_dir)])
+    assert result.exit_code == 0 and "(trusted)" in result.output  # the same key again: its flags change
+    result = runner.invoke(keys_group, ["allow", "--role", "worker", str(mine / "w1.key"), "--code",
+                                        "--keys-dir", str(keys_dir)])
+    assert result.exit_code == 1 and "--code is for" in result.output
+    listing = json.loads(runner.invoke(keys_group, ["list", "--keys-dir", str(keys_dir), "--json"]).output)
+    assert listing["gateway"] == [{"name": "gw", "public_key": security.read_certificate(mine / "gw.key")[0].decode(),
+                                   "flags": ["code"]}]
+    assert listing["worker"][0]["flags"] == ["trusted"] and listing["admin"] == []
 
 
 def test_cli_errors_are_one_clear_line(tmp_path):
@@ -386,12 +427,13 @@ def test_cli_errors_are_one_clear_line(tmp_path):
                                         "--keys-dir", str(tmp_path / "keys")])
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert f"key file {tmp_path / 'missing.key'} does not exist" in result.output
-    result = runner.invoke(keys_group, ["allow", "--role", "admin", str(tmp_path / "x.key")])
-    assert result.exit_code == 2 and "admin" in result.output
+    result = runner.invoke(keys_group, ["allow", "--role", "root", str(tmp_path / "x.key")])
+    assert result.exit_code == 2 and "root" in result.output
     result = runner.invoke(keys_group, ["revoke", "--role", "worker", "ghost", "--keys-dir", str(tmp_path)])
     assert result.exit_code == 1 and "no worker key named 'ghost'" in result.output
     result = runner.invoke(keys_group, ["list", "--keys-dir", str(tmp_path / "empty")])
     assert result.exit_code == 0 and "workers: none" in result.output and "clients: none" in result.output
+    assert "gateways: none" in result.output and "admins: none" in result.output
 
 
 def test_cli_default_dirs_follow_xdg(tmp_path, monkeypatch):

@@ -3,6 +3,10 @@
 Nothing here holds a whole blob in memory: uploads stream to a part file while being hashed, reads
 take one chunk from disk. A blob's name is its sha256, checked before it becomes visible; a client
 never chooses a path (hashes only), so nothing it sends can point outside this folder.
+
+Whose bytes a blob is, is the broker's to say (`nsd.broker.tenancy`): an uploader that does not already
+own a stored blob (`known=False`) sends and has checked every byte, exactly as if it were new, so that
+an upload never tells one tenant that another holds the same bytes.
 """
 
 from __future__ import annotations
@@ -53,6 +57,10 @@ class BlobStore:
         self.referenced = referenced  # hashes some task names: never removed
         self._uploads: dict[tuple[bytes, str], _Upload] = {}
         self._per_peer: dict[bytes, int] = {}
+        # A broker pair (nsd.broker.peer): blobs stored here but not yet on the passive broker are hidden
+        # from `has` (no client learns of them), and `on_stored` hears of each blob as it completes.
+        self.hidden: set[str] = set()
+        self.on_stored: Callable[[str], None] | None = None
         self.stored_bytes = sum(p.stat().st_size for p in self._blob_files())
 
     def _blob_files(self) -> list[Path]:
@@ -64,7 +72,22 @@ class BlobStore:
         return self.root / sha256[:2] / sha256
 
     def has(self, sha256: str) -> bool:
+        return self.stored(sha256) and sha256 not in self.hidden
+
+    def stored(self, sha256: str) -> bool:
         return is_sha256(sha256) and self.path(sha256).is_file()
+
+    def names(self, after: str = "", limit: int = 1000) -> list[str]:
+        """Stored blobs in name order, after `after` (a page of the listing a passive broker asks for)."""
+        return sorted(p.name for p in self._blob_files() if p.name > after and is_sha256(p.name))[:limit]
+
+    def adopt(self, sha256: str, part: Path) -> None:
+        """A whole blob fetched from the other broker of a pair (its hash checked on the way): stored."""
+        final = self.path(sha256)
+        final.parent.mkdir(exist_ok=True)
+        if not final.is_file():
+            self.stored_bytes += part.stat().st_size
+        os.replace(part, final)
 
     def expire(self, now: float) -> None:
         """Drop uploads silent for longer than upload_idle_s."""
@@ -94,13 +117,15 @@ class BlobStore:
         st = os.statvfs(self.root)
         return st.f_bavail * st.f_frsize - self._reserved() >= size + (64 << 20)  # keep 64 MiB for SQLite
 
-    def write(self, uploader: bytes, sha256: str, offset: int, size: int, data: bytes) -> tuple[int, bool]:
-        """Append one chunk of an upload; returns (next offset, complete). Chunks come in order."""
+    def write(self, uploader: bytes, sha256: str, offset: int, size: int, data: bytes,
+              known: bool = True) -> tuple[int, bool]:
+        """Append one chunk of an upload; returns (next offset, complete). Chunks come in order. `known`:
+        the uploader may learn that the blob is stored already (it owns it), so the upload stops there."""
         if not is_sha256(sha256):  # before anything becomes a path
             raise BlobError(f"not a sha256: {str(sha256)[:80]!r}")
-        if self.has(sha256):
+        if known and self.stored(sha256):
             self._abort((uploader, sha256))
-            return size, True  # someone uploaded it meanwhile: nothing more to send
+            return size, True  # it uploaded these bytes meanwhile: nothing more to send
         if not 0 <= size <= self.max_blob_bytes:
             raise BlobError(f"blob size {size} is over the broker's limit of {self.max_blob_bytes} bytes")
         if len(data) > CHUNK_BYTES * 4:
@@ -114,7 +139,7 @@ class BlobStore:
             if len(self._uploads) >= self.max_open_uploads:
                 raise BlobError(f"the broker has {len(self._uploads)} uploads in progress (its limit); try again later")
             self._make_room(size)
-            upload = _Upload(size, self.root / "partial" / f"{sha256}.{uploader.hex()[:32]}")
+            upload = _Upload(size, self.root / "partial" / f"{sha256}.{hashlib.sha256(uploader).hexdigest()[:32]}")
             upload.path.write_bytes(b"")
             self._uploads[key] = upload
             self._per_peer[uploader] = self._per_peer.get(uploader, 0) + 1
@@ -141,10 +166,26 @@ class BlobStore:
             raise BlobError(f"hash mismatch: the data uploaded as {sha256[:12]}… hashes to "
                             f"{upload.digest.hexdigest()[:12]}…; nothing was stored")
         final = self.path(sha256)
+        if final.is_file():  # the same bytes were stored already (by another tenant): checked, kept once
+            upload.path.unlink(missing_ok=True)
+            return size, True
         final.parent.mkdir(exist_ok=True)
         os.replace(upload.path, final)
         self.stored_bytes += size
+        if self.on_stored is not None:
+            self.on_stored(sha256)
         return size, True
+
+    def remove(self, sha256: str) -> None:
+        """Erase a stored blob (a deleted task's, that nobody else owns or names)."""
+        path = self.path(sha256)
+        try:
+            self.stored_bytes -= path.stat().st_size
+            path.unlink()
+        except FileNotFoundError:
+            pass
+        for key in [k for k in self._uploads if k[1] == sha256]:
+            self._abort(key)
 
     def _abort(self, key: tuple[bytes, str], keep_file: bool = False) -> None:
         upload = self._uploads.pop(key, None)

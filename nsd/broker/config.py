@@ -23,4 +23,11 @@ class BrokerConfig:
     metrics: str | None = None  # HOST:PORT for Prometheus (GET /metrics)
     curve_secret: Path | None = None  # the broker's key pair: CURVE on every socket
     keys_dir: Path | None = None  # allowlists (default STATE_DIR/keys)
+    share_cache: bool = False  # reuse trusted workers' cached results across tenants (README "Privacy")
+    retention_days: float = 0.0  # finished tasks are deleted this long after they end; 0: kept
+    tenant_retention: dict[str, float] = field(default_factory=dict)  # per-tenant retention_days
     limits: BrokerLimits = field(default_factory=BrokerLimits)
+    # A broker pair (README "A broker pair"): the other broker's peer endpoint, ours to bind, and our role.
+    peer: str | None = None
+    peer_bind: str = "tcp://127.0.0.1:5553"
+    role: str = "primary"  # primary | backup

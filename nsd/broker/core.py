@@ -11,9 +11,10 @@ its commit.
 Decisions are delegated to the task's objective, `tuner` and `search` (who won, what to cancel, requeue
 or give up, which stage comes next) and `scheduler` (which job goes where). What a job's result does to
 its task — and the lost leases, cancellations and endings that follow — is `nsd.broker.outcomes.Outcomes`,
-the plan's and the baseline's `nsd.broker.planning.Planning`, and placing waiting jobs on free cores is
-`nsd.broker.placement.Placement`; `Core` inherits all three; each job kind's handlers there are named by
-its row in `nsd.broker.jobs`. This module holds the rest:
+the plan's and the baseline's `nsd.broker.planning.Planning`, placing waiting jobs on free cores is
+`nsd.broker.placement.Placement`, what each tenant may see is `nsd.broker.tenancy.Tenancy` and deleting tasks
+`nsd.broker.erasure.Erasure`; `Core` inherits them; each job kind's handlers there are named by its row in
+`nsd.broker.jobs`. This module holds the rest:
 transactions, loading, workers and leases, timers.
 """
 
@@ -30,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 from nsd.broker import search
+from nsd.broker.erasure import Erasure
 from nsd.broker.limits import BrokerLimits
 from nsd.broker.metric_cache import MetricCache
 from nsd.broker.metrics import Metrics
@@ -39,6 +41,8 @@ from nsd.broker.outcomes import Outcomes
 from nsd.broker.placement import Placement
 from nsd.broker.planning import Planning
 from nsd.broker.store import StorageError, Store, storage_message
+from nsd.broker.tenancy import Tenancy
+from nsd.broker.verification import Verification
 from nsd.liveness import heartbeat_due
 from nsd.protocol import PROTOCOL_VERSION, Cmd, JobRef, parse_job_id
 from nsd.spec import TaskSpec
@@ -66,17 +70,20 @@ def stored_spec(text: str) -> TaskSpec:
     return TaskSpec.from_dict(data)
 
 
-class Core(Outcomes, Planning, Placement):
+class Core(Outcomes, Planning, Placement, Tenancy, Erasure, Verification):
     def __init__(self, store: Store, metrics: Metrics, heartbeat_s: float, liveness: int, blobs,
-                 limits: BrokerLimits | None = None, curve: bool = False):
+                 limits: BrokerLimits | None = None, curve: bool = False, share_cache: bool = False):
         self.store, self.metrics, self.blobs = store, metrics, blobs
         self.heartbeat_s, self.liveness = heartbeat_s, liveness
         self.limits = limits or BrokerLimits()
         self.curve = curve
+        # Whether a worker's key is allowed with --trusted (the daemon's CurveServer says); without CURVE,
+        # every worker is the operator's own.
+        self.trusted_worker = lambda key: not curve
         self.tasks: dict[str, Task] = {}
         self.queued: dict[int, dict[str, Task]] = {}  # priority -> queued tasks, oldest first
         self.started: dict[str, Task] = {}  # planning, tuning, finalizing: what scheduling walks
-        self.owners: Counter[str] = Counter()  # unfinished tasks per client key
+        self.owners: Counter[str] = Counter()  # unfinished tasks per tenant
         self.workers: dict[str, Worker] = {}
         self.free: dict[str, Worker] = {}  # workers with free cores (the placement index)
         self.orphans: dict[str, float] = {}  # job id -> since when its lease's worker is not registered
@@ -84,7 +91,7 @@ class Core(Outcomes, Planning, Placement):
         self.ignored_results = 0  # results not from the lease holder: counted, acknowledged, dropped
         self._touched: set[str] | None = None  # task ids written in the open transaction
         self._dirty = True  # demand or free cores changed since the last scheduling pass
-        self.cache = MetricCache(store, time.time)
+        self.cache = MetricCache(store, time.time, share=share_cache)
         self._answered_from_cache = False  # set by _assign when the cache answered a job (see schedule)
         self._cache_rounds = 0
 
@@ -160,7 +167,7 @@ class Core(Outcomes, Planning, Placement):
                     baseline=row["baseline"], winner=row["winner"],
                     met_goal=None if row["met_goal"] is None else bool(row["met_goal"]), error=row["error"],
                     seq=row["seq"], jobs=Task.jobs_from_row(row), plan_s=row["plan_s"], artifact=row["artifact"],
-                    baseline_s=row["baseline_s"],
+                    candidate=row["candidate"], baseline_s=row["baseline_s"],
                     oplists=search.parse_oplists(json.loads(row["oplists"] or "null")) or {})
         task.baseline_figures, task.baseline_on = json.loads(row["baseline_figures"] or "[null, null]")
         rows = self.store.trials(task.id)
@@ -232,15 +239,17 @@ class Core(Outcomes, Planning, Placement):
 
     # ---- clients -----------------------------------------------------------------------------------
 
-    def submit(self, spec: TaskSpec, owner: str = "") -> str:
+    def submit(self, spec: TaskSpec, owner: str = "", submit_id: str | None = None) -> str:
+        if submit_id and (known := self.store.submitted(owner, submit_id)) in self.tasks:
+            return known  # the same submission again (a client that failed over before its answer came)
         if self.owners[owner] >= self.limits.queued_per_client:
-            raise ValueError(f"this client already has {self.owners[owner]} unfinished tasks (the broker's "
+            raise ValueError(f"this tenant already has {self.owners[owner]} unfinished tasks (the broker's "
                              f"limit is {self.limits.queued_per_client}); wait for some to finish")
         task = Task(id=uuid.uuid4().hex[:12], spec=spec, state=TaskState.QUEUED, created=time.time(), owner=owner,
                     jobs={JobRef(PLAN.name): Lease()})
         with self.tx():
             self._touch(task)
-            self.store.insert_task(task.id, task.name, task.spec_dict, task.state.value, task.created, owner)
+            self.store.insert_task(task.id, task.name, task.spec_dict, task.state.value, task.created, owner, submit_id)
             self._write_task(task, jobs=task.jobs_plain())
             self._adopt(task)
             self.emit(task, "state", state=task.state.value)
@@ -251,15 +260,6 @@ class Core(Outcomes, Planning, Placement):
         if not task.state.terminal:
             with self.tx():
                 self.finish(task, TaskState.CANCELLED, error="cancelled by user")
-
-    def find(self, task_id: str) -> Task:
-        task = self.tasks.get(task_id)
-        if task is None:
-            matches = [t for t in self.tasks if t.startswith(task_id)] if len(task_id) >= 4 else []
-            if len(matches) != 1:
-                raise LookupError(f"no task {task_id[:64]!r}" if not matches else f"task id {task_id!r} is ambiguous")
-            task = self.tasks[matches[0]]
-        return task
 
     # ---- workers -------------------------------------------------------------------------------------
 
@@ -295,7 +295,7 @@ class Core(Outcomes, Planning, Placement):
         worker = Worker(id=wid, identity=identity, boot_id=body["boot_id"], host=body["host"], cores=body["cores"], slots=body["slots"],
                         version=str(body.get("nsd_version", "?")), registered=now, last_seen=now, key=key,
                         draining=body.get("draining") is True, versions=body.get("versions"),
-                        hardware=body.get("hardware"))
+                        trusted=self.trusted_worker(key), hardware=body.get("hardware"))
         worker.cores_per_trial = shape if shape is not None and shape <= worker.cores else \
             max(1, worker.cores // max(1, worker.slots))
         self.workers[wid] = worker
@@ -316,6 +316,7 @@ class Core(Outcomes, Planning, Placement):
         log.info("worker %s registered from %s: %d cores, %d slots%s", wid, worker.host, worker.cores,
                  worker.slots, " (again)" if old else "")
         self.send(worker, Cmd.READY_ACK, {"heartbeat_s": self.heartbeat_s, "liveness": self.liveness})
+        self.drops_for(worker)  # erasures it may have missed while away
         for ack in acks:
             self.send(worker, Cmd.RESULT_ACK, ack)
         for jid, attempt in still_running:  # anything it runs that we no longer want: stop it

@@ -6,7 +6,8 @@ message against `nsd.protocol`'s schemas, applies the batch in one SQLite transa
 savepoint of its own, so one bad message cannot undo the others), schedules once, commits, and only then
 sends what the batch produced: replies, acknowledgements, assignments, events. A failed commit answers the
 batch's clients with the storage error and asks its workers to register again (they keep their results
-in their outboxes); the loop goes on serving reads. It never imports torch.
+in their outboxes); the loop goes on serving reads. In a broker pair (nsd/broker/peer.py) effects wait
+until the passive broker has the commit. It never imports torch.
 
 Its parts: what a client request gets (nsd/broker/client_requests.py) and what a worker message does
 (nsd/broker/worker_messages.py); this module is the sockets, the loop turn and the timers.
@@ -15,7 +16,6 @@ Its parts: what a client request gets (nsd/broker/client_requests.py) and what a
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from pathlib import Path
@@ -28,6 +28,7 @@ from nsd.broker.blobs import BlobStore
 from nsd.broker.client_requests import ClientRequests
 from nsd.broker.config import BrokerConfig
 from nsd.broker.core import Core, Event, ToWorker
+from nsd.broker.erasure import Checkpoint, RemoveBlob
 from nsd.broker.metrics import BrokerState, Metrics, MetricsServer
 from nsd.broker.store import StorageError, Store
 from nsd.broker.worker_messages import WorkerMessages
@@ -45,8 +46,9 @@ _IDLE_HEARTBEAT = pack(Cmd.HEARTBEAT, {"running": []})  # an idle worker's, byte
 _IDLE_GATHER_S = 0.02
 
 READS = frozenset({Cmd.HELLO, Cmd.STATUS, Cmd.LIST, Cmd.RESULT_GET, Cmd.CLUSTER, Cmd.BLOB_HAVE, Cmd.BLOB_GET,
-                   Cmd.LOGS})  # client requests that change nothing: answered again after a failed commit
-BLOB_WRITES = frozenset({Cmd.BLOB_PUT, Cmd.STORE})  # files, not SQLite
+                   Cmd.LOGS})  # client requests that change nothing (but the audit log): answered again after a
+# failed commit, without writing their audit entry then
+RETENTION_EVERY_S = 60.0  # how often finished tasks are checked against their retention
 
 
 class Broker(ClientRequests, WorkerMessages):
@@ -56,7 +58,7 @@ class Broker(ClientRequests, WorkerMessages):
         # CURVE: every socket encrypted and authenticated, workers and clients from separate allowlists.
         self.curve = CurveServer(Path(config.curve_secret), Path(config.keys_dir) if config.keys_dir else
                                  self.state_dir / "keys") if config.curve_secret else None
-        for endpoint in (config.clients, config.workers, config.events):
+        for endpoint in (config.clients, config.workers, config.events, *([config.peer_bind] if config.peer else [])):
             if not is_loopback(endpoint) and not config.insecure and self.curve is None:
                 raise ValueError(f"refusing to bind {endpoint}: it is reachable from other hosts and CURVE is not "
                                  f"set up; give --curve-secret (see `nsd keys`), bind 127.0.0.1, or pass "
@@ -79,6 +81,7 @@ class Broker(ClientRequests, WorkerMessages):
         self.ctx: zmq.asyncio.Context | None = None
         self.store: Store | None = None
         self.core: Core | None = None
+        self.pair = None  # nsd.broker.peer.Pair: one of a broker pair (config.peer)
 
     # The model, for tests and tools that look inside.
     @property
@@ -99,16 +102,26 @@ class Broker(ClientRequests, WorkerMessages):
                                max_store_bytes=self.limits.max_store_bytes,
                                uploads_per_peer=self.limits.uploads_per_peer,
                                max_open_uploads=self.limits.max_open_uploads, referenced=self.store.referenced_blobs)
-        self.core = Core(self.store, self.metrics, self.heartbeat_s, self.liveness, self.blobs, self.limits,
-                         curve=self.curve is not None)
-        self.core.load()
+        self.core = self.new_core()
+        if self.config.peer:  # one of a pair: the state is loaded when (if) this broker starts to serve
+            from nsd.broker.peer import Pair
+            self.pair = Pair(self)
+        else:
+            self.core.load()
+        self._next_retention = 0.0
         self.ctx = zmq.asyncio.Context()
         if self.curve is not None:
             self.curve.start(self.ctx)
+            self.core.trusted_worker = self.curve.trusted_worker
+            if moved := self.core.adopt_legacy_owners(self.curve.tenant_of):
+                log.info("%d task(s) from before tenants now belong to their client keys' tenants", moved)
         self.clients = self._router()
         self.workers_sock = self._router()
         self.events = configure(self.ctx.socket(zmq.XPUB))
         self.events.setsockopt(zmq.SNDHWM, 10_000)  # a slow subscriber loses events (it re-snapshots), no more
+        # Each subscription reaches us, with its peer's User-Id, and counts only once we grant it
+        # (`_drain_subscriptions`): a tenant's subscription to another tenant's task receives nothing.
+        self.events.setsockopt(zmq.XPUB_MANUAL, 1)
         for name, sock in (("clients", self.clients), ("workers", self.workers_sock), ("events", self.events)):
             if self.curve is not None:
                 self.curve.apply(sock, SOCKET_DOMAINS[name])
@@ -122,6 +135,8 @@ class Broker(ClientRequests, WorkerMessages):
             # alive until its garbage-collector thread runs, which under load lets queued chunks pile up.
             shadow.copy_threshold = 1 << 30
         self._readable = {name: Readable(shadow) for name, shadow in self._shadows.items()}
+        if self.pair is not None:
+            self.endpoints["peer"] = self.pair.start(self.ctx, self.curve)
         self._loops = [asyncio.create_task(coro) for coro in (
             self._serve("clients", CLIENT_TO_BROKER), self._serve("workers", WORKER_TO_BROKER),
             self._drain_subscriptions(), self._tick())]
@@ -133,6 +148,10 @@ class Broker(ClientRequests, WorkerMessages):
         log.info("broker %s serving clients %s, workers %s, events %s (state in %s)", __version__,
                  self.endpoints["clients"], self.endpoints["workers"], self.endpoints["events"], self.state_dir)
         notify("READY=1", f"STATUS=serving clients on {self.endpoints['clients']}")
+
+    def new_core(self) -> Core:
+        return Core(self.store, self.metrics, self.heartbeat_s, self.liveness, self.blobs, self.limits,
+                    curve=self.curve is not None, share_cache=self.config.share_cache)
 
     def _router(self) -> zmq.asyncio.Socket:
         sock = configure(self.ctx.socket(zmq.ROUTER))
@@ -156,6 +175,8 @@ class Broker(ClientRequests, WorkerMessages):
             loop.cancel()
         await asyncio.gather(*self._loops, return_exceptions=True)
         self._loops = []
+        if self.pair is not None:
+            await self.pair.stop()
         if self.ctx is not None:
             for readable in self._readable.values():
                 readable.close()
@@ -197,6 +218,8 @@ class Broker(ClientRequests, WorkerMessages):
                     continue
                 batch.append(self._check(name, frames, allowed))
             batch = [item for item in batch if item is not None and not self._heartbeat(*item)]
+            if self.pair is not None:  # a broker that does not serve answers "not active" (or takes over)
+                batch = self.pair.admit(batch)
             if not batch:
                 if name == "workers" and self.core.idle():
                     # Nothing runs or waits, so nothing a worker says is urgent: let heartbeats gather
@@ -252,7 +275,7 @@ class Broker(ClientRequests, WorkerMessages):
             with core.tx():
                 for i, (name, identity, key, msg) in enumerate(batch):
                     if name == "clients" and msg.cmd is Cmd.BLOB_GET:  # a chunk: sent at once, never held
-                        self._to_client(*self._client_message(identity, key, msg))
+                        self._to_client(*self._client_message(identity, key, msg), now=True)
                     elif name == "clients":
                         replies[i] = self._client_message(identity, key, msg)
                     else:
@@ -265,16 +288,22 @@ class Broker(ClientRequests, WorkerMessages):
                 if name == "clients" and msg.cmd is Cmd.BLOB_GET:
                     continue  # answered already
                 if name == "clients" and msg.cmd in READS:  # answered again from the restored state
-                    replies[i] = self._client_message(identity, key, msg)
-                elif name == "clients" and msg.cmd not in BLOB_WRITES:  # (a chunk on disk stays written)
+                    core.auditing = False
+                    try:
+                        replies[i] = self._client_message(identity, key, msg)
+                    finally:
+                        core.auditing = True
+                elif name == "clients":  # an upload's chunk stays on disk, but not whose it is: sent again
                     replies[i] = (identity, Cmd.ERROR, {"req": msg.body["req"], "error": str(exc)})
                 elif msg.cmd in (Cmd.READY, Cmd.RESULT):  # it keeps unacknowledged results: it will resend them
                     worker = core.workers.get(identity.decode("ascii", "replace"))
                     if worker is not None:
                         core._forget_worker(worker)
                     core.send(identity, Cmd.DISCONNECT, {"reason": str(exc)})
-        for reply in replies.values():
-            self._to_client(*reply)
+        for i, reply in replies.items():
+            msg = batch[i][3]  # a completed upload is answered once the passive broker of a pair has it too
+            blob = msg.body["sha256"] if msg.cmd is Cmd.BLOB_PUT and reply[2].get("complete") else None
+            self._to_client(*reply, blob=blob)
         self._flush()
 
     def _send(self, name: str, frames: list[bytes]) -> bool:
@@ -282,12 +311,20 @@ class Broker(ClientRequests, WorkerMessages):
         self._readable[name].poke()  # the send may have taken the socket's "look again" signal
         return sent
 
-    def _to_client(self, identity: bytes, cmd: Cmd, body: dict) -> None:
-        if not self._send("clients", [identity, *pack(cmd, body)]):
+    def _out(self, name: str, frames: list[bytes], blob: str | None = None) -> bool:
+        """An effect of a commit: sent now, or (the active broker of a pair) once the passive one has it."""
+        return self._send(name, frames) if self.pair is None else self.pair.out(name, frames, blob)
+
+    def _to_client(self, identity: bytes, cmd: Cmd, body: dict, now: bool = False, blob: str | None = None) -> None:
+        if self.pair is not None:
+            body = {**body, "epoch": self.pair.epoch}
+        frames = [identity, *pack(cmd, body)]
+        if not (self._send("clients", frames) if now else self._out("clients", frames, blob)):
             self.metrics.dropped_sends.inc()  # client gone or not reading: its queue is full
 
-    def _to_worker(self, identity: bytes, cmd: Cmd, body: dict) -> None:
-        if not self._send("workers", [identity, *pack(cmd, body)]):
+    def _to_worker(self, identity: bytes, cmd: Cmd, body: dict, held: bool = False, blob: str | None = None) -> None:
+        frames = [identity, *pack(cmd, body)]
+        if not (self._out("workers", frames, blob) if held else self._send("workers", frames)):
             self.metrics.dropped_sends.inc()  # a peer that does not read: its queue is full
 
     def _flush(self) -> None:
@@ -295,34 +332,44 @@ class Broker(ClientRequests, WorkerMessages):
         now = time.time()
         for effect in effects:
             if isinstance(effect, ToWorker):
-                frames = _HEARTBEAT if effect.cmd is Cmd.HEARTBEAT else pack(effect.cmd, effect.body)
-                if self._send("workers", [effect.identity, *frames]):
+                if effect.cmd is Cmd.HEARTBEAT:  # carries no state: never held
+                    sent = self._send("workers", [effect.identity, *_HEARTBEAT])
+                else:
+                    body = effect.body if self.pair is None or effect.cmd is not Cmd.READY_ACK else \
+                        {**effect.body, "epoch": self.pair.epoch}
+                    sent = self._out("workers", [effect.identity, *pack(effect.cmd, body)])
+                if sent:
                     worker = self.core.workers.get(effect.identity.decode("ascii", "replace"))
                     if worker is not None:
                         worker.last_sent = now
                 else:
                     self.metrics.dropped_sends.inc()
             elif isinstance(effect, Event):
-                self._send("events", event_frames(effect.task_id, effect.body))  # a lagging subscriber re-snapshots
+                self._out("events", event_frames(effect.task_id, effect.body))  # a lagging subscriber re-snapshots
+            elif isinstance(effect, RemoveBlob):
+                self.blobs.remove(effect.sha256)
+            elif isinstance(effect, Checkpoint):
+                try:
+                    self.store.checkpoint()
+                except Exception as exc:  # a busy or failing disk: the WAL is truncated at a later one
+                    log.warning("WAL checkpoint after an erasure failed: %s", exc)
 
     # ---- time ---------------------------------------------------------------------------------------
-
-    async def _drain_subscriptions(self) -> None:
-        shadow, readable = self._shadows["events"], self._readable["events"]
-        while True:  # XPUB hands us (un)subscriptions; nothing to do with them but read them
-            await readable.wait()
-            with contextlib.suppress(zmq.Again):
-                while True:
-                    shadow.recv_multipart(zmq.NOBLOCK)
 
     async def _tick(self) -> None:
         while True:
             await asyncio.sleep(self.heartbeat_s / 2)
             now = time.time()
+            if self.pair is not None and not self.pair.tick(now):  # it does not serve: no timers of the core
+                self._ping_systemd()
+                continue
             try:
                 self.core.check_liveness(now)
                 self.core.check_timeouts(now)
                 self.blobs.expire(time.monotonic())
+                if now >= self._next_retention and (self.config.retention_days or self.config.tenant_retention):
+                    self._next_retention = now + RETENTION_EVERY_S
+                    self.core.expire(now, self.config.retention_days, self.config.tenant_retention)
                 with self.core.tx():
                     self.core.schedule()
             except StorageError as exc:
@@ -363,4 +410,5 @@ class Broker(ClientRequests, WorkerMessages):
         workers = self.core.workers.values()
         return {"tasks": by_state, "workers": len(workers), "slots": sum(w.slots for w in workers),
                 "busy": sum(len(w.running) for w in workers), "bad_messages": self._bad.count,
-                "queue_depth": sum((t.state is TaskState.QUEUED) + t.n_pending for t in self.core.active())}
+                "queue_depth": sum((t.state is TaskState.QUEUED) + t.n_pending for t in self.core.active()),
+                **({"pair": self.pair.metric_values()} if self.pair is not None else {})}

@@ -44,5 +44,10 @@ REFINE = JobKind("refine", per_trial=True, in_trial=False, states=frozenset({Tas
 SAVE = JobKind("save", per_trial=False, in_trial=False, states=frozenset({TaskState.FINALIZING}), order=0,
                assign="_save_job", result="_save_result", give_up="_save_gave_up", cached="_save_from_cache")
 
-KINDS: dict[str, JobKind] = {k.name: k for k in (PLAN, BASELINE, TRIAL_KIND, REFINE, SAVE)}
+# The winner's saved model, loaded and evaluated again (on another worker where one is free) before it is
+# handed out: its metric must be the winner's (nsd.broker.verification).
+VERIFY = JobKind("verify", per_trial=False, in_trial=False, states=frozenset({TaskState.FINALIZING}), order=0,
+                 assign="_verify_job", result="_verify_result", give_up="_verify_gave_up", cached=None)
+
+KINDS: dict[str, JobKind] = {k.name: k for k in (PLAN, BASELINE, TRIAL_KIND, REFINE, SAVE, VERIFY)}
 assert KINDS.keys() == JOB_KINDS.keys() and all(k.per_trial == JOB_KINDS[k.name].per_trial for k in KINDS.values())

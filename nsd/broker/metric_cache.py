@@ -18,6 +18,13 @@ the second from its `cache` table:
   figures from other hardware are never reused.
 
 Only tasks whose inputs are all blobs are cached: a `shared = true` path can change under the same name.
+
+Every key also holds a *scope* (README "Privacy"): an entry is reused only by tasks of the tenant it was
+produced for (`tenant:NAME`), so a hit reveals nothing about other tenants and no tenant's results steer
+another's answer. With the broker's `share_cache` on, results that workers allowed with `--trusted`
+produce are also written under the `shared` scope, which every tenant reads after its own. The versions a
+worker reports are part of the key, never a reason to trust it. Each entry records the task and worker
+that produced it, so that `nsd cache purge` and a task's deletion can remove it.
 """
 
 from __future__ import annotations
@@ -36,7 +43,14 @@ from nsd.versions import VERSION_KEYS
 _LOCATION_FIELDS = {"file", "data"}
 
 
-def task_basis(spec: TaskSpec, versions: dict | None) -> dict | None:
+SHARED = "shared"
+
+
+def tenant_scope(tenant: str) -> str:
+    return f"tenant:{tenant}"
+
+
+def task_basis(spec: TaskSpec, versions: dict | None, scope: str = "") -> dict | None:
     """What every key of this task shares, or None where the task must not be cached."""
     if not spec.tuning.cache or spec.model.shared or not versions:
         return None
@@ -50,7 +64,7 @@ def task_basis(spec: TaskSpec, versions: dict | None) -> dict | None:
             return None
         blobs[f"{section}.{key}"] = ref[0]
     recipe = {k: v for k, v in asdict(spec.recipe).items() if k not in _LOCATION_FIELDS}
-    return {"blobs": blobs, "recipe": recipe, "versions": {k: versions.get(k) for k in VERSION_KEYS}}
+    return {"blobs": blobs, "recipe": recipe, "versions": {k: versions.get(k) for k in VERSION_KEYS}, "scope": scope}
 
 
 def _digest(kind: str, basis: dict, **more: Any) -> str:
@@ -91,95 +105,102 @@ def figures_key(basis: dict, hardware: dict, config: dict | None, fallback: Any 
 
 
 class MetricCache:
-    """The broker's cache table (Store.cache_get/cache_put) in terms of tasks and trials. A task that may
-    not be cached (task_basis None) neither reads nor writes."""
+    """The broker's cache table (Store.cache_get/cache_put) in terms of tasks, trials and scopes. A task that
+    may not be cached (task_basis None) neither reads nor writes. Reads try the task's tenant's scope, then
+    (with `share`) the shared one; writes go to the tenant's scope, and (with `share`) to the shared one
+    when the worker that produced the result is trusted."""
 
-    def __init__(self, store, clock):
-        self.store, self.clock = store, clock
+    def __init__(self, store, clock, share: bool = False):
+        self.store, self.clock, self.share = store, clock, share
         self.hits = self.misses = 0
 
-    def _get(self, key: str | None) -> dict | None:
-        if key is None:
-            return None
-        found = self.store.cache_get(key)
-        self.hits += found is not None
-        self.misses += found is None
-        return found
+    def read_scopes(self, task) -> list[str]:
+        return [tenant_scope(task.owner)] + ([SHARED] if self.share else [])
 
-    def _put(self, key: str | None, body: dict) -> None:
-        if key is not None:
-            self.store.cache_put(key, body, self.clock())
+    def write_scopes(self, task, worker) -> list[str]:
+        return [tenant_scope(task.owner)] + ([SHARED] if self.share and getattr(worker, "trusted", False) else [])
 
     @staticmethod
-    def _plan_key(spec: TaskSpec, versions: dict | None) -> str | None:
-        basis = task_basis(spec, versions)
-        return None if basis is None else plan_key(basis, spec.tuning)
-
-    @staticmethod
-    def _trial_key(spec: TaskSpec, versions: dict | None, config: dict, fallback: Any = None,
-                   kind: str = "trial") -> str | None:
-        basis = task_basis(spec, versions)
+    def key(kind: str, spec: TaskSpec, versions: dict | None, scope: str, config: dict | None = None,
+            fallback: Any = None, hardware: dict | None = None) -> str | None:
+        basis = task_basis(spec, versions, scope)
         if basis is None:
             return None
+        if kind == "plan":
+            return plan_key(basis, spec.tuning)
+        if kind == "baseline":  # (config: the families)
+            return baseline_key(basis, spec.tuning, config)
+        if kind == "figures":
+            return figures_key(basis, hardware, config, fallback)
         return (trial_key if kind == "trial" else artifact_key)(basis, config, fallback)
 
-    def get_plan(self, spec: TaskSpec, versions: dict | None) -> dict | None:
-        return self._get(self._plan_key(spec, versions))
+    def _get(self, kind: str, task, versions: dict | None, config: dict | None = None,
+             fallback: Any = None, hardware: dict | None = None) -> dict | None:
+        if task_basis(task.spec, versions) is None:
+            return None
+        for scope in self.read_scopes(task):
+            found = self.store.cache_get(self.key(kind, task.spec, versions, scope, config, fallback, hardware))
+            if found is not None:
+                self.hits += 1
+                return found
+        self.misses += 1
+        return None
 
-    def put_plan(self, spec: TaskSpec, versions: dict | None, configs: list, baseline: float | None = None,
-                 ops=None) -> None:
+    def _put(self, kind: str, task, worker, body: dict, config: dict | None = None, fallback: Any = None,
+             hardware: dict | None = None) -> None:
+        for scope in self.write_scopes(task, worker):
+            key = self.key(kind, task.spec, worker.versions, scope, config, fallback, hardware)
+            if key is not None:
+                self.store.cache_put(key, body, self.clock(), scope, task.id, worker.id)
+
+    def get_plan(self, task, versions: dict | None) -> dict | None:
+        return self._get("plan", task, versions)
+
+    def put_plan(self, task, worker, configs: list, baseline: float | None = None, ops=None) -> None:
         """The expanded trial list (with the baseline and ops where the plan had them: before the split)."""
         body = {"configs": configs} if baseline is None else {"baseline": baseline, "configs": configs, "ops": ops}
-        self._put(self._plan_key(spec, versions), body)
+        self._put("plan", task, worker, body)
 
-    def _baseline_key(self, spec: TaskSpec, versions: dict | None, families: dict) -> str | None:
-        basis = task_basis(spec, versions)
-        return None if basis is None else baseline_key(basis, spec.tuning, families)
+    def get_baseline(self, task, versions: dict | None, families: dict) -> dict | None:
+        return self._get("baseline", task, versions, families)
 
-    def get_baseline(self, spec: TaskSpec, versions: dict | None, families: dict) -> dict | None:
-        return self._get(self._baseline_key(spec, versions, families))
+    def put_baseline(self, task, worker, families: dict, baseline: float, ops=None) -> None:
+        self._put("baseline", task, worker, {"baseline": baseline, "ops": ops}, families)
 
-    def put_baseline(self, spec: TaskSpec, versions: dict | None, families: dict, baseline: float,
-                     ops=None) -> None:
-        self._put(self._baseline_key(spec, versions, families), {"baseline": baseline, "ops": ops})
+    def get_trial(self, task, versions: dict | None, config: dict, fallback: Any = None) -> dict | None:
+        return self._get("trial", task, versions, config, fallback)
 
-    def get_trial(self, spec: TaskSpec, versions: dict | None, config: dict, fallback: Any = None) -> dict | None:
-        return self._get(self._trial_key(spec, versions, config, fallback))
-
-    def put_trial(self, spec: TaskSpec, versions: dict | None, config: dict, fallback: Any, metric: float | None,
+    def put_trial(self, task, worker, config: dict, fallback: Any, metric: float | None,
                   bound: float | None = None, low: float | None = None, high: float | None = None) -> None:
         """A trial's full metric, or the interval it stopped with — which never replaces a full metric, and
         narrows an interval already known (both hold the full metric: so does their intersection)."""
-        key = self._trial_key(spec, versions, config, fallback)
-        if metric is not None or key is None:
-            return self._put(key, {"metric": metric, "bound": bound})
-        known = self.store.cache_get(key) or {}
-        if known.get("metric") is not None:
-            return
-        sign = 1 if spec.tuning.higher_is_better else -1
-        _, old_low, old_high = stop_interval(known, sign) or (None, None, None)
-        low = max((v for v in (low, old_low) if v is not None), default=None)
-        high = min((v for v in (high, old_high) if v is not None), default=None)
-        self._put(key, {"metric": None, "bound": high if sign > 0 else low, "low": low, "high": high})
+        if metric is not None:
+            return self._put("trial", task, worker, {"metric": metric, "bound": bound}, config, fallback)
+        sign = 1 if task.spec.tuning.higher_is_better else -1
+        for scope in self.write_scopes(task, worker):
+            key = self.key("trial", task.spec, worker.versions, scope, config, fallback)
+            known = (self.store.cache_get(key) if key is not None else None) or {}
+            if key is None or known.get("metric") is not None:
+                continue
+            _, old_low, old_high = stop_interval(known, sign) or (None, None, None)
+            lo = max((v for v in (low, old_low) if v is not None), default=None)
+            hi = min((v for v in (high, old_high) if v is not None), default=None)
+            self.store.cache_put(key, {"metric": None, "bound": hi if sign > 0 else lo, "low": lo, "high": hi},
+                                 self.clock(), scope, task.id, worker.id)
 
-    def get_artifact(self, spec: TaskSpec, versions: dict | None, config: dict, fallback: Any = None) -> str | None:
-        found = self._get(self._trial_key(spec, versions, config, fallback, "artifact"))
+    def get_artifact(self, task, versions: dict | None, config: dict, fallback: Any = None) -> str | None:
+        found = self._get("artifact", task, versions, config, fallback)
         return found and found.get("sha256")
 
-    def get_figures(self, spec: TaskSpec, versions: dict | None, hardware: dict | None, config: dict | None = None,
+    def put_artifact(self, task, worker, config: dict, fallback: Any, sha256: str) -> None:
+        self._put("artifact", task, worker, {"sha256": sha256}, config, fallback)
+
+    def get_figures(self, task, versions: dict | None, hardware: dict | None, config: dict | None = None,
                     fallback: Any = None) -> dict | None:
         """{"figures": ... or None} measured on this hardware (hardware_key), or None where not known."""
-        key = self._figures_key(spec, versions, hardware, config, fallback)
-        return self._get(key)
+        return None if hardware is None else self._get("figures", task, versions, config, fallback, hardware)
 
-    def put_figures(self, spec: TaskSpec, versions: dict | None, hardware: dict | None, config: dict | None,
-                    fallback: Any, figures: dict | None) -> None:
-        self._put(self._figures_key(spec, versions, hardware, config, fallback), {"figures": figures})
-
-    @staticmethod
-    def _figures_key(spec, versions, hardware, config, fallback) -> str | None:
-        basis = task_basis(spec, versions)
-        return None if basis is None or hardware is None else figures_key(basis, hardware, config, fallback)
-
-    def put_artifact(self, spec: TaskSpec, versions: dict | None, config: dict, fallback: Any, sha256: str) -> None:
-        self._put(self._trial_key(spec, versions, config, fallback, "artifact"), {"sha256": sha256})
+    def put_figures(self, task, worker, hardware: dict | None, config: dict | None, fallback: Any,
+                    figures: dict | None) -> None:
+        if hardware is not None:
+            self._put("figures", task, worker, {"figures": figures}, config, fallback, hardware)

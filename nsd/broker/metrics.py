@@ -84,9 +84,29 @@ class BrokerState(Collector):
                                  ("nsd_slots_busy", "busy", "Slots running a job."),
                                  ("nsd_queue_depth", "queue_depth", "Jobs waiting for a slot.")):
             yield GaugeMetricFamily(name, about, value=state[key])
+        if "pair" in state:
+            yield from pair_families(state["pair"])
 
     def describe(self):
         return []  # nothing to check at registration: reading the state there would wait on the loop itself
+
+
+def pair_families(pair: dict):
+    """A broker pair's metrics (nsd.broker.peer.Pair.metric_values)."""
+    states = GaugeMetricFamily("nsd_pair_state", "This broker's state in its pair (1 for the current one).",
+                               labels=["state"])
+    for name in pair["states"]:
+        states.add_metric([name], int(name == pair["state"]))
+    yield states
+    for name, key, about in (
+            ("nsd_pair_epoch", "epoch", "The active term this broker's history has reached."),
+            ("nsd_pair_lsn", "lsn", "Transactions committed (serving) or applied (passive) here."),
+            ("nsd_pair_peer_behind", "behind", "Transactions the passive broker has not confirmed yet (serving broker)."),
+            ("nsd_pair_peer_heard_seconds", "heard_s", "Seconds since the other broker was last heard (-1: never)."),
+            ("nsd_pair_held", "held", "Effects waiting for the passive broker.")):
+        yield GaugeMetricFamily(name, about, value=pair[key])
+    yield CounterMetricFamily("nsd_pair_takeovers", "Times this broker started to serve.", value=pair["takeovers"])
+    yield CounterMetricFamily("nsd_pair_stepdowns", "Times this broker stopped serving.", value=pair["stepdowns"])
 
 
 class _Handler(WSGIRequestHandler):

@@ -130,7 +130,7 @@ class Task:
     spec: TaskSpec  # validated: every field is there, with its default where the submitter gave none
     state: TaskState
     created: float
-    owner: str = ""  # the client key that submitted it ("" without CURVE): per-key queue limits
+    owner: str = ""  # its tenant (nsd.tenants; "" without CURVE): who may see it, per-tenant queue limits
     started: float | None = None
     finished: float | None = None
     baseline: float | None = None
@@ -141,7 +141,9 @@ class Task:
     jobs: dict[JobRef, Lease] = field(default_factory=dict)  # the jobs other than trials it wants now
     plan_s: float | None = None
     baseline_s: float | None = None  # the baseline job's seconds
-    artifact: str | None = None  # blob reference of the saved winner
+    artifact: str | None = None  # blob reference of the saved winner (once verified: handed out)
+    candidate: str | None = None  # the saved winner's blob while its verify job runs (not handed out yet)
+    saved_by: str | None = None  # the worker that saved it (not persisted): verified elsewhere where possible
     oplists: dict[str, search.OpList] = field(default_factory=dict)  # the plan's ops per config family
     trials: list[Trial] = field(default_factory=list)
     # The running tally (see the module docstring).
@@ -338,8 +340,9 @@ class Task:
                 "trials_done": done, "trials_total": len(self.trials), "met_goal": self.met_goal,
                 "winner": self.winner, "error": self.error}
 
-    def public(self) -> dict[str, Any]:
-        """The task as clients see it (STATUS, RESULT): stable, documented in the README."""
+    def public(self, offset: int = 0, limit: int | None = None) -> dict[str, Any]:
+        """The task as clients see it (STATUS, RESULT): stable, documented in the README. With a `limit`, its
+        trials are one page (`trials_page`), so that a task of any size is readable (README "Bounded views")."""
         winner = self.trials[self.winner] if self.winner is not None else None
         t = self.tuning
         now = time.time()
@@ -350,7 +353,10 @@ class Task:
                      "higher_is_better": t.higher_is_better, "max_trials": t.max_trials},
             "winner": None if winner is None else {**winner.described(), "metric": winner.metric,
                                                    **winner.deployed(self.baseline_figures)},
-            "trials": [tr.public(self.baseline_figures, self.refine_state(tr)) for tr in self.trials],
+            "trials": [tr.public(self.baseline_figures, self.refine_state(tr))
+                       for tr in self.trials[offset:None if limit is None else offset + limit]],
+            "trials_page": {"offset": offset, "limit": len(self.trials) if limit is None else limit,
+                            "total": len(self.trials)},
             "jobs": [{"job": ref.name, "kind": ref.kind, "attempt": lease.attempt, "worker": lease.worker}
                      for ref, lease in self.jobs.items()],
             # Deployment figures (README "JSON output"): FP32's, the objective, and the trials no other beats on
@@ -380,6 +386,7 @@ class Worker:
     registered: float
     last_seen: float
     key: str | None = None  # its CURVE public key (z85), under CURVE
+    trusted: bool = False  # allowed with `--trusted` (any worker without CURVE): its results may be shared
     last_sent: float = 0.0
     cores_per_trial: int = 1  # the shape of its slots, for tasks that leave cores_per_trial to the worker
     running: dict[str, int] = field(default_factory=dict)  # job id -> attempt: the leases it holds

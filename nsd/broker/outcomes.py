@@ -13,7 +13,6 @@ import logging
 import time
 from typing import Any
 
-from nsd.blobs import make_ref
 from nsd.broker import search, tuner
 from nsd.broker.intervals import finite, stop_interval
 from nsd.broker.jobs import KINDS, REFINE, SAVE
@@ -86,12 +85,12 @@ class Outcomes:
             self._score(task, tr, float(body["metric"]))
             if tr.state is TrialState.PASSED and body.get("kept"):
                 tr.kept = (worker.id, body["kept"])
-            self.cache.put_trial(task.spec, worker.versions, tr.config, fallback, tr.metric)
+            self.cache.put_trial(task, worker, tr.config, fallback, tr.metric)
         elif stopped is not None and task.baseline is not None and not tuner.meets_goal(stopped[0], task.goal()):
             # It cannot meet the goal (First.stop_rule): its interval stands for its metric until a decision
             # needs more (a refine job).
             self._score(task, tr, None, *stopped)
-            self.cache.put_trial(task.spec, worker.versions, tr.config, fallback, None, *stopped)
+            self.cache.put_trial(task, worker, tr.config, fallback, None, *stopped)
         else:
             task.set_state(tr, TrialState.ERROR)
             tr.error = (body.get("error") or "the runner returned no metric")[:4000]
@@ -100,7 +99,7 @@ class Outcomes:
     def _take_figures(self, task: Task, tr: Trial, figures: dict, worker: Worker) -> None:
         """A trial's deployment figures (issue 17), kept per hardware in the cache."""
         task.set_figures(tr, figures, worker.hardware)
-        self.cache.put_figures(task.spec, worker.versions, hardware_key(worker.hardware, self.job_cores(task, worker)),
+        self.cache.put_figures(task, worker, hardware_key(worker.hardware, self.job_cores(task, worker)),
                                tr.config, getattr(tr, "fallback", None), figures)
 
     def _score(self, task: Task, tr: Trial, metric: float | None, bound: float | None = None,
@@ -137,7 +136,7 @@ class Outcomes:
 
     def _save_from_cache(self, task: Task, ref: JobRef, worker: Worker) -> bool:
         winner = task.trials[task.winner]
-        sha = self.cache.get_artifact(task.spec, worker.versions, winner.config, getattr(winner, "fallback", None))
+        sha = self.cache.get_artifact(task, worker.versions, winner.config, getattr(winner, "fallback", None))
         if sha is None or not self.blobs.has(sha):
             return False
         del task.jobs[ref]
@@ -153,7 +152,7 @@ class Outcomes:
             if tr.state is not TrialState.PENDING:
                 heapq.heappop(task.pending)  # a stale entry
                 continue
-            known = self.cache.get_trial(task.spec, versions, tr.config, getattr(tr, "fallback", None))
+            known = self.cache.get_trial(task, versions, tr.config, getattr(tr, "fallback", None))
             if known is None:
                 return answered
             metric = finite(known.get("metric"))
@@ -162,7 +161,7 @@ class Outcomes:
                                    or tuner.meets_goal(stopped[0], task.goal())):
                 return answered  # this task would run it further (it might meet this goal; no early stop): run it
             if self._wants_figures(task, metric):
-                known = self.cache.get_figures(task.spec, versions, hardware_key(worker.hardware,
+                known = self.cache.get_figures(task, versions, hardware_key(worker.hardware,
                                                                                  self.job_cores(task, worker)),
                                                tr.config, getattr(tr, "fallback", None))
                 if known is None or known["figures"] is None:
@@ -192,16 +191,15 @@ class Outcomes:
 
     def _save_result(self, task: Task, ref: JobRef, body: dict, worker: Worker | None = None) -> None:
         sha = body.get("artifact")
-        if body["ok"] and sha is not None and self.blobs.has(sha):
-            if worker is not None:
-                winner = task.trials[task.winner]
-                self.cache.put_artifact(task.spec, worker.versions, winner.config, getattr(winner, "fallback", None),
-                                        sha)
-            task.artifact = make_ref(sha, "model")
-            self._write_task(task, artifact=task.artifact)
-            self.finish(task, TaskState.DONE, winner=task.winner, met_goal=task.met_goal, error=task.error)
+        # A worker's artifact must be bytes it stored itself (under this save's lease): naming any other blob
+        # would hand someone else's model out as this task's (issue 15).
+        if body["ok"] and sha is not None and self.blobs.has(sha) and (worker is None or self.stored_by(worker, sha)):
+            if worker is not None:  # checked before it is handed out (nsd.broker.verification)
+                return self._to_verify(task, sha, worker)
+            self._hand_out(task, sha)  # from the cache: verified when it was first saved
         else:
-            why = body.get("error") or "the worker returned no artifact"
+            why = body.get("error") or ("the worker named an artifact it did not upload" if body["ok"] and sha
+                                        else "the worker returned no artifact")
             self.finish(task, TaskState.DONE, winner=task.winner, met_goal=task.met_goal,
                         error=f"the winner's artifact could not be saved: {why}")
 
@@ -265,7 +263,7 @@ class Outcomes:
         if figures is not None:
             self._take_figures(task, tr, figures, worker)
         tr.metric, tr.refine = metric, "done"
-        self.cache.put_trial(task.spec, worker.versions, tr.config, getattr(tr, "fallback", None), metric)
+        self.cache.put_trial(task, worker, tr.config, getattr(tr, "fallback", None), metric)
         self._write_trial(task, tr, metric=metric, refine=tr.refine, seconds=tr.seconds,
                           figures=None if tr.figures is None else [tr.figures, tr.measured_on])
         self.emit(task, "trial", **task.trial_event(tr))

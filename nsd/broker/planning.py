@@ -23,6 +23,7 @@ from nsd.broker import search, tuner
 from nsd.broker.jobs import BASELINE
 from nsd.broker.metric_cache import hardware_key
 from nsd.broker.model import Lease, Task, Trial, Worker
+from nsd.broker.plan_check import check_plan
 from nsd.protocol import TRIAL, Cmd, JobRef
 from nsd.spec import first_trials
 from nsd.states import TaskState, TrialState
@@ -34,7 +35,7 @@ class Planning:
     # ---- plan ----------------------------------------------------------------------------------------
 
     def _plan_from_cache(self, task: Task, ref: JobRef, worker: Worker) -> bool:
-        plan = self.cache.get_plan(task.spec, worker.versions)
+        plan = self.cache.get_plan(task, worker.versions)
         if plan is None or plan.get("baseline") is not None and not self._cached_fp32_figures(task, worker):
             return False  # (a plan from before the split has the baseline: FP32's figures must be known too)
         if task.state is TaskState.QUEUED:
@@ -55,9 +56,14 @@ class Planning:
             return self.finish(task, TaskState.FAILED, error="planning returned a malformed plan")
         if not configs:
             return self.finish(task, TaskState.FAILED, error="the config set expanded to no configs")
+        wrong = check_plan(task.tuning.config_set, configs)
+        if wrong is not None:  # a lease holder does not choose what is tried (issue 15)
+            log.warning("task %s: refused the plan of worker %s: %s", task.id, worker.id if worker else "-", wrong)
+            return self.finish(task, TaskState.FAILED, error=f"planning returned a plan that is not the config "
+                                                             f"set's expansion: {wrong}")
         configs = first_trials(configs, task.tuning.max_trials)
         if worker is not None:  # a plan a worker ran (not one from the cache): remember it
-            self.cache.put_plan(task.spec, worker.versions, configs, baseline, body.get("ops"))
+            self.cache.put_plan(task, worker, configs, baseline, body.get("ops"))
         task.trials = [Trial(index=i, config=c["config"], label=c.get("label", "")) for i, c in enumerate(configs)]
         task.index_trials()
         if baseline is None:  # evaluated beside the first trials
@@ -83,7 +89,7 @@ class Planning:
     # ---- baseline ------------------------------------------------------------------------------------
 
     def _baseline_from_cache(self, task: Task, ref: JobRef, worker: Worker) -> bool:
-        known = self.cache.get_baseline(task.spec, worker.versions, self.families(task))
+        known = self.cache.get_baseline(task, worker.versions, self.families(task))
         if known is None:
             return False
         if not self._cached_fp32_figures(task, worker):  # not measured on this kind of machine: run it here
@@ -112,7 +118,7 @@ class Planning:
                 or oplists is None:
             return self.finish(task, TaskState.FAILED, error="the baseline job returned a malformed answer")
         if worker is not None:
-            self.cache.put_baseline(task.spec, worker.versions, self.families(task), float(baseline), body.get("ops"))
+            self.cache.put_baseline(task, worker, self.families(task), float(baseline), body.get("ops"))
             self._take_fp32_figures(task, body, worker)
         task.baseline, task.oplists, task.baseline_s = float(baseline), oplists, body.get("seconds")
         self._write_task(task, baseline=task.baseline, oplists=search.oplists_to_plain(oplists),
@@ -143,14 +149,14 @@ class Planning:
             return
         task.baseline_figures = body.get("figures")
         task.baseline_on = worker.hardware if task.baseline_figures else None
-        self.cache.put_figures(task.spec, worker.versions, hardware_key(worker.hardware, self.job_cores(task, worker)),
+        self.cache.put_figures(task, worker, hardware_key(worker.hardware, self.job_cores(task, worker)),
                                None, None, task.baseline_figures)
 
     def _cached_fp32_figures(self, task: Task, worker: Worker) -> bool:
         """FP32's figures on this kind of machine from the cache, where the task measures: False if unknown."""
         if task.tuning.measure == "none":
             return True
-        fp32 = self.cache.get_figures(task.spec, worker.versions,
+        fp32 = self.cache.get_figures(task, worker.versions,
                                       hardware_key(worker.hardware, self.job_cores(task, worker)))
         if fp32 is None:
             return False

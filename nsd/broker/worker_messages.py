@@ -9,6 +9,7 @@ import logging
 import time
 
 from nsd.broker.blobs import BlobError
+from nsd.broker.tenancy import STORED_BY
 from nsd.protocol import Cmd, Message
 
 log = logging.getLogger("nsd.broker")
@@ -22,19 +23,26 @@ class WorkerMessages:
         worker = core.worker_for(identity, key)
         if worker is not None:
             worker.last_seen = now  # any traffic counts as a heartbeat
-        if msg.cmd is Cmd.FETCH:  # blobs are served to registered workers only; files, so sent at once
-            self._to_worker(identity, Cmd.CHUNK, self._chunk(b) if worker is not None else
-                            {"sha256": b["sha256"], "offset": b["offset"], "error": "register first"})
+        if msg.cmd is Cmd.FETCH:  # only the blobs of the jobs it holds (issue 15); files, so sent at once
+            refused = "register first" if worker is None else None if core.fetchable(worker, b["sha256"]) else \
+                f"no blob {b['sha256'][:12]}… among the jobs you hold"
+            self._to_worker(identity, Cmd.CHUNK, self._chunk(b) if refused is None else
+                            {"sha256": b["sha256"], "offset": b["offset"], "error": refused})
         elif msg.cmd is Cmd.STORE:
-            if worker is None:
-                ack = {"sha256": b["sha256"], "offset": b["offset"], "error": "register first"}
+            if worker is None or not core.may_store(worker):
+                why = "register first" if worker is None else "a worker stores blobs only for a save job it holds"
+                ack = {"sha256": b["sha256"], "offset": b["offset"], "error": why}
             else:
-                try:
-                    offset, complete = self.blobs.write(identity, b["sha256"], b["offset"], b["size"], b["data"])
+                try:  # every byte, even of bytes stored already: the artifact it names must be what it sent
+                    offset, complete = self.blobs.write(identity, b["sha256"], b["offset"], b["size"], b["data"],
+                                                        known=False)
+                    if complete:
+                        core.add_owner(b["sha256"], STORED_BY + worker.id)
                     ack = {"sha256": b["sha256"], "offset": offset, "complete": complete}
                 except BlobError as exc:
                     ack = {"sha256": b["sha256"], "offset": b["offset"], "error": str(exc)}
-            self._to_worker(identity, Cmd.STORE_ACK, ack)
+            # held (a pair): a completed blob is acknowledged once the passive broker has it too
+            self._to_worker(identity, Cmd.STORE_ACK, ack, held=True, blob=b["sha256"] if ack.get("complete") else None)
         elif msg.cmd is Cmd.READY:
             with core.tx():
                 core.register(identity, b, key, now)

@@ -12,6 +12,7 @@ from nsd import __version__
 from nsd.cli.daemons import broker, gateway, worker
 from nsd.cli.info import cluster, presets
 from nsd.cli.keys import keys
+from nsd.cli.privacy import audit, cache, delete
 from nsd.cli.run import run
 from nsd.cli.tasks import cancel, fetch, list_tasks, logs, result, status, submit, watch
 
@@ -24,6 +25,7 @@ def main() -> None:
 
 for command in (broker, worker, gateway,                                         # the daemons
                 submit, status, list_tasks, watch, cancel, result, fetch, logs,   # a task
+                delete, audit, cache,                                             # privacy
                 cluster, presets, run,                                            # the cluster, a local run
                 keys):                                                            # CURVE keys
     main.add_command(command)

@@ -28,7 +28,7 @@ def broker_option(command):
                          callback=_remember, type=click.Path(dir_okay=False),
                          help="Your key pair (nsd keys generate), allowed as a client (env NSD_CURVE_KEY)."),
             click.option("--broker", envvar="NSD_BROKER", default=DEFAULT_ENDPOINTS["clients"], show_default=True,
-                         help="The broker's client endpoint (env NSD_BROKER).")):
+                         help="The broker's client endpoint; a broker pair's two, comma-separated (env NSD_BROKER).")):
         command = decorator(command)
     return command
 

@@ -22,6 +22,20 @@ from nsd.worker.config import WorkerConfig
 BROKER, WORKER, GATEWAY = BrokerConfig(), WorkerConfig(), GatewayConfig()  # the options' defaults (one source)
 
 
+def _tenant_days(values) -> dict[str, float]:
+    """--tenant-retention NAME=DAYS (repeatable; a TOML list of such strings)."""
+    out = {}
+    for value in values or ():
+        name, _, days = str(value).partition("=")
+        try:
+            out[name.strip()] = float(days)
+            if not name.strip() or out[name.strip()] < 0:
+                raise ValueError
+        except ValueError:
+            raise click.BadParameter(f"{value!r}: expected TENANT=DAYS, e.g. alice=30") from None
+    return out
+
+
 def _limit_options(command):
     """One --option per field of BrokerLimits (README "Security" says what each bounds)."""
     from nsd.broker.limits import LIMIT_HELP, BrokerLimits
@@ -52,10 +66,24 @@ def _limit_options(command):
               help="The broker's key pair: turns on CURVE on every socket (env NSD_CURVE_SECRET).")
 @click.option("--keys-dir", envvar="NSD_KEYS_DIR", default=BROKER.keys_dir, type=click.Path(file_okay=False, path_type=Path),
               help="Allowlists: KEYS_DIR/workers/*.key and KEYS_DIR/clients/*.key (default STATE_DIR/keys).")
+@click.option("--peer", default=BROKER.peer,
+              help="A broker pair: the other broker's peer endpoint (tcp://OTHER:5553); see README \"A broker pair\".")
+@click.option("--peer-bind", default=BROKER.peer_bind, show_default=True, help="A broker pair: our peer endpoint to bind.")
+@click.option("--role", type=click.Choice(["primary", "backup"]), default=BROKER.role, show_default=True,
+              help="A broker pair: which of the two this one is.")
+@click.option("--share-cache", is_flag=True, default=BROKER.share_cache,
+              help="Reuse cached results across tenants (only those workers allowed with --trusted produced).")
+@click.option("--retention-days", type=click.FloatRange(min=0), default=BROKER.retention_days, show_default=True,
+              help="Delete finished tasks (and their models, logs, events, cache entries) this many days after "
+                   "they end; 0 keeps them.")
+@click.option("--tenant-retention", multiple=True, default=BROKER.tenant_retention, metavar="TENANT=DAYS",
+              callback=lambda ctx, param, value: _tenant_days(value),
+              help="retention-days for one tenant (repeatable; broker.toml: a list of such strings).")
 @click.option("--log-level", default="info", show_default=True)
 @_limit_options
 def broker(state_dir, log_level, clients, workers, events, heartbeat_s, liveness, insecure, metrics, curve_secret,
-           keys_dir, **limits) -> None:
+           keys_dir, peer, peer_bind, role, share_cache, retention_days, tenant_retention,
+           **limits) -> None:
     """Run the broker daemon."""
     from nsd.broker.daemon import Broker
     from nsd.broker.limits import BrokerLimits
@@ -67,7 +95,8 @@ def broker(state_dir, log_level, clients, workers, events, heartbeat_s, liveness
     install_uvloop()
     config = BrokerConfig(clients=clients, workers=workers, events=events, heartbeat_s=heartbeat_s,
                           liveness=liveness, insecure=insecure, metrics=metrics, curve_secret=curve_secret,
-                          keys_dir=keys_dir, limits=BrokerLimits(**limits))
+                          keys_dir=keys_dir, limits=BrokerLimits(**limits), peer=peer, peer_bind=peer_bind, role=role,
+                          share_cache=share_cache, retention_days=retention_days, tenant_retention=tenant_retention)
     if state_dir:
         config.state_dir = Path(state_dir)
     try:
@@ -95,7 +124,7 @@ def broker(state_dir, log_level, clients, workers, events, heartbeat_s, liveness
 @click.command()
 @config_option("worker")
 @click.option("--broker", "broker_addr", envvar="NSD_WORKER_BROKER", default=WORKER.broker,
-              show_default=True, help="The broker's worker endpoint (env NSD_WORKER_BROKER).")
+              show_default=True, help="The broker's worker endpoint; a broker pair's two, comma-separated (env NSD_WORKER_BROKER).")
 @click.option("--cores", type=int, default=None,
               help="Use the first N cores this process may run on (lowest ids; default: all of them).")
 @click.option("--cpus", default=None,
@@ -203,7 +232,7 @@ def _gateway_bounds(command):
 @click.command()
 @config_option("gateway")
 @click.option("--broker", envvar="NSD_BROKER", default=GATEWAY.broker or DEFAULT_ENDPOINTS["clients"],
-              show_default=True, help="The broker's client endpoint (env NSD_BROKER).")
+              show_default=True, help="The broker's client endpoint; a broker pair's two, comma-separated (env NSD_BROKER).")
 @click.option("--http", default=GATEWAY.http, show_default=True, help="REST, events and web view: HOST:PORT.")
 @click.option("--grpc", default=GATEWAY.grpc, show_default=True, help="gRPC: HOST:PORT.")
 @click.option("--tokens", type=click.Path(dir_okay=False), default=GATEWAY.tokens,

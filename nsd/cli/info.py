@@ -14,12 +14,17 @@ from nsd.cli.common import Errors, broker_option, json_option, open_client, prin
 @json_option
 @broker_option
 def cluster(as_json, broker) -> None:
-    """Show the workers: host, cores, slots, busy slots."""
+    """Show the workers (host, cores, slots, busy slots) and, for a broker pair, which broker serves."""
+    from nsd.client.view import pair_line
+
     with Errors(), open_client(broker) as client:
-        workers = client.cluster()
+        view = client.cluster_status()
+    workers = view["workers"]
     if as_json:
-        print_json({"workers": workers})
+        print_json({"workers": workers, **({"pair": view["pair"]} if view.get("pair") else {})})
         return
+    if view.get("pair"):  # a broker pair: who serves, how far behind the other is
+        click.echo(pair_line(view["pair"]))
     click.echo(f"{'worker':<24} {'host':<16} {'state':<8} {'cores':>5} {'slots':>5} {'busy':>4} {'seen':>6} "
                f"{'version':<8} running")
     for w in workers:

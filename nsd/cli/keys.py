@@ -16,7 +16,9 @@ keys_dir_option = click.option(
     "--keys-dir", type=click.Path(file_okay=False, path_type=Path), default=None, envvar="NSD_KEYS_DIR",
     help="The broker's allowlists (default: $XDG_STATE_HOME/nsd/broker/keys; env NSD_KEYS_DIR).")
 role_option = click.option("--role", type=click.Choice(security.ROLES), required=True,
-                           help="worker: may register and run trials; client: may submit and watch tasks.")
+                           help="worker: may register and run trials; client: may submit and watch its own "
+                                "tasks (the key's name is its tenant); gateway: may act for any tenant it "
+                                "names; admin: sees every tenant's tasks and the audit log.")
 
 
 class _KeyErrors:
@@ -47,22 +49,28 @@ def generate(name: str, directory: Path | None) -> None:
         public, secret = security.generate_keypair(directory or security.default_key_dir(), name)
     click.echo(f"public key: {public}")
     click.echo(f"secret key: {secret} (mode 600: keep it on this machine)")
-    click.echo(f"next, on the broker: nsd keys allow --role worker|client {public.name}")
+    click.echo(f"next, on the broker: nsd keys allow --role worker|client|gateway|admin {public.name}")
 
 
 @keys.command("allow")
 @role_option
 @click.argument("public_key_file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--code", is_flag=True, help="client, gateway, admin: may submit python recipes (code that "
+                                           "workers run); built-in recipes need no flag.")
+@click.option("--trusted", is_flag=True, help="worker: its results may be reused by every tenant when the "
+                                              "broker shares its metric cache (--share-cache).")
 @keys_dir_option
-def allow_cmd(role: str, public_key_file: Path, keys_dir: Path | None) -> None:
-    """Let the holder of PUBLIC_KEY_FILE's key connect to the broker as a worker or a client."""
+def allow_cmd(role: str, public_key_file: Path, code: bool, trusted: bool, keys_dir: Path | None) -> None:
+    """Let the holder of PUBLIC_KEY_FILE's key connect to the broker in ROLE (again: set its flags)."""
     with _KeyErrors():
         _, secret = security.read_certificate(public_key_file)
-        entry = security.allow(keys_dir or security.default_keys_dir(), role, public_key_file)
+        entry = security.allow(keys_dir or security.default_keys_dir(), role, public_key_file, code=code,
+                               trusted=trusted)
     if secret is not None:
         click.echo(f"warning: {public_key_file} holds a SECRET key; only its public key was copied. A secret "
                    f"key belongs on its own machine only.", err=True)
-    click.echo(f"allowed {role} key {entry.stem!r}: {entry}")
+    flags = "".join(f" ({flag})" for flag in sorted(security.read_flags(entry)))
+    click.echo(f"allowed {role} key {entry.stem!r}{flags}: {entry}")
     click.echo("new connections use it once the broker reloads its allowlists (SIGHUP) or restarts")
 
 
@@ -81,12 +89,12 @@ def revoke_cmd(role: str, name: str, keys_dir: Path | None) -> None:
 @keys_dir_option
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 def list_cmd(keys_dir: Path | None, as_json: bool) -> None:
-    """The keys allowed as workers and as clients."""
+    """The keys allowed in each role, with their flags."""
     keys_dir = keys_dir or security.default_keys_dir()
     with _KeyErrors():
         listing = security.list_keys(keys_dir)
     if as_json:
-        click.echo(json.dumps({role: [{"name": n, "public_key": k} for n, k in rows]
+        click.echo(json.dumps({role: [{"name": n, "public_key": k, "flags": f} for n, k, f in rows]
                                for role, rows in listing.items()}, indent=2, sort_keys=True))
         return
     click.echo(f"keys dir: {keys_dir}")
@@ -95,6 +103,6 @@ def list_cmd(keys_dir: Path | None, as_json: bool) -> None:
             click.echo(f"{role}s: none")
             continue
         click.echo(f"{role}s:")
-        width = max(len(name) for name, _ in rows)
-        for name, key in rows:
-            click.echo(f"  {name:<{width}}  {key}")
+        width = max(len(name) for name, _, _ in rows)
+        for name, key, flags in rows:
+            click.echo(f"  {name:<{width}}  {key}" + (f"  ({', '.join(flags)})" if flags else ""))

@@ -50,17 +50,20 @@ def status(task_id, as_json, broker) -> None:
 @json_option
 @broker_option
 def list_tasks(as_json, broker) -> None:
-    """List all tasks."""
+    """List your tasks (an admin key: every tenant's, with its owner)."""
     with Errors(), open_client(broker) as client:
         tasks = client.list()
+        me = client.whoami()["tenant"] if tasks else ""
     if as_json:
         print_json({"tasks": tasks})
         return
-    click.echo(f"{'task':<12}  {'state':<10} {'trials':>9}  {'met':<5} name")
+    owners = any(t.get("owner", "") != me for t in tasks)  # an admin's view: whose each task is
+    click.echo(f"{'task':<12}  {'state':<10} {'trials':>9}  {'met':<5} " + ("owner        " if owners else "") + "name")
     for t in tasks:
         met = "-" if t["met_goal"] is None else str(t["met_goal"]).lower()
+        owner = f"{t.get('owner', '')[:12]:<12} " if owners else ""
         click.echo(f"{t['task_id']:<12}  {t['state']:<10} {t['trials_done']:>4}/{t['trials_total']:<4}  "
-                   f"{met:<5} {t['name']}")
+                   f"{met:<5} {owner}{t['name']}")
 
 
 @click.command()

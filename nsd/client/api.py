@@ -2,7 +2,8 @@
 call, a timeout after which the socket is dropped and `BrokerUnavailable` raised.
 
 Its other parts: uploads, downloads and fetch (nsd/client/transfers.py), the event stream
-(nsd/client/events.py); its blocking twin `Client` is nsd/client/sync.py.
+(nsd/client/events.py), erasure, audit and acting for a tenant (nsd/client/privacy.py); its blocking twin
+`Client` is nsd/client/sync.py.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +19,12 @@ import zmq
 import zmq.asyncio
 
 from nsd.blobs import parse_ref
-from nsd.client.errors import BrokerError, BrokerRefused, BrokerUnavailable, ReplyTooLarge
+from nsd.client.errors import BrokerError, BrokerRefused, BrokerUnavailable, NotActive, ReplyTooLarge
 from nsd.client.events import EventStream
+from nsd.client.privacy import Privacy
 from nsd.client.specs import prepare_spec
 from nsd.client.transfers import Transfers
+from nsd.endpoints import Endpoints
 from nsd.net import configure
 from nsd.protocol import BROKER_TO_CLIENT, DEFAULT_ENDPOINTS, MAX_BODY, MAX_MESSAGE_BYTES, Cmd, ProtocolError, pack, unpack
 from nsd.security import ClientKeys, HandshakeWatch, KeyFileError
@@ -37,11 +41,11 @@ def broker_address(address: str | None = None) -> str:
     return address or os.environ.get("NSD_BROKER") or DEFAULT_BROKER
 
 
-class AsyncClient(Transfers, EventStream):
+class AsyncClient(Transfers, EventStream, Privacy):
     def __init__(self, broker: str | None = None, timeout_s: float = 10.0, idle_resnapshot_s: float = 2.0,
                  reconnect_s: float = 300.0, curve_key: str | os.PathLike | None = None,
                  server_key: str | os.PathLike | None = None, ctx: zmq.asyncio.Context | None = None):
-        self.broker = broker_address(broker)
+        self.endpoints = Endpoints(broker_address(broker))  # one broker, or the two of a pair
         if bool(curve_key) != bool(server_key):
             raise KeyFileError("CURVE needs both your key (--curve-key / NSD_CURVE_KEY) and the broker's public "
                                "key (--server-key / NSD_SERVER_KEY)")
@@ -52,10 +56,11 @@ class AsyncClient(Transfers, EventStream):
         self._own_ctx = ctx is None  # a shared context (the gateway's connections) is its owner's to end
         self.ctx = zmq.asyncio.Context() if ctx is None else ctx
         self._sock: zmq.asyncio.Socket | None = None
+        self._sock_at = ""  # the broker that socket is connected to
         self._watch: HandshakeWatch | None = None  # the request socket's handshakes and disconnects
         self._req = itertools.count(1)
         self._lock = asyncio.Lock()
-        self._events_endpoint: str | None = None
+        self._events_endpoints: dict[str, str] = {}  # broker -> its events endpoint (HELLO)
         self.uploaded_bytes = 0  # blob bytes this client actually sent (dedup shows as 0)
 
     async def close(self) -> None:
@@ -86,6 +91,11 @@ class AsyncClient(Transfers, EventStream):
             raise BrokerRefused(f"{refused} (broker at {self.broker})")
         return count
 
+    @property
+    def broker(self) -> str:
+        """The broker this client talks to now (one of a pair's two after a failover)."""
+        return self.endpoints.current
+
     async def __aenter__(self) -> AsyncClient:
         return self
 
@@ -93,32 +103,56 @@ class AsyncClient(Transfers, EventStream):
         await self.close()
 
     async def request(self, cmd: Cmd, **body: Any) -> dict[str, Any]:
+        body = {**self._acting_fields(cmd), **body}  # the tenant a gateway acts for (Privacy.acting_for)
         async with self._lock:
-            if self._sock is None:
-                self._open_socket()
-            self._disconnects()  # earlier ones (a broker restart between requests) are not this request's
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + self.timeout_s
-            try:
-                return await self._exchange(cmd, body, deadline)
-            except _Disconnected:
-                # ZeroMQ closes a connection for good on a message over MAXMSGSIZE (a broker that died
-                # also disconnects). If the broker answers a HELLO on a fresh connection, it was the size.
-                self._drop_socket()
-                self._open_socket()
+            if not self.endpoints.pair:
+                return await self._request(cmd, body)
+            if cmd is Cmd.SUBMIT:  # the same id on every attempt: a broker that got it already answers the same task
+                body.setdefault("submit_id", uuid.uuid4().hex)
+            for attempt in range(3 * len(self.endpoints.all)):
                 try:
-                    await self._exchange(Cmd.HELLO, {}, deadline)
-                except BrokerRefused:
-                    raise
-                except (_Disconnected, BrokerUnavailable):
-                    pass
+                    reply = await self._request(cmd, {**body, **self.endpoints.extra()})
+                except NotActive:
+                    self.endpoints.refused()
+                    await asyncio.sleep(min(1.0, 0.1 * attempt))
+                except BrokerUnavailable:
+                    self.endpoints.silent()
                 else:
-                    raise ReplyTooLarge(
-                        f"the broker's answer to {cmd.name} was larger than this client's limit of "
-                        f"{MAX_MESSAGE_BYTES // 2**20} MiB per message, so it was dropped; ask for less") from None
-                self._drop_socket()
-                raise BrokerUnavailable(f"lost the connection to the nsd broker at {self.broker} while waiting "
-                                        f"for its answer to {cmd.name}") from None
+                    self.endpoints.answered()
+                    return reply
+            raise BrokerUnavailable(f"no broker of the pair {self.endpoints} answered {cmd.name} (is one of them "
+                                    f"running and serving?)")
+
+    async def _request(self, cmd: Cmd, body: dict[str, Any]) -> dict[str, Any]:
+        """One request to the current broker (Lazy Pirate: a socket that timed out is dropped)."""
+        if self._sock is not None and self._sock_at != self.broker:  # another client sharing our endpoints moved
+            self._drop_socket()
+        if self._sock is None:
+            self._open_socket()
+            self._sock_at = self.broker
+        self._disconnects()  # earlier ones (a broker restart between requests) are not this request's
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout_s
+        try:
+            return await self._exchange(cmd, body, deadline)
+        except _Disconnected:
+            # ZeroMQ closes a connection for good on a message over MAXMSGSIZE (a broker that died
+            # also disconnects). If the broker answers a HELLO on a fresh connection, it was the size.
+            self._drop_socket()
+            self._open_socket()
+            try:
+                await self._exchange(Cmd.HELLO, {}, deadline)
+            except BrokerRefused:
+                raise
+            except (_Disconnected, BrokerUnavailable):
+                pass
+            else:
+                raise ReplyTooLarge(
+                    f"the broker's answer to {cmd.name} was larger than this client's limit of "
+                    f"{MAX_MESSAGE_BYTES // 2**20} MiB per message, so it was dropped; ask for less") from None
+            self._drop_socket()
+            raise BrokerUnavailable(f"lost the connection to the nsd broker at {self.broker} while waiting "
+                                    f"for its answer to {cmd.name}") from None
 
     async def _exchange(self, cmd: Cmd, body: dict[str, Any], deadline: float) -> dict[str, Any]:
         """Send one request and wait for its reply until `deadline` (loop time)."""
@@ -152,7 +186,11 @@ class AsyncClient(Transfers, EventStream):
                 continue
             if msg.body["req"] != req:
                 continue  # a late answer to an earlier request
+            self.endpoints.heard(msg.body)
             if msg.cmd is Cmd.ERROR:
+                if msg.body.get("not_active"):
+                    self._drop_socket()
+                    raise NotActive(msg.body["error"])
                 raise BrokerError(msg.body["error"])
             return msg.body
 
@@ -168,8 +206,30 @@ class AsyncClient(Transfers, EventStream):
                     raw[section][key] = await self.upload(raw[section][key])
         return (await self.request(Cmd.SUBMIT, spec=raw))["task_id"]
 
-    async def status(self, task_id: str) -> dict[str, Any]:
-        return (await self.request(Cmd.STATUS, task_id=task_id))["task"]
+    async def status(self, task_id: str, offset: int | None = None, limit: int | None = None) -> dict[str, Any]:
+        """The task's view. Its trials come in pages (README "Bounded views"): without `offset`/`limit`, every
+        page is read (each reply bounded) and the view holds them all; with them, that one page (and its
+        `trials_page`)."""
+        return await self._paged(Cmd.STATUS, task_id, offset, limit)
+
+    async def _paged(self, cmd: Cmd, task_id: str, offset: int | None, limit: int | None) -> dict[str, Any]:
+        if offset is not None or limit is not None:
+            page = {k: v for k, v in (("offset", offset), ("limit", limit)) if v is not None}
+            return (await self.request(cmd, task_id=task_id, **page))["task"]
+        task = (await self.request(cmd, task_id=task_id))["task"]
+        page = task.get("trials_page")
+        if page is None:  # a broker from before paging: every trial, in one reply
+            return task
+        trials = list(task["trials"])
+        while len(trials) < page["total"]:
+            more = (await self.request(cmd, task_id=task["task_id"], offset=len(trials), limit=page["limit"]))["task"]
+            if not more["trials"]:
+                break  # the task was deleted meanwhile: what we have
+            trials += more["trials"]
+            page = {**more["trials_page"], "limit": page["limit"]}
+        task["trials"] = trials
+        del task["trials_page"]  # the whole view: every trial (as the gateway's views are)
+        return task
 
     async def list(self) -> list[dict[str, Any]]:
         return (await self.request(Cmd.LIST))["tasks"]
@@ -179,6 +239,11 @@ class AsyncClient(Transfers, EventStream):
 
     async def cluster(self) -> list[dict[str, Any]]:
         return (await self.request(Cmd.CLUSTER))["workers"]
+
+    async def cluster_status(self) -> dict[str, Any]:
+        """{"workers": [...], "pair": {...} or None} (pair: which broker serves, how far behind the other is)."""
+        reply = await self.request(Cmd.CLUSTER)
+        return {"workers": reply["workers"], "pair": reply.get("pair")}
 
     async def logs(self, task_id: str, job: int | str | None = None) -> list[dict[str, Any]]:
         """Each job's log (last 64 KiB): [{job, attempt, worker, text}]; job = a trial index, "plan", "baseline",
@@ -202,9 +267,11 @@ class AsyncClient(Transfers, EventStream):
                 out.append(entry)
         return out
 
-    async def result(self, task_id: str, wait: bool = False) -> dict[str, Any]:
-        """The task's full result; with wait=True, once the task has ended."""
+    async def result(self, task_id: str, wait: bool = False, offset: int | None = None,
+                     limit: int | None = None) -> dict[str, Any]:
+        """The task's full result (every trial, page by page; or one page: `offset`, `limit`); with
+        wait=True, once the task has ended."""
         if wait:
             async for _ in self.events(task_id):
                 pass
-        return (await self.request(Cmd.RESULT_GET, task_id=task_id))["task"]
+        return await self._paged(Cmd.RESULT_GET, task_id, offset, limit)

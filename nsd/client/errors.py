@@ -14,6 +14,10 @@ class BrokerError(RuntimeError):
     """The broker answered with an error (bad spec, unknown task, ...)."""
 
 
+class NotActive(BrokerError):
+    """The passive broker of a pair answered: ask the other one."""
+
+
 class ReplyTooLarge(BrokerError):
     """The broker answered, but with a message over this client's MAXMSGSIZE: ZeroMQ drops such a
     message and closes the connection, so without this the request would end as BrokerUnavailable."""

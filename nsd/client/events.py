@@ -23,14 +23,13 @@ class EventStream:
     async def events(self, task_id: str) -> AsyncIterator[dict[str, Any]]:
         """A snapshot event (`kind == "snapshot"`, with the whole task), then every later event in seq
         order; a new snapshot whenever events were missed. Ends after the task's final state."""
-        if self._events_endpoint is None:
-            self._events_endpoint = connectable((await self.hello())["events"], _host(self.broker))
         task_id = (await self.status(task_id))["task_id"]  # a unique prefix becomes the full id
         sub = configure(self.ctx.socket(zmq.SUB))
         try:
             if self._curve is not None:
                 self._curve.apply(sub)
-            sub.connect(self._events_endpoint)
+            heard: set[str] = set()
+            await self._hear_events(sub, heard)
             sub.subscribe(task_id.encode())
             snapshot = await self.status(task_id)
             seq = snapshot["seq"]
@@ -54,6 +53,7 @@ class EventStream:
                         continue
                 # A gap, or a quiet spell that may hide a missed final event: take a new snapshot.
                 snapshot = await self._status_patiently(task_id)
+                await self._hear_events(sub, heard)  # after a failover: the events of the broker that serves now
                 if snapshot["seq"] > seq:
                     seq = snapshot["seq"]
                     yield {"kind": "snapshot", "task_id": task_id, "seq": seq, "task": snapshot}
@@ -62,6 +62,19 @@ class EventStream:
         finally:
             sub.close(linger=0)
 
+
+    async def _hear_events(self, sub: zmq.asyncio.Socket, heard: set[str]) -> None:
+        """Connect `sub` to the events of the broker we talk to now, unless it is connected already (a SUB
+        hears both brokers of a pair; only the serving one publishes)."""
+        while self.broker not in heard:
+            broker = self.broker
+            if broker not in self._events_endpoints:
+                events = (await self.hello())["events"]
+                if self.broker != broker:
+                    continue  # the HELLO itself moved us to the other broker
+                self._events_endpoints[broker] = connectable(events, _host(broker))
+            sub.connect(self._events_endpoints[broker])
+            heard.add(broker)
 
     async def _status_patiently(self, task_id: str) -> dict[str, Any]:
         """STATUS, riding out a broker restart for up to `reconnect_s` (the SUB socket reconnects by itself)."""

@@ -50,8 +50,25 @@ class Client:
     def submit(self, spec: dict | TaskSpec | str | os.PathLike) -> str:
         return self._run(self._async.submit(spec))
 
-    def status(self, task_id: str) -> dict[str, Any]:
-        return self._run(self._async.status(task_id))
+    def status(self, task_id: str, offset: int | None = None, limit: int | None = None) -> dict[str, Any]:
+        return self._run(self._async.status(task_id, offset, limit))
+
+    def delete(self, task_id: str) -> dict[str, Any]:
+        return self._run(self._async.delete(task_id))
+
+    def audit(self, task_id: str | None = None, owner: str | None = None, limit: int = 100,
+              before: int | None = None) -> list[dict[str, Any]]:
+        return self._run(self._async.audit(task_id, owner, limit, before))
+
+    def cache_purge(self, task_id: str | None = None, worker: str | None = None, all: bool = False) -> int:
+        return self._run(self._async.cache_purge(task_id, worker, all))
+
+    def whoami(self) -> dict[str, Any]:
+        return self._run(self._async.whoami())
+
+    def acting_for(self, tenant: str, code: bool = False):
+        """As AsyncClient.acting_for, for the calls made from this thread within the block."""
+        return self._async.acting_for(tenant, code)
 
     def list(self) -> list[dict[str, Any]]:
         return self._run(self._async.list())
@@ -62,11 +79,15 @@ class Client:
     def cluster(self) -> list[dict[str, Any]]:
         return self._run(self._async.cluster())
 
+    def cluster_status(self) -> dict[str, Any]:
+        return self._run(self._async.cluster_status())
+
     def logs(self, task_id: str, job: int | str | None = None) -> list[dict[str, Any]]:
         return self._run(self._async.logs(task_id, job))
 
-    def result(self, task_id: str, wait: bool = False) -> dict[str, Any]:
-        return self._run(self._async.result(task_id, wait=wait))
+    def result(self, task_id: str, wait: bool = False, offset: int | None = None,
+               limit: int | None = None) -> dict[str, Any]:
+        return self._run(self._async.result(task_id, wait=wait, offset=offset, limit=limit))
 
     def upload(self, path: str | os.PathLike) -> str:
         return self._run(self._async.upload(path))

@@ -27,7 +27,14 @@ class Transfers:
         path = Path(path)
         with packed(path) as blob:
             if (await self.request(Cmd.BLOB_HAVE, sha256=[blob.sha256]))["missing"]:
-                await send_chunks(blob.file, partial(self._put, blob))
+                for _ in range(3):
+                    moves = self.endpoints.switches
+                    try:
+                        await send_chunks(blob.file, partial(self._put, blob))
+                        break
+                    except BrokerError:
+                        if self.endpoints.switches == moves:
+                            raise  # not cut by a failover (the other broker of a pair starts the upload over)
         return make_ref(blob.sha256, path.name)
 
     async def _put(self, blob: Packed, offset: int, data: bytes) -> dict[str, Any]:

@@ -187,3 +187,14 @@ def exit_code(task: dict[str, Any]) -> int:
     if task["state"] != TaskState.DONE:
         return 1
     return 0 if task["met_goal"] else 2
+
+
+def pair_line(pair: dict) -> str:
+    """`nsd cluster`'s line on a broker pair: who serves, and how far behind the other one is."""
+    me = f"{pair['role']} {pair['state']} (epoch {pair['epoch']}, {pair['lsn']} transactions)"
+    peer = pair.get("peer")
+    if not peer:
+        return f"brokers: {me}; its peer has not been heard"
+    behind = "" if peer.get("behind") is None else f", {peer['behind']} behind"
+    whole = "" if peer.get("whole") else ", still catching up"
+    return f"brokers: {me}; {peer['role']} {peer['state']}{behind}{whole}, heard {peer['heard_s']:.1f}s ago"

@@ -175,7 +175,8 @@ def create_app(gateway: Gateway, tokens: Tokens, limits: Limits = Limits(), keep
 
     @v1.get("/cluster", summary="Workers: cores, slots and what runs on them")
     async def cluster(caller: Caller = Depends(authorized)):
-        return {"workers": await gateway.cluster(caller)}
+        view = await gateway.cluster_status(caller)  # `pair` only for a broker pair (README "A broker pair")
+        return {"workers": view["workers"], **({"pair": view["pair"]} if view["pair"] else {})}
 
     @v1.get("/presets", summary="The named config sets a spec can use", dependencies=[Depends(authorized)])
     async def presets():

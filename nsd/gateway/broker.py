@@ -72,7 +72,9 @@ class BrokerPool(TenantClient):
             self._idle.put_nowait(lane)
 
     def _lane(self) -> TenantClient:
-        return TenantClient(self.broker, ctx=self.ctx, **self._kwargs)
+        lane = TenantClient(self.broker, ctx=self.ctx, **self._kwargs)
+        lane.endpoints = self.endpoints  # a broker pair: one lane's failover moves them all
+        return lane
 
     @contextlib.asynccontextmanager
     async def own_connection(self) -> AsyncIterator[TenantClient]:

@@ -165,9 +165,10 @@ class Feed:
 
     async def _follow(self) -> None:
         sub = configure(self.pool.ctx.socket(zmq.SUB))
+        heard: set[str] = set()
         try:
             self.pool.secure(sub)
-            sub.connect(connectable((await self.pool.hello())["events"], urlsplit(self.pool.broker).hostname))
+            await self._hear(sub, heard)
             sub.subscribe(self.task_id.encode())
             self._reset(await self.pool.whole(self.task_id))
             while not TaskState(self.view["state"]).terminal:
@@ -182,8 +183,16 @@ class Feed:
                 if probe["seq"] > self.view["seq"]:
                     self.resnapshots += 1
                     self._reset(await self.pool.whole(self.task_id))
+                    await self._hear(sub, heard)  # a broker pair that failed over: hear the one serving now
         finally:
             sub.close(linger=0)
+
+    async def _hear(self, sub: zmq.Socket, heard: set[str]) -> None:
+        """Connect to the events of the broker that answers (the serving one of a pair), unless heard already."""
+        events = (await self.pool.hello())["events"]
+        if events not in heard:
+            heard.add(events)
+            sub.connect(connectable(events, urlsplit(self.pool.broker).hostname))
 
     async def _next_event(self, sub: zmq.Socket) -> dict[str, Any] | None:
         if not await sub.poll(timeout=int(self.idle_s * 1000)):

@@ -154,6 +154,11 @@ class Gateway:
         with serving(caller):
             return await self.client.cluster()
 
+    async def cluster_status(self, caller: Caller) -> dict[str, Any]:
+        """Workers, and (a broker pair) which broker serves and how far behind the other one is."""
+        with serving(caller):
+            return await self.client.cluster_status()
+
     @staticmethod
     def presets() -> list[dict[str, Any]]:
         return [{"name": name, "about": preset["about"], "config_set": config_set(name)}

@@ -1,12 +1,18 @@
 """CURVE encryption and authentication (zmq.auth) with one key allowlist per role.
 
 README "Security (CURVE)": a client key cannot register as a worker and a worker key cannot submit. Every
-broker socket is a CURVE server in a ZAP domain, and each domain has its own allowlist directory:
+broker socket is a CURVE server in a ZAP domain, and each role has its own allowlist directory:
 
     ZAP domain "workers"  ->  KEYS_DIR/workers/*.key   (the workers ROUTER)
-    ZAP domain "clients"  ->  KEYS_DIR/clients/*.key   (the clients ROUTER and the events XPUB)
+    ZAP domain "clients"  ->  KEYS_DIR/clients/*.key   (the clients ROUTER and the events XPUB),
+                              KEYS_DIR/gateways/*.key  (keys that may act for any tenant: nsd.tenants)
+                              KEYS_DIR/admins/*.key    (keys that see every tenant)
 
 Key files are pyzmq/czmq certificates: `NAME.key` holds the public key, `NAME.key_secret` the key pair.
+An allowlist entry may carry flags in the certificate's `metadata` section: `code = "true"` (a client,
+admin or gateway may submit python recipes: README "Privacy") and `trusted = "true"` (a worker whose
+results other tenants may reuse when the broker shares its metric cache). The ZAP handler names each
+connection by its entry: the broker reads who sent a message from its User-Id (`server.py`).
 
 Broker side::
 
@@ -36,11 +42,11 @@ Its parts: key files and allowlists (`keys.py`, also what `nsd keys` does), the 
 """
 
 from nsd.security.client import ClientKeys, HandshakeWatch, apply_client
-from nsd.security.keys import (PUBLIC_SUFFIX, ROLE_DOMAINS, ROLES, SECRET_SUFFIX, KeyFileError, allow, allowlist_dir,
-                               default_key_dir, default_keys_dir, generate_keypair, list_keys, read_certificate,
-                               revoke)
+from nsd.security.keys import (FLAGS, PUBLIC_SUFFIX, ROLE_DOMAINS, ROLE_FOLDERS, ROLES, SECRET_SUFFIX, KeyFileError,
+                               allow, allowlist_dir, default_key_dir, default_keys_dir, generate_keypair, list_keys,
+                               read_certificate, read_flags, revoke)
 from nsd.security.server import SOCKET_DOMAINS, CurveServer
 
-__all__ = ["PUBLIC_SUFFIX", "ROLES", "ROLE_DOMAINS", "SECRET_SUFFIX", "SOCKET_DOMAINS", "ClientKeys", "CurveServer",
+__all__ = ["FLAGS", "PUBLIC_SUFFIX", "ROLES", "ROLE_DOMAINS", "ROLE_FOLDERS", "read_flags", "SECRET_SUFFIX", "SOCKET_DOMAINS", "ClientKeys", "CurveServer",
            "HandshakeWatch", "KeyFileError", "allow", "allowlist_dir", "apply_client", "default_key_dir",
            "default_keys_dir", "generate_keypair", "list_keys", "read_certificate", "revoke"]

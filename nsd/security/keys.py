@@ -21,9 +21,13 @@ from nsd.config import default_state_dir
 
 log = logging.getLogger("nsd.security")
 
-ROLES = ("worker", "client")
-#: ZAP domain of each role; also the name of its allowlist folder under the keys dir.
-ROLE_DOMAINS = {"worker": "workers", "client": "clients"}
+ROLES = ("worker", "client", "gateway", "admin")
+#: The allowlist folder of each role, under the keys dir.
+ROLE_FOLDERS = {"worker": "workers", "client": "clients", "gateway": "gateways", "admin": "admins"}
+#: The ZAP domain each role's keys are accepted on: gateways and admins are clients of the broker.
+ROLE_DOMAINS = {"worker": "workers", "client": "clients", "gateway": "clients", "admin": "clients"}
+#: Flags an allowlist entry may carry (`metadata` section), and the roles they mean something for.
+FLAGS = {"code": ("client", "gateway", "admin"), "trusted": ("worker",)}
 
 PUBLIC_SUFFIX = ".key"
 SECRET_SUFFIX = ".key_secret"
@@ -49,9 +53,9 @@ def default_key_dir() -> Path:
 
 
 def allowlist_dir(keys_dir: Path, role: str) -> Path:
-    if role not in ROLE_DOMAINS:
+    if role not in ROLE_FOLDERS:
         raise ValueError(f"unknown role {role!r}: expected one of {', '.join(ROLES)}")
-    return Path(keys_dir) / ROLE_DOMAINS[role]
+    return Path(keys_dir) / ROLE_FOLDERS[role]
 
 
 # ---- key files -------------------------------------------------------------------------------------
@@ -97,11 +101,28 @@ def read_secret_certificate(path: Path, what: str) -> tuple[bytes, bytes]:
     return public, secret
 
 
-def _public_cert_text(public: bytes, comment: str) -> str:
-    # The format pyzmq's zmq.auth.load_certificate(s) and czmq read.
+def _public_cert_text(public: bytes, comment: str, flags: frozenset[str] = frozenset()) -> str:
+    # The format pyzmq's zmq.auth.load_certificate(s) and czmq read (both skip the metadata lines).
     now = datetime.datetime.now().isoformat(timespec="seconds")
+    metadata = "".join(f"    {flag} = \"true\"\n" for flag in sorted(flags))
     return (f"#   ZeroMQ CURVE Public Certificate\n#   {comment}, {now}\n\n"
-            f"metadata\ncurve\n    public-key = \"{public.decode('ascii')}\"\n")
+            f"metadata\n{metadata}curve\n    public-key = \"{public.decode('ascii')}\"\n")
+
+
+_FLAG_LINE = re.compile(r'\s+([a-z_]+)\s*=\s*"?(true|false)"?\s*')
+
+
+def read_flags(path: Path) -> frozenset[str]:
+    """The flags (`code`, `trusted`) an allowlist entry's metadata section sets to true (README "Privacy")."""
+    flags, section = set(), None
+    for line in Path(path).read_text(errors="replace").splitlines():
+        if line and not line[0].isspace():
+            section = line.strip()
+            continue
+        match = _FLAG_LINE.fullmatch(line)
+        if section == "metadata" and match and match.group(1) in FLAGS and match.group(2) == "true":
+            flags.add(match.group(1))
+    return frozenset(flags)
 
 
 def _write_new(path: Path, data: bytes, mode: int) -> None:
@@ -146,15 +167,21 @@ def generate_keypair(directory: Path, name: str) -> tuple[Path, Path]:
     return public_path, secret_path
 
 
-def allow(keys_dir: Path, role: str, public_key_file: Path) -> Path:
+def allow(keys_dir: Path, role: str, public_key_file: Path, code: bool = False, trusted: bool = False) -> Path:
     """Add a key to a role's allowlist: writes `KEYS_DIR/<role>s/<name>.key` and returns its path.
 
     Only the public key is written, even if public_key_file is a secret certificate. `<name>` is the
-    file's name without `.key`/`.key_secret`. Adding a key that is already allowed for this role
-    returns the existing entry; a key allowed for the other role is refused (one key, one role), and
-    so is a different key under a name already taken.
+    file's name without `.key`/`.key_secret` (for clients, gateways and admins: the tenant). Adding a
+    key that is already allowed for this role returns the existing entry, with its flags set to these;
+    a key allowed for another role is refused (one key, one role), and so is a different key under a
+    name already taken. `code`: may submit python recipes (client, gateway, admin); `trusted`: a worker
+    whose results other tenants may reuse (README "Privacy").
     """
     target_dir = allowlist_dir(keys_dir, role)
+    flags = frozenset(f for f, wanted in (("code", code), ("trusted", trusted)) if wanted)
+    for flag in flags:
+        if role not in FLAGS[flag]:
+            raise ValueError(f"--{flag} is for {' and '.join(FLAGS[flag])} keys, not a {role}")
     public, _ = read_certificate(public_key_file)
     source = Path(public_key_file)
     name = source.name.removesuffix(SECRET_SUFFIX).removesuffix(PUBLIC_SUFFIX)
@@ -168,13 +195,18 @@ def allow(keys_dir: Path, role: str, public_key_file: Path) -> Path:
                                      f"one role only: make a separate pair with `nsd keys generate` for the {role}")
     for entry, key in allowlist_entries(target_dir):
         if key == public:
+            if read_flags(entry) != flags:  # the same key again, with other flags: they change
+                tmp = entry.with_name(f".{entry.name}.new")
+                tmp.unlink(missing_ok=True)
+                _write_new(tmp, _public_cert_text(public, f"nsd {role} key {entry.stem!r}", flags).encode(), 0o644)
+                os.replace(tmp, entry)
             return entry
     target_dir.mkdir(parents=True, exist_ok=True)
     target = target_dir / f"{name}{PUBLIC_SUFFIX}"
     if target.exists():
         raise FileExistsError(f"another {role} key is already allowed as {target}; rename {source} "
                               f"(or revoke the old one first)")
-    _write_new(target, _public_cert_text(public, f"nsd {role} key {name!r}").encode(), 0o644)
+    _write_new(target, _public_cert_text(public, f"nsd {role} key {name!r}", flags).encode(), 0o644)
     return target
 
 
@@ -190,17 +222,17 @@ def revoke(keys_dir: Path, role: str, name: str) -> Path:
     return path
 
 
-def list_keys(keys_dir: Path) -> dict[str, list[tuple[str, str]]]:
-    """{role: [(name, Z85 public key or a problem in brackets)]}, sorted by name."""
-    out: dict[str, list[tuple[str, str]]] = {}
+def list_keys(keys_dir: Path) -> dict[str, list[tuple[str, str, list[str]]]]:
+    """{role: [(name, Z85 public key or a problem in brackets, flags)]}, sorted by name."""
+    out: dict[str, list[tuple[str, str, list[str]]]] = {}
     for role in ROLES:
         rows = []
         folder = allowlist_dir(keys_dir, role)
         for path in sorted(folder.glob(f"*{PUBLIC_SUFFIX}")) if folder.is_dir() else []:
             try:
-                rows.append((path.stem, read_certificate(path)[0].decode("ascii")))
+                rows.append((path.stem, read_certificate(path)[0].decode("ascii"), sorted(read_flags(path))))
             except KeyFileError as exc:
-                rows.append((path.stem, f"[unreadable: {exc}]"))
+                rows.append((path.stem, f"[unreadable: {exc}]", []))
         out[role] = rows
     return out
 

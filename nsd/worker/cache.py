@@ -1,5 +1,6 @@
 """The worker's blob cache: fetched blobs unpacked under their hash, size-bounded, least recently used
-evicted first, never one that a running job uses."""
+evicted first, never one that a running job uses. A blob the broker erased (DROP: its task was deleted)
+goes at once, or as soon as the last job using it lets go."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ class BlobCache:
         self.root.mkdir(parents=True, exist_ok=True)
         self.max_bytes = max_bytes
         self.pins: dict[str, int] = {}  # sha256 -> jobs using it
+        self.doomed: set[str] = set()  # erased while pinned: removed at the last unpin
         self.fetched = 0  # blobs fetched from the broker (the rest came from the cache)
         self._locks: dict[str, asyncio.Lock] = {}  # one fetch per blob, however many slots want it at once
 
@@ -51,8 +53,19 @@ class BlobCache:
     def unpin(self, sha256: str) -> None:
         if self.pins.get(sha256, 0) <= 1:
             self.pins.pop(sha256, None)
+            if sha256 in self.doomed:
+                self.drop(sha256)
         else:
             self.pins[sha256] -= 1
+
+    def drop(self, sha256: str) -> None:
+        """Erase a blob from the cache (now, or when no job uses it any more)."""
+        if sha256 in self.pins:
+            self.doomed.add(sha256)
+            return
+        self.doomed.discard(sha256)
+        shutil.rmtree(self.entry(sha256), ignore_errors=True)
+        (self.root / f"{sha256}.tar.partial").unlink(missing_ok=True)
 
     def evict(self) -> list[str]:
         """Drop least recently used entries until the cache fits; returns what was dropped."""

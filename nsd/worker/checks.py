@@ -15,7 +15,7 @@ from typing import Any
 
 import msgpack
 
-from nsd.blobs import CHUNK_BYTES, is_sha256
+from nsd.blobs import CHUNK_BYTES, is_sha256, parse_ref
 from nsd.protocol import (BOOL, FIGURES, JOB_ID, JOB_KINDS, MAX_ATTEMPT, MAX_BODY, OUTBOX_ENTRY, RESULT_OPTIONAL,
                           Cmd, parse_job_id, text)
 from nsd.spec import FIGURE_OBJECTIVES, SpecError, validate
@@ -62,6 +62,8 @@ def job(trial_id: str, body: Any) -> str | None:
                                         and all(isinstance(c, dict) and len(c) == 1 and next(iter(c)) == f
                                                 for f, c in body["families"].items())):
         return "baseline job families must map each INC config name to one config of it"
+    if kind.name == "verify" and parse_ref(body.get("artifact")) is None:  # becomes a path in the blob cache
+        return "verify job without a blob reference to the saved model"
     problem = _perf_fields(body)
     if problem:
         return problem

@@ -27,6 +27,7 @@ import zmq
 import zmq.asyncio
 
 from nsd import __version__
+from nsd.endpoints import Endpoints
 from nsd.liveness import heartbeat_due, timing_problem
 from nsd.net import configure, send_now
 from nsd.protocol import BROKER_TO_WORKER, PROTOCOL_VERSION, Cmd, ProtocolError, pack, unpack
@@ -37,7 +38,7 @@ from nsd.worker.cache import BlobCache
 from nsd.versions import installed_versions
 from nsd.worker.hardware import describe as describe_hardware
 from nsd.worker.config import WorkerConfig
-from nsd.worker.jobs import Outbox, run_job
+from nsd.worker.jobs import Erasures, Outbox, erase_task_files, run_job
 from nsd.worker.sandbox import runner_layout, shared_task_paths
 from nsd.worker.slots import RunnerSetup, Slot, SlotPool
 from nsd.worker.transfers import Transfers
@@ -68,6 +69,9 @@ class WorkerDaemon:
         self.cache_dir = Path(config.cache_dir)
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         self.worker_id = config.worker_id or self._persistent_id()
+        # One broker, or the two of a pair (nsd.endpoints); the pair's term we last saw is kept across restarts.
+        self.endpoints = Endpoints(config.broker, epoch_file=self.cache_dir / "pair-epoch")
+        self._not_active = False  # this session's broker said it is the passive one of a pair
         self.boot_id = uuid.uuid4().hex
         if bool(config.curve_key) != bool(config.server_key):
             raise KeyFileError("CURVE needs both this worker's key (--curve-key) and the broker's public key "
@@ -85,6 +89,7 @@ class WorkerDaemon:
         self.transfers = Transfers(self._send, self.blobs, config.fetch_window, config.chunk_timeout_s)
         self.outbox = Outbox(self.cache_dir / f"outbox-{self.worker_id}.json")
         self.backlog: list[tuple[str, int, dict]] = []  # jobs assigned while every slot was busy
+        self.erased = Erasures(self.cache_dir, self.blobs, self.outbox)  # what the broker told us to erase
         self.ctx = zmq.asyncio.Context()
         self.sock: zmq.asyncio.Socket | None = None
         self._watch: HandshakeWatch | None = None  # the connection's handshake (a refused key says so)
@@ -140,30 +145,49 @@ class WorkerDaemon:
         """Serve until stop(); reconnect with backoff whenever the broker goes quiet."""
         await self.startup()
         backoff = self.config.heartbeat_s
+        refused_since = None  # when a broker we came to as a failover witness first said "not active"
         try:
             while not self._leaving.is_set():
                 healthy = await self._session()
                 if self._leaving.is_set():
                     break
                 backoff = self.config.heartbeat_s if healthy else min(backoff * 2, self.config.backoff_max_s)
+                delay, lost = backoff, self.endpoints.current
+                if self.endpoints.pair and not self.refused:
+                    delay, refused_since = self._next_endpoint(healthy, refused_since, backoff)
                 if self.refused:  # a key the broker does not (yet) allow: say so, and try again later
-                    log.error("%s (broker at %s); trying again in %.0fs", self.refused, self.config.broker, backoff)
-                    notify(f"STATUS=refused by the broker at {self.config.broker}; retrying")
+                    log.error("%s (broker at %s); trying again in %.0fs", self.refused, lost, delay)
+                    notify(f"STATUS=refused by the broker at {lost}; retrying")
                 else:
-                    log.warning("lost the broker at %s; reconnecting in %.0fs", self.config.broker, backoff)
-                    notify(f"STATUS=lost the broker at {self.config.broker}; reconnecting")
+                    log.warning("%s %s; connecting to %s in %.1fs", "not the active broker:" if self._not_active else
+                                "lost the broker at", lost, self.endpoints.current, delay)
+                    notify(f"STATUS=lost the broker at {lost}; reconnecting")
                 if self._drained():
                     break
                 with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._leaving.wait(), backoff)
+                    await asyncio.wait_for(self._leaving.wait(), delay)
         finally:
             await self.shutdown()
         if self.fatal:
             raise WorkerRefused(self.fatal)
 
+    def _next_endpoint(self, healthy: bool, refused_since: float | None, backoff: float) -> tuple[float, float | None]:
+        """After a session with one broker of a pair: the other one at once when this one went silent (we
+        are a witness that it is gone); when the one we came to as a witness is not active yet, the same one
+        again each heartbeat for a window (it takes over once it too has missed the other long enough), then
+        the other."""
+        now, window = time.monotonic(), self.heartbeat_s * self.liveness
+        if not self._not_active:
+            self.endpoints.silent()
+            return (0.0 if healthy else backoff), None
+        if self.endpoints.failover and now - (refused_since or now) < window:
+            return self.heartbeat_s, refused_since or now
+        self.endpoints.refused()
+        return self.heartbeat_s, None
+
     async def startup(self) -> None:
         await self.pool.start()  # warm: imports paid before work arrives
-        notify("READY=1", f"STATUS=connecting to {self.config.broker}")
+        notify("READY=1", f"STATUS=connecting to {self.endpoints.current}")
 
     async def shutdown(self) -> None:
         notify("STOPPING=1")
@@ -190,6 +214,7 @@ class WorkerDaemon:
     async def _session(self) -> bool:
         """One connection to the broker. Returns whether it got as far as being registered."""
         session = _Session(last_heard=time.monotonic())
+        self._not_active = False
         self._connect()
         try:
             await self.main_loop(session)
@@ -203,6 +228,7 @@ class WorkerDaemon:
             self._watch.close()
             self.sock.close(linger=200)
             self.sock = None
+            self.transfers.drop("the connection to the broker ended")
 
     async def main_loop(self, session: _Session) -> None:
         while not self._leaving.is_set() and not await self.on_tick(session):
@@ -215,7 +241,7 @@ class WorkerDaemon:
         if self.curve is not None:
             self.curve.apply(self.sock)
         self._watch = HandshakeWatch(self.sock, "worker")  # before connecting: a refusal comes once
-        self.sock.connect(self.config.broker)
+        self.sock.connect(self.endpoints.current)
         self.heartbeat_s, self.liveness = self.config.heartbeat_s, self.config.liveness
         self._send(Cmd.READY, self._ready_body())
 
@@ -230,6 +256,8 @@ class WorkerDaemon:
 
     async def on_tick(self, session: _Session) -> bool:
         """One turn of a session: drain, hear the broker, heartbeat, feed the watchdog. True: it is over."""
+        if self._not_active:
+            return True
         if self.state is WorkerState.DRAINING:
             if not session.drain_announced and self.registered.is_set():
                 # Registering again with no slots: the broker keeps what runs, assigns nothing more,
@@ -260,7 +288,7 @@ class WorkerDaemon:
         if self._watchdog_s is not None and now - self._last_watchdog >= self._watchdog_s:
             self._last_watchdog = now  # from this loop: a wedged loop gets the daemon restarted
             notify("WATCHDOG=1", f"STATUS={'registered with' if self.registered.is_set() else 'connecting to'} "
-                                 f"{self.config.broker}; {self.pool.busy} trials running on {len(self.cpus)} cores")
+                                 f"{self.endpoints.current}; {self.pool.busy} trials running on {len(self.cpus)} cores")
         return False
 
     async def _receive(self, frames: list[bytes]) -> None:
@@ -283,7 +311,8 @@ class WorkerDaemon:
                 "nsd_version": __version__, "running": self._running(), "outbox": self.outbox.results(),
                 "draining": draining,
                 "versions": self.versions,  # what its runners import: part of the broker's metric cache key
-                "hardware": self.hardware}
+                "hardware": self.hardware,
+                **self.endpoints.extra()}  # a pair: the highest epoch seen; whether we came as a failover witness
 
     def _running(self) -> list[list]:
         return [list(s.job) for s in self.slots if s.job] + [[t, a] for t, a, _ in self.backlog]
@@ -315,10 +344,12 @@ class WorkerDaemon:
                 self._ignore(msg.cmd.name, f"{why}; keeping {self.heartbeat_s:g}s x {self.liveness}")
             else:
                 self.heartbeat_s, self.liveness = float(body["heartbeat_s"]), liveness
+            self.endpoints.heard(body)
+            self.endpoints.answered()
             self._set_registered(True)
-            log.info("registered with %s as %s (%d cores, %d slots of %d)", self.config.broker, self.worker_id,
+            log.info("registered with %s as %s (%d cores, %d slots of %d)", self.endpoints.current, self.worker_id,
                      len(self.cpus), self.pool.capacity, self.pool.default_k)
-            notify(f"STATUS=registered with {self.config.broker}; {self.pool.capacity} slots")
+            notify(f"STATUS=registered with {self.endpoints.current}; {self.pool.capacity} slots")
         elif msg.cmd is Cmd.ASSIGN:
             if (why := checks.job(body["trial_id"], body["job"])) is not None:
                 self._ignore(msg.cmd.name, f"{body['trial_id']}: {why}")
@@ -342,10 +373,14 @@ class WorkerDaemon:
                 # A transfer waiting on this reply fails now with the reason, rather than at its timeout.
                 body = {"error": f"bad {msg.cmd.name} from the broker: {why}"}
             self.transfers.reply(msg.cmd, msg.body, body)
+        elif msg.cmd is Cmd.DROP:  # a deleted task's (names checked at the door: hashes and task ids)
+            self.erased.drop(body["sha256"], body["tasks"])
         elif msg.cmd is Cmd.DISCONNECT:
             if (why := checks.disconnect(body)) is not None:
                 return self._ignore(msg.cmd.name, why)
-            if body.get("fatal"):
+            if body.get("not_active") is True and self.endpoints.pair:  # the passive one of a pair
+                self._not_active = True
+            elif body.get("fatal"):
                 self._refusal = f"the broker refused this worker: {body['reason'][:500]}"
                 self._enter(WorkerState.REFUSED)
                 log.error(self._refusal)
@@ -384,8 +419,11 @@ class WorkerDaemon:
                 answer = {"ok": False, "error": why} if why else await run_job(
                     slot.runner, trial_id, attempt, job, self.cache_dir, self.transfers.upload)
             result = checks.result({**answer, "trial_id": trial_id, "attempt": attempt, "worker_id": self.worker_id})
-            self.outbox.keep(result)
-            self._send(Cmd.RESULT, result)
+            if job["task_id"] in self.erased:  # deleted while it ran: its answer and files go too
+                erase_task_files(self.cache_dir, job["task_id"])
+            else:
+                self.outbox.keep(result)
+                self._send(Cmd.RESULT, result)
         finally:
             slot.job, slot.task = None, None
             self._warm_up(slot)

@@ -1,11 +1,13 @@
-"""Running one job on a runner (its log, its keep folder, its time limit, the answer the broker gets) and
-the outbox where answers wait until the broker acknowledges them."""
+"""Running one job on a runner (its log, its keep folder, its time limit, the answer the broker gets), the
+outbox where answers wait until the broker acknowledges them, and erasing a deleted task's traces."""
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -43,10 +45,51 @@ class Outbox:
         if self._results.pop(f"{trial_id}#{attempt}", None) is not None:
             self._save()
 
+    def forget_task(self, task_id: str) -> None:
+        """Drop a deleted task's results (their logs): the broker has erased the task."""
+        gone = [key for key in self._results if key.startswith(f"{task_id}/")]
+        for key in gone:
+            del self._results[key]
+        if gone:
+            self._save()
+
     def _save(self) -> None:
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self._results))
         os.replace(tmp, self.path)
+
+
+def erase_task_files(cache_dir: Path, task_id: str) -> None:
+    """A deleted task's folders on this worker: its job logs and the models its trials kept."""
+    for folder in (cache_dir / "logs" / task_id, cache_dir / "kept" / task_id):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+class Erasures:
+    """DROP (README "Privacy"): a deleted task's blobs, folders and unacknowledged results leave this worker.
+    The erased task ids are remembered (the newest 10,000), so that a job of theirs still ending when the
+    DROP came leaves nothing behind either (`WorkerDaemon._execute` asks `task_id in erasures`)."""
+
+    def __init__(self, cache_dir: Path, blobs, outbox: Outbox):
+        self.cache_dir, self.blobs, self.outbox = cache_dir, blobs, outbox
+        self.tasks: collections.OrderedDict[str, None] = collections.OrderedDict()
+
+    def __contains__(self, task_id: str) -> bool:
+        return task_id in self.tasks
+
+    def drop(self, blobs: list[str], tasks: list[str]) -> None:
+        for sha in blobs:
+            self.blobs.drop(sha)
+        for task_id in tasks:
+            self.tasks[task_id] = None
+            self.tasks.move_to_end(task_id)
+            erase_task_files(self.cache_dir, task_id)
+            self.outbox.forget_task(task_id)
+        while len(self.tasks) > 10_000:
+            self.tasks.popitem(last=False)
+        if blobs or tasks:
+            logging.getLogger("nsd.worker").info("erased %d blob(s) and the files of %d task(s) at the broker's "
+                                                 "request", len(blobs), len(tasks))
 
 
 async def run_job(runner: RunnerProcess, trial_id: str, attempt: int, job: dict, cache_dir: Path,
@@ -81,7 +124,10 @@ async def run_job(runner: RunnerProcess, trial_id: str, attempt: int, job: dict,
             answer.update({"kept": kept} if kept else {})
         artifact = answer.pop("artifact_dir", None)
         if job["kind"] == "save" and answer.get("ok"):
-            answer["artifact"] = await _upload_artifact(runner, artifact, cache_dir / "uploads", upload)
+            try:
+                answer["artifact"] = await _upload_artifact(runner, artifact, cache_dir / "uploads", upload)
+            except UploadBroke as exc:  # the connection to the broker, not the job: run it again
+                answer = {"ok": False, "requeue": True, "error": f"the artifact's upload failed: {exc}"}
         if job["kind"] == "save":  # the task is decided: models its trials kept here are of no more use
             shutil.rmtree(kept_dir / task_id, ignore_errors=True)
     except RunnerDied as exc:
@@ -94,6 +140,10 @@ async def run_job(runner: RunnerProcess, trial_id: str, attempt: int, job: dict,
         answer["error"] = f"{answer.get('error') or 'failed'}\n--- last lines of its log ---\n{last}"
     answer["log"] = tail
     return answer
+
+
+class UploadBroke(Exception):
+    """The saved model could not be stored on the broker (the connection ended, it refused): not the job's fault."""
 
 
 KEEP = "kept"  # where in its scratch a runner keeps a passing trial's model (job["keep_dir"])
@@ -117,6 +167,8 @@ async def _upload_artifact(runner: RunnerProcess, artifact: str | None, uploads:
     staged = take(runner.scratch, folder.parent.name, uploads / uuid.uuid4().hex)
     try:
         return await upload(staged / "model")
+    except (OSError, ValueError, asyncio.TimeoutError) as exc:
+        raise UploadBroke(str(exc) or type(exc).__name__) from None
     finally:
         shutil.rmtree(staged, ignore_errors=True)
 

@@ -408,6 +408,27 @@ def save(job: dict, cache: TaskCache) -> dict[str, Any]:
     return {"artifact_dir": folder, "metric": answer["metric"], "requantized": True}
 
 
+def verify(job: dict, cache: TaskCache) -> dict[str, Any]:
+    """The saved winner (an INC save folder, job["artifact"]) loaded as a user loads it and evaluated: the
+    metric it really has, which the broker compares with the winning trial's (nsd.broker.verification)."""
+    import json
+
+    from neural_compressor.torch.quantization import load
+    from neural_compressor.torch.quantization.autotune import _deepcopy_warp
+
+    recipe, model, _ = cache.get(job["task_id"], job["spec"])
+    folder = job["artifact"]
+    with open(os.path.join(folder, "nsd.json")) as f:
+        about = json.load(f)
+    if (about.get("config"), about.get("fallback")) != (job["config"], list(job.get("fallback") or [])):
+        raise ValueError("the saved model describes another config than the winner's")
+    if about.get("weight_only", True):
+        q_model = load(folder, original_model=_deepcopy_warp(model))
+    else:  # a PT2E graph, loaded as saved
+        q_model = load(folder)
+    return {"metric": _metric(recipe.evaluate(q_model))}
+
+
 def warm(job: dict, cache: TaskCache) -> dict[str, Any]:
     """Load the task's recipe and model now, before its first trial (the worker's idea, not the broker's)."""
     cache.get(job["task_id"], job["spec"])
@@ -415,7 +436,8 @@ def warm(job: dict, cache: TaskCache) -> dict[str, Any]:
 
 
 # Each job kind (nsd.protocol.JOB_KINDS) and what runs it here.
-RUNS = {"plan": plan, "baseline": baseline, "trial": trial, "refine": trial, "save": save, "warm": warm}
+RUNS = {"plan": plan, "baseline": baseline, "trial": trial, "refine": trial, "save": save, "verify": verify,
+        "warm": warm}
 
 
 def _metric(value: Any) -> float:

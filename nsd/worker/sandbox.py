@@ -271,6 +271,10 @@ def expose(job: dict, blobs: Path, dirs: RunnerDirs) -> dict:
         target = dirs.files / "kept" / "model"
         link_tree(Path(job["kept"]), target)
         job["kept"] = str(target)
+    if job.get("artifact") and under(job["artifact"], blobs):  # a verify job's saved model (read-only)
+        target = dirs.files / "artifact" / Path(job["artifact"]).name
+        link_tree(Path(job["artifact"]), target)
+        job["artifact"] = str(target)
     if job.get("log"):
         link = dirs.scratch / JOB_LOG
         with contextlib.suppress(FileNotFoundError):

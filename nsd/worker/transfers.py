@@ -30,14 +30,26 @@ class Transfers:
         if waiter is not None and not waiter.done():
             waiter.set_result(body)
 
+    def drop(self, why: str) -> None:
+        """The connection ended: transfers waiting on it fail now (the job is requeued), not at their timeout."""
+        waiting, self._replies = self._replies, {}
+        for waiter in waiting.values():
+            if not waiter.done():
+                waiter.set_result({"error": why})
+
     def _request(self, key: tuple, cmd: Cmd, body: dict) -> asyncio.Future:
         fut = self._replies[key] = asyncio.get_running_loop().create_future()
         self._send(cmd, body)
         return fut
 
     async def materialize(self, job: dict, pins: list[str]) -> dict:
-        """The job with every blob reference in its spec replaced by a path in the local cache; each blob
-        is pinned (its sha appended to `pins`) until the caller unpins it."""
+        """The job with every blob reference in its spec (and a verify job's `artifact`) replaced by a path in
+        the local cache; each blob is pinned (its sha appended to `pins`) until the caller unpins it."""
+        if parse_ref(job.get("artifact")) is not None:  # a verify job: the saved model it loads
+            sha, name = parse_ref(job["artifact"])
+            self.blobs.pin(sha)
+            pins.append(sha)
+            job = {**job, "artifact": str(await self.blobs.path(sha, name, self.download))}
         spec = job["spec"]
         refs = [(a, b, parse_ref(spec[a].get(b))) for a, b in PATH_FIELDS if parse_ref(spec[a].get(b))]
         if not refs:

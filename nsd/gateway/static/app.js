@@ -218,6 +218,16 @@ function showTask(taskId) {
   });
 }
 
+function brokers(pair) {
+  /* A broker pair: which one serves, and how far behind the other one's copy is. */
+  const peer = pair.peer;
+  const other = peer ? [h("span", {}, ` · ${peer.role} `), badge(peer.state),
+    h("span", { class: "muted" }, peer.behind == null ? "" : ` ${peer.behind} behind`),
+    h("span", { class: "muted" }, peer.whole ? "" : " (catching up)")] : [h("span", { class: "muted" }, " · its peer is not heard")];
+  return h("p", { id: "brokers" }, h("span", {}, `${pair.role} `), badge(pair.state),
+    h("span", { class: "muted" }, ` epoch ${pair.epoch}`), ...other);
+}
+
 /* The facts the figures add: FP32's latency and size, the objective, the winner's speed-up (README "JSON output"). */
 function figureFacts(task, fact) {
   const fp32 = fastest(task.baseline_figures), w = task.winner && task.winner.deploy;
@@ -232,8 +242,8 @@ function figureFacts(task, fact) {
 
 async function showCluster() {
   const draw = async () => {
-    const { workers } = await api("/v1/cluster");
-    main.replaceChildren(h("h1", {}, "Cluster"), workers.length ? h("table", { id: "workers" },
+    const { workers, pair } = await api("/v1/cluster");
+    main.replaceChildren(h("h1", {}, "Cluster"), pair ? brokers(pair) : "", workers.length ? h("table", { id: "workers" },
       h("thead", {}, h("tr", {}, ["worker", "host", "state", "cores", "slots", "busy", "running"].map(c => h("th", {}, c)))),
       h("tbody", {}, workers.map(w => h("tr", { "data-worker": w.worker_id },
         h("td", {}, w.worker_id), h("td", {}, w.host), h("td", {}, badge(w.state || "")), h("td", { class: "num" }, w.cores),
