@@ -128,7 +128,9 @@ class JobRef(NamedTuple):
     @property
     def name(self) -> str:
         """The job id's part after the task id (also the job's name in logs)."""
-        return str(self.index) if self.kind == TRIAL else self.kind if self.index is None else f"{self.kind}/{self.index}"
+        if self.kind == TRIAL:
+            return str(self.index)
+        return self.kind if self.index is None else f"{self.kind}/{self.index}"
 
     def id(self, task_id: str) -> str:
         return f"{task_id}/{self.name}"

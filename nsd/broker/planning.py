@@ -1,16 +1,16 @@
 """What the plan and baseline jobs' results do to a task, and how the metric cache answers them.
 
-The **plan** expands the config set in INC's order: the task's trials exist once it lands (`tuning`), and
-they start at once. The **baseline** job evaluates the FP32 model once and lists the ops the fallback search
-may keep in FP32; it runs beside the first trials (placed first among the task's waiting jobs). Trials that
-finish before it are `scored`: their metric is known, whether they pass is not; the baseline's result
-settles them, trials still running learn the goal then (a `RULE` message: their early-stop rule), and
-trials started after it carry it. So no slot waits for the baseline, and the answer is the same: pass or fail is INC's test against the same baseline, and nothing
-is decided before it is known. A plan from before the split (a worker or a cache entry that also carries
-`baseline` and `ops`) needs no baseline job.
+The **plan** expands the config set in INC's order: the task's trials exist once it lands (`tuning`), and they
+start at once. The **baseline** job evaluates the FP32 model once and lists the ops the fallback search may
+keep in FP32; it runs beside the first trials (placed first among the task's waiting jobs). Trials that finish
+before it are `scored`: their metric is known, whether they pass is not; the baseline's result settles them,
+trials still running learn the goal then (a `RULE` message: their early-stop rule), and trials started after
+it carry it. So no slot waits for the baseline, and the answer is the same: pass or fail is INC's test against
+the same baseline, and nothing is decided before it is known. A plan from before the split (a worker or a
+cache entry that also carries `baseline` and `ops`) needs no baseline job.
 
-A mixin of `nsd.broker.core.Core` (it uses Core's transactions, writes, effects and the outcomes' `settle`
-and `finish`): its handlers are named by the plan and baseline rows of `nsd.broker.jobs`.
+A mixin of `nsd.broker.core.Core` (it uses Core's transactions, writes, effects and the outcomes' `settle` and
+`finish`): its handlers are named by the plan and baseline rows of `nsd.broker.jobs`.
 """
 
 from __future__ import annotations

@@ -20,7 +20,6 @@ import socket
 import time
 import uuid
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import zmq
@@ -38,8 +37,9 @@ from nsd.worker.cache import BlobCache
 from nsd.versions import installed_versions
 from nsd.worker.hardware import describe as describe_hardware
 from nsd.worker.config import WorkerConfig
-from nsd.worker.jobs import Erasures, Outbox, erase_task_files, run_job
-from nsd.worker.sandbox import runner_layout, shared_task_paths
+from nsd.worker.job_flow import JobFlow
+from nsd.worker.jobs import Erasures, Outbox
+from nsd.worker.sandbox import runner_layout
 from nsd.worker.slots import RunnerSetup, Slot, SlotPool
 from nsd.worker.transfers import Transfers
 
@@ -63,7 +63,7 @@ class WorkerState(str, enum.Enum):
         return {"connecting": 0, "registered": 0, "draining": 1, "stopping": 2, "refused": 3}[self.value]
 
 
-class WorkerDaemon:
+class WorkerDaemon(JobFlow):
     def __init__(self, config: WorkerConfig):
         self.config = config
         self.cache_dir = Path(config.cache_dir)
@@ -389,87 +389,6 @@ class WorkerDaemon:
                 self._set_registered(False)
                 self._send(Cmd.READY, self._ready_body())
         # HEARTBEAT: hearing it is all it is for.
-
-    # ---- jobs ------------------------------------------------------------------------------------
-
-    def _accept(self, trial_id: str, attempt: int, job: dict) -> None:
-        if not self.taking_jobs:
-            return  # crossed our drain notice: the lease goes back to the broker with our BYE
-        if self.pool.holding(trial_id, attempt) or any((t, a) == (trial_id, attempt) for t, a, _ in self.backlog):
-            return  # a duplicate ASSIGN: we already run it
-        slot = self.pool.slot_for(job)
-        if slot is None:
-            self.backlog.append((trial_id, attempt, job))
-            return
-        self.pool.occupy(slot, trial_id, attempt, job["task_id"], self._execute(slot, trial_id, attempt, job))
-
-    async def _execute(self, slot: Slot, trial_id: str, attempt: int, job: dict) -> None:
-        pins: list[str] = []
-        try:
-            try:
-                if job["kind"] == "plan":  # it needs no files: it runs now, and they are fetched meanwhile
-                    self.pool.in_background(partial(self._prefetch, slot, job))
-                else:
-                    job = await self.transfers.materialize(job, pins)
-            except Exception as exc:  # not the job's fault: the broker runs it again (attempt + 1)
-                log.warning("could not fetch the files of %s: %s", trial_id, exc)
-                answer = {"ok": False, "requeue": True, "error": f"worker could not fetch the task's files: {exc}"}
-            else:
-                why = checks.shared_paths(shared_task_paths(job["spec"]), self.shared_dirs)
-                answer = {"ok": False, "error": why} if why else await run_job(
-                    slot.runner, trial_id, attempt, job, self.cache_dir, self.transfers.upload)
-            result = checks.result({**answer, "trial_id": trial_id, "attempt": attempt, "worker_id": self.worker_id})
-            if job["task_id"] in self.erased:  # deleted while it ran: its answer and files go too
-                erase_task_files(self.cache_dir, job["task_id"])
-            else:
-                self.outbox.keep(result)
-                self._send(Cmd.RESULT, result)
-        finally:
-            slot.job, slot.task = None, None
-            self._warm_up(slot)
-            for sha in pins:
-                self.blobs.unpin(sha)
-            self.blobs.evict()
-            if self.backlog and not self._leaving.is_set():
-                waiting, self.backlog = self.backlog, []
-                for item in waiting:  # in order; what still does not fit waits again; draining, all are dropped
-                    self._accept(*item)
-
-    async def _prefetch(self, planning: Slot, job: dict) -> None:
-        """A plan's task files, fetched while the plan runs (it expands the config set, no model): its baseline
-        and trials find them here, and the idle runners load its model meanwhile."""
-        pins: list[str] = []
-        try:
-            job = await self.transfers.materialize(job, pins)
-            if checks.shared_paths(shared_task_paths(job["spec"]), self.shared_dirs) is None:
-                self.pool.warm_others(planning, job)
-        finally:
-            for sha in pins:
-                self.blobs.unpin(sha)
-
-    def _new_rule(self, trial_id: str, attempt: int, rule: dict) -> None:
-        """A trial we run, or have waiting, learns its early-stop rule (the broker now knows the goal)."""
-        for t, a, job in self.backlog:
-            if (t, a) == (trial_id, attempt):
-                job["rule"] = rule
-                return
-        slot = self.pool.holding(trial_id, attempt)
-        if slot is not None:
-            slot.runner.update({"id": trial_id, "rule": rule})
-
-    def _warm_up(self, slot: Slot) -> None:
-        """A runner that died (crash, timeout, cancel) is replaced now, unless we are on our way out."""
-        if self.taking_jobs:
-            self.pool.restart(slot)
-
-    async def _cancel(self, trial_id: str, attempt: int) -> None:
-        self.backlog = [b for b in self.backlog if (b[0], b[1]) != (trial_id, attempt)]
-        slot = self.pool.holding(trial_id, attempt)
-        if slot is not None:
-            await self.pool.kill_job(slot)
-            self._warm_up(slot)
-            log.info("cancelled %s (attempt %d)", trial_id, attempt)
-
 
 @dataclass
 class _Session:

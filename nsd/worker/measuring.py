@@ -27,12 +27,12 @@ class Exclusive:
         from nsd.worker import pipe
 
         self.answers.write(pipe.encode({"exclusive": True}))
-        reply = pipe.read_blocking(self.jobs) or {}
+        reply = self.jobs.next_reply() or {}
         try:
             yield int(reply.get("paused") or 0)
         finally:
             self.answers.write(pipe.encode({"exclusive": False}))
-            pipe.read_blocking(self.jobs)
+            self.jobs.next_reply()
 
 
 exclusive = Exclusive()  # the runner's main() connects it to the worker

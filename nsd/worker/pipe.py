@@ -78,3 +78,45 @@ async def read_async(reader: asyncio.StreamReader, max_bytes: int = 1 << 32) -> 
     if not isinstance(message, dict):
         raise ValueError(f"a {type(message).__name__}, not a map")
     return message
+
+
+class Inbox:
+    """The runner's stdin: jobs, and updates for a job (its early-stop rule, once the broker knows the goal),
+    kept until that job starts and read between its evaluation batches (`rule`)."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self.updates: dict[str, dict] = {}  # job id -> its latest update
+
+    def next_job(self) -> dict | None:
+        while True:
+            message = read_fd(self.fd)
+            if not isinstance(message, dict) or "kind" in message:
+                return message
+            self._keep(message)
+
+    def next_reply(self) -> dict | None:
+        """The worker's next answer to a request of this runner's (nsd.worker.measuring), updates kept aside."""
+        while True:
+            message = read_fd(self.fd)
+            if not isinstance(message, dict) or not ("rule" in message and "id" in message):
+                return message
+            self._keep(message)
+
+    def _keep(self, message: dict) -> None:
+        if isinstance(message.get("id"), str) and len(self.updates) < 16:
+            self.updates[message["id"]] = message
+
+    def rule(self, job: dict) -> dict | None:
+        """The newest rule the worker sent for this job (None: none came), reading what waits now."""
+        while pending(self.fd):
+            message = read_fd(self.fd)
+            if message is None or "kind" in message:  # the stream ended, or a job came early: not ours to eat
+                break
+            self._keep(message)
+        update = self.updates.get(job.get("id"))
+        return update.get("rule") if update else None
+
+    def starting(self, job: dict) -> None:
+        """Updates for other jobs are stale now (the worker sends them only for the job this runner runs)."""
+        self.updates = {k: v for k, v in self.updates.items() if k == job.get("id")}

@@ -33,8 +33,6 @@ def main() -> None:
     answers = os.fdopen(os.dup(1), "wb", buffering=0)
     os.dup2(2, 1)
     sys.stdout = sys.stderr
-    global INBOX
-    jobs = INBOX = Inbox(sys.stdin.fileno())
 
     os.makedirs(args.workdir, exist_ok=True)
     os.chdir(args.workdir)
@@ -52,6 +50,9 @@ def main() -> None:
 
     torch.set_num_threads(len(cpus))
     from nsd.worker import pipe
+
+    global INBOX
+    jobs = INBOX = pipe.Inbox(sys.stdin.fileno())  # read unbuffered: updates for a running job come on it
     import neural_compressor.torch.quantization  # noqa: F401 - pay INC's import cost before the first job
 
     preload()
@@ -65,44 +66,6 @@ def main() -> None:
         with job_log(job.get("log")):
             answer = run_job(job, cache)
         answers.write(pipe.encode(answer))
-
-
-class Inbox:
-    """The runner's stdin: jobs, and updates for a job (its early-stop rule, once the broker knows the goal),
-    kept until that job starts and read between its evaluation batches (`rule`)."""
-
-    def __init__(self, fd: int):
-        self.fd = fd
-        self.updates: dict[str, dict] = {}  # job id -> its latest update
-
-    def next_job(self) -> dict | None:
-        from nsd.worker import pipe
-
-        while True:
-            message = pipe.read_fd(self.fd)
-            if not isinstance(message, dict) or "kind" in message:
-                return message
-            self._keep(message)
-
-    def _keep(self, message: dict) -> None:
-        if isinstance(message.get("id"), str) and len(self.updates) < 16:
-            self.updates[message["id"]] = message
-
-    def rule(self, job: dict) -> dict | None:
-        """The newest rule the worker sent for this job (None: none came), reading what waits now."""
-        from nsd.worker import pipe
-
-        while pipe.pending(self.fd):
-            message = pipe.read_fd(self.fd)
-            if message is None or "kind" in message:  # the stream ended, or a job came early: not ours to eat
-                break
-            self._keep(message)
-        update = self.updates.get(job.get("id"))
-        return update.get("rule") if update else None
-
-    def starting(self, job: dict) -> None:
-        """Updates for other jobs are stale now (the worker sends them only for the job this runner runs)."""
-        self.updates = {k: v for k, v in self.updates.items() if k == job.get("id")}
 
 
 def preload() -> None:
@@ -218,7 +181,7 @@ def job_log(path: str | None):
         os.close(runner_log)
 
 
-INBOX: Inbox | None = None  # this runner's stdin (main): updates for the running job
+INBOX = None  # this runner's stdin (main): updates for the running job
 
 
 def run_job(job: dict, cache: TaskCache) -> dict[str, Any]:
