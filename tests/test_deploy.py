@@ -129,5 +129,5 @@ async def test_an_objective_on_a_recipe_without_benchmark_inputs_is_one_clear_li
     result = await client.result(await client.submit(digits_spec(objective="latency")), wait=True)
     assert result["state"] == "failed"
     assert result["error"].splitlines()[0] == (
-        "planning failed: ValueError: tuning.objective = 'latency' ranks trials by deployment figures, but the "
-        "python recipe defines no benchmark_inputs() (one batch's positional inputs)")
+        "evaluating the FP32 baseline failed: ValueError: tuning.objective = 'latency' ranks trials by deployment "
+        "figures, but the python recipe defines no benchmark_inputs() (one batch's positional inputs)")

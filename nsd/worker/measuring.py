@@ -1,5 +1,5 @@
 """A runner's deployment figures (nsd/figures.py), around `nsd.quant.deploy`: the channel that gives a measuring
-runner its worker's machine to itself (`exclusive`), the FP32 figures a plan measures once per task, and a
+runner its worker's machine to itself (`exclusive`), the FP32 figures the baseline job measures once per task, and a
 trial's saved and measured model (`Measured`). Torch is imported inside the functions, as in the runner."""
 
 from __future__ import annotations
