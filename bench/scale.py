@@ -158,7 +158,7 @@ async def _run_task(sc: Scenario, cluster: Cluster, client, result: dict, max_s:
     from nsd.client.api import AsyncClient, BrokerUnavailable
 
     spec = {"name": f"scale-{sc.name}", "recipe": {"kind": "python", "file": str(Path(__file__).resolve())},
-            "tuning": {"config_set": [{"rtn": {"bits": [4, 8]}}], "tolerable_loss": 0.01,
+            "tuning": {"config_set": [{"rtn": {"sim_i": list(range(sc.trials))}}], "tolerable_loss": 0.01,
                        "max_trials": sc.trials},
             "resources": {"workers": 0}}
     await cluster.sims_command("reset", "reset")

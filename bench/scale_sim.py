@@ -146,6 +146,10 @@ class SimWorker:
                     sha = hashlib.sha256(data).hexdigest()
                     self.send(Cmd.STORE, {"sha256": sha, "offset": 0, "size": len(data), "data": data})
                     self.result(key, {"ok": True, "artifact": sha, "seconds": 0.0})
+                elif kind == "verify":  # the saved model loaded again: every simulated trial scores 0.0
+                    self.result(key, {"ok": True, "metric": 0.0, "seconds": 0.0})
+                elif kind == "baseline":
+                    self.result(key, {"ok": True, "baseline": 1.0, "seconds": 0.0})
                 else:
                     self.result(key, {"ok": False, "error": f"unknown job kind {kind!r}"})
             elif cmd is Cmd.HEARTBEAT:
@@ -207,7 +211,8 @@ class Simulator:
         self.trial_s = cfg["trial_s"]
         self.jitter = cfg.get("jitter", 0.0)
         self.boot_id = f"sim-{os.getpid()}"
-        self.plan = [{"config": {"sim": {"i": i}}, "label": f"sim {i}"} for i in range(cfg["plan_trials"])]
+        # The expansion of scale.py's config set (the broker checks a plan against it: nsd.broker.plan_check).
+        self.plan = [{"config": {"rtn": {"sim_i": i}}, "label": f"sim {i}"} for i in range(cfg["plan_trials"])]
         self.stats = SimStats()
         self.ctx = zmq.asyncio.Context()
         self.ctx.set(zmq.MAX_SOCKETS, len(cfg["worker_ids"]) + 64)

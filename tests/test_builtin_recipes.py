@@ -346,7 +346,9 @@ async def test_real_minilm_static_preset(client, start_workers, tmp_path):
     (worker,) = await start_workers(1)
     result = await client.result(await client.submit(spec), wait=True)
     assert result["state"] == "done" and result["met_goal"] is True, result
-    assert worker.blobs.fetched == 2  # the model folder and the sentences, from the broker alone
+    # The model folder and the sentences, from the broker alone; then the saved winner, which the verify job
+    # loads again (this lone worker is the only one to verify it on).
+    assert worker.blobs.fetched == 3
     assert result["baseline"] == pytest.approx(1.0, abs=1e-12)
     assert result["winner"]["index"] == 0 and result["winner"]["label"] == "static_quant(act_algo='minmax')"
     assert 0.98 < result["winner"]["metric"] < 1.0  # int8 static PT2E: cosine ~0.993 to FP32
