@@ -132,3 +132,16 @@ async def launch_chromium(playwright, *extra_args: str):
         pytest.fail(f"{CHROMIUM} is missing: `make setup` installs Debian's chromium")
     return await playwright.chromium.launch(executable_path=CHROMIUM, args=[*CHROMIUM_ARGS, *extra_args],
                                             headless=True)
+
+
+@pytest.fixture
+async def browser():
+    """A headless chromium, closed after the test."""
+    from playwright.async_api import async_playwright
+
+    async with async_playwright() as pw:
+        browser = await launch_chromium(pw)
+        try:
+            yield browser
+        finally:
+            await browser.close()

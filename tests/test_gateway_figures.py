@@ -4,19 +4,14 @@ as the marker and the Pareto set."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
-from tests.gateway_fixtures import TOKEN, gateway, http  # noqa: F401  (fixtures)
+from tests.gateway_fixtures import TOKEN, browser, gateway, http  # noqa: F401  (fixtures)
 from tests.peers import HW, ScriptedWorker, done, figures_answers, spec
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("fastapi")
 pytest.importorskip("playwright")
-CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 TABLE = {0: (0.95, 50.0), 1: (0.5, 5.0), 2: (0.99, 20.0), 3: (0.97, 20.5)}
 PAGE = """() => ({
     latency: [...document.querySelectorAll('#trials tbody td.latency')].map(td => td.textContent),
@@ -26,20 +21,6 @@ PAGE = """() => ({
     front: [...document.querySelectorAll('#tradeoff circle.pareto')].map(c => c.dataset.index),
     fp32: !!document.querySelector('#tradeoff #fp32-point'), deployed: document.querySelector('#deployed')?.textContent,
 })"""
-
-
-@pytest.fixture
-async def browser():
-    if not os.path.exists(CHROMIUM):
-        pytest.fail(f"{CHROMIUM} is missing: `make setup` installs Debian's chromium")
-    from playwright.async_api import async_playwright
-
-    async with async_playwright() as pw:
-        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
-        try:
-            yield browser
-        finally:
-            await browser.close()
 
 
 async def test_the_web_view_shows_figures_and_the_tradeoff_chart(gateway, http, client, broker, browser):

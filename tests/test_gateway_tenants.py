@@ -159,13 +159,7 @@ async def test_without_curve_no_tenant_is_named(http, gateway, client):
     assert (await http.get("/v1/tasks")).status_code == 200
 
 
-async def test_delete_answers_as_the_broker_can(http, client):
-    """DELETE /v1/tasks/{id}: where the broker client has `delete` (README "Privacy") an unknown id is 404
-    as everywhere; until then a clear 501."""
-    from nsd.client.api import AsyncClient
-
+async def test_delete_of_an_unknown_task_is_404(http, client):
+    """DELETE /v1/tasks/{id} answers an unknown id as every other call does."""
     answer = await http.delete("/v1/tasks/0123456789ab")
-    if hasattr(AsyncClient, "delete"):
-        assert answer.status_code == 404
-    else:
-        assert answer.status_code == 501 and "cannot delete tasks yet" in answer.json()["error"]
+    assert answer.status_code == 404, answer.text

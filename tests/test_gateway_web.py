@@ -10,7 +10,7 @@ import shutil
 import pytest
 
 from tests.conftest import RECIPES, ROOT, digits_spec
-from tests.gateway_fixtures import TOKEN, launch_chromium
+from tests.gateway_fixtures import TOKEN, browser  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("fastapi")
@@ -24,18 +24,6 @@ PAGE_STATE = """() => ({
     points: document.querySelectorAll('#chart circle.point').length,
     goal: !!document.querySelector('#chart #goal-line'), baseline: !!document.querySelector('#chart #baseline-line'),
 })""" % str(FINISHED)
-
-
-@pytest.fixture
-async def browser():
-    from playwright.async_api import async_playwright
-
-    async with async_playwright() as pw:
-        browser = await launch_chromium(pw)
-        try:
-            yield browser
-        finally:
-            await browser.close()
 
 
 async def test_task_page_shows_trials_updating_live_and_the_winner(gateway, http, client, start_workers, browser,

@@ -304,7 +304,7 @@ async def test_a_hostile_recipe_reaches_nothing_and_the_worker_and_other_tasks_g
     spec = digits_spec(config_set=[{"rtn": {"bits": [3, 8], "use_layer_wise": False}}])
     spec["recipe"]["file"] = str(recipe)
     hostile = await client.result(await client.submit(spec), wait=True)
-    (log,) = await client.logs(hostile["task_id"], "plan")
+    (log,) = await client.logs(hostile["task_id"], "baseline")  # the first job that loads the recipe
     report = json.loads(log["text"].split("HOSTILE-REPORT ", 1)[1].splitlines()[0])
     # It ran, and could do what a recipe must: read its own model and the shared dir, write its scratch...
     assert report["control"] == {"model": True, "shared": "shared with runners", "scratch": True}

@@ -17,7 +17,7 @@ from typing import AsyncIterator
 from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
-from swagger_ui_bundle import swagger_ui_path
+import fastapi_offline
 
 from nsd import __version__
 from nsd.client.errors import BrokerError
@@ -26,18 +26,20 @@ from nsd.gateway.broker import PAGE
 from nsd.gateway.fanout import TooManyStreams
 from nsd.gateway.guard import BrowserGuard, media_type
 from nsd.gateway.config import GatewayConfig, Limits
-from nsd.gateway.service import BadRequest, Forbidden, Gateway, Invalid, NoArtifact, NotFound, Unavailable, Unsupported
+from nsd.gateway.service import BadRequest, Forbidden, Gateway, Invalid, NoArtifact, NotFound, Unavailable
 from nsd.gateway.streams import sse_stream, stream_fetched
 from nsd.gateway.uploads import BadUpload, UploadTooLarge
 
 __all__ = ["Limits", "create_app"]
 STATIC = Path(__file__).resolve().parent / "static"
+# Swagger UI 5 (it reads OpenAPI 3.1, which FastAPI writes), from the fastapi-offline wheel, not a CDN.
+SWAGGER_UI = Path(fastapi_offline.__file__).resolve().parent / "static"
 TAR_TYPES = ("application/x-tar", "application/tar")
 FILE_TYPES = ("application/octet-stream",)
 BODY_IDLE_S = GatewayConfig.body_idle_s  # a body that sends nothing for this long is given up
 DOCS = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>nsd gateway — API</title>
-<link rel="stylesheet" href="/swagger/swagger-ui.css"><link rel="icon" href="/swagger/favicon-32x32.png">
+<link rel="stylesheet" href="/swagger/swagger-ui.css"><link rel="icon" href="/swagger/favicon.png">
 </head><body><div id="swagger-ui"></div>
 <script src="/swagger/swagger-ui-bundle.js"></script><script src="/static/docs.js"></script>
 </body></html>
@@ -86,7 +88,7 @@ def create_app(gateway: Gateway, tokens: Tokens, limits: Limits = Limits(), keep
                hosts: frozenset[str] = frozenset({"127.0.0.1", "localhost", "::1"}),
                body_idle_s: float = BODY_IDLE_S) -> FastAPI:
     # docs_url=None: FastAPI's own /docs loads Swagger UI from a CDN with an inline script; ours serves the
-    # swagger-ui-bundle package's copy and starts it from a file, so the docs work offline under our CSP.
+    # fastapi-offline package's copy and starts it from a file, so the docs work offline under our CSP.
     app = FastAPI(title="nsd gateway", version=__version__, docs_url=None,
                   description="Accuracy-aware INC quantization tuning as a service: REST door to the nsd broker.")
     app.add_middleware(BrowserGuard, hosts=hosts)
@@ -197,7 +199,7 @@ def create_app(gateway: Gateway, tokens: Tokens, limits: Limits = Limits(), keep
 
     app.include_router(legacy_router(gateway, authorized, tokens, keepalive_s))
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
-    app.mount("/swagger", StaticFiles(directory=swagger_ui_path), name="swagger")
+    app.mount("/swagger", StaticFiles(directory=SWAGGER_UI), name="swagger")
 
     @app.get("/docs", include_in_schema=False)
     async def docs():
@@ -227,7 +229,6 @@ def _errors(app: FastAPI) -> None:
         BadUpload: lambda exc: answer(400, str(exc)),
         NoArtifact: lambda exc: answer(409, str(exc)),
         TooManyStreams: lambda exc: answer(429, str(exc)),
-        Unsupported: lambda exc: answer(501, str(exc)),
         Unavailable: lambda exc: answer(503, str(exc)),
         BrokerError: lambda exc: answer(400, str(exc)),
     }

@@ -19,12 +19,11 @@ from nsd.gateway import nsd_pb2_grpc as pb_grpc
 from nsd.gateway.auth import Caller, Tokens
 from nsd.gateway.broker import PAGE
 from nsd.gateway.fanout import TooManyStreams, event_json
-from nsd.gateway.service import (BadRequest, Forbidden, Gateway, Invalid, NoArtifact, NotFound, Unavailable,
-                                 Unsupported)
+from nsd.gateway.service import BadRequest, Forbidden, Gateway, Invalid, NoArtifact, NotFound, Unavailable
 from nsd.gateway.streams import tar_entries, tar_stream
 from nsd.gateway.uploads import BadUpload, UploadTooLarge
 
-CODES = {  # the gateway's errors, as REST answers them with 422 / 404 / 400 / 403 / 413 / 400 / 409 / 429 / 501 / 503
+CODES = {  # the gateway's errors, as REST answers them with 422 / 404 / 400 / 403 / 413 / 400 / 409 / 429 / 503
     Invalid: grpc.StatusCode.INVALID_ARGUMENT,
     NotFound: grpc.StatusCode.NOT_FOUND,
     BadRequest: grpc.StatusCode.INVALID_ARGUMENT,
@@ -33,7 +32,6 @@ CODES = {  # the gateway's errors, as REST answers them with 422 / 404 / 400 / 4
     BadUpload: grpc.StatusCode.INVALID_ARGUMENT,
     NoArtifact: grpc.StatusCode.FAILED_PRECONDITION,
     TooManyStreams: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    Unsupported: grpc.StatusCode.UNIMPLEMENTED,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
     BrokerError: grpc.StatusCode.INVALID_ARGUMENT,
 }

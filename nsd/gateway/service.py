@@ -49,10 +49,6 @@ class NoArtifact(RuntimeError):
     pass
 
 
-class Unsupported(NotImplementedError):
-    pass
-
-
 @contextlib.contextmanager
 def broker_errors():
     """Broker answers as gateway errors: an unknown or ambiguous id is NotFound, the rest stays BrokerError."""
@@ -140,11 +136,8 @@ class Gateway:
 
     async def delete(self, caller: Caller, task_id: str) -> dict[str, Any]:
         """Erase the task and what only it holds (README "Privacy"): the broker's DELETE."""
-        delete = getattr(self.client, "delete", None)
-        if delete is None:
-            raise Unsupported("this gateway's broker client cannot delete tasks yet (nsd delete)")
         with serving(caller):
-            return await delete(task_id)
+            return await self.client.delete(task_id)
 
     async def logs(self, caller: Caller, task_id: str, trial: str | None = None) -> list[dict[str, Any]]:
         with serving(caller):

@@ -162,7 +162,7 @@ function showTask(taskId) {
   const tradeoff = document.createElementNS("http://www.w3.org/2000/svg", "svg");
   tradeoff.id = "tradeoff";  // metric against latency, size as the marker, the Pareto set drawn (chart.js)
   const cancel = h("button", { class: "danger", id: "cancel" }, "Cancel");
-  const download = h("button", { id: "download", disabled: "" }, "Download model (tar)");
+  const download = h("button", { id: "download", disabled: "" }, "Download model, result and README (tar)");
   const table = h("table", { id: "trials" });
   main.replaceChildren(h("h1", {}, "Task ", h("span", { id: "task-id" }, taskId)), facts, h("div", { class: "actions" }, cancel, download), chart, tradeoff, table);
   cancel.onclick = async () => { cancel.disabled = true; try { await api(`/v1/tasks/${encodeURIComponent(taskId)}/cancel`, { method: "POST" }); } catch (e) { cancel.disabled = false; } };
@@ -170,7 +170,7 @@ function showTask(taskId) {
     const r = await fetch(`/v1/tasks/${encodeURIComponent(taskId)}/artifact`, { headers: headers() });
     if (!r.ok) { say(`download: ${r.status}`); return; }
     const url = URL.createObjectURL(await r.blob());
-    const a = h("a", { href: url, download: `${taskId}-model.tar` }); document.body.append(a); a.click(); a.remove();
+    const a = h("a", { href: url, download: `nsd-${taskId}.tar` }); document.body.append(a); a.click(); a.remove();
     setTimeout(() => URL.revokeObjectURL(url), 10000);
   };
   const render = () => {
