@@ -5,6 +5,7 @@ epoch, a broker that returns, and the link's hostile input. Across hosts: tests/
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 import time
 
@@ -248,6 +249,27 @@ async def _answer_next(worker: ScriptedWorker, metric: float) -> list:
 
 async def _runs_a_trial(worker: ScriptedWorker) -> bool:
     return any(not k[0].endswith(("plan", "save")) for k in worker.running)
+
+
+async def test_a_deleted_tasks_blob_leaves_the_passive_brokers_disk_too(pair, tmp_path):
+    """Erasure (issue 16) on a pair: the copy applies the rows and unlinks the file, as the serving one does."""
+    primary, backup = await pair.start_both()
+    client = AsyncClient(pair.both("clients"), timeout_s=5, idle_resnapshot_s=0.3)
+    worker = await ScriptedWorker(pair.both("workers").split(",")[0], "w1", slots=2, delay_s=0.05,
+                                  answer=metrics_answer(METRICS)).start()
+    model = tmp_path / "only-this-task.bin"
+    model.write_bytes(os.urandom(4096))
+    try:
+        task_id = await client.submit({**spec(), "model": {"path": str(model)}})
+        sha = (await done(client, task_id))["spec"]["model"]["path"].split(":")[1].split("/")[0]
+        await wait_for(lambda: backup.blobs.stored(sha), 10)  # copied before the upload was acknowledged
+        await client.delete(task_id)
+        assert not primary.blobs.stored(sha)
+        await wait_for(lambda: not backup.blobs.stored(sha), 10)
+        assert not backup.blobs.path(sha).exists() and backup.store.owners(sha) == []
+    finally:
+        await worker.stop()
+        await client.close()
 
 
 async def test_a_submit_retried_with_its_id_makes_one_task(broker, client):

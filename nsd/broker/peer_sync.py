@@ -21,7 +21,7 @@ import time
 import uuid
 from typing import TYPE_CHECKING
 
-from nsd.blobs import CHUNK_BYTES
+from nsd.blobs import CHUNK_BYTES, is_sha256
 from nsd.broker import replication
 from nsd.broker.blobs import BlobError
 from nsd.broker.pair import PairState, Side
@@ -248,6 +248,19 @@ class Copy:
         pair.log.add(replication.Record(body["epoch"], lsn, tables, rows, sum(map(replication.row_bytes, rows))))
         self.confirmed = True
         pair.send(Cmd.PEER_ACK, {"epoch": body["epoch"], "lsn": lsn})
+        self._erase_blobs(rows, tables.get("erasures"))
+
+    def _erase_blobs(self, rows: list, columns: list | None) -> None:
+        """An erasure unlinks, on the serving broker, the blob files nobody owns any more; that is an effect,
+        not a row, so this copy does the same when the erasure's rows arrive (README "Privacy")."""
+        if not columns or "kind" not in columns or "name" not in columns:
+            return
+        kind, name = columns.index("kind"), columns.index("name")
+        store, blobs = self.pair.b.store, self.pair.b.blobs
+        for table, _, values in rows:
+            if table == "erasures" and values is not None and values[kind] == "blob" \
+                    and is_sha256(values[name]) and not store.owners(values[name]):
+                blobs.remove(values[name])
 
     # ---- snapshot -------------------------------------------------------------------------------------
 
