@@ -248,19 +248,21 @@ class Copy:
         pair.log.add(replication.Record(body["epoch"], lsn, tables, rows, sum(map(replication.row_bytes, rows))))
         self.confirmed = True
         pair.send(Cmd.PEER_ACK, {"epoch": body["epoch"], "lsn": lsn})
-        self._erase_blobs(rows, tables.get("erasures"))
+        columns = tables.get("erasures") or []
+        if "kind" in columns and "name" in columns:
+            kind, name = columns.index("kind"), columns.index("name")
+            self._erase_blobs(v[name] for t, _, v in rows if t == "erasures" and v is not None and v[kind] == "blob")
 
-    def _erase_blobs(self, rows: list, columns: list | None) -> None:
+    def _erase_blobs(self, names) -> None:
         """An erasure unlinks, on the serving broker, the blob files nobody owns any more; that is an effect,
-        not a row, so this copy does the same when the erasure's rows arrive (README "Privacy")."""
-        if not columns or "kind" not in columns or "name" not in columns:
-            return
-        kind, name = columns.index("kind"), columns.index("name")
+        not a row, so this copy does the same when the erasure's rows arrive, or once it is whole after a
+        snapshot (README "Privacy")."""
         store, blobs = self.pair.b.store, self.pair.b.blobs
-        for table, _, values in rows:
-            if table == "erasures" and values is not None and values[kind] == "blob" \
-                    and is_sha256(values[name]) and not store.owners(values[name]):
-                blobs.remove(values[name])
+        unowned = [sha for sha in names if is_sha256(sha) and blobs.stored(sha) and not store.owners(sha)]
+        named = store.referenced_blobs() if unowned else set()
+        for sha in unowned:
+            if sha not in named:  # the serving broker's rule (nsd/broker/erasure.py)
+                blobs.remove(sha)
 
     # ---- snapshot -------------------------------------------------------------------------------------
 
@@ -363,6 +365,7 @@ class Copy:
                 and not self.wants_snapshot and pair.lsn >= self.mark):
             log.info("pair: our copy is whole (epoch %d, lsn %d): we may take over", pair.epoch, pair.lsn)
             self._set_whole(True)
+            self._erase_blobs(pair.b.store.erasures()["blob"])  # erasures a snapshot brought
 
     def _set_whole(self, whole: bool) -> None:
         if whole != self.pair.whole:
