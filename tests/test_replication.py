@@ -4,6 +4,7 @@ broker commits, the passive one holds row for row — any table, with no code pe
 from __future__ import annotations
 
 import sqlite3
+import time
 
 import pytest
 
@@ -142,3 +143,33 @@ def test_the_replay_log_continues_a_history_or_says_it_cannot():
     assert [r.lsn for r in log.after(1, 12)] == [13, 14, 15]
     assert log.after(1, 11) is None  # too old: a snapshot
     assert log.after(2, 14) is None  # another history (a deposed active's tail): a snapshot
+
+
+class RefusingLink:
+    """The part of a Pair the Stream uses, with a link that refuses sends until it is connected."""
+
+    def __init__(self, log: ReplayLog, lsn: int):
+        self.log, self.lsn, self.heartbeat_s, self.connected, self.sent = log, lsn, 0.25, False, []
+
+    def send(self, cmd, body) -> bool:
+        if self.connected:
+            self.sent.append((cmd, body.get("lsn")))
+        return self.connected
+
+
+def test_records_a_refused_send_held_back_go_out_on_a_later_tick():
+    """A passive returns at lsn 3 while the serving broker is at 8, and the link's outgoing half is still
+    connecting: the first sends are refused. The next tick sends 4..8 (once this waited forever)."""
+    from nsd.broker.pair import PairState, Role, Side
+    from nsd.broker.peer_sync import Stream
+
+    log = ReplayLog(epoch=1, lsn=3)
+    for lsn in range(4, 9):
+        log.add(replication.Record(1, lsn, {}, [], size=10))
+    link = RefusingLink(log, lsn=8)
+    stream = Stream(link)
+    stream.peer_state(Side(Role.BACKUP, PairState.PASSIVE, 1, 3, False, 0, True), resync=False)
+    assert stream.streaming and link.sent == []
+    link.connected = True
+    stream.tick(time.time())
+    assert [lsn for cmd, lsn in link.sent if cmd is Cmd.PEER_TX] == [4, 5, 6, 7, 8]

@@ -86,10 +86,14 @@ class Stream:
             self.sent = record.lsn
 
     def tick(self, now: float) -> None:
+        if not self.streaming:
+            return
         stalled = now - self.last_progress > max(1.0, 2 * self.pair.heartbeat_s)
-        if self.streaming and self.sent > self.applied and stalled:
+        if self.sent > self.applied and stalled:
             self.sent, self.last_progress = self.applied, now
-            self.pump()
+        # Also when nothing is in flight: a send refused while the link was still connecting (pump returned
+        # early) must be retried, or the passive waits for records that nothing sends.
+        self.pump()
 
     def message(self, msg) -> None:
         body = msg.body
