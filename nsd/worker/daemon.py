@@ -89,6 +89,7 @@ class WorkerDaemon(JobFlow):
         self.transfers = Transfers(self._send, self.blobs, config.fetch_window, config.chunk_timeout_s)
         self.outbox = Outbox(self.cache_dir / f"outbox-{self.worker_id}.json")
         self.backlog: list[tuple[str, int, dict]] = []  # jobs assigned while every slot was busy
+        self.cancelled: set[tuple[str, int]] = set()  # jobs cancelled while they run: their answers are dropped
         self.erased = Erasures(self.cache_dir, self.blobs, self.outbox)  # what the broker told us to erase
         self.ctx = zmq.asyncio.Context()
         self.sock: zmq.asyncio.Socket | None = None
@@ -361,7 +362,7 @@ class WorkerDaemon(JobFlow):
         elif msg.cmd is Cmd.RESULT_ACK:
             self.outbox.acknowledged(body["trial_id"], body["attempt"])
         elif msg.cmd is Cmd.CANCEL:
-            await self._cancel(body["trial_id"], body["attempt"])
+            self._cancel(body["trial_id"], body["attempt"])
         elif msg.cmd is Cmd.RULE:
             if (why := checks.rule(body["rule"])) is not None:
                 return self._ignore(msg.cmd.name, why)

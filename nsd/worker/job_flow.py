@@ -16,6 +16,10 @@ from nsd.worker.sandbox import shared_task_paths
 from nsd.worker.slots import Slot
 
 log = logging.getLogger("nsd.worker")
+# A cancelled job may end on its own this long before its runner is killed. Killing costs a fresh runner
+# (torch and INC imported again: seconds), which the next job on that slot waits for — often the same
+# task's save or verify, right after the trials above the winner were cancelled.
+CANCEL_GRACE_S = 2.0
 
 
 class JobFlow:
@@ -46,12 +50,15 @@ class JobFlow:
                 answer = {"ok": False, "error": why} if why else await run_job(
                     slot.runner, trial_id, attempt, job, self.cache_dir, self.transfers.upload)
             result = checks.result({**answer, "trial_id": trial_id, "attempt": attempt, "worker_id": self.worker_id})
-            if job["task_id"] in self.erased:  # deleted while it ran: its answer and files go too
+            if (trial_id, attempt) in self.cancelled:
+                log.info("cancelled %s (attempt %d) ended on its own: its runner stays", trial_id, attempt)
+            elif job["task_id"] in self.erased:  # deleted while it ran: its answer and files go too
                 erase_task_files(self.cache_dir, job["task_id"])
             else:
                 self.outbox.keep(result)
                 self._send(Cmd.RESULT, result)
         finally:
+            self.cancelled.discard((trial_id, attempt))
             slot.job, slot.task = None, None
             self._warm_up(slot)
             for sha in pins:
@@ -89,10 +96,18 @@ class JobFlow:
         if self.taking_jobs:
             self.pool.restart(slot)
 
-    async def _cancel(self, trial_id: str, attempt: int) -> None:
+    def _cancel(self, trial_id: str, attempt: int) -> None:
         self.backlog = [b for b in self.backlog if (b[0], b[1]) != (trial_id, attempt)]
         slot = self.pool.holding(trial_id, attempt)
-        if slot is not None:
+        if slot is not None and (trial_id, attempt) not in self.cancelled:
+            self.cancelled.add((trial_id, attempt))
+            self.pool.in_background(partial(self._end_cancelled, slot, trial_id, attempt))
+
+    async def _end_cancelled(self, slot: Slot, trial_id: str, attempt: int) -> None:
+        """Wait CANCEL_GRACE_S for the job to end on its own, then kill its runner. Jobs the broker assigns
+        meanwhile wait in the backlog for the slot."""
+        if slot.task is not None and not await self.pool.ends_within(slot.task, CANCEL_GRACE_S) \
+                and slot.job == (trial_id, attempt):
             await self.pool.kill_job(slot)
             self._warm_up(slot)
-            log.info("cancelled %s (attempt %d)", trial_id, attempt)
+            log.info("cancelled %s (attempt %d): its runner was killed", trial_id, attempt)

@@ -332,11 +332,18 @@ class SlotPool:
         if not slot.runner.alive and slot in self.slots:
             self._spawn(_quietly(slot.runner.ready))
 
+    @staticmethod
+    async def ends_within(task: asyncio.Task, seconds: float) -> bool:
+        done, _ = await asyncio.wait({task}, timeout=seconds)  # the job itself is not cancelled by waiting
+        return bool(done)
+
     async def kill_job(self, slot: Slot) -> None:
-        """INC calls cannot be interrupted: end the slot's runner (the next job starts a fresh one)."""
+        """INC calls cannot be interrupted: end the slot's runner (the next job starts a fresh one). The
+        process goes first: a job waiting for the slot may take it as soon as this one ends, and must not
+        meet the old process dying. (The job's own answer is dropped by the caller: it was cancelled.)"""
         task = slot.task
-        task.cancel()
         await slot.runner.stop(kill=True)
+        task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
 
