@@ -28,12 +28,17 @@ async def test_two_workers_with_disjoint_cpus_run_trials_on_their_own_cores(brok
         spec = digits_spec(cache=False, early_stop=False, tolerable_loss=0.0,
                            config_set=[{"rtn": {"bits": [2, 4, 8], "group_size": [-1, 16], "use_layer_wise": False}}])
         result = await client.result(await client.submit(spec), wait=True)
-        ran = [t for t in result["trials"] if t["state"] in ("passed", "failed_goal")]
-        assert {t["worker"] for t in ran} == {f"w{first}", f"w{second}"}  # both took trials
-        for t in ran:
-            (log,) = await client.logs(result["task_id"], t["index"])
-            cpus = re.search(r"nsd: trial job on cpus ([0-9,]+)", log["text"]).group(1)
-            assert cpus == t["worker"][1:], (t["worker"], cpus)  # w0 ran on CPU 0 only, w1 on CPU 1 only
+        assert result["state"] == "done", result
+        # After the plan, the baseline and the first trial are placed at once, one on each free worker; which
+        # worker then takes more trials is a race (a tiny model's trials can all end on one worker while the
+        # other's baseline still runs), so "both ran a job" is asserted over the baseline and the trials.
+        logs = await client.logs(result["task_id"])
+        placed = [log for log in logs if log["job"] not in ("plan", "save", "verify")]
+        assert {log["worker"] for log in placed} == {f"w{first}", f"w{second}"}
+        for log in logs:
+            found = re.search(r"nsd: \w+ job on cpus ([0-9,]+)", log["text"])
+            assert found, (log["job"], log["text"][-500:])
+            assert found.group(1) == log["worker"][1:], (log["job"], log["worker"], found.group(1))  # w0 on CPU 0 only
     finally:
         for d in daemons:
             d.stop(grace_s=0)

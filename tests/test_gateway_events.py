@@ -218,3 +218,59 @@ async def test_each_tenant_follows_a_task_through_its_own_feed(door, client):
             assert set(door.feeds.feeds) == {("alice", task_id), ("bob", task_id)}
     finally:
         await close_all(opened)
+
+
+async def test_a_task_that_changes_between_every_page_read_still_gets_its_first_event(door, client, broker):
+    """A 2,500-trial task (three pages) whose seq moves between every page the gateway reads: before, the
+    feed tried eight times for pages of one seq, gave up, and the stream never got its first event. Now
+    the last read keeps the later pages as they come, and the events after the first page's seq bring
+    the view to where the broker has it."""
+    import httpx
+
+    n = 2500
+    worker = await ScriptedWorker(broker.endpoints["workers"], "w-busy", slots=20,
+                                  answer=plan_then_hold(n)).start()
+    task_id = await client.submit(many_trials(n))
+    pool, answered = door.client, []
+    real_page = pool.page
+
+    async def holding() -> bool:
+        stay_registered(worker)
+        return len(worker.running) == 20
+
+    async def page_while_a_trial_ends(task, offset, limit, cmd=Cmd.RESULT_GET):
+        if offset > 0 and worker.running:  # a later page of a whole read: end a trial first, and let it land
+            seq = (await real_page(task, 0, 0, Cmd.STATUS))["seq"]
+            key = worker.running.pop()
+            worker.result(key, {"ok": True, "metric": 0.5})
+            answered.append(key)
+            await wait_for(lambda: _async_seq_moved(real_page, task, seq), 30, interval=0.02)
+        return await real_page(task, offset, limit, cmd)
+
+    opened: list = []
+    try:
+        await wait_for(holding, 60)
+        pool.page = page_while_a_trial_ends
+        async with httpx.AsyncClient(base_url=door.endpoints["http"], timeout=120) as http:
+            snapshot = await asyncio.wait_for(first_event(http, task_id, ALICE, opened), 60)
+            assert snapshot["kind"] == "snapshot" and len(snapshot["task"]["trials"]) == n
+            # seven reads stopped at their second page (its seq had moved), the eighth kept both later pages
+            assert len(answered) == 7 + 2
+            pool.page = real_page
+            feed = door.feeds.feeds[("alice", task_id)]
+            at_broker = await pool.whole(task_id)
+
+            async def converged() -> bool:
+                return feed.view["seq"] >= at_broker["seq"]
+            await wait_for(converged, 30)
+            states = [t["state"] for t in feed.view["trials"]]
+            assert states == [t["state"] for t in at_broker["trials"]]
+            assert states.count("failed_goal") == len(answered)  # 0.5 misses the goal
+    finally:
+        pool.page = real_page
+        await close_all(opened)
+        await worker.stop()
+
+
+async def _async_seq_moved(page, task_id: str, seq: int) -> bool:
+    return (await page(task_id, 0, 0, Cmd.STATUS))["seq"] > seq

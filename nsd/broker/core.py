@@ -348,6 +348,24 @@ class Core(Outcomes, Planning, Placement, Tenancy, Erasure, Verification):
                 if task is not None and not task.state.terminal and task.lease(job) is not None:
                     self.lost_lease(task, job, why, handback=handback)
 
+    def unsent_assign(self, worker_id: str, jid: str, attempt: int) -> None:
+        """The worker's queue was full when its ASSIGN went out: the job waits for a slot again, on the
+        same attempt (the worker never had it), and the worker takes nothing new until it is heard from."""
+        worker = self.workers.get(worker_id)
+        if worker is None or not self.holds(worker, jid, attempt):
+            return
+        worker.congested = True
+        task_id, job = parse_job_id(jid)
+        self.lost_lease(self.tasks[task_id], job, "its assignment could not be sent", handback=True)
+        log.warning("worker %s: its queue was full, %s taken back", worker_id, jid)
+
+    def heard(self, worker: Worker) -> None:
+        """Any message from a worker: it is alive, and it reads again if it was congested."""
+        worker.last_seen = time.time()
+        if worker.congested:
+            worker.congested = False
+            self._index_free(worker)
+
     def _take(self, worker: Worker, jid: str, attempt: int, cores: int) -> None:
         worker.take(jid, attempt, cores)
         self.orphans.pop(jid, None)

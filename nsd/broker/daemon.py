@@ -20,6 +20,7 @@ import logging
 import time
 from pathlib import Path
 
+import msgpack
 import zmq
 import zmq.asyncio
 
@@ -43,6 +44,7 @@ from nsd.systemd import notify, watchdog_interval
 log = logging.getLogger("nsd.broker")
 _HEARTBEAT = pack(Cmd.HEARTBEAT)  # the same frames for every worker
 _IDLE_HEARTBEAT = pack(Cmd.HEARTBEAT, {"running": []})  # an idle worker's, byte for byte
+_ASSIGN = bytes([Cmd.ASSIGN])
 _IDLE_GATHER_S = 0.02
 
 READS = frozenset({Cmd.HELLO, Cmd.STATUS, Cmd.LIST, Cmd.RESULT_GET, Cmd.CLUSTER, Cmd.BLOB_HAVE, Cmd.BLOB_GET,
@@ -78,6 +80,7 @@ class Broker(ClientRequests, WorkerMessages):
         self._loops: list[asyncio.Task] = []
         self._shadows: dict[str, zmq.Socket] = {}
         self._readable: dict[str, Readable] = {}
+        self._unsent_assigns: list[tuple[bytes, str, int]] = []  # (worker, job id, attempt): its queue was full
         self.ctx: zmq.asyncio.Context | None = None
         self.store: Store | None = None
         self.core: Core | None = None
@@ -263,7 +266,7 @@ class Broker(ClientRequests, WorkerMessages):
     def _heard(self, identity: bytes, key: str | None) -> None:
         worker = self.core.worker_for(identity, key)
         if worker is not None:
-            worker.last_seen = time.time()
+            self.core.heard(worker)  # a congested worker reads again: placed on at the next tick
         else:  # we restarted, or declared it dead: it must register again
             self._to_worker(identity, Cmd.DISCONNECT, {"reason": "unknown worker: register again"})
 
@@ -309,6 +312,9 @@ class Broker(ClientRequests, WorkerMessages):
     def _send(self, name: str, frames: list[bytes]) -> bool:
         sent = send_frames_now(self._shadows[name], frames)
         self._readable[name].poke()  # the send may have taken the socket's "look again" signal
+        if not sent and name == "workers" and frames[2] == _ASSIGN:  # our own frames: [identity, *pack()]
+            job = msgpack.unpackb(frames[3])
+            self._unsent_assigns.append((frames[0], job["trial_id"], job["attempt"]))
         return sent
 
     def _out(self, name: str, frames: list[bytes], blob: str | None = None) -> bool:
@@ -353,6 +359,23 @@ class Broker(ClientRequests, WorkerMessages):
                     self.store.checkpoint()
                 except Exception as exc:  # a busy or failing disk: the WAL is truncated at a later one
                     log.warning("WAL checkpoint after an erasure failed: %s", exc)
+        if self._unsent_assigns:
+            self._take_back_unsent()
+
+    def _take_back_unsent(self) -> None:
+        """ASSIGNs that a worker's full queue refused (a burst to a worker of many slots): the jobs wait
+        again for a slot, the worker takes no more until it is heard from (it reads again), and what that
+        changed goes out now."""
+        unsent, self._unsent_assigns = self._unsent_assigns, []
+        try:
+            with self.core.tx():
+                for identity, jid, attempt in unsent:
+                    self.core.unsent_assign(identity.decode("ascii", "replace"), jid, attempt)
+                self.core.schedule()  # on other workers, where one is free
+        except StorageError as exc:  # the leases stay; lost at the worker's next registration or liveness
+            self.metrics.storage_errors.inc()
+            log.error("%s (taking back %d unsent jobs)", exc, len(unsent))
+        self._flush()
 
     # ---- time ---------------------------------------------------------------------------------------
 

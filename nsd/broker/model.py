@@ -394,12 +394,13 @@ class Worker:
     cores_used: int = 0  # sum of cores_of
     freed_at: float | None = None  # when a slot last came free (for the dispatch latency metric)
     draining: bool = False  # finishing what it runs before it leaves; takes nothing new
+    congested: bool = False  # an ASSIGN to it found its queue full: takes nothing new until it is heard from
     versions: dict[str, str] | None = None  # nsd/INC/torch versions it runs (the metric cache's key)
     hardware: dict | None = None  # READY's: CPU model, cores, ISA features, label (deployment figures' key)
 
     @property
     def free_cores(self) -> int:
-        if self.draining or self.slots <= 0:
+        if self.draining or self.congested or self.slots <= 0:
             return 0
         return max(0, self.cores - self.cores_used)
 

@@ -22,7 +22,7 @@ class WorkerMessages:
         core, now, b = self.core, time.time(), msg.body
         worker = core.worker_for(identity, key)
         if worker is not None:
-            worker.last_seen = now  # any traffic counts as a heartbeat
+            core.heard(worker)  # any traffic counts as a heartbeat
         if msg.cmd is Cmd.FETCH:  # only the blobs of the jobs it holds (issue 15); files, so sent at once
             refused = "register first" if worker is None else None if core.fetchable(worker, b["sha256"]) else \
                 f"no blob {b['sha256'][:12]}… among the jobs you hold"

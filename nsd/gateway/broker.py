@@ -106,21 +106,29 @@ class BrokerPool(TenantClient):
         return view
 
     async def whole(self, task_id: str, cmd: Cmd = Cmd.STATUS, tries: int = 8) -> dict[str, Any]:
-        """The task view with every trial, from pages that all carry one seq (read again when it moved)."""
-        for _ in range(tries):
+        """The task view with every trial, labelled with its first page's seq.
+
+        Pages that all carry that seq make an exact view; when the task kept changing through `tries` reads
+        (thousands of trials ending faster than the pages are read), the last read keeps its later pages as
+        they come. Such a view may hold trials newer than its seq, never fewer trials than the seq had; the
+        events after the seq, applied in order (nsd.client.view.fold_event sets fields, it adds nothing but a
+        stage's trials), bring every trial to where the broker has it. Refusing instead left a busy task's
+        event streams without a first event."""
+        for attempt in range(tries):
             reply = await self.request(cmd, task_id=task_id, offset=0, limit=PAGE)
             if page_of(reply) is None:
                 return reply["task"]  # a broker that does not page sent it whole
             first = paged(reply, 0, PAGE)
             trials, total = list(first.pop("trials")), first.pop("trials_page")["total"]
+            exact = attempt < tries - 1
             while len(trials) < total:
                 more = await self.page(first["task_id"], len(trials), PAGE, cmd)
-                if more["seq"] != first["seq"] or not more["trials"]:
+                if not more["trials"] or (exact and more["seq"] != first["seq"]):
                     break
                 trials += more["trials"]
             else:
-                return {**first, "trials": trials}
-        raise BrokerError(f"task {task_id} kept changing while its {PAGE}-trial pages were read; try again")
+                return {**first, "trials": trials[:total]}  # not a stage's trials added after the first page
+        raise BrokerError(f"task {task_id} lost trials while its {PAGE}-trial pages were read; try again")
 
 
 def page_of(reply: dict[str, Any]) -> dict[str, int] | None:
