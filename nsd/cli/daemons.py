@@ -212,7 +212,9 @@ GATEWAY_BOUNDS = {  # GatewayConfig field: (option, help): what one client may h
     "body_idle_s": ("--body-idle", "Seconds a request body may send nothing before it is given up (408)."),
     "max_connections": ("--max-connections", "HTTP connections in all (past it: 503)."),
     "max_connections_per_client": ("--max-connections-per-client",
-                                   "HTTP connections one address (IPv6: /64) may hold; raise it behind a proxy."),
+                                   "HTTP connections, and gRPC calls, one address (IPv6: /64) may hold; raise it "
+                                   "behind a proxy."),
+    "grpc_idle_s": ("--grpc-idle", "Seconds a gRPC connection may carry no call before it is closed."),
     "max_streams": ("--max-streams", "Event streams (SSE, gRPC Watch, /task/screen) in all."),
     "max_streams_per_token": ("--max-streams-per-token", "Event streams one token name may hold open."),
     "events_probe_s": ("--events-probe", "Seconds a followed task may be quiet before its seq is asked for."),

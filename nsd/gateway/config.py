@@ -33,7 +33,8 @@ class GatewayConfig:
     header_timeout_s: float = 10.0  # a request head (first byte to blank line) must arrive within this
     body_idle_s: float = 60.0  # a request body that sends nothing for this long is given up (408)
     max_connections: int = 4096  # HTTP connections in all; past it uvicorn answers 503
-    max_connections_per_client: int = 128  # per address (IPv6: per /64); past it a connection is closed
+    max_connections_per_client: int = 128  # per address (IPv6: per /64); past it a connection (gRPC: a call) is refused
+    grpc_idle_s: float = 60.0  # a gRPC connection with no call for this long is closed (its channel reconnects)
     max_streams: int = 1024  # event streams (SSE, gRPC Watch, /task/screen) in all
     max_streams_per_token: int = 32
     events_probe_s: float = 2.0  # a followed task quiet this long: ask the broker for its seq (zguide Clone)

@@ -1,7 +1,13 @@
 """The gRPC door (nsd.proto): the same operations as REST, with gRPC status codes for the same errors.
 
 No browser reaches it (a page cannot speak gRPC's HTTP/2 with trailers), so the REST door's browser
-guard has nothing to guard here; the token is the caller, as on REST."""
+guard has nothing to guard here; the token is the caller, as on REST.
+
+The door's bounds (the HTTP door's, nsd.gateway.door, in gRPC's terms): a connection must finish its
+handshake within `header_timeout_s` and is closed after `grpc_idle_s` without a call (a client's channel
+reconnects by itself), one connection carries at most MAX_STREAMS calls at once, and one address (an IPv6
+/64) at most `max_connections_per_client` calls over all its connections: past it a call is refused
+(RESOURCE_EXHAUSTED) before its token is looked at."""
 
 from __future__ import annotations
 
@@ -18,10 +24,13 @@ from nsd.gateway import nsd_pb2 as pb
 from nsd.gateway import nsd_pb2_grpc as pb_grpc
 from nsd.gateway.auth import Caller, Tokens
 from nsd.gateway.broker import PAGE
+from nsd.gateway.door import DoorLimits, client_key
 from nsd.gateway.fanout import TooManyStreams, event_json
 from nsd.gateway.service import BadRequest, Forbidden, Gateway, Invalid, NoArtifact, NotFound, Unavailable
 from nsd.gateway.streams import tar_entries, tar_stream
 from nsd.gateway.uploads import BadUpload, UploadTooLarge
+
+MAX_STREAMS = 100  # calls at once on one HTTP/2 connection (grpc.max_concurrent_streams)
 
 CODES = {  # the gateway's errors, as REST answers them with 422 / 404 / 400 / 403 / 413 / 400 / 409 / 429 / 503
     Invalid: grpc.StatusCode.INVALID_ARGUMENT,
@@ -42,8 +51,9 @@ def _details(exc: Exception) -> str:
 
 
 def rpc(method):
-    """Find the caller by its token, then run with it; a gateway error becomes its status code. Works for
-    unary and streaming answers alike (an async generator method is wrapped as one)."""
+    """Admit the call under its address's cap, find the caller by its token, then run with it; a gateway
+    error becomes its status code. Works for unary and streaming answers alike (an async generator method
+    is wrapped as one)."""
 
     async def refuse(context, exc: Exception | None) -> None:
         if exc is None:
@@ -53,26 +63,40 @@ def rpc(method):
     if inspect.isasyncgenfunction(method):
         @functools.wraps(method)
         async def stream(self, request, context):
-            caller = self._caller(context)
-            if caller is None:
-                await refuse(context, None)
+            key = await self._admit(context)
             try:
-                async for item in method(self, request, context, caller):
-                    yield item
-            except tuple(CODES) as exc:
-                await refuse(context, exc)
+                caller = self._caller(context)
+                if caller is None:
+                    await refuse(context, None)
+                try:
+                    async for item in method(self, request, context, caller):
+                        yield item
+                except tuple(CODES) as exc:
+                    await refuse(context, exc)
+            finally:
+                self.calls.release(key)
         return stream
 
     @functools.wraps(method)
     async def unary(self, request, context):
-        caller = self._caller(context)
-        if caller is None:
-            await refuse(context, None)
+        key = await self._admit(context)
         try:
-            return await method(self, request, context, caller)
-        except tuple(CODES) as exc:
-            await refuse(context, exc)
+            caller = self._caller(context)
+            if caller is None:
+                await refuse(context, None)
+            try:
+                return await method(self, request, context, caller)
+            except tuple(CODES) as exc:
+                await refuse(context, exc)
+        finally:
+            self.calls.release(key)
     return unary
+
+
+def peer_address(peer: str) -> str:
+    """The host of grpc's peer string ("ipv4:127.0.0.1:5000", "ipv6:[::1]:5000"); other kinds as they are."""
+    kind, _, rest = peer.partition(":")
+    return rest.rpartition(":")[0].strip("[]") if kind in ("ipv4", "ipv6") else peer
 
 
 def _task(view: dict[str, Any]) -> pb.Task:
@@ -81,8 +105,17 @@ def _task(view: dict[str, Any]) -> pb.Task:
 
 
 class NsdServicer(pb_grpc.NsdServicer):
-    def __init__(self, gateway: Gateway, tokens: Tokens):
+    def __init__(self, gateway: Gateway, tokens: Tokens, per_client: int):
         self.gateway, self.tokens = gateway, tokens
+        self.calls = DoorLimits(per_client=per_client)  # calls open per client address
+
+    async def _admit(self, context: grpc.aio.ServicerContext) -> str:
+        key = client_key(peer_address(context.peer() or ""))
+        if not self.calls.admit(key):
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"this address has {self.calls.per_client} calls open, the most it may; "
+                                "end one first")
+        return key
 
     def _caller(self, context: grpc.aio.ServicerContext) -> Caller | None:
         metadata = dict(context.invocation_metadata() or ())
@@ -172,5 +205,7 @@ class NsdServicer(pb_grpc.NsdServicer):
         return pb.ClusterReply(workers_json=json.dumps(await self.gateway.cluster(caller), sort_keys=True))
 
 
-def add_to_server(server: grpc.aio.Server, gateway: Gateway, tokens: Tokens) -> None:
-    pb_grpc.add_NsdServicer_to_server(NsdServicer(gateway, tokens), server)
+def add_to_server(server: grpc.aio.Server, gateway: Gateway, tokens: Tokens, per_client: int) -> NsdServicer:
+    servicer = NsdServicer(gateway, tokens, per_client)
+    pb_grpc.add_NsdServicer_to_server(servicer, server)
+    return servicer

@@ -21,7 +21,7 @@ from nsd.gateway.auth import Tokens
 from nsd.gateway.broker import BrokerPool
 from nsd.gateway.door import DoorLimits, guarded_protocol
 from nsd.gateway.fanout import Feeds
-from nsd.gateway.grpc_service import add_to_server
+from nsd.gateway.grpc_service import MAX_STREAMS, add_to_server
 from nsd.gateway.guard import served_hosts
 from nsd.gateway.config import GatewayConfig
 from nsd.gateway.service import Gateway
@@ -89,6 +89,7 @@ class GatewayServer:
         self._http: _Uvicorn | None = None
         self._http_task = None
         self._grpc: grpc.aio.Server | None = None
+        self.grpc_service = None  # the gRPC door's servicer (its per-address call counts), once started
 
     def reload(self) -> None:
         self.tokens.reload()
@@ -110,8 +111,10 @@ class GatewayServer:
         if config.grpc is not None:
             self._grpc = grpc.aio.server(options=[
                 ("grpc.max_receive_message_length", 8 << 20),
-                ("grpc.server_handshake_timeout_ms", int(config.header_timeout_s * 1000))])
-            add_to_server(self._grpc, gateway, self.tokens)
+                ("grpc.server_handshake_timeout_ms", int(config.header_timeout_s * 1000)),
+                ("grpc.max_connection_idle_ms", int(config.grpc_idle_s * 1000)),
+                ("grpc.max_concurrent_streams", MAX_STREAMS)])
+            self.grpc_service = add_to_server(self._grpc, gateway, self.tokens, config.max_connections_per_client)
             host, port = split_hostport(config.grpc)
             address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
             if config.tls_cert:
