@@ -13,7 +13,7 @@ from nsd.client.api import AsyncClient
 from tests.conftest import wait_for
 from tests.peers import ScriptedWorker, done, plan_then_hold, spec
 
-SLOTS = 12
+SLOTS = 40  # a burst far past the queue: the sends outrun the credit libzmq gives back (~1 ms apart)
 
 
 async def test_assigns_a_full_queue_refused_go_out_again_once_the_worker_reads(tmp_path):
@@ -23,7 +23,7 @@ async def test_assigns_a_full_queue_refused_go_out_again_once_the_worker_reads(t
     await broker.start()
     client = AsyncClient(broker.endpoints["clients"], timeout_s=10)
     worker = ScriptedWorker(broker.endpoints["workers"], "wide", slots=SLOTS, answer=plan_then_hold(SLOTS))
-    worker.sock.setsockopt(zmq.RCVHWM, 1)  # with the broker's 2: room for a few messages, not 12
+    worker.sock.setsockopt(zmq.RCVHWM, 1)  # with the broker's 2: room for a few messages, not 40
     try:
         await worker.start()
         task_id = await client.submit(spec(config_set=[{"rtn": {"bits": list(range(SLOTS))}}], max_trials=SLOTS))
