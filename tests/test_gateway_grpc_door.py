@@ -46,13 +46,10 @@ async def test_one_address_holds_at_most_its_cap_of_calls(door, client):
                 assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
                 assert "this address has 2 calls open" in refused.value.details()
             watches[0].cancel()
-
-            async def room() -> bool:
-                return sum(door.grpc_service.calls.open.values()) == 1
-            await wait_for(room, 30)
+            await wait_for(lambda: sum(door.grpc_service.calls.open.values()) == 1, 30)
             assert (await stub.Ping(pb().PingRequest(), metadata=AUTH)).gateway_version
         watches[1].cancel()
-    await wait_for(lambda: _async(not door.grpc_service.calls.open), 30)  # every call released
+    await wait_for(lambda: not door.grpc_service.calls.open, 30)  # every call released
 
 
 async def test_a_connection_that_carries_no_call_is_closed(door):
@@ -79,7 +76,3 @@ def frames_of_type(data: bytes, kind: int) -> list[bytes]:
             found.append(data[at + 9:at + 9 + length])
         at += 9 + length
     return found
-
-
-async def _async(value):
-    return value

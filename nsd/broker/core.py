@@ -357,7 +357,6 @@ class Core(Outcomes, Planning, Placement, Tenancy, Erasure, Verification):
         worker.congested = True
         task_id, job = parse_job_id(jid)
         self.lost_lease(self.tasks[task_id], job, "its assignment could not be sent", handback=True)
-        log.warning("worker %s: its queue was full, %s taken back", worker_id, jid)
 
     def heard(self, worker: Worker) -> None:
         """Any message from a worker: it is alive, and it reads again if it was congested."""

@@ -367,6 +367,7 @@ class Broker(ClientRequests, WorkerMessages):
         again for a slot, the worker takes no more until it is heard from (it reads again), and what that
         changed goes out now."""
         unsent, self._unsent_assigns = self._unsent_assigns, []
+        log.warning("%d ASSIGNs found their worker's queue full: taken back", len(unsent))
         try:
             with self.core.tx():
                 for identity, jid, attempt in unsent:

@@ -11,6 +11,7 @@ reconnects by itself), one connection carries at most MAX_STREAMS calls at once,
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import json
@@ -51,45 +52,21 @@ def _details(exc: Exception) -> str:
 
 
 def rpc(method):
-    """Admit the call under its address's cap, find the caller by its token, then run with it; a gateway
-    error becomes its status code. Works for unary and streaming answers alike (an async generator method
-    is wrapped as one)."""
-
-    async def refuse(context, exc: Exception | None) -> None:
-        if exc is None:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or unknown bearer token")
-        await context.abort(CODES[type(exc)], _details(exc))
-
+    """Run the method inside `NsdServicer._call` (the address's cap, the caller by its token, a gateway
+    error as its status code). Works for unary and streaming answers alike (an async generator method is
+    wrapped as one)."""
     if inspect.isasyncgenfunction(method):
         @functools.wraps(method)
         async def stream(self, request, context):
-            key = await self._admit(context)
-            try:
-                caller = self._caller(context)
-                if caller is None:
-                    await refuse(context, None)
-                try:
-                    async for item in method(self, request, context, caller):
-                        yield item
-                except tuple(CODES) as exc:
-                    await refuse(context, exc)
-            finally:
-                self.calls.release(key)
+            async with self._call(context) as caller:
+                async for item in method(self, request, context, caller):
+                    yield item
         return stream
 
     @functools.wraps(method)
     async def unary(self, request, context):
-        key = await self._admit(context)
-        try:
-            caller = self._caller(context)
-            if caller is None:
-                await refuse(context, None)
-            try:
-                return await method(self, request, context, caller)
-            except tuple(CODES) as exc:
-                await refuse(context, exc)
-        finally:
-            self.calls.release(key)
+        async with self._call(context) as caller:
+            return await method(self, request, context, caller)
     return unary
 
 
@@ -109,13 +86,26 @@ class NsdServicer(pb_grpc.NsdServicer):
         self.gateway, self.tokens = gateway, tokens
         self.calls = DoorLimits(per_client=per_client)  # calls open per client address
 
-    async def _admit(self, context: grpc.aio.ServicerContext) -> str:
+    @contextlib.asynccontextmanager
+    async def _call(self, context: grpc.aio.ServicerContext) -> AsyncIterator[Caller]:
+        """One call: admitted under its address's cap (before its token is looked at), its caller found by
+        the token, a gateway error raised inside turned into its status code; the address's count is
+        given back however the call ends."""
         key = client_key(peer_address(context.peer() or ""))
         if not self.calls.admit(key):
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 f"this address has {self.calls.per_client} calls open, the most it may; "
                                 "end one first")
-        return key
+        try:
+            caller = self._caller(context)
+            if caller is None:
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or unknown bearer token")
+            try:
+                yield caller
+            except tuple(CODES) as exc:
+                await context.abort(CODES[type(exc)], _details(exc))
+        finally:
+            self.calls.release(key)
 
     def _caller(self, context: grpc.aio.ServicerContext) -> Caller | None:
         metadata = dict(context.invocation_metadata() or ())
